@@ -1,0 +1,112 @@
+"""Sessions of the workspace: ``uv run nox -l`` lists them.
+
+- ``tests``: CPU tests of all packages and the integration tests, in the locked environment.
+- ``interpret``: the Triton kernels on CPU under ``TRITON_INTERPRET=1`` (``interpret`` marker).
+- ``gpu``: everything, ``gpu``-marked tests included, against the *current* interpreter; creates no
+  virtual environment and installs nothing, so it runs on a CUDA machine without network that
+  already has torch and triton. The packages are imported from the checkout (``PYTHONPATH``).
+- ``matrix``: the CPU tests against (torch, triton) pairs from the oldest supported to the newest.
+- ``lint``: ruff format --check and ruff check.
+- ``bench``: every package's benchmark scripts (needs CUDA; writes JSON under ``results/``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+PACKAGES = ["cvmm-kernel", "switchhead", "moeut", "colt5-routing", "softmax-n"]
+SRC_DIRS = [str(ROOT / "packages" / p / "src") for p in PACKAGES]
+
+# (torch, triton) pairs: the oldest supported and the newest released.
+MATRIX = [("2.5.1", "3.1.0"), ("2.15.0", "3.9.0")]
+
+nox.options.default_venv_backend = "uv"
+nox.options.sessions = ["lint", "tests", "interpret"]
+
+
+def _sync_locked(session: nox.Session) -> None:
+    """Install the locked workspace (all packages, extras and dev tools) into the session venv."""
+    session.run_install(
+        "uv",
+        "sync",
+        "--locked",
+        "--all-packages",
+        "--all-extras",
+        env={"UV_PROJECT_ENVIRONMENT": session.virtualenv.location},
+    )
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """CPU tests of every package and the integration tests (locked environment)."""
+    _sync_locked(session)
+    session.run("pytest", "-m", "not interpret", *session.posargs)
+
+
+@nox.session
+def interpret(session: nox.Session) -> None:
+    """Triton kernels on CPU tensors through the Triton interpreter."""
+    _sync_locked(session)
+    session.run("pytest", "-m", "interpret", *session.posargs, env={"TRITON_INTERPRET": "1"})
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """All tests, GPU ones included, on the current interpreter (no venv, no network)."""
+    pythonpath = os.pathsep.join([*SRC_DIRS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    python = os.environ.get("NOX_GPU_PYTHON", "python3")
+    session.run(python, "-c", "import torch; assert torch.cuda.is_available(), 'no CUDA device'")
+    session.run(
+        python,
+        "-m",
+        "pytest",
+        "-m",
+        "not interpret",
+        *session.posargs,
+        env={"PYTHONPATH": pythonpath},
+    )
+
+
+@nox.session
+@nox.parametrize(("torch_version", "triton_version"), MATRIX, ids=[f"torch{t}" for t, _ in MATRIX])
+def matrix(session: nox.Session, torch_version: str, triton_version: str) -> None:
+    """CPU tests against one (torch, triton) pair, installed over the workspace packages."""
+    session.install(
+        f"torch=={torch_version}",
+        f"triton=={triton_version}",
+        *[f"-e{ROOT / 'packages' / p}" for p in PACKAGES],
+        "pytest",
+        "pytest-xdist",
+        "hypothesis",
+        "numpy",
+    )
+    session.run(
+        "python",
+        "-c",
+        "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)",
+    )
+    session.run("pytest", "-m", "not interpret and not slow", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff format --check and ruff check over the whole workspace."""
+    session.install("ruff")
+    session.run("ruff", "format", "--check", ".")
+    session.run("ruff", "check", ".")
+
+
+@nox.session(venv_backend="none")
+def bench(session: nox.Session) -> None:
+    """Run every package's benchmark scripts on the current interpreter (CUDA machine)."""
+    pythonpath = os.pathsep.join([*SRC_DIRS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    python = os.environ.get("NOX_GPU_PYTHON", "python3")
+    scripts = sorted(ROOT.glob("packages/*/benchmarks/bench_*.py"))
+    if not scripts:
+        session.error("no benchmark scripts found")
+    for script in scripts:
+        session.run(python, str(script), *session.posargs, env={"PYTHONPATH": pythonpath})
