@@ -1,12 +1,35 @@
 """The CVMM op of sigma-MoE: per-row expert matrix multiply with Triton kernels on CUDA and a
 PyTorch reference everywhere else.
+
+``cvmm(x, sel, weights)`` multiplies each row of ``x`` by the matrix of ``weights`` that its
+selection names; ``cvmm_prepare_sel2`` prepares k selections per row with optional weighted
+reduction of the k results.
 """
 
 from importlib.metadata import PackageNotFoundError, version
+
+from .ops import cvmm
+from .reference import cvmm_reference
+from .selection import (
+    CVMMSel,
+    cvmm_prepare_sel,
+    cvmm_prepare_sel2,
+    select_k_experts_per_row,
+    select_one_expert_per_row,
+)
 
 try:
     __version__ = version("cvmm-kernel")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+__all__ = [
+    "CVMMSel",
+    "__version__",
+    "cvmm",
+    "cvmm_prepare_sel",
+    "cvmm_prepare_sel2",
+    "cvmm_reference",
+    "select_k_experts_per_row",
+    "select_one_expert_per_row",
+]

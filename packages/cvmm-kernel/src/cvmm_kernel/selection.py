@@ -1,0 +1,95 @@
+"""Which matrix each row uses: the sorted selection that every CVMM path consumes.
+
+A selection maps *sorted positions* ``p = 0..N-1`` (N = number of (row, expert) pairs) to
+
+- ``sel[p]``: the expert (matrix) index, sorted ascending over ``p``,
+- ``sel_index[p]``: the input row of ``x`` (flattened over its leading dims),
+- ``out_index[p]``: the output row the product is written to (``None`` means ``sel_index[p]``),
+
+plus an optional ``reduction_weight`` that sums the k products of each output group with weights.
+The field names and meanings are those of sigma-MoE's ``CVMMSel``, so code written against it
+works unchanged (SwitchHead, for example, rewrites ``sel_index`` and ``reduction_weight`` of a
+selection to project per-head rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class CVMMSel:
+    """A prepared expert selection (see the module docstring for the meaning of each field).
+
+    Attributes:
+        raw_sel: the expert indices as given, any shape ``[*S]``.
+        sel: the same indices sorted ascending, shape ``[*S]``.
+        sel_index: input row for each sorted position, shape ``[N]`` with ``N = prod(S)``.
+        out_index: output row for each sorted position, shape ``[N]``, or ``None`` for
+            ``sel_index``.
+        reduction_weight: optional weights ``[*W]`` with ``prod(W) == N``; the output is then
+            ``[*W[:-1], d_out]``, the weighted sum over the last dim of groups of ``W[-1]``
+            consecutive output rows.
+    """
+
+    raw_sel: torch.Tensor
+    sel: torch.Tensor
+    sel_index: torch.Tensor
+    out_index: torch.Tensor | None = None
+    reduction_weight: torch.Tensor | None = None
+
+
+def _check_index_tensor(sel: torch.Tensor) -> None:
+    if not isinstance(sel, torch.Tensor):
+        raise TypeError(f"expert indices must be a tensor, got {type(sel).__name__}")
+    if sel.dtype.is_floating_point or sel.dtype.is_complex or sel.dtype == torch.bool:
+        raise TypeError(f"expert indices must be an integer tensor, got {sel.dtype}")
+
+
+def cvmm_prepare_sel(sel: torch.Tensor, n_experts: int | None = None) -> CVMMSel:
+    """One matrix per row: row ``i`` of ``x`` (flattened) is multiplied by ``W[sel.flatten()[i]]``.
+
+    Args:
+        sel: integer expert indices, any shape ``[*S]``; ``x`` must have ``prod(S)`` rows.
+        n_experts: accepted for compatibility with sigma-MoE; the range is checked by ``cvmm``.
+
+    Returns:
+        A :class:`CVMMSel`; ``cvmm`` with it returns ``[*S, d_out]``.
+    """
+    _check_index_tensor(sel)
+    sorted_sel, order = sel.flatten().sort()
+    return CVMMSel(raw_sel=sel, sel=sorted_sel.view_as(sel), sel_index=order)
+
+
+def cvmm_prepare_sel2(sel: torch.Tensor, w: torch.Tensor | None = None) -> CVMMSel:
+    """k matrices per row: ``sel[..., j]`` is the j-th expert of input row ``...``.
+
+    Args:
+        sel: integer expert indices ``[*B, k]``; ``x`` has ``prod(B)`` rows.
+        w: optional reduction weights ``[*B, k]`` (or any shape with ``prod == sel.numel()``):
+            the output is then ``sum_j w[..., j] * x[...] @ W[sel[..., j]]``, shape ``[*B, d_out]``.
+
+    Returns:
+        A :class:`CVMMSel` with input row ``= sorted position // k`` and output row ``= sorted
+        position``; without ``w``, ``cvmm`` returns ``[*B, k, d_out]``.
+    """
+    _check_index_tensor(sel)
+    if sel.dim() == 0:
+        raise ValueError("cvmm_prepare_sel2 needs indices of shape [..., k], got a scalar")
+    k = sel.shape[-1]
+    sorted_sel, order = sel.flatten().sort()
+    in_index = order // k if k > 0 else order
+    return CVMMSel(
+        raw_sel=sel,
+        sel=sorted_sel.view_as(sel),
+        sel_index=in_index,
+        out_index=order,
+        reduction_weight=w,
+    )
+
+
+# Clearer names for the same two constructors.
+select_one_expert_per_row = cvmm_prepare_sel
+select_k_experts_per_row = cvmm_prepare_sel2
