@@ -78,6 +78,7 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
     session.install(
         f"torch=={torch_version}",
         f"triton=={triton_version}",
+        "setuptools",  # triton < 3.2 imports it at start-up
         *[f"-e{ROOT / 'packages' / p}" for p in PACKAGES],
         "pytest",
         "pytest-xdist",
