@@ -1,16 +1,50 @@
-"""The public ``cvmm`` entry point: validation, then dispatch to a backend."""
+"""The public ``cvmm`` entry point: validation, autocast, dispatch to a backend, reduction."""
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
 
-from .reference import cvmm_reference
+from .custom_ops import gather_mm
 from .selection import CVMMSel, cvmm_prepare_sel
 from .validation import check_cvmm_inputs
 
 Backend = Literal["reference", "triton"]
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package imports (it is optional off Linux)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(device: torch.device, backend: Backend | None) -> Backend:
+    """The backend ``cvmm`` uses for tensors on ``device`` (``None``: by device)."""
+    if backend is None:
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend == "reference":
+        return backend
+    if backend != "triton":
+        raise ValueError(f"unknown cvmm backend {backend!r}; use 'reference' or 'triton'")
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
+            "before importing triton to run the kernels on the CPU"
+        )
+    return backend
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
 
 
 def cvmm(
@@ -24,20 +58,36 @@ def cvmm(
 
     Args:
         x: ``[..., d_in]`` input rows.
-        sel: raw integer indices (one matrix per row of ``x``; same number of elements as ``x``
-            has rows) or a :class:`CVMMSel` from ``cvmm_prepare_sel``/``cvmm_prepare_sel2``.
+        sel: raw integer indices (one matrix per row of ``x``; as many elements as ``x`` has
+            rows) or a :class:`CVMMSel` from ``cvmm_prepare_sel``/``cvmm_prepare_sel2``.
         weights: ``[n_matrices, d_in, d_out]``.
-        backend: ``"reference"`` (PyTorch, any device) or ``"triton"``; default by device.
+        backend: ``"reference"`` (PyTorch, any device) or ``"triton"`` (CUDA, or CPU under
+            ``TRITON_INTERPRET=1``); by default Triton on CUDA and the reference elsewhere.
 
     Returns:
         ``[*sel.shape, d_out]``, or ``[*reduction_weight.shape[:-1], d_out]`` when the selection
-        carries a reduction weight.
+        carries a reduction weight. Under autocast the inputs are cast to the autocast dtype,
+        as for a matmul; otherwise ``x`` and ``weights`` must have the same dtype.
     """
     if not isinstance(sel, CVMMSel):
         sel = cvmm_prepare_sel(sel, weights.shape[0] if weights.dim() == 3 else None)
     check_cvmm_inputs(x, sel, weights)
-    if backend not in (None, "reference", "triton"):
-        raise ValueError(f"unknown cvmm backend {backend!r}; use 'reference' or 'triton'")
-    if backend == "triton":
-        raise NotImplementedError("the Triton backend of cvmm is not available yet")
-    return cvmm_reference(x, sel, weights)
+    backend = resolve_backend(x.device, backend)
+    cast = _autocast_dtype(x.device)
+    if cast is not None:
+        x, weights = x.to(cast), weights.to(cast)
+    elif x.dtype != weights.dtype:
+        raise TypeError(
+            f"x ({x.dtype}) and weights ({weights.dtype}) must have the same dtype outside autocast"
+        )
+    d_in, d_out = weights.shape[1], weights.shape[2]
+    n = sel.sel.numel()
+    out_row = sel.sel_index if sel.out_index is None else sel.out_index
+    products = gather_mm(
+        x.reshape(-1, d_in), weights, sel.sel.flatten(), sel.sel_index, out_row, n, backend
+    )
+    w = sel.reduction_weight
+    if w is None:
+        return products.view(*sel.sel.shape, d_out)
+    grouped = products.view(*w.shape, d_out)
+    return (w.unsqueeze(-2).to(grouped.dtype) @ grouped).squeeze(-2)

@@ -1,0 +1,266 @@
+"""Triton kernels of CVMM: a gathered grouped matmul and the per-expert weight gradient.
+
+Both kernels read an :class:`~cvmm_kernel.layout.ExpertLayout` over expert-sorted positions:
+
+- ``gather_mm``: one program per (tile, column block). A tile holds up to ``BLOCK_M`` sorted
+  positions of one expert; the program gathers their input rows, multiplies them by that
+  expert's matrix and writes each product to its output row. No tile straddles two experts.
+- ``expert_weight_grad``: one program per (expert, row block of ``d_in``, column block of
+  ``d_out``) that loops over that expert's positions: ``dW[e] = X_e^T @ G_e``. Every output
+  element is written by exactly one program, with no atomics, so it is deterministic.
+
+Inputs are validated by the caller (``cvmm_kernel.ops``); these functions only launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import ExpertLayout, expert_layout
+
+
+@triton.jit
+def _gather_mm_kernel(
+    x_ptr,
+    w_ptr,
+    out_ptr,
+    in_row_ptr,
+    out_row_ptr,
+    tile_expert_ptr,
+    tile_start_ptr,
+    expert_end_ptr,
+    K,
+    N,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(tile_expert_ptr + tile)
+    if expert >= 0:
+        start = tl.load(tile_start_ptr + tile)
+        end = tl.load(expert_end_ptr + expert)
+        offs_m = start + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        rows_in = tl.load(in_row_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        rows_out = tl.load(out_row_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(
+                x_ptr + rows_in[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            b = tl.load(
+                w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+                mask=mask_k[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        tl.store(
+            out_ptr + rows_out[:, None] * stride_om + offs_n[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
+
+
+@triton.jit
+def _expert_weight_grad_kernel(
+    x_ptr,
+    g_ptr,
+    dw_ptr,
+    in_row_ptr,
+    out_row_ptr,
+    expert_start_ptr,
+    expert_end_ptr,
+    K,
+    N,
+    stride_xm,
+    stride_xk,
+    stride_gm,
+    stride_gn,
+    stride_de,
+    stride_dk,
+    stride_dn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    start = tl.load(expert_start_ptr + expert)
+    end = tl.load(expert_end_ptr + expert)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        rows_in = tl.load(in_row_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        rows_out = tl.load(out_row_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        a = tl.load(
+            x_ptr + rows_in[None, :] * stride_xm + offs_k[:, None] * stride_xk,
+            mask=mask_k[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            g_ptr + rows_out[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+            mask=mask_m[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    tl.store(
+        dw_ptr + expert * stride_de + offs_k[:, None] * stride_dk + offs_n[None, :] * stride_dn,
+        acc.to(dw_ptr.dtype.element_ty),
+        mask=mask_k[:, None] & mask_n[None, :],
+    )
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _block_sizes(n_rows: int, k: int, n: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a problem size.
+
+    Rows per expert are the variable part; widths are fixed by the model. Small blocks under the
+    interpreter keep the CPU tests fast.
+    """
+    if not torch.cuda.is_available() or _interpreting():
+        return 16, 16, 16, 1, 1
+    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
+    return 64, block_n, block_k, 4, 3
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def gather_mm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert_sorted: torch.Tensor,
+    in_row: torch.Tensor,
+    out_row: torch.Tensor,
+    n_out: int,
+    layout: ExpertLayout | None = None,
+) -> torch.Tensor:
+    """``out[out_row[p]] = x[in_row[p]] @ weight[expert_sorted[p]]`` for all sorted positions p.
+
+    Args:
+        x: ``[M, K]`` rows (any strides).
+        weight: ``[E, K, N]`` (any strides; a transposed view works without a copy).
+        expert_sorted, in_row, out_row: ``[P]`` each, ``expert_sorted`` ascending.
+        n_out: rows of the output; rows that no position writes are zero.
+
+    Returns:
+        ``[n_out, N]`` in ``x.dtype``.
+    """
+    m_k, n = weight.shape[1], weight.shape[2]
+    p = expert_sorted.numel()
+    out = x.new_zeros(n_out, n) if p < n_out else x.new_empty(n_out, n)
+    if p == 0 or n == 0:
+        return out
+    if m_k == 0:
+        return out.zero_()
+    block_m, block_n, block_k, warps, stages = _block_sizes(p, m_k, n)
+    if layout is None:
+        layout = expert_layout(expert_sorted, weight.shape[0], block_m)
+    grid = (layout.tile_expert.numel(), triton.cdiv(n, block_n))
+    _gather_mm_kernel[grid](
+        x,
+        weight,
+        out,
+        in_row,
+        out_row,
+        layout.tile_expert,
+        layout.tile_start,
+        layout.expert_end,
+        m_k,
+        n,
+        x.stride(0),
+        x.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        weight.stride(2),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def expert_weight_grad(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    expert_sorted: torch.Tensor,
+    in_row: torch.Tensor,
+    out_row: torch.Tensor,
+    n_experts: int,
+    layout: ExpertLayout | None = None,
+) -> torch.Tensor:
+    """``dW[e] = sum_{p: expert p == e} x[in_row[p]]^T grad[out_row[p]]``, shape ``[E, K, N]``."""
+    k, n = x.shape[1], grad.shape[1]
+    dw = torch.empty(n_experts, k, n, dtype=x.dtype, device=x.device)
+    if n_experts == 0 or k == 0 or n == 0:
+        return dw.zero_()
+    _, block_n, block_k, warps, stages = _block_sizes(expert_sorted.numel(), k, n)
+    block_m = 64 if block_k >= 64 and not _interpreting() else 16
+    if layout is None:
+        layout = expert_layout(expert_sorted, n_experts, block_m)
+    grid = (n_experts, triton.cdiv(k, block_k), triton.cdiv(n, block_n))
+    _expert_weight_grad_kernel[grid](
+        x,
+        grad,
+        dw,
+        in_row,
+        out_row,
+        layout.expert_start,
+        layout.expert_end,
+        k,
+        n,
+        x.stride(0),
+        x.stride(1),
+        grad.stride(0),
+        grad.stride(1),
+        dw.stride(0),
+        dw.stride(1),
+        dw.stride(2),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        INPUT_PRECISION=_input_precision(x.dtype),
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return dw

@@ -1,0 +1,63 @@
+"""torch.compile(fullgraph=True) through cvmm, and autocast behaviour."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cvmm_kernel import cvmm, cvmm_prepare_sel2
+
+
+class TinyMoE(torch.nn.Module):
+    """Top-k expert FFN on cvmm: the way sigma-MoE uses it."""
+
+    def __init__(self, d: int = 16, n_experts: int = 6, hidden: int = 8, k: int = 2):
+        super().__init__()
+        self.k = k
+        self.gate = torch.nn.Linear(d, n_experts, bias=False)
+        self.up = torch.nn.Parameter(torch.randn(n_experts, d, hidden) / d**0.5)
+        self.down = torch.nn.Parameter(torch.randn(n_experts, hidden, d) / hidden**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.gate(x).sigmoid()
+        weight, index = scores.topk(self.k, dim=-1)
+        hidden = torch.relu(cvmm(x, cvmm_prepare_sel2(index), self.up))
+        sel = cvmm_prepare_sel2(index, weight)
+        sel.sel_index = sel.out_index  # hidden has one row per (token, choice)
+        return cvmm(hidden, sel, self.down)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compile_fullgraph_matches_eager(device):
+    torch.manual_seed(0)
+    model = TinyMoE().to(device)
+    x = torch.randn(3, 5, 16, device=device)
+    eager = model(x)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+        pytest.param("cuda", torch.float16, marks=pytest.mark.gpu),
+    ],
+)
+def test_autocast_output_dtype_follows_matmul(device, dtype):
+    x = torch.randn(8, 16, device=device)
+    w = torch.randn(3, 16, 4, device=device, requires_grad=True)
+    sel = torch.randint(0, 3, (8,), device=device)
+    with torch.autocast(device, dtype=dtype):
+        out = cvmm(x, sel, w)
+        expected_dtype = (x @ w[0]).dtype
+    assert out.dtype == expected_dtype == dtype
+    out.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32

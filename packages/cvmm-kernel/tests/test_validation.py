@@ -1,0 +1,100 @@
+"""Clear errors for inputs that cvmm cannot multiply, raised before any kernel runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cvmm_kernel import CVMMSel, cvmm, cvmm_prepare_sel2
+
+
+def test_expert_index_out_of_range():
+    with pytest.raises(IndexError, match="expert index"):
+        cvmm(
+            torch.randn(4, 8),
+            cvmm_prepare_sel2(torch.tensor([[0], [5], [1], [2]])),
+            torch.randn(5, 8, 3),
+        )
+
+
+def test_negative_expert_index():
+    with pytest.raises(IndexError, match="expert index"):
+        cvmm(torch.randn(2, 8), cvmm_prepare_sel2(torch.tensor([[0], [-1]])), torch.randn(5, 8, 3))
+
+
+def test_mismatched_d_in():
+    with pytest.raises(ValueError, match="d_in"):
+        cvmm(
+            torch.randn(4, 7),
+            cvmm_prepare_sel2(torch.zeros(4, 1, dtype=torch.long)),
+            torch.randn(2, 8, 3),
+        )
+
+
+def test_float_indices_are_rejected():
+    with pytest.raises(TypeError, match="integer"):
+        cvmm_prepare_sel2(torch.zeros(4, 2))
+    with pytest.raises(TypeError, match="integer"):
+        cvmm(torch.randn(4, 8), torch.zeros(4), torch.randn(2, 8, 3))
+
+
+def test_weights_must_be_3d():
+    with pytest.raises(ValueError, match="n_matrices"):
+        cvmm(torch.randn(4, 8), torch.zeros(4, dtype=torch.long), torch.randn(8, 3))
+
+
+def test_row_count_must_match_raw_selection():
+    with pytest.raises(ValueError, match="one row per selection"):
+        cvmm(torch.randn(5, 8), torch.zeros(4, dtype=torch.long), torch.randn(2, 8, 3))
+
+
+def test_input_row_out_of_range():
+    sel = cvmm_prepare_sel2(torch.zeros(4, 2, dtype=torch.long))
+    with pytest.raises(IndexError, match="input row"):
+        cvmm(torch.randn(3, 8), sel, torch.randn(2, 8, 3))  # sel was made for 4 rows
+
+
+def test_reduction_weight_size():
+    sel = cvmm_prepare_sel2(torch.zeros(4, 2, dtype=torch.long), torch.rand(4, 3))
+    with pytest.raises(ValueError, match="reduction_weight"):
+        cvmm(torch.randn(4, 8), sel, torch.randn(2, 8, 3))
+
+
+def test_dtype_mismatch_outside_autocast():
+    with pytest.raises(TypeError, match="same dtype"):
+        cvmm(
+            torch.randn(4, 8),
+            torch.zeros(4, dtype=torch.long),
+            torch.randn(2, 8, 3, dtype=torch.float64),
+        )
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown cvmm backend"):
+        cvmm(
+            torch.randn(4, 8),
+            torch.zeros(4, dtype=torch.long),
+            torch.randn(2, 8, 3),
+            backend="cuda",
+        )
+
+
+def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        cvmm(
+            torch.randn(4, 8),
+            torch.zeros(4, dtype=torch.long),
+            torch.randn(2, 8, 3),
+            backend="triton",
+        )
+
+
+@pytest.mark.gpu
+def test_devices_must_match():
+    sel = CVMMSel(
+        raw_sel=torch.zeros(4, dtype=torch.long),
+        sel=torch.zeros(4, dtype=torch.long),
+        sel_index=torch.arange(4),
+    )
+    with pytest.raises(ValueError, match="one device"):
+        cvmm(torch.randn(4, 8, device="cuda"), sel, torch.randn(2, 8, 3, device="cuda"))
