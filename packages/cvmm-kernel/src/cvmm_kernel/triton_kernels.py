@@ -142,6 +142,11 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) forced for every launch; for block-size
+# sweeps in benchmarks/sweep_blocks.py only.
+BLOCK_OVERRIDE: tuple[int, int, int, int, int] | None = None
+
+
 def _block_sizes(n_rows: int, k: int, n: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a problem size.
 
@@ -150,6 +155,8 @@ def _block_sizes(n_rows: int, k: int, n: int) -> tuple[int, int, int, int, int]:
     """
     if not torch.cuda.is_available() or _interpreting():
         return 16, 16, 16, 1, 1
+    if BLOCK_OVERRIDE is not None:
+        return BLOCK_OVERRIDE
     block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
     block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
     return 64, block_n, block_k, 4, 3
@@ -236,6 +243,8 @@ def expert_weight_grad(
         return dw.zero_()
     _, block_n, block_k, warps, stages = _block_sizes(expert_sorted.numel(), k, n)
     block_m = 64 if block_k >= 64 and not _interpreting() else 16
+    if BLOCK_OVERRIDE is not None:
+        block_m = BLOCK_OVERRIDE[0]
     if layout is None:
         layout = expert_layout(expert_sorted, n_experts, block_m)
     grid = (n_experts, triton.cdiv(k, block_k), triton.cdiv(n, block_n))

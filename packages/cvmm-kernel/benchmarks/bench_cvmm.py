@@ -1,0 +1,274 @@
+"""Benchmark cvmm forward+backward (bf16) against dense and grouped-matmul baselines.
+
+Run on a CUDA machine from the repository root:
+
+    PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/bench_cvmm.py
+
+Every row times, in the same process: our cvmm (Triton), dense matmuls of equal FLOPs,
+``torch._grouped_mm`` after a sort and gather (where this torch has it), and a padded ``bmm``.
+Writes JSON and a markdown table to ``$OUT`` if set, else to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from cvmm_kernel import cvmm, cvmm_prepare_sel2
+
+UPSTREAM_MS = {"moeut-244m-ffn": 6.68, "ffn-128x128-k4": 4.42}  # PERF.md, same H100 kind
+
+
+@dataclass
+class Shape:
+    name: str
+    tokens: int
+    d_model: int
+    n_experts: int
+    expert_size: int
+    k: int
+    # "ffn": up + relu + weighted down; "v": reduced projection per head; "o": per-head rows
+    kind: str
+    heads: int = 1
+
+
+SHAPES = [
+    Shape("moeut-244m-ffn", 8192, 1024, 387, 128, 16, "ffn"),
+    Shape("ffn-128x128-k4", 8192, 1024, 128, 128, 4, "ffn"),
+    Shape("switchhead-v-4x4", 8192, 1024, 4, 128, 2, "v", heads=4),
+    Shape("switchhead-o-4x4", 8192, 1024, 4, 128, 2, "o", heads=4),
+    Shape("switchhead-v-4x8", 8192, 1024, 8, 128, 2, "v", heads=4),
+    Shape("switchhead-o-4x8", 8192, 1024, 8, 128, 2, "o", heads=4),
+    Shape("large-64x4096-k2", 8192, 1024, 64, 4096, 2, "ffn"),
+]
+
+
+def flops(s: Shape) -> float:
+    """Multiply-add FLOPs of forward + backward (3 matmuls of the forward's size)."""
+    per_matmul = 2 * s.tokens * s.k * s.heads * s.d_model * s.expert_size
+    return 3 * per_matmul * (2 if s.kind == "ffn" else 1)
+
+
+def make_inputs(s: Shape, device: str):
+    g = torch.Generator(device=device).manual_seed(0)
+    dt = torch.bfloat16
+    n_mat = s.n_experts * s.heads
+    x = torch.randn(s.tokens, s.d_model, device=device, dtype=dt, generator=g)
+    if s.kind == "ffn":
+        scores = torch.randn(s.tokens, s.n_experts, device=device, generator=g)
+        gate, index = scores.sigmoid().topk(s.k, dim=-1)
+        up = torch.randn(n_mat, s.d_model, s.expert_size, device=device, dtype=dt, generator=g) / 32
+        down = (
+            torch.randn(n_mat, s.expert_size, s.d_model, device=device, dtype=dt, generator=g) / 11
+        )
+        return dict(x=x, index=index, gate=gate.to(dt), up=up, down=down)
+    scores = torch.randn(s.tokens, s.heads, s.n_experts, device=device, generator=g)
+    gate, index = scores.sigmoid().topk(s.k, dim=-1)
+    index = index + torch.arange(s.heads, device=device).view(1, -1, 1) * s.n_experts
+    if s.kind == "v":
+        w = torch.randn(n_mat, s.d_model, s.expert_size, device=device, dtype=dt, generator=g) / 32
+        return dict(x=x, index=index, gate=gate.to(dt), w=w)
+    rows = torch.randn(s.tokens, s.heads, s.expert_size, device=device, dtype=dt, generator=g)
+    w = torch.randn(n_mat, s.expert_size, s.d_model, device=device, dtype=dt, generator=g) / 11
+    return dict(x=rows, index=index, gate=gate.to(dt), w=w)
+
+
+def ours(s: Shape, t: dict, backend: str | None = None):
+    if s.kind == "ffn":
+        h = torch.relu(cvmm(t["x"], cvmm_prepare_sel2(t["index"]), t["up"], backend=backend))
+        sel = cvmm_prepare_sel2(t["index"], t["gate"])
+        sel.sel_index = sel.out_index
+        return cvmm(h, sel, t["down"], backend=backend)
+    flat = t["index"].flatten(-2)
+    sel = cvmm_prepare_sel2(flat, t["gate"])
+    if s.kind == "o":
+        sel.sel_index = sel.out_index // s.k
+        sel.reduction_weight = t["gate"].flatten(-2)
+    return cvmm(t["x"], sel, t["w"], backend=backend)
+
+
+def grouped_mm_baseline(s: Shape, t: dict):
+    """torch._grouped_mm on rows sorted by expert (gather before, scatter/reduce after)."""
+
+    def grouped(rows, index, w, in_row):
+        order = index.flatten().argsort()
+        counts = torch.bincount(index.flatten(), minlength=w.shape[0])
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        out_sorted = torch._grouped_mm(rows[in_row[order]], w, offs=offs)
+        return torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
+
+    if s.kind == "ffn":
+        n = t["index"].numel()
+        rows_of = torch.arange(n, device=t["x"].device) // s.k
+        h = torch.relu(grouped(t["x"], t["index"], t["up"], rows_of))
+        o = grouped(h, t["index"], t["down"], torch.arange(n, device=h.device))
+        return (t["gate"].unsqueeze(-2) @ o.view(s.tokens, s.k, -1)).squeeze(-2)
+    n = t["index"].numel()
+    if s.kind == "v":
+        rows_of = torch.arange(n, device=t["x"].device) // (s.k * s.heads)
+        o = grouped(t["x"], t["index"], t["w"], rows_of).view(s.tokens, s.heads, s.k, -1)
+        return (t["gate"].unsqueeze(-2) @ o).squeeze(-2)
+    rows_of = torch.arange(n, device=t["x"].device) // s.k
+    o = grouped(t["x"].reshape(-1, s.expert_size), t["index"], t["w"], rows_of)
+    return (t["gate"].flatten(-2).unsqueeze(-2) @ o.view(s.tokens, s.heads * s.k, -1)).squeeze(-2)
+
+
+def padded_bmm_baseline(s: Shape, t: dict):
+    """Every expert gets a zero-padded batch of the largest expert's row count (one bmm)."""
+
+    def padded(rows, index, w, in_row):
+        flat = index.flatten()
+        order = flat.argsort()
+        counts = torch.bincount(flat, minlength=w.shape[0])
+        cap = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_e = flat[order]
+        slot = torch.arange(flat.numel(), device=flat.device) - starts[sorted_e]
+        batch = rows.new_zeros(w.shape[0], cap, rows.shape[-1])
+        batch = batch.index_put((sorted_e, slot), rows[in_row[order]])
+        out = torch.bmm(batch, w)[sorted_e, slot]
+        return torch.empty_like(out).index_copy(0, order, out)
+
+    if s.kind == "ffn":
+        n = t["index"].numel()
+        h = torch.relu(
+            padded(t["x"], t["index"], t["up"], torch.arange(n, device=t["x"].device) // s.k)
+        )
+        o = padded(h, t["index"], t["down"], torch.arange(n, device=h.device))
+        return (t["gate"].unsqueeze(-2) @ o.view(s.tokens, s.k, -1)).squeeze(-2)
+    return None
+
+
+def dense_equal_flops(s: Shape, device: str):
+    dt = torch.bfloat16
+    width = s.k * s.heads * s.expert_size
+    x = torch.randn(s.tokens, s.d_model, device=device, dtype=dt)
+    a = (torch.randn(s.d_model, width, device=device, dtype=dt) / 32).requires_grad_()
+    if s.kind != "ffn":
+        return lambda: x @ a, [a]
+    b = (torch.randn(width, s.d_model, device=device, dtype=dt) / 32).requires_grad_()
+    return lambda: torch.relu(x @ a) @ b, [a, b]
+
+
+def time_fwd_bwd(fn, params) -> tuple[float, float]:
+    """Median ms of forward+backward, and peak extra memory in MiB."""
+    import triton.testing
+
+    def step():
+        out = fn()
+        out.backward(torch.ones_like(out))
+        for p in params:
+            p.grad = None
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+    return ms, peak
+
+
+def rel_error_vs_reference(s: Shape, t: dict) -> float:
+    """Relative error of the Triton forward against the float32 reference backend."""
+    with torch.no_grad():
+        mine = ours(s, t).float()
+        t32 = {k: (v.float() if v.is_floating_point() else v) for k, v in t.items()}
+        ref = ours(s, t32, backend="reference")
+        return float((mine - ref).norm() / ref.norm())
+
+
+def bench_shape(s: Shape, device: str) -> dict:
+    t = make_inputs(s, device)
+    params = [v.requires_grad_() for k, v in t.items() if k in ("up", "down", "w")]
+    if s.kind == "o":
+        params.append(t["x"].requires_grad_())
+    row = {"shape": s.name, "tflop": flops(s) / 1e12}
+    row["ours_ms"], row["ours_mib"] = time_fwd_bwd(lambda: ours(s, t), params)
+    dense_fn, dense_params = dense_equal_flops(s, device)
+    row["dense_ms"], row["dense_mib"] = time_fwd_bwd(dense_fn, dense_params)
+    try:
+        row["grouped_mm_ms"], row["grouped_mm_mib"] = time_fwd_bwd(
+            lambda: grouped_mm_baseline(s, t), params
+        )
+    except Exception as exc:  # not in this torch, or its shape constraints
+        row["grouped_mm_ms"], row["grouped_mm_error"] = None, f"{type(exc).__name__}: {exc}"[:200]
+    if s.kind == "ffn" and s.expert_size <= 128:
+        row["padded_bmm_ms"], row["padded_bmm_mib"] = time_fwd_bwd(
+            lambda: padded_bmm_baseline(s, t), params
+        )
+    row["ours_tflops"] = flops(s) / row["ours_ms"] / 1e9
+    row["dense_tflops"] = flops(s) / row["dense_ms"] / 1e9
+    row["ratio_of_dense_tflops"] = row["ours_tflops"] / row["dense_tflops"]
+    if row.get("grouped_mm_ms"):
+        row["speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row["ours_ms"]
+    if s.name in UPSTREAM_MS:
+        row["upstream_ms_perf_md"] = UPSTREAM_MS[s.name]
+        row["speedup_vs_upstream"] = UPSTREAM_MS[s.name] / row["ours_ms"]
+    row["rel_error_vs_fp32_reference"] = rel_error_vs_reference(s, t)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the first shape, short timing")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_cvmm.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    device = "cuda"
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    rows = []
+    for s in shapes:
+        rows.append(bench_shape(s, device))
+        torch.cuda.empty_cache()
+
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "dtype": "bfloat16",
+        "timing": "triton.testing.do_bench median, forward+backward",
+    }
+    fmt = lambda v, f="{:.3f}": "n/a" if v is None else f.format(v)
+    header = (
+        "| shape | ours ms | ours TFLOP/s | dense ms (equal FLOPs) | % of dense TFLOP/s "
+        "| grouped_mm ms | padded bmm ms | upstream ms (PERF.md) | peak MiB ours / dense |"
+    )
+    lines = [
+        f"cvmm forward+backward, bf16, {meta['gpu']}, torch {meta['torch']}, "
+        f"triton {meta['triton']}, {meta['date']}",
+        "",
+        header,
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | {r['dense_ms']:.3f} | "
+            f"{100 * r['ratio_of_dense_tflops']:.0f}% | {fmt(r.get('grouped_mm_ms'))} | "
+            f"{fmt(r.get('padded_bmm_ms'))} | {fmt(r.get('upstream_ms_perf_md'), '{:.2f}')} | "
+            f"{r['ours_mib']:.0f} / {r['dense_mib']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "cvmm_quick" if args.quick else "cvmm"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out_dir / f"{stem}.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Sweep the Triton block sizes of cvmm on the benchmark shapes (CUDA), to pick the defaults.
+
+PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/sweep_blocks.py
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import cvmm_kernel.triton_kernels as kernels
+from bench_cvmm import SHAPES, make_inputs, ours
+
+CONFIGS = [
+    (64, 128, 64, 4, 3),
+    (64, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 4, 4),
+    (64, 64, 64, 4, 4),
+    (128, 64, 64, 4, 3),
+    (64, 128, 128, 8, 3),
+    (32, 128, 64, 4, 4),
+]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sweep_blocks.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    for s in SHAPES:
+        t = make_inputs(s, "cuda")
+        params = [v.requires_grad_() for k, v in t.items() if k in ("up", "down", "w")]
+        results = []
+        for cfg in CONFIGS:
+            kernels.BLOCK_OVERRIDE = cfg
+
+            def fwd():
+                return ours(s, t)
+
+            def step():
+                out = fwd()
+                out.backward(torch.ones_like(out))
+                for p in params:
+                    p.grad = None
+
+            try:
+                f_ms = triton.testing.do_bench(fwd, warmup=10, rep=50, return_mode="median")
+                fb_ms = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
+            except Exception as exc:  # a config that does not fit the chip
+                results.append((cfg, None, None, str(exc)[:80]))
+                continue
+            results.append((cfg, f_ms, fb_ms, ""))
+        kernels.BLOCK_OVERRIDE = None
+        print(f"\n{s.name}: config (BM, BN, BK, warps, stages) -> fwd ms, fwd+bwd ms")
+        for cfg, f_ms, fb_ms, err in results:
+            print(
+                f"  {cfg}: {f_ms if f_ms is None else round(f_ms, 3)}, "
+                f"{fb_ms if fb_ms is None else round(fb_ms, 3)} {err}"
+            )
+        del t
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
