@@ -1,6 +1,6 @@
 """Where the time of one cvmm call goes (CUDA): component timings and a profiler table.
 
-    PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/profile_cvmm.py
+PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/profile_cvmm.py
 """
 
 from __future__ import annotations
@@ -10,9 +10,8 @@ import sys
 import torch
 import triton.testing
 from bench_cvmm import SHAPES, make_inputs, ours
-
 from cvmm_kernel import cvmm_prepare_sel2
-from cvmm_kernel.layout import expert_layout
+from cvmm_kernel.layout import expert_bounds, expert_tiles
 from cvmm_kernel.triton_kernels import expert_weight_grad, gather_mm
 from cvmm_kernel.validation import check_cvmm_inputs
 
@@ -31,25 +30,25 @@ def main() -> int:
         sel = cvmm_prepare_sel2(index)
         expert = sel.sel.flatten()
         n = expert.numel()
-        layout = expert_layout(expert, w.shape[0], 64)
+        bounds = expert_bounds(expert, w.shape[0])
+        so = sel.out_index
         grad = torch.randn(n, w.shape[2], device="cuda", dtype=x.dtype)
         print(f"\n== {name}: {n} positions, {w.shape[0]} matrices {tuple(w.shape[1:])}")
         print(f"prepare_sel2     {bench(lambda: cvmm_prepare_sel2(index)):.3f} ms")
         print(f"validation       {bench(lambda: check_cvmm_inputs(x, sel, w)):.3f} ms")
-        print(f"layout           {bench(lambda: expert_layout(expert, w.shape[0], 64)):.3f} ms")
-        print(
-            "gather_mm kernel "
-            f"{bench(lambda: gather_mm(x, w, expert, sel.sel_index, sel.out_index, n, layout)):.3f} ms"
-        )
+        print(f"bounds           {bench(lambda: expert_bounds(expert, w.shape[0])):.3f} ms")
+        print(f"tiles            {bench(lambda: expert_tiles(bounds, n, 64)):.3f} ms")
+        fwd = bench(lambda: gather_mm(x, w, expert, sel.sel_index, so, bounds, n))
+        print(f"gather_mm kernel {fwd:.3f} ms")
         wt = w.transpose(1, 2)
         pos = torch.arange(n, device="cuda")
         print(
             "dx kernel        "
-            f"{bench(lambda: gather_mm(grad, wt, expert, sel.out_index, pos, n, layout)):.3f} ms"
+            f"{bench(lambda: gather_mm(grad, wt, expert, so, pos, bounds, n)):.3f} ms"
         )
         print(
             "dw kernel        "
-            f"{bench(lambda: expert_weight_grad(x, grad, expert, sel.sel_index, sel.out_index, w.shape[0], layout)):.3f} ms"  # noqa: E501
+            f"{bench(lambda: expert_weight_grad(x, grad, expert, sel.sel_index, so, bounds)):.3f} ms"  # noqa: E501
         )
         per_pos = torch.randn(n, x.shape[1], device="cuda", dtype=x.dtype)
         print(
@@ -72,7 +71,11 @@ def main() -> int:
             for _ in range(5):
                 step()
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+        print(
+            prof.key_averages().table(
+                sort_by="cuda_time_total", row_limit=14, max_name_column_width=60
+            )
+        )
     return 0
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import sys
 
-import torch
-
 import cvmm_kernel.triton_kernels as kernels
+import torch
 from bench_cvmm import SHAPES, make_inputs, ours
 
 CONFIGS = [
@@ -60,7 +59,6 @@ def main() -> int:
                 f"  {cfg}: {f_ms if f_ms is None else round(f_ms, 3)}, "
                 f"{fb_ms if fb_ms is None else round(fb_ms, 3)} {err}"
             )
-        del t
         torch.cuda.empty_cache()
     return 0
 

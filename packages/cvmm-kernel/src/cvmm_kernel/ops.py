@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from .custom_ops import gather_mm
+from .layout import expert_bounds
 from .selection import CVMMSel, cvmm_prepare_sel
 from .validation import check_cvmm_inputs
 
@@ -71,7 +72,7 @@ def cvmm(
     """
     if not isinstance(sel, CVMMSel):
         sel = cvmm_prepare_sel(sel, weights.shape[0] if weights.dim() == 3 else None)
-    check_cvmm_inputs(x, sel, weights)
+    group = check_cvmm_inputs(x, sel, weights)
     backend = resolve_backend(x.device, backend)
     cast = _autocast_dtype(x.device)
     if cast is not None:
@@ -83,11 +84,13 @@ def cvmm(
     d_in, d_out = weights.shape[1], weights.shape[2]
     n = sel.sel.numel()
     out_row = sel.sel_index if sel.out_index is None else sel.out_index
+    expert = sel.sel.flatten()
+    bounds = expert_bounds(expert, weights.shape[0])
     products = gather_mm(
-        x.reshape(-1, d_in), weights, sel.sel.flatten(), sel.sel_index, out_row, n, backend
+        x.reshape(-1, d_in), weights, expert, sel.sel_index, out_row, bounds, n, group, backend
     )
     w = sel.reduction_weight
     if w is None:
         return products.view(*sel.sel.shape, d_out)
     grouped = products.view(*w.shape, d_out)
-    return (w.unsqueeze(-2).to(grouped.dtype) @ grouped).squeeze(-2)
+    return (grouped * w.unsqueeze(-1).to(grouped.dtype)).sum(-2)

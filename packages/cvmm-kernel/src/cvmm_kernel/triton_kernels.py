@@ -1,6 +1,6 @@
 """Triton kernels of CVMM: a gathered grouped matmul and the per-expert weight gradient.
 
-Both kernels read an :class:`~cvmm_kernel.layout.ExpertLayout` over expert-sorted positions:
+Both kernels read ``expert_bounds`` (see :mod:`cvmm_kernel.layout`) over expert-sorted positions:
 
 - ``gather_mm``: one program per (tile, column block). A tile holds up to ``BLOCK_M`` sorted
   positions of one expert; the program gathers their input rows, multiplies them by that
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import ExpertLayout, expert_layout
+from .layout import expert_tiles
 
 
 @triton.jit
@@ -30,7 +30,7 @@ def _gather_mm_kernel(
     out_row_ptr,
     tile_expert_ptr,
     tile_start_ptr,
-    expert_end_ptr,
+    bounds_ptr,
     K,
     N,
     stride_xm,
@@ -50,7 +50,7 @@ def _gather_mm_kernel(
     expert = tl.load(tile_expert_ptr + tile)
     if expert >= 0:
         start = tl.load(tile_start_ptr + tile)
-        end = tl.load(expert_end_ptr + expert)
+        end = tl.load(bounds_ptr + expert + 1)
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         rows_in = tl.load(in_row_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -87,8 +87,7 @@ def _expert_weight_grad_kernel(
     dw_ptr,
     in_row_ptr,
     out_row_ptr,
-    expert_start_ptr,
-    expert_end_ptr,
+    bounds_ptr,
     K,
     N,
     stride_xm,
@@ -106,8 +105,8 @@ def _expert_weight_grad_kernel(
     expert = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_n = tl.program_id(2)
-    start = tl.load(expert_start_ptr + expert)
-    end = tl.load(expert_end_ptr + expert)
+    start = tl.load(bounds_ptr + expert)
+    end = tl.load(bounds_ptr + expert + 1)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
@@ -174,8 +173,8 @@ def gather_mm(
     expert_sorted: torch.Tensor,
     in_row: torch.Tensor,
     out_row: torch.Tensor,
+    bounds: torch.Tensor,
     n_out: int,
-    layout: ExpertLayout | None = None,
 ) -> torch.Tensor:
     """``out[out_row[p]] = x[in_row[p]] @ weight[expert_sorted[p]]`` for all sorted positions p.
 
@@ -183,6 +182,7 @@ def gather_mm(
         x: ``[M, K]`` rows (any strides).
         weight: ``[E, K, N]`` (any strides; a transposed view works without a copy).
         expert_sorted, in_row, out_row: ``[P]`` each, ``expert_sorted`` ascending.
+        bounds: ``[E + 1]`` expert run boundaries from ``layout.expert_bounds``.
         n_out: rows of the output; rows that no position writes are zero.
 
     Returns:
@@ -196,18 +196,17 @@ def gather_mm(
     if m_k == 0:
         return out.zero_()
     block_m, block_n, block_k, warps, stages = _block_sizes(p, m_k, n)
-    if layout is None:
-        layout = expert_layout(expert_sorted, weight.shape[0], block_m)
-    grid = (layout.tile_expert.numel(), triton.cdiv(n, block_n))
+    tile_expert, tile_start = expert_tiles(bounds, p, block_m)
+    grid = (tile_expert.numel(), triton.cdiv(n, block_n))
     _gather_mm_kernel[grid](
         x,
         weight,
         out,
         in_row,
         out_row,
-        layout.tile_expert,
-        layout.tile_start,
-        layout.expert_end,
+        tile_expert,
+        tile_start,
+        bounds,
         m_k,
         n,
         x.stride(0),
@@ -233,11 +232,11 @@ def expert_weight_grad(
     expert_sorted: torch.Tensor,
     in_row: torch.Tensor,
     out_row: torch.Tensor,
-    n_experts: int,
-    layout: ExpertLayout | None = None,
+    bounds: torch.Tensor,
 ) -> torch.Tensor:
     """``dW[e] = sum_{p: expert p == e} x[in_row[p]]^T grad[out_row[p]]``, shape ``[E, K, N]``."""
     k, n = x.shape[1], grad.shape[1]
+    n_experts = bounds.numel() - 1
     dw = torch.empty(n_experts, k, n, dtype=x.dtype, device=x.device)
     if n_experts == 0 or k == 0 or n == 0:
         return dw.zero_()
@@ -245,8 +244,6 @@ def expert_weight_grad(
     block_m = 64 if block_k >= 64 and not _interpreting() else 16
     if BLOCK_OVERRIDE is not None:
         block_m = BLOCK_OVERRIDE[0]
-    if layout is None:
-        layout = expert_layout(expert_sorted, n_experts, block_m)
     grid = (n_experts, triton.cdiv(k, block_k), triton.cdiv(n, block_n))
     _expert_weight_grad_kernel[grid](
         x,
@@ -254,8 +251,7 @@ def expert_weight_grad(
         dw,
         in_row,
         out_row,
-        layout.expert_start,
-        layout.expert_end,
+        bounds,
         k,
         n,
         x.stride(0),

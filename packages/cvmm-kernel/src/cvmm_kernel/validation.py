@@ -7,11 +7,17 @@ import torch
 from .selection import CVMMSel
 
 
-def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> None:
+def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> int:
     """Raise a clear error for inputs that no path can multiply correctly.
 
-    Checks dtypes, ranks, matching ``d_in``, devices, the sizes of the index tensors, and the
-    range of every index (this reads two scalars back from the device).
+    Checks dtypes, ranks, matching ``d_in``, devices, the sizes of the index tensors, the range
+    of every index and that no output row is written twice. The value checks read one small
+    tensor back from the device (a single synchronisation); they are skipped while
+    ``torch.compile`` traces.
+
+    Returns:
+        ``g > 0`` when input row ``== output row // g`` for every position (the layout of
+        ``cvmm_prepare_sel``/``cvmm_prepare_sel2``, which makes the backward deterministic), else 0.
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weights, torch.Tensor):
         raise TypeError("cvmm expects tensors for x and weights")
@@ -54,24 +60,35 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> N
             )
         if not w.dtype.is_floating_point:
             raise TypeError(f"reduction_weight must be floating point, got {w.dtype}")
-    if n == 0:
-        return
-    if torch.compiler.is_compiling():
-        return  # the range checks read values back from the device: not inside a graph
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    n_out = n
-    _check_range("expert index (sel)", sel.sel, weights.shape[0])
-    _check_range("input row index (sel_index)", sel.sel_index, n_rows)
-    if sel.out_index is not None:
-        _check_range("output row index (out_index)", sel.out_index, n_out)
-    elif n_rows != n:
+    if sel.out_index is None and n_rows != n:
         raise ValueError(
             f"without out_index, x must have one row per selection ({n}), got {n_rows} rows"
         )
+    if n == 0 or torch.compiler.is_compiling():
+        return 0
+    out_index = sel.sel_index if sel.out_index is None else sel.out_index
+    group = n // n_rows if n_rows and n % n_rows == 0 else 0
+    stats = [
+        sel.sel.min(),
+        sel.sel.max(),
+        sel.sel_index.min(),
+        sel.sel_index.max(),
+        out_index.min(),
+        out_index.max(),
+        torch.bincount(out_index.flatten().clamp(0, n - 1), minlength=n).max(),
+    ]
+    if group:
+        stats.append((sel.sel_index == out_index // group).all())
+    values = torch.stack([s.to(torch.int64) for s in stats]).tolist()
+    _check_range("expert index (sel)", values[0], values[1], weights.shape[0])
+    _check_range("input row index (sel_index)", values[2], values[3], n_rows)
+    _check_range("output row index (out_index)", values[4], values[5], n)
+    if values[6] > 1:
+        raise ValueError("out_index must not repeat: each output row is written once")
+    return group if group and values[7] else 0
 
 
-def _check_range(what: str, index: torch.Tensor, size: int) -> None:
-    lo, hi = torch.aminmax(index.flatten())
-    lo, hi = int(lo), int(hi)
+def _check_range(what: str, lo: int, hi: int, size: int) -> None:
     if lo < 0 or hi >= size:
         raise IndexError(f"{what} out of range: values in [{lo}, {hi}], valid range [0, {size})")
