@@ -11,7 +11,7 @@ import torch
 import triton.testing
 from bench_cvmm import SHAPES, make_inputs, ours
 from cvmm_kernel import cvmm_prepare_sel2
-from cvmm_kernel.layout import expert_bounds, expert_tiles
+from cvmm_kernel.layout import expert_bounds
 from cvmm_kernel.triton_kernels import expert_weight_grad, gather_mm
 from cvmm_kernel.validation import check_cvmm_inputs
 
@@ -37,7 +37,6 @@ def main() -> int:
         print(f"prepare_sel2     {bench(lambda: cvmm_prepare_sel2(index)):.3f} ms")
         print(f"validation       {bench(lambda: check_cvmm_inputs(x, sel, w)):.3f} ms")
         print(f"bounds           {bench(lambda: expert_bounds(expert, w.shape[0])):.3f} ms")
-        print(f"tiles            {bench(lambda: expert_tiles(bounds, n, 64)):.3f} ms")
         fwd = bench(lambda: gather_mm(x, w, expert, sel.sel_index, so, bounds, n))
         print(f"gather_mm kernel {fwd:.3f} ms")
         wt = w.transpose(1, 2)

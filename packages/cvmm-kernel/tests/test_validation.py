@@ -98,3 +98,18 @@ def test_devices_must_match():
     )
     with pytest.raises(ValueError, match="one device"):
         cvmm(torch.randn(4, 8, device="cuda"), sel, torch.randn(2, 8, 3, device="cuda"))
+
+
+def test_unsorted_selection_is_rejected():
+    sel = CVMMSel(
+        raw_sel=torch.tensor([1, 0, 2]), sel=torch.tensor([1, 0, 2]), sel_index=torch.arange(3)
+    )
+    with pytest.raises(ValueError, match="sorted"):
+        cvmm(torch.randn(3, 8), sel, torch.randn(3, 8, 2))
+
+
+def test_repeated_output_rows_are_rejected():
+    sel = cvmm_prepare_sel2(torch.zeros(4, 1, dtype=torch.long))
+    sel.out_index = torch.tensor([0, 0, 1, 2])
+    with pytest.raises(ValueError, match="must not repeat"):
+        cvmm(torch.randn(4, 8), sel, torch.randn(1, 8, 2))

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from .custom_ops import gather_mm
-from .layout import expert_bounds
+from .layout import MAX_EXPERTS_TRITON, expert_bounds
 from .selection import CVMMSel, cvmm_prepare_sel
 from .validation import check_cvmm_inputs
 
@@ -74,6 +74,11 @@ def cvmm(
         sel = cvmm_prepare_sel(sel, weights.shape[0] if weights.dim() == 3 else None)
     group = check_cvmm_inputs(x, sel, weights)
     backend = resolve_backend(x.device, backend)
+    if backend == "triton" and weights.shape[0] > MAX_EXPERTS_TRITON:
+        raise ValueError(
+            f"the Triton backend handles at most {MAX_EXPERTS_TRITON} matrices, got "
+            f"{weights.shape[0]}; use backend='reference'"
+        )
     cast = _autocast_dtype(x.device)
     if cast is not None:
         x, weights = x.to(cast), weights.to(cast)

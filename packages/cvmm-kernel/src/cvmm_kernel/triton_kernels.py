@@ -9,7 +9,9 @@ Both kernels read ``expert_bounds`` (see :mod:`cvmm_kernel.layout`) over expert-
   ``d_out``) that loops over that expert's positions: ``dW[e] = X_e^T @ G_e``. Every output
   element is written by exactly one program, with no atomics, so it is deterministic.
 
-Inputs are validated by the caller (``cvmm_kernel.ops``); these functions only launch.
+Inputs are validated by the caller (``cvmm_kernel.ops``); these functions only launch. The tile
+of a ``gather_mm`` program is found inside the kernel from ``expert_bounds`` (a vector over the
+experts, so at most ``layout.MAX_EXPERTS_TRITON`` matrices), which keeps a call to one launch.
 """
 
 from __future__ import annotations
@@ -17,8 +19,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from .layout import expert_tiles
 
 
 @triton.jit
@@ -28,9 +28,8 @@ def _gather_mm_kernel(
     out_ptr,
     in_row_ptr,
     out_row_ptr,
-    tile_expert_ptr,
-    tile_start_ptr,
     bounds_ptr,
+    E,
     K,
     N,
     stride_xm,
@@ -43,14 +42,24 @@ def _gather_mm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
+    # Which expert's run this tile belongs to: tiles of BLOCK_M positions are numbered expert by
+    # expert, so the tile's expert is the number of experts whose tiles all come before it.
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(tile_expert_ptr + tile)
-    if expert >= 0:
-        start = tl.load(tile_start_ptr + tile)
-        end = tl.load(bounds_ptr + expert + 1)
+    offs_e = tl.arange(0, BLOCK_E)
+    lo = tl.load(bounds_ptr + offs_e, mask=offs_e < E, other=0)
+    hi = tl.load(bounds_ptr + offs_e + 1, mask=offs_e < E, other=0)
+    tiles = (hi - lo + BLOCK_M - 1) // BLOCK_M
+    tiles_end = tl.cumsum(tiles, 0)
+    expert = tl.sum((tiles_end <= tile).to(tl.int32), 0)
+    if expert < E:
+        is_expert = offs_e == expert
+        first_tile = tl.sum(tl.where(is_expert, tiles_end - tiles, 0), 0)
+        start = tl.sum(tl.where(is_expert, lo, 0), 0) + (tile - first_tile) * BLOCK_M
+        end = tl.sum(tl.where(is_expert, hi, 0), 0)
         offs_m = start + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         rows_in = tl.load(in_row_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
@@ -196,17 +205,16 @@ def gather_mm(
     if m_k == 0:
         return out.zero_()
     block_m, block_n, block_k, warps, stages = _block_sizes(p, m_k, n)
-    tile_expert, tile_start = expert_tiles(bounds, p, block_m)
-    grid = (tile_expert.numel(), triton.cdiv(n, block_n))
+    n_experts = bounds.numel() - 1
+    grid = (triton.cdiv(p, block_m) + n_experts, triton.cdiv(n, block_n))
     _gather_mm_kernel[grid](
         x,
         weight,
         out,
         in_row,
         out_row,
-        tile_expert,
-        tile_start,
         bounds,
+        n_experts,
         m_k,
         n,
         x.stride(0),
@@ -219,6 +227,7 @@ def gather_mm(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        BLOCK_E=triton.next_power_of_2(n_experts + 1),
         INPUT_PRECISION=_input_precision(x.dtype),
         num_warps=warps,
         num_stages=stages,

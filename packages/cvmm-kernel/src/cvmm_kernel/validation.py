@@ -11,9 +11,9 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
     """Raise a clear error for inputs that no path can multiply correctly.
 
     Checks dtypes, ranks, matching ``d_in``, devices, the sizes of the index tensors, the range
-    of every index and that no output row is written twice. The value checks read one small
-    tensor back from the device (a single synchronisation); they are skipped while
-    ``torch.compile`` traces.
+    of every index, that ``sel`` is sorted and that no output row is written twice. The value
+    checks read one small tensor back from the device (a single synchronisation); they are
+    skipped while ``torch.compile`` traces.
 
     Returns:
         ``g > 0`` when input row ``== output row // g`` for every position (the layout of
@@ -77,6 +77,7 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
         out_index.min(),
         out_index.max(),
         torch.bincount(out_index.flatten().clamp(0, n - 1), minlength=n).max(),
+        (sel.sel.flatten()[1:] < sel.sel.flatten()[:-1]).any(),
     ]
     if group:
         stats.append((sel.sel_index == out_index // group).all())
@@ -86,7 +87,9 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
     _check_range("output row index (out_index)", values[4], values[5], n)
     if values[6] > 1:
         raise ValueError("out_index must not repeat: each output row is written once")
-    return group if group and values[7] else 0
+    if values[7]:
+        raise ValueError("sel must be sorted ascending (build selections with cvmm_prepare_sel*)")
+    return group if group and values[8] else 0
 
 
 def _check_range(what: str, lo: int, hi: int, size: int) -> None:
