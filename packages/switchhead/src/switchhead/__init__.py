@@ -4,9 +4,25 @@ explicit KV cache.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .attention import KVCache, SwitchHeadCore, SwitchHeadRope, SwitchHeadXL
+from .block import SwitchHeadSelfAttention
+from .masks import AttentionMask, causal_keep_mask, sdpa_mask
+from .rope import RotaryEmbedding
+
 try:
     __version__ = version("switchhead")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+__all__ = [
+    "AttentionMask",
+    "KVCache",
+    "RotaryEmbedding",
+    "SwitchHeadCore",
+    "SwitchHeadRope",
+    "SwitchHeadSelfAttention",
+    "SwitchHeadXL",
+    "__version__",
+    "causal_keep_mask",
+    "sdpa_mask",
+]
