@@ -82,13 +82,12 @@ def make_inputs(s: Shape, device: str):
 def ours(s: Shape, t: dict, backend: str | None = None):
     if s.kind == "ffn":
         h = torch.relu(cvmm(t["x"], cvmm_prepare_sel2(t["index"]), t["up"], backend=backend))
-        sel = cvmm_prepare_sel2(t["index"], t["gate"])
-        sel.sel_index = sel.out_index
+        sel = cvmm_prepare_sel2(t["index"], t["gate"]).with_input_rows_per_group(1)
         return cvmm(h, sel, t["down"], backend=backend)
     flat = t["index"].flatten(-2)
     sel = cvmm_prepare_sel2(flat, t["gate"])
     if s.kind == "o":
-        sel.sel_index = sel.out_index // s.k
+        sel = sel.with_input_rows_per_group(s.k)
         sel.reduction_weight = t["gate"].flatten(-2)
     return cvmm(t["x"], sel, t["w"], backend=backend)
 

@@ -113,3 +113,21 @@ def test_repeated_output_rows_are_rejected():
     sel.out_index = torch.tensor([0, 0, 1, 2])
     with pytest.raises(ValueError, match="must not repeat"):
         cvmm(torch.randn(4, 8), sel, torch.randn(1, 8, 2))
+
+
+def test_constructed_layouts_are_trusted_until_reindexed():
+    sel = cvmm_prepare_sel2(torch.randint(0, 3, (5, 2)))
+    assert sel.layout_group == 2
+    clone = sel.clone()
+    assert clone.layout_group == 2 and clone.sel_index is sel.sel_index
+    clone.sel_index = clone.out_index
+    assert clone.layout_group == 0 and sel.layout_group == 2
+    per_group = sel.with_input_rows_per_group(2)
+    assert per_group.layout_group == 2
+    assert torch.equal(per_group.sel_index, sel.out_index // 2)
+
+
+def test_trusted_layout_still_checks_the_expert_range():
+    sel = cvmm_prepare_sel2(torch.tensor([[0, 4], [1, 2]]))
+    with pytest.raises(IndexError, match="expert index"):
+        cvmm(torch.randn(2, 8), sel, torch.randn(4, 8, 3))

@@ -14,7 +14,7 @@ selection to project per-head rows).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,6 +39,34 @@ class CVMMSel:
     sel_index: torch.Tensor
     out_index: torch.Tensor | None = None
     reduction_weight: torch.Tensor | None = None
+    # Set by the constructors: g > 0 when the index layout is known by construction to be
+    # "sorted experts, input row = output row // g, output rows a permutation". Reassigning
+    # sel, sel_index or out_index clears it, so hand-made layouts get the full validation.
+    layout_group: int = field(default=0, repr=False, compare=False)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("sel", "sel_index", "out_index") and "layout_group" in self.__dict__:
+            object.__setattr__(self, "layout_group", 0)
+        object.__setattr__(self, name, value)
+
+    def clone(self) -> CVMMSel:
+        """A shallow copy (the tensors are shared), as sigma-MoE's ``CVMMSel.clone``."""
+        copy = CVMMSel(
+            self.raw_sel, self.sel, self.sel_index, self.out_index, self.reduction_weight
+        )
+        copy.layout_group = self.layout_group
+        return copy
+
+    def with_input_rows_per_group(self, group: int) -> CVMMSel:
+        """A copy whose input row is ``output row // group`` (rows of ``x`` are groups of
+        ``group`` outputs, e.g. SwitchHead's per-head output projection); the layout stays
+        known, so ``cvmm`` needs no index validation beyond the expert range."""
+        if self.out_index is None:
+            raise ValueError("with_input_rows_per_group needs a selection with out_index")
+        copy = CVMMSel(self.raw_sel, self.sel, self.out_index // group, self.out_index)
+        copy.reduction_weight = self.reduction_weight
+        copy.layout_group = group if self.layout_group else 0
+        return copy
 
 
 def _check_index_tensor(sel: torch.Tensor) -> None:
@@ -60,7 +88,7 @@ def cvmm_prepare_sel(sel: torch.Tensor, n_experts: int | None = None) -> CVMMSel
     """
     _check_index_tensor(sel)
     sorted_sel, order = sel.flatten().sort()
-    return CVMMSel(raw_sel=sel, sel=sorted_sel.view_as(sel), sel_index=order)
+    return CVMMSel(raw_sel=sel, sel=sorted_sel.view_as(sel), sel_index=order, layout_group=1)
 
 
 def cvmm_prepare_sel2(sel: torch.Tensor, w: torch.Tensor | None = None) -> CVMMSel:
@@ -87,6 +115,7 @@ def cvmm_prepare_sel2(sel: torch.Tensor, w: torch.Tensor | None = None) -> CVMMS
         sel_index=in_index,
         out_index=order,
         reduction_weight=w,
+        layout_group=k,
     )
 
 

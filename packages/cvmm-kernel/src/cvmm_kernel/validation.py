@@ -15,6 +15,9 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
     checks read one small tensor back from the device (a single synchronisation); they are
     skipped while ``torch.compile`` traces.
 
+    Selections made by ``cvmm_prepare_sel``/``cvmm_prepare_sel2`` (and not re-indexed by hand)
+    have a known layout: for them only the expert range is read back (two values).
+
     Returns:
         ``g > 0`` when input row ``== output row // g`` for every position (the layout of
         ``cvmm_prepare_sel``/``cvmm_prepare_sel2``, which makes the backward deterministic), else 0.
@@ -67,6 +70,12 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
         )
     if n == 0 or torch.compiler.is_compiling():
         return 0
+    if sel.layout_group and n == n_rows * sel.layout_group:
+        # Rows, outputs and order are right by construction: only the expert range is open.
+        flat = sel.sel.flatten()
+        lo, hi = torch.stack([flat[0], flat[-1]]).tolist()
+        _check_range("expert index (sel)", lo, hi, weights.shape[0])
+        return sel.layout_group
     out_index = sel.sel_index if sel.out_index is None else sel.out_index
     group = n // n_rows if n_rows and n % n_rows == 0 else 0
     stats = [

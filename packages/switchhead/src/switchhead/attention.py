@@ -184,8 +184,11 @@ class SwitchHeadCore(torch.nn.Module):
         res = self.attend(q, k, v, mask, offset).transpose(-2, -3)  # [B, Tq, H, d]
 
         if self.n_experts > 1:
-            o_sel.sel_index = o_sel.out_index // self.moe_k
-            o_sel.reduction_weight = o_sel.reduction_weight.flatten(-2)
+            # Rows of res are (token, head): output position p reads row p // moe_k, and the
+            # reduction sums over heads and chosen experts at once.
+            gate = o_sel.reduction_weight
+            o_sel = o_sel.with_input_rows_per_group(self.moe_k)
+            o_sel.reduction_weight = gate.flatten(-2)
             out = cvmm(res, o_sel, self.o)
         else:
             res = res * o_gate.unsqueeze(-1).type_as(res)
