@@ -47,16 +47,19 @@ def variants():
     yield "dense-mha-16x64", lambda: DenseMHA()
 
 
-def time_layer(make, batch: int, seq: int) -> dict:
+def time_layer(make, batch: int, seq: int, compiled: bool = False) -> dict:
     import triton.testing
 
     torch.manual_seed(0)
     layer = make().cuda()
+    if compiled:
+        layer = torch.compile(layer)
     x = torch.randn(batch, seq, 1024, device="cuda", requires_grad=True)
+    dense = isinstance(getattr(layer, "_orig_mod", layer), DenseMHA)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = layer(x) if isinstance(layer, DenseMHA) else layer(x, x, x)[0]
+            out = layer(x) if dense else layer(x, x, x)[0]
         out.float().sum().backward()
         layer.zero_grad(set_to_none=True)
         x.grad = None
@@ -76,6 +79,7 @@ def time_layer(make, batch: int, seq: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T=1024 only")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_switchhead.py needs a CUDA device", file=sys.stderr)
@@ -88,6 +92,8 @@ def main() -> int:
         results = {}
         for name, make in variants():
             results[name] = time_layer(make, 8, seq)
+            if args.compile and not name.startswith("xl"):
+                results[name + " (compiled)"] = time_layer(make, 8, seq, compiled=True)
         dense = results["dense-mha-16x64"]["ms"]
         for name, r in results.items():
             row = {"variant": name, "T": seq, **r, "ratio_to_dense": r["ms"] / dense}
