@@ -308,7 +308,7 @@ def test_cuda_float32_matches_float64(cls, n_experts):
 @pytest.mark.gpu
 @pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
 def test_cuda_bf16_autocast(cls):
-    """bf16 may flip near-tied expert choices, so only the output is compared, loosely."""
+    """bf16 may flip near-tied expert choices of a few tokens: most tokens must match."""
     m = make(cls, 4, 2)
     x = torch.randn(2, 64, D_MODEL, dtype=torch.float64)
     expected, _ = m(x, x, x)
@@ -317,6 +317,7 @@ def test_cuda_bf16_autocast(cls):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out, _ = mc(xc, xc, xc)
     assert out.dtype == torch.bfloat16
-    assert (out.double().cpu() - expected).norm() / expected.norm() < 5e-2
+    per_token = (out.double().cpu() - expected).norm(dim=-1) / expected.norm(dim=-1)
+    assert per_token.median() < 2e-2
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in mc.parameters())
