@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nox
@@ -93,10 +94,19 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
     session.run("pytest", "-m", "not interpret and not slow", *session.posargs)
 
 
+def _locked_version(name: str) -> str:
+    """The version of ``name`` pinned in uv.lock (so lint uses the same ruff as the dev env)."""
+    lock = (ROOT / "uv.lock").read_text()
+    match = re.search(rf'\nname = "{re.escape(name)}"\nversion = "([^"]+)"', lock)
+    if match is None:
+        raise RuntimeError(f"{name} is not in uv.lock")
+    return match.group(1)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff format --check and ruff check over the whole workspace."""
-    session.install("ruff")
+    """ruff format --check and ruff check over the whole workspace (the locked ruff)."""
+    session.install(f"ruff=={_locked_version('ruff')}")
     session.run("ruff", "format", "--check", ".")
     session.run("ruff", "check", ".")
 
