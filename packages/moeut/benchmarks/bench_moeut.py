@@ -1,0 +1,153 @@
+"""Benchmark an LM training step (forward + backward) of MoEUT against a dense transformer (CUDA).
+
+    PYTHONPATH=packages/cvmm-kernel/src:packages/switchhead/src:packages/moeut/src \
+        python3 packages/moeut/benchmarks/bench_moeut.py [--quick] [--compile]
+
+bf16 autocast, B=8, T=1024, vocabulary 8000. In the same process: a dense pre-norm transformer of
+matched parameter count (d 1024, 18 layers, 16 heads, FFN 4096, SDPA causal). Writes JSON and a
+markdown table to ``$OUT`` if set, else to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from moeut import MoEUTLM, profiles
+
+VOCAB, BATCH, SEQ = 8000, 8, 1024
+UPSTREAM_MS = {"MoEUT_244M": 227.0}  # PERF.md, H100
+
+
+class DenseBlock(torch.nn.Module):
+    def __init__(self, d: int, heads: int, ff: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.qkv = torch.nn.Linear(d, 3 * d, bias=False)
+        self.o = torch.nn.Linear(d, d, bias=False)
+        self.up, self.down = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(att.transpose(1, 2).reshape(b, t, d))
+        return x + self.down(F.gelu(self.up(self.ln2(x))))
+
+
+class DenseLM(torch.nn.Module):
+    """Pre-norm transformer LM with SDPA attention (the baseline)."""
+
+    def __init__(self, d=1024, layers=18, heads=16, ff=4096):
+        super().__init__()
+        self.embedding = torch.nn.Embedding(VOCAB, d)
+        self.blocks = torch.nn.ModuleList(DenseBlock(d, heads, ff) for _ in range(layers))
+        self.out_norm = torch.nn.LayerNorm(d)
+        self.lm_head = torch.nn.Linear(d, VOCAB)
+
+    def forward(self, x):
+        h = self.embedding(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.lm_head(self.out_norm(h))
+
+
+def time_step(model: torch.nn.Module, compiled: bool) -> dict:
+    import triton.testing
+
+    model = model.cuda().train()
+    run = torch.compile(model) if compiled else model
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(tokens[:, :-1])
+            logits, reg = (out, 0.0) if torch.is_tensor(out) else (out.outputs, out.reg_loss)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) + reg
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ms = triton.testing.do_bench(step, warmup=300, rep=1500, return_mode="median")
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "ms": ms,
+        "tokens_per_s": BATCH * SEQ / ms * 1e3,
+        "peak_gib": peak,
+        "params_m": params / 1e6,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="MoEUT_244M and dense only")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_moeut.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    names = ["MoEUT_244M"] if args.quick else ["MoEUT_244M", "MoEUT_126M", "MoEUT_44M"]
+    models = [("dense-243M", lambda: DenseLM())]
+    models += [(n, lambda n=n: MoEUTLM(VOCAB, **profiles.PROFILES[n])) for n in names]
+    rows = []
+    for name, make in models:
+        for compiled in [False, True] if args.compile else [False]:
+            torch.manual_seed(0)
+            row = {
+                "model": name + (" (compiled)" if compiled else ""),
+                **time_step(make(), compiled),
+            }
+            if name in UPSTREAM_MS and not compiled:
+                row["upstream_ms_perf_md"] = UPSTREAM_MS[name]
+            rows.append(row)
+            torch.cuda.empty_cache()
+    dense = rows[0]["ms"]
+    for r in rows:
+        r["ratio_to_dense_eager"] = r["ms"] / dense
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "setup": f"LM forward+backward, bf16 autocast, B={BATCH}, T={SEQ}, vocab {VOCAB}",
+    }
+    lines = [
+        f"MoEUT training step, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
+        f"{meta['date']} ({meta['setup']})",
+        "",
+        "| model | params | ms | tokens/s | x dense (eager) time | peak GiB | upstream ms (PERF.md) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        up = r.get("upstream_ms_perf_md")
+        lines.append(
+            f"| {r['model']} | {r['params_m']:.1f}M | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['ratio_to_dense_eager']:.2f} | {r['peak_gib']:.1f} | {'' if up is None else up} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "moeut_quick" if args.quick else "moeut"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out_dir / f"{stem}.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
