@@ -130,7 +130,8 @@ def main() -> int:
         f"MoEUT training step, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
         f"{meta['date']} ({meta['setup']})",
         "",
-        "| model | params | ms | tokens/s | x dense (eager) time | peak GiB | upstream ms (PERF.md) |",
+        "| model | params | ms | tokens/s | x dense (eager) time | peak GiB "
+        "| upstream ms (PERF.md) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
