@@ -55,9 +55,11 @@ def test_autocast_output_dtype_follows_matmul(device, dtype):
     x = torch.randn(8, 16, device=device)
     w = torch.randn(3, 16, 4, device=device, requires_grad=True)
     sel = torch.randint(0, 3, (8,), device=device)
+    gate = torch.rand(8, 2, device=device)
     with torch.autocast(device, dtype=dtype):
         out = cvmm(x, sel, w)
+        reduced = cvmm(x, cvmm_prepare_sel2(torch.randint(0, 3, (8, 2), device=device), gate), w)
         expected_dtype = (x @ w[0]).dtype
-    assert out.dtype == expected_dtype == dtype
-    out.float().sum().backward()
+    assert out.dtype == reduced.dtype == expected_dtype == dtype
+    (out.float().sum() + reduced.float().sum()).backward()
     assert w.grad is not None and w.grad.dtype == torch.float32

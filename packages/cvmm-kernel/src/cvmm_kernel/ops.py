@@ -98,4 +98,6 @@ def cvmm(
     if w is None:
         return products.view(*sel.sel.shape, d_out)
     grouped = products.view(*w.shape, d_out)
-    return (grouped * w.unsqueeze(-1).to(grouped.dtype)).sum(-2)
+    # Autocast would run the sum in float32; the result keeps the matmul's dtype instead.
+    with torch.autocast(x.device.type, enabled=False):
+        return (grouped * w.unsqueeze(-1).to(grouped.dtype)).sum(-2)
