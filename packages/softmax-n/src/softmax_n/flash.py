@@ -1,0 +1,201 @@
+"""``flash_attention_n``: softmax_n attention at the speed of a fused attention kernel.
+
+Identity: with ``lse_i`` the log-sum-exp of row ``i`` of the (scaled, biased) scores and
+``out0`` ordinary attention,
+
+    out_n = out0 * sigmoid(lse - log n).
+
+A fused kernel that returns ``lse`` gives ``out_n`` for one extra elementwise product. The
+gradient needs no extra kernel either: with ``s = sigmoid(lse - log n)``, the kernel's backward
+run on ``grad * s`` with ``out_n`` in place of its saved output computes exactly the gradient of
+``out_n`` (its row term ``rowsum(dO * O)`` becomes ``s^2 rowsum(grad * out0)``, which is the
+softmax term plus the term through ``lse``). The gradient of ``log n`` is
+``-rowsum(grad * out_n) * (1 - s)``.
+
+Kernels: PyTorch's flash attention on CUDA (fp16/bf16, no mask or bias, head dim a multiple of 8
+up to 256, causal only for ``L == S``, no dropout) and its CPU flash kernel (any float dtype,
+masks and biases). Other cases use ``slow_attention_n`` (same results, quadratic memory).
+
+Fully masked rows: ``lse = -inf``, so with ``n > 0`` the row is 0 (and NaN for ``n = 0``, as
+softmax gives).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .functional import _expand_kv, _log_n, attention_bias, slow_attention_n
+
+
+def _kernel(q, k, v, bias, is_causal, scale):
+    """(out0, lse [B, H, L], context for the backward) or None when no kernel fits."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale
+        )
+        return out, lse, ("cpu",)
+    if (
+        q.device.type == "cuda"
+        and bias is None
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 256
+        and v.shape[-1] == q.shape[-1]
+        and (not is_causal or q.shape[-2] == k.shape[-2])
+    ):
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, is_causal, False, scale=scale
+        )
+        return res[0], res[1], ("flash", *res[2:8])
+    return None
+
+
+def _kernel_backward(ctx_kernel, grad, q, k, v, out, lse, bias, is_causal, scale):
+    if ctx_kernel[0] == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, is_causal, attn_mask=bias, scale=scale
+        )
+    cum_q, cum_k, max_q, max_k, seed, offset = ctx_kernel[1:]
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cum_q,
+        cum_k,
+        max_q,
+        max_k,
+        0.0,
+        is_causal,
+        seed,
+        offset,
+        scale=scale,
+    )
+
+
+class _FlashAttentionN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_n, bias, is_causal, scale, kernel):
+        out0, lse, ctx_kernel = kernel
+        work = torch.promote_types(q.dtype, torch.float32)
+        gate = torch.sigmoid(lse.to(work).unsqueeze(-1) - log_n.to(work))  # [B, H, L, 1]
+        out = (out0.to(work) * gate).to(out0.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, gate, bias if bias is not None else q.new_empty(0))
+        ctx.has_bias = bias is not None
+        ctx.is_causal, ctx.scale, ctx.ctx_kernel = is_causal, scale, ctx_kernel
+        ctx.log_n_shape = log_n.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, gate, bias = ctx.saved_tensors
+        bias = bias if ctx.has_bias else None
+        grad_in = (grad.to(gate.dtype) * gate).to(q.dtype).contiguous()
+        dq, dk, dv = _kernel_backward(
+            ctx.ctx_kernel, grad_in, q, k, v, out, lse, bias, ctx.is_causal, ctx.scale
+        )[:3]
+        d_log_n = None
+        if ctx.needs_input_grad[3]:
+            row = (grad.to(gate.dtype) * out.to(gate.dtype)).sum(-1, keepdim=True) * (1 - gate)
+            d_log_n = (-row).sum_to_size(ctx.log_n_shape)
+        return dq, dk, dv, d_log_n, None, None, None, None
+
+
+def flash_attention_n(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    softmax_n_param: float | torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    attn_mask: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Attention with softmax_n for any real ``n >= 0`` (see the module docstring).
+
+    Args:
+        query: ``[B, H, L, D]``; key, value: ``[B, H or Hkv, S, D]`` (grouped-query) or
+            ``[B, S, D]`` (shared by all heads).
+        softmax_n_param: ``n``: ``None``/0 (softmax), a float, or a tensor broadcastable to
+            ``[B, H, L, 1]`` (e.g. ``[H, 1, 1]`` per head, learnable).
+        scale: score scale (default ``1/sqrt(D)``).
+        dropout_p: attention dropout (applied by the reference path).
+        attn_mask: SDPA convention (bool True = keep, or float added).
+        attn_bias: additive float bias, e.g. ALiBi ``[H, L, S]``.
+        is_causal: query ``i`` sees keys ``<= i + S - L`` (bottom-right aligned).
+
+    Returns:
+        ``[B, H, L, D]`` in the query's dtype.
+    """
+    if query.dim() != 4:
+        raise ValueError(f"query must be [B, H, L, D], got {tuple(query.shape)}")
+    key, value = _expand_kv(key, query), _expand_kv(value, query)
+    if key.shape[-1] != query.shape[-1] or key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"incompatible shapes: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"value {tuple(value.shape)}"
+        )
+    if not query.device == key.device == value.device:
+        raise ValueError("query, key and value must be on one device")
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if dropout_p > 0:
+        return slow_attention_n(
+            query,
+            key,
+            value,
+            attn_mask,
+            dropout_p,
+            is_causal,
+            scale,
+            softmax_n_param,
+            attn_bias=attn_bias,
+        )
+    log_n = _log_n(softmax_n_param, query)
+    log_n = log_n if isinstance(log_n, torch.Tensor) else torch.tensor(log_n, device=query.device)
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    causal_in_kernel = is_causal and n_q == n_k and attn_mask is None and attn_bias is None
+    bias = None
+    if not causal_in_kernel:
+        bias = attention_bias(n_q, n_k, attn_mask, attn_bias, is_causal, query.device, query.dtype)
+        if bias is not None:
+            bias = bias.expand(query.shape[0], query.shape[1], n_q, n_k)
+    q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
+    kernel = _kernel(q, k, v, bias, causal_in_kernel, scale)
+    if kernel is None:
+        return slow_attention_n(
+            query,
+            key,
+            value,
+            attn_mask,
+            0.0,
+            is_causal,
+            scale,
+            softmax_n_param,
+            attn_bias=attn_bias,
+        )
+    log_n = log_n.to(torch.promote_types(query.dtype, torch.float32))
+    return _FlashAttentionN.apply(q, k, v, log_n, bias, causal_in_kernel, scale, kernel)
+
+
+def softmax_n_attention_fn(n: float | torch.Tensor):
+    """An attention core with SDPA's signature for ``attention_fn`` hooks (SwitchHead, MoEUT,
+    CoLT5): ``fn(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0)``."""
+
+    def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0):
+        return flash_attention_n(
+            q,
+            k,
+            v,
+            softmax_n_param=n,
+            scale=scale,
+            dropout_p=dropout_p,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
+        )
+
+    return attention
