@@ -1,0 +1,116 @@
+"""Benchmark flash_attention_n against SDPA flash attention (CUDA), forward + backward.
+
+    PYTHONPATH=packages/softmax-n/src python3 packages/softmax-n/benchmarks/bench_softmax_n.py
+
+B=8, H=16, D in {64, 128}, L in {1024, 2048, 8192}, causal and not, bf16 and fp16; ours with
+n=1 and n=0.5 against SDPA (n=0) in the same process. Writes JSON and markdown to ``$OUT`` if set,
+else to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from softmax_n import flash_attention_n
+
+
+def measure(fn, q, k, v) -> tuple[float, float]:
+    import triton.testing
+
+    def step():
+        out = fn(q, k, v)
+        out.backward(torch.ones_like(out))
+        q.grad = k.grad = v.grad = None
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"), peak
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the headline shape")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_softmax_n.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    shapes = [(64, 2048, True, torch.bfloat16)]
+    if not args.quick:
+        shapes = [
+            (d, length, causal, dtype)
+            for dtype in (torch.bfloat16, torch.float16)
+            for d in (64, 128)
+            for length in (1024, 2048, 8192)
+            for causal in (True, False)
+        ]
+    rows = []
+    for d, length, causal, dtype in shapes:
+        q, k, v = (
+            torch.randn(8, 16, length, d, device="cuda", dtype=dtype, requires_grad=True)
+            for _ in range(3)
+        )
+        sdpa_ms, sdpa_mib = measure(
+            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
+        )
+        row = {
+            "D": d,
+            "L": length,
+            "causal": causal,
+            "dtype": str(dtype).split(".")[-1],
+            "sdpa_ms": sdpa_ms,
+            "sdpa_mib": sdpa_mib,
+        }
+        for n in (1.0, 0.5):
+            ms, mib = measure(
+                lambda q, k, v, n=n: flash_attention_n(q, k, v, n, is_causal=causal), q, k, v
+            )
+            row[f"n{n}_ms"], row[f"n{n}_mib"], row[f"n{n}_ratio"] = ms, mib, ms / sdpa_ms
+        rows.append(row)
+        del q, k, v
+        torch.cuda.empty_cache()
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "setup": "B=8, H=16, forward+backward, do_bench median",
+    }
+    lines = [
+        f"flash_attention_n, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
+        f"{meta['date']} ({meta['setup']})",
+        "",
+        "| dtype | D | L | causal | SDPA ms | n=1 ms (x SDPA) | n=0.5 ms | peak MiB SDPA / n=1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['dtype']} | {r['D']} | {r['L']} | {r['causal']} | {r['sdpa_ms']:.3f} | "
+            f"{r['n1.0_ms']:.3f} ({r['n1.0_ratio']:.2f}) | {r['n0.5_ms']:.3f} | "
+            f"{r['sdpa_mib']:.0f} / {r['n1.0_mib']:.0f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "softmax_n_quick" if args.quick else "softmax_n"
+    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out_dir / f"{stem}.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
