@@ -12,9 +12,8 @@ run on ``grad * s`` with ``out_n`` in place of its saved output computes exactly
 softmax term plus the term through ``lse``). The gradient of ``log n`` is
 ``-rowsum(grad * out_n) * (1 - s)``.
 
-Kernels: cuDNN's fused attention (head dim <= 128) or PyTorch's flash attention on CUDA
-(fp16/bf16, no mask or bias, head dim a multiple of 8 up to 256, causal only for ``L == S``, no
-dropout) and its CPU flash kernel (any float dtype,
+Kernels: PyTorch's flash attention on CUDA (fp16/bf16, no mask or bias, head dim a multiple of 8
+up to 256, causal only for ``L == S``, no dropout) and its CPU flash kernel (any float dtype,
 masks and biases). Other cases use ``slow_attention_n`` (same results, quadratic memory).
 
 Fully masked rows: ``lse = -inf``, so with ``n > 0`` the row is 0 (and NaN for ``n = 0``, as
@@ -29,21 +28,15 @@ import torch
 
 from .functional import _expand_kv, _log_n, attention_bias, slow_attention_n
 
-# cuDNN's fused attention is the fastest kernel on Hopper; it is used when this torch has it and
-# it accepts the inputs, else PyTorch's flash attention (FlashAttention-2).
-_USE_CUDNN = hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
-
 
 def _kernel(q, k, v, bias, is_causal, scale):
-    """(out0, lse [B, H, L], lse as the kernel returned it, context) or None if none fits."""
-    global _USE_CUDNN
-    rows = q.shape[:-1]
+    """(out0, lse [B, H, L], context for the backward) or None when no kernel fits."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale
         )
-        return out, lse.reshape(rows), lse, ("cpu",)
-    if not (
+        return out, lse, ("cpu",)
+    if (
         q.device.type == "cuda"
         and bias is None
         and q.dtype in (torch.float16, torch.bfloat16)
@@ -52,19 +45,11 @@ def _kernel(q, k, v, bias, is_causal, scale):
         and v.shape[-1] == q.shape[-1]
         and (not is_causal or q.shape[-2] == k.shape[-2])
     ):
-        return None
-    if _USE_CUDNN and q.shape[-1] <= 128:
-        try:
-            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-                q, k, v, None, True, 0.0, is_causal, False, scale=scale
-            )
-            return res[0], res[1].reshape(rows), res[1], ("cudnn", *res[2:8])
-        except (RuntimeError, TypeError):  # not supported by this cuDNN / torch build
-            _USE_CUDNN = False
-    res = torch.ops.aten._scaled_dot_product_flash_attention(
-        q, k, v, 0.0, is_causal, False, scale=scale
-    )
-    return res[0], res[1].reshape(rows), res[1], ("flash", *res[2:8])
+        res = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, is_causal, False, scale=scale
+        )
+        return res[0], res[1], ("flash", *res[2:8])
+    return None
 
 
 def _kernel_backward(ctx_kernel, grad, q, k, v, out, lse, bias, is_causal, scale):
@@ -73,25 +58,6 @@ def _kernel_backward(ctx_kernel, grad, q, k, v, out, lse, bias, is_causal, scale
             grad, q, k, v, out, lse, 0.0, is_causal, attn_mask=bias, scale=scale
         )
     cum_q, cum_k, max_q, max_k, seed, offset = ctx_kernel[1:]
-    if ctx_kernel[0] == "cudnn":
-        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            seed,
-            offset,
-            q.new_empty(0),
-            cum_q,
-            cum_k,
-            max_q,
-            max_k,
-            0.0,
-            is_causal,
-            scale=scale,
-        )
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
         grad,
         q,
@@ -114,9 +80,9 @@ def _kernel_backward(ctx_kernel, grad, q, k, v, out, lse, bias, is_causal, scale
 class _FlashAttentionN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_n, bias, is_causal, scale, kernel):
-        out0, lse_rows, lse, ctx_kernel = kernel
+        out0, lse, ctx_kernel = kernel
         work = torch.promote_types(q.dtype, torch.float32)
-        gate = torch.sigmoid(lse_rows.to(work).unsqueeze(-1) - log_n.to(work))  # [B, H, L, 1]
+        gate = torch.sigmoid(lse.to(work).unsqueeze(-1) - log_n.to(work))  # [B, H, L, 1]
         out = (out0.to(work) * gate).to(out0.dtype)
         ctx.save_for_backward(q, k, v, out, lse, gate, bias if bias is not None else q.new_empty(0))
         ctx.has_bias = bias is not None
