@@ -14,7 +14,7 @@ softmax term plus the term through ``lse``). The gradient of ``log n`` is
 
 Kernels: PyTorch's flash attention on CUDA (fp16/bf16, no mask or bias, head dim a multiple of 8
 up to 256, causal only for ``L == S``, no dropout) and its CPU flash kernel (any float dtype,
-masks and biases). Other cases use ``slow_attention_n`` (same results, quadratic memory).
+masks and biases that need no gradient). Other cases use ``slow_attention_n`` (same results, quadratic memory).
 
 Fully masked rows: ``lse = -inf``, so with ``n > 0`` the row is 0 (and NaN for ``n = 0``, as
 softmax gives).
@@ -31,6 +31,8 @@ from .functional import _expand_kv, _log_n, attention_bias, slow_attention_n
 
 def _kernel(q, k, v, bias, is_causal, scale):
     """(out0, lse [B, H, L], context for the backward) or None when no kernel fits."""
+    if bias is not None and bias.requires_grad:
+        return None  # the kernels give no gradient for a bias (e.g. XL's positional term)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale
