@@ -14,7 +14,8 @@ softmax term plus the term through ``lse``). The gradient of ``log n`` is
 
 Kernels: PyTorch's flash attention on CUDA (fp16/bf16, no mask or bias, head dim a multiple of 8
 up to 256, causal only for ``L == S``, no dropout) and its CPU flash kernel (any float dtype,
-masks and biases that need no gradient). Other cases use ``slow_attention_n`` (same results, quadratic memory).
+masks and biases that need no gradient). Other cases use ``slow_attention_n`` (same results,
+quadratic memory).
 
 Fully masked rows: ``lse = -inf``, so with ``n > 0`` the row is 0 (and NaN for ``n = 0``, as
 softmax gives).
