@@ -85,6 +85,7 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
         "pytest-xdist",
         "hypothesis",
         "numpy",
+        "matplotlib",  # the demo's plots
     )
     session.run(
         "python",

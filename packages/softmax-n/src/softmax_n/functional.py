@@ -62,7 +62,10 @@ def _expand_kv(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     if kv_heads != heads:
         if kv_heads == 0 or heads % kv_heads:
             raise ValueError(f"{kv_heads} key/value heads do not divide {heads} query heads")
-        t = t.repeat_interleave(heads // kv_heads, dim=-3) if kv_heads != 1 else t
+        if kv_heads == 1:
+            t = t.expand(*t.shape[:-3], heads, *t.shape[-2:])
+        else:
+            t = t.repeat_interleave(heads // kv_heads, dim=-3)
     return t
 
 
