@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from switchhead import AttentionMask, SwitchHeadRope, SwitchHeadSelfAttention, SwitchHeadXL
 
 D_MODEL, HEADS, D_HEAD = 24, 3, 10
@@ -98,6 +100,23 @@ def build_mask(kind, b, tq, tk, g):
     ]
 
 
+def check_against_oracle(m, q_src, kv_src, mask, keep, rtol=1e-9):
+    """Output, parameter and input gradients of ``m`` equal the float64 oracle's."""
+    q_src = q_src.clone().requires_grad_()
+    kv_src = q_src if kv_src is None else kv_src.clone().requires_grad_()
+    out, cache = m(q_src, kv_src, kv_src, mask=mask)
+    assert cache is None
+    expected = oracle(m, q_src, kv_src, kv_src, keep)
+    torch.testing.assert_close(out, expected, rtol=rtol, atol=rtol * 0.1)
+    grad = torch.randn_like(out)
+    inputs = list(m.parameters()) + [q_src] + ([kv_src] if kv_src is not q_src else [])
+    names = [n for n, _ in m.named_parameters()] + ["q_src", "kv_src"]
+    grads = torch.autograd.grad(out, inputs, grad)
+    ref_grads = torch.autograd.grad(expected, inputs, grad)
+    for name, g1, g2 in zip(names, grads, ref_grads):
+        torch.testing.assert_close(g1, g2, rtol=rtol * 10, atol=rtol * 0.1, msg=name)
+
+
 @pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
 @pytest.mark.parametrize(("n_experts", "moe_k"), [(1, 1), (4, 1), (4, 2)])
 @pytest.mark.parametrize("mask_kind", MASKS)
@@ -107,16 +126,54 @@ def test_matches_float64_oracle(cls, n_experts, moe_k, mask_kind):
     b, t = 2, 6
     x = torch.randn(b, t, D_MODEL, dtype=torch.float64, generator=g)
     mask, keep = build_mask(mask_kind, b, t, t, g)
-    out, cache = m(x, x, x, mask=mask)
-    assert cache is None
-    x_ref = x.clone()
-    expected = oracle(m, x_ref, x_ref, x_ref, keep)
-    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-10)
-    grad = torch.randn_like(out)
-    grads = torch.autograd.grad(out, list(m.parameters()), grad)
-    ref_grads = torch.autograd.grad(oracle(m, x, x, x, keep), list(m.parameters()), grad)
-    for (name, _), g1, g2 in zip(m.named_parameters(), grads, ref_grads):
-        torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10, msg=name)
+    check_against_oracle(m, x, None, mask, keep)
+
+
+@pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
+@pytest.mark.parametrize("expert_impl", ["dense", "cvmm"])
+@pytest.mark.parametrize("pad_head_dim", [False, True])
+@pytest.mark.parametrize("mask_kind", ["causal", "padding+causal"])
+def test_expert_impl_and_head_padding_match_oracle(cls, expert_impl, pad_head_dim, mask_kind):
+    g = torch.Generator().manual_seed(4)
+    m = make(cls, 4, 2, expert_impl=expert_impl, pad_head_dim=pad_head_dim)
+    assert m.expert_impl == expert_impl
+    assert m.head_size == (16 if pad_head_dim else D_HEAD)
+    x = torch.randn(2, 7, D_MODEL, dtype=torch.float64, generator=g)
+    mask, keep = build_mask(mask_kind, 2, 7, 7, g)
+    check_against_oracle(m, x, None, mask, keep)
+
+
+def test_auto_expert_impl_rule():
+    assert SwitchHeadRope(D_MODEL, 2, 4, moe_k=1).expert_impl == "dense"
+    assert SwitchHeadRope(D_MODEL, 2, 8, moe_k=1).expert_impl == "cvmm"
+    assert SwitchHeadRope(D_MODEL, 2, 8, moe_k=2).expert_impl == "dense"
+    with pytest.raises(ValueError, match="expert_impl"):
+        SwitchHeadRope(D_MODEL, 2, 4, expert_impl="sparse")
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    cls=st.sampled_from([SwitchHeadRope, SwitchHeadXL]),
+    heads=st.integers(1, 3),
+    experts_k=st.sampled_from([(1, 1), (2, 1), (3, 2), (5, 2), (4, 4)]),
+    d_head=st.integers(1, 13),
+    batch=st.integers(1, 2),
+    t_q=st.integers(1, 5),
+    t_k=st.integers(1, 5),
+    impl=st.sampled_from(["dense", "cvmm"]),
+    fraction=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+)
+def test_fuzz_shapes_cross_attention(
+    cls, heads, experts_k, d_head, batch, t_q, t_k, impl, fraction
+):
+    """Random shapes, cross-attention with Tq != Tk, no mask, against the oracle."""
+    n_experts, moe_k = experts_k
+    kw = {"rotate_fraction": fraction} if cls is SwitchHeadRope else {}
+    torch.manual_seed(0)
+    m = cls(D_MODEL, heads, n_experts, d_head=d_head, moe_k=moe_k, expert_impl=impl, **kw).double()
+    q_src = torch.randn(batch, t_q, D_MODEL, dtype=torch.float64)
+    kv = torch.randn(batch, t_k, D_MODEL, dtype=torch.float64)
+    check_against_oracle(m, q_src, kv, AttentionMask(), None, rtol=1e-8)
 
 
 @pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
@@ -238,7 +295,9 @@ def test_attention_fn_hook_is_called_with_sdpa_arguments():
     hooked = make(SwitchHeadRope, 4, 2, attention_fn=recording_sdpa)
     x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
     torch.testing.assert_close(hooked(x, x, x)[0], m(x, x, x)[0])
-    assert calls == [(True, True, 1.0)]  # the causal default reaches the fused path, no mask
+    assert calls == [
+        (True, True, 1 / math.sqrt(D_HEAD))
+    ]  # the causal default reaches the fused path, no mask
 
 
 def test_selection_logits_recorded_only_when_asked():
@@ -271,8 +330,14 @@ def test_bad_inputs_raise():
         m(x, x, x, mask=AttentionMask(position_mask=torch.zeros(4, 5, dtype=torch.bool)))
     with pytest.raises(TypeError, match="boolean"):
         m(x, x, x, mask=AttentionMask(src_length_mask=torch.zeros(2, 5)))
-    with pytest.raises(ValueError, match=r"\[B, T, d_model\]"):
+    with pytest.raises(ValueError, match=r"\[B, T, d_model=24\]"):
         m(x[0], x[0], x[0])
+    with pytest.raises(ValueError, match="d_model=24"):
+        m(x[..., :20], x[..., :20], x[..., :20])
+    with pytest.raises(ValueError, match="equal batch"):
+        m(x, x[:1], x[:1])
+    with pytest.raises(ValueError, match="k/v lengths"):
+        m(x, x, x[:, :3])
     with pytest.raises(ValueError, match="moe_k"):
         SwitchHeadRope(D_MODEL, HEADS, 4, moe_k=5)
 

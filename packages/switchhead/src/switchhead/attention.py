@@ -4,20 +4,44 @@ Each head ``h`` owns ``n_experts`` value matrices ``v[h*E + e]: [d_model, d_head
 matrices ``o[h*E + e]: [d_head, d_model]``. Per token, sigmoid scores (``sel_v`` from the key
 source, ``sel_o`` from the query source) pick the top ``moe_k`` experts of every head; the value
 of a head is the score-weighted sum of its chosen experts' projections, and the output is the
-score-weighted sum over heads and chosen experts. Queries and keys are plain projections. Both
-expert projections run through ``cvmm`` (Triton on CUDA, PyTorch reference elsewhere).
+score-weighted sum over heads and chosen experts. Queries and keys are plain projections.
 
 Interface and parameter names are those of the authors' code, so their state_dicts load with
 ``strict=True``. ``n_experts=1`` is standard attention with a learned sigmoid output gate.
 
-Selection logits: set ``module.record_selection_logits = True`` and every forward stores the raw
-(pre-sigmoid, at least float32) selection logits in ``module.last_selection_logits`` as a dict
-``{"v": [B, Tk, H, E], "o": [B, Tq, H, E]}`` (``"v"`` absent when ``n_experts == 1``), still
-attached to the autograd graph so a regulariser can use them. They are not kept otherwise.
+Expert projections (``expert_impl``):
+
+- ``"dense"``: every expert's projection as one dense matmul, the unchosen ones weighted by 0
+  (exactly the same function and gradients). It does ``n_experts / moe_k`` times the expert
+  FLOPs but in one large cuBLAS matmul each for V and O, with no sort and no host sync.
+- ``"cvmm"``: only the chosen experts, through ``cvmm_kernel.cvmm`` (Triton on CUDA).
+- ``"auto"`` (default): ``"dense"`` while ``n_experts <= DENSE_EXPERT_RATIO * moe_k``, else
+  ``"cvmm"``.
+
+Self-attention (``q_src is k_src is v_src``) runs all input projections (q, k, both selections,
+all value experts) as ONE matmul with the concatenated weights, RoPE on q and k in one pass, and
+both selections' sigmoid/top-k in one pass. The causal default calls the attention core with
+``is_causal=True`` and no mask.
+
+Head padding (``pad_head_dim``): heads whose size is not a multiple of 8 (e.g. 100) are padded
+internally with zero channels (zero weight rows), so the fused attention kernels take them without
+a copy; results are unchanged. ``None`` (default) pads when ``d_head % 8 != 0``.
+
+Selection logits (for entropy regularisers and for inspecting expert choices): set
+``module.record_selection_logits = True`` and every forward stores the raw (pre-sigmoid, float32
+or float64) selection logits in ``module.last_selection_logits`` as a dict
+``{"v": [B, Tk, H, E], "o": [B, Tq, H, E]}`` (``"v"`` absent when ``n_experts == 1``), attached to
+the autograd graph so a regulariser can backpropagate through them. With the flag off (default)
+``last_selection_logits`` is ``None`` and nothing is kept.
 
 KV cache: pass ``kv_cache={}`` to start caching; ``forward`` returns the new cache, a dict with
-``"k"`` and ``"v"`` (``[B, H, T, d_head]``; keys before RoPE). Positions of new tokens continue
-from the cache length (RoPE offset, XL relative positions).
+``"k"`` and ``"v"`` of shape ``[B, H, T, d_head_padded]`` (keys after RoPE, unscaled). New tokens
+continue the positions from the cache length (RoPE offset, XL relative positions).
+
+Attention core (``attention_fn``): any function with SDPA's signature
+``fn(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0)``; q, k, v are
+``[B, H, T, d]``, ``attn_mask`` is boolean ``True`` = keep (or an additive float bias for XL), and
+``scale`` is ``1 / sqrt(d_head)``.
 """
 
 from __future__ import annotations
@@ -35,6 +59,10 @@ from .rope import RotaryEmbedding
 KVCache = dict[str, torch.Tensor] | None
 AttentionFn = Callable[..., torch.Tensor]
 
+# "auto" computes all experts densely while they are at most this many times the chosen ones:
+# on an H100 cuBLAS runs these shapes at ~8x cvmm's TFLOP/s (cvmm-kernel's benchmark table).
+DENSE_EXPERT_RATIO = 4
+
 
 class SwitchHeadCore(torch.nn.Module):
     """Projections, expert selection and KV cache shared by the RoPE and XL variants."""
@@ -49,18 +77,31 @@ class SwitchHeadCore(torch.nn.Module):
         expert_dropout: float = 0.0,
         moe_k: int = 2,
         attention_fn: AttentionFn | None = None,
+        expert_impl: str = "auto",
+        pad_head_dim: bool | None = None,
     ):
         super().__init__()
         if n_experts < 1 or n_heads < 1:
             raise ValueError(f"n_heads and n_experts must be >= 1, got {n_heads}, {n_experts}")
-        if not 1 <= moe_k <= n_experts and n_experts > 1:
+        if n_experts > 1 and not 1 <= moe_k <= n_experts:
             raise ValueError(f"moe_k must be in [1, n_experts={n_experts}], got {moe_k}")
+        if expert_impl not in ("auto", "dense", "cvmm"):
+            raise ValueError(f"expert_impl must be 'auto', 'dense' or 'cvmm', got {expert_impl!r}")
         self.input_size = self.output_size = d_model
         self.n_heads = n_heads
         self.n_experts = n_experts
-        self.moe_k = moe_k
+        self.moe_k = min(moe_k, n_experts)
         self.expert_dropout = expert_dropout
         self.projection_size = d_head or d_model // n_heads
+        if self.projection_size < 1:
+            raise ValueError(f"d_head must be >= 1, got {self.projection_size}")
+        if pad_head_dim is None:
+            pad_head_dim = self.projection_size % 8 != 0
+        self.head_size = -(-self.projection_size // 8) * 8 if pad_head_dim else self.projection_size
+        if expert_impl == "auto":
+            dense = n_experts <= DENSE_EXPERT_RATIO * self.moe_k
+            expert_impl = "dense" if dense else "cvmm"
+        self.expert_impl = expert_impl if n_experts > 1 else "dense"
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         self.attention_fn = attention_fn or F.scaled_dot_product_attention
         self.record_selection_logits = False
@@ -81,8 +122,8 @@ class SwitchHeadCore(torch.nn.Module):
             self.v = torch.nn.Parameter(torch.empty(hd, d_model))
             self.o = torch.nn.Parameter(torch.empty(d_model, hd))
         self.sel_o = torch.nn.Parameter(torch.empty(n_heads * n_experts, d_model))
-        # q and k are each multiplied by sqrt(scale), then attention runs with scale 1.
-        self.qk_scale = (1.0 / math.sqrt(self.projection_size)) ** 0.5
+        # Attention logits are q.k / sqrt(d_head) (the authors scale q and k by its square root).
+        self.scale = 1.0 / math.sqrt(self.projection_size)
 
     @torch.no_grad()
     def reset_parameters(self, init_scale: float = 1.0) -> None:
@@ -98,26 +139,125 @@ class SwitchHeadCore(torch.nn.Module):
         hd = self.n_heads * self.projection_size
         torch.nn.init.normal_(self.o, 0, init_scale / math.sqrt(hd))
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """``[B, T, H * d]`` -> ``[B, H, T, d]`` (a view)."""
-        return x.view(*x.shape[:-1], self.n_heads, -1).transpose(-2, -3)
+    # ----- weights in "rows" form (F.linear), heads padded to head_size -----
 
-    def _select(self, src: torch.Tensor, weight: torch.Tensor) -> tuple[CVMMSel, torch.Tensor]:
-        """Top-k experts per head from sigmoid scores; returns the selection and raw logits."""
-        logits = F.linear(src, weight)  # scores in at least float32, also under autocast
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        logits = logits.view(*logits.shape[:-1], self.n_heads, self.n_experts)
+    def _pad_rows(self, w: torch.Tensor) -> torch.Tensor:
+        """``[G * d_head, d_model]`` -> ``[G * head_size, d_model]`` (zero rows per group)."""
+        pad = self.head_size - self.projection_size
+        if pad == 0:
+            return w
+        return F.pad(w.view(-1, self.projection_size, w.shape[-1]), (0, 0, 0, pad)).flatten(0, 1)
+
+    def _qk_rows(self) -> list[torch.Tensor]:
+        return [self._pad_rows(self.q.weight), self._pad_rows(self.k.weight)]
+
+    def _v_rows(self) -> torch.Tensor:
+        """Value projection rows ``[H * E * head_size, d_model]`` (head-major, then expert)."""
+        if self.n_experts == 1:
+            return self._pad_rows(self.v)
+        pad = self.head_size - self.projection_size
+        v = self.v.transpose(1, 2)  # [H*E, d_head, d_model]
+        return (F.pad(v, (0, 0, 0, pad)) if pad else v).reshape(-1, self.input_size)
+
+    def _o_cols(self) -> torch.Tensor:
+        """Output projection ``[H * E * head_size, d_model]`` for ``A @ W``."""
+        pad = self.head_size - self.projection_size
+        o = self.o if self.n_experts > 1 else self.o.t().view(self.n_heads, -1, self.output_size)
+        return (F.pad(o, (0, 0, 0, pad)) if pad else o).reshape(-1, self.output_size)
+
+    # ----- selection -----
+
+    def _topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``logits [..., E]`` (float) -> sigmoid scores and the top-``moe_k`` indices (``None``
+        when every expert is chosen)."""
         scores = logits.sigmoid()
+        if self.moe_k == self.n_experts and not (self.expert_dropout > 0 and self.training):
+            return scores, None
         with torch.no_grad():
             ranked = scores
             if self.expert_dropout > 0 and self.training:
                 drop = torch.rand_like(scores) < self.expert_dropout
                 ranked = scores.masked_fill(drop, float("-inf"))
             index = ranked.topk(self.moe_k, dim=-1, sorted=False).indices
+        return scores, index
+
+    def _dense_gates(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0."""
+        scores, index = self._topk(logits)
+        if index is None:
+            return scores
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+        return scores * keep
+
+    def _cvmm_sel(self, logits: torch.Tensor) -> CVMMSel:
+        """``logits [..., H, E]`` -> a cvmm selection of the chosen experts of every head."""
+        scores, index = self._topk(logits)
+        if index is None:
+            index = torch.arange(self.n_experts, device=logits.device).expand_as(scores)
         gate = torch.gather(scores, -1, index)
         offsets = torch.arange(self.n_heads, device=index.device) * self.n_experts
-        index = index + offsets.unsqueeze(-1)
-        return cvmm_prepare_sel2(index.flatten(-2, -1), gate), logits
+        return cvmm_prepare_sel2((index + offsets.unsqueeze(-1)).flatten(-2), gate)
+
+    # ----- forward -----
+
+    def _project(self, q_src, k_src, v_src):
+        """Input projections.
+
+        Returns ``q [B, Tq, H, hs]``, ``k [B, Tk, H, hs]`` (before RoPE), ``qk`` (``[B, T, 2, H,
+        hs]`` when q and k come from one source, else ``None``), the selection logits
+        ``{"o": [B, Tq, H, E], "v": [B, Tk, H, E]}`` (float) and the value experts
+        ``[B, Tk, H, E, hs]`` (dense) or ``None`` (cvmm).
+        """
+        h, e, hs = self.n_heads, self.n_experts, self.head_size
+        dense_v = self.expert_impl == "dense"
+        sels = [self.sel_o, self.sel_v] if e > 1 else [self.sel_o]
+        v_rows = [self._v_rows()] if dense_v else []
+        if q_src is k_src and (k_src is v_src or not dense_v):
+            w = torch.cat(self._qk_rows() + sels + v_rows)
+            sizes = [2 * h * hs, len(sels) * h * e] + [r.shape[0] for r in v_rows]
+            parts = torch.split(F.linear(q_src, w), sizes, dim=-1)
+            bt = q_src.shape[:-1]
+            qk = parts[0].view(*bt, 2, h, hs)
+            q, k = qk.unbind(-3)
+            sel = _float(parts[1]).view(*bt, len(sels), h, e).unbind(-3)
+            logits = dict(zip(("o", "v"), sel))
+            v_all = parts[2].view(*bt, h, e, hs) if dense_v else None
+            return q, k, qk, logits, v_all
+        q_rows, k_rows = self._qk_rows()
+        logits = {"o": _float(F.linear(q_src, self.sel_o)).view(*q_src.shape[:-1], h, e)}
+        q = F.linear(q_src, q_rows).view(*q_src.shape[:-1], h, hs)
+        k = F.linear(k_src, k_rows).view(*k_src.shape[:-1], h, hs)
+        if e > 1:
+            logits["v"] = _float(F.linear(k_src, self.sel_v)).view(*k_src.shape[:-1], h, e)
+        v_all = None
+        if dense_v:
+            v_all = F.linear(v_src, v_rows[0]).view(*v_src.shape[:-1], h, e, hs)
+        return q, k, None, logits, v_all
+
+    def _values(self, v_src, v_all, logits) -> torch.Tensor:
+        """Values ``[B, Tk, H, hs]`` from the expert projections and the V selection."""
+        if self.n_experts == 1:
+            return v_all.squeeze(-2)
+        if self.expert_impl == "dense":
+            gates = self._dense_gates(logits["v"]).to(v_all.dtype)
+            return (v_all * gates.unsqueeze(-1)).sum(-2)
+        v = cvmm(v_src, self._cvmm_sel(logits["v"]), self.v)  # [B, Tk, H, d_head]
+        pad = self.head_size - self.projection_size
+        return F.pad(v, (0, pad)) if pad else v
+
+    def _output(self, res: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``res [B, Tq, H, hs]`` -> ``[B, Tq, d_model]`` through the gated output experts."""
+        if self.expert_impl == "cvmm":
+            # Rows of res are (token, head): output position p reads row p // moe_k, and the
+            # reduction sums over heads and chosen experts at once.
+            sel = self._cvmm_sel(logits)
+            gate = sel.reduction_weight
+            sel = sel.with_input_rows_per_group(self.moe_k)
+            sel.reduction_weight = gate.flatten(-2)
+            return cvmm(res[..., : self.projection_size], sel, self.o)
+        gates = self._dense_gates(logits).to(res.dtype)  # [B, Tq, H, E]
+        mixed = res.unsqueeze(-2) * gates.unsqueeze(-1)  # [B, Tq, H, E, hs]
+        return torch.matmul(mixed.flatten(-3), self._o_cols())
 
     def attend(
         self,
@@ -127,8 +267,13 @@ class SwitchHeadCore(torch.nn.Module):
         mask: AttentionMask | None,
         offset: int,
     ) -> torch.Tensor:
-        """Attention core: ``q [B, H, Tq, d]``, ``k, v [B, H, Tk, d]`` -> ``[B, H, Tq, d]``."""
+        """Attention core: ``q [B, H, Tq, hs]``, ``k, v [B, H, Tk, hs]`` -> ``[B, H, Tq, hs]``;
+        query ``i`` is at position ``offset + i``, key ``j`` at ``j``."""
         raise NotImplementedError
+
+    def _position(self, q, k, qk, offset):
+        """Position encoding of q and k before attention (``[B, T, H, hs]``); none by default."""
+        return q, k
 
     def forward(
         self,
@@ -140,8 +285,8 @@ class SwitchHeadCore(torch.nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         """Attend from ``q_src [B, Tq, d_model]`` to ``k_src``/``v_src [B, Tk, d_model]``.
 
-        Queries take positions ``cache_length + i``, keys ``j`` (also for cross-attention with
-        ``Tq != Tk``).
+        Queries take positions ``cache_length + i``, new keys ``cache_length + j`` (also for
+        cross-attention with ``Tq != Tk``).
 
         Args:
             mask: ``None`` = causal (bottom-right aligned over cache + new keys);
@@ -151,49 +296,46 @@ class SwitchHeadCore(torch.nn.Module):
         Returns:
             ``([B, Tq, d_model], cache or None)``.
         """
-        if q_src.dim() != 3 or k_src.dim() != 3 or v_src.shape[:-1] != k_src.shape[:-1]:
+        if (
+            q_src.dim() != 3
+            or k_src.dim() != 3
+            or v_src.shape[:-1] != k_src.shape[:-1]
+            or q_src.shape[0] != k_src.shape[0]
+            or not q_src.shape[-1] == k_src.shape[-1] == v_src.shape[-1] == self.input_size
+        ):
             raise ValueError(
-                "q_src, k_src, v_src must be [B, T, d_model] with equal k/v lengths, got "
-                f"{tuple(q_src.shape)}, {tuple(k_src.shape)}, {tuple(v_src.shape)}"
+                f"q_src, k_src, v_src must be [B, T, d_model={self.input_size}] with equal batch "
+                f"and equal k/v lengths, got {tuple(q_src.shape)}, {tuple(k_src.shape)}, "
+                f"{tuple(v_src.shape)}"
             )
-        q = self.q(q_src) * self.qk_scale
-        k = self.k(k_src) * self.qk_scale
-
-        logits: dict[str, torch.Tensor] = {}
-        if self.n_experts > 1:
-            v_sel, logits["v"] = self._select(k_src, self.sel_v)
-            o_sel, logits["o"] = self._select(q_src, self.sel_o)
-            v = cvmm(v_src, v_sel, self.v).transpose(-2, -3)
-        else:
-            o_gate = torch.sigmoid(F.linear(q_src, self.sel_o))
-            logits["o"] = F.linear(q_src, self.sel_o).unsqueeze(-1)
-            v = self._heads(F.linear(v_src, self.v))
-        self.last_selection_logits = logits if self.record_selection_logits else None
-
-        q = self._heads(q)
-        k = self._heads(k)
         offset = 0
+        if kv_cache is not None and "k" in kv_cache:
+            offset = kv_cache["k"].shape[-2]
+
+        q, k, qk, logits, v_all = self._project(q_src, k_src, v_src)
+        self.last_selection_logits = logits if self.record_selection_logits else None
+        if isinstance(self.dropout, torch.nn.Dropout) and self.training:
+            q, qk = self.dropout(q), None
+        q, k = self._position(q, k, qk, offset)
+        v = self._values(v_src, v_all, logits)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hs]
         if kv_cache is not None:
             if "k" in kv_cache:
-                offset = kv_cache["k"].shape[-2]
                 k = torch.cat([kv_cache["k"], k], dim=-2)
                 v = torch.cat([kv_cache["v"], v], dim=-2)
             kv_cache = {"k": k, "v": v}
 
-        q = self.dropout(q)
-        res = self.attend(q, k, v, mask, offset).transpose(-2, -3)  # [B, Tq, H, d]
+        res = self.attend(q, k, v, mask, offset).transpose(1, 2)  # [B, Tq, H, hs]
+        if self.n_experts == 1:
+            gate = logits["o"].sigmoid().to(res.dtype)  # [B, Tq, H, 1]
+            return torch.matmul((res * gate).flatten(-2), self._o_cols()), kv_cache
+        return self._output(res, logits["o"]), kv_cache
 
-        if self.n_experts > 1:
-            # Rows of res are (token, head): output position p reads row p // moe_k, and the
-            # reduction sums over heads and chosen experts at once.
-            gate = o_sel.reduction_weight
-            o_sel = o_sel.with_input_rows_per_group(self.moe_k)
-            o_sel.reduction_weight = gate.flatten(-2)
-            out = cvmm(res, o_sel, self.o)
-        else:
-            res = res * o_gate.unsqueeze(-1).type_as(res)
-            out = F.linear(res.flatten(-2), self.o)
-        return out, kv_cache
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (selection scores are computed in float32 also under autocast)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _renorm_rows(x: torch.Tensor) -> None:
@@ -213,6 +355,8 @@ class SwitchHeadRope(SwitchHeadCore):
         rope_base: RoPE frequency base.
         attention_fn: SDPA-compatible attention core
             ``fn(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0)``.
+        expert_impl: ``"auto"``, ``"dense"`` or ``"cvmm"`` (see the module docstring).
+        pad_head_dim: pad heads to a multiple of 8 internally (``None``: when needed).
     """
 
     def __init__(
@@ -228,31 +372,45 @@ class SwitchHeadRope(SwitchHeadCore):
         rotate_fraction: float = 0.5,
         rope_base: float = 10000,
         attention_fn: AttentionFn | None = None,
+        expert_impl: str = "auto",
+        pad_head_dim: bool | None = None,
     ):
         super().__init__(
-            d_model, n_heads, n_experts, dropout, d_head, expert_dropout, moe_k, attention_fn
+            d_model,
+            n_heads,
+            n_experts,
+            dropout,
+            d_head,
+            expert_dropout,
+            moe_k,
+            attention_fn,
+            expert_impl,
+            pad_head_dim,
         )
         if not 0.0 <= rotate_fraction <= 1.0:
             raise ValueError(f"rotate_fraction must be in [0, 1], got {rotate_fraction}")
         n_rotate = int(rotate_fraction * self.projection_size)
         self.n_rotate = n_rotate - n_rotate % 2
-        self.pe = RotaryEmbedding(self.n_rotate, rope_base)
+        self.pe = RotaryEmbedding(self.n_rotate, rope_base, self.head_size)
         self.reset_parameters(init_scale)
 
+    def _position(self, q, k, qk, offset):
+        if qk is not None:  # q and k of one source: rotate both in one pass
+            return self.pe(qk, offset, seq_dim=1).unbind(-3)
+        return self.pe(q, offset, seq_dim=1), self.pe(k, offset, seq_dim=1)
+
     def attend(self, q, k, v, mask, offset):
-        q = self.pe(q, offset)
-        k = self.pe(k, 0)
         keep, is_causal = sdpa_mask(mask, q.shape[0], q.shape[-2], k.shape[-2], q.device)
-        return self.attention_fn(q, k, v, attn_mask=keep, is_causal=is_causal, scale=1.0)
+        return self.attention_fn(q, k, v, attn_mask=keep, is_causal=is_causal, scale=self.scale)
 
 
 class SwitchHeadXL(SwitchHeadCore):
     """SwitchHead with Transformer-XL relative positional attention.
 
     The score of query ``i`` (absolute position ``offset + i``) and key ``j`` is
-    ``q_i . k_j + q_i . P(j - offset - i)`` with ``P`` the projected (``pos_to_pk``) sinusoidal
-    embedding of the relative position. The positional term enters the attention core as an
-    additive float mask, so any SDPA-compatible ``attention_fn`` works.
+    ``(q_i . k_j + q_i . P(j - offset - i)) / sqrt(d_head)`` with ``P`` the projected
+    (``pos_to_pk``) sinusoidal embedding of the relative position. The positional term enters the
+    attention core as an additive float mask, so any SDPA-compatible ``attention_fn`` works.
     """
 
     def __init__(
@@ -266,9 +424,20 @@ class SwitchHeadXL(SwitchHeadCore):
         moe_k: int = 2,
         init_scale: float = 1.0,
         attention_fn: AttentionFn | None = None,
+        expert_impl: str = "auto",
+        pad_head_dim: bool | None = None,
     ):
         super().__init__(
-            d_model, n_heads, n_experts, dropout, d_head, expert_dropout, moe_k, attention_fn
+            d_model,
+            n_heads,
+            n_experts,
+            dropout,
+            d_head,
+            expert_dropout,
+            moe_k,
+            attention_fn,
+            expert_impl,
+            pad_head_dim,
         )
         self.pe_size = d_model
         self.pos_to_pk = torch.nn.Parameter(torch.empty(n_heads * self.projection_size, d_model))
@@ -287,30 +456,37 @@ class SwitchHeadXL(SwitchHeadCore):
             torch.arange(0, d, 2, device=positions.device, dtype=dtype) * (-math.log(10000.0) / d)
         )
         angles = positions.to(dtype).unsqueeze(-1) * div
-        pe = torch.zeros(positions.shape[0], d, device=positions.device, dtype=dtype)
-        pe[:, 0::2] = torch.sin(angles)
-        pe[:, 1::2] = torch.cos(angles)[:, : d // 2]
-        return pe
+        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)[:, :d]
 
     def attend(self, q, k, v, mask, offset):
-        n_q, n_k = q.shape[-2], k.shape[-2]
-        # Relative positions j - (offset + i) range over [-(offset + Tq - 1), Tk - 1 - offset].
+        b, h, n_q, hs = q.shape
+        n_k = k.shape[-2]
+        # Relative positions j - (offset + i) run over [lowest, n_k - 1 - offset]; the score of
+        # (i, j) sits at column j - i + n_q - 1 of pos_scores, whatever the offset.
         lowest = -(offset + n_q - 1)
         positions = torch.arange(lowest, n_k - offset, device=q.device)
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        pos = self._sinusoids(positions, dtype) * self.qk_scale
-        pos_k = self._heads(F.linear(pos.to(self.pos_to_pk.dtype), self.pos_to_pk))  # [H, P, d]
-        pos_scores = q @ pos_k.transpose(-2, -1).type_as(q)  # [B, H, Tq, P]
-        rel = (
-            torch.arange(n_k, device=q.device)
-            - torch.arange(n_q, device=q.device).unsqueeze(-1)
-            - offset
-            - lowest
-        )
-        bias = torch.gather(pos_scores, -1, rel.expand(*pos_scores.shape[:-2], n_q, n_k))
-        keep, is_causal = sdpa_mask(mask, q.shape[0], n_q, n_k, q.device)
+        pe = self._sinusoids(positions, dtype) * self.scale
+        pos_k = self._pad_rows(self.pos_to_pk).view(h, hs, -1)  # [H, hs, d_model]
+        pos_k = torch.matmul(pos_k, pe.t().to(pos_k.dtype))  # [H, hs, P]
+        pos_scores = torch.matmul(q, pos_k.to(q.dtype))  # [B, H, Tq, P]
+        bias = _skew(pos_scores, n_k)
+        keep, is_causal = sdpa_mask(mask, b, n_q, n_k, q.device)
         if is_causal:
             keep = causal_keep_mask(n_q, n_k, q.device)
-        if keep is not None:
-            bias = bias.masked_fill(~keep, float("-inf"))
-        return self.attention_fn(q, k, v, attn_mask=bias.to(q.dtype), is_causal=False, scale=1.0)
+        bias = bias.masked_fill(~keep, float("-inf")) if keep is not None else bias.contiguous()
+        return self.attention_fn(q, k, v, attn_mask=bias, is_causal=False, scale=self.scale)
+
+
+def _skew(pos_scores: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """``[..., Tq, Tq + Tk - 1] -> [..., Tq, Tk]``, entry ``(i, j)`` read from column
+    ``j - i + Tq - 1`` (relative position to a key), with views only.
+
+    Row ``i`` of the result starts ``Tq - 1 - i`` columns into row ``i`` of the input, so in the
+    flattened input it starts at ``Tq - 1 + i * (P - 1)``: a view with row stride ``P - 1``.
+    """
+    n_q, n_pos = pos_scores.shape[-2:]
+    if n_q == 1:
+        return pos_scores
+    flat = pos_scores.flatten(-2).narrow(-1, n_q - 1, n_q * (n_pos - 1))
+    return flat.view(*pos_scores.shape[:-2], n_q, n_pos - 1)[..., :n_keys]

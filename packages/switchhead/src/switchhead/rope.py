@@ -1,52 +1,95 @@
-"""Rotary position embedding on the first ``n_rotate`` channels of each head."""
+"""Rotary position embedding on the first ``n_rotate`` channels of each head.
+
+The rotation is written as one permutation and two multiplies,
+``y = x * C + x[..., perm] * S``, with ``C``/``S`` tables that are the identity on the channels
+that are not rotated, so it works for any head size, padded heads included. Its backward is the
+inverse rotation (three kernels), not autograd's slice/cat bookkeeping.
+"""
 
 from __future__ import annotations
 
 import torch
 
 
+class _Rotate(torch.autograd.Function):
+    """``y = x * cos + x[..., perm] * sin``; backward ``g * cos + (g * sin)[..., inv_perm]``."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, perm, inv_perm):
+        ctx.save_for_backward(cos, sin, inv_perm)
+        return torch.addcmul(x * cos, x.index_select(-1, perm), sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin, inv_perm = ctx.saved_tensors
+        grad_x = torch.addcmul(grad * cos, grad.index_select(-1, inv_perm), sin[..., inv_perm])
+        return grad_x, None, None, None, None
+
+
 class RotaryEmbedding(torch.nn.Module):
-    """RoPE with the "rotate half" pairing (channel ``c`` with ``c + n/2``).
+    """RoPE with the "rotate half" pairing (channel ``c`` with ``c + n_rotate/2``).
 
     Args:
-        n_rotate: rotated channels per head (even; the rest pass through unchanged).
-        base: frequency base.
+        n_rotate: rotated channels per head (even; the others pass through unchanged).
+        base: frequency base (channel pair ``c`` turns by ``position * base**(-2c/n_rotate)``).
+        head_size: channels per head (``>= n_rotate``; default ``n_rotate``).
     """
 
-    def __init__(self, n_rotate: int, base: float = 10000.0):
+    def __init__(self, n_rotate: int, base: float = 10000.0, head_size: int | None = None):
         super().__init__()
-        if n_rotate % 2:
-            raise ValueError(f"n_rotate must be even, got {n_rotate}")
+        head_size = n_rotate if head_size is None else head_size
+        if n_rotate % 2 or n_rotate < 0:
+            raise ValueError(f"n_rotate must be even and >= 0, got {n_rotate}")
+        if head_size < n_rotate:
+            raise ValueError(f"head_size {head_size} < n_rotate {n_rotate}")
         self.n_rotate = n_rotate
+        self.head_size = head_size
         self.base = base
+        half = n_rotate // 2
+        perm = list(range(half, n_rotate)) + list(range(half)) + list(range(n_rotate, head_size))
+        inv = [0] * head_size
+        for i, p in enumerate(perm):
+            inv[p] = i
+        self.register_buffer("perm", torch.tensor(perm), persistent=False)
+        self.register_buffer("inv_perm", torch.tensor(inv), persistent=False)
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _cos_sin(self, end: int, device: torch.device, dtype: torch.dtype):
-        """cos/sin tables ``[L, n_rotate]`` for positions ``0..L-1`` with ``L >= end``, cached
-        per device and dtype (grown by doubling), computed in float32 (float64 for float64)."""
+        """``C, S [L, head_size]`` for positions ``0..L-1`` with ``L >= end`` (``S`` carries the
+        sign of the rotation), computed in float32 (float64 for float64), cached per device and
+        dtype and grown by doubling (not cached while compiling)."""
         key = (device, dtype)
         cached = self._tables.get(key)
-        if cached is not None and cached[0].shape[0] >= end and not torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if cached is not None and cached[0].shape[0] >= end and not compiling:
             return cached
         length = max(end, 2 * cached[0].shape[0] if cached is not None else 0)
         work = torch.float64 if dtype == torch.float64 else torch.float32
         channels = torch.arange(0, self.n_rotate, 2, device=device, dtype=work)
         inv_freq = self.base ** (-channels / self.n_rotate)
         angles = torch.outer(torch.arange(length, device=device, dtype=work), inv_freq)
-        angles = torch.cat([angles, angles], dim=-1)
-        tables = (angles.cos().to(dtype), angles.sin().to(dtype))
-        if not torch.compiler.is_compiling():
+        n_rest = self.head_size - self.n_rotate
+        ones = torch.ones(length, n_rest, device=device, dtype=work)
+        cos = torch.cat([angles.cos(), angles.cos(), ones], dim=-1)
+        sin = torch.cat([-angles.sin(), angles.sin(), ones * 0], dim=-1)
+        tables = (cos.to(dtype), sin.to(dtype))
+        if not compiling:
             self._tables[key] = tables
         return tables
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        """Rotate ``x``: ``[..., T, d_head]`` where row ``t`` is at position ``offset + t``."""
+    def forward(self, x: torch.Tensor, offset: int = 0, seq_dim: int = -2) -> torch.Tensor:
+        """Rotate ``x [..., head_size]`` whose index ``t`` along ``seq_dim`` is at position
+        ``offset + t`` (``seq_dim`` counts from the front or, negative, from the back)."""
+        if x.shape[-1] != self.head_size:
+            raise ValueError(f"expected {self.head_size} channels, got {x.shape[-1]}")
         if self.n_rotate == 0:
             return x
-        cos, sin = self._cos_sin(offset + x.shape[-2], x.device, x.dtype)
-        cos = cos[offset : offset + x.shape[-2]]
-        sin = sin[offset : offset + x.shape[-2]]
-        rot, rest = x[..., : self.n_rotate], x[..., self.n_rotate :]
-        half = self.n_rotate // 2
-        rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
-        return torch.cat([rot * cos + rotated_half * sin, rest], dim=-1)
+        seq_dim = seq_dim % x.dim()
+        n = x.shape[seq_dim]
+        cos, sin = self._cos_sin(offset + n, x.device, x.dtype)
+        shape = (n,) + (1,) * (x.dim() - seq_dim - 2) + (self.head_size,)
+        cos = cos[offset : offset + n].view(shape)
+        sin = sin[offset : offset + n].view(shape)
+        perm = self.perm.to(x.device)
+        inv_perm = self.inv_perm.to(x.device)
+        return _Rotate.apply(x, cos, sin, perm, inv_perm)
