@@ -2,6 +2,7 @@
 
     uv run python examples/train_lm.py                 # MoEUT + SwitchHead, CPU-sized defaults
     uv run python examples/train_lm.py --help
+    uv run torchrun --standalone --nproc_per_node 2 examples/train_lm.py   # data parallel (DDP)
 
 By default the corpus is the Python standard library's own source (offline, on any machine).
 Writes to the run folder: checkpoint.pt, loss.png, experts.png, sample.txt, history.json.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -164,6 +166,21 @@ def progress(step: int, total: int, loss: float, tok_s: float, eta: float) -> No
         print(line, file=sys.stderr, flush=True)
 
 
+def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) under torchrun (gloo on CPU, NCCL on CUDA); else (0, 1, device)
+    for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -171,12 +188,22 @@ def main(argv=None) -> dict:
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.profile is None:
         args.profile = "small" if device.type == "cuda" else "tiny"
-    torch.manual_seed(args.seed)
+    rank, world, device = setup_distributed(device)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     corpus = load_corpus(args.data)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    log = print if rank == 0 else (lambda *a, **k: None)
 
     model = build_model(args, corpus.vocab_size).to(device)
+    train_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     history: dict[str, list] = {"train": [], "validation": []}
     start = 0
@@ -186,12 +213,13 @@ def main(argv=None) -> dict:
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
     n_params = sum(p.numel() for p in model.parameters())
-    print(
-        f"{args.attention} MoEUT '{args.profile}' ({n_params / 1e6:.2f}M parameters) on {device}; "
-        f"data {corpus.source} ({corpus.train.numel():,} bytes); run folder {out}"
+    log(
+        f"{args.attention} MoEUT '{args.profile}' ({n_params / 1e6:.2f}M parameters) on {device}"
+        f"{f' x {world} processes' if world > 1 else ''}; data {corpus.source} "
+        f"({corpus.train.numel():,} bytes); run folder {out}"
     )
 
-    gen = torch.Generator().manual_seed(args.seed + start)
+    gen = torch.Generator().manual_seed(args.seed + start + 1000 * rank)  # own batches per rank
     val_gen = torch.Generator().manual_seed(1234)
     schedule = lambda s: args.lr * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))
     t0, tokens_seen = time.time(), 0
@@ -200,55 +228,62 @@ def main(argv=None) -> dict:
             group["lr"] = schedule(step)
         x, y = sample_batch(corpus.train, args.batch_size, args.seq_len, gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            res = model(x.to(device))
+            res = train_model(x.to(device))
             loss = F.cross_entropy(res.outputs.float().flatten(0, 1), y.to(device).flatten())
         opt.zero_grad(set_to_none=True)
         (loss + res.reg_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        tokens_seen += x.numel()
+        tokens_seen += x.numel() * world
         history["train"].append((step, loss.item()))
         elapsed = time.time() - t0
-        progress(
-            step,
-            args.steps,
-            loss.item(),
-            tokens_seen / elapsed,
-            elapsed / (step - start) * (args.steps - step),
-        )
+        if rank == 0:
+            progress(
+                step,
+                args.steps,
+                loss.item(),
+                tokens_seen / elapsed,
+                elapsed / (step - start) * (args.steps - step),
+            )
         if step % args.eval_every == 0 or step == args.steps:
             val = evaluate(model, corpus.val, args, device, val_gen)
             history["validation"].append((step, val))
-            print(
+            log(
                 f"\nstep {step}: validation loss {val:.3f} nats/byte, "
                 f"perplexity {math.exp(val):.2f}",
                 file=sys.stderr,
             )
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "history": history,
-                    "args": vars(args),
-                },
-                out / "checkpoint.pt",
-            )
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "step": step,
+                        "history": history,
+                        "args": vars(args),
+                    },
+                    out / "checkpoint.pt",
+                )
     tok_s = tokens_seen / max(time.time() - t0, 1e-9)
-    print(f"trained {args.steps - start} steps at {tok_s:,.0f} tokens/s")
+    log(f"trained {args.steps - start} steps at {tok_s:,.0f} tokens/s")
+    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
+    print(f"rank {rank} parameter checksum {checksum:.10e}", flush=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank != 0:
+        return {"history": history, "out": out, "tokens_per_s": tok_s, "sample": ""}
 
     plot_losses(history, out / "loss.png")
     plot_expert_usage(expert_usage(model, corpus.val, args, device, val_gen), out / "experts.png")
     prompt = encode("def ").unsqueeze(0).to(device)
-    text = decode(
-        model.generate(
-            prompt,
-            args.sample_tokens,
-            temperature=0.8,
-            top_k=40,
-            generator=torch.Generator(device=device).manual_seed(args.seed),
-        )[0].cpu()
+    sampler = torch.Generator(device=device).manual_seed(args.seed)
+    tokens = model.generate(
+        prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=sampler
     )
+    text = decode(tokens[0].cpu())
     (out / "sample.txt").write_text(text)
     (out / "history.json").write_text(json.dumps(history))
     print("sample:\n" + text)

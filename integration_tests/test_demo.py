@@ -70,3 +70,44 @@ def test_bad_arguments_fail_clearly(demo, tmp_path):
         demo.parse_args(["--steps", "0"])
     with pytest.raises(FileNotFoundError, match="--data"):
         demo.main(["--data", str(tmp_path / "nothing-here"), "--out", str(tmp_path)])
+
+
+def test_data_parallel_run_with_two_cpu_processes(tmp_path):
+    """torchrun with 2 gloo processes: it trains, and both ranks end with identical weights."""
+    import argparse
+    import re
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(DEMO),
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--data",
+        argparse.__file__,
+        "--out",
+        str(tmp_path),
+        "--sample-tokens",
+        "5",
+        "--device",
+        "cpu",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sums = dict(re.findall(r"rank (\d) parameter checksum (\S+)", run.stdout))
+    assert set(sums) == {"0", "1"}
+    assert sums["0"] == sums["1"]  # gradients were averaged: the replicas stayed identical
+    assert "x 2 processes" in run.stdout
+    assert (tmp_path / "checkpoint.pt").is_file()
