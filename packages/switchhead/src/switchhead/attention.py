@@ -13,7 +13,8 @@ Expert projections (``expert_impl``):
 
 - ``"dense"``: every expert's projection as one dense matmul, the unchosen ones weighted by 0
   (exactly the same function and gradients). It does ``n_experts / moe_k`` times the expert
-  FLOPs but in one large cuBLAS matmul each for V and O, with no sort and no host sync.
+  FLOPs but in one large cuBLAS matmul each for V and O, with no sort and no host sync; the
+  gates are applied by the fused ops of :mod:`switchhead.gating` (Triton on CUDA).
 - ``"cvmm"``: only the chosen experts, through ``cvmm_kernel.cvmm`` (Triton on CUDA).
 - ``"auto"`` (default): ``"dense"`` while ``n_experts <= DENSE_EXPERT_RATIO * moe_k``, else
   ``"cvmm"``.
@@ -53,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from cvmm_kernel import CVMMSel, cvmm, cvmm_prepare_sel2
 
+from .gating import gated_expand, gated_sum
 from .masks import AttentionMask, causal_keep_mask, sdpa_mask
 from .rope import RotaryEmbedding
 
@@ -104,6 +106,7 @@ class SwitchHeadCore(torch.nn.Module):
         self.expert_impl = expert_impl if n_experts > 1 else "dense"
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         self.attention_fn = attention_fn or F.scaled_dot_product_attention
+        self.gating_backend: str | None = None  # gated_sum/gated_expand backend (None: by device)
         self.record_selection_logits = False
         self.last_selection_logits: dict[str, torch.Tensor] | None = None
 
@@ -239,8 +242,7 @@ class SwitchHeadCore(torch.nn.Module):
         if self.n_experts == 1:
             return v_all.squeeze(-2)
         if self.expert_impl == "dense":
-            gates = self._dense_gates(logits["v"]).to(v_all.dtype)
-            return (v_all * gates.unsqueeze(-1)).sum(-2)
+            return gated_sum(v_all, self._dense_gates(logits["v"]), self.gating_backend)
         v = cvmm(v_src, self._cvmm_sel(logits["v"]), self.v)  # [B, Tk, H, d_head]
         pad = self.head_size - self.projection_size
         return F.pad(v, (0, pad)) if pad else v
@@ -255,8 +257,8 @@ class SwitchHeadCore(torch.nn.Module):
             sel = sel.with_input_rows_per_group(self.moe_k)
             sel.reduction_weight = gate.flatten(-2)
             return cvmm(res[..., : self.projection_size], sel, self.o)
-        gates = self._dense_gates(logits).to(res.dtype)  # [B, Tq, H, E]
-        mixed = res.unsqueeze(-2) * gates.unsqueeze(-1)  # [B, Tq, H, E, hs]
+        gates = self._dense_gates(logits)  # [B, Tq, H, E]
+        mixed = gated_expand(res, gates, self.gating_backend)  # [B, Tq, H, E, hs]
         return torch.matmul(mixed.flatten(-3), self._o_cols())
 
     def attend(
