@@ -4,9 +4,45 @@ and routed blocks.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .blocks import (
+    Attention,
+    ConditionalRoutedAttention,
+    ConditionalRoutedAutoregressiveAttention,
+    ConditionalRoutedCrossAttention,
+    ConditionalRoutedFeedForward,
+    ConditionalRoutedImageAttention,
+    ConditionalRoutedTransformerBlock,
+    FeedForward,
+)
+from .coor_descent import TopkReturn, coor_descent, coor_descent_reference, topk
+from .coor_descent_triton import triton_coor_descent
+from .local_attention import LocalMHA, local_attention
+from .router import CoordinateDescentRouter, RouterReturn
+from .vit import ConditionalRoutedViT
+
 try:
     __version__ = version("colt5-routing")
 except PackageNotFoundError:  # running from a source tree without installation
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+__all__ = [
+    "Attention",
+    "ConditionalRoutedAttention",
+    "ConditionalRoutedAutoregressiveAttention",
+    "ConditionalRoutedCrossAttention",
+    "ConditionalRoutedFeedForward",
+    "ConditionalRoutedImageAttention",
+    "ConditionalRoutedTransformerBlock",
+    "ConditionalRoutedViT",
+    "CoordinateDescentRouter",
+    "FeedForward",
+    "LocalMHA",
+    "RouterReturn",
+    "TopkReturn",
+    "__version__",
+    "coor_descent",
+    "coor_descent_reference",
+    "local_attention",
+    "topk",
+    "triton_coor_descent",
+]

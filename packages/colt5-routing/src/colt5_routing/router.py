@@ -1,0 +1,183 @@
+"""The CoLT5 coordinate-descent router: picks the tokens a heavy branch processes."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .coor_descent import coor_descent
+
+__all__ = ["CoordinateDescentRouter", "RouterReturn", "gather_tokens", "scatter_tokens"]
+
+
+class RouterReturn(NamedTuple):
+    """``indices [b, (r,) k]``, ``scores [b, (r,) k]`` (straight-through weights),
+    ``routed_tokens [b, (r,) k, d]`` and ``routed_mask [b, (r,) k]`` (``True`` = real token, or
+    ``None`` without an input mask). The ``r`` dimension is dropped for one routing token unless
+    ``keep_one_route_dim``."""
+
+    indices: Tensor
+    scores: Tensor
+    routed_tokens: Tensor
+    routed_mask: Tensor | None
+
+
+def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
+    """``x [b, n, d]`` and ``indices [b, ..., k]`` -> ``[b, ..., k, d]``."""
+    b, _, d = x.shape
+    flat = indices.reshape(b, -1, 1).expand(-1, -1, d)
+    return x.gather(1, flat).reshape(*indices.shape, d)
+
+
+def scatter_tokens(values: Tensor, indices: Tensor, n: int, base: Tensor | None = None) -> Tensor:
+    """Sum ``values [b, ..., k, d]`` into ``[b, n, d]`` at ``indices [b, ..., k]`` (onto base)."""
+    b, d = values.shape[0], values.shape[-1]
+    out = values.new_zeros(b, n, d) if base is None else base
+    flat = indices.reshape(b, -1, 1).expand(-1, -1, d)
+    return out.scatter_add(1, flat, values.reshape(b, -1, d))
+
+
+class CoordinateDescentRouter(nn.Module):
+    """Scores tokens against ``num_routing_tokens`` routing vectors and selects ``num_tokens``
+    per routing token with a differentiable top-k (coordinate descent).
+
+    Argument names follow ``colt5_attention.CoordinateDescentRouter``. ``route_block_size`` routes
+    within blocks of that many tokens (``num_tokens`` per block). ``use_triton`` picks the Triton
+    kernels (CUDA); ``None`` dispatches by device.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        straight_through: bool = True,
+        n_iters: int = 20,
+        fetch_k_ratio: float = 9 / 8,
+        eps: float = 0.03,
+        eps_decay: float = 0.7,
+        eps_init: float = 4.0,
+        num_routing_tokens: int = 1,
+        learned_routing_tokens: bool = False,
+        use_triton: bool | None = None,
+        cosine_sim_routing: bool = False,
+        cosine_sim_scale: float = 8.0,
+        route_block_size: int | None = None,
+        triton_checkpoint_segments: int | None = None,
+    ) -> None:
+        super().__init__()
+        if fetch_k_ratio < 1:
+            raise ValueError("fetch_k_ratio must be >= 1")
+        self.dim = dim
+        self.straight_through = straight_through
+        self.n_iters = n_iters
+        self.fetch_k_ratio = fetch_k_ratio
+        self.eps, self.eps_decay, self.eps_init = eps, eps_decay, eps_init
+        self.num_routing_tokens = num_routing_tokens
+        self.learned_routing_tokens = learned_routing_tokens
+        self.use_triton = use_triton
+        self.cosine_sim_routing = cosine_sim_routing
+        self.cosine_sim_scale = cosine_sim_scale
+        self.route_block_size = route_block_size
+        self.triton_checkpoint_segments = triton_checkpoint_segments or 1
+        self.routing_token = (
+            None if learned_routing_tokens else nn.Parameter(torch.randn(num_routing_tokens, dim))
+        )
+
+    def _backend(self, x: Tensor) -> str:
+        if self.use_triton is None:
+            return "triton" if x.is_cuda else "reference"
+        return "triton" if self.use_triton else "reference"
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        num_tokens: int,
+        mask: Tensor | None = None,
+        random_route: bool = False,
+        routing_tokens: Tensor | None = None,
+        keep_one_route_dim: bool = False,
+    ) -> RouterReturn:
+        """Route ``x [b, n, d]``; ``mask [b, n]`` is ``True`` for real tokens. With
+        ``learned_routing_tokens`` pass ``routing_tokens [b, r, d]``."""
+        if x.ndim != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [batch, seq, {self.dim}], got {tuple(x.shape)}")
+        b, n, d = x.shape
+        if mask is not None and (mask.shape != (b, n) or mask.dtype != torch.bool):
+            raise ValueError(f"mask must be a bool tensor of shape {(b, n)}")
+        blocked = self.route_block_size is not None
+        if blocked:
+            w = self.route_block_size
+            pad = (-n) % w
+            if pad:
+                x = F.pad(x, (0, 0, 0, pad))
+                mask = F.pad(
+                    mask if mask is not None else x.new_ones(b, n, dtype=torch.bool),
+                    (0, pad),
+                    value=False,
+                )
+            nb = x.shape[1] // w
+            x = x.reshape(b * nb, w, d)
+            mask = None if mask is None else mask.reshape(b * nb, w)
+        seq = x.shape[1]
+        if not 0 < num_tokens <= seq:
+            raise ValueError(f"num_tokens must be in [1, {seq}], got {num_tokens}")
+
+        if self.learned_routing_tokens:
+            if routing_tokens is None:
+                raise ValueError("routing_tokens [b, r, d] are required (learned_routing_tokens)")
+            rt = routing_tokens
+            if blocked:
+                rt = rt.repeat_interleave(x.shape[0] // b, dim=0)
+        else:
+            rt = self.routing_token.unsqueeze(0).expand(x.shape[0], -1, -1)
+        if self.cosine_sim_routing:
+            scores = torch.einsum("bnd,brd->brn", F.normalize(x, dim=-1), F.normalize(rt, dim=-1))
+            scores = scores * self.cosine_sim_scale
+        else:
+            scores = torch.einsum("bnd,brd->brn", x, rt)
+        r = scores.shape[1]
+        if random_route:
+            scores = torch.randn_like(scores)
+
+        score_mask = None
+        k: float | Tensor = min(num_tokens * self.fetch_k_ratio, seq)
+        if mask is not None:
+            score_mask = mask.unsqueeze(1).expand(-1, r, -1)
+            # never ask a row for more weight than it has real tokens
+            k = score_mask.sum(-1).float().clamp(min=1.0).clamp(max=float(k))
+        weights = coor_descent(
+            scores,
+            n_iters=self.n_iters,
+            k=k,
+            eps=self.eps,
+            eps_init=self.eps_init,
+            eps_decay=self.eps_decay,
+            mask=score_mask,
+            backend=self._backend(x),
+            checkpoint_segments=self.triton_checkpoint_segments,
+        )
+        selected, indices = weights.topk(num_tokens, dim=-1)
+        if self.straight_through:
+            selected = selected + (1.0 - selected).detach()
+        routed = gather_tokens(x, indices)  # [B, r, k, d]
+        routed_mask = None if score_mask is None else score_mask.gather(-1, indices)
+        if blocked:
+            nb = x.shape[0] // b
+            offsets = torch.arange(nb, device=x.device).view(1, nb, 1, 1) * self.route_block_size
+            indices = (indices.view(b, nb, r, num_tokens) + offsets).permute(0, 2, 1, 3)
+            indices = indices.reshape(b, r, nb * num_tokens)
+            selected = selected.view(b, nb, r, num_tokens).permute(0, 2, 1, 3).reshape(b, r, -1)
+            routed = routed.view(b, nb, r, num_tokens, d).permute(0, 2, 1, 3, 4)
+            routed = routed.reshape(b, r, nb * num_tokens, d)
+            if routed_mask is not None:
+                routed_mask = routed_mask.view(b, nb, r, num_tokens).permute(0, 2, 1, 3)
+                routed_mask = routed_mask.reshape(b, r, -1)
+        if routed_mask is not None:
+            selected = selected * routed_mask  # padding / masked picks carry no weight
+        if r == 1 and not keep_one_route_dim:
+            indices, selected, routed = indices[:, 0], selected[:, 0], routed[:, 0]
+            routed_mask = None if routed_mask is None else routed_mask[:, 0]
+        return RouterReturn(indices, selected, routed, routed_mask)

@@ -1,0 +1,161 @@
+"""coor_descent / topk: properties of the reference, Triton vs reference (interpret and GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from colt5_routing import coor_descent, coor_descent_reference, topk, triton_coor_descent
+from colt5_routing.coor_descent import eps_schedule
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+KW = dict(n_iters=12, eps=0.1, eps_init=2.0, eps_decay=0.7)
+
+
+def test_eps_schedule_scales_down_to_eps():
+    sched = eps_schedule(4, 0.1, 1.0, 0.5)
+    assert sched == [1.0, 0.5, 0.25, 0.125, 0.1]
+    with pytest.raises(ValueError):
+        eps_schedule(0, 0.1, None, 1.0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    n=st.integers(1, 70),
+    k_frac=st.floats(0.05, 0.9),
+    masked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_reference_properties(rows, n, k_frac, masked, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(rows, n, generator=g, dtype=torch.float64)
+    mask = torch.rand(rows, n, generator=g) > 0.3 if masked else None
+    k = max(k_frac * n, 0.5)
+    out = coor_descent_reference(
+        s, k=k, n_iters=300, eps=0.05, eps_init=2.0, eps_decay=0.8, mask=mask
+    )
+    assert ((out >= 0) & (out <= 1 + 1e-9)).all()
+    valid = mask.sum(-1) if mask is not None else torch.full((rows,), n)
+    if mask is not None:
+        assert (out[~mask] == 0).all()
+    # rows sum to ~k where k < number of valid entries (weights are capped at 1)
+    ok = valid.double() > k + 1
+    target = torch.full((rows,), k, dtype=torch.float64)
+    torch.testing.assert_close(out.sum(-1)[ok], target[ok], rtol=0.05, atol=0.05)
+    # monotone: larger score, larger (or equal) weight within a row
+    for r in range(rows):
+        keep = mask[r] if mask is not None else torch.ones(n, dtype=torch.bool)
+        order = s[r][keep].argsort()
+        assert (out[r][keep][order].diff() >= -1e-9).all()
+
+
+def test_per_row_k_and_fully_masked_row():
+    s = torch.randn(3, 40, dtype=torch.float64)
+    k = torch.tensor([2.0, 5.0, 10.0], dtype=torch.float64)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[1] = False
+    out = coor_descent_reference(
+        s, k=k, mask=mask, n_iters=300, eps=0.05, eps_init=2.0, eps_decay=0.8
+    )
+    assert torch.isfinite(out).all()
+    assert (out[1] == 0).all()
+    torch.testing.assert_close(out[[0, 2]].sum(-1), k[[0, 2]], rtol=0.05, atol=0.05)
+
+
+def test_bad_inputs_raise():
+    s = torch.randn(2, 8)
+    with pytest.raises(ValueError):
+        coor_descent(s, k=2, n_iters=5, mask=torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        coor_descent(s, k=2, n_iters=5, mask=torch.ones(2, 8))
+    with pytest.raises(ValueError):
+        coor_descent(s, k=0, n_iters=5)
+    with pytest.raises(ValueError):
+        coor_descent(s, k=2, n_iters=5, backend="cuda-magic")
+    with pytest.raises(ValueError):
+        topk(s, 9)
+
+
+def test_topk_straight_through_gates():
+    x = torch.randn(2, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x.requires_grad_()
+    ret = topk(x, 4, n_iters=50, eps=0.2)
+    torch.testing.assert_close(ret.gates, torch.ones_like(ret.gates))
+    assert torch.equal(ret.indices.sort(-1).values, x.topk(4).indices.sort(-1).values)
+    torch.testing.assert_close(ret.values, x.gather(-1, ret.indices))
+    ret.coor_descent_values.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    nd = topk(x, 3, non_differentiable=True)
+    assert nd.gates is None and torch.equal(nd.values, x.topk(3).values)
+
+
+def _compare(device, rows, n, masked, k, dtype=torch.float32, full_mask_row=False, **kw):
+    torch.manual_seed(rows * 1000 + n)
+    s64 = torch.randn(rows, n, dtype=torch.float64, device=device) * 2
+    mask = None
+    if masked:
+        mask = torch.rand(rows, n, device=device) > 0.4
+        if full_mask_row:
+            mask[0] = False
+    kw = {**KW, **kw}
+    s64.requires_grad_()
+    ref = coor_descent_reference(s64, k=k, mask=mask, **kw)
+    s = s64.detach().to(dtype).requires_grad_()
+    out = triton_coor_descent(s, k=k, mask=mask, **kw)
+    assert out.dtype == dtype and out.shape == s.shape
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out.double(), ref.detach(), **tol)
+    g = torch.randn_like(ref)
+    (gr,) = torch.autograd.grad(ref, s64, g)
+    (gt,) = torch.autograd.grad(out, s, g.to(dtype))
+    scale = gr.abs().max().clamp(min=1.0)
+    torch.testing.assert_close(gt.double() / scale, gr / scale, **tol)
+    if mask is not None:
+        assert (out[~mask] == 0).all() and (gt[~mask] == 0).all()
+
+
+CASES = [
+    (3, 37, False, 5.0),
+    (2, 300, True, 20.0),  # > one block of the small-block interpreter run
+    (2, 64, True, 4.0),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("rows", "n", "masked", "k"), CASES)
+def test_triton_matches_reference_interpret(rows, n, masked, k, monkeypatch):
+    import importlib
+
+    tcd = importlib.import_module("colt5_routing.coor_descent_triton")
+
+    monkeypatch.setattr(tcd, "_block", lambda n: 64)  # several blocks per row on small rows
+    _compare("cpu", rows, n, masked, k)
+
+
+@pytest.mark.interpret
+def test_triton_fully_masked_row_and_per_row_k_interpret():
+    _compare("cpu", 3, 50, True, torch.tensor([3.0, 4.0, 5.0]), full_mask_row=True)
+
+
+@pytest.mark.interpret
+def test_triton_dispatch_interpret():
+    s = torch.randn(2, 20)
+    out = coor_descent(s, k=3, n_iters=5, backend="triton")
+    torch.testing.assert_close(out, coor_descent(s, k=3, n_iters=5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("rows", "n", "masked", "k"), [*CASES, (4, 5000, True, 300.0), (2, 200_000, False, 1000.0)]
+)
+def test_triton_matches_reference_gpu(rows, n, masked, k):
+    _compare("cuda", rows, n, masked, k)
+
+
+@pytest.mark.gpu
+def test_triton_gpu_fully_masked_bf16():
+    _compare(
+        "cuda", 3, 1000, True, torch.tensor([3.0, 4.0, 5.0], device="cuda"), full_mask_row=True
+    )
+    _compare("cuda", 4, 3000, False, 64.0, dtype=torch.bfloat16)
