@@ -159,3 +159,19 @@ def test_triton_gpu_fully_masked_bf16():
         "cuda", 3, 1000, True, torch.tensor([3.0, 4.0, 5.0], device="cuda"), full_mask_row=True
     )
     _compare("cuda", 4, 3000, False, 64.0, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_triton_compile_fullgraph_gpu():
+    s = torch.randn(4, 3000, device="cuda", requires_grad=True)
+    fn = torch.compile(
+        lambda x: triton_coor_descent(x, k=30.0, n_iters=8, eps_init=2.0, eps_decay=0.7),
+        fullgraph=True,
+    )
+    out = fn(s)
+    eager = triton_coor_descent(s, k=30.0, n_iters=8, eps_init=2.0, eps_decay=0.7)
+    torch.testing.assert_close(out, eager)
+    g = torch.randn_like(out)
+    (g1,) = torch.autograd.grad(out, s, g)
+    (g2,) = torch.autograd.grad(eager, s, g)
+    torch.testing.assert_close(g1, g2)

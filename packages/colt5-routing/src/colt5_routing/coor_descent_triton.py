@@ -127,11 +127,16 @@ if HAS_TRITON:
             ga = -tl.sum(acc, axis=0)
 
 
+# launch configuration: rows up to WHOLE_ROW elements are held in one block, longer rows are
+# streamed in blocks of BLOCK elements (the benchmark tunes these on the GPU)
+CONFIG = {"max_block": 2048, "num_warps": 8}
+
+
 def _block(n: int) -> int:
-    return max(16, min(2048, triton.next_power_of_2(n)))
+    return max(16, min(CONFIG["max_block"], triton.next_power_of_2(n)))
 
 
-def _forward(s: Tensor, mask: Tensor | None, logk: Tensor, eps: Tensor, n_iters: int):
+def _forward_impl(s: Tensor, mask: Tensor | None, logk: Tensor, eps: Tensor, n_iters: int):
     rows, n = s.shape
     out = torch.empty_like(s)
     a_hist = torch.empty((n_iters, rows), device=s.device, dtype=torch.float32)
@@ -140,36 +145,69 @@ def _forward(s: Tensor, mask: Tensor | None, logk: Tensor, eps: Tensor, n_iters:
         m = mask if mask is not None else s  # dummy pointer when HAS_MASK is False
         _coor_fwd_kernel[(rows,)](
             s, m, logk, eps, out, a_hist, lse_hist, n, rows, n_iters,
-            HAS_MASK=mask is not None, BLOCK=_block(n), num_warps=8,
+            HAS_MASK=mask is not None, BLOCK=_block(n), num_warps=CONFIG["num_warps"],
         )  # fmt: skip
     return out, a_hist, lse_hist
 
 
-def _backward(s, mask, eps, a_hist, lse_hist, grad_out, n_iters: int) -> Tensor:
+def _backward_impl(s, mask, eps, a_hist, lse_hist, grad_out, n_iters: int) -> Tensor:
     rows, n = s.shape
     gs = torch.empty((rows, n), device=s.device, dtype=torch.float32)
     if rows > 0:
         m = mask if mask is not None else s
         _coor_bwd_kernel[(rows,)](
             s, m, eps, a_hist, lse_hist, grad_out.contiguous(), gs, n, rows, n_iters,
-            HAS_MASK=mask is not None, BLOCK=_block(n), num_warps=8,
+            HAS_MASK=mask is not None, BLOCK=_block(n), num_warps=CONFIG["num_warps"],
         )  # fmt: skip
     return gs.to(s.dtype)
 
 
-class _CoorDescentFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, mask, logk, eps, n_iters):
-        out, a_hist, lse_hist = _forward(s, mask, logk, eps, n_iters)
-        ctx.save_for_backward(s, mask, eps, a_hist, lse_hist)
-        ctx.n_iters = n_iters
-        return out
+# custom ops: torch.compile(fullgraph=True) traces through them; autograd is registered below
+@torch.library.custom_op("colt5_routing::coor_descent_fwd", mutates_args=())
+def _coor_fwd_op(
+    s: Tensor, mask: Tensor | None, logk: Tensor, eps: Tensor, n_iters: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward_impl(s, mask, logk, eps, n_iters)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        s, mask, eps, a_hist, lse_hist = ctx.saved_tensors
-        gs = _backward(s, mask, eps, a_hist, lse_hist, grad_out, ctx.n_iters)
-        return gs, None, None, None, None
+
+@_coor_fwd_op.register_fake
+def _(s, mask, logk, eps, n_iters):
+    hist = s.new_empty((n_iters, s.shape[0]), dtype=torch.float32)
+    return torch.empty_like(s), hist, torch.empty_like(hist)
+
+
+@torch.library.custom_op("colt5_routing::coor_descent_bwd", mutates_args=())
+def _coor_bwd_op(
+    s: Tensor,
+    mask: Tensor | None,
+    eps: Tensor,
+    a_hist: Tensor,
+    lse_hist: Tensor,
+    grad_out: Tensor,
+    n_iters: int,
+) -> Tensor:
+    return _backward_impl(s, mask, eps, a_hist, lse_hist, grad_out, n_iters)
+
+
+@_coor_bwd_op.register_fake
+def _(s, mask, eps, a_hist, lse_hist, grad_out, n_iters):
+    return torch.empty_like(s)
+
+
+def _setup_context(ctx, inputs, output):
+    s, mask, _, eps, n_iters = inputs
+    _, a_hist, lse_hist = output
+    ctx.save_for_backward(s, mask, eps, a_hist, lse_hist)
+    ctx.n_iters = n_iters
+
+
+def _op_backward(ctx, grad_out, _grad_a, _grad_lse):
+    s, mask, eps, a_hist, lse_hist = ctx.saved_tensors
+    gs = _coor_bwd_op(s, mask, eps, a_hist, lse_hist, grad_out, ctx.n_iters)
+    return gs, None, None, None, None
+
+
+_coor_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def triton_coor_descent(
@@ -204,5 +242,5 @@ def triton_coor_descent(
     m2 = None if mask is None else mask.reshape(-1, n).contiguous().view(torch.int8)
     logk = kt.reshape(-1).log().contiguous()
     eps_t = torch.tensor(epsilons, dtype=torch.float32, device=s.device)
-    out = _CoorDescentFn.apply(s2, m2, logk, eps_t, n_iters)
+    out = _coor_fwd_op(s2, m2, logk, eps_t, n_iters)[0]
     return out.reshape(shape)
