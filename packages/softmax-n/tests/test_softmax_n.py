@@ -195,3 +195,120 @@ def test_cuda_flash_kernel_matches_reference(dtype, causal):
     want = torch.autograd.grad(expected, (q, k, v, n), g.double())
     for a, b in zip(got, want):
         assert (a.double() - b).norm() / b.norm() < 2e-2
+
+
+def test_softmax_n_huge_and_tiny_logits_with_tensor_n():
+    x = torch.tensor([[1e4, 1e4 - 1.0], [-1e4, -1e4 - 1.0], [30.0, -30.0]], dtype=torch.float32)
+    n = torch.tensor([[1.0], [math.exp(-1e4 + 1e4)], [1e-3]])
+    out = softmax_n(x, n)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], torch.softmax(x[0], -1))  # n negligible
+    assert torch.all(out[1] < 1e-30)  # n dominates
+    torch.testing.assert_close(out[2].double(), direct_softmax_n(x[2:], 1e-3)[0])
+
+
+def test_softmax_n_gradient_in_n_is_finite_at_zero():
+    x = torch.randn(4, 6, dtype=torch.float64)
+    n = torch.zeros(4, 1, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(softmax_n(x, n).sum(), (n,))
+    e = x.exp()
+    torch.testing.assert_close(g[:, 0], -(e.sum(-1) / e.sum(-1) ** 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_flash_matches_reference_per_dtype(dtype):
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in inputs(length=9, s=9, d=16))
+    out = flash_attention_n(q, k, v, 1.0, is_causal=True)
+    assert out.dtype == dtype
+    expected = reference_attention(q, k, v, 1.0, torch.ones(9, 9, dtype=torch.bool).tril())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert ((out.double() - expected).norm() / expected.norm()).item() < tol
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(expected, (q, k, v), g.double())
+    for a, b in zip(got, want):
+        assert ((a.double() - b).norm() / b.norm()).item() < 5 * tol
+
+
+@pytest.mark.parametrize("fn", FUNCTIONS)
+def test_causal_longer_queries_mask_leading_rows(fn):
+    q, k, v = inputs(length=7, s=4)  # query i sees keys <= i - 3: rows 0..2 see nothing
+    n = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64).view(3, 1, 1).requires_grad_()
+    out = call(fn, q, k, v, n, is_causal=True)
+    keep = torch.ones(7, 4, dtype=torch.bool).tril(-3)
+    expected = reference_attention(q, k, v, n, keep)
+    torch.testing.assert_close(out, expected)
+    assert torch.all(out[:, :, :3] == 0)
+    got = torch.autograd.grad(out.sum(), (q, k, v, n))
+    want = torch.autograd.grad(expected.sum(), (q, k, v, n))
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+
+
+def test_fully_masked_rows_with_n_zero_are_nan():
+    q, k, v = inputs()
+    keep = torch.ones(5, 7, dtype=torch.bool)
+    keep[1] = False
+    for fn in FUNCTIONS:
+        out = call(fn, q, k, v, 0.0, attn_mask=keep)
+        assert torch.isnan(out[:, :, 1]).all() and torch.isfinite(out[:, :, 0]).all()
+
+
+def test_gradient_in_n_at_zero_is_finite():
+    q, k, v = inputs()
+    n = torch.zeros(3, 1, 1, dtype=torch.float64, requires_grad=True)
+    (got,) = torch.autograd.grad(flash_attention_n(q, k, v, n).sum(), (n,))
+    m = torch.zeros(3, 1, 1, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(reference_attention(q, k, v, m).sum(), (m,))
+    torch.testing.assert_close(got, want)
+
+
+def test_bad_inputs_raise_before_computing():
+    q, k, v = inputs()
+    with pytest.raises(ValueError, match="query must be"):
+        flash_attention_n(q[0], k, v)
+    with pytest.raises(ValueError, match="head dim"):
+        flash_attention_n(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="dtype"):
+        flash_attention_n(q, k.float(), v)
+    with pytest.raises(ValueError, match="n >= 0"):
+        flash_attention_n(q, k, v, -0.5)
+    with pytest.raises(ValueError, match="broadcast"):
+        flash_attention_n(q, k, v, torch.ones(4, 1, 1))
+    with pytest.raises(ValueError, match="do not divide"):
+        flash_attention_n(inputs(h=4)[0], k, v)
+    with pytest.raises(ValueError, match="backend"):
+        flash_attention_n(q, k, v, backend="cuda")
+    with pytest.raises(ValueError, match=r"Triton kernel (needs CUDA|takes)"):
+        flash_attention_n(q, k, v, backend="triton")
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    q, k, v = inputs(length=6, s=6, dtype=torch.float32)
+    n = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1).requires_grad_()
+    compiled = torch.compile(
+        lambda q, k, v, n: flash_attention_n(q, k, v, n, is_causal=True),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    out = compiled(q, k, v, n)
+    keep = torch.ones(6, 6, dtype=torch.bool).tril()
+    expected = reference_attention(q, k, v, n, keep)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(out.sum(), (q, k, v, n))
+    want = torch.autograd.grad(expected.sum(), (q, k, v, n))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_custom_op_passes_opcheck():
+    from softmax_n.ops import attention_fwd
+
+    q, k, v = (t.detach().float().requires_grad_() for t in inputs(length=6, s=6))
+    n = torch.full((2, 3, 6), 0.5, requires_grad=True)
+    torch.library.opcheck(
+        attention_fwd,
+        (q, k, v, n, None, True, 0.3, "cpu"),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )

@@ -35,11 +35,16 @@ def attention_fwd(
     if kernel == "triton":
         return _triton().attention_fwd(q, k, v, n.contiguous(), is_causal, scale)
     out, lse = fused.forward(kernel, q, k, v, bias, is_causal, scale)
-    lse_n = torch.logaddexp(lse, torch.log(n.to(lse.dtype)))
+    log_n = torch.log(n.to(lse.dtype))
+    if bias is not None:
+        # kernels disagree on fully masked rows (lse 0 or -inf, out 0 or NaN): fix them here
+        lse = lse.masked_fill(torch.isneginf(bias).all(-1), float("-inf"))
+    lse_n = torch.logaddexp(lse, log_n).contiguous()
     gate = torch.exp(lse - lse_n)  # = sigmoid(lse - log n); NaN where lse = log n = -inf
     out = out.mul_(gate.unsqueeze(-1).to(out.dtype))  # out is the kernel's fresh output
-    if bias is not None:  # a fully masked row with n > 0 is 0 even where the kernel gave NaN
+    if bias is not None:  # fully masked rows: 0 for n > 0 (NaN for n = 0, as softmax)
         out = out.masked_fill_((gate == 0).unsqueeze(-1), 0.0)
+        out = out.masked_fill_(gate.isnan().unsqueeze(-1), float("nan"))
     return out, lse_n
 
 
