@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from switchhead.gating import gated_expand, gated_sum
+from switchhead.topk_gates import topk_gates
 
 
 def strided(shape, dtype, device="cpu", seed=0):
@@ -100,3 +101,68 @@ def test_triton_interpreter(m, h, e, d, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_cuda(m, h, e, d, dtype):
     compare(None, m, h, e, d, dtype, "cuda", tol=1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def gates_oracle(logits, k):
+    """float64: sigmoid of the k largest logits per row (no ties in random data), else 0."""
+    s = logits.double().sigmoid()
+    kth = s.sort(-1, descending=True).values[..., k - 1 : k]
+    return s * (s >= kth)
+
+
+def check_topk_gates(backend, shape, k, dtype, device="cpu", tol=1e-9):
+    g = torch.Generator().manual_seed(k)
+    big = torch.randn(shape[0], shape[1] + 1, shape[2] * 2, generator=g, dtype=torch.float64)
+    if dtype == torch.bfloat16:  # distinct per row (bf16 rounding would make ties)
+        ranks = torch.rand(big.shape, generator=g).argsort(-1).double()
+        big = ranks * 0.5 - big.shape[-1] / 4
+    logits = (big[:, 1:, ::2] * 3).to(device=device, dtype=dtype).requires_grad_()  # strided
+    gates = topk_gates(logits, k, backend)
+    assert gates.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want_logits = logits.detach().double().requires_grad_()
+    want = gates_oracle(want_logits, k)
+    torch.testing.assert_close(gates.double().cpu(), want.cpu(), rtol=tol, atol=tol)
+    assert ((gates > 0).sum(-1) == k).all()
+    grad = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    (got,) = torch.autograd.grad(gates, logits, grad.to(device=device, dtype=gates.dtype))
+    (ref,) = torch.autograd.grad(want, want_logits, grad)
+    assert got.dtype == logits.dtype
+    torch.testing.assert_close(got.double().cpu(), ref.cpu(), rtol=tol, atol=tol)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    rows=st.integers(1, 7),
+    groups=st.integers(1, 5),
+    e_k=st.sampled_from([(1, 1), (4, 2), (5, 5), (9, 3)]),
+)
+def test_topk_gates_reference(rows, groups, e_k):
+    check_topk_gates("reference", (rows, groups, e_k[0]), e_k[1], torch.float64)
+
+
+def test_topk_gates_errors_and_compile():
+    logits = torch.randn(3, 2, 4)
+    with pytest.raises(ValueError, match="k must be"):
+        topk_gates(logits, 5)
+    with pytest.raises(ValueError, match="float"):
+        topk_gates(logits.long(), 1)
+
+    def f(x):
+        return topk_gates(x, 2).sum()
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(logits), f(logits))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("shape", "k"), [((5, 3, 4), 2), ((2, 1, 1), 1), ((40, 2, 13), 4)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_topk_gates_triton_interpreter(shape, k, dtype):
+    tol = {torch.float64: 1e-9, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    check_topk_gates("triton", shape, k, dtype, tol=tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("shape", "k"), [((8192, 8, 4), 2), ((300, 4, 16), 3), ((3, 1, 64), 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_gates_cuda(shape, k, dtype):
+    check_topk_gates(None, shape, k, dtype, "cuda", tol=1e-6 if dtype == torch.float32 else 1e-2)
