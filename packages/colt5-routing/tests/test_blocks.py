@@ -216,17 +216,23 @@ def test_autoregressive_grads_and_unrouted_output():
 
 
 @pytest.mark.parametrize("channel_first", [False, True])
-def test_image_attention_layouts(channel_first):
+def test_image_attention_layouts_and_tiles(channel_first):
     attn = ConditionalRoutedImageAttention(
-        D, num_heavy_tokens_q=5, num_heavy_tokens_kv=5, light_window_size=8,
+        D, num_heavy_tokens_q=5, num_heavy_tokens_kv=5, light_window_size=3,
         channel_first=channel_first, **SMALL,
     )  # fmt: skip
-    img = torch.randn(2, D, 5, 6) if channel_first else torch.randn(2, 5, 6, D)
+    img = torch.randn(2, D, 5, 7) if channel_first else torch.randn(2, 5, 7, D)
     out = attn(img)
-    assert out.shape == img.shape
-    flat = img.permute(0, 2, 3, 1) if channel_first else img
-    ref = attn.attn(flat.reshape(2, 30, D)).view(2, 5, 6, D)
-    torch.testing.assert_close(out.permute(0, 2, 3, 1) if channel_first else out, ref)
+    assert out.shape == img.shape and torch.isfinite(out).all()
+    # light branch alone (heavy branch replaced by its base): a pixel sees only its 3 x 3 tile
+    attn.attn._heavy = lambda x, mask, nq, nkv, light: light
+    light_only = attn(img)
+    last = img.permute(0, 2, 3, 1) if channel_first else img
+    got = light_only.permute(0, 2, 3, 1) if channel_first else light_only
+    ref = attn.attn.light_attn(last[:, 3:5, 3:6].reshape(2, 6, D)).view(2, 2, 3, D)
+    torch.testing.assert_close(got[:, 3:5, 3:6], ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):
+        attn(torch.randn(2, 5, D))
 
 
 def test_transformer_block_and_vit():

@@ -313,8 +313,9 @@ class ConditionalRoutedCrossAttention(nn.Module):
 class ConditionalRoutedAutoregressiveAttention(nn.Module):
     """Causal CoLT5 attention: causal local attention on all tokens; in each window of
     ``heavy_window_size`` tokens, ``num_heavy_tokens_q`` routed queries attend to
-    ``num_heavy_tokens_kv`` keys routed (``num_routed_kv`` sets) from the previous window and to
-    a null key. Unrouted queries get a learned output (``use_null_q_tokens``).
+    ``num_heavy_tokens_kv`` keys routed (``num_routed_kv`` sets) from all earlier windows and to
+    a null key (key routing costs ``O(n^2 / heavy_window_size)``: use Triton on long inputs).
+    Unrouted queries get a learned output (``use_null_q_tokens``).
 
     Causality: key/value routing only looks at earlier windows. Which queries of a window are
     routed is decided among that window's tokens (as in upstream), so a token's output depends on
@@ -349,8 +350,6 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.heavy_window_size = heavy_window_size or light_window_size
         if num_heavy_tokens_q > self.heavy_window_size:
             raise ValueError("num_heavy_tokens_q must be <= heavy_window_size")
-        if num_heavy_tokens_kv > self.heavy_window_size:
-            raise ValueError("num_heavy_tokens_kv must be <= heavy_window_size")
         self.num_heavy_tokens_q = num_heavy_tokens_q
         self.num_heavy_tokens_kv = num_heavy_tokens_kv
         self.multiply_queries_by_score = multiply_queries_by_score
@@ -382,7 +381,7 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         b, n, d = x.shape
         w = self.heavy_window_size
         nq = min(num_heavy_tokens_q or self.num_heavy_tokens_q, w)
-        nkv = min(num_heavy_tokens_kv or self.num_heavy_tokens_kv, w)
+        nkv = num_heavy_tokens_kv or self.num_heavy_tokens_kv
         light = self.light_attn(x, mask=mask)
         pad = (-n) % w
         keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
@@ -390,11 +389,9 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         nw = (n + pad) // w
         xw, kw = xp.view(b * nw, w, d), keep.view(b * nw, w)
         idx_q, s_q, routed_q, _ = self.q_router(xw, num_tokens=nq, mask=kw)
-        # keys of window i come from window i - 1; window 0 only sees the null key
-        prev_x = F.pad(xp, (0, 0, w, 0))[:, : nw * w].reshape(b * nw, w, d)
-        prev_keep = F.pad(keep, (w, 0), value=False)[:, : nw * w].reshape(b * nw, w)
-        _, s_kv, routed_kv, kv_mask = self.kv_router(
-            prev_x, num_tokens=nkv, mask=prev_keep, keep_one_route_dim=True
+        # keys of window i are routed among all tokens of the windows before it
+        _, s_kv, routed_kv, kv_mask = self.kv_router.route_causal_windows(
+            xp, window_size=w, num_tokens=nkv, mask=keep
         )
         out = self.heavy_attn(
             routed_q,
@@ -413,8 +410,10 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
 
 
 class ConditionalRoutedImageAttention(nn.Module):
-    """:class:`ConditionalRoutedAttention` over the pixels of ``x [b, c, h, w]``
-    (``channel_first``) or ``[b, h, w, c]``; returns the same layout."""
+    """CoLT5 attention over the pixels of ``x [b, c, h, w]`` (``channel_first``) or
+    ``[b, h, w, c]``; returns the same layout. The light branch attends within
+    ``light_window_size x light_window_size`` tiles (zero padding at the borders is masked out);
+    the heavy branch routes queries and keys among all pixels."""
 
     def __init__(
         self,
@@ -422,25 +421,53 @@ class ConditionalRoutedImageAttention(nn.Module):
         *,
         num_heavy_tokens_q: int,
         num_heavy_tokens_kv: int,
-        light_window_size: int = 128,
+        light_window_size: int = 8,
         channel_first: bool = False,
         **kwargs,
     ) -> None:
         super().__init__()
         self.channel_first = channel_first
+        self.window = light_window_size
         self.attn = ConditionalRoutedAttention(
             dim,
             num_heavy_tokens_q=num_heavy_tokens_q,
             num_heavy_tokens_kv=num_heavy_tokens_kv,
-            light_window_size=light_window_size,
+            light_window_size=2 * light_window_size**2,  # one tile = one local block
             **kwargs,
         )
 
-    def forward(self, x: Tensor, **kwargs) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        num_heavy_tokens_q: int | None = None,
+        num_heavy_tokens_kv: int | None = None,
+    ) -> Tensor:
+        if x.ndim != 4:
+            raise ValueError(f"expected an image batch of 4 dimensions, got {tuple(x.shape)}")
         if self.channel_first:
             x = x.permute(0, 2, 3, 1)
         b, h, w, c = x.shape
-        out = self.attn(x.reshape(b, h * w, c), **kwargs).view(b, h, w, c)
+        ws = self.window
+        ph, pw = (-h) % ws, (-w) % ws
+        xp = F.pad(x, (0, 0, 0, pw, 0, ph))
+        keep = F.pad(x.new_ones(b, h, w, dtype=torch.bool), (0, pw, 0, ph), value=False)
+        nh, nw = (h + ph) // ws, (w + pw) // ws
+        # pixels in tile-major order: each tile of ws x ws pixels is contiguous
+        tiles = xp.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, c)
+        tkeep = keep.view(b, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(b, -1)
+        light = self.attn.light_attn(
+            tiles.reshape(b * nh * nw, ws * ws, c), mask=tkeep.reshape(b * nh * nw, ws * ws)
+        ).view(b, -1, c)
+        out = self.attn._heavy(
+            tiles,
+            tkeep if (ph or pw) else None,
+            num_heavy_tokens_q or self.attn.num_heavy_tokens_q,
+            num_heavy_tokens_kv or self.attn.num_heavy_tokens_kv,
+            light,
+        )
+        out = out.view(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * ws, -1, c)
+        out = out[:, :h, :w]
         return out.permute(0, 3, 1, 2) if self.channel_first else out
 
 

@@ -7,6 +7,7 @@ multiplied by ``eps_decay`` after each iteration, never below ``eps``.
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -112,12 +113,17 @@ def coor_descent(
 ) -> Tensor:
     """Differentiable coordinate descent; dispatches CUDA tensors to Triton, else the reference.
 
-    Shapes as in :func:`coor_descent_reference`. ``backend`` is ``"reference"``, ``"triton"`` or
-    ``None`` (by device). ``checkpoint_segments`` is accepted for upstream compatibility: the Triton
+    Shapes as in :func:`coor_descent_reference`. ``backend`` is ``"reference"``, ``"triton"``,
+    ``"auto-triton"`` (Triton where it can run) or ``None`` (by device).
+    ``checkpoint_segments`` is accepted for upstream compatibility: the Triton
     path saves only two scalars per row and iteration and recomputes the rest in its backward.
     """
     if backend is None:
         backend = "triton" if s.is_cuda else "reference"
+    elif backend == "auto-triton":  # Triton where it can run (CUDA or interpreter), else reference
+        backend = (
+            "triton" if s.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" else "reference"
+        )
     if backend == "reference":
         return coor_descent_reference(
             s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
@@ -164,7 +170,8 @@ def topk(
 
     Coordinate descent runs with ``k * coor_descent_k_ratio`` (CoLT5 uses 9/8), then the ``k``
     largest weights are kept; ``gates`` are 1 in the forward pass and carry the weights' gradient.
-    ``fused=True`` uses the Triton kernels (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    ``fused=True`` uses the Triton kernels where they run (CUDA, or CPU under
+    ``TRITON_INTERPRET=1``) and the reference elsewhere.
     """
     if not 0 < k <= x.shape[-1]:
         raise ValueError(f"k must be in [1, {x.shape[-1]}], got {k}")
@@ -182,7 +189,7 @@ def topk(
         eps_init=eps_init,
         eps_decay=eps_decay,
         mask=mask,
-        backend="triton" if fused else "reference",
+        backend="auto-triton" if fused else "reference",
     )
     cd_values, indices = scores.topk(k, dim=-1)
     gates = cd_values + (1.0 - cd_values).detach()

@@ -85,10 +85,75 @@ class CoordinateDescentRouter(nn.Module):
             None if learned_routing_tokens else nn.Parameter(torch.randn(num_routing_tokens, dim))
         )
 
-    def _backend(self, x: Tensor) -> str:
+    def _backend(self, x: Tensor) -> str | None:
         if self.use_triton is None:
-            return "triton" if x.is_cuda else "reference"
-        return "triton" if self.use_triton else "reference"
+            return None
+        return "auto-triton" if self.use_triton else "reference"
+
+    def _scores(self, x: Tensor, routing_tokens: Tensor | None, batch: int) -> Tensor:
+        """Scores ``[batch, r, n]`` of ``x [batch, n, d]`` against the routing tokens."""
+        if self.learned_routing_tokens:
+            if routing_tokens is None:
+                raise ValueError("routing_tokens [b, r, d] are required (learned_routing_tokens)")
+            rt = routing_tokens
+            if rt.shape[0] != batch:
+                rt = rt.repeat_interleave(batch // rt.shape[0], dim=0)
+        else:
+            rt = self.routing_token.unsqueeze(0).expand(batch, -1, -1)
+        if self.cosine_sim_routing:
+            scores = torch.einsum("bnd,brd->brn", F.normalize(x, dim=-1), F.normalize(rt, dim=-1))
+            return scores * self.cosine_sim_scale
+        return torch.einsum("bnd,brd->brn", x, rt)
+
+    def _weights(self, scores: Tensor, num_tokens: int, score_mask: Tensor | None) -> Tensor:
+        """Coordinate-descent weights of ``scores [..., n]``; masked rows ask for at most their
+        number of real tokens."""
+        k: float | Tensor = min(num_tokens * self.fetch_k_ratio, scores.shape[-1])
+        if score_mask is not None:
+            k = score_mask.sum(-1).float().clamp(min=1.0).clamp(max=float(k))
+        return coor_descent(
+            scores,
+            n_iters=self.n_iters,
+            k=k,
+            eps=self.eps,
+            eps_init=self.eps_init,
+            eps_decay=self.eps_decay,
+            mask=score_mask,
+            backend=self._backend(scores),
+            checkpoint_segments=self.triton_checkpoint_segments,
+        )
+
+    def route_causal_windows(
+        self, x: Tensor, *, window_size: int, num_tokens: int, mask: Tensor | None = None
+    ) -> RouterReturn:
+        """For each window ``i`` of ``window_size`` tokens of ``x [b, n, d]`` (``n`` a multiple
+        of ``window_size``), select ``num_tokens`` among the tokens of windows ``< i``.
+        Returns tensors of shape ``[b * n_windows, r, num_tokens(, d)]``; ``routed_mask`` is
+        ``False`` where a window has fewer earlier tokens than ``num_tokens``."""
+        b, n, d = x.shape
+        if n % window_size:
+            raise ValueError("sequence length must be a multiple of window_size")
+        nw = n // window_size
+        num_tokens = min(num_tokens, n)
+        scores = self._scores(x, None, b)  # [b, r, n]
+        r = scores.shape[1]
+        start = torch.arange(nw, device=x.device)[:, None] * window_size
+        earlier = torch.arange(n, device=x.device)[None, :] < start  # [nw, n]
+        keep = earlier[None] if mask is None else earlier[None] & mask[:, None, :]
+        score_mask = keep[:, :, None, :].expand(b, nw, r, n)
+        weights = self._weights(scores[:, None].expand(b, nw, r, n), num_tokens, score_mask)
+        selected, indices = weights.topk(num_tokens, dim=-1)  # [b, nw, r, k]
+        if self.straight_through:
+            selected = selected + (1.0 - selected).detach()
+        routed_mask = score_mask.gather(-1, indices)
+        selected = selected * routed_mask
+        routed = gather_tokens(x, indices)  # [b, nw, r, k, d]
+        return RouterReturn(
+            indices.reshape(b * nw, r, -1),
+            selected.reshape(b * nw, r, -1),
+            routed.reshape(b * nw, r, num_tokens, d),
+            routed_mask.reshape(b * nw, r, -1),
+        )
 
     def forward(
         self,
@@ -125,40 +190,12 @@ class CoordinateDescentRouter(nn.Module):
         if not 0 < num_tokens <= seq:
             raise ValueError(f"num_tokens must be in [1, {seq}], got {num_tokens}")
 
-        if self.learned_routing_tokens:
-            if routing_tokens is None:
-                raise ValueError("routing_tokens [b, r, d] are required (learned_routing_tokens)")
-            rt = routing_tokens
-            if blocked:
-                rt = rt.repeat_interleave(x.shape[0] // b, dim=0)
-        else:
-            rt = self.routing_token.unsqueeze(0).expand(x.shape[0], -1, -1)
-        if self.cosine_sim_routing:
-            scores = torch.einsum("bnd,brd->brn", F.normalize(x, dim=-1), F.normalize(rt, dim=-1))
-            scores = scores * self.cosine_sim_scale
-        else:
-            scores = torch.einsum("bnd,brd->brn", x, rt)
+        scores = self._scores(x, routing_tokens, x.shape[0])
         r = scores.shape[1]
         if random_route:
             scores = torch.randn_like(scores)
-
-        score_mask = None
-        k: float | Tensor = min(num_tokens * self.fetch_k_ratio, seq)
-        if mask is not None:
-            score_mask = mask.unsqueeze(1).expand(-1, r, -1)
-            # never ask a row for more weight than it has real tokens
-            k = score_mask.sum(-1).float().clamp(min=1.0).clamp(max=float(k))
-        weights = coor_descent(
-            scores,
-            n_iters=self.n_iters,
-            k=k,
-            eps=self.eps,
-            eps_init=self.eps_init,
-            eps_decay=self.eps_decay,
-            mask=score_mask,
-            backend=self._backend(x),
-            checkpoint_segments=self.triton_checkpoint_segments,
-        )
+        score_mask = None if mask is None else mask.unsqueeze(1).expand(-1, r, -1)
+        weights = self._weights(scores, num_tokens, score_mask)
         selected, indices = weights.topk(num_tokens, dim=-1)
         if self.straight_through:
             selected = selected + (1.0 - selected).detach()
