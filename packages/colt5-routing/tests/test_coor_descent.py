@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from colt5_routing import coor_descent, coor_descent_reference, topk, triton_coor_descent
@@ -131,6 +133,27 @@ def test_triton_matches_reference_interpret(rows, n, masked, k, monkeypatch):
 
     monkeypatch.setattr(tcd, "_block", lambda n: 64)  # several blocks per row on small rows
     _compare("cpu", rows, n, masked, k)
+
+
+@pytest.mark.interpret
+@settings(max_examples=6, deadline=None)
+@given(
+    rows=st.integers(1, 3),
+    n=st.integers(1, 150),
+    masked=st.booleans(),
+    k_frac=st.floats(0.05, 0.9),
+)
+def test_triton_fuzz_interpret(rows, n, masked, k_frac):
+    _compare("cpu", rows, n, masked, max(k_frac * n, 0.5))
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available(),
+    reason="checks the error raised for CPU tensors without the interpreter",
+)
+def test_triton_on_cpu_without_interpreter_raises():
+    with pytest.raises(ValueError, match="CUDA"):
+        triton_coor_descent(torch.randn(2, 8), k=2, n_iters=3)
 
 
 @pytest.mark.interpret

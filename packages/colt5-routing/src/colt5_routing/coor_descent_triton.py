@@ -9,6 +9,8 @@ each forward iteration is one pass with one reduction.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
@@ -24,7 +26,6 @@ except ImportError:  # pragma: no cover - non-Linux installs
 
 __all__ = ["HAS_TRITON", "triton_coor_descent"]
 
-_NEG = -1.0e30
 
 if HAS_TRITON:
 
@@ -37,15 +38,15 @@ if HAS_TRITON:
         base = row * n
         logk = tl.load(LOGK + row)
         # pass 0: row maximum and number of valid entries
-        xmax = tl.max(tl.full((BLOCK,), _NEG, tl.float32), axis=0)
+        xmax = tl.max(tl.full((BLOCK,), -1.0e30, tl.float32), axis=0)
         cnt = tl.sum(tl.zeros((BLOCK,), tl.float32), axis=0)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             valid = offs < n
             if HAS_MASK:
                 valid = valid & (tl.load(M + base + offs, mask=offs < n, other=0) != 0)
-            x = tl.load(S + base + offs, mask=valid, other=_NEG).to(tl.float32)
-            xmax = tl.maximum(xmax, tl.max(tl.where(valid, x, _NEG), axis=0))
+            x = tl.load(S + base + offs, mask=valid, other=-1.0e30).to(tl.float32)
+            xmax = tl.maximum(xmax, tl.max(tl.where(valid, x, -1.0e30), axis=0))
             cnt += tl.sum(valid.to(tl.float32), axis=0)
         has_any = cnt > 0
         # iteration 0: w = s + b0 = 0 on valid entries
@@ -65,7 +66,7 @@ if HAS_TRITON:
                     valid = valid & (tl.load(M + base + offs, mask=offs < n, other=0) != 0)
                 x = tl.load(S + base + offs, mask=valid, other=0.0).to(tl.float32)
                 z = tl.minimum(x, -a) / e - m
-                acc += tl.exp(tl.where(valid, z, float("-inf")))
+                acc += tl.exp(tl.where(valid, z, -1.0e30))
             lse = m + tl.log(tl.maximum(tl.sum(acc, axis=0), 1e-38))
             a = tl.where(has_any, e * (logk - lse), 0.0)
             tl.store(A + it * rows + row, a)
@@ -99,7 +100,7 @@ if HAS_TRITON:
             x = tl.load(S + base + offs, mask=valid, other=0.0).to(tl.float32)
             go = tl.load(GOUT + base + offs, mask=valid, other=0.0).to(tl.float32)
             u = x + a
-            y = tl.exp(tl.where(valid, tl.minimum(u, 0.0) / e, float("-inf")))
+            y = tl.exp(tl.where(valid, tl.minimum(u, 0.0) / e, -1.0e30))
             g = tl.where(valid & (u <= 0.0), go * y / e, 0.0)
             acc += g
             tl.store(GS + base + offs, g, mask=offs < n)
@@ -117,7 +118,7 @@ if HAS_TRITON:
                 if HAS_MASK:
                     valid = valid & (tl.load(M + base + offs, mask=offs < n, other=0) != 0)
                 x = tl.load(S + base + offs, mask=valid, other=0.0).to(tl.float32)
-                p = tl.exp(tl.where(valid, tl.minimum(x, -ap) / e - lse, float("-inf")))
+                p = tl.exp(tl.where(valid, tl.minimum(x, -ap) / e - lse, -1.0e30))
                 gw = -ga * p
                 ind = (x + ap) > 0.0
                 gx = tl.load(GS + base + offs, mask=offs < n, other=0.0)
@@ -230,6 +231,11 @@ def triton_coor_descent(
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use backend='reference'")
+    if not s.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "triton_coor_descent needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
+            "use backend='reference' on this device"
+        )
     if checkpoint_segments < 1:
         raise ValueError(f"checkpoint_segments must be >= 1, got {checkpoint_segments}")
     epsilons = eps_schedule(n_iters, eps, eps_init, eps_decay)
