@@ -74,6 +74,10 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError):
         coor_descent(s, k=0, n_iters=5)
     with pytest.raises(ValueError):
+        coor_descent(s, k=torch.tensor([1.0, -1.0]), n_iters=5)
+    with pytest.raises(ValueError):
+        coor_descent(s, k=torch.ones(3), n_iters=5)
+    with pytest.raises(ValueError):
         coor_descent(s, k=2, n_iters=5, backend="cuda-magic")
     with pytest.raises(ValueError):
         topk(s, 9)

@@ -50,10 +50,12 @@ def check_inputs(s: Tensor, k: float | Tensor, mask: Tensor | None) -> Tensor:
             raise ValueError(f"k must be a scalar or of shape {tuple(s.shape[:-1])}, got {k.shape}")
         kt = k.detach().to(device=s.device, dtype=torch.float32)
         kt = kt.expand(s.shape[:-1]) if kt.numel() == 1 else kt
+        if s.numel() > 0 and not torch.compiler.is_compiling() and bool((kt <= 0).any()):
+            raise ValueError("k must be positive")
     else:
+        if not k > 0:
+            raise ValueError(f"k must be positive, got {k}")
         kt = torch.full(s.shape[:-1], float(k), device=s.device, dtype=torch.float32)
-    if s.numel() > 0 and not torch.compiler.is_compiling() and bool((kt <= 0).any()):
-        raise ValueError("k must be positive")
     return kt.unsqueeze(-1)
 
 
