@@ -353,10 +353,12 @@ def test_compile_fullgraph(cls):
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
-def test_triton_gates_in_the_interpreter(cls):
+def test_triton_kernels_in_the_interpreter(cls):
     g = torch.Generator().manual_seed(5)
     m = make(cls, 4, 2)
     m.gating_backend = "triton"
+    if cls is SwitchHeadRope:
+        m.pe.backend = "triton"
     x = torch.randn(2, 6, D_MODEL, dtype=torch.float64, generator=g)
     mask, keep = build_mask("padding+causal", 2, 6, 6, g)
     check_against_oracle(m, x, None, mask, keep)
