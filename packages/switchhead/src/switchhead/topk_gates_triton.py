@@ -43,7 +43,7 @@ def _topk_gates_fwd_kernel(
     sl_m, sl_g, sl_e, so_m, so_g, so_e,
     K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     s, keep, ok, m, g = _scores_and_keep(
         l_ptr, rows, n_rows, n_groups, sl_m, sl_g, sl_e, E, K, BLOCK_E, ACC
@@ -59,7 +59,7 @@ def _topk_gates_bwd_kernel(
     sl_m, sl_g, sl_e, sd_m, sd_g, sd_e, so_m, so_g, so_e,
     K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     s, keep, ok, m, g = _scores_and_keep(
         l_ptr, rows, n_rows, n_groups, sl_m, sl_g, sl_e, E, K, BLOCK_E, ACC
