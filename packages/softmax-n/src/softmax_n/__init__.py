@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .flash import flash_attention_n, flash_attention_n_triton, softmax_n_attention_fn
+from .flash import flash_attention_n, softmax_n_attention_fn
 from .functional import slow_attention_n, softmax_n
 
 try:
@@ -13,7 +13,6 @@ except PackageNotFoundError:  # running from a source tree without installation
 __all__ = [
     "__version__",
     "flash_attention_n",
-    "flash_attention_n_triton",
     "slow_attention_n",
     "softmax_n",
     "softmax_n_attention_fn",

@@ -13,12 +13,16 @@ import math
 import torch
 
 
-def _check_n(n: float | torch.Tensor | None) -> None:
+def _log_n(n: float | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
+    if n is None:
+        return -math.inf
     if isinstance(n, torch.Tensor):
-        if not torch.compiler.is_compiling() and bool((n < 0).any()):
+        if torch.any(n < 0):
             raise ValueError("softmax_n needs n >= 0")
-    elif n is not None and not n >= 0:  # also rejects NaN
+        return torch.log(n.to(like.device, torch.promote_types(n.dtype, torch.float32)))
+    if n < 0:
         raise ValueError(f"softmax_n needs n >= 0, got {n}")
+    return math.log(n) if n > 0 else -math.inf
 
 
 def softmax_n(
@@ -31,31 +35,22 @@ def softmax_n(
 
     Args:
         x: logits, any shape.
-        n: ``None``/0 (plain softmax), a float ``>= 0``, or a tensor broadcastable to ``x`` with
-            the reduced dim of size 1 (e.g. one learnable value per head).
+        n: ``None``/0 (plain softmax), a float ``>= 0``, or a tensor broadcastable to ``x`` with the
+            reduced dim of size 1 (e.g. one learnable value per head).
         dtype: compute (and return) in this dtype.
 
-    Stable for any logits: numerator and denominator are divided by ``exp(m)`` with
-    ``m = max(max_j x_j, log n)``, so every term is ``<= 1`` and the denominator ``>= 1``. A row of
-    ``-inf`` logits gives zeros for ``n > 0`` (with finite gradients) and NaN for ``n = 0``, as
-    softmax does. The gradient in ``n`` is finite at ``n = 0`` too.
+    A row of ``-inf`` logits gives zeros for ``n > 0`` (NaN for ``n = 0``, as softmax does).
     """
-    _check_n(n)
     if dtype is not None:
         x = x.to(dtype)
     dim = -1 if dim is None else dim
-    m = x.detach().amax(dim, keepdim=True)
-    if isinstance(n, torch.Tensor):
-        n = n.to(x.device, x.dtype)
-        m = torch.maximum(m, torch.log(n.detach()))
-    elif n:
-        m = m.clamp_min(math.log(n))
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(x - m)
-    denom = e.sum(dim, keepdim=True)
-    if isinstance(n, torch.Tensor) or n:
-        denom = denom + n * torch.exp(-m)
-    return e / denom
+    log_n = _log_n(n, x)
+    lse = torch.logsumexp(x, dim=dim, keepdim=True)
+    if isinstance(log_n, torch.Tensor):
+        lse = torch.logaddexp(lse, log_n.to(lse.dtype))
+    elif log_n != -math.inf:
+        lse = torch.logaddexp(lse, torch.full_like(lse, log_n))
+    return torch.exp(x - lse)
 
 
 def _expand_kv(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

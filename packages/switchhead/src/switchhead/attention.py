@@ -13,8 +13,7 @@ Expert projections (``expert_impl``):
 
 - ``"dense"``: every expert's projection as one dense matmul, the unchosen ones weighted by 0
   (exactly the same function and gradients). It does ``n_experts / moe_k`` times the expert
-  FLOPs but in one large cuBLAS matmul each for V and O, with no sort and no host sync; the
-  gates are applied by the fused ops of :mod:`switchhead.gating` (Triton on CUDA).
+  FLOPs but in one large cuBLAS matmul each for V and O, with no sort and no host sync.
 - ``"cvmm"``: only the chosen experts, through ``cvmm_kernel.cvmm`` (Triton on CUDA).
 - ``"auto"`` (default): ``"dense"`` while ``n_experts <= DENSE_EXPERT_RATIO * moe_k``, else
   ``"cvmm"``.
@@ -54,10 +53,8 @@ import torch
 import torch.nn.functional as F
 from cvmm_kernel import CVMMSel, cvmm, cvmm_prepare_sel2
 
-from .gating import gated_expand, gated_sum
 from .masks import AttentionMask, causal_keep_mask, sdpa_mask
 from .rope import RotaryEmbedding
-from .topk_gates import topk_gates
 
 KVCache = dict[str, torch.Tensor] | None
 AttentionFn = Callable[..., torch.Tensor]
@@ -107,7 +104,6 @@ class SwitchHeadCore(torch.nn.Module):
         self.expert_impl = expert_impl if n_experts > 1 else "dense"
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         self.attention_fn = attention_fn or F.scaled_dot_product_attention
-        self.gating_backend: str | None = None  # gated_sum/gated_expand backend (None: by device)
         self.record_selection_logits = False
         self.last_selection_logits: dict[str, torch.Tensor] | None = None
 
@@ -186,11 +182,10 @@ class SwitchHeadCore(torch.nn.Module):
         return scores, index
 
     def _dense_gates(self, logits: torch.Tensor) -> torch.Tensor:
-        """Raw ``logits [..., G, E]`` -> float gates ``[..., G, E]``: the sigmoid score of the
-        chosen experts, 0 for the others (one fused op unless expert dropout is active)."""
-        if not (self.expert_dropout > 0 and self.training):
-            return topk_gates(logits, self.moe_k, self.gating_backend)
-        scores, index = self._topk(_float(logits))
+        """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0."""
+        scores, index = self._topk(logits)
+        if index is None:
+            return scores
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
         return scores * keep
 
@@ -209,9 +204,8 @@ class SwitchHeadCore(torch.nn.Module):
         """Input projections.
 
         Returns ``q [B, Tq, H, hs]``, ``k [B, Tk, H, hs]`` (before RoPE), ``qk`` (``[B, T, 2, H,
-        hs]`` when q and k come from one source, else ``None``), the raw selection logits
-        ``{"o": [B, Tq, H, E], "v": [B, Tk, H, E]}`` (in the matmul dtype; with ``"ov"``, both
-        as one ``[B, T, 2 * H, E]`` view, when they come from one source) and the value experts
+        hs]`` when q and k come from one source, else ``None``), the selection logits
+        ``{"o": [B, Tq, H, E], "v": [B, Tk, H, E]}`` (float) and the value experts
         ``[B, Tk, H, E, hs]`` (dense) or ``None`` (cvmm).
         """
         h, e, hs = self.n_heads, self.n_experts, self.head_size
@@ -225,51 +219,44 @@ class SwitchHeadCore(torch.nn.Module):
             bt = q_src.shape[:-1]
             qk = parts[0].view(*bt, 2, h, hs)
             q, k = qk.unbind(-3)
-            joint = parts[1].view(*bt, len(sels) * h, e)
-            logits = dict(zip(("o", "v"), joint.view(*bt, len(sels), h, e).unbind(-3)))
-            logits["ov"] = joint
+            sel = _float(parts[1]).view(*bt, len(sels), h, e).unbind(-3)
+            logits = dict(zip(("o", "v"), sel))
             v_all = parts[2].view(*bt, h, e, hs) if dense_v else None
             return q, k, qk, logits, v_all
         q_rows, k_rows = self._qk_rows()
-        logits = {"o": F.linear(q_src, self.sel_o).view(*q_src.shape[:-1], h, e)}
+        logits = {"o": _float(F.linear(q_src, self.sel_o)).view(*q_src.shape[:-1], h, e)}
         q = F.linear(q_src, q_rows).view(*q_src.shape[:-1], h, hs)
         k = F.linear(k_src, k_rows).view(*k_src.shape[:-1], h, hs)
         if e > 1:
-            logits["v"] = F.linear(k_src, self.sel_v).view(*k_src.shape[:-1], h, e)
+            logits["v"] = _float(F.linear(k_src, self.sel_v)).view(*k_src.shape[:-1], h, e)
         v_all = None
         if dense_v:
             v_all = F.linear(v_src, v_rows[0]).view(*v_src.shape[:-1], h, e, hs)
         return q, k, None, logits, v_all
 
-    def _values(self, v_src, v_all, logits, gates) -> torch.Tensor:
+    def _values(self, v_src, v_all, logits) -> torch.Tensor:
         """Values ``[B, Tk, H, hs]`` from the expert projections and the V selection."""
         if self.n_experts == 1:
             return v_all.squeeze(-2)
         if self.expert_impl == "dense":
-            return gated_sum(v_all, gates["v"], self.gating_backend)
-        v = cvmm(v_src, self._cvmm_sel(_float(logits["v"])), self.v)  # [B, Tk, H, d_head]
+            gates = self._dense_gates(logits["v"]).to(v_all.dtype)
+            return (v_all * gates.unsqueeze(-1)).sum(-2)
+        v = cvmm(v_src, self._cvmm_sel(logits["v"]), self.v)  # [B, Tk, H, d_head]
         pad = self.head_size - self.projection_size
         return F.pad(v, (0, pad)) if pad else v
 
-    def _gates(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Dense gates ``{"o": [B, Tq, H, E], "v": [B, Tk, H, E]}``, in one op when the raw
-        logits of both selections are one tensor."""
-        if "ov" in logits:
-            joint = self._dense_gates(logits["ov"])
-            return dict(zip(("o", "v"), joint.unflatten(-2, (-1, self.n_heads)).unbind(-3)))
-        return {name: self._dense_gates(logits[name]) for name in ("o", "v") if name in logits}
-
-    def _output(self, res: torch.Tensor, logits: torch.Tensor, gates) -> torch.Tensor:
+    def _output(self, res: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``res [B, Tq, H, hs]`` -> ``[B, Tq, d_model]`` through the gated output experts."""
         if self.expert_impl == "cvmm":
             # Rows of res are (token, head): output position p reads row p // moe_k, and the
             # reduction sums over heads and chosen experts at once.
-            sel = self._cvmm_sel(_float(logits))
+            sel = self._cvmm_sel(logits)
             gate = sel.reduction_weight
             sel = sel.with_input_rows_per_group(self.moe_k)
             sel.reduction_weight = gate.flatten(-2)
             return cvmm(res[..., : self.projection_size], sel, self.o)
-        mixed = gated_expand(res, gates["o"], self.gating_backend)  # [B, Tq, H, E, hs]
+        gates = self._dense_gates(logits).to(res.dtype)  # [B, Tq, H, E]
+        mixed = res.unsqueeze(-2) * gates.unsqueeze(-1)  # [B, Tq, H, E, hs]
         return torch.matmul(mixed.flatten(-3), self._o_cols())
 
     def attend(
@@ -326,14 +313,11 @@ class SwitchHeadCore(torch.nn.Module):
             offset = kv_cache["k"].shape[-2]
 
         q, k, qk, logits, v_all = self._project(q_src, k_src, v_src)
-        self.last_selection_logits = None
-        if self.record_selection_logits:
-            self.last_selection_logits = {n: _float(logits[n]) for n in ("o", "v") if n in logits}
-        gates = self._gates(logits) if self.expert_impl == "dense" else {}
+        self.last_selection_logits = logits if self.record_selection_logits else None
         if isinstance(self.dropout, torch.nn.Dropout) and self.training:
             q, qk = self.dropout(q), None
         q, k = self._position(q, k, qk, offset)
-        v = self._values(v_src, v_all, logits, gates)
+        v = self._values(v_src, v_all, logits)
 
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hs]
         if kv_cache is not None:
@@ -343,7 +327,10 @@ class SwitchHeadCore(torch.nn.Module):
             kv_cache = {"k": k, "v": v}
 
         res = self.attend(q, k, v, mask, offset).transpose(1, 2)  # [B, Tq, H, hs]
-        return self._output(res, logits["o"], gates), kv_cache
+        if self.n_experts == 1:
+            gate = logits["o"].sigmoid().to(res.dtype)  # [B, Tq, H, 1]
+            return torch.matmul((res * gate).flatten(-2), self._o_cols()), kv_cache
+        return self._output(res, logits["o"]), kv_cache
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
