@@ -16,6 +16,8 @@ experts, so at most ``layout.MAX_EXPERTS_TRITON`` matrices), which keeps a call 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -155,7 +157,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 BLOCK_OVERRIDE: tuple[int, int, int, int, int] | None = None
 
 
-def _block_sizes(n_rows: int, k: int, n: int) -> tuple[int, int, int, int, int]:
+def _block_sizes(k: int, n: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a problem size.
 
     Rows per expert are the variable part; widths are fixed by the model. Small blocks under the
@@ -171,8 +173,6 @@ def _block_sizes(n_rows: int, k: int, n: int) -> tuple[int, int, int, int, int]:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -204,7 +204,7 @@ def gather_mm(
         return out
     if m_k == 0:
         return out.zero_()
-    block_m, block_n, block_k, warps, stages = _block_sizes(p, m_k, n)
+    block_m, block_n, block_k, warps, stages = _block_sizes(m_k, n)
     n_experts = bounds.numel() - 1
     grid = (triton.cdiv(p, block_m) + n_experts, triton.cdiv(n, block_n))
     _gather_mm_kernel[grid](
@@ -249,7 +249,7 @@ def expert_weight_grad(
     dw = torch.empty(n_experts, k, n, dtype=x.dtype, device=x.device)
     if n_experts == 0 or k == 0 or n == 0:
         return dw.zero_()
-    _, block_n, block_k, warps, stages = _block_sizes(expert_sorted.numel(), k, n)
+    _, block_n, block_k, warps, stages = _block_sizes(k, n)
     block_m = 64 if block_k >= 64 and not _interpreting() else 16
     if BLOCK_OVERRIDE is not None:
         block_m = BLOCK_OVERRIDE[0]
