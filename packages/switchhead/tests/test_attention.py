@@ -300,6 +300,29 @@ def test_attention_fn_hook_is_called_with_sdpa_arguments():
     ]  # the causal default reaches the fused path, no mask
 
 
+@pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
+@pytest.mark.parametrize(
+    ("n_experts", "moe_k", "expert_impl"), [(1, 1, "auto"), (4, 2, "dense"), (4, 2, "cvmm")]
+)
+def test_attention_inputs_are_16_byte_aligned(cls, n_experts, moe_k, expert_impl):
+    # PyTorch's memory-efficient CUDA kernel faults ("misaligned address") on q/k/v views whose
+    # start or row strides are not 16-byte aligned; the fused projection must never produce them.
+    seen = []
+
+    def spy(q, k, v, **kwargs):
+        seen.extend((q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    m = make(cls, n_experts, moe_k, attention_fn=spy, expert_impl=expert_impl).float()
+    x = torch.randn(2, 5, D_MODEL)
+    m(x, x, x)
+    assert len(seen) == 3
+    for t in seen:
+        assert t.stride(-1) == 1
+        assert (t.data_ptr() - t.untyped_storage().data_ptr()) % 16 == 0
+        assert all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]), t.stride()
+
+
 def test_selection_logits_recorded_only_when_asked():
     m = make(SwitchHeadRope, 4, 2)
     x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
