@@ -98,7 +98,10 @@ def test_topk_straight_through_gates():
 
 def _compare(device, rows, n, masked, k, dtype=torch.float32, full_mask_row=False, **kw):
     torch.manual_seed(rows * 1000 + n)
-    s64 = torch.randn(rows, n, dtype=torch.float64, device=device) * 2
+    # the float64 reference sees the same (rounded) scores as the kernel: the iteration is
+    # discontinuous near the threshold, so rounding the inputs moves outputs by more than the
+    # kernel's own error
+    s64 = (torch.randn(rows, n, device=device) * 2).to(dtype).double()
     mask = None
     if masked:
         mask = torch.rand(rows, n, device=device) > 0.4

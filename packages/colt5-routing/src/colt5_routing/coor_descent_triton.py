@@ -67,7 +67,7 @@ if HAS_TRITON:
                 x = tl.load(S + base + offs, mask=valid, other=0.0).to(tl.float32)
                 z = tl.minimum(x, -a) / e - m
                 acc += tl.exp(tl.where(valid, z, -1.0e30))
-            lse = m + tl.log(tl.maximum(tl.sum(acc, axis=0), 1e-38))
+            lse = m + tl.log(tl.maximum(tl.sum(acc, axis=0), 1.0e-30))
             a = tl.where(has_any, e * (logk - lse), 0.0)
             tl.store(A + it * rows + row, a)
             tl.store(LSE + it * rows + row, lse)
