@@ -3,8 +3,10 @@
     PYTHONPATH=packages/softmax-n/src python3 packages/softmax-n/benchmarks/bench_softmax_n.py
 
 B=8, H=16, D in {64, 128}, L in {1024, 2048, 8192}, causal and not, bf16 and fp16; ours with
-n=1 and n=0.5 against SDPA (n=0) in the same process. Writes JSON and markdown to ``$OUT`` if set,
-else to ``benchmarks/results/``.
+n=1 and n=0.5 against, in the same process, SDPA (n=0) with PyTorch's choice of kernel (cuDNN on an
+H100), SDPA restricted to the flash kernel, and the upstream ``flash-attention-softmax-n`` package
+(n=1) when it is importable. Writes JSON and markdown to ``$OUT`` if set, else to
+``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from softmax_n import flash_attention_n
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def measure(fn, q, k, v) -> tuple[float, float]:
@@ -57,6 +60,11 @@ def main() -> int:
             for length in (1024, 2048, 8192)
             for causal in (True, False)
         ]
+    try:
+        from flash_attention_softmax_n import flash_attention_n as upstream
+    except Exception as exc:
+        print(f"upstream flash-attention-softmax-n not importable: {exc!r}", file=sys.stderr)
+        upstream = None
     rows = []
     for d, length, causal, dtype in shapes:
         q, k, v = (
@@ -66,6 +74,10 @@ def main() -> int:
         sdpa_ms, sdpa_mib = measure(
             lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
         )
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            flash_ms, _ = measure(
+                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
+            )
         row = {
             "D": d,
             "L": length,
@@ -73,7 +85,17 @@ def main() -> int:
             "dtype": str(dtype).split(".")[-1],
             "sdpa_ms": sdpa_ms,
             "sdpa_mib": sdpa_mib,
+            "sdpa_flash_ms": flash_ms,
+            "upstream_n1_ms": None,
         }
+        if upstream is not None and not (length == 8192 and d == 128):
+            try:
+                row["upstream_n1_ms"], row["upstream_n1_mib"] = measure(
+                    lambda q, k, v: upstream(q, k, v, 1, is_causal=causal), q, k, v
+                )
+            except Exception as exc:  # report, do not hide, what upstream cannot run
+                row["upstream_error"] = repr(exc)[:200]
+                torch.cuda.empty_cache()
         for n in (1.0, 0.5):
             ms, mib = measure(
                 lambda q, k, v, n=n: flash_attention_n(q, k, v, n, is_causal=causal), q, k, v
@@ -87,20 +109,23 @@ def main() -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.date.today().isoformat(),
-        "setup": "B=8, H=16, forward+backward, do_bench median",
+        "setup": "B=8, H=16, forward+backward, do_bench median; SDPA = PyTorch's kernel choice",
     }
     lines = [
         f"flash_attention_n, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
         f"{meta['date']} ({meta['setup']})",
         "",
-        "| dtype | D | L | causal | SDPA ms | n=1 ms (x SDPA) | n=0.5 ms | peak MiB SDPA / n=1 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dtype | D | L | causal | SDPA ms | SDPA flash-only ms | n=1 ms (x SDPA) | n=0.5 ms "
+        "| upstream n=1 ms | peak MiB SDPA / n=1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        up = r["upstream_n1_ms"]
+        up = f"{up:.3f}" if up is not None else ("error" if "upstream_error" in r else "-")
         lines.append(
             f"| {r['dtype']} | {r['D']} | {r['L']} | {r['causal']} | {r['sdpa_ms']:.3f} | "
-            f"{r['n1.0_ms']:.3f} ({r['n1.0_ratio']:.2f}) | {r['n0.5_ms']:.3f} | "
-            f"{r['sdpa_mib']:.0f} / {r['n1.0_mib']:.0f} |"
+            f"{r['sdpa_flash_ms']:.3f} | {r['n1.0_ms']:.3f} ({r['n1.0_ratio']:.2f}) | "
+            f"{r['n0.5_ms']:.3f} | {up} | {r['sdpa_mib']:.0f} / {r['n1.0_mib']:.0f} |"
         )
     table = "\n".join(lines)
     print(table)

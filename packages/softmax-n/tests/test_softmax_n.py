@@ -181,12 +181,26 @@ def test_attention_fn_has_the_sdpa_signature():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_flash_kernel_matches_reference(dtype, causal):
-    q, k, v = (
-        t.detach().cuda().to(dtype).requires_grad_() for t in inputs(length=130, s=130, d=64)
+@pytest.mark.parametrize(
+    ("backend", "d"), [("cudnn", 64), ("cudnn", 128), ("flash", 64), ("flash", 256)]
+)
+def test_cuda_kernels_match_reference(dtype, causal, backend, d, monkeypatch):
+    from softmax_n import flash
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if backend == "cudnn" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("cuDNN attention is used from compute capability 9.0")
+    used = []
+    kernel_forward = flash._kernel_forward
+    monkeypatch.setattr(
+        flash, "_kernel_forward", lambda name, *a: used.append(name) or kernel_forward(name, *a)
     )
+    q, k, v = (t.detach().cuda().to(dtype).requires_grad_() for t in inputs(length=130, s=130, d=d))
     n = torch.tensor([0.5, 1.0, 3.0], device="cuda").view(3, 1, 1).requires_grad_()
-    out = flash_attention_n(q, k, v, n, is_causal=causal)
+    sdpa_backend = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
+    with sdpa_kernel([sdpa_backend[backend]]):
+        out = flash_attention_n(q, k, v, n, is_causal=causal)
+    assert used == [backend]
     keep = torch.ones(130, 130, dtype=torch.bool, device="cuda").tril() if causal else None
     expected = reference_attention(q, k, v, n, keep)
     assert (out.double() - expected).norm() / expected.norm() < 1e-2
@@ -195,3 +209,14 @@ def test_cuda_flash_kernel_matches_reference(dtype, causal):
     want = torch.autograd.grad(expected, (q, k, v, n), g.double())
     for a, b in zip(got, want):
         assert (a.double() - b).norm() / b.norm() < 2e-2
+
+
+@pytest.mark.gpu
+def test_cuda_fully_masked_rows_and_cross_lengths():
+    q, k, v = (t.detach().cuda().half().requires_grad_() for t in inputs(length=40, s=70, d=64))
+    keep = torch.rand(40, 70, device="cuda") > 0.3
+    keep[3] = False
+    out = flash_attention_n(q, k, v, 1.0, attn_mask=keep)
+    expected = reference_attention(q, k, v, 1.0, keep)
+    assert (out[..., 3, :] == 0).all()
+    assert (out.double() - expected).norm() / expected.norm() < 1e-2

@@ -1,20 +1,24 @@
 """``flash_attention_n``: softmax_n attention at the speed of a fused attention kernel.
 
-Identity: with ``lse_i`` the log-sum-exp of row ``i`` of the (scaled, biased) scores and
-``out0`` ordinary attention,
+Identity: with ``lse_i`` the log-sum-exp of row ``i`` of the (scaled, biased) scores, ``out0``
+ordinary attention and ``lse_n = logaddexp(lse, log n)`` (the log of softmax_n's denominator),
 
-    out_n = out0 * sigmoid(lse - log n).
+    out_n = out0 * exp(lse - lse_n) = out0 * sigmoid(lse - log n).
 
-A fused kernel that returns ``lse`` gives ``out_n`` for one extra elementwise product. The
-gradient needs no extra kernel either: with ``s = sigmoid(lse - log n)``, the kernel's backward
-run on ``grad * s`` with ``out_n`` in place of its saved output computes exactly the gradient of
-``out_n`` (its row term ``rowsum(dO * O)`` becomes ``s^2 rowsum(grad * out0)``, which is the
-softmax term plus the term through ``lse``). The gradient of ``log n`` is
-``-rowsum(grad * out_n) * (1 - s)``.
+A fused kernel that returns ``lse`` gives ``out_n`` for one in-place row scaling of its output.
+The gradient needs no extra kernel either: the probabilities of softmax_n are
+``exp(s_ij - lse_n_i)``, so the kernel's own backward, run with ``out_n`` in place of its output
+and ``lse_n`` in place of its log-sum-exp, is exactly the backward of softmax_n attention (its row
+term ``rowsum(dO * O)`` is then the softmax_n one). No extra tensor of the output's size is made
+in either direction. The gradient of ``log n`` is ``-rowsum(grad * out_n) * (1 - sigmoid(lse -
+log n))``.
 
-Kernels: PyTorch's flash attention on CUDA (fp16/bf16, no mask or bias, head dim a multiple of 8
-up to 256, causal only for ``L == S``, no dropout) and its CPU flash kernel (any float dtype,
-masks and biases that need no gradient). Other cases use ``slow_attention_n`` (same results,
+Kernels, in order of preference: cuDNN attention on CUDA (compute capability >= 9.0, fp16/bf16,
+head dim a multiple of 8 up to 128, no mask or bias, causal only for ``L == S``, no dropout;
+PyTorch's own SDPA prefers it there too), PyTorch's flash attention on CUDA (the same, head dim up
+to 256) and its CPU flash kernel (any float dtype, masks and biases that need no gradient). Each
+CUDA kernel is used only while enabled for SDPA (``torch.nn.attention.sdpa_kernel`` or
+``torch.backends.cuda.enable_*_sdp``). Other cases use ``slow_attention_n`` (same results,
 quadratic memory).
 
 Fully masked rows: ``lse = -inf``, so with ``n > 0`` the row is 0 (and NaN for ``n = 0``, as
@@ -29,78 +33,96 @@ import torch
 
 from .functional import _expand_kv, _log_n, attention_bias, slow_attention_n
 
+_ATEN = torch.ops.aten
 
-def _kernel(q, k, v, bias, is_causal, scale):
-    """(out0, lse [B, H, L], context for the backward) or None when no kernel fits."""
+
+def _kernel_name(q, k, v, bias, is_causal) -> str | None:
+    """The fused kernel that computes this attention (with its log-sum-exp), or None."""
     if bias is not None and bias.requires_grad:
         return None  # the kernels give no gradient for a bias (e.g. XL's positional term)
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale
-        )
-        return out, lse, ("cpu",)
+        return "cpu"
     if (
-        q.device.type == "cuda"
-        and bias is None
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and q.shape[-1] % 8 == 0
-        and q.shape[-1] <= 256
-        and v.shape[-1] == q.shape[-1]
-        and (not is_causal or q.shape[-2] == k.shape[-2])
+        q.device.type != "cuda"
+        or bias is not None
+        or q.dtype not in (torch.float16, torch.bfloat16)
+        or q.shape[-1] % 8
+        or v.shape[-1] != q.shape[-1]
+        or (is_causal and q.shape[-2] != k.shape[-2])
     ):
-        res = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, is_causal, False, scale=scale
-        )
-        return res[0], res[1], ("flash", *res[2:8])
+        return None
+    if (
+        q.shape[-1] <= 128
+        and torch.backends.cuda.cudnn_sdp_enabled()
+        and torch.backends.cudnn.is_available()
+        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+    ):
+        return "cudnn"
+    if q.shape[-1] <= 256 and torch.backends.cuda.flash_sdp_enabled():
+        return "flash"
     return None
 
 
-def _kernel_backward(ctx_kernel, grad, q, k, v, out, lse, bias, is_causal, scale):
-    if ctx_kernel[0] == "cpu":
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+def _kernel_forward(name, q, k, v, bias, is_causal, scale):
+    """``(out0, lse, state)``; ``state`` is what the kernel's backward needs besides tensors."""
+    if name == "cpu":
+        out, lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=bias, scale=scale
+        )
+        return out, lse, ()
+    if name == "cudnn":
+        res = _ATEN._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, is_causal, False, scale=scale
+        )
+    else:
+        res = _ATEN._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)
+    # (cum_seq_q, cum_seq_k, max_q, max_k, philox_seed, philox_offset)
+    return res[0], res[1], tuple(res[2:8])
+
+
+def _kernel_backward(name, state, grad, q, k, v, out, lse, bias, is_causal, scale):
+    if name == "cpu":
+        return _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, is_causal, attn_mask=bias, scale=scale
         )
-    cum_q, cum_k, max_q, max_k, seed, offset = ctx_kernel[1:]
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        grad,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cum_q,
-        cum_k,
-        max_q,
-        max_k,
-        0.0,
-        is_causal,
-        seed,
-        offset,
+    cum_q, cum_k, max_q, max_k, seed, offset = state
+    if name == "cudnn":  # attn_bias None reaches the op as an undefined tensor (no bias)
+        return _ATEN._scaled_dot_product_cudnn_attention_backward(
+            grad, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0,
+            is_causal, scale=scale,
+        )  # fmt: skip
+    return _ATEN._scaled_dot_product_flash_attention_backward(
+        grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, is_causal, seed, offset,
         scale=scale,
-    )
+    )  # fmt: skip
 
 
 class _FlashAttentionN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_n, bias, is_causal, scale, kernel):
-        out0, lse, ctx_kernel = kernel
+    def forward(ctx, q, k, v, log_n, bias, is_causal, scale, name):
+        out, lse, state = _kernel_forward(name, q, k, v, bias, is_causal, scale)
         work = torch.promote_types(q.dtype, torch.float32)
-        gate = torch.sigmoid(lse.to(work).unsqueeze(-1) - log_n.to(work))  # [B, H, L, 1]
-        out = (out0.to(work) * gate).to(out0.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, gate, bias if bias is not None else q.new_empty(0))
+        lse4 = (lse if lse.dim() == 4 else lse.unsqueeze(-1)).to(work)  # [B, H, L, 1]
+        lse_n4 = torch.logaddexp(lse4, log_n.to(work))
+        gate = torch.exp(lse4 - lse_n4)  # sigmoid(lse - log n)
+        out.mul_(gate)  # the kernel's fresh output becomes out_n
+        lse_n = torch.empty_like(lse).copy_(lse_n4.reshape(lse.shape))
+        ctx.save_for_backward(
+            q, k, v, out, lse_n, gate, bias if bias is not None else q.new_empty(0)
+        )
         ctx.has_bias = bias is not None
-        ctx.is_causal, ctx.scale, ctx.ctx_kernel = is_causal, scale, ctx_kernel
+        ctx.is_causal, ctx.scale, ctx.name, ctx.state = is_causal, scale, name, state
         ctx.log_n_shape = log_n.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse, gate, bias = ctx.saved_tensors
+        q, k, v, out, lse_n, gate, bias = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
-        grad_in = (grad.to(gate.dtype) * gate).to(q.dtype).contiguous()
         dq, dk, dv = _kernel_backward(
-            ctx.ctx_kernel, grad_in, q, k, v, out, lse, bias, ctx.is_causal, ctx.scale
-        )[:3]
+            ctx.name, ctx.state, grad.contiguous(), q, k, v, out, lse_n, bias, ctx.is_causal,
+            ctx.scale,
+        )[:3]  # fmt: skip
         d_log_n = None
         if ctx.needs_input_grad[3]:
             row = (grad.to(gate.dtype) * out.to(gate.dtype)).sum(-1, keepdim=True) * (1 - gate)
@@ -159,7 +181,8 @@ def flash_attention_n(
             attn_bias=attn_bias,
         )
     log_n = _log_n(softmax_n_param, query)
-    log_n = log_n if isinstance(log_n, torch.Tensor) else torch.tensor(log_n, device=query.device)
+    if not isinstance(log_n, torch.Tensor):  # a fill kernel: torch.tensor(x, device) would sync
+        log_n = torch.full((), log_n, device=query.device, dtype=torch.float32)
     n_q, n_k = query.shape[-2], key.shape[-2]
     causal_in_kernel = is_causal and n_q == n_k and attn_mask is None and attn_bias is None
     bias = None
@@ -168,7 +191,7 @@ def flash_attention_n(
         if bias is not None:
             bias = bias.expand(query.shape[0], query.shape[1], n_q, n_k)
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
-    kernel = _kernel(q, k, v, bias, causal_in_kernel, scale)
+    kernel = _kernel_name(q, k, v, bias, causal_in_kernel)
     if kernel is None:
         return slow_attention_n(
             query,

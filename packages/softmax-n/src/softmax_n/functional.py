@@ -17,7 +17,9 @@ def _log_n(n: float | torch.Tensor | None, like: torch.Tensor) -> torch.Tensor |
     if n is None:
         return -math.inf
     if isinstance(n, torch.Tensor):
-        if torch.any(n < 0):
+        if n.device.type != "cpu":  # checked on the device without a host sync (raises later)
+            torch._assert_async(torch.all(n >= 0), "softmax_n needs n >= 0")
+        elif not torch.compiler.is_compiling() and bool(torch.any(n < 0)):
             raise ValueError("softmax_n needs n >= 0")
         return torch.log(n.to(like.device, torch.promote_types(n.dtype, torch.float32)))
     if n < 0:
