@@ -131,3 +131,22 @@ def test_trusted_layout_still_checks_the_expert_range():
     sel = cvmm_prepare_sel2(torch.tensor([[0, 4], [1, 2]]))
     with pytest.raises(IndexError, match="expert index"):
         cvmm(torch.randn(2, 8), sel, torch.randn(4, 8, 3))
+
+
+def test_index_bound_checks_on_the_host_without_reading_indices(monkeypatch):
+    x, w = torch.randn(5, 8), torch.randn(4, 8, 3)
+    sel = cvmm_prepare_sel2(torch.randint(0, 4, (5, 2)), index_bound=4)
+    read_back = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: read_back.append(t) or real_tolist(t))
+    from cvmm_kernel.validation import check_cvmm_inputs
+
+    assert check_cvmm_inputs(x, sel, w) == 2
+    assert read_back == []  # no device read-back for a promised range
+    with pytest.raises(IndexError, match="up to 3, but there are 3"):
+        check_cvmm_inputs(x, sel, torch.randn(3, 8, 3))
+    assert sel.with_input_rows_per_group(2).index_bound == 4
+    assert sel.clone().index_bound == 4
+    rebuilt = sel.clone()
+    rebuilt.sel = sel.sel  # re-indexing by hand drops the promise
+    assert rebuilt.index_bound is None and rebuilt.layout_group == 0

@@ -43,10 +43,15 @@ class CVMMSel:
     # "sorted experts, input row = output row // g, output rows a permutation". Reassigning
     # sel, sel_index or out_index clears it, so hand-made layouts get the full validation.
     layout_group: int = field(default=0, repr=False, compare=False)
+    # Set by the constructors when the caller guarantees 0 <= sel < index_bound (indices from a
+    # top-k over index_bound experts): cvmm then checks the range on the host, without reading
+    # the indices back from the device. Cleared with layout_group.
+    index_bound: int | None = field(default=None, repr=False, compare=False)
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("sel", "sel_index", "out_index") and "layout_group" in self.__dict__:
             object.__setattr__(self, "layout_group", 0)
+            object.__setattr__(self, "index_bound", None)
         object.__setattr__(self, name, value)
 
     def clone(self) -> CVMMSel:
@@ -54,7 +59,7 @@ class CVMMSel:
         copy = CVMMSel(
             self.raw_sel, self.sel, self.sel_index, self.out_index, self.reduction_weight
         )
-        copy.layout_group = self.layout_group
+        copy.layout_group, copy.index_bound = self.layout_group, self.index_bound
         return copy
 
     def with_input_rows_per_group(self, group: int) -> CVMMSel:
@@ -66,6 +71,7 @@ class CVMMSel:
         copy = CVMMSel(self.raw_sel, self.sel, self.out_index // group, self.out_index)
         copy.reduction_weight = self.reduction_weight
         copy.layout_group = group if self.layout_group else 0
+        copy.index_bound = self.index_bound if self.layout_group else None
         return copy
 
 
@@ -91,13 +97,19 @@ def cvmm_prepare_sel(sel: torch.Tensor, n_experts: int | None = None) -> CVMMSel
     return CVMMSel(raw_sel=sel, sel=sorted_sel.view_as(sel), sel_index=order, layout_group=1)
 
 
-def cvmm_prepare_sel2(sel: torch.Tensor, w: torch.Tensor | None = None) -> CVMMSel:
+def cvmm_prepare_sel2(
+    sel: torch.Tensor, w: torch.Tensor | None = None, *, index_bound: int | None = None
+) -> CVMMSel:
     """k matrices per row: ``sel[..., j]`` is the j-th expert of input row ``...``.
 
     Args:
         sel: integer expert indices ``[*B, k]``; ``x`` has ``prod(B)`` rows.
         w: optional reduction weights ``[*B, k]`` (or any shape with ``prod == sel.numel()``):
             the output is then ``sum_j w[..., j] * x[...] @ W[sel[..., j]]``, shape ``[*B, d_out]``.
+        index_bound: a promise that ``0 <= sel < index_bound`` holds by construction (e.g. the
+            indices of a ``topk`` over ``index_bound`` scores). ``cvmm`` then checks only
+            ``index_bound <= n_matrices``, on the host: no read-back of the indices, so no
+            host-device synchronisation. Without it, ``cvmm`` reads the index range back.
 
     Returns:
         A :class:`CVMMSel` with input row ``= sorted position // k`` and output row ``= sorted
@@ -116,6 +128,7 @@ def cvmm_prepare_sel2(sel: torch.Tensor, w: torch.Tensor | None = None) -> CVMMS
         out_index=order,
         reduction_weight=w,
         layout_group=k,
+        index_bound=index_bound,
     )
 
 

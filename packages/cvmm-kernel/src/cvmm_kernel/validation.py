@@ -16,7 +16,8 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
     skipped while ``torch.compile`` traces.
 
     Selections made by ``cvmm_prepare_sel``/``cvmm_prepare_sel2`` (and not re-indexed by hand)
-    have a known layout: for them only the expert range is read back (two values).
+    have a known layout: for them only the expert range is read back (two values), or nothing
+    at all when the constructor was given ``index_bound``.
 
     Returns:
         ``g > 0`` when input row ``== output row // g`` for every position (the layout of
@@ -70,6 +71,14 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
         )
     if n == 0 or torch.compiler.is_compiling():
         return 0
+    if sel.layout_group and n == n_rows * sel.layout_group and sel.index_bound is not None:
+        # Range promised by the constructor's caller: a host check, no synchronisation.
+        if sel.index_bound > weights.shape[0]:
+            raise IndexError(
+                f"expert index (sel) out of range: the selection allows indices up to "
+                f"{sel.index_bound - 1}, but there are {weights.shape[0]} matrices"
+            )
+        return sel.layout_group
     if sel.layout_group and n == n_rows * sel.layout_group:
         # Rows, outputs and order are right by construction: only the expert range is open.
         flat = sel.sel.flatten()

@@ -76,7 +76,7 @@ class SigmaMoE(torch.nn.Module):
             ranked = scores.masked_fill(hidden, float("-inf"))
         index = ranked.topk(self.n_heads, dim=-1, sorted=False).indices
         gate = scores.gather(-1, index)
-        sel = cvmm_prepare_sel2(index)
+        sel = cvmm_prepare_sel2(index, index_bound=self.n_experts)  # top-k: in range, no sync
         hidden = self.activation(cvmm(input, sel, self.keys))  # [..., k, expert_size]
         down = sel.with_input_rows_per_group(1)
         down.reduction_weight = gate
