@@ -222,3 +222,34 @@ def test_triton_interpreter_fuzzed_shapes(batch, k, n_experts, d_in, d_out, seed
     rx, rw = torch.autograd.grad(ref, (x, w), grad)
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("known_layout", [True, False])
+def test_reduction_over_heads_gradcheck(known_layout):
+    """SwitchHead's V layout: k experts per head and H heads per row (layout group H*k differs
+    from the reduction's k); also the general path once the layout is no longer known."""
+    g = torch.Generator().manual_seed(3)
+    rows, heads, k, n_experts, d_in, d_out = 3, 2, 2, 3, 4, 5
+    x = torch.randn(rows, d_in, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(heads * n_experts, d_in, d_out, dtype=torch.float64, generator=g)
+    w.requires_grad_()
+    idx = torch.stack([torch.randperm(n_experts, generator=g)[:k] for _ in range(rows * heads)])
+    idx = idx.view(rows, heads, k) + (torch.arange(heads) * n_experts).view(1, heads, 1)
+    gate = torch.rand(rows, heads, k, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def run(x, w, gate):
+        sel = cvmm_prepare_sel2(idx.flatten(-2), gate)
+        if not known_layout:
+            sel.sel_index = sel.sel_index.clone()
+            assert sel.layout_group == 0
+        return cvmm(x, sel, w)
+
+    expected = torch.einsum("rd,rhkdo,rhk->rho", x, w[idx], gate)
+    out = run(x, w, gate)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(out, (x, w, gate), grad)
+    want = torch.autograd.grad(expected, (x, w, gate), grad)
+    for a, b in zip(got, want):  # float64 all the way: agreement to rounding
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(run, (x, w, gate))

@@ -126,3 +126,87 @@ def _backward(ctx, grad_out):
 
 
 gather_mm.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----- gather-mm with the weighted reduction fused into the op -----
+#
+# out[t] = sum_{q // k == t} rw[q] * x[in_row[p]] @ weight[expert[p]]   (q = out_row[p])
+#
+# The forward still forms the [N, d_out] products (one transient tensor, reduced at once by a
+# batched matmul), but nothing of that size is saved for the backward or formed in it: with
+# z[q] = grad[q // k] @ weight[e]^T (a gather-mm whose input rows are the k-groups),
+#   d x[in_row[p]] += rw[q] z[q],   d rw[q] = <z[q], x[in_row[p]]>,
+#   d weight[e] = sum_p (rw[q] x[in_row[p]])^T grad[q // k],
+# all on tensors of the input's width (d_in), which is the narrow side of a down-projection.
+
+
+@torch.library.custom_op("cvmm_kernel::gather_mm_reduce", mutates_args=())
+def gather_mm_reduce(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    expert: torch.Tensor,
+    in_row: torch.Tensor,
+    out_row: torch.Tensor,
+    bounds: torch.Tensor,
+    reduction_weight: torch.Tensor,
+    n_groups: int,
+    group: int,
+    backend: str,
+) -> torch.Tensor:
+    n = expert.numel()
+    products = gather_mm(x, weight, expert, in_row, out_row, bounds, n, group, backend)
+    k = n // n_groups if n_groups else 0
+    rw = reduction_weight.reshape(n_groups, 1, k).to(products.dtype)
+    return torch.bmm(rw, products.view(n_groups, k, weight.shape[2])).squeeze(1)
+
+
+@gather_mm_reduce.register_fake
+def _(x, weight, expert, in_row, out_row, bounds, reduction_weight, n_groups, group, backend):
+    return x.new_empty(n_groups, weight.shape[2])
+
+
+def _setup_reduce_context(ctx, inputs, output):
+    x, weight, expert, in_row, out_row, bounds, rw, n_groups, group, backend = inputs
+    k = max(expert.numel() // n_groups, 1) if n_groups else 1
+    ctx.save_for_backward(x, weight, expert, in_row, out_row, bounds, rw)
+    ctx.k, ctx.group, ctx.backend = k, group, backend
+
+
+def _reduce_backward(ctx, grad_out):
+    x, weight, expert, in_row, out_row, bounds, rw = ctx.saved_tensors
+    grad_out = grad_out.to(x.dtype)
+    n, k, group = expert.numel(), ctx.k, ctx.group  # k >= 1 (no positions when k would be 0)
+    need_x, need_w, need_rw = (
+        ctx.needs_input_grad[0],
+        ctx.needs_input_grad[1],
+        ctx.needs_input_grad[6],
+    )
+    grad_x = grad_w = grad_rw = None
+    rw_flat = rw.reshape(n)
+    # z[q] = grad[q // k] @ weight[e]^T, rows in output-position order
+    z = gather_mm(
+        grad_out, weight.transpose(1, 2), expert, out_row // k, out_row, bounds, n, 0, ctx.backend
+    )
+    if group > 0:  # in_row == out_row // group: x's row of output position q is q // group
+        x_of_q = x.repeat_interleave(group, dim=0) if need_rw else None
+    else:
+        x_of_q = x.new_empty(n, x.shape[1]).index_copy_(0, out_row, x[in_row]) if need_rw else None
+    if need_rw:
+        acc = torch.promote_types(z.dtype, torch.float32)  # bf16/fp16 rows summed in fp32
+        grad_rw = (z.to(acc) * x_of_q.to(acc)).sum(-1).to(rw.dtype).view(rw.shape)
+    if need_x:
+        scaled = z * rw_flat.to(z.dtype).unsqueeze(-1)
+        if group > 0:
+            grad_x = scaled.view(x.shape[0], group, x.shape[1]).sum(1)
+        else:
+            grad_x = x.new_zeros(x.shape).index_put_((in_row,), scaled[out_row], accumulate=True)
+    if need_w:
+        x_scaled = x[in_row] * rw_flat[out_row].to(x.dtype).unsqueeze(-1)  # [N, d_in], sorted
+        positions = torch.arange(n, device=expert.device)
+        grad_w = expert_weight_grad(
+            x_scaled, grad_out, expert, positions, out_row // k, bounds, ctx.backend
+        ).to(weight.dtype)
+    return grad_x, grad_w, None, None, None, None, grad_rw, None, None, None
+
+
+gather_mm_reduce.register_autograd(_reduce_backward, setup_context=_setup_reduce_context)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from .custom_ops import gather_mm
+from .custom_ops import gather_mm, gather_mm_reduce
 from .layout import MAX_EXPERTS_TRITON, expert_bounds
 from .selection import CVMMSel, cvmm_prepare_sel
 from .validation import check_cvmm_inputs
@@ -91,13 +91,15 @@ def cvmm(
     out_row = sel.sel_index if sel.out_index is None else sel.out_index
     expert = sel.sel.flatten()
     bounds = expert_bounds(expert, weights.shape[0])
-    products = gather_mm(
-        x.reshape(-1, d_in), weights, expert, sel.sel_index, out_row, bounds, n, group, backend
-    )
     w = sel.reduction_weight
+    x2 = x.reshape(-1, d_in)
     if w is None:
+        products = gather_mm(x2, weights, expert, sel.sel_index, out_row, bounds, n, group, backend)
         return products.view(*sel.sel.shape, d_out)
-    grouped = products.view(*w.shape, d_out)
-    # Autocast would run the sum in float32; the result keeps the matmul's dtype instead.
+    n_groups = w.shape[:-1].numel()
+    # Autocast would run the reduction in float32; the result keeps the matmul's dtype instead.
     with torch.autocast(x.device.type, enabled=False):
-        return (grouped * w.unsqueeze(-1).to(grouped.dtype)).sum(-2)
+        out = gather_mm_reduce(
+            x2, weights, expert, sel.sel_index, out_row, bounds, w, n_groups, group, backend
+        )
+    return out.view(*w.shape[:-1], d_out)
