@@ -225,11 +225,12 @@ def test_triton_interpreter_fuzzed_shapes(batch, k, n_experts, d_in, d_out, seed
 
 
 @pytest.mark.parametrize("known_layout", [True, False])
-def test_reduction_over_heads_gradcheck(known_layout):
+@pytest.mark.parametrize(("d_in", "d_out"), [(4, 5), (5, 4)])  # fused-reduce and bmm paths
+def test_reduction_over_heads_gradcheck(known_layout, d_in, d_out):
     """SwitchHead's V layout: k experts per head and H heads per row (layout group H*k differs
     from the reduction's k); also the general path once the layout is no longer known."""
     g = torch.Generator().manual_seed(3)
-    rows, heads, k, n_experts, d_in, d_out = 3, 2, 2, 3, 4, 5
+    rows, heads, k, n_experts = 3, 2, 2, 3
     x = torch.randn(rows, d_in, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(heads * n_experts, d_in, d_out, dtype=torch.float64, generator=g)
     w.requires_grad_()

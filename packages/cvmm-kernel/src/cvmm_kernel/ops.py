@@ -99,7 +99,18 @@ def cvmm(
     n_groups = w.shape[:-1].numel()
     # Autocast would run the reduction in float32; the result keeps the matmul's dtype instead.
     with torch.autocast(x.device.type, enabled=False):
-        out = gather_mm_reduce(
-            x2, weights, expert, sel.sel_index, out_row, bounds, w, n_groups, group, backend
-        )
+        if d_out < d_in:
+            # Narrow products (e.g. SwitchHead's value projection): form them and reduce with a
+            # batched matmul; its backward works on [N, d_out], the narrow side.
+            products = gather_mm(
+                x2, weights, expert, sel.sel_index, out_row, bounds, n, group, backend
+            )
+            rw = w.reshape(n_groups, 1, w.shape[-1]).to(products.dtype)
+            out = torch.bmm(rw, products.view(n_groups, w.shape[-1], d_out))
+        else:
+            # Wide products (down/output projections): the fused op never keeps or
+            # back-propagates through [N, d_out]; its backward works on [N, d_in].
+            out = gather_mm_reduce(
+                x2, weights, expert, sel.sel_index, out_row, bounds, w, n_groups, group, backend
+            )
     return out.view(*w.shape[:-1], d_out)
