@@ -4,8 +4,12 @@ Two ops carry all the arithmetic; ``backend`` picks the implementation inside th
 
 - ``cvmm_kernel::gather_mm(x, weight, expert, in_row, out_row, bounds, n_out, group, backend)``:
   ``out[out_row[p]] = x[in_row[p]] @ weight[expert[p]]``, shape ``[n_out, d_out]``;
-- ``cvmm_kernel::expert_weight_grad(x, grad, expert, in_row, out_row, bounds, backend)``:
-  ``dW[e] = sum_{p in e} x[in_row[p]]^T grad[out_row[p]]``.
+- ``cvmm_kernel::expert_weight_grad(x, grad, expert, in_row, out_row, bounds, out_dtype, backend)``:
+  ``dW[e] = sum_{p in e} x[in_row[p]]^T grad[out_row[p]]`` (accumulated in fp32, returned in
+  ``out_dtype``, the weight's dtype).
+
+The Triton backend accepts weights of a wider dtype than ``x`` (fp32 weights with bf16/fp16 rows
+under autocast) and casts each tile in the kernel, so autocast costs no weight copy per call.
 
 ``expert`` is sorted and ``bounds`` (``[E + 1]``) marks each expert's run of positions.
 ``group > 0`` promises ``in_row == out_row // group`` with ``out_row`` a permutation (the layout of
@@ -33,9 +37,9 @@ def _reference_gather_mm(x, weight, expert, in_row, out_row, bounds, n_out):
     return out
 
 
-def _reference_expert_weight_grad(x, grad, expert, in_row, out_row, bounds):
+def _reference_expert_weight_grad(x, grad, expert, in_row, out_row, bounds, out_dtype):
     n_experts = bounds.numel() - 1
-    dw = x.new_zeros(n_experts, x.shape[1], grad.shape[1])
+    dw = x.new_zeros(n_experts, x.shape[1], grad.shape[1], dtype=out_dtype)
     if expert.numel() == 0:
         return dw
     counts = torch.diff(bounds).tolist()
@@ -43,7 +47,7 @@ def _reference_expert_weight_grad(x, grad, expert, in_row, out_row, bounds):
     gs = torch.split(grad[out_row], counts)
     for e, (xe, ge) in enumerate(zip(xs, gs)):
         if xe.shape[0]:
-            dw[e] = xe.transpose(0, 1) @ ge
+            dw[e] = (xe.transpose(0, 1) @ ge).to(out_dtype)
     return dw
 
 
@@ -79,18 +83,19 @@ def expert_weight_grad(
     in_row: torch.Tensor,
     out_row: torch.Tensor,
     bounds: torch.Tensor,
+    out_dtype: torch.dtype,
     backend: str,
 ) -> torch.Tensor:
     if backend == "triton":
         from .triton_kernels import expert_weight_grad as triton_expert_weight_grad
 
-        return triton_expert_weight_grad(x, grad, expert, in_row, out_row, bounds)
-    return _reference_expert_weight_grad(x, grad, expert, in_row, out_row, bounds)
+        return triton_expert_weight_grad(x, grad, expert, in_row, out_row, bounds, out_dtype)
+    return _reference_expert_weight_grad(x, grad, expert, in_row, out_row, bounds, out_dtype)
 
 
 @expert_weight_grad.register_fake
-def _(x, grad, expert, in_row, out_row, bounds, backend):
-    return x.new_empty(bounds.shape[0] - 1, x.shape[1], grad.shape[1])
+def _(x, grad, expert, in_row, out_row, bounds, out_dtype, backend):
+    return x.new_empty(bounds.shape[0] - 1, x.shape[1], grad.shape[1], dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
@@ -120,8 +125,9 @@ def _backward(ctx, grad_out):
             )
             grad_x = x.new_zeros(x.shape).index_put_((in_row,), per_position, accumulate=True)
     if ctx.needs_input_grad[1]:
-        grad_w = expert_weight_grad(x, grad_out, expert, in_row, out_row, bounds, ctx.backend)
-        grad_w = grad_w.to(weight.dtype)
+        grad_w = expert_weight_grad(
+            x, grad_out, expert, in_row, out_row, bounds, weight.dtype, ctx.backend
+        )
     return grad_x, grad_w, None, None, None, None, None, None, None
 
 
@@ -204,8 +210,8 @@ def _reduce_backward(ctx, grad_out):
         x_scaled = x[in_row] * rw_flat[out_row].to(x.dtype).unsqueeze(-1)  # [N, d_in], sorted
         positions = torch.arange(n, device=expert.device)
         grad_w = expert_weight_grad(
-            x_scaled, grad_out, expert, positions, out_row // k, bounds, ctx.backend
-        ).to(weight.dtype)
+            x_scaled, grad_out, expert, positions, out_row // k, bounds, weight.dtype, ctx.backend
+        )
     return grad_x, grad_w, None, None, None, None, grad_rw, None, None, None
 
 

@@ -81,7 +81,9 @@ def cvmm(
         )
     cast = _autocast_dtype(x.device)
     if cast is not None:
-        x, weights = x.to(cast), weights.to(cast)
+        x = x.to(cast)
+        if backend != "triton" or weights.element_size() < x.element_size():
+            weights = weights.to(cast)  # the Triton kernels cast wider weights per tile
     elif x.dtype != weights.dtype:
         raise TypeError(
             f"x ({x.dtype}) and weights ({weights.dtype}) must have the same dtype outside autocast"

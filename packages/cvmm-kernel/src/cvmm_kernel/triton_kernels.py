@@ -82,7 +82,7 @@ def _gather_mm_kernel(
                 w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
-            )
+            ).to(a.dtype)  # fp32 weights with bf16/fp16 rows (autocast): cast the tile here
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
         tl.store(
             out_ptr + rows_out[:, None] * stride_om + offs_n[None, :] * stride_on,
@@ -189,7 +189,8 @@ def gather_mm(
 
     Args:
         x: ``[M, K]`` rows (any strides).
-        weight: ``[E, K, N]`` (any strides; a transposed view works without a copy).
+        weight: ``[E, K, N]`` (any strides; a transposed view works without a copy), in
+            ``x.dtype`` or a wider float dtype (cast tile by tile in the kernel).
         expert_sorted, in_row, out_row: ``[P]`` each, ``expert_sorted`` ascending.
         bounds: ``[E + 1]`` expert run boundaries from ``layout.expert_bounds``.
         n_out: rows of the output; rows that no position writes are zero.
@@ -242,11 +243,13 @@ def expert_weight_grad(
     in_row: torch.Tensor,
     out_row: torch.Tensor,
     bounds: torch.Tensor,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``dW[e] = sum_{p: expert p == e} x[in_row[p]]^T grad[out_row[p]]``, shape ``[E, K, N]``."""
+    """``dW[e] = sum_{p: expert p == e} x[in_row[p]]^T grad[out_row[p]]``, shape ``[E, K, N]``,
+    accumulated in fp32 and stored in ``out_dtype`` (default ``x.dtype``)."""
     k, n = x.shape[1], grad.shape[1]
     n_experts = bounds.numel() - 1
-    dw = torch.empty(n_experts, k, n, dtype=x.dtype, device=x.device)
+    dw = torch.empty(n_experts, k, n, dtype=out_dtype or x.dtype, device=x.device)
     if n_experts == 0 or k == 0 or n == 0:
         return dw.zero_()
     _, block_n, block_k, warps, stages = _block_sizes(k, n)
