@@ -59,20 +59,37 @@ class DenseLM(torch.nn.Module):
         return self.lm_head(self.out_norm(h))
 
 
-def time_step(model: torch.nn.Module, compiled: bool) -> dict:
+def cuda_graphed(step):
+    """``step`` captured once in a CUDA graph (after warm-up on a side stream): the replay
+    removes the host's launch overhead, which shows the GPU-bound time of the step."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def time_step(model: torch.nn.Module, mode: str) -> dict:
+    """``mode``: "eager", "compiled" (torch.compile) or "graph" (the whole step in a CUDA graph)."""
     import triton.testing
 
     model = model.cuda().train()
-    run = torch.compile(model) if compiled else model
+    run = torch.compile(model) if mode == "compiled" else model
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        # the autocast weight cache must be off while a CUDA graph is captured
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=mode != "graph"):
             out = run(tokens[:, :-1])
             logits, reg = (out, 0.0) if torch.is_tensor(out) else (out.outputs, out.reg_loss)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) + reg
         loss.backward()
-        model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=mode != "graph")
 
     step()
     step()
@@ -81,6 +98,8 @@ def time_step(model: torch.nn.Module, compiled: bool) -> dict:
     step()
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30
+    if mode == "graph":
+        step = cuda_graphed(step)
     ms = triton.testing.do_bench(step, warmup=300, rep=1500, return_mode="median")
     params = sum(p.numel() for p in model.parameters())
     return {
@@ -95,6 +114,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MoEUT_244M and dense only")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="also time each step replayed from a CUDA graph"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_moeut.py needs a CUDA device", file=sys.stderr)
@@ -105,14 +127,18 @@ def main() -> int:
     models = [("dense-243M", lambda: DenseLM())]
     models += [(n, lambda n=n: MoEUTLM(VOCAB, **profiles.PROFILES[n])) for n in names]
     rows = []
+    modes = ["eager"] + ["compiled"] * args.compile + ["graph"] * args.cuda_graph
+    suffix = {"eager": "", "compiled": " (compiled)", "graph": " (CUDA graph)"}
     for name, make in models:
-        for compiled in [False, True] if args.compile else [False]:
+        for mode in modes:
             torch.manual_seed(0)
-            row = {
-                "model": name + (" (compiled)" if compiled else ""),
-                **time_step(make(), compiled),
-            }
-            if name in UPSTREAM_MS and not compiled:
+            try:
+                timing = time_step(make(), mode)
+            except Exception as exc:  # report a mode that cannot run, keep the others
+                print(f"{name} {mode}: {exc!r}"[:300], file=sys.stderr)
+                continue
+            row = {"model": name + suffix[mode], **timing}
+            if name in UPSTREAM_MS and mode == "eager":
                 row["upstream_ms_perf_md"] = UPSTREAM_MS[name]
             rows.append(row)
             torch.cuda.empty_cache()

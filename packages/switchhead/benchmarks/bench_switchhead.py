@@ -47,21 +47,38 @@ def variants():
     yield "dense-mha-16x64", lambda: DenseMHA()
 
 
-def time_layer(make, batch: int, seq: int, compiled: bool = False) -> dict:
+def cuda_graphed(step):
+    """``step`` captured once in a CUDA graph (after warm-up on a side stream): the replay
+    removes the host's launch overhead, which shows the GPU-bound time of the step."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def time_layer(make, batch: int, seq: int, mode: str = "eager") -> dict:
+    """``mode``: "eager", "compiled" (torch.compile) or "graph" (each step a CUDA graph replay)."""
     import triton.testing
 
     torch.manual_seed(0)
     layer = make().cuda()
-    if compiled:
+    if mode == "compiled":
         layer = torch.compile(layer)
     x = torch.randn(batch, seq, 1024, device="cuda", requires_grad=True)
     dense = isinstance(getattr(layer, "_orig_mod", layer), DenseMHA)
+    graph = mode == "graph"
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
             out = layer(x) if dense else layer(x, x, x)[0]
         out.float().sum().backward()
-        layer.zero_grad(set_to_none=True)
+        layer.zero_grad(set_to_none=not graph)
         x.grad = None
 
     step()
@@ -71,6 +88,8 @@ def time_layer(make, batch: int, seq: int, compiled: bool = False) -> dict:
     step()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    if graph:
+        step = cuda_graphed(step)
     ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
     params = sum(p.numel() for p in layer.parameters())
     return {"ms": ms, "peak_mib": peak, "params": params}
@@ -80,6 +99,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T=1024 only")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="also time steps replayed from a CUDA graph"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_switchhead.py needs a CUDA device", file=sys.stderr)
@@ -93,7 +115,12 @@ def main() -> int:
         for name, make in variants():
             results[name] = time_layer(make, 8, seq)
             if args.compile and not name.startswith("xl"):
-                results[name + " (compiled)"] = time_layer(make, 8, seq, compiled=True)
+                results[name + " (compiled)"] = time_layer(make, 8, seq, "compiled")
+            if args.cuda_graph:
+                try:
+                    results[name + " (CUDA graph)"] = time_layer(make, 8, seq, "graph")
+                except Exception as exc:  # report a variant that cannot be captured
+                    print(f"{name} CUDA graph: {exc!r}"[:300], file=sys.stderr)
         dense = results["dense-mha-16x64"]["ms"]
         for name, r in results.items():
             row = {"variant": name, "T": seq, **r, "ratio_to_dense": r["ms"] / dense}

@@ -8,8 +8,8 @@ Two ops carry all the arithmetic; ``backend`` picks the implementation inside th
   ``dW[e] = sum_{p in e} x[in_row[p]]^T grad[out_row[p]]`` (accumulated in fp32, returned in
   ``out_dtype``, the weight's dtype).
 
-The Triton backend accepts weights of a wider dtype than ``x`` (fp32 weights with bf16/fp16 rows
-under autocast) and casts each tile in the kernel, so autocast costs no weight copy per call.
+The Triton ``gather_mm`` also accepts weights of a wider dtype than ``x`` (cast tile by tile);
+``cvmm`` does not use that under autocast, as one weight copy per call measured faster.
 
 ``expert`` is sorted and ``bounds`` (``[E + 1]``) marks each expert's run of positions.
 ``group > 0`` promises ``in_row == out_row // group`` with ``out_row`` a permutation (the layout of

@@ -1,0 +1,75 @@
+"""Where the time of a MoEUT training step goes (CUDA): wall time vs GPU kernel time, top ops.
+
+    PYTHONPATH=... python3 packages/moeut/benchmarks/profile_step.py [--profile MoEUT_244M]
+
+The step is the benchmark's (LM forward+backward, bf16 autocast, B=8, T=1024, vocab 8000). Prints
+the wall time per step, the summed GPU kernel time of one profiled step and the ops that take the
+most GPU time; writes the same text to ``$OUT/profile_<profile>.txt`` if ``$OUT`` is set, else to
+``benchmarks/results/``. Wall time well above kernel time means the step is bound by the host
+(launch overhead), not by the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from moeut import MoEUTLM, profiles
+from torch.profiler import ProfilerActivity, profile
+
+VOCAB, BATCH, SEQ = 8000, 8, 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="MoEUT_244M", choices=sorted(profiles.PROFILES))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("profile_step.py needs a CUDA device", file=sys.stderr)
+        return 2
+    model = MoEUTLM(VOCAB, **profiles.PROFILES[args.profile]).cuda().train()
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(tokens[:, :-1])
+            logits = out.outputs.flatten(0, 1).float()
+            loss = F.cross_entropy(logits, tokens[:, 1:].flatten()) + out.reg_loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / n * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernel_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+    text = "\n".join(
+        [
+            f"{args.profile} training step on {torch.cuda.get_device_name()}, torch "
+            f"{torch.__version__}: wall {wall_ms:.1f} ms/step, GPU kernel time {kernel_ms:.1f} ms",
+            "",
+            events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60),
+        ]
+    )
+    print(text)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"profile_{args.profile}.txt").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
