@@ -182,11 +182,25 @@ class SwitchHeadCore(torch.nn.Module):
         return scores, index
 
     def _dense_gates(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0."""
-        scores, index = self._topk(logits)
-        if index is None:
+        """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0.
+
+        The chosen experts are those ranked below ``moe_k`` (ties go to the lower index): with
+        the few experts of the dense path, ranking by pairwise comparison is a handful of small
+        elementwise kernels, much cheaper on the GPU than ``topk`` plus a scatter.
+        """
+        scores = logits.sigmoid()
+        if self.moe_k == self.n_experts and not (self.expert_dropout > 0 and self.training):
             return scores
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, index, True)
+        with torch.no_grad():
+            ranked = scores
+            if self.expert_dropout > 0 and self.training:
+                drop = torch.rand_like(scores) < self.expert_dropout
+                ranked = scores.masked_fill(drop, float("-inf"))
+            e = self.n_experts
+            earlier = torch.ones(e, e, dtype=torch.bool, device=scores.device).tril(-1)
+            a, b = ranked.unsqueeze(-1), ranked.unsqueeze(-2)  # a: expert i, b: expert j
+            beaten_by = (b > a) | ((b == a) & earlier)  # [..., i, j]: j ranks before i
+            keep = beaten_by.sum(-1) < self.moe_k
         return scores * keep
 
     def _cvmm_sel(self, logits: torch.Tensor) -> CVMMSel:
