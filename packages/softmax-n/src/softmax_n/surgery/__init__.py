@@ -1,0 +1,129 @@
+"""Model surgery: make a model's attention use softmax_n.
+
+``apply_attention_softmax_n(model, softmax_n_param)`` converts
+
+- Hugging Face transformers models (``pip install softmax-n[surgery]``) through their attention
+  registry (see ``softmax_n.surgery.hf`` for supported versions and families), and
+- any module class registered in ``policy_registry`` (``@policy_registry.register(MyAttention)``).
+
+A warning lists attention-like modules (class name containing ``Attention``) that were not
+converted.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .registry import PolicyRegistry, policy_registry
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PolicyRegistry", "apply_attention_softmax_n", "policy_registry"]
+
+
+def _hf_models(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return []
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PreTrainedModel)]
+
+
+def _set_child(root: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def apply_attention_softmax_n(
+    model: torch.nn.Module,
+    softmax_n_param: float | torch.Tensor,
+    optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+) -> list[str]:
+    """Make the attention of ``model`` use softmax_n with ``n = softmax_n_param`` (in place).
+
+    Args:
+        model: a transformers ``PreTrainedModel`` (or a module containing some) and/or modules
+            whose classes are in ``policy_registry``.
+        softmax_n_param: ``n >= 0`` (a float, or a tensor broadcastable to ``[B, H, L, 1]``).
+        optimizers: optimizers over ``model.parameters()``. Conversions keep the parameters, so
+            they stay valid; a warning is given if a registered converter returned a new module.
+
+    Returns:
+        The names of the converted modules (``""`` for ``model`` itself).
+    """
+    if isinstance(softmax_n_param, (int, float)) and not softmax_n_param >= 0:
+        raise ValueError(f"softmax_n needs n >= 0, got {softmax_n_param}")
+    converted: list[str] = []
+    replaced = False
+    for index, (name, module) in enumerate(list(model.named_modules())):
+        converter = policy_registry.get(type(module))
+        if converter is None:
+            continue
+        result = converter(module, index, softmax_n_param)
+        if result is None:
+            continue
+        if result is not module:
+            if not name:
+                raise ValueError("a converter cannot replace the root module; convert its children")
+            _set_child(model, name, result)
+            replaced = True
+        converted.append(name)
+    if replaced and optimizers is not None:
+        warnings.warn(
+            "a converter returned new modules; rebuild the optimizers if their parameters changed",
+            stacklevel=2,
+        )
+    hf_converted = []
+    for name, hf_model in _hf_models(model):
+        if any(name.startswith(done + ".") or name == done for done in hf_converted if done):
+            continue
+        if "" in hf_converted:
+            break
+        from .hf import NAME, register
+
+        register()
+        configs = [hf_model.config]
+        configs += [
+            getattr(hf_model.config, k)
+            for k in getattr(hf_model.config, "sub_configs", {})
+            if getattr(hf_model.config, k, None) is not None
+        ]
+        for config in configs:
+            config.softmax_n_param = softmax_n_param
+        try:
+            hf_model.set_attn_implementation(NAME)
+        except (ValueError, KeyError, AttributeError) as e:
+            warnings.warn(f"{type(hf_model).__name__} kept its attention: {e}", stacklevel=2)
+            continue
+        if hf_model.config._attn_implementation != NAME:
+            warnings.warn(
+                f"{type(hf_model).__name__} does not route attention through transformers' "
+                "attention registry; not converted",
+                stacklevel=2,
+            )
+            continue
+        hf_converted.append(name)
+    converted += hf_converted
+    missed = []
+    for name, module in model.named_modules():
+        if "Attention" not in type(module).__name__ or name in converted:
+            continue
+        inside = any(name.startswith(done + ".") or done == "" for done in converted)
+        if not inside:
+            missed.append(f"{name or '<root>'} ({type(module).__name__})")
+    if missed:
+        warnings.warn(
+            "not converted to softmax_n (register a converter with "
+            f"softmax_n.surgery.policy_registry.register): {', '.join(missed)}",
+            stacklevel=2,
+        )
+    if not converted:
+        warnings.warn("apply_attention_softmax_n converted nothing", stacklevel=2)
+    else:
+        log.info("softmax_n applied to %d modules", len(converted))
+    return converted
