@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .flash import flash_attention_n, softmax_n_attention_fn
 from .functional import slow_attention_n, softmax_n
+from .fused import flash_attention_n_triton
 
 try:
     __version__ = version("softmax-n")
@@ -13,6 +14,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 __all__ = [
     "__version__",
     "flash_attention_n",
+    "flash_attention_n_triton",
     "slow_attention_n",
     "softmax_n",
     "softmax_n_attention_fn",

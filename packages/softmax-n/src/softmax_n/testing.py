@@ -1,0 +1,35 @@
+"""Test helpers: softmax_n attention written out directly in float64 (the oracle of the tests)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def direct_attention_n(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    n: float | torch.Tensor = 0.0,
+    keep: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: float | None = None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """``(e / (n + sum e)) @ v`` with ``e = exp(q k^T * scale + bias)`` masked by ``keep`` (True =
+    attend) and by bottom-right causality; ``q [B, H, L, D]``, ``k, v [B, H, S, D]``; float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    if bias is not None:
+        s = s + bias.double()
+    if causal:
+        n_q, n_k = s.shape[-2:]
+        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).tril(n_k - n_q)
+        keep = allowed if keep is None else keep & allowed
+    e = s.exp()
+    if keep is not None:
+        e = e.masked_fill(~keep, 0.0)
+    n = n.double() if isinstance(n, torch.Tensor) else n
+    return (e / (n + e.sum(-1, keepdim=True))) @ v
