@@ -1,6 +1,7 @@
 """Train a byte-level language model built from the workspace packages (the main demo).
 
     uv run python examples/train_lm.py                 # MoEUT + SwitchHead, CPU-sized defaults
+    uv run python examples/train_lm.py --attention colt5   # CoLT5 routed attention + sigma-MoE
     uv run python examples/train_lm.py --help
     uv run torchrun --standalone --nproc_per_node 2 examples/train_lm.py   # data parallel (DDP)
 
@@ -68,9 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--attention",
-        choices=["switchhead", "switchhead-xl", "dense"],
+        choices=["switchhead", "switchhead-xl", "dense", "colt5"],
         default="switchhead",
-        help="attention core (dense = one expert, plain heads)",
+        help="attention (dense = SwitchHead with one expert, plain heads; colt5 = not MoEUT but "
+        "a causal CoLT5 LM: local attention plus heavy attention to keys routed from earlier "
+        "windows of 32 tokens, with sigma-MoE feedforwards)",
     )
     p.add_argument(
         "--softmax-n",
@@ -97,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace, vocab: int) -> torch.nn.Module:
+    """The model of ``args.attention`` at ``args.profile`` for a vocabulary of ``vocab``: a
+    ``moeut.MoEUTLM``, or for ``colt5`` an ``lm_demo.colt5_lm.CoLT5LM`` (same interface)."""
     from moeut import MoEUTLM, SwitchHeadRope, SwitchHeadXL
 
     config = dict(PROFILES[args.profile])
@@ -107,6 +112,12 @@ def build_model(args: argparse.Namespace, vocab: int) -> torch.nn.Module:
         from softmax_n import softmax_n_attention_fn
 
         attention_fn = softmax_n_attention_fn(args.softmax_n)
+    if args.attention == "colt5":
+        from lm_demo.colt5_lm import CoLT5LM
+
+        for unused in ("att_n_experts", "group_size"):  # no layer sharing, no attention experts
+            config.pop(unused)
+        return CoLT5LM(vocab, **config, attention_fn=attention_fn)
     attention = SwitchHeadXL if args.attention == "switchhead-xl" else SwitchHeadRope
     return MoEUTLM(vocab, **config, attention=attention, attention_fn=attention_fn)
 
@@ -148,7 +159,9 @@ def expert_usage(model, data, args, device, generator) -> dict[str, torch.Tensor
     for h in hooks:
         h.remove()
     return {
-        name.replace("transformer.layers.", "layer ").replace(".ffn", ""): c
+        name.replace("transformer.layers.", "layer ")
+        .replace("layers.", "layer ")
+        .replace(".ffn", ""): c
         for name, c in counts.items()
     }
 
@@ -213,8 +226,9 @@ def main(argv=None) -> dict:
         opt.load_state_dict(state["optimizer"])
         start, history = state["step"], state["history"]
     n_params = sum(p.numel() for p in model.parameters())
+    kind = "CoLT5 LM" if args.attention == "colt5" else f"{args.attention} MoEUT"
     log(
-        f"{args.attention} MoEUT '{args.profile}' ({n_params / 1e6:.2f}M parameters) on {device}"
+        f"{kind} '{args.profile}' ({n_params / 1e6:.2f}M parameters) on {device}"
         f"{f' x {world} processes' if world > 1 else ''}; data {corpus.source} "
         f"({corpus.train.numel():,} bytes); run folder {out}"
     )
