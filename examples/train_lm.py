@@ -244,6 +244,11 @@ def main(argv=None) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             res = train_model(x.to(device))
             loss = F.cross_entropy(res.outputs.float().flatten(0, 1), y.to(device).flatten())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"the training loss is {loss.item()} at step {step}: the run diverged; "
+                "try a lower --lr"
+            )
         opt.zero_grad(set_to_none=True)
         (loss + res.reg_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

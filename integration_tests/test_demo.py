@@ -182,8 +182,10 @@ def test_colt5_variant_is_causal(demo):
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["switchhead", "colt5"])
 def test_demo_on_cuda_300_steps(demo, tmp_path, capsys, attention):
-    """The demo as a user runs it on CUDA (small profile, bf16 autocast): the loss falls and the
-    throughput is reported."""
+    """The demo on CUDA (bf16 autocast, as it runs there), tiny profile: the loss falls and the
+    throughput is reported. (The tiny profile: 300 steps of the small one at the default
+    learning rate end near 3.3 nats/byte, barely below a byte unigram model, so its loss says
+    little; see the session report.)"""
     import argparse
 
     result = demo.main(
@@ -191,7 +193,7 @@ def test_demo_on_cuda_300_steps(demo, tmp_path, capsys, attention):
             "--attention",
             attention,
             "--profile",
-            "small",
+            "tiny",
             "--steps",
             "300",
             "--eval-every",
@@ -211,8 +213,9 @@ def test_demo_on_cuda_300_steps(demo, tmp_path, capsys, attention):
     val = [loss for _, loss in result["history"]["validation"]]
     assert len(train) == 300 and all(math.isfinite(v) for v in train)
     assert train[0] > 4.5  # untrained: near log(256) = 5.5
-    # 300 steps of the small profile reach well under 2.5 nats/byte on Python source;
-    # a model that does not learn (or diverges in bf16) stays above it
+    # 300 steps of the tiny profile reach ~1.7 nats/byte on Python source on CPU (README); a
+    # model that does not learn, or diverges in bf16, stays above 2.5 (a byte unigram model
+    # of Python source is near 3)
     assert sum(train[-20:]) / 20 < 2.5
     assert val[-1] < val[0] and val[-1] < 2.5
     assert result["tokens_per_s"] > 0
