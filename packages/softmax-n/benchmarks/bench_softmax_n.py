@@ -3,10 +3,10 @@
     PYTHONPATH=packages/softmax-n/src python3 packages/softmax-n/benchmarks/bench_softmax_n.py
 
 B=8, H=16, D in {64, 128}, L in {1024, 2048, 8192}, causal and not, bf16 and fp16; ours with
-n=1 and n=0.5 against, in the same process, SDPA (n=0) with PyTorch's choice of kernel (cuDNN on an
-H100), SDPA restricted to the flash kernel, and the upstream ``flash-attention-softmax-n`` package
-(n=1) when it is importable. Writes JSON and markdown to ``$OUT`` if set, else to
-``benchmarks/results/``.
+n=1 and n=0.5 (and the fused Triton kernel with n=1) against, in the same process, SDPA (n=0)
+with PyTorch's choice of kernel (cuDNN on an H100), SDPA restricted to the flash kernel, and the
+upstream ``flash-attention-softmax-n`` package (n=1) when it is importable. Writes JSON and
+markdown to ``$OUT`` if set, else to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from softmax_n import flash_attention_n
+from softmax_n import flash_attention_n, flash_attention_n_triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
@@ -45,6 +46,13 @@ def measure(fn, q, k, v) -> tuple[float, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the headline shape")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="SDPA and n=1 are timed alternately this many times; the table shows the medians "
+        "(launch-bound shapes vary by 10-20%% between single timings)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_softmax_n.py needs a CUDA device", file=sys.stderr)
@@ -71,9 +79,20 @@ def main() -> int:
             torch.randn(8, 16, length, d, device="cuda", dtype=dtype, requires_grad=True)
             for _ in range(3)
         )
-        sdpa_ms, sdpa_mib = measure(
-            lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
-        )
+        sdpa_runs, n1_runs = [], []
+        for _ in range(max(1, args.rounds)):  # interleaved, so drift hits both alike
+            sdpa_runs.append(
+                measure(
+                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                    q,
+                    k,
+                    v,
+                )
+            )
+            n1_runs.append(
+                measure(lambda q, k, v: flash_attention_n(q, k, v, 1.0, is_causal=causal), q, k, v)
+            )
+        sdpa_ms, sdpa_mib = statistics.median(r[0] for r in sdpa_runs), sdpa_runs[0][1]
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             flash_ms, _ = measure(
                 lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
@@ -96,11 +115,19 @@ def main() -> int:
             except Exception as exc:  # report, do not hide, what upstream cannot run
                 row["upstream_error"] = repr(exc)[:200]
                 torch.cuda.empty_cache()
-        for n in (1.0, 0.5):
-            ms, mib = measure(
-                lambda q, k, v, n=n: flash_attention_n(q, k, v, n, is_causal=causal), q, k, v
-            )
-            row[f"n{n}_ms"], row[f"n{n}_mib"], row[f"n{n}_ratio"] = ms, mib, ms / sdpa_ms
+        n1_ms = statistics.median(r[0] for r in n1_runs)
+        row["sdpa_ms_runs"], row["n1.0_ms_runs"] = (
+            [r[0] for r in sdpa_runs],
+            [r[0] for r in n1_runs],
+        )
+        row["n1.0_ms"], row["n1.0_mib"], row["n1.0_ratio"] = n1_ms, n1_runs[0][1], n1_ms / sdpa_ms
+        ms, mib = measure(
+            lambda q, k, v: flash_attention_n(q, k, v, 0.5, is_causal=causal), q, k, v
+        )
+        row["n0.5_ms"], row["n0.5_mib"], row["n0.5_ratio"] = ms, mib, ms / sdpa_ms
+        row["triton_n1_ms"], row["triton_n1_mib"] = measure(
+            lambda q, k, v: flash_attention_n_triton(q, k, v, 1.0, is_causal=causal), q, k, v
+        )
         rows.append(row)
         del q, k, v
         torch.cuda.empty_cache()
@@ -109,15 +136,16 @@ def main() -> int:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "date": datetime.date.today().isoformat(),
-        "setup": "B=8, H=16, forward+backward, do_bench median; SDPA = PyTorch's kernel choice",
+        "setup": f"B=8, H=16, forward+backward, do_bench median; SDPA and n=1: median of "
+        f"{max(1, args.rounds)} interleaved timings; SDPA = PyTorch's kernel choice",
     }
     lines = [
         f"flash_attention_n, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
         f"{meta['date']} ({meta['setup']})",
         "",
         "| dtype | D | L | causal | SDPA ms | SDPA flash-only ms | n=1 ms (x SDPA) | n=0.5 ms "
-        "| upstream n=1 ms | peak MiB SDPA / n=1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Triton n=1 ms | upstream n=1 ms | peak MiB SDPA / n=1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         up = r["upstream_n1_ms"]
@@ -125,7 +153,8 @@ def main() -> int:
         lines.append(
             f"| {r['dtype']} | {r['D']} | {r['L']} | {r['causal']} | {r['sdpa_ms']:.3f} | "
             f"{r['sdpa_flash_ms']:.3f} | {r['n1.0_ms']:.3f} ({r['n1.0_ratio']:.2f}) | "
-            f"{r['n0.5_ms']:.3f} | {up} | {r['sdpa_mib']:.0f} / {r['n1.0_mib']:.0f} |"
+            f"{r['n0.5_ms']:.3f} | {r['triton_n1_ms']:.3f} | {up} | "
+            f"{r['sdpa_mib']:.0f} / {r['n1.0_mib']:.0f} |"
         )
     table = "\n".join(lines)
     print(table)
