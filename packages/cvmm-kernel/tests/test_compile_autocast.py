@@ -63,3 +63,38 @@ def test_autocast_output_dtype_follows_matmul(device, dtype):
     assert out.dtype == reduced.dtype == expected_dtype == dtype
     (out.float().sum() + reduced.float().sum()).backward()
     assert w.grad is not None and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype"),
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+        pytest.param("cuda", torch.float16, marks=pytest.mark.gpu),
+    ],
+)
+@pytest.mark.parametrize("reduced", [False, True])
+def test_autocast_saves_no_low_precision_weight_copy(device, dtype, reduced):
+    """Under autocast the graph keeps the fp32 weight itself (no per-call cast copy for the
+    backward), and the gradients equal those of an explicit cast done by the caller."""
+    torch.manual_seed(0)
+    x = torch.randn(12, 16, device=device)
+    w = torch.randn(3, 16, 32, device=device, requires_grad=True)
+    index = torch.randint(0, 3, (12, 2), device=device)
+    gate = torch.rand(12, 2, device=device, requires_grad=True)
+    sel = cvmm_prepare_sel2(index, gate if reduced else None)
+    saved = []
+    record = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+    with record, torch.autocast(device, dtype=dtype):
+        out = cvmm(x, sel, w)
+    assert not any(t.shape == w.shape and t.dtype == dtype for t in saved)
+    assert any(t is w for t in saved)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (w, gate) if reduced else (w,), g)
+    w_low = w.detach().to(dtype).requires_grad_()
+    expected = cvmm(x.to(dtype), cvmm_prepare_sel2(index, gate if reduced else None), w_low)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    want = torch.autograd.grad(expected, (w_low, gate) if reduced else (w_low,), g)
+    assert grads[0].dtype == torch.float32
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref.to(got.dtype), rtol=2e-2, atol=2e-2)

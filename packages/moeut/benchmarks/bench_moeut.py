@@ -1,7 +1,7 @@
 """Benchmark an LM training step (forward + backward) of MoEUT against a dense transformer (CUDA).
 
     PYTHONPATH=packages/cvmm-kernel/src:packages/switchhead/src:packages/moeut/src \
-        python3 packages/moeut/benchmarks/bench_moeut.py [--quick] [--compile]
+        python3 packages/moeut/benchmarks/bench_moeut.py [--quick] [--compile] [--cuda-graph]
 
 bf16 autocast, B=8, T=1024, vocabulary 8000. In the same process: a dense pre-norm transformer of
 matched parameter count (d 1024, 18 layers, 16 heads, FFN 4096, SDPA causal). Writes JSON and a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import sys
@@ -78,6 +79,9 @@ def time_step(model: torch.nn.Module, mode: str) -> dict:
     """``mode``: "eager", "compiled" (torch.compile) or "graph" (the whole step in a CUDA graph)."""
     import triton.testing
 
+    gc.collect()  # a previous step's CUDA graph pool must not count towards this model's peak
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
     model = model.cuda().train()
     run = torch.compile(model) if mode == "compiled" else model
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
@@ -97,7 +101,7 @@ def time_step(model: torch.nn.Module, mode: str) -> dict:
     torch.cuda.reset_peak_memory_stats()
     step()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     if mode == "graph":
         step = cuda_graphed(step)
     ms = triton.testing.do_bench(step, warmup=300, rep=1500, return_mode="median")
