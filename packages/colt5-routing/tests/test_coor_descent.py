@@ -8,7 +8,7 @@ import pytest
 import torch
 from colt5_routing import coor_descent, coor_descent_reference, topk, triton_coor_descent
 from colt5_routing.coor_descent import eps_schedule
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 KW = dict(n_iters=12, eps=0.1, eps_init=2.0, eps_decay=0.7)
@@ -29,13 +29,16 @@ def test_eps_schedule_scales_down_to_eps():
     masked=st.booleans(),
     seed=st.integers(0, 2**16),
 )
+@example(rows=4, n=15, k_frac=0.5, masked=True, seed=139)  # 7.01 instead of 7.5 at 300 iterations
 def test_reference_properties(rows, n, k_frac, masked, seed):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(rows, n, generator=g, dtype=torch.float64)
     mask = torch.rand(rows, n, generator=g) > 0.3 if masked else None
     k = max(k_frac * n, 0.5)
+    # 1000 iterations: rows with several weights capped at 1 converge slowly (after 300, 400
+    # random cases deviated from k by up to 5.0% relative; after 1000, by at most 0.7%).
     out = coor_descent_reference(
-        s, k=k, n_iters=300, eps=0.05, eps_init=2.0, eps_decay=0.8, mask=mask
+        s, k=k, n_iters=1000, eps=0.05, eps_init=2.0, eps_decay=0.8, mask=mask
     )
     assert ((out >= 0) & (out <= 1 + 1e-9)).all()
     valid = mask.sum(-1) if mask is not None else torch.full((rows,), n)
