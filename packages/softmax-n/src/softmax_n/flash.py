@@ -180,10 +180,6 @@ def flash_attention_n(
             softmax_n_param,
             attn_bias=attn_bias,
         )
-    log_n = _log_n(softmax_n_param, query)
-    if not isinstance(log_n, torch.Tensor):  # a fill kernel: torch.tensor(x, device) would sync
-        work_dtype = torch.promote_types(query.dtype, torch.float32)
-        log_n = torch.full((), log_n, device=query.device, dtype=work_dtype)
     n_q, n_k = query.shape[-2], key.shape[-2]
     causal_in_kernel = is_causal and n_q == n_k and attn_mask is None and attn_bias is None
     bias = None
@@ -205,7 +201,12 @@ def flash_attention_n(
             softmax_n_param,
             attn_bias=attn_bias,
         )
-    log_n = log_n.to(torch.promote_types(query.dtype, torch.float32))
+    work_dtype = torch.promote_types(query.dtype, torch.float32)
+    log_n = _log_n(softmax_n_param, query)
+    if isinstance(log_n, torch.Tensor):
+        log_n = log_n.to(work_dtype)
+    else:  # a fill kernel: torch.tensor(x, device) would sync
+        log_n = torch.full((), log_n, device=query.device, dtype=work_dtype)
     return _FlashAttentionN.apply(q, k, v, log_n, bias, causal_in_kernel, scale, kernel)
 
 
