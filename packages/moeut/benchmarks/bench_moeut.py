@@ -145,7 +145,6 @@ def main() -> int:
             if name in UPSTREAM_MS and mode == "eager":
                 row["upstream_ms_perf_md"] = UPSTREAM_MS[name]
             rows.append(row)
-            torch.cuda.empty_cache()
     dense = rows[0]["ms"]
     for r in rows:
         r["ratio_to_dense_eager"] = r["ms"] / dense

@@ -73,37 +73,34 @@ def main() -> int:
     except Exception as exc:
         print(f"upstream flash-attention-softmax-n not importable: {exc!r}", file=sys.stderr)
         upstream = None
+    rounds = max(1, args.rounds)
     rows = []
     for d, length, causal, dtype in shapes:
         q, k, v = (
             torch.randn(8, 16, length, d, device="cuda", dtype=dtype, requires_grad=True)
             for _ in range(3)
         )
-        sdpa_runs, n1_runs = [], []
-        for _ in range(max(1, args.rounds)):  # interleaved, so drift hits both alike
-            sdpa_runs.append(
-                measure(
-                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                    q,
-                    k,
-                    v,
-                )
-            )
-            n1_runs.append(
-                measure(lambda q, k, v: flash_attention_n(q, k, v, 1.0, is_causal=causal), q, k, v)
-            )
-        sdpa_ms, sdpa_mib = statistics.median(r[0] for r in sdpa_runs), sdpa_runs[0][1]
+
+        def sdpa(q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        def ours(n, fn=flash_attention_n):
+            return lambda q, k, v: fn(q, k, v, n, is_causal=causal)
+
+        # SDPA and n=1 interleaved, so drift hits both alike: (ms, MiB) per round
+        runs = [(measure(sdpa, q, k, v), measure(ours(1.0), q, k, v)) for _ in range(rounds)]
+        sdpa_times = [sdpa_run[0] for sdpa_run, _ in runs]
+        n1_times = [n1_run[0] for _, n1_run in runs]
+        sdpa_ms, n1_ms = statistics.median(sdpa_times), statistics.median(n1_times)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            flash_ms, _ = measure(
-                lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal), q, k, v
-            )
+            flash_ms, _ = measure(sdpa, q, k, v)
         row = {
             "D": d,
             "L": length,
             "causal": causal,
             "dtype": str(dtype).split(".")[-1],
             "sdpa_ms": sdpa_ms,
-            "sdpa_mib": sdpa_mib,
+            "sdpa_mib": runs[0][0][1],
             "sdpa_flash_ms": flash_ms,
             "upstream_n1_ms": None,
         }
@@ -115,18 +112,12 @@ def main() -> int:
             except Exception as exc:  # report, do not hide, what upstream cannot run
                 row["upstream_error"] = repr(exc)[:200]
                 torch.cuda.empty_cache()
-        n1_ms = statistics.median(r[0] for r in n1_runs)
-        row["sdpa_ms_runs"], row["n1.0_ms_runs"] = (
-            [r[0] for r in sdpa_runs],
-            [r[0] for r in n1_runs],
-        )
-        row["n1.0_ms"], row["n1.0_mib"], row["n1.0_ratio"] = n1_ms, n1_runs[0][1], n1_ms / sdpa_ms
-        ms, mib = measure(
-            lambda q, k, v: flash_attention_n(q, k, v, 0.5, is_causal=causal), q, k, v
-        )
+        row["sdpa_ms_runs"], row["n1.0_ms_runs"] = sdpa_times, n1_times
+        row["n1.0_ms"], row["n1.0_mib"], row["n1.0_ratio"] = n1_ms, runs[0][1][1], n1_ms / sdpa_ms
+        ms, mib = measure(ours(0.5), q, k, v)
         row["n0.5_ms"], row["n0.5_mib"], row["n0.5_ratio"] = ms, mib, ms / sdpa_ms
         row["triton_n1_ms"], row["triton_n1_mib"] = measure(
-            lambda q, k, v: flash_attention_n_triton(q, k, v, 1.0, is_causal=causal), q, k, v
+            ours(1.0, flash_attention_n_triton), q, k, v
         )
         rows.append(row)
         del q, k, v
@@ -137,7 +128,7 @@ def main() -> int:
         "triton": triton.__version__,
         "date": datetime.date.today().isoformat(),
         "setup": f"B=8, H=16, forward+backward, do_bench median; SDPA and n=1: median of "
-        f"{max(1, args.rounds)} interleaved timings; SDPA = PyTorch's kernel choice",
+        f"{rounds} interleaved timings; SDPA = PyTorch's kernel choice",
     }
     lines = [
         f"flash_attention_n, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
