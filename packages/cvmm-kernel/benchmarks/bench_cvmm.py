@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from cvmm_kernel import cvmm, cvmm_prepare_sel2
+from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp
 
 UPSTREAM_MS = {"moeut-244m-ffn": 6.68, "ffn-128x128-k4": 4.42}  # PERF.md, same H100 kind
 
@@ -90,6 +90,19 @@ def ours(s: Shape, t: dict, backend: str | None = None):
         sel = sel.with_input_rows_per_group(s.k)
         sel.reduction_weight = t["gate"].flatten(-2)
     return cvmm(t["x"], sel, t["w"], backend=backend)
+
+
+def ours_moe_mlp(s: Shape, t: dict, deterministic: bool):
+    return moe_mlp(
+        t["x"],
+        t["index"],
+        t["gate"],
+        t["up"],
+        t["down"],
+        "relu",
+        deterministic,
+        index_bound=s.n_experts,
+    )
 
 
 def grouped_mm_baseline(s: Shape, t: dict):
@@ -192,6 +205,12 @@ def bench_shape(s: Shape, device: str) -> dict:
         params.append(t["x"].requires_grad_())
     row = {"shape": s.name, "tflop": flops(s) / 1e12}
     row["ours_ms"], row["ours_mib"] = time_fwd_bwd(lambda: ours(s, t), params)
+    if s.kind == "ffn":
+        for det in (True, False):
+            key = "moe_mlp" if det else "moe_mlp_atomic"
+            row[f"{key}_ms"], row[f"{key}_mib"] = time_fwd_bwd(
+                lambda det=det: ours_moe_mlp(s, t, det), params
+            )
     dense_fn, dense_params = dense_equal_flops(s, device)
     row["dense_ms"], row["dense_mib"] = time_fwd_bwd(dense_fn, dense_params)
     try:
@@ -205,6 +224,11 @@ def bench_shape(s: Shape, device: str) -> dict:
             lambda: padded_bmm_baseline(s, t), params
         )
     row["ours_tflops"] = flops(s) / row["ours_ms"] / 1e9
+    for key in ("moe_mlp", "moe_mlp_atomic"):
+        if row.get(f"{key}_ms"):
+            row[f"{key}_ratio_of_dense_tflops"] = row["dense_ms"] / row[f"{key}_ms"]
+            if row.get("grouped_mm_ms"):
+                row[f"{key}_speedup_vs_grouped_mm"] = row["grouped_mm_ms"] / row[f"{key}_ms"]
     row["dense_tflops"] = flops(s) / row["dense_ms"] / 1e9
     row["ratio_of_dense_tflops"] = row["ours_tflops"] / row["dense_tflops"]
     if row.get("grouped_mm_ms"):
@@ -213,6 +237,17 @@ def bench_shape(s: Shape, device: str) -> dict:
         row["upstream_ms_perf_md"] = UPSTREAM_MS[s.name]
         row["speedup_vs_upstream"] = UPSTREAM_MS[s.name] / row["ours_ms"]
     row["rel_error_vs_fp32_reference"] = rel_error_vs_reference(s, t)
+    if s.kind == "ffn":
+        with torch.no_grad():
+            ref = ours(
+                s,
+                {k: (v.float() if v.is_floating_point() else v) for k, v in t.items()},
+                backend="reference",
+            )
+            for det in (True, False):
+                got = ours_moe_mlp(s, t, det).float()
+                key = "moe_mlp" if det else "moe_mlp_atomic"
+                row[f"{key}_rel_error_vs_fp32_reference"] = float((got - ref).norm() / ref.norm())
     return row
 
 
@@ -242,22 +277,26 @@ def main() -> int:
     }
     fmt = lambda v, f="{:.3f}": "n/a" if v is None else f.format(v)
     header = (
-        "| shape | ours ms | ours TFLOP/s | dense ms (equal FLOPs) | % of dense TFLOP/s "
-        "| grouped_mm ms | padded bmm ms | upstream ms (PERF.md) | peak MiB ours / dense |"
+        "| shape | cvmm ms | moe_mlp ms | moe_mlp atomic ms | dense ms (equal FLOPs) "
+        "| % of dense TFLOP/s: cvmm / moe_mlp / atomic | grouped_mm ms | padded bmm ms "
+        "| upstream ms (PERF.md) | peak MiB cvmm / moe_mlp / dense |"
     )
     lines = [
         f"cvmm forward+backward, bf16, {meta['gpu']}, torch {meta['torch']}, "
         f"triton {meta['triton']}, {meta['date']}",
         "",
         header,
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        pct = lambda key: fmt(r.get(key) and 100 * r[key], "{:.0f}%")
         lines.append(
-            f"| {r['shape']} | {r['ours_ms']:.3f} | {r['ours_tflops']:.0f} | {r['dense_ms']:.3f} | "
-            f"{100 * r['ratio_of_dense_tflops']:.0f}% | {fmt(r.get('grouped_mm_ms'))} | "
+            f"| {r['shape']} | {r['ours_ms']:.3f} | {fmt(r.get('moe_mlp_ms'))} | "
+            f"{fmt(r.get('moe_mlp_atomic_ms'))} | {r['dense_ms']:.3f} | "
+            f"{pct('ratio_of_dense_tflops')} / {pct('moe_mlp_ratio_of_dense_tflops')} / "
+            f"{pct('moe_mlp_atomic_ratio_of_dense_tflops')} | {fmt(r.get('grouped_mm_ms'))} | "
             f"{fmt(r.get('padded_bmm_ms'))} | {fmt(r.get('upstream_ms_perf_md'), '{:.2f}')} | "
-            f"{r['ours_mib']:.0f} / {r['dense_mib']:.0f} |"
+            f"{r['ours_mib']:.0f} / {fmt(r.get('moe_mlp_mib'), '{:.0f}')} / {r['dense_mib']:.0f} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -8,6 +8,7 @@ reduction of the k results.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .moe_mlp import moe_mlp
 from .ops import cvmm
 from .reference import cvmm_reference
 from .selection import (
@@ -17,6 +18,7 @@ from .selection import (
     select_k_experts_per_row,
     select_one_expert_per_row,
 )
+from .weight_cache import clear_weight_cache
 
 try:
     __version__ = version("cvmm-kernel")
@@ -26,10 +28,12 @@ except PackageNotFoundError:  # running from a source tree without installation
 __all__ = [
     "CVMMSel",
     "__version__",
+    "clear_weight_cache",
     "cvmm",
     "cvmm_prepare_sel",
     "cvmm_prepare_sel2",
     "cvmm_reference",
+    "moe_mlp",
     "select_k_experts_per_row",
     "select_one_expert_per_row",
 ]

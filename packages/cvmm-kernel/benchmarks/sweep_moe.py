@@ -1,0 +1,228 @@
+"""Launch-setting sweep of moe_mlp's kernels, one role at a time, on the benchmark's FFN shapes.
+
+    PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/sweep_moe.py
+
+Each role (up, down, grad_hidden, grad_input, grad_w_up, grad_w_down) is timed alone with
+``triton.testing.do_bench`` (median) for every candidate setting, on inputs made by one real
+forward + backward; each candidate's output is compared with the default's. Prints the best
+settings per shape and writes ``sweep_moe.json`` to ``$OUT`` (else ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, persistent)
+GEMM_CANDIDATES = [
+    (bn, bk, w, s, p)
+    for bn, bk, w, s, p in itertools.product((128, 256), (64, 128), (4, 8), (3, 4), (False, True))
+    if not (bn == 256 and w == 4)
+]
+WGRAD_CANDIDATES = [
+    (bm, bk, bn, w, s)
+    for bm, (bk, bn), w, s in itertools.product(
+        (32, 64, 128), ((64, 128), (128, 64), (128, 128), (64, 256)), (4, 8), (3, 4)
+    )
+    if not (bm == 128 and s == 4)
+]
+ROLE_KIND = {"up": "gather", "grad_hidden": "gather", "down": "sorted", "grad_input": "sorted"}
+
+SHAPES = [  # name, tokens, d_model, experts, expert size, k
+    ("moeut-244m-ffn", 8192, 1024, 387, 128, 16),
+    ("ffn-128x128-k4", 8192, 1024, 128, 128, 4),
+    ("large-64x4096-k2", 8192, 1024, 64, 4096, 2),
+]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("sweep_moe.py needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+    import triton.testing
+    from cvmm_kernel import moe_ops
+    from cvmm_kernel import moe_triton as kt
+
+    only = set(sys.argv[1:])
+    results = {}
+    for name, tokens, d, n_exp, hid, k in SHAPES:
+        if only and name not in only:
+            continue
+        torch.manual_seed(0)
+        dt = torch.bfloat16
+        x = torch.randn(tokens, d, device="cuda", dtype=dt)
+        gate, index = torch.randn(tokens, n_exp, device="cuda").sigmoid().topk(k, dim=-1)
+        gate = gate.reshape(-1).contiguous()
+        w_up = torch.randn(n_exp, d, hid, device="cuda", dtype=dt) / 32
+        w_down = torch.randn(n_exp, hid, d, device="cuda", dtype=dt) / 11
+        n = tokens * k
+        shape_rows = {}
+        for block_m in (128,):
+            r = moe_ops.Routing(
+                *moe_ops.moe_routing(index.reshape(-1), n_exp, block_m, "triton"), block_m
+            )
+            h = torch.empty(n, hid, device="cuda", dtype=dt)
+            kt.moe_gemm(
+                x,
+                w_up,
+                h,
+                r,
+                k,
+                a_gather=True,
+                out_mode=kt.OUT_SORTED,
+                epilogue=kt.EPI_ACTIVATION,
+                activation="relu",
+            )
+            dy = torch.randn(tokens, d, device="cuda", dtype=dt)
+            parts = torch.empty(hid // 64 + 1, n, device="cuda")
+            cases = {
+                "up": lambda cfg, out: kt.moe_gemm(
+                    x,
+                    w_up,
+                    out,
+                    r,
+                    k,
+                    a_gather=True,
+                    out_mode=kt.OUT_SORTED,
+                    epilogue=kt.EPI_ACTIVATION,
+                    activation="relu",
+                    config=cfg,
+                ),
+                "grad_hidden": lambda cfg, out: kt.moe_gemm(
+                    dy,
+                    w_down.transpose(1, 2),
+                    out,
+                    r,
+                    k,
+                    a_gather=True,
+                    out_mode=kt.OUT_SORTED,
+                    epilogue=kt.EPI_ACTIVATION_BACKWARD,
+                    activation="relu",
+                    gate=gate,
+                    aux=parts,
+                    h=h,
+                    config=cfg,
+                ),
+                "down": lambda cfg, out: kt.moe_gemm(
+                    h,
+                    w_down,
+                    out,
+                    r,
+                    k,
+                    a_gather=False,
+                    out_mode=kt.OUT_SLOT,
+                    epilogue=kt.EPI_GATE,
+                    gate=gate,
+                    config=cfg,
+                ),
+                "grad_input": lambda cfg, out: kt.moe_gemm(
+                    h,
+                    w_up.transpose(1, 2),
+                    out,
+                    r,
+                    k,
+                    a_gather=False,
+                    out_mode=kt.OUT_SLOT,
+                    config=cfg,
+                ),
+            }
+            out_shapes = {
+                "up": (n, hid),
+                "grad_hidden": (n, hid),
+                "down": (n, d),
+                "grad_input": (n, d),
+            }
+            for role, fn in cases.items():
+                ref = torch.empty(out_shapes[role], device="cuda", dtype=dt)
+                fn(
+                    moe_ops._config(role, *((d, hid) if ROLE_KIND[role] == "gather" else (hid, d))),
+                    ref,
+                )
+                for cfg in GEMM_CANDIDATES:
+                    out = torch.full_like(ref, float("nan"))
+                    try:
+                        fn(cfg, out)
+                        torch.cuda.synchronize()
+                        err = float((out.float() - ref.float()).norm() / ref.float().norm())
+                        ms = triton.testing.do_bench(
+                            lambda: fn(cfg, out), warmup=10, rep=40, return_mode="median"
+                        )
+                    except Exception as exc:  # out of resources for this setting
+                        shape_rows.setdefault(role, []).append(
+                            {"block_m": block_m, "config": cfg, "error": str(exc)[:80]}
+                        )
+                        continue
+                    shape_rows.setdefault(role, []).append(
+                        {"block_m": block_m, "config": cfg, "ms": ms, "err": err}
+                    )
+            if os.environ.get("SWEEP_WGRAD") != "1":
+                continue
+            wg_cases = {
+                "grad_w_up": (
+                    lambda cfg, dw: kt.moe_weight_grad(
+                        x, h, dw, r, k, a_gather=True, b_gather=False, config=cfg
+                    ),
+                    (n_exp, d, hid),
+                ),
+                "grad_w_down": (
+                    lambda cfg, dw: kt.moe_weight_grad(
+                        h, dy, dw, r, k, a_gather=False, b_gather=True, gate=gate, config=cfg
+                    ),
+                    (n_exp, hid, d),
+                ),
+            }
+            for role, (fn, shape) in wg_cases.items():
+                ref = torch.empty(shape, device="cuda", dtype=torch.float32)
+                fn(moe_ops._config(role, shape[1], shape[2]), ref)
+                for cfg in WGRAD_CANDIDATES:
+                    out = torch.full_like(ref, float("nan"))
+                    try:
+                        fn(cfg, out)
+                        torch.cuda.synchronize()
+                        err = float((out - ref).norm() / ref.norm())
+                        ms = triton.testing.do_bench(
+                            lambda: fn(cfg, out), warmup=10, rep=40, return_mode="median"
+                        )
+                    except Exception as exc:
+                        shape_rows.setdefault(role, []).append(
+                            {"config": cfg, "error": str(exc)[:80]}
+                        )
+                        continue
+                    shape_rows.setdefault(role, []).append({"config": cfg, "ms": ms, "err": err})
+        results[name] = shape_rows
+        flop = 2 * n * d * hid
+        print(f"== {name}: one GEMM = {flop / 1e9:.1f} GFLOP")
+        for role, rows in shape_rows.items():
+            good = sorted((r for r in rows if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
+            bad = [r for r in rows if "ms" in r and r["err"] >= 1e-2]
+            for r in good[:3]:
+                tflops = flop / r["ms"] / 1e9
+                print(
+                    f"  {role:12s} bm={r.get('block_m', '-')} {r['config']} "
+                    f"{r['ms'] * 1e3:7.1f} us {tflops:6.0f} TFLOP/s err {r['err']:.1e}"
+                )
+            if bad:
+                print(f"  {role}: {len(bad)} settings with a wrong result, e.g. {bad[0]}")
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep_moe.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

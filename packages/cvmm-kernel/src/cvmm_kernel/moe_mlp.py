@@ -1,0 +1,138 @@
+"""``moe_mlp``: the fused sigma-MoE feedforward (validation, autocast, dispatch)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .moe_ops import ACTIVATION_NAMES, block_m_for, moe_mlp_forward, moe_routing
+from .ops import Backend, resolve_backend
+
+Activation = Literal["identity", "relu", "gelu", "silu"]
+
+
+def _check(x, index, gate, w_up, w_down, activation, index_bound) -> None:
+    for name, t in (("x", x), ("index", index), ("gate", gate), ("w_up", w_up), ("w_down", w_down)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if activation not in ACTIVATION_NAMES:
+        raise ValueError(f"activation must be one of {ACTIVATION_NAMES}, got {activation!r}")
+    if x.dim() < 1:
+        raise ValueError("x must have shape [..., d], got a scalar")
+    if index.dim() < 1 or index.shape[:-1] != x.shape[:-1]:
+        raise ValueError(
+            f"index must have shape [*x.shape[:-1], k] = [{', '.join(map(str, x.shape[:-1]))}, k],"
+            f" got {list(index.shape)}"
+        )
+    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+        raise TypeError(f"index must be an integer tensor, got {index.dtype}")
+    if gate.shape != index.shape:
+        raise ValueError(
+            f"gate must have index's shape {list(index.shape)}, got {list(gate.shape)}"
+        )
+    if not gate.dtype.is_floating_point:
+        raise TypeError(f"gate must be a floating point tensor, got {gate.dtype}")
+    if w_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError(
+            f"w_up and w_down must be [E, d, H] and [E, H, d_out], got {list(w_up.shape)} and "
+            f"{list(w_down.shape)}"
+        )
+    e, d, hid = w_up.shape
+    if w_down.shape[0] != e or w_down.shape[1] != hid:
+        raise ValueError(
+            f"w_down must have shape [{e}, {hid}, d_out] to match w_up {list(w_up.shape)}, got "
+            f"{list(w_down.shape)}"
+        )
+    if x.shape[-1] != d:
+        raise ValueError(f"x has width {x.shape[-1]} but w_up expects {d}")
+    if not (x.dtype.is_floating_point and w_up.dtype.is_floating_point):
+        raise TypeError(f"x and the weights must be floating point, got {x.dtype}, {w_up.dtype}")
+    if w_up.dtype != w_down.dtype:
+        raise TypeError(f"w_up ({w_up.dtype}) and w_down ({w_down.dtype}) must share a dtype")
+    devices = {t.device for t in (x, index, gate, w_up, w_down)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if x.device.type == "meta":
+        raise ValueError("moe_mlp cannot run on meta tensors")
+    if index_bound is not None:
+        if index_bound > e:
+            raise ValueError(f"index_bound={index_bound} exceeds the number of experts {e}")
+    elif index.numel() and not torch.compiler.is_compiling():
+        if index.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ValueError(
+                "moe_mlp cannot check the expert indices inside CUDA-graph capture (it would "
+                "read them back): pass index_bound (e.g. the number of experts a top-k chose from)"
+            )
+        lo, hi = torch.aminmax(index)
+        if int(lo) < 0 or int(hi) >= e:
+            raise ValueError(f"expert indices must be in [0, {e}), got [{int(lo)}, {int(hi)}]")
+
+
+def moe_mlp(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    activation: Activation = "relu",
+    deterministic: bool = True,
+    *,
+    index_bound: int | None = None,
+    backend: Backend | None = None,
+) -> torch.Tensor:
+    """The sigma-MoE feedforward: ``out = sum_j gate[..., j] * act(x @ w_up[e_j]) @ w_down[e_j]``
+    with ``e_j = index[..., j]``.
+
+    Args:
+        x: ``[..., d]`` input rows.
+        index: ``[..., k]`` integer expert indices (the leading dims are ``x``'s).
+        gate: ``[..., k]`` the weight of each selected expert (differentiable).
+        w_up: ``[E, d, H]`` and ``w_down``: ``[E, H, d_out]``, the experts' two matrices.
+        activation: ``"relu"`` (default), ``"gelu"`` (exact, erf), ``"silu"`` or ``"identity"``.
+        deterministic: ``True`` (default) sums each token's k expert outputs (and input
+            gradients) in a fixed order: bitwise reproducible. ``False`` adds them with fp32
+            atomics on the Triton path, which skips writing the per-slot products.
+        index_bound: a promise that ``0 <= index < index_bound`` holds (e.g. the indices of a
+            top-k over ``index_bound`` scores): no read-back of the indices, so no host sync,
+            and the call can be captured in a CUDA graph. Without it the range is checked.
+        backend: ``"reference"`` (PyTorch, any device) or ``"triton"``; by default Triton on
+            CUDA and the reference elsewhere.
+
+    Returns:
+        ``[..., d_out]`` in ``x``'s dtype (the autocast dtype under autocast, where fp32 weights
+        are cast once per weight version, not per call). Gradients flow to ``x``, ``gate``,
+        ``w_up`` and ``w_down`` (weight gradients in the weights' dtype).
+    """
+    _check(x, index, gate, w_up, w_down, activation, index_bound)
+    backend = resolve_backend(x.device, backend)
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    elif x.dtype != w_up.dtype:
+        raise TypeError(
+            f"x ({x.dtype}) and the weights ({w_up.dtype}) must share a dtype outside autocast"
+        )
+    if backend == "triton" and (
+        x.dtype == torch.float64 or (x.device.type == "cpu" and x.dtype == torch.bfloat16)
+    ):
+        # The kernels' dot products have no float64 mode, and the interpreter no bf16.
+        backend = "reference"
+
+    lead, top_k = x.shape[:-1], index.shape[-1]
+    block_m = block_m_for(backend)
+    flat_index = index.reshape(-1).long()
+    routing = moe_routing(flat_index, w_up.shape[0], block_m, backend)
+    with torch.autocast(x.device.type, enabled=False):
+        out, _, _ = moe_mlp_forward(
+            x.reshape(-1, x.shape[-1]).contiguous(),
+            gate.reshape(-1).contiguous(),
+            w_up,
+            w_down,
+            *routing,
+            top_k,
+            block_m,
+            activation,
+            deterministic,
+            backend,
+        )
+    return out.view(*lead, w_down.shape[2])

@@ -1,0 +1,441 @@
+"""The fused sigma-MoE feedforward as ``torch.library`` custom ops (fake and autograd included).
+
+With slots ``s = t * k + j`` (token ``t``, its ``j``-th expert ``e = index[t, j]``, gate
+``g = gate[t, j]``)::
+
+    u_s = x_t @ W_up[e]        h_s = act(u_s)        y_s = h_s @ W_down[e]
+    out_t = sum_j g_s * y_s
+
+and the backward, with ``z_s = dout_t @ W_down[e]^T``::
+
+    d gate_s = <z_s, h_s>        du_s = g_s * z_s * act'(u_s)
+    dx_t = sum_j du_s @ W_up[e]^T
+    dW_down[e] = sum_{s in e} (g_s h_s)^T dout_t        dW_up[e] = sum_{s in e} x_t^T du_s
+
+Three ops: ``moe_routing`` (the sorted layout of the slots, built once per call and used by the
+forward and the backward), ``moe_mlp_forward`` and ``moe_mlp_backward``. ``backend`` picks the
+Triton kernels (:mod:`cvmm_kernel.moe_triton`) or the PyTorch reference below, which follows the
+same decomposition one expert at a time. The k-sums over a token's slots are deterministic
+(products written per slot, then summed in fp32 by ``sum``); with ``deterministic=False`` the
+Triton path adds them with fp32 atomics instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .weight_cache import cast_weight
+
+ACTIVATION_NAMES = ("identity", "relu", "gelu", "silu")
+_NEEDS_PREACTIVATION = ("gelu", "silu")
+
+# Rows per tile of the gathered GEMMs (the routing tile table is built for it).
+BLOCK_M = 128
+# Launch settings per role. GEMMs: (BLOCK_N, BLOCK_K, num_warps, num_stages); weight gradients:
+# (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages). The fastest of benchmarks/sweep_moe.py on
+# an H100 at the MoEUT-244M shape (benchmarks/results/sweep_moe.json).
+GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
+    "up": (128, 64, 8, 3),
+    "down": (128, 64, 8, 3),
+    "grad_hidden": (128, 64, 8, 4),
+    "grad_input": (128, 64, 4, 3),
+    "grad_w_up": (64, 128, 128, 4, 4),
+    "grad_w_down": (128, 128, 128, 4, 3),
+}
+
+
+class Routing(NamedTuple):
+    """The expert-sorted layout of the slots (see :mod:`cvmm_kernel.moe_triton`)."""
+
+    sorted_to_slot: torch.Tensor  # [N] int32
+    slot_to_sorted: torch.Tensor  # [N] int32
+    offsets: torch.Tensor  # [E + 1] int32
+    tile_expert: torch.Tensor  # [n_tiles] int32, E on padding tiles
+    tile_start: torch.Tensor  # [n_tiles] int32
+    n_valid: torch.Tensor  # [1] int32, the number of tiles in use (they come first)
+    block_m: int
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def block_m_for(backend: str) -> int:
+    return 16 if backend == "triton" and _interpreting() else BLOCK_M
+
+
+def _config(role: str, k: int, n: int) -> tuple[int, ...]:
+    """Launch settings of ``role`` for a GEMM of inner size ``k`` and width ``n``."""
+    import triton
+
+    if _interpreting():
+        return (16, 16, 16, 1, 1) if role.startswith("grad_w") else (16, 16, 1, 1)
+    fit = lambda block, size: min(block, max(16, triton.next_power_of_2(size)))
+    cfg = GEMM_CONFIGS[role]
+    if role.startswith("grad_w"):
+        bm, bk, bn, *rest = cfg
+        return (bm, fit(bk, k), fit(bn, n), *rest)
+    bn, bk, *rest = cfg
+    return (fit(bn, n), fit(bk, k), *rest)
+
+
+def n_tiles(n_slots: int, n_experts: int, block_m: int) -> int:
+    """Length of the tile table: enough for any distribution of the slots over the experts."""
+    return -(-n_slots // block_m) + min(n_experts, n_slots)
+
+
+def _reference_tile_table(counts: torch.Tensor, offsets: torch.Tensor, length: int, block_m: int):
+    n_experts = counts.numel()
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
+    ids = torch.arange(length, dtype=torch.int32, device=counts.device)
+    tile_expert = torch.searchsorted(tile_end, ids, right=True).to(torch.int32)
+    e = tile_expert.clamp(max=max(n_experts - 1, 0)).long()
+    tile_start = (offsets[e] + (ids - (tile_end - tiles)[e]) * block_m).to(torch.int32)
+    n_valid = (
+        tile_end[-1:] if n_experts else torch.zeros(1, dtype=torch.int32, device=counts.device)
+    )
+    return tile_expert, tile_start, n_valid.clone()
+
+
+@torch.library.custom_op("cvmm_kernel::moe_routing", mutates_args=())
+def moe_routing(
+    index: torch.Tensor, n_experts: int, block_m: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``index [N]`` (expert of each slot, int64) -> ``(sorted_to_slot, slot_to_sorted,
+    offsets, tile_expert, tile_start, n_valid)``; no sort and no host sync on Triton."""
+    n = index.numel()
+    length = n_tiles(n, n_experts, block_m)
+    if backend == "triton" and n > 0:
+        from .moe_triton import build_routing
+
+        return build_routing(index, n_experts, block_m, length)
+    order = torch.sort(index, stable=True).indices
+    sorted_to_slot = order.to(torch.int32)
+    slot_to_sorted = torch.empty_like(sorted_to_slot).scatter_(
+        0, order, torch.arange(n, dtype=torch.int32, device=index.device)
+    )
+    counts = torch.bincount(index, minlength=n_experts).to(torch.int32)
+    offsets = torch.zeros(n_experts + 1, dtype=torch.int32, device=index.device)
+    offsets[1:] = torch.cumsum(counts, 0, dtype=torch.int32)
+    return (
+        sorted_to_slot,
+        slot_to_sorted,
+        offsets,
+        *_reference_tile_table(counts, offsets, length, block_m),
+    )
+
+
+@moe_routing.register_fake
+def _(index, n_experts, block_m, backend):
+    n = index.numel()
+    length = n_tiles(n, n_experts, block_m)
+    new = lambda size: index.new_empty(size, dtype=torch.int32)
+    return new(n), new(n), new(n_experts + 1), new(length), new(length), new(1)
+
+
+# ----- the PyTorch reference, one expert at a time -----
+
+
+def _activate(u: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(u)
+    if activation == "gelu":
+        return F.gelu(u)
+    if activation == "silu":
+        return F.silu(u)
+    return u
+
+
+def _activation_grad(u: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "gelu":
+        return (
+            0.5 * (1 + torch.erf(u * 0.5**0.5))
+            + u * torch.exp(-0.5 * u * u) * (2 * torch.pi) ** -0.5
+        )
+    s = torch.sigmoid(u)
+    return s + u * s * (1 - s)
+
+
+def _per_expert(rows: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``rows [P, K]`` in expert-sorted order times their expert's ``w [E, K, N]``."""
+    counts = torch.diff(offsets).tolist()
+    pieces = [piece @ w[e] for e, piece in enumerate(torch.split(rows, counts)) if piece.shape[0]]
+    return torch.cat(pieces) if pieces else rows.new_zeros(0, w.shape[2])
+
+
+def _per_expert_outer(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, dw: torch.Tensor):
+    counts = torch.diff(offsets).tolist()
+    for e, (ae, be) in enumerate(zip(torch.split(a, counts), torch.split(b, counts))):
+        dw[e] = (ae.transpose(0, 1) @ be).to(dw.dtype) if ae.shape[0] else 0
+    return dw
+
+
+def _sum_slots(sorted_rows: torch.Tensor, sorted_to_slot: torch.Tensor, top_k: int, tokens: int):
+    """Rows in sorted order -> per token sum of its k slots (in fp32, deterministic)."""
+    width = sorted_rows.shape[1]
+    per_slot = sorted_rows.new_empty(tokens * top_k, width)
+    per_slot.index_copy_(0, sorted_to_slot.long(), sorted_rows)
+    return per_slot.view(tokens, top_k, width).sum(1)
+
+
+def _reference_forward(x, gate, w_up, w_down, r: Routing, top_k, activation):
+    s2s = r.sorted_to_slot.long()
+    hidden = _per_expert(x[s2s // top_k], w_up.to(x.dtype), r.offsets)
+    h = _activate(hidden, activation)
+    y = _per_expert(h, w_down.to(x.dtype), r.offsets) * gate[s2s].to(x.dtype).unsqueeze(-1)
+    u = hidden if activation in _NEEDS_PREACTIVATION else hidden.new_empty(0, hidden.shape[1])
+    return _sum_slots(y, r.sorted_to_slot, top_k, x.shape[0]), h, u
+
+
+def _reference_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation):
+    s2s = r.sorted_to_slot.long()
+    token = s2s // top_k
+    g = gate[s2s].to(x.dtype).unsqueeze(-1)
+    z = _per_expert(dy[token], w_down.to(x.dtype).transpose(1, 2), r.offsets)
+    acc = torch.promote_types(z.dtype, torch.float32)
+    dgate_sorted = (z.to(acc) * h.to(acc)).sum(-1)
+    dgate = torch.empty_like(dgate_sorted).index_copy_(0, s2s, dgate_sorted).to(gate.dtype)
+    du = z * g
+    if activation == "relu":
+        du = torch.where(h > 0, du, 0)
+    elif activation in _NEEDS_PREACTIVATION:
+        du = du * _activation_grad(u, activation)
+    dx = _sum_slots(
+        _per_expert(du, w_up.to(x.dtype).transpose(1, 2), r.offsets), s2s, top_k, x.shape[0]
+    )
+    dw_down = _per_expert_outer(h * g, dy[token], r.offsets, torch.empty_like(w_down))
+    dw_up = _per_expert_outer(x[token], du, r.offsets, torch.empty_like(w_up))
+    return dx, dgate, dw_up, dw_down
+
+
+# ----- the Triton path -----
+
+
+def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic):
+    from . import moe_triton as kt
+
+    wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
+    tokens, d_in = x.shape
+    n, hid, d_out = tokens * top_k, w_up.shape[2], w_down.shape[2]
+    h = x.new_empty(n, hid)
+    u = x.new_empty(n if activation in _NEEDS_PREACTIVATION else 0, hid)
+    kt.moe_gemm(
+        x,
+        wu,
+        h,
+        r,
+        top_k,
+        a_gather=True,
+        out_mode=kt.OUT_SORTED,
+        epilogue=kt.EPI_ACTIVATION,
+        activation=activation,
+        aux=u if u.numel() else None,
+        config=_config("up", d_in, hid),
+    )
+    down = dict(a_gather=False, epilogue=kt.EPI_GATE, gate=gate, config=_config("down", hid, d_out))
+    if deterministic:
+        y = x.new_empty(n, d_out)
+        kt.moe_gemm(h, wd, y, r, top_k, out_mode=kt.OUT_SLOT, **down)
+        out = y.view(tokens, top_k, d_out).sum(1)
+    else:
+        acc = torch.zeros(tokens, d_out, dtype=torch.float32, device=x.device)
+        kt.moe_gemm(h, wd, acc, r, top_k, out_mode=kt.OUT_TOKEN_ATOMIC, **down)
+        out = acc.to(x.dtype)
+    return out, h, u
+
+
+def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation, deterministic):
+    from . import moe_triton as kt
+
+    wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
+    tokens, d_in = x.shape
+    n, hid, d_out = tokens * top_k, w_up.shape[2], w_down.shape[2]
+    cfg = _config("grad_hidden", d_out, hid)
+    dgate_parts = torch.empty(-(-hid // cfg[0]), n, dtype=torch.float32, device=x.device)
+    du = x.new_empty(n, hid)
+    kt.moe_gemm(
+        dy,
+        wd.transpose(1, 2),
+        du,
+        r,
+        top_k,
+        a_gather=True,
+        out_mode=kt.OUT_SORTED,
+        epilogue=kt.EPI_ACTIVATION_BACKWARD,
+        activation=activation,
+        gate=gate,
+        aux=dgate_parts,
+        h=h,
+        u=u if u.numel() else None,
+        config=cfg,
+    )
+    dgate = (dgate_parts[0] if dgate_parts.shape[0] == 1 else dgate_parts.sum(0)).to(gate.dtype)
+    cfg = _config("grad_input", hid, d_in)
+    if deterministic:
+        per_slot = x.new_empty(n, d_in)
+        kt.moe_gemm(
+            du,
+            wu.transpose(1, 2),
+            per_slot,
+            r,
+            top_k,
+            a_gather=False,
+            out_mode=kt.OUT_SLOT,
+            config=cfg,
+        )
+        dx = per_slot.view(tokens, top_k, d_in).sum(1)
+    else:
+        acc = torch.zeros(tokens, d_in, dtype=torch.float32, device=x.device)
+        kt.moe_gemm(
+            du,
+            wu.transpose(1, 2),
+            acc,
+            r,
+            top_k,
+            a_gather=False,
+            out_mode=kt.OUT_TOKEN_ATOMIC,
+            config=cfg,
+        )
+        dx = acc.to(x.dtype)
+    dw_down = torch.empty_like(w_down)
+    kt.moe_weight_grad(
+        h,
+        dy,
+        dw_down,
+        r,
+        top_k,
+        a_gather=False,
+        b_gather=True,
+        gate=gate,
+        config=_config("grad_w_down", hid, d_out),
+    )
+    dw_up = torch.empty_like(w_up)
+    kt.moe_weight_grad(
+        x,
+        du,
+        dw_up,
+        r,
+        top_k,
+        a_gather=True,
+        b_gather=False,
+        config=_config("grad_w_up", d_in, hid),
+    )
+    return dx, dgate, dw_up, dw_down
+
+
+# ----- the custom ops -----
+
+
+@torch.library.custom_op("cvmm_kernel::moe_mlp_forward", mutates_args=())
+def moe_mlp_forward(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    sorted_to_slot: torch.Tensor,
+    slot_to_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_start: torch.Tensor,
+    n_valid: torch.Tensor,
+    top_k: int,
+    block_m: int,
+    activation: str,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [T, d]``, ``gate [T * k]`` -> ``(out [T, d_out], h [T * k, H] sorted, u)`` with ``u``
+    the pre-activation where the activation's derivative needs it (else ``[0, H]``)."""
+    r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
+    if backend == "triton":
+        return _triton_forward(x, gate, w_up, w_down, r, top_k, activation, deterministic)
+    return _reference_forward(x, gate, w_up, w_down, r, top_k, activation)
+
+
+@moe_mlp_forward.register_fake
+def _(
+    x,
+    gate,
+    w_up,
+    w_down,
+    s2s,
+    slot_to_sorted,
+    offsets,
+    tile_expert,
+    tile_start,
+    top_k,
+    block_m,
+    activation,
+    deterministic,
+    backend,
+):
+    n, hid = x.shape[0] * top_k, w_up.shape[2]
+    u_rows = n if activation in _NEEDS_PREACTIVATION else 0
+    return x.new_empty(x.shape[0], w_down.shape[2]), x.new_empty(n, hid), x.new_empty(u_rows, hid)
+
+
+@torch.library.custom_op("cvmm_kernel::moe_mlp_backward", mutates_args=())
+def moe_mlp_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    h: torch.Tensor,
+    u: torch.Tensor,
+    sorted_to_slot: torch.Tensor,
+    slot_to_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_start: torch.Tensor,
+    n_valid: torch.Tensor,
+    top_k: int,
+    block_m: int,
+    activation: str,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dx [T, d], dgate [T * k], dW_up, dW_down)``; weight gradients in the
+    weights' own dtype (the master dtype under autocast: no cast follows)."""
+    r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
+    dy = grad_out.to(x.dtype).contiguous()
+    if backend == "triton":
+        return _triton_backward(
+            dy, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic
+        )
+    return _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation)
+
+
+@moe_mlp_backward.register_fake
+def _(grad_out, x, gate, w_up, w_down, *rest):
+    return (
+        torch.empty_like(x),
+        torch.empty_like(gate),
+        torch.empty_like(w_up),
+        torch.empty_like(w_down),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate, w_up, w_down, *routing, top_k, block_m, activation, deterministic, backend = inputs
+    _, h, u = output
+    ctx.save_for_backward(x, gate, w_up, w_down, h, u, *routing)
+    ctx.settings = (top_k, block_m, activation, deterministic, backend)
+
+
+def _backward(ctx, grad_out, _grad_h, _grad_u):
+    x, gate, w_up, w_down, h, u, *routing = ctx.saved_tensors
+    dx, dgate, dw_up, dw_down = moe_mlp_backward(
+        grad_out, x, gate, w_up, w_down, h, u, *routing, *ctx.settings
+    )
+    need = ctx.needs_input_grad
+    grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw_up, dw_down))]
+    return (*grads, *[None] * 11)
+
+
+moe_mlp_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,612 @@
+"""Triton kernels of the fused sigma-MoE feedforward (``moe_mlp``) and its routing metadata.
+
+Vocabulary. A token ``t`` picks ``k`` experts; its ``k`` (token, expert) pairs are the *slots*
+``s = t * k + j``, ``N = T * k`` in all. Sorting the slots by expert (stably: equal experts keep
+slot order) gives the *sorted positions* ``p``; ``sorted_to_slot[p]`` and ``slot_to_sorted[s]``
+map between them and ``offsets[e]:offsets[e + 1]`` are expert ``e``'s positions. A *tile* is up
+to ``BLOCK_M`` consecutive positions of one expert; the tile table (``tile_expert``,
+``tile_start``) lists the tiles expert by expert, padded with ``tile_expert == E`` to a length
+fixed on the host (``cdiv(N, BLOCK_M) + min(E, N)``), so nothing is read back.
+
+Kernels:
+
+- routing: ``_routing_rank_kernel`` (rank of each slot among the equal experts of its block of
+  slots, and per-block expert counts) and ``_routing_scatter_kernel`` (position = expert offset +
+  earlier blocks' count + rank). Integer work only: the same maps on every run.
+- ``_moe_gemm_kernel``: one program per (tile, column block); the tile's rows are gathered from
+  ``a`` (``A_GATHER``: row ``slot // k``, the token) or read in sorted order, multiplied by the
+  tile's expert matrix with fp32 accumulation, then an epilogue (gate, activation, or the
+  backward through both with the gate gradient) and a store to sorted rows, slot rows, or an
+  atomic add into token rows.
+- ``_moe_weight_grad_kernel``: ``dW[e] = A_e^T B_e`` over expert ``e``'s positions, one program per
+  (expert, output tile), no atomics: deterministic. Stored in the master weight's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Activation codes shared with the Python side.
+ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3}
+# Activations whose derivative needs the pre-activation (ReLU's is read off its output).
+NEEDS_PREACTIVATION = frozenset({"gelu", "silu"})
+
+# Output modes of _moe_gemm_kernel.
+OUT_SORTED, OUT_SLOT, OUT_TOKEN_ATOMIC = 0, 1, 2
+# Epilogues of _moe_gemm_kernel.
+EPI_NONE, EPI_GATE, EPI_ACTIVATION, EPI_ACTIVATION_BACKWARD = 0, 1, 2, 3
+
+
+@triton.jit
+def _activate(u, ACT: tl.constexpr):
+    if ACT == 1:
+        out = tl.maximum(u, 0.0)
+    elif ACT == 2:
+        out = 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    elif ACT == 3:
+        out = u * tl.sigmoid(u)
+    else:
+        out = u
+    return out
+
+
+@triton.jit
+def _activation_grad(u, ACT: tl.constexpr):
+    """d act(u) / du for the activations that need u (GELU, SiLU)."""
+    if ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+        out = cdf + u * 0.3989422804014327 * tl.exp(-0.5 * u * u)
+    else:
+        s = tl.sigmoid(u)
+        out = s + u * s * (1.0 - s)
+    return out
+
+
+@triton.jit
+def _routing_rank_kernel(expert_ptr, rank_ptr, block_counts_ptr, N, E, BLOCK: tl.constexpr):
+    block = tl.program_id(0)
+    i = tl.arange(0, BLOCK)
+    offs = block * BLOCK + i
+    mask = offs < N
+    e = tl.load(expert_ptr + offs, mask=mask, other=-1).to(tl.int32)
+    same = e[:, None] == e[None, :]
+    rank = tl.sum((same & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
+    later = tl.sum((same & (i[None, :] > i[:, None])).to(tl.int32), axis=1)
+    tl.store(rank_ptr + offs, rank, mask=mask)
+    # The last slot of each expert in the block writes the block's count: plain stores.
+    tl.store(block_counts_ptr + block.to(tl.int64) * E + e, rank + 1, mask=mask & (later == 0))
+
+
+@triton.jit
+def _routing_scatter_kernel(
+    expert_ptr,
+    rank_ptr,
+    block_start_ptr,
+    offsets_ptr,
+    sorted_to_slot_ptr,
+    slot_to_sorted_ptr,
+    N,
+    E,
+    BLOCK: tl.constexpr,
+):
+    block = tl.program_id(0)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    e = tl.load(expert_ptr + offs, mask=mask, other=0).to(tl.int32)
+    rank = tl.load(rank_ptr + offs, mask=mask, other=0)
+    position = tl.load(block_start_ptr + block.to(tl.int64) * E + e, mask=mask, other=0) + rank
+    position += tl.load(offsets_ptr + e, mask=mask, other=0)
+    tl.store(slot_to_sorted_ptr + offs, position, mask=mask)
+    tl.store(sorted_to_slot_ptr + position, offs, mask=mask)
+
+
+@triton.jit
+def _routing_scan_kernel(
+    block_counts_ptr,
+    block_start_ptr,
+    counts_ptr,
+    n_blocks,
+    E,
+    BLOCK_B: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+):
+    """Per expert: exclusive prefix sum of its per-block counts over the blocks, and its total."""
+    offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    running = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for b0 in range(0, n_blocks, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask = (offs_b < n_blocks)[:, None] & mask_e[None, :]
+        where = offs_b.to(tl.int64)[:, None] * E + offs_e[None, :]
+        c = tl.load(block_counts_ptr + where, mask=mask, other=0)
+        tl.store(block_start_ptr + where, running[None, :] + tl.cumsum(c, axis=0) - c, mask=mask)
+        running += tl.sum(c, axis=0)
+    tl.store(counts_ptr + offs_e, running, mask=mask_e)
+
+
+@triton.jit
+def _routing_tiles_kernel(
+    counts_ptr,
+    offsets_ptr,
+    tile_expert_ptr,
+    tile_start_ptr,
+    n_valid_ptr,
+    E,
+    n_tiles,
+    BLOCK_M: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Expert offsets and the tile table (each program: BLOCK_T tiles); padding tiles get E."""
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    c = tl.load(counts_ptr + offs_e, mask=mask_e, other=0)
+    end = tl.cumsum(c, axis=0)
+    tiles = (c + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    if tl.program_id(0) == 0:
+        tl.store(offsets_ptr + offs_e + 1, end, mask=mask_e)
+        tl.store(offsets_ptr + offs_e, end - c, mask=offs_e == 0)
+        tl.store(n_valid_ptr, tl.sum(tiles, axis=0))
+    ids = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    done = (tile_end[None, :] <= ids[:, None]) & mask_e[None, :]
+    expert = tl.sum(done.to(tl.int32), axis=1)
+    mine = offs_e[None, :] == expert[:, None]
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=1)
+    first_row = tl.sum(tl.where(mine, end - c, 0), axis=1)
+    mask_t = ids < n_tiles
+    tl.store(tile_expert_ptr + ids, expert, mask=mask_t)
+    tl.store(tile_start_ptr + ids, first_row + (ids - first_tile) * BLOCK_M, mask=mask_t)
+
+
+@triton.jit
+def _moe_gemm_tile(
+    work,
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    aux_ptr,
+    sorted_to_slot_ptr,
+    tile_expert_ptr,
+    tile_start_ptr,
+    offsets_ptr,
+    gate_ptr,
+    h_ptr,
+    u_ptr,
+    K,
+    N,
+    TOP_K,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    stride_on,
+    stride_hm,
+    stride_aux,
+    A_GATHER: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One work item: a (valid) tile of one expert times one column block of its matrix."""
+    n_col_blocks = tl.cdiv(N, BLOCK_N)
+    tile = work // n_col_blocks
+    pid_n = work % n_col_blocks
+    expert = tl.load(tile_expert_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.load(offsets_ptr + expert + 1)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < end
+    slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
+    if A_GATHER:  # noqa: SIM108 (constexpr branch inside a Triton kernel)
+        a_row = (slot // TOP_K).to(tl.int64)
+    else:
+        a_row = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(
+            a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    sorted_rows = offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+    if EPILOGUE == 1:  # y = g * (h @ W_down)
+        g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+        acc = acc * g[:, None]
+    elif EPILOGUE == 2:  # h = act(x @ W_up), keeping u = x @ W_up where act' needs it
+        if STORE_PREACT:
+            tl.store(aux_ptr + sorted_rows, acc.to(aux_ptr.dtype.element_ty), mask=mask_mn)
+        acc = _activate(acc, ACT)
+    elif EPILOGUE == 3:  # z = dy @ W_down^T: dg = <z, h>, du = g * z * act'(u)
+        h = tl.load(h_ptr + sorted_rows, mask=mask_mn, other=0.0).to(tl.float32)
+        dg = tl.sum(acc * h, axis=1)
+        tl.store(aux_ptr + pid_n * stride_aux + slot, dg, mask=mask_m)
+        g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+        acc = acc * g[:, None]
+        if ACT == 1:
+            acc = tl.where(h > 0.0, acc, 0.0)
+        elif ACT >= 2:
+            u = tl.load(u_ptr + sorted_rows, mask=mask_mn, other=0.0).to(tl.float32)
+            acc = acc * _activation_grad(u, ACT)
+
+    if OUT_MODE == 0:
+        rows = offs_m.to(tl.int64)
+    elif OUT_MODE == 1:
+        rows = slot.to(tl.int64)
+    else:
+        rows = (slot // TOP_K).to(tl.int64)
+    out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+    if OUT_MODE == 2:
+        tl.atomic_add(out_ptrs, acc, mask=mask_mn, sem="relaxed")
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
+
+
+@triton.jit
+def _moe_gemm_kernel(
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    aux_ptr,
+    sorted_to_slot_ptr,
+    tile_expert_ptr,
+    tile_start_ptr,
+    offsets_ptr,
+    n_valid_ptr,
+    gate_ptr,
+    h_ptr,
+    u_ptr,
+    K,
+    N,
+    TOP_K,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    stride_on,
+    stride_hm,
+    stride_aux,
+    A_GATHER: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    EPILOGUE: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_PREACT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):
+    # Work items are numbered tile-major, so the programs running at one time share an
+    # expert's matrix (and, for gathered rows, the tile's rows) in L2.
+    n_work = tl.load(n_valid_ptr) * tl.cdiv(N, BLOCK_N)
+    if PERSISTENT:
+        # One program per SM walks the work items; flattening the nested loops lets the next
+        # item's loads overlap this item's epilogue.
+        for work in tl.range(tl.program_id(0), n_work, NUM_PROGRAMS, flatten=True):
+            _moe_gemm_tile(
+                work, a_ptr, w_ptr, out_ptr, aux_ptr, sorted_to_slot_ptr, tile_expert_ptr,
+                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, TOP_K, stride_am,
+                stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_hm,
+                stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, BLOCK_M, BLOCK_N,
+                BLOCK_K, INPUT_PRECISION,
+            )  # fmt: skip
+    else:
+        work = tl.program_id(0)
+        if work < n_work:
+            _moe_gemm_tile(
+                work, a_ptr, w_ptr, out_ptr, aux_ptr, sorted_to_slot_ptr, tile_expert_ptr,
+                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, TOP_K, stride_am,
+                stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_hm,
+                stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, BLOCK_M, BLOCK_N,
+                BLOCK_K, INPUT_PRECISION,
+            )  # fmt: skip
+
+
+@triton.jit
+def _moe_weight_grad_kernel(
+    a_ptr,
+    b_ptr,
+    dw_ptr,
+    sorted_to_slot_ptr,
+    offsets_ptr,
+    gate_ptr,
+    K,
+    N,
+    TOP_K,
+    stride_am,
+    stride_ak,
+    stride_bm,
+    stride_bn,
+    stride_de,
+    stride_dk,
+    stride_dn,
+    A_GATHER: tl.constexpr,
+    B_GATHER: tl.constexpr,
+    A_GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    k_blocks = tl.cdiv(K, BLOCK_K)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    # Expert-major order: the programs of one expert run together and share its rows in L2.
+    expert = pid // (k_blocks * n_blocks)
+    rest = pid % (k_blocks * n_blocks)
+    pid_k = rest // n_blocks
+    pid_n = rest % n_blocks
+    start = tl.load(offsets_ptr + expert)
+    end = tl.load(offsets_ptr + expert + 1)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
+        if A_GATHER:  # noqa: SIM108 (constexpr branch inside a Triton kernel)
+            a_row = (slot // TOP_K).to(tl.int64)
+        else:
+            a_row = offs_m.to(tl.int64)
+        if B_GATHER:  # noqa: SIM108
+            b_row = (slot // TOP_K).to(tl.int64)
+        else:
+            b_row = offs_m.to(tl.int64)
+        a = tl.load(
+            a_ptr + a_row[None, :] * stride_am + offs_k[:, None] * stride_ak,
+            mask=mask_k[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        if A_GATE:
+            g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * g[None, :]).to(a.dtype)
+        b = tl.load(
+            b_ptr + b_row[:, None] * stride_bm + offs_n[None, :] * stride_bn,
+            mask=mask_m[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    tl.store(
+        dw_ptr
+        + expert.to(tl.int64) * stride_de
+        + offs_k[:, None] * stride_dk
+        + offs_n[None, :] * stride_dn,
+        acc.to(dw_ptr.dtype.element_ty),
+        mask=mask_k[:, None] & mask_n[None, :],
+    )
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# Slots per program of the routing kernels; the per-block counts are [cdiv(N, B), E] int32.
+ROUTING_BLOCK = 128
+# Above this many per-block counts the routing falls back to a stable sort (still no sync).
+MAX_BLOCK_COUNTS = 1 << 24
+
+
+def build_routing(flat_index: torch.Tensor, n_experts: int, block_m: int, n_tiles: int):
+    """The routing layout of ``flat_index`` (``[N]``, values in ``[0, n_experts)``), int32:
+    ``(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid_tiles)``.
+
+    Five launches, no sort and no host sync (the sizes depend on ``N`` and ``n_experts`` only).
+    """
+    n = flat_index.numel()
+    device = flat_index.device
+    new = lambda *size: torch.empty(*size, dtype=torch.int32, device=device)
+    sorted_to_slot, slot_to_sorted, counts = new(n), new(n), new(n_experts)
+    block = ROUTING_BLOCK
+    while triton.cdiv(n, block) * n_experts > MAX_BLOCK_COUNTS and block < 1024:
+        block *= 2
+    n_blocks = triton.cdiv(n, block)
+    fallback = n_blocks * n_experts > MAX_BLOCK_COUNTS
+    if fallback:  # too many experts for per-block counts: a stable sort (still no sync)
+        order = torch.sort(flat_index, stable=True).indices
+        sorted_to_slot.copy_(order)
+        slot_to_sorted.scatter_(0, order, torch.arange(n, dtype=torch.int32, device=device))
+        counts.copy_(torch.bincount(flat_index, minlength=n_experts))
+    else:
+        block_counts = torch.zeros(n_blocks, n_experts, dtype=torch.int32, device=device)
+        rank = new(n)
+        _routing_rank_kernel[(n_blocks,)](flat_index, rank, block_counts, n, n_experts, BLOCK=block)
+        block_start = torch.empty_like(block_counts)
+        scan_e = 16
+        _routing_scan_kernel[(triton.cdiv(n_experts, scan_e),)](
+            block_counts, block_start, counts, n_blocks, n_experts, BLOCK_B=256, BLOCK_E=scan_e
+        )
+    offsets, tile_expert, tile_start, n_valid = (
+        new(n_experts + 1),
+        new(n_tiles),
+        new(n_tiles),
+        new(1),
+    )
+    block_e = triton.next_power_of_2(n_experts)
+    block_t = max(1, min(64, 16384 // block_e))
+    _routing_tiles_kernel[(max(1, triton.cdiv(n_tiles, block_t)),)](
+        counts, offsets, tile_expert, tile_start, n_valid, n_experts, n_tiles,
+        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t,
+    )  # fmt: skip
+    if not fallback:
+        _routing_scatter_kernel[(n_blocks,)](
+            flat_index, rank, block_start, offsets, sorted_to_slot, slot_to_sorted, n, n_experts,
+            BLOCK=block,
+        )  # fmt: skip
+    return sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid
+
+
+def _supports_flatten() -> bool:
+    import inspect
+
+    try:
+        return "flatten" in inspect.signature(tl.range.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+PERSISTENT_AVAILABLE = _supports_flatten()
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def moe_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    routing,
+    top_k: int,
+    *,
+    a_gather: bool,
+    out_mode: int,
+    epilogue: int = EPI_NONE,
+    activation: str = "identity",
+    gate: torch.Tensor | None = None,
+    aux: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
+    u: torch.Tensor | None = None,
+    config: tuple = (128, 64, 4, 3),
+) -> None:
+    """Launch ``_moe_gemm_kernel``: ``out[row(p)] (+)= epilogue(a[row_a(p)] @ w[expert(p)])``.
+
+    Args:
+        a: ``[rows, K]``; ``w``: ``[E, K, N]`` (any strides); ``out``: ``[rows_out, N]``.
+        routing: a :class:`cvmm_kernel.moe_ops.Routing` whose tiles have ``BLOCK_M`` rows.
+        config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages[, persistent])``; persistent
+            launches one program per SM (where the installed Triton can flatten loops).
+    """
+    n_tiles = routing.tile_expert.numel()
+    n_cols = w.shape[2]
+    block_n, block_k, warps, stages = config[:4]
+    persistent = len(config) > 4 and config[4] and PERSISTENT_AVAILABLE
+    n_work = n_tiles * triton.cdiv(n_cols, block_n)
+    if n_work == 0 or a.shape[1] == 0:
+        return
+    programs = min(n_work, _num_sms(a.device)) if persistent else n_work
+    dummy = routing.offsets
+    _moe_gemm_kernel[(programs,)](
+        a,
+        w,
+        out,
+        aux if aux is not None else dummy,
+        routing.sorted_to_slot,
+        routing.tile_expert,
+        routing.tile_start,
+        routing.offsets,
+        routing.n_valid,
+        gate if gate is not None else dummy,
+        h if h is not None else dummy,
+        u if u is not None else dummy,
+        a.shape[1],
+        n_cols,
+        top_k,
+        a.stride(0),
+        a.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        out.stride(0),
+        out.stride(1),
+        n_cols,  # h, u and the stored pre-activation are contiguous [rows, N]
+        aux.stride(0) if aux is not None else 0,
+        A_GATHER=a_gather,
+        OUT_MODE=out_mode,
+        EPILOGUE=epilogue,
+        ACT=ACTIVATIONS[activation],
+        STORE_PREACT=epilogue == EPI_ACTIVATION and aux is not None,
+        BLOCK_M=routing.block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        INPUT_PRECISION=input_precision(a.dtype),
+        PERSISTENT=bool(persistent),
+        NUM_PROGRAMS=programs,
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+def moe_weight_grad(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    dw: torch.Tensor,
+    routing,
+    top_k: int,
+    *,
+    a_gather: bool,
+    b_gather: bool,
+    gate: torch.Tensor | None = None,
+    config: tuple[int, int, int, int, int] = (64, 128, 128, 8, 3),
+) -> None:
+    """Launch ``_moe_weight_grad_kernel``: ``dw[e] = sum_{p in e} a[row_a(p)]^T b[row_b(p)]``
+    (``a``'s rows scaled by the slot's gate when ``gate`` is given).
+
+    Args:
+        a: ``[rows, K]``, b: ``[rows, N]``, dw: ``[E, K, N]`` written whole.
+        config: ``(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages)``.
+    """
+    n_experts, k, n = dw.shape
+    block_m, block_k, block_n, warps, stages = config
+    grid = (n_experts * triton.cdiv(k, block_k) * triton.cdiv(n, block_n),)
+    if grid[0] == 0:
+        return
+    _moe_weight_grad_kernel[grid](
+        a,
+        b,
+        dw,
+        routing.sorted_to_slot,
+        routing.offsets,
+        gate if gate is not None else routing.offsets,
+        k,
+        n,
+        top_k,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        dw.stride(0),
+        dw.stride(1),
+        dw.stride(2),
+        A_GATHER=a_gather,
+        B_GATHER=b_gather,
+        A_GATE=gate is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        INPUT_PRECISION=input_precision(a.dtype),
+        num_warps=warps,
+        num_stages=stages,
+    )

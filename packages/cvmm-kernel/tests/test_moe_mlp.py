@@ -1,0 +1,254 @@
+"""moe_mlp against an independent float64 oracle: forward and every gradient, every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cvmm_kernel import moe_mlp
+from cvmm_kernel.moe_ops import moe_routing
+
+BACKENDS = [
+    pytest.param("reference", "cpu", id="reference-cpu"),
+    pytest.param("triton", "cpu", id="triton-interpret", marks=pytest.mark.interpret),
+    pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu),
+]
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "identity": lambda u: u}
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def oracle(x, index, gate, w_up, w_down, activation):
+    """float64, whole expert matrices gathered per slot (no sorting, no kernels)."""
+    x, gate, w_up, w_down = (t.double() for t in (x, gate, w_up, w_down))
+    hidden = ACTIVATIONS[activation](torch.einsum("...d,...kdh->...kh", x, w_up[index]))
+    per_slot = torch.einsum("...kh,...khe->...ke", hidden, w_down[index])
+    return torch.einsum("...k,...ke->...e", gate, per_slot)
+
+
+def rel_error(actual, expected):
+    return float((actual.detach().double() - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def make_inputs(batch, k, n_experts, d, hid, d_out, *, dtype, device, seed, experts_used=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*batch, d, generator=g)
+    high = n_experts if experts_used is None else experts_used
+    # k distinct experts per row, as a top-k gives
+    scores = torch.rand(*batch, high, generator=g)
+    index = scores.topk(k, dim=-1).indices if k <= high else torch.zeros(*batch, k).long()
+    gate = torch.rand(*batch, k, generator=g)
+    w_up = torch.randn(n_experts, d, hid, generator=g) / d**0.5
+    w_down = torch.randn(n_experts, hid, d_out, generator=g) / hid**0.5
+    return [
+        t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for t in (x, index, gate, w_up, w_down)
+    ]
+
+
+def check(backend, device, inputs, activation, dtype, deterministic=True):
+    x, index, gate, w_up, w_down = (t.detach() for t in inputs)
+    leaves = [t.clone().requires_grad_() for t in (x, gate, w_up, w_down)]
+    out = moe_mlp(
+        leaves[0],
+        index,
+        leaves[1],
+        leaves[2],
+        leaves[3],
+        activation,
+        deterministic,
+        backend=backend,
+    )
+    ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (x, gate, w_up, w_down)]
+    expected = oracle(ref_leaves[0], index.cpu(), *ref_leaves[1:], activation)
+    assert out.shape == expected.shape and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    if expected.numel():
+        assert rel_error(out.cpu(), expected) < tol
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+    out.backward(grad)
+    expected.backward(grad.cpu().double())
+    for name, mine, ref in zip(("x", "gate", "w_up", "w_down"), leaves, ref_leaves):
+        assert mine.grad is not None and mine.grad.shape == ref.shape, name
+        assert mine.grad.dtype == mine.dtype, name
+        if ref.grad.norm() > 0:
+            assert rel_error(mine.grad.cpu(), ref.grad) < 2 * tol, name
+        else:
+            assert torch.all(mine.grad == 0), name
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(
+    ("k", "activation"),
+    [(1, "relu"), (2, "gelu"), (2, "silu"), (2, "identity"), (16, "relu"), (16, "gelu")],
+)
+def test_matches_oracle(backend, device, activation, k):
+    dtype = torch.float32
+    inputs = make_inputs((2, 5), k, 20, 24, 20, 12, dtype=dtype, device=device, seed=k)
+    check(backend, device, inputs, activation, dtype)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_float64_reference_is_exact(backend, device):
+    if backend == "triton":
+        pytest.skip("float64 goes to the reference")
+    inputs = make_inputs((9,), 3, 5, 8, 6, 4, dtype=torch.float64, device=device, seed=1)
+    check(backend, device, inputs, "gelu", torch.float64)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("case", ["one-expert", "idle-experts", "odd-rows", "atomic", "persistent"])
+def test_edge_layouts(backend, device, case, monkeypatch):
+    """One expert with every row, experts with no rows, row counts no tile size divides; the
+    atomic k-sum; the persistent kernel (one program per SM walking the tiles)."""
+    dtype = torch.float32
+    if case == "persistent":
+        from cvmm_kernel import moe_ops
+
+        small = (16, 16, 1, 1, True) if device == "cpu" else (64, 64, 4, 3, True)
+        config = moe_ops._config
+        monkeypatch.setattr(
+            moe_ops, "_config", lambda role, k, n: config(role, k, n) if "grad_w" in role else small
+        )
+    if case == "one-expert":
+        inputs = make_inputs(
+            (37,), 1, 6, 16, 16, 16, dtype=dtype, device=device, seed=3, experts_used=1
+        )
+    elif case == "idle-experts":
+        inputs = make_inputs(
+            (11,), 2, 40, 16, 32, 8, dtype=dtype, device=device, seed=4, experts_used=3
+        )
+    else:
+        inputs = make_inputs((67,), 3, 5, 40, 24, 18, dtype=dtype, device=device, seed=5)
+    check(backend, device, inputs, "relu", dtype, deterministic=case != "atomic")
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize("shape", [(0,), (4, 0), (5,)])
+def test_empty(backend, device, shape):
+    """No tokens (or k = 0 experts per token: the output is zero)."""
+    k = 0 if shape == (5,) else 2
+    x, index, gate, w_up, w_down = make_inputs(
+        shape, 2, 4, 8, 8, 8, dtype=torch.float32, device=device, seed=6
+    )
+    index, gate = index[..., :k], gate[..., :k]
+    leaves = [t.clone().requires_grad_() for t in (x, gate, w_up, w_down)]
+    out = moe_mlp(leaves[0], index, leaves[1], leaves[2], leaves[3], backend=backend)
+    assert out.shape == (*shape, 8) and torch.all(out == 0)
+    out.sum().backward()
+    for t in leaves:
+        assert t.grad is not None and torch.all(t.grad == 0)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_routing_is_a_stable_sort(backend, device):
+    g = torch.Generator().manual_seed(8)
+    index = torch.randint(0, 13, (300,), generator=g).to(device)
+    s2s, slot_to_sorted, offsets, tile_expert, tile_start, n_valid = moe_routing(
+        index, 13, 16, backend
+    )
+    order = torch.sort(index.cpu(), stable=True).indices
+    assert torch.equal(s2s.cpu().long(), order)
+    assert torch.equal(slot_to_sorted.cpu().long()[order], torch.arange(300))
+    counts = torch.bincount(index.cpu(), minlength=13)
+    assert torch.equal(torch.diff(offsets.cpu()).long(), counts)
+    # every position in exactly one tile, tiles never straddle experts
+    covered = torch.zeros(300, dtype=torch.long)
+    for e, start in zip(tile_expert.cpu().tolist(), tile_start.cpu().tolist()):
+        if e < 13:
+            end = min(start + 16, int(offsets[e + 1]))
+            assert int(offsets[e]) <= start < end
+            covered[start:end] += 1
+    assert torch.all(covered == 1)
+    used = (tile_expert < 13).cpu()
+    assert int(n_valid) == int(used.sum()) and bool(used[: int(n_valid)].all())
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_deterministic_is_bitwise_reproducible(backend, device):
+    inputs = make_inputs((50,), 4, 9, 32, 16, 32, dtype=torch.float32, device=device, seed=9)
+    results = []
+    for _ in range(2):
+        x, index, gate, w_up, w_down = (t.detach().clone() for t in inputs)
+        leaves = [t.requires_grad_() for t in (x, gate, w_up, w_down)]
+        out = moe_mlp(leaves[0], index, *leaves[1:], backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_cuda_bf16_autocast(deterministic):
+    """bf16 under autocast with fp32 master weights: fp32 weight gradients, bf16 output.
+
+    The tolerance is the error of the same computation in plain PyTorch under bf16 autocast
+    (the oracle's einsums), with a margin: bf16 rounding of h flips some ReLU derivatives, so a
+    fixed bound would be arbitrary.
+    """
+    inputs = make_inputs(
+        (4, 256), 8, 64, 256, 128, 256, dtype=torch.float32, device="cuda", seed=10
+    )
+    x, index, gate, w_up, w_down = inputs
+    leaves = [t.clone().requires_grad_() for t in (x, gate, w_up, w_down)]
+    plain = [t.clone().requires_grad_() for t in (x, gate, w_up, w_down)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = moe_mlp(leaves[0], index, *leaves[1:], deterministic=deterministic, index_bound=64)
+        plain_out = oracle_bf16(plain[0], index, *plain[1:])
+    assert out.dtype == torch.bfloat16
+    ref = [t.detach().double().requires_grad_() for t in (x, gate, w_up, w_down)]
+    expected = oracle(ref[0], index, *ref[1:], "relu")
+    assert rel_error(out, expected) < 1.5 * rel_error(plain_out, expected) + 1e-3
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    plain_out.backward(grad)
+    expected.backward(grad.double())
+    for name, mine, other, r in zip(("x", "gate", "w_up", "w_down"), leaves, plain, ref):
+        assert mine.grad.dtype == torch.float32, name
+        assert rel_error(mine.grad, r.grad) < 1.5 * rel_error(other.grad, r.grad) + 1e-3, name
+
+
+def oracle_bf16(x, index, gate, w_up, w_down):
+    """The oracle's computation in the autocast dtype (for the error a plain bf16 run makes)."""
+    hidden = torch.relu(torch.einsum("...d,...kdh->...kh", x, w_up[index]))
+    per_slot = torch.einsum("...kh,...khe->...ke", hidden, w_down[index])
+    return torch.einsum("...k,...ke->...e", gate, per_slot)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_forward_backward():
+    """A whole forward + backward replays from a CUDA graph: no host sync inside."""
+    x, index, gate, w_up, w_down = make_inputs(
+        (512,), 4, 32, 128, 64, 128, dtype=torch.bfloat16, device="cuda", seed=11
+    )
+    leaves = [t.clone().requires_grad_() for t in (x, gate, w_up, w_down)]
+
+    def step():
+        out = moe_mlp(leaves[0], index, *leaves[1:], index_bound=32)
+        out.backward(torch.ones_like(out))
+        return out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for t in leaves:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    expected_out = out.detach().clone()
+    grads = [t.grad.detach().clone() for t in leaves]
+    index.copy_(index.roll(1, 0))  # new routing, same buffers: the replay must follow it
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = [t.detach().double().requires_grad_() for t in (x, gate, w_up, w_down)]
+    expected = oracle(ref[0], index, *ref[1:], "relu")
+    assert rel_error(out, expected) < 2e-2
+    assert not torch.equal(out, expected_out) or not all(
+        torch.equal(a, t.grad) for a, t in zip(grads, leaves)
+    )
