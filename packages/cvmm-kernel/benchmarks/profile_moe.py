@@ -33,6 +33,75 @@ def graph_ms(step) -> float:
     return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
 
 
+def host_us(fn, n: int = 50) -> float:
+    """Median over 5 rounds of the host time to enqueue ``fn`` (microseconds per call)."""
+    import statistics
+    import time
+
+    rounds = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - start) / n * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(rounds)
+
+
+def host_times(s, t) -> dict[str, float]:
+    from cvmm_kernel import moe_ops
+    from cvmm_kernel import moe_triton as kt
+
+    flat = t["index"].reshape(-1)
+    routing = moe_ops.moe_routing(flat, s.n_experts, moe_ops.BLOCK_M, "triton")
+    r = moe_ops.Routing(*routing, moe_ops.BLOCK_M)
+    x, w = t["x"], t["up"].detach()
+    h = x.new_empty(flat.numel(), s.expert_size)
+    cfg = moe_ops._config("up", s.d_model, s.expert_size)
+    gate = t["gate"].reshape(-1)
+    return {
+        "torch empty + add (baseline op)": host_us(lambda: x.new_empty(4).add_(1)),
+        "routing op (4 launches)": host_us(
+            lambda: moe_ops.moe_routing(flat, s.n_experts, moe_ops.BLOCK_M, "triton")
+        ),
+        "build_routing (no custom op)": host_us(
+            lambda: kt.build_routing(flat, s.n_experts, moe_ops.BLOCK_M, r.tile_expert.numel())
+        ),
+        "one moe_gemm launch": host_us(
+            lambda: kt.moe_gemm(
+                x,
+                w,
+                h,
+                r,
+                s.k,
+                a_gather=True,
+                out_mode=kt.OUT_SORTED,
+                epilogue=kt.EPI_ACTIVATION,
+                activation="relu",
+                config=cfg,
+            )
+        ),
+        "forward op, no grad": host_us(
+            lambda: moe_ops.moe_mlp_forward(
+                x,
+                gate,
+                w,
+                t["down"].detach(),
+                *routing,
+                s.k,
+                moe_ops.BLOCK_M,
+                "relu",
+                True,
+                "triton",
+            )
+        ),
+        "moe_mlp forward, no grad": host_us(
+            lambda: ours_moe_mlp(s, {**t, "up": w, "down": t["down"].detach()}, True)
+        ),
+    }
+
+
 def main() -> int:
     names = sys.argv[1:] or ["moeut-244m-ffn"]
     lines = [
@@ -76,6 +145,9 @@ def main() -> int:
         lines.append(f"\n== {name}")
         for k, v in rows.items():
             lines.append(f"{k:32s} {v:8.3f} ms")
+        lines.append("host time per call (no sync, median of 5 x 50 calls):")
+        for label, us in host_times(s, t).items():
+            lines.append(f"  {label:40s} {us:8.1f} us")
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CUDA, torch.profiler.ProfilerActivity.CPU]
         ) as prof:

@@ -32,7 +32,13 @@ WGRAD_CANDIDATES = [
     )
     if not (bm == 128 and s == 4)
 ]
-ROLE_KIND = {"up": "gather", "grad_hidden": "gather", "down": "sorted", "grad_input": "sorted"}
+ROLE_KIND = {
+    "up": "gather",
+    "grad_hidden": "gather",
+    "down": "sorted",
+    "down_sorted_store": "sorted",
+    "grad_input": "sorted",
+}
 
 SHAPES = [  # name, tokens, d_model, experts, expert size, k
     ("moeut-244m-ffn", 8192, 1024, 387, 128, 16),
@@ -122,6 +128,18 @@ def main() -> int:
                     gate=gate,
                     config=cfg,
                 ),
+                "down_sorted_store": lambda cfg, out: kt.moe_gemm(
+                    h,
+                    w_down,
+                    out,
+                    r,
+                    k,
+                    a_gather=False,
+                    out_mode=kt.OUT_SORTED,
+                    epilogue=kt.EPI_GATE,
+                    gate=gate,
+                    config=cfg,
+                ),
                 "grad_input": lambda cfg, out: kt.moe_gemm(
                     h,
                     w_up.transpose(1, 2),
@@ -137,9 +155,13 @@ def main() -> int:
                 "up": (n, hid),
                 "grad_hidden": (n, hid),
                 "down": (n, d),
+                "down_sorted_store": (n, d),
                 "grad_input": (n, d),
             }
+            only_roles = os.environ.get("SWEEP_ROLES")
             for role, fn in cases.items():
+                if only_roles and role not in only_roles.split(","):
+                    continue
                 ref = torch.empty(out_shapes[role], device="cuda", dtype=dt)
                 fn(
                     moe_ops._config(role, *((d, hid) if ROLE_KIND[role] == "gather" else (hid, d))),

@@ -252,3 +252,50 @@ def test_cuda_graph_capture_forward_backward():
     assert not torch.equal(out, expected_out) or not all(
         torch.equal(a, t.grad) for a, t in zip(grads, leaves)
     )
+
+
+class TinySigmaMoE(torch.nn.Module):
+    def __init__(self, d=16, n_experts=6, hid=8, k=2):
+        super().__init__()
+        self.k = k
+        self.sel = torch.nn.Linear(d, n_experts, bias=False)
+        self.w_up = torch.nn.Parameter(torch.randn(n_experts, d, hid) / d**0.5)
+        self.w_down = torch.nn.Parameter(torch.randn(n_experts, hid, d) / hid**0.5)
+
+    def forward(self, x):
+        gate, index = self.sel(x).sigmoid().topk(self.k, dim=-1)
+        return moe_mlp(
+            x, index, gate, self.w_up, self.w_down, "gelu", index_bound=self.w_up.shape[0]
+        )
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compile_fullgraph_matches_eager(device):
+    """torch.compile(fullgraph=True) sees the custom ops (no graph break); same outputs/grads."""
+    torch.manual_seed(0)
+    model = TinySigmaMoE().to(device)
+    x = torch.randn(3, 5, 16, device=device)
+    eager = model(x)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def test_weight_cast_cache_follows_in_place_updates():
+    """Under autocast the bf16 copy of an fp32 weight is reused until the weight changes."""
+    from cvmm_kernel.weight_cache import cast_weight
+
+    w = torch.randn(3, 4, 5, requires_grad=True)
+    first = cast_weight(w, torch.bfloat16)
+    assert cast_weight(w, torch.bfloat16) is first
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step: the version counter moves
+    second = cast_weight(w, torch.bfloat16)
+    assert second is not first
+    torch.testing.assert_close(second.float(), w.detach(), rtol=1e-2, atol=1e-2)

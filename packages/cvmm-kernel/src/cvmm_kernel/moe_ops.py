@@ -102,10 +102,7 @@ def _reference_tile_table(counts: torch.Tensor, offsets: torch.Tensor, length: i
     return tile_expert, tile_start, n_valid.clone()
 
 
-@torch.library.custom_op("cvmm_kernel::moe_routing", mutates_args=())
-def moe_routing(
-    index: torch.Tensor, n_experts: int, block_m: int, backend: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def routing_impl(index: torch.Tensor, n_experts: int, block_m: int, backend: str):
     """``index [N]`` (expert of each slot, int64) -> ``(sorted_to_slot, slot_to_sorted,
     offsets, tile_expert, tile_start, n_valid)``; no sort and no host sync on Triton."""
     n = index.numel()
@@ -128,6 +125,14 @@ def moe_routing(
         offsets,
         *_reference_tile_table(counts, offsets, length, block_m),
     )
+
+
+@torch.library.custom_op("cvmm_kernel::moe_routing", mutates_args=())
+def moe_routing(
+    index: torch.Tensor, n_experts: int, block_m: int, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The routing layout as a custom op (see :func:`routing_impl`)."""
+    return routing_impl(index, n_experts, block_m, backend)
 
 
 @moe_routing.register_fake
@@ -358,22 +363,8 @@ def moe_mlp_forward(
 
 
 @moe_mlp_forward.register_fake
-def _(
-    x,
-    gate,
-    w_up,
-    w_down,
-    s2s,
-    slot_to_sorted,
-    offsets,
-    tile_expert,
-    tile_start,
-    top_k,
-    block_m,
-    activation,
-    deterministic,
-    backend,
-):
+def _(x, gate, w_up, w_down, *routing_and_settings):
+    top_k, _block_m, activation = routing_and_settings[6:9]
     n, hid = x.shape[0] * top_k, w_up.shape[2]
     u_rows = n if activation in _NEEDS_PREACTIVATION else 0
     return x.new_empty(x.shape[0], w_down.shape[2]), x.new_empty(n, hid), x.new_empty(u_rows, hid)
@@ -439,3 +430,40 @@ def _backward(ctx, grad_out, _grad_h, _grad_u):
 
 
 moe_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----- the eager path -----
+#
+# The custom ops above are what torch.compile sees. In eager mode each custom-op call costs
+# ~90 us of host time (measured on the H100 host), more than several kernels, so eager calls go
+# through this autograd Function, which runs the same implementations.
+
+
+class MoEMLPFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate, w_up, w_down, index, n_experts, top_k, block_m, activation,
+                deterministic, backend):  # fmt: skip
+        routing = routing_impl(index, n_experts, block_m, backend)
+        r = Routing(*routing, block_m)
+        if backend == "triton":
+            out, h, u = _triton_forward(x, gate, w_up, w_down, r, top_k, activation, deterministic)
+        else:
+            out, h, u = _reference_forward(x, gate, w_up, w_down, r, top_k, activation)
+        ctx.save_for_backward(x, gate, w_up, w_down, h, u, *routing)
+        ctx.settings = (top_k, block_m, activation, deterministic, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate, w_up, w_down, h, u, *routing = ctx.saved_tensors
+        top_k, block_m, activation, deterministic, backend = ctx.settings
+        r = Routing(*routing, block_m)
+        dy = grad_out.to(x.dtype).contiguous()
+        if backend == "triton":
+            grads = _triton_backward(
+                dy, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic
+            )
+        else:
+            grads = _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation)
+        need = ctx.needs_input_grad
+        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 7)

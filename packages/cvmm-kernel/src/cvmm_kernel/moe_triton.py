@@ -405,6 +405,51 @@ def _moe_weight_grad_kernel(
     )
 
 
+# ----- launching -----
+#
+# ``kernel[grid](...)`` binds and specialises every argument on each call (about 60 us per
+# launch of the GEMM kernel on the H100 host, measured: benchmarks/results/profile_moe.txt),
+# which made an eager forward + backward host-bound. ``launch`` keeps the compiled kernel of
+# each argument signature and calls it directly. The signature is what Triton specialises on:
+# each tensor's dtype and 16-byte alignment, and the exact value of every other argument (ints
+# are specialised on value ranges and divisibility; keying on the value is stricter). The first
+# call of a signature goes through ``kernel[grid]`` (compiling if needed) and returns its
+# compiled kernel, which later calls reuse.
+
+_COMPILED: dict[tuple, object] = {}
+# Set _FAST_LAUNCH[0] = False to launch through kernel[grid] every time (for debugging).
+_FAST_LAUNCH = [True]
+
+
+def _signature(kernel, args, options) -> tuple:
+    key = [id(kernel), options]
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0, a.device.index))
+        else:
+            key.append(a)
+    return tuple(key)
+
+
+def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages: int = 3) -> None:
+    """``kernel[grid](*args, num_warps=..., num_stages=...)`` with the argument binding cached
+    (``args``: every kernel argument, constexprs included, in the kernel's order)."""
+    if not _FAST_LAUNCH[0] or args[0].device.type != "cuda":
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        return
+    key = _signature(kernel, args, (num_warps, num_stages))
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        if len(_COMPILED) > 4096:
+            _COMPILED.clear()
+        if compiled is not None and hasattr(compiled, "__getitem__"):
+            _COMPILED[key] = compiled
+        return
+    grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    compiled[grid3](*args)
+
+
 def input_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
@@ -440,12 +485,15 @@ def build_routing(flat_index: torch.Tensor, n_experts: int, block_m: int, n_tile
     else:
         block_counts = torch.zeros(n_blocks, n_experts, dtype=torch.int32, device=device)
         rank = new(n)
-        _routing_rank_kernel[(n_blocks,)](flat_index, rank, block_counts, n, n_experts, BLOCK=block)
+        launch(
+            _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block
+        )
         block_start = torch.empty_like(block_counts)
         scan_e = 16
-        _routing_scan_kernel[(triton.cdiv(n_experts, scan_e),)](
-            block_counts, block_start, counts, n_blocks, n_experts, BLOCK_B=256, BLOCK_E=scan_e
-        )
+        launch(
+            _routing_scan_kernel, (triton.cdiv(n_experts, scan_e),),
+            block_counts, block_start, counts, n_blocks, n_experts, 256, scan_e,
+        )  # fmt: skip
     offsets, tile_expert, tile_start, n_valid = (
         new(n_experts + 1),
         new(n_tiles),
@@ -454,14 +502,16 @@ def build_routing(flat_index: torch.Tensor, n_experts: int, block_m: int, n_tile
     )
     block_e = triton.next_power_of_2(n_experts)
     block_t = max(1, min(64, 16384 // block_e))
-    _routing_tiles_kernel[(max(1, triton.cdiv(n_tiles, block_t)),)](
-        counts, offsets, tile_expert, tile_start, n_valid, n_experts, n_tiles,
-        BLOCK_M=block_m, BLOCK_E=block_e, BLOCK_T=block_t,
+    launch(
+        _routing_tiles_kernel, (max(1, triton.cdiv(n_tiles, block_t)),),
+        counts, offsets, tile_expert, tile_start, n_valid, n_experts, n_tiles, block_m, block_e,
+        block_t,
     )  # fmt: skip
     if not fallback:
-        _routing_scatter_kernel[(n_blocks,)](
+        launch(
+            _routing_scatter_kernel, (n_blocks,),
             flat_index, rank, block_start, offsets, sorted_to_slot, slot_to_sorted, n, n_experts,
-            BLOCK=block,
+            block,
         )  # fmt: skip
     return sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid
 
@@ -518,7 +568,9 @@ def moe_gemm(
         return
     programs = min(n_work, _num_sms(a.device)) if persistent else n_work
     dummy = routing.offsets
-    _moe_gemm_kernel[(programs,)](
+    launch(
+        _moe_gemm_kernel,
+        (programs,),
         a,
         w,
         out,
@@ -543,17 +595,17 @@ def moe_gemm(
         out.stride(1),
         n_cols,  # h, u and the stored pre-activation are contiguous [rows, N]
         aux.stride(0) if aux is not None else 0,
-        A_GATHER=a_gather,
-        OUT_MODE=out_mode,
-        EPILOGUE=epilogue,
-        ACT=ACTIVATIONS[activation],
-        STORE_PREACT=epilogue == EPI_ACTIVATION and aux is not None,
-        BLOCK_M=routing.block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        INPUT_PRECISION=input_precision(a.dtype),
-        PERSISTENT=bool(persistent),
-        NUM_PROGRAMS=programs,
+        a_gather,
+        out_mode,
+        epilogue,
+        ACTIVATIONS[activation],
+        epilogue == EPI_ACTIVATION and aux is not None,
+        routing.block_m,
+        block_n,
+        block_k,
+        input_precision(a.dtype),
+        bool(persistent),
+        programs,
         num_warps=warps,
         num_stages=stages,
     )
@@ -583,7 +635,9 @@ def moe_weight_grad(
     grid = (n_experts * triton.cdiv(k, block_k) * triton.cdiv(n, block_n),)
     if grid[0] == 0:
         return
-    _moe_weight_grad_kernel[grid](
+    launch(
+        _moe_weight_grad_kernel,
+        grid,
         a,
         b,
         dw,
@@ -600,13 +654,13 @@ def moe_weight_grad(
         dw.stride(0),
         dw.stride(1),
         dw.stride(2),
-        A_GATHER=a_gather,
-        B_GATHER=b_gather,
-        A_GATE=gate is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        INPUT_PRECISION=input_precision(a.dtype),
+        a_gather,
+        b_gather,
+        gate is not None,
+        block_m,
+        block_n,
+        block_k,
+        input_precision(a.dtype),
         num_warps=warps,
         num_stages=stages,
     )
