@@ -2,16 +2,19 @@
 
     uv run python examples/train_lm.py                 # MoEUT + SwitchHead, CPU-sized defaults
     uv run python examples/train_lm.py --attention colt5   # CoLT5 routed attention + sigma-MoE
+    uv run python examples/train_lm.py --resume runs/<time>   # continue a run where it stopped
     uv run python examples/train_lm.py --help
     uv run torchrun --standalone --nproc_per_node 2 examples/train_lm.py   # data parallel (DDP)
 
 By default the corpus is the Python standard library's own source (offline, on any machine).
-Writes to the run folder: checkpoint.pt, loss.png, experts.png, sample.txt, history.json.
+Writes to the run folder: the checkpoint (checkpoint.json, the weights in safetensors and the
+training state; see lm_demo/checkpoint.py), loss.png, experts.png, sample.txt, history.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -59,16 +62,81 @@ PROFILES = {
 DEFAULT_LR = {"tiny": 3e-3, "small": 1e-3}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+# Settings that define a run: stored in its checkpoints, restored by --resume. The other flags
+# (--out, --device, --compile, --resume) only say where and how this process runs.
+SETTINGS = (
+    "profile",
+    "attention",
+    "softmax_n",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "lr",
+    "warmup",
+    "weight_decay",
+    "clip",
+    "seed",
+    "data",
+    "eval_every",
+    "sample_tokens",
+)
+
+
+def _number(kind, low: float, low_ok: bool = True):
+    """An argparse ``type``: a finite ``kind`` >= ``low`` (> ``low`` unless ``low_ok``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'>=' if low_ok else '>'} {low}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument(
+        "--grad-accum",
+        type=_number(int, 1),
+        default=1,
+        metavar="K",
+        help="micro-batches per optimizer step (gradient accumulation; default 1)",
+    )
+    p.add_argument(
         "--lr",
-        type=float,
+        type=_number(float, 0, low_ok=False),
         default=None,
-        help="peak learning rate, cosine decay (default: the profile's, 3e-3 tiny, 1e-3 small)",
+        help="peak learning rate (default: the profile's, 3e-3 tiny, 1e-3 small)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=_number(int, 0),
+        default=None,
+        metavar="STEPS",
+        help="linear warmup steps, then cosine decay to a tenth of --lr at the last step "
+        "(default: a tenth of --steps, at most 100)",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=_number(float, 0),
+        default=0.01,
+        help="AdamW weight decay (default 0.01); never on norms, embeddings and biases",
+    )
+    p.add_argument(
+        "--clip",
+        type=_number(float, 0),
+        default=1.0,
+        help="clip the gradient norm to this (default 1.0; 0: no clipping)",
     )
     p.add_argument(
         "--profile",
@@ -86,25 +154,95 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--softmax-n",
-        type=float,
+        type=_number(float, 0),
         default=None,
         metavar="N",
-        help="use softmax_n attention with this n (e.g. 1.0)",
+        help="use softmax_n attention with this n, a finite number >= 0 (e.g. 1.0)",
     )
     p.add_argument("--data", default=None, help="text file or folder (default: Python's stdlib)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<time>)")
+    p.add_argument(
+        "--out", default=None, help="run folder (default: runs/<time>; on --resume, its folder)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="train through torch.compile(model) (off by default; on CPU it needs a C++ "
+        "compiler and compiles for a while first)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-every", type=int, default=50, help="validate every N steps")
+    p.add_argument(
+        "--eval-every", type=int, default=50, help="validate and checkpoint every N steps"
+    )
     p.add_argument("--sample-tokens", type=int, default=200, help="bytes to generate at the end")
-    p.add_argument("--resume", default=None, help="checkpoint.pt to continue from")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue a run from its checkpoint (run folder or its checkpoint.json); restores "
+        "every setting stored there, flags given again must agree (only --out, --device and "
+        "--compile may change)",
+    )
+    return p
+
+
+def _same(key: str, given, stored) -> bool:
+    if key == "data" and given is not None and stored is not None:
+        return Path(given).expanduser().resolve() == Path(stored)
+    return given == stored
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line as a namespace. On ``--resume`` the checkpoint is loaded and verified
+    (``args.checkpoint``), its settings replace the defaults, and a flag given again with a
+    different value is an error naming it."""
+    p = build_parser()
     args = p.parse_args(argv)
+    args.checkpoint = None
+    if args.resume is not None:
+        from lm_demo.checkpoint import CheckpointError, load_checkpoint, manifest_path
+
+        if not manifest_path(args.resume).is_file():
+            p.error(f"--resume: no such checkpoint: {args.resume}")
+        try:
+            args.checkpoint = load_checkpoint(args.resume)
+        except CheckpointError as e:
+            p.error(f"--resume: {e}")
+        stored = args.checkpoint.settings
+        missing = [k for k in SETTINGS if k not in stored]
+        if missing:
+            p.error(f"--resume: the checkpoint lacks the settings {', '.join(missing)}")
+        # The flags given on this command line: argparse fills in defaults only for names the
+        # namespace lacks, so a namespace preset with a marker keeps the omitted flags visible.
+        unset = object()
+        given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(SETTINGS, unset))))
+        explicit = {k: v for k, v in given.items() if v is not unset}
+        flag = lambda k: "--" + k.replace("_", "-")
+        differ = [
+            f"{flag(k)} {explicit[k]} (checkpoint: {stored[k]})"
+            for k in SETTINGS
+            if k in explicit and not _same(k, explicit[k], stored[k])
+        ]
+        if differ:
+            p.error(
+                "--resume: these flags differ from the settings stored in the checkpoint: "
+                + "; ".join(differ)
+                + ". Leave them out to continue the run as it was, or start a new run."
+            )
+        for k in SETTINGS:
+            setattr(args, k, stored[k])
+        if args.out is None:
+            args.out = str(args.checkpoint.path.parent)
     if args.steps < 1 or args.batch_size < 1 or args.seq_len < 2:
         p.error("--steps, --batch-size must be >= 1 and --seq-len >= 2")
-    if args.softmax_n is not None and args.softmax_n < 0:
-        p.error("--softmax-n must be >= 0")
-    if args.resume is not None and not Path(args.resume).is_file():
-        p.error(f"--resume: no such checkpoint: {args.resume}")
+    if args.eval_every < 1 or args.sample_tokens < 0:
+        p.error("--eval-every must be >= 1 and --sample-tokens >= 0")
+    if args.warmup is None:
+        args.warmup = min(100, args.steps // 10)
+    if args.warmup > args.steps:
+        p.error(f"--warmup {args.warmup} is longer than the run (--steps {args.steps})")
+    if args.data is not None:
+        args.data = str(Path(args.data).expanduser().resolve())
     return args
 
 
@@ -203,7 +341,38 @@ def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def save_run_checkpoint(out: Path, step: int, model, opt, sched, history, args) -> Path:
+    """The checkpoint of ``step`` (see ``lm_demo.checkpoint``): weights, settings, optimizer,
+    scheduler and RNG state, loss history."""
+    from lm_demo.checkpoint import save_checkpoint
+
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    state = {
+        "settings": {k: getattr(args, k) for k in SETTINGS},
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "rng": rng,
+        "history": history,
+    }
+    return save_checkpoint(out, step, model.state_dict(), state)
+
+
+def load_model(checkpoint, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of a checkpoint (its folder or ``checkpoint.json``), built from its settings,
+    with its weights, in eval mode."""
+    from lm_demo.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(argparse.Namespace(**ckpt.settings), 256)
+    model.load_state_dict(ckpt.model)
+    return model.to(device).eval()
+
+
 def main(argv=None) -> dict:
+    from lm_demo.training import batch_seed, lr_scheduler, param_groups
+
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -221,62 +390,81 @@ def main(argv=None) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
 
     model = build_model(args, corpus.vocab_size).to(device)
-    train_model = model
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    sched = lr_scheduler(opt, args.warmup, args.steps)
+    history: dict[str, list] = {"train": [], "validation": []}
+    start = 0
+    if args.checkpoint is not None:
+        ckpt, args.checkpoint = args.checkpoint, None
+        model.load_state_dict(ckpt.model)
+        opt.load_state_dict(ckpt.state["optimizer"])
+        sched.load_state_dict(ckpt.state["scheduler"])
+        torch.set_rng_state(ckpt.state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in ckpt.state["rng"]:
+            torch.cuda.set_rng_state_all(ckpt.state["rng"]["cuda"])
+        start, history = ckpt.step, ckpt.state["history"]
+        del ckpt
+    train_model, ddp = model, None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        train_model = DistributedDataParallel(
+        train_model = ddp = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    history: dict[str, list] = {"train": [], "validation": []}
-    start = 0
-    if args.resume:
-        state = torch.load(args.resume, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["step"], state["history"]
+    if args.compile:
+        train_model = torch.compile(train_model)
     n_params = sum(p.numel() for p in model.parameters())
     kind = "CoLT5 LM" if args.attention == "colt5" else f"{args.attention} MoEUT"
     log(
         f"{kind} '{args.profile}' ({n_params / 1e6:.2f}M parameters) on {device}"
         f"{f' x {world} processes' if world > 1 else ''}; data {corpus.source} "
         f"({corpus.train.numel():,} bytes); run folder {out}"
+        f"{f'; resumed after step {start}' if start else ''}"
     )
 
-    gen = torch.Generator().manual_seed(args.seed + start + 1000 * rank)  # own batches per rank
-    val_gen = torch.Generator().manual_seed(1234)
-    schedule = lambda s: args.lr * 0.5 * (1 + math.cos(math.pi * min(s / args.steps, 1.0)))
+    gen = torch.Generator()  # reseeded for every micro-batch: batches depend on position alone
+    autocast = lambda: torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )
     t0, tokens_seen = time.time(), 0
     for step in range(start + 1, args.steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = schedule(step)
-        x, y = sample_batch(corpus.train, args.batch_size, args.seq_len, gen)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            res = train_model(x.to(device))
-            loss = F.cross_entropy(res.outputs.float().flatten(0, 1), y.to(device).flatten())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"the training loss is {loss.item()} at step {step}: the run diverged; "
-                "try a lower --lr"
-            )
         opt.zero_grad(set_to_none=True)
-        (loss + res.reg_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        step_loss = 0.0
+        for micro in range(args.grad_accum):
+            gen.manual_seed(batch_seed(args.seed, rank, (step - 1) * args.grad_accum + micro))
+            x, y = sample_batch(corpus.train, args.batch_size, args.seq_len, gen)
+            last = micro == args.grad_accum - 1
+            # DDP averages gradients over the processes once per optimizer step
+            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                with autocast():
+                    res = train_model(x.to(device))
+                    loss = F.cross_entropy(
+                        res.outputs.float().flatten(0, 1), y.to(device).flatten()
+                    )
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"the training loss is {loss.item()} at step {step}: the run diverged; "
+                        "try a lower --lr"
+                    )
+                ((loss + res.reg_loss) / args.grad_accum).backward()
+            step_loss += loss.item() / args.grad_accum
+            tokens_seen += x.numel() * world
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
-        tokens_seen += x.numel() * world
-        history["train"].append((step, loss.item()))
+        sched.step()
+        history["train"].append((step, step_loss))
         elapsed = time.time() - t0
         if rank == 0:
             progress(
                 step,
                 args.steps,
-                loss.item(),
+                step_loss,
                 tokens_seen / elapsed,
                 elapsed / (step - start) * (args.steps - step),
             )
         if step % args.eval_every == 0 or step == args.steps:
-            val = evaluate(model, corpus.val, args, device, val_gen)
+            val = evaluate(model, corpus.val, args, device, torch.Generator().manual_seed(1234))
             history["validation"].append((step, val))
             log(
                 f"\nstep {step}: validation loss {val:.3f} nats/byte, "
@@ -284,16 +472,7 @@ def main(argv=None) -> dict:
                 file=sys.stderr,
             )
             if rank == 0:
-                torch.save(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "step": step,
-                        "history": history,
-                        "args": vars(args),
-                    },
-                    out / "checkpoint.pt",
-                )
+                save_run_checkpoint(out, step, model, opt, sched, history, args)
     tok_s = tokens_seen / max(time.time() - t0, 1e-9)
     log(f"trained {args.steps - start} steps at {tok_s:,.0f} tokens/s")
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
@@ -307,7 +486,8 @@ def main(argv=None) -> dict:
         return {"history": history, "out": out, "tokens_per_s": tok_s, "sample": ""}
 
     plot_losses(history, out / "loss.png")
-    plot_expert_usage(expert_usage(model, corpus.val, args, device, val_gen), out / "experts.png")
+    usage = expert_usage(model, corpus.val, args, device, torch.Generator().manual_seed(4321))
+    plot_expert_usage(usage, out / "experts.png")
     prompt = encode("def ").unsqueeze(0).to(device)
     sampler = torch.Generator(device=device).manual_seed(args.seed)
     tokens = model.generate(

@@ -51,17 +51,12 @@ def test_short_run_learns_and_checkpoint_reloads(demo, tmp_path):
     assert train[0] > 5.0
     assert sum(train[-5:]) / 5 < 3.3
     assert len(result["sample"]) >= 4
-    for name in ("checkpoint.pt", "loss.png", "experts.png", "sample.txt", "history.json"):
+    for name in ("checkpoint.json", "loss.png", "experts.png", "sample.txt", "history.json"):
         assert (tmp_path / name).is_file()
 
-    args = demo.parse_args(["--profile", "tiny", "--device", "cpu"])
-    args.profile = "tiny"
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    first, second = demo.build_model(args, 256), demo.build_model(args, 256)
-    first.load_state_dict(state["model"])
-    second.load_state_dict(state["model"])
+    # two models rebuilt from the checkpoint's settings and weights compute the same logits
+    first, second = demo.load_model(tmp_path), demo.load_model(tmp_path / "checkpoint.json")
     x = torch.randint(0, 256, (2, 16))
-    first.eval(), second.eval()
     torch.testing.assert_close(first(x).outputs, second(x).outputs, rtol=0, atol=0)
 
 
@@ -112,7 +107,7 @@ def test_data_parallel_run_with_two_cpu_processes(tmp_path):
     assert set(sums) == {"0", "1"}
     assert sums["0"] == sums["1"]  # gradients were averaged: the replicas stayed identical
     assert "x 2 processes" in run.stdout
-    assert (tmp_path / "checkpoint.pt").is_file()
+    assert (tmp_path / "checkpoint.json").is_file()
 
 
 def test_colt5_variant_learns_and_checkpoint_reloads(demo, tmp_path):
@@ -150,12 +145,10 @@ def test_colt5_variant_learns_and_checkpoint_reloads(demo, tmp_path):
     assert train[0] > 5.0
     assert 1.0 < sum(train[-5:]) / 5 < 3.3
     assert result["sample"].startswith("def ") and len(result["sample"]) > len("def ")
-    for name in ("checkpoint.pt", "loss.png", "experts.png", "sample.txt", "history.json"):
+    for name in ("checkpoint.json", "loss.png", "experts.png", "sample.txt", "history.json"):
         assert (tmp_path / name).is_file()
 
-    args = demo.parse_args(["--attention", "colt5", "--profile", "tiny"])
-    model = demo.build_model(args, 256)
-    model.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"])
+    model = demo.load_model(tmp_path)  # built from the settings stored in the checkpoint
     assert type(model).__name__ == "CoLT5LM"
 
 
