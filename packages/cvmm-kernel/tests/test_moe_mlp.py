@@ -299,3 +299,50 @@ def test_weight_cast_cache_follows_in_place_updates():
     second = cast_weight(w, torch.bfloat16)
     assert second is not first
     torch.testing.assert_close(second.float(), w.detach(), rtol=1e-2, atol=1e-2)
+
+
+def _good(**over):
+    x, index, gate, w_up, w_down = make_inputs(
+        (4,), 2, 5, 8, 6, 8, dtype=torch.float32, device="cpu", seed=12
+    )
+    args = dict(x=x, index=index, gate=gate, w_up=w_up, w_down=w_down)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("over", "error", "match"),
+    [
+        (dict(index=torch.zeros(5, 2, dtype=torch.long)), ValueError, "index must have shape"),
+        (dict(index=torch.zeros(4, 2)), TypeError, "integer tensor"),
+        (dict(gate=torch.rand(4, 3)), ValueError, "gate must have index's shape"),
+        (dict(gate=torch.ones(4, 2, dtype=torch.long)), TypeError, "floating point"),
+        (dict(w_up=torch.randn(5, 8)), ValueError, "w_up and w_down must be"),
+        (dict(w_down=torch.randn(4, 6, 8)), ValueError, "w_down must have shape"),
+        (dict(x=torch.randn(4, 7)), ValueError, "width 7"),
+        (dict(index=torch.full((4, 2), 5)), ValueError, r"in \[0, 5\)"),
+        (dict(index=torch.full((4, 2), -1)), ValueError, r"in \[0, 5\)"),
+        (dict(x=torch.randn(4, 8, dtype=torch.float64)), TypeError, "share a dtype"),
+        (dict(w_down=torch.randn(5, 6, 8, dtype=torch.float64)), TypeError, "share a dtype"),
+        (dict(x=torch.randn(4, 8, device="meta")), ValueError, "one device|meta"),
+    ],
+)
+def test_bad_inputs_raise_before_any_kernel(over, error, match):
+    with pytest.raises(error, match=match):
+        moe_mlp(**_good(**over))
+
+
+def test_bad_activation_and_index_bound():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        moe_mlp(**_good(), activation="tanh")
+    with pytest.raises(ValueError, match="exceeds the number of experts"):
+        moe_mlp(**_good(), index_bound=6)
+
+
+@pytest.mark.interpret
+def test_explicit_triton_refuses_float64():
+    args = {k: (v.double() if v.is_floating_point() else v) for k, v in _good().items()}
+    with pytest.raises(TypeError, match="reference"):
+        moe_mlp(**args, backend="triton")
+    out = moe_mlp(**args)  # the automatic choice falls back to the reference
+    assert out.dtype == torch.float64

@@ -8,6 +8,7 @@ import torch
 
 from .moe_ops import ACTIVATION_NAMES, MoEMLPFunction, block_m_for, moe_mlp_forward, moe_routing
 from .ops import Backend, resolve_backend
+from .validation import check_backend_dtype
 
 Activation = Literal["identity", "relu", "gelu", "silu"]
 
@@ -105,6 +106,7 @@ def moe_mlp(
         ``w_up`` and ``w_down`` (weight gradients in the weights' dtype).
     """
     _check(x, index, gate, w_up, w_down, activation, index_bound)
+    requested = backend
     backend = resolve_backend(x.device, backend)
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
@@ -112,12 +114,12 @@ def moe_mlp(
         raise TypeError(
             f"x ({x.dtype}) and the weights ({w_up.dtype}) must share a dtype outside autocast"
         )
-    if backend == "triton" and (
-        x.dtype == torch.float64 or (x.device.type == "cpu" and x.dtype == torch.bfloat16)
-    ):
-        # The kernels' dot products have no float64 mode, and the interpreter no bf16.
-        backend = "reference"
-
+    if requested is None and backend == "triton":
+        try:
+            check_backend_dtype(x.dtype, x.device, backend)
+        except TypeError:  # e.g. float64: the automatic choice falls back to the reference
+            backend = "reference"
+    check_backend_dtype(x.dtype, x.device, backend)  # an explicit backend is refused clearly
     lead, top_k = x.shape[:-1], index.shape[-1]
     block_m = block_m_for(backend)
     flat_index = index.reshape(-1).long()

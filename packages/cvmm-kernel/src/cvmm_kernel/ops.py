@@ -72,8 +72,10 @@ def cvmm(
     """
     if not isinstance(sel, CVMMSel):
         sel = cvmm_prepare_sel(sel, weights.shape[0] if weights.dim() == 3 else None)
-    group = check_cvmm_inputs(x, sel, weights)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     backend = resolve_backend(x.device, backend)
+    group = check_cvmm_inputs(x, sel, weights, backend=backend)
     if backend == "triton" and weights.shape[0] > MAX_EXPERTS_TRITON:
         raise ValueError(
             f"the Triton backend handles at most {MAX_EXPERTS_TRITON} matrices, got "

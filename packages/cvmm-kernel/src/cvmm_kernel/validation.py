@@ -1,23 +1,82 @@
-"""Input checks shared by every CVMM path, run in Python before any kernel launches."""
+"""Input checks shared by every CVMM path, run in Python before any kernel launches.
+
+Index dtypes: the expert indices ``sel`` may be any of ``int64``, ``int32``, ``int16``, ``int8``
+or ``uint8``, as long as the dtype can count the matrices (``expert_bounds`` searches the sorted
+indices for ``0..n_matrices`` in their own dtype): ``int8`` addresses at most 127 matrices and
+``uint8`` 255; beyond that ``cvmm`` refuses the dtype instead of silently wrapping around. Input
+and output row indices (``sel_index``, ``out_index``) must be ``int64`` or ``int32``: PyTorch
+reads a ``uint8`` index as a boolean mask and does not index with ``int8``/``int16`` at all. The
+constructors ``cvmm_prepare_sel*`` always make them ``int64``.
+"""
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 
 from .selection import CVMMSel
 
+# What x (after autocast) and weights may be: the dtypes a matmul of every path handles.
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What the Triton kernels multiply (fp32 accumulation; tl.dot has no float64 path we use).
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+EXPERT_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+ROW_INDEX_DTYPES = (torch.int64, torch.int32)
 
-def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> int:
+
+def check_backend_dtype(dtype: torch.dtype, device: torch.device, backend: str | None) -> None:
+    """Raise ``TypeError`` when ``backend`` cannot multiply ``dtype`` on ``device``.
+
+    ``dtype`` is the dtype the kernels see: the autocast dtype under autocast, else ``x.dtype``.
+    The Triton kernels handle float16, bfloat16 and float32; bfloat16 needs an Ampere or newer
+    GPU (compute capability 8.0) and does not run under the Triton interpreter
+    (``TRITON_INTERPRET=1``, whose NumPy arrays have no bfloat16). ``backend=None`` and
+    ``"reference"`` accept every float dtype.
+    """
+    if backend is None or backend == "reference":
+        return
+    if backend != "triton":
+        raise ValueError(f"unknown cvmm backend {backend!r}; use 'reference' or 'triton'")
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"the Triton backend multiplies float16, bfloat16 and float32, not {dtype}; "
+            "use backend='reference' for it"
+        )
+    if dtype != torch.bfloat16:
+        return
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        raise TypeError(
+            "the Triton interpreter (TRITON_INTERPRET=1) cannot run bfloat16 kernels (NumPy has "
+            "no bfloat16); use float32/float16 or backend='reference'"
+        )
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) < (8, 0):
+        raise TypeError(
+            f"bfloat16 Triton kernels need an Ampere or newer GPU (compute capability >= 8.0), "
+            f"{device} has {capability[0]}.{capability[1]}; use float16 or backend='reference'"
+        )
+
+
+def check_cvmm_inputs(
+    x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor, *, backend: str | None = None
+) -> int:
     """Raise a clear error for inputs that no path can multiply correctly.
 
     Checks dtypes, ranks, matching ``d_in``, devices, the sizes of the index tensors, the range
     of every index, that ``sel`` is sorted and that no output row is written twice. The value
     checks read one small tensor back from the device (a single synchronisation); they are
-    skipped while ``torch.compile`` traces.
+    skipped while ``torch.compile`` traces. Meta tensors and ``d_in == 0`` are refused.
 
     Selections made by ``cvmm_prepare_sel``/``cvmm_prepare_sel2`` (and not re-indexed by hand)
     have a known layout: for them only the expert range is read back (two values), or nothing
     at all when the constructor was given ``index_bound``.
+
+    Args:
+        backend: the resolved backend (``"reference"`` or ``"triton"``) whose dtype limits to
+            check as well (see :func:`check_backend_dtype`); ``None`` checks only what every
+            path needs.
 
     Returns:
         ``g > 0`` when input row ``== output row // g`` for every position (the layout of
@@ -25,8 +84,15 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
     """
     if not isinstance(x, torch.Tensor) or not isinstance(weights, torch.Tensor):
         raise TypeError("cvmm expects tensors for x and weights")
+    if not isinstance(sel, CVMMSel):
+        raise TypeError(f"sel must be a CVMMSel (see cvmm_prepare_sel*), got {type(sel).__name__}")
     if not x.dtype.is_floating_point or not weights.dtype.is_floating_point:
         raise TypeError(f"cvmm needs floating-point x and weights, got {x.dtype}, {weights.dtype}")
+    for name, dtype in (("x", x.dtype), ("weights", weights.dtype)):
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(
+                f"cvmm multiplies float16, bfloat16, float32 and float64; {name} is {dtype}"
+            )
     if weights.dim() != 3:
         raise ValueError(
             f"weights must be [n_matrices, d_in, d_out], got shape {tuple(weights.shape)}"
@@ -44,10 +110,33 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"cvmm inputs must be on one device, got {devices}")
+    if x.device.type == "meta":
+        # The value checks, autocast and the reference path all need real tensors.
+        raise ValueError("cvmm cannot run on meta tensors (no values); use a real device")
+    if weights.shape[1] == 0:
+        raise ValueError("cvmm needs d_in >= 1, got weights of shape [n, 0, d_out]")
     for name in ("sel", "sel_index", "out_index"):
         t = tensors.get(name)
-        if t is not None and (t.dtype.is_floating_point or t.dtype == torch.bool):
+        if t is None:
+            continue
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
             raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+        allowed = EXPERT_INDEX_DTYPES if name == "sel" else ROW_INDEX_DTYPES
+        if t.dtype not in allowed:
+            raise TypeError(
+                f"{name} must be an integer tensor of dtype "
+                f"{', '.join(str(d).removeprefix('torch.') for d in allowed)}, got {t.dtype}"
+            )
+    n_matrices = weights.shape[0]
+    if n_matrices > torch.iinfo(sel.sel.dtype).max:
+        raise TypeError(
+            f"expert indices (sel) of dtype {sel.sel.dtype} address at most "
+            f"{torch.iinfo(sel.sel.dtype).max} matrices, but weights has {n_matrices}; "
+            "convert them with .long()"
+        )
+    autocast = torch.is_autocast_enabled(x.device.type)
+    kernel_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    check_backend_dtype(kernel_dtype, x.device, backend)
     n = sel.sel.numel()
     if sel.sel_index.numel() != n or (sel.out_index is not None and sel.out_index.numel() != n):
         raise ValueError(
@@ -64,7 +153,7 @@ def check_cvmm_inputs(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> i
             )
         if not w.dtype.is_floating_point:
             raise TypeError(f"reduction_weight must be floating point, got {w.dtype}")
-    n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    n_rows = math.prod(x.shape[:-1])
     if sel.out_index is None and n_rows != n:
         raise ValueError(
             f"without out_index, x must have one row per selection ({n}), got {n_rows} rows"
