@@ -10,6 +10,8 @@ second matmul to 8-11 bits: 1e-2 (2e-2 for bfloat16's 8-bit mantissa), 3x for gr
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -38,7 +40,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def check(q, k, v, n, causal, tol):
     """Output and gradients (q, k, v and a tensor n that requires grad) against float64."""
     out = flash_attention_n_triton(q, k, v, softmax_n_param=n, is_causal=causal)
-    assert out.shape == q.shape and out.dtype == q.dtype
+    assert out.shape == (*q.shape[:-1], v.shape[-1]) and out.dtype == q.dtype
     rep = q.shape[1] // k.shape[1]
     kf, vf = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     expected = direct_attention_n(q, kf, vf, n, causal=causal)
@@ -99,12 +101,47 @@ def test_interpret_head_dim_256_and_scale():
 
 @pytest.mark.interpret
 def test_interpret_rows_without_keys():
-    """L > S causal: rows that see no key are 0 for n > 0 (with zero gradient), NaN for n = 0."""
+    """L > S causal: rows that see no key are 0 with zero gradients for every n (n = 0 included,
+    as F.scaled_dot_product_attention; it was NaN there), also with S = 0."""
     q, k, v = make(1, 1, 1, 6, 3, 16, torch.float32, "cpu")
-    out = flash_attention_n_triton(q, k, v, softmax_n_param=1.0, is_causal=True)
-    assert torch.all(out[:, :, :3] == 0)
-    out0 = flash_attention_n_triton(q, k, v, is_causal=True)
-    assert torch.isnan(out0[:, :, :3]).all() and torch.isfinite(out0[:, :, 3:]).all()
+    for n in (1.0, 0.0):
+        out = flash_attention_n_triton(q, k, v, softmax_n_param=n, is_causal=True)
+        assert torch.all(out[:, :, :3] == 0) and torch.isfinite(out).all()
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+        assert (
+            torch.all(dq[:, :, :3] == 0) and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+        )
+    empty = k[:, :, :0]
+    for n in (1.0, 0.0):
+        assert torch.equal(flash_attention_n_triton(q, empty, empty, n), torch.zeros_like(q))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    ("length", "s", "d", "dv", "hk", "causal"),
+    [(19, 23, 16, 40, 1, True), (21, 21, 24, 8, 2, False), (37, 20, 8, 72, 2, True)],
+)
+def test_interpret_value_head_dim_differs(length, s, d, dv, hk, causal):
+    """MLA-style ``Dv != D`` in the kernels (forward and backward, n per head)."""
+    q, k, _ = make(2, 2, hk, length, s, d, torch.float32, "cpu")
+    v = torch.randn(2, hk, s, dv, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    n = torch.tensor([0.5, 2.0]).view(2, 1, 1).requires_grad_()
+    check(q, k, v, n, causal=causal, tol=1e-5)
+
+
+@pytest.mark.interpret
+def test_interpret_bfloat16_falls_back_to_the_reference():
+    """The interpreter has no bfloat16 (numpy): the kernels returned garbage (relative error
+    ~1e9); the reference runs instead, with a warning."""
+    q, k, v = make(1, 2, 1, 9, 12, 16, torch.bfloat16, "cpu")
+    with pytest.warns(UserWarning, match="bfloat16"):
+        out = flash_attention_n_triton(q, k, v, softmax_n_param=1.0, is_causal=True)
+    assert out.dtype == torch.bfloat16
+    expected = direct_attention_n(q, k.expand(1, 2, 12, 16), v.expand(1, 2, 12, 16), 1.0,
+                                  causal=True)  # fmt: skip
+    assert rel_err(out, expected) < 2e-2
+    out.float().sum().backward()
+    assert torch.isfinite(k.grad).all()
 
 
 @pytest.mark.interpret
@@ -152,6 +189,34 @@ def test_clear_errors_before_any_kernel():
         flash_attention_n_triton(q, k, v, softmax_n_param=torch.ones(3, 1, 1))
     with pytest.raises(TypeError, match="softmax_n_param"):
         flash_attention_n_triton(q, k, v, softmax_n_param="1")
+
+
+def test_meta_tensors_give_the_output_shape():
+    """Meta tensors (shapes only) go to the reference; they were refused as a device."""
+    q, k = torch.empty(2, 4, 5, 8, device="meta"), torch.empty(2, 2, 7, 8, device="meta")
+    v = torch.empty(2, 2, 7, 12, device="meta")
+    out = flash_attention_n_triton(q, k, v, torch.ones(4, 1, 1, device="meta"), is_causal=True)
+    assert out.device.type == "meta" and out.shape == (2, 4, 5, 12)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "capability", "falls_back"),
+    [
+        (torch.bfloat16, (7, 5), True),
+        (torch.bfloat16, (8, 0), False),
+        (torch.float16, (7, 5), False),
+        (torch.float32, (7, 0), False),
+    ],
+)
+def test_bfloat16_before_ampere_falls_back(monkeypatch, dtype, capability, falls_back):
+    from softmax_n import fused
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    query = types.SimpleNamespace(dtype=dtype, device=torch.device("cuda"))
+    reason = fused._fallback_reason(query)
+    assert (reason is not None) == falls_back
+    if falls_back:
+        assert "8.0" in reason and "Ampere" in reason
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):

@@ -10,19 +10,22 @@ The gradient needs no extra kernel either: the probabilities of softmax_n are
 ``exp(s_ij - lse_n_i)``, so the kernel's own backward, run with ``out_n`` in place of its output
 and ``lse_n`` in place of its log-sum-exp, is exactly the backward of softmax_n attention (its row
 term ``rowsum(dO * O)`` is then the softmax_n one). No extra tensor of the output's size is made
-in either direction. The gradient of ``log n`` is ``-rowsum(grad * out_n) * (1 - sigmoid(lse -
-log n))``.
+in either direction. The gradient in ``n`` is ``-rowsum(grad * out_n) * exp(-lse_n)`` (exact at
+``n = 0`` too, where a gradient through ``log n`` would be ``0 * inf``).
 
 Kernels, in order of preference: cuDNN attention on CUDA (compute capability >= 9.0, fp16/bf16,
 head dim a multiple of 8 up to 128, no mask or bias, causal only for ``L == S``, no dropout;
-PyTorch's own SDPA prefers it there too), PyTorch's flash attention on CUDA (the same, head dim up
-to 256) and its CPU flash kernel (any float dtype, masks and biases that need no gradient). Each
-CUDA kernel is used only while enabled for SDPA (``torch.nn.attention.sdpa_kernel`` or
-``torch.backends.cuda.enable_*_sdp``). Other cases use ``slow_attention_n`` (same results,
-quadratic memory).
+PyTorch's own SDPA prefers it there too), PyTorch's flash attention on CUDA (compute capability
+>= 8.0, otherwise the same, head dim up to 256) and its CPU flash kernel (any float dtype, masks
+and biases that need no gradient). Each CUDA kernel is used only while enabled for SDPA
+(``torch.nn.attention.sdpa_kernel`` or ``torch.backends.cuda.enable_*_sdp``). Other cases use
+``slow_attention_n`` (same results, quadratic memory).
 
-Fully masked rows: ``lse = -inf``, so with ``n > 0`` the row is 0 (and NaN for ``n = 0``, as
-softmax gives).
+Fully masked rows (and ``S = 0``) give 0 for every ``n``, as ``F.scaled_dot_product_attention``
+does (its math path is a "safe" softmax): PyTorch's CPU kernel returns ``out0 = 0`` there and the
+gate is finite. Empty inputs (``B``, ``H``, ``L``, ``S``, ``D`` or ``Dv`` of 0), a value head dim
+other than the query's and dropout go to the reference before any kernel runs (the CPU kernel
+crashes the process with SIGFPE on ``L = 0`` or ``S = 0``).
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ import math
 
 import torch
 
-from .functional import _expand_kv, _log_n, attention_bias, slow_attention_n
+from .functional import (
+    _check_attention,
+    _check_n,
+    _check_n_rows,
+    _expand_kv,
+    _reference,
+    attention_bias,
+)
 
 _ATEN = torch.ops.aten
 
@@ -40,6 +50,8 @@ def _kernel_name(q, k, v, bias, is_causal) -> str | None:
     """The fused kernel that computes this attention (with its log-sum-exp), or None."""
     if bias is not None and bias.requires_grad:
         return None  # the kernels give no gradient for a bias (e.g. XL's positional term)
+    if v.shape[-1] != q.shape[-1]:
+        return None  # the kernels take one head dim for query, key and value
     if q.device.type == "cpu":
         return "cpu"
     if (
@@ -58,7 +70,11 @@ def _kernel_name(q, k, v, bias, is_causal) -> str | None:
         and torch.cuda.get_device_capability(q.device) >= (9, 0)
     ):
         return "cudnn"
-    if q.shape[-1] <= 256 and torch.backends.cuda.flash_sdp_enabled():
+    if (
+        q.shape[-1] <= 256
+        and torch.backends.cuda.flash_sdp_enabled()
+        and torch.cuda.get_device_capability(q.device) >= (8, 0)  # FlashAttention-2: Ampere+
+    ):
         return "flash"
     return None
 
@@ -99,35 +115,52 @@ def _kernel_backward(name, state, grad, q, k, v, out, lse, bias, is_causal, scal
 
 class _FlashAttentionN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_n, bias, is_causal, scale, name):
+    def forward(ctx, q, k, v, n, bias, is_causal, scale, name, n_float):
+        """``n``: the tensor ``n`` in the working dtype (its gradient is returned); ``n_float``:
+        the same as a Python float when it is one (fewer small kernels, none for ``n = 0``)."""
         out, lse, state = _kernel_forward(name, q, k, v, bias, is_causal, scale)
-        work = torch.promote_types(q.dtype, torch.float32)
-        lse4 = (lse if lse.dim() == 4 else lse.unsqueeze(-1)).to(work)  # [B, H, L, 1]
-        lse_n4 = torch.logaddexp(lse4, log_n.to(work))
-        gate = torch.exp(lse4 - lse_n4)  # sigmoid(lse - log n)
-        out.mul_(gate)  # the kernel's fresh output becomes out_n
-        lse_n = torch.empty_like(lse).copy_(lse_n4.reshape(lse.shape))
+        if n_float == 0.0:
+            lse_n, lse_n4 = lse, None  # softmax: out_n = out0, lse_n = lse
+        else:
+            lse4 = (lse if lse.dim() == 4 else lse.unsqueeze(-1)).to(n.dtype)  # [B, H, L, 1]
+            # gate = sigmoid(lse - log n), the difference formed once (no log-sum-exp at the
+            # logits' magnitude); lse_n = lse - log(gate)
+            if n_float is not None:
+                diff = lse4 - math.log(n_float)
+            else:
+                log_n = torch.log(n)
+                diff = torch.where(log_n == -math.inf, math.inf, lse4 - log_n)  # n = 0: gate 1
+            out.mul_(torch.sigmoid(diff))  # the kernel's fresh output becomes out_n
+            lse_n4 = lse4 - torch.nn.functional.logsigmoid(diff)
+            lse_n = torch.empty_like(lse).copy_(lse_n4.reshape(lse.shape))
+        if name == "cpu":  # without a mask, PyTorch's CPU kernel gives 0 for a query row with NaN
+            out.masked_fill_(torch.isnan(q).any(-1, keepdim=True), math.nan)
+        inv = q.new_empty(0)
+        if ctx.needs_input_grad[3]:  # d out_n / d n = -out_n / (n + sum exp) = -out_n exp(-lse_n)
+            if lse_n4 is None:
+                lse_n4 = (lse if lse.dim() == 4 else lse.unsqueeze(-1)).to(n.dtype)
+            inv = torch.where(lse_n4 == -math.inf, 0.0, torch.exp(-lse_n4))
         ctx.save_for_backward(
-            q, k, v, out, lse_n, gate, bias if bias is not None else q.new_empty(0)
+            q, k, v, out, lse_n, bias if bias is not None else q.new_empty(0), inv
         )
         ctx.has_bias = bias is not None
         ctx.is_causal, ctx.scale, ctx.name, ctx.state = is_causal, scale, name, state
-        ctx.log_n_shape = log_n.shape
+        ctx.n_shape = n.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse_n, gate, bias = ctx.saved_tensors
+        q, k, v, out, lse_n, bias, inv = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         dq, dk, dv = _kernel_backward(
             ctx.name, ctx.state, grad.contiguous(), q, k, v, out, lse_n, bias, ctx.is_causal,
             ctx.scale,
         )[:3]  # fmt: skip
-        d_log_n = None
+        d_n = None
         if ctx.needs_input_grad[3]:
-            row = (grad.to(gate.dtype) * out.to(gate.dtype)).sum(-1, keepdim=True) * (1 - gate)
-            d_log_n = (-row).sum_to_size(ctx.log_n_shape)
-        return dq, dk, dv, d_log_n, None, None, None, None
+            row = (grad.to(inv.dtype) * out.to(inv.dtype)).sum(-1, keepdim=True)
+            d_n = (-row * inv).sum_to_size(ctx.n_shape)
+        return dq, dk, dv, d_n, None, None, None, None, None
 
 
 def flash_attention_n(
@@ -144,75 +177,70 @@ def flash_attention_n(
     """Attention with softmax_n for any real ``n >= 0`` (see the module docstring).
 
     Args:
-        query: ``[B, H, L, D]``; key, value: ``[B, H or Hkv, S, D]`` (grouped-query) or
-            ``[B, S, D]`` (shared by all heads).
-        softmax_n_param: ``n``: ``None``/0 (softmax), a float, or a tensor broadcastable to
-            ``[B, H, L, 1]`` (e.g. ``[H, 1, 1]`` per head, learnable).
+        query: ``[B, H, L, D]``; key: ``[B, Hkv, S, D]`` (grouped-query, ``H % Hkv == 0``) or
+            ``[B, S, D]`` (shared by all heads); value: the same with its own head dim ``Dv``
+            (``Dv != D`` runs on the reference). One float dtype and device.
+        softmax_n_param: ``n``: ``None``/0 (softmax), a finite float ``>= 0``, or a tensor of
+            such values shaped as one of ``softmax_n.functional.N_SHAPES``: 0-dim, ``[H, 1, 1]``
+            (per head, learnable), ``[H, L, 1]``, ``[B, H, L, 1]`` or anything else with a
+            trailing 1 that broadcasts to ``[B, H, L, 1]`` without growing it. ``[H]`` and
+            ``[H, 1]`` are refused (they would broadcast against the keys / the query length).
         scale: score scale (default ``1/sqrt(D)``).
-        dropout_p: attention dropout (applied by the reference path).
-        attn_mask: SDPA convention (bool True = keep, or float added).
+        dropout_p: attention dropout in ``[0, 1]`` (applied by the reference path).
+        attn_mask: as ``F.scaled_dot_product_attention``: bool (True = keep), or a float mask of
+            the query's dtype or float32, added to the scores; broadcastable to ``[B, H, L, S]``.
+            Other dtypes (e.g. a 0/1 integer mask) raise ``TypeError``.
         attn_bias: additive float bias, e.g. ALiBi ``[H, L, S]``.
         is_causal: query ``i`` sees keys ``<= i + S - L`` (bottom-right aligned).
 
     Returns:
-        ``[B, H, L, D]`` in the query's dtype.
+        ``[B, H, L, Dv]`` in the query's dtype. A row that sees no key is 0 for every ``n``
+        (as SDPA).
+
+    Raises:
+        TypeError: non-tensors, non-float or mixed dtypes, a mask dtype SDPA refuses.
+        ValueError: bad shapes, mixed devices, a bad ``n`` (NaN, inf, negative, or a shape as
+            above), a non-finite scale, ``dropout_p`` outside ``[0, 1]``. All before any kernel.
     """
-    if query.dim() != 4:
-        raise ValueError(f"query must be [B, H, L, D], got {tuple(query.shape)}")
+    key, value, scale = _check_attention(
+        query, key, value, attn_mask, attn_bias, scale, dropout_p, softmax_n_param,
+        "flash_attention_n",
+    )  # fmt: skip
+    b, h, n_q, d = query.shape
+    n_k, d_v = key.shape[-2], value.shape[-1]
+    if dropout_p > 0 or 0 in (b, h, n_q, n_k, d, d_v):  # no kernel is given empty tensors
+        return _reference(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, softmax_n_param, None,
+            True, attn_bias,
+        )  # fmt: skip
     key, value = _expand_kv(key, query), _expand_kv(value, query)
-    if key.shape[-1] != query.shape[-1] or key.shape[-2] != value.shape[-2]:
-        raise ValueError(
-            f"incompatible shapes: query {tuple(query.shape)}, key {tuple(key.shape)}, "
-            f"value {tuple(value.shape)}"
-        )
-    if not query.device == key.device == value.device:
-        raise ValueError("query, key and value must be on one device")
-    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if dropout_p > 0:
-        return slow_attention_n(
-            query,
-            key,
-            value,
-            attn_mask,
-            dropout_p,
-            is_causal,
-            scale,
-            softmax_n_param,
-            attn_bias=attn_bias,
-        )
-    n_q, n_k = query.shape[-2], key.shape[-2]
     causal_in_kernel = is_causal and n_q == n_k and attn_mask is None and attn_bias is None
     bias = None
     if not causal_in_kernel:
         bias = attention_bias(n_q, n_k, attn_mask, attn_bias, is_causal, query.device, query.dtype)
         if bias is not None:
-            bias = bias.expand(query.shape[0], query.shape[1], n_q, n_k)
+            bias = bias.expand(b, h, n_q, n_k)
     q, k, v = query.contiguous(), key.contiguous(), value.contiguous()
     kernel = _kernel_name(q, k, v, bias, causal_in_kernel)
     if kernel is None:
-        return slow_attention_n(
-            query,
-            key,
-            value,
-            attn_mask,
-            0.0,
-            is_causal,
-            scale,
-            softmax_n_param,
-            attn_bias=attn_bias,
-        )
+        return _reference(
+            query, key, value, attn_mask, 0.0, is_causal, scale, softmax_n_param, None, True,
+            attn_bias,
+        )  # fmt: skip
     work_dtype = torch.promote_types(query.dtype, torch.float32)
-    log_n = _log_n(softmax_n_param, query)
-    if isinstance(log_n, torch.Tensor):
-        log_n = log_n.to(work_dtype)
-    else:  # a fill kernel: torch.tensor(x, device) would sync
-        log_n = torch.full((), log_n, device=query.device, dtype=work_dtype)
-    return _FlashAttentionN.apply(q, k, v, log_n, bias, causal_in_kernel, scale, kernel)
+    if isinstance(softmax_n_param, torch.Tensor):
+        n, n_float = softmax_n_param.to(query.device, work_dtype), None  # differentiable
+    else:  # only its shape and dtype are used: no fill kernel
+        n, n_float = query.new_empty((), dtype=work_dtype), float(softmax_n_param or 0.0)
+    return _FlashAttentionN.apply(q, k, v, n, bias, causal_in_kernel, scale, kernel, n_float)
 
 
 def softmax_n_attention_fn(n: float | torch.Tensor):
     """An attention core with SDPA's signature for ``attention_fn`` hooks (SwitchHead, MoEUT,
-    CoLT5): ``fn(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0)``."""
+    CoLT5): ``fn(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0)``.
+    ``n`` is checked here (type and values) and again, with its shape, at each call."""
+    _check_n(n)
+    _check_n_rows(n, None)
 
     def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0):
         return flash_attention_n(

@@ -5,15 +5,22 @@ logit ``log n`` lives inside the kernel's online softmax, so forward and backwar
 FlashAttention-2 style passes for any real ``n >= 0``, including causal attention with
 ``L != S`` (bottom-right) and grouped-query heads without copies. Inputs are validated here,
 before any kernel is compiled or launched.
+
+Inputs no kernel can take go to the PyTorch reference (``slow_attention_n``, computed in float32
+and returned in the inputs' dtype) instead: meta tensors (shapes only), a zero head dim, and, with
+a warning, bfloat16 under Triton's interpreter (numpy has no bfloat16: the kernels would return
+garbage) or on a GPU older than Ampere (compute capability < 8.0: no bfloat16 ``tl.dot``).
+float64 raises ``TypeError``.
 """
 
 from __future__ import annotations
 
-import math
 import os
+import warnings
 
 import torch
 
+from .functional import _check_n, _check_n_rows, _check_qkv, _check_scale, _reference
 from .ops import triton_attention_fwd
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -24,14 +31,17 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _DTYPES:
+        hint = (
+            "; flash_attention_n or slow_attention_n take float64" if t.is_floating_point() else ""
+        )
         raise TypeError(
-            f"{name}: the Triton kernel takes float16, bfloat16 or float32, got {t.dtype}"
+            f"{name}: the Triton kernel takes float16, bfloat16 or float32, got {t.dtype}{hint}"
         )
     return t
 
 
 def _check_device(device: torch.device) -> None:
-    if device.type == "cuda":
+    if device.type in ("cuda", "meta"):
         return
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return
@@ -47,47 +57,30 @@ def _check_device(device: torch.device) -> None:
     )
 
 
-def _kv_heads(name: str, t: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-    """``[B, S, D]`` (shared by all heads) -> ``[B, 1, S, D]``; checks batch and head counts."""
-    if t.dim() == 3:
-        t = t.unsqueeze(1)
-    elif t.dim() != 4:
-        raise ValueError(f"{name} must be [B, S, D] or [B, Hkv, S, D], got {tuple(t.shape)}")
-    if t.shape[0] != query.shape[0]:
-        raise ValueError(f"{name} batch {t.shape[0]} != query batch {query.shape[0]}")
-    heads = query.shape[1]
-    if t.shape[1] == 0 or heads % t.shape[1]:
-        raise ValueError(f"{name}: {t.shape[1]} key/value heads do not divide {heads} query heads")
-    return t
-
-
 def _n_rows(n: float | torch.Tensor | None, query: torch.Tensor) -> torch.Tensor:
-    """``n`` as ``[B, H, L]`` float32 on the query's device (differentiable in a tensor ``n``)."""
+    """``n`` as ``[B, H, L]`` float32 on the query's device (differentiable in a tensor ``n``);
+    type, values and shape checked first (``softmax_n.functional.N_SHAPES``)."""
     b, h, n_q = query.shape[:3]
+    _check_n(n)
+    _check_n_rows(n, (b, h, n_q))
     if n is None:
         n = 0.0
     if isinstance(n, torch.Tensor):
-        if not (n.is_floating_point() or n.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"softmax_n_param must be a float tensor, got {n.dtype}")
-        try:
-            rows = torch.broadcast_to(n, (b, h, n_q, 1))
-        except RuntimeError as e:
-            raise ValueError(
-                f"softmax_n_param of shape {tuple(n.shape)} does not broadcast to "
-                f"[B, H, L, 1] = {[b, h, n_q, 1]}"
-            ) from e
-        rows = rows[..., 0].to(query.device, torch.float32)
-        if rows.device.type != "cpu":  # checked on the device without a host sync
-            torch._assert_async(torch.all(rows >= 0), "softmax_n needs n >= 0")
-        elif not torch.compiler.is_compiling() and not bool(torch.all(rows >= 0)):
-            raise ValueError("softmax_n needs n >= 0 (and not NaN)")
-        return rows.contiguous()
-    if isinstance(n, bool) or not isinstance(n, (int, float)):
-        raise TypeError(f"softmax_n_param must be a float or a tensor, got {type(n).__name__}")
-    n = float(n)
-    if not n >= 0:
-        raise ValueError(f"softmax_n needs n >= 0, got {n}")
-    return torch.full((b, h, n_q), n, device=query.device, dtype=torch.float32)
+        rows = torch.broadcast_to(n, (b, h, n_q, 1))
+        return rows[..., 0].to(query.device, torch.float32).contiguous()
+    return torch.full((b, h, n_q), float(n), device=query.device, dtype=torch.float32)
+
+
+def _fallback_reason(query: torch.Tensor) -> str | None:
+    """Why no Triton kernel can take these (checked) inputs, or None."""
+    if query.dtype != torch.bfloat16:
+        return None
+    if query.device.type == "cpu":
+        return "Triton's interpreter has no bfloat16 (numpy has none)"
+    if query.device.type == "cuda" and torch.cuda.get_device_capability(query.device) < (8, 0):
+        cap = torch.cuda.get_device_capability(query.device)
+        return f"bfloat16 needs compute capability >= 8.0 (Ampere), this GPU has {cap}"
+    return None
 
 
 def flash_attention_n_triton(
@@ -103,53 +96,48 @@ def flash_attention_n_triton(
 
     Args:
         query: ``[B, H, L, D]``, float16, bfloat16 or float32, ``D <= 256``.
-        key, value: ``[B, Hkv, S, D]`` with ``H % Hkv == 0`` (grouped-query) or ``[B, S, D]``
-            (shared by all heads); the query's dtype and device. Any strides.
-        softmax_n_param: ``n >= 0``: ``None``/0 (plain softmax), a float, or a tensor
-            broadcastable to ``[B, H, L, 1]`` (e.g. ``[H, 1, 1]``, one learnable value per head).
+        key: ``[B, Hkv, S, D]`` with ``H % Hkv == 0`` (grouped-query) or ``[B, S, D]`` (shared
+            by all heads); value: the same with its own head dim ``Dv <= 256``; the query's
+            dtype and device. Any strides.
+        softmax_n_param: ``n``: ``None``/0 (plain softmax), a finite float ``>= 0``, or a tensor
+            of such values shaped as one of ``softmax_n.functional.N_SHAPES`` (0-dim,
+            ``[H, 1, 1]`` one learnable value per head, ``[H, L, 1]``, ``[B, H, L, 1]``, ...).
         scale: score scale (default ``1/sqrt(D)``).
         is_causal: query ``i`` sees keys ``j <= i + S - L`` (aligned bottom-right when ``L != S``).
 
     Returns:
-        ``[B, H, L, D]`` in the query's dtype. A row that sees no key is 0 for ``n > 0`` (NaN for
-        ``n = 0``, as softmax over nothing).
+        ``[B, H, L, Dv]`` in the query's dtype. A row that sees no key is 0 for every ``n``
+        (as ``F.scaled_dot_product_attention``), also with ``S = 0``.
 
     Raises:
-        TypeError: non-tensor inputs, unsupported or mixed dtypes.
-        ValueError: bad shapes, mixed devices, ``n < 0``, or a device the kernel cannot run on
-            (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+        TypeError: non-tensor inputs, unsupported (float64, integer) or mixed dtypes.
+        ValueError: bad shapes, mixed devices, a bad ``n`` (NaN, inf, negative, or a shape not
+            in ``softmax_n.functional.N_SHAPES``), a non-finite scale, or a device the kernel
+            cannot run on (CUDA; CPU only under ``TRITON_INTERPRET=1``).
     """
-    query = _check_tensor("query", query)
-    key = _check_tensor("key", key)
-    value = _check_tensor("value", value)
-    if not query.dtype == key.dtype == value.dtype:
-        raise TypeError(
-            f"query, key and value need one dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
-        )
-    if query.dim() != 4:
-        raise ValueError(f"query must be [B, H, L, D], got shape {tuple(query.shape)}")
-    if not query.device == key.device == value.device:
+    fn = "flash_attention_n_triton"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    key, value = _check_qkv(query, key, value, fn)  # key, value: [B, Hkv, S, D / Dv]
+    d, d_v = query.shape[-1], value.shape[-1]
+    if d > MAX_HEAD_DIM or d_v > MAX_HEAD_DIM:
         raise ValueError(
-            f"query, key and value must be on one device, got {query.device}, {key.device}, "
-            f"{value.device}"
+            f"{fn}: head dims must be at most {MAX_HEAD_DIM}, got {d} (query/key) and {d_v} (value)"
         )
-    key, value = _kv_heads("key", key, query), _kv_heads("value", value, query)
-    d = query.shape[-1]
-    if key.shape[-1] != d or value.shape[-1] != d:
-        raise ValueError(
-            f"query, key and value need one head dim, got {d}, {key.shape[-1]}, {value.shape[-1]}"
-        )
-    if not 0 < d <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {MAX_HEAD_DIM}], got {d}")
-    if key.shape[1:3] != value.shape[1:3]:
-        raise ValueError(
-            f"key {tuple(key.shape)} and value {tuple(value.shape)} need the same heads and length"
-        )
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    scale = _check_scale(scale, d, fn)
     n_rows = _n_rows(softmax_n_param, query)
     _check_device(query.device)
+    reason = _fallback_reason(query)
+    if reason is not None:
+        warnings.warn(
+            f"flash_attention_n_triton: {reason}; computing with the PyTorch reference "
+            "(slow_attention_n) in float32 instead",
+            stacklevel=2,
+        )
+    if reason is not None or query.device.type == "meta" or d == 0 or d_v == 0:
+        f32 = (query.float(), key.float(), value.float())
+        out = _reference(*f32, None, 0.0, bool(is_causal), scale, softmax_n_param, None, True, None)
+        return out.to(query.dtype)
     return triton_attention_fwd(query, key, value, n_rows, bool(is_causal), scale)[0]
 
 

@@ -29,14 +29,14 @@ def triton_attention_fwd(
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [B, H, L, D]``, ``k, v [B, Hkv, S, D]``, ``n [B, H, L]`` float32 ->
-    ``(out [B, H, L, D], lse_n [B, H, L] float32)``."""
+    """``q [B, H, L, D]``, ``k [B, Hkv, S, D]``, ``v [B, Hkv, S, Dv]``, ``n [B, H, L]`` float32
+    -> ``(out [B, H, L, Dv], lse_n [B, H, L] float32)``."""
     return _kernels().attention_fwd(q, k, v, n.contiguous(), is_causal, scale)
 
 
 @triton_attention_fwd.register_fake
 def _(q, k, v, n, is_causal, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("softmax_n::triton_attention_bwd", mutates_args=())

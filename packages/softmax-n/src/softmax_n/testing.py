@@ -18,7 +18,8 @@ def direct_attention_n(
     causal: bool = False,
 ) -> torch.Tensor:
     """``(e / (n + sum e)) @ v`` with ``e = exp(q k^T * scale + bias)`` masked by ``keep`` (True =
-    attend) and by bottom-right causality; ``q [B, H, L, D]``, ``k, v [B, H, S, D]``; float64."""
+    attend) and by bottom-right causality; ``q [B, H, L, D]``, ``k [B, H, S, D]``,
+    ``v [B, H, S, Dv]``; float64. Rows that see no key (with ``n = 0``) give 0."""
     q, k, v = q.double(), k.double(), v.double()
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = q @ k.transpose(-1, -2) * scale
@@ -32,4 +33,5 @@ def direct_attention_n(
     if keep is not None:
         e = e.masked_fill(~keep, 0.0)
     n = n.double() if isinstance(n, torch.Tensor) else n
-    return (e / (n + e.sum(-1, keepdim=True))) @ v
+    den = n + e.sum(-1, keepdim=True)
+    return (e / torch.where(den == 0, 1.0, den)) @ v  # a row that sees no key is 0 (as SDPA)

@@ -5,10 +5,11 @@ starts at ``log n`` and the running sum at ``exp(log n - max) = 1`` (0 when ``n 
 forward stores ``lse_n = logaddexp(lse, log n)`` per row; the backward is FlashAttention-2's with
 ``lse_n`` (the softmax_n Jacobian has the softmax form, see ``fused.py``).
 
-Layouts: ``q [B, H, L, D]``, ``k, v [B, Hkv, S, D]`` with ``H % Hkv == 0`` (any strides, a head
-stride of 0 shares one key/value between heads), ``n [B, H, L]`` float32. Causal masking is
-aligned bottom-right: query ``i`` sees keys ``j <= i + S - L``. Head dims up to 256 (padded to a
-power of two inside), any lengths.
+Layouts: ``q [B, H, L, D]``, ``k [B, Hkv, S, D]``, ``v [B, Hkv, S, Dv]`` with ``H % Hkv == 0``
+(any strides, a head stride of 0 shares one key/value between heads), ``n [B, H, L]`` float32.
+Causal masking is aligned bottom-right: query ``i`` sees keys ``j <= i + S - L``. A row that sees
+no key is 0 for every ``n`` (as ``F.scaled_dot_product_attention``). Head dims ``D`` and ``Dv``
+up to 256 (each padded to a power of two inside), any lengths.
 
 Triton pitfalls kept in mind here: every float literal is fp32-representable (a literal such as
 ``1e-38`` is typed fp64 by some Triton versions and changes the type of loop-carried values; the
@@ -46,9 +47,9 @@ def _fwd_kernel(
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sob, soh, som, sod,
-    H, GROUP, L, S, D, qk_scale,
+    H, GROUP, L, S, D, D_V, qk_scale,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
@@ -58,8 +59,10 @@ def _fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     m_ok = offs_m < L
     d_ok = offs_d < D
+    dv_ok = offs_dv < D_V
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
         mask=m_ok[:, None] & d_ok[None, :],
@@ -70,7 +73,7 @@ def _fwd_kernel(
     # running max and sum start with the extra logit log n (max -1e30 when n = 0, sum 0)
     m_i = tl.maximum(log_n, -1.0e30)
     l_i = tl.exp2(log_n - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     shift = S - L
@@ -96,19 +99,20 @@ def _fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
-            v_base + cols[:, None] * svn + offs_d[None, :] * svd,
-            mask=n_ok[:, None] & d_ok[None, :],
+            v_base + cols[:, None] * svn + offs_dv[None, :] * svd,
+            mask=n_ok[:, None] & dv_ok[None, :],
             other=0.0,
         )
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
-    out = acc / l_i[:, None]  # 0/0 = NaN only for n = 0 and a fully masked row, as softmax
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log
+    # l_i = 0 only for n = 0 and a row that sees no key: its output is 0 (as SDPA), not 0/0
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # log2 -> natural log (-inf for l_i = 0)
     tl.store(LSE + bh * L + offs_m, lse, mask=m_ok)
     tl.store(
-        OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        OUT + b * sob + h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
         out.to(OUT.dtype.element_ty),
-        mask=m_ok[:, None] & d_ok[None, :],
+        mask=m_ok[:, None] & dv_ok[None, :],
     )
 
 
@@ -146,9 +150,9 @@ def _bwd_dkdv_kernel(
     sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd,
     sdvb, sdvh, sdvn, sdvd,
-    H, HK, GROUP, L, S, D, qk_scale, sm_scale,
+    H, HK, GROUP, L, S, D, D_V, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """One program per (batch, key/value head, block of keys); loops over the group's query
     heads and query blocks, so grouped-query gradients need no atomics."""
@@ -159,21 +163,24 @@ def _bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     n_ok = offs_n < S
     d_ok = offs_d < D
+    dv_ok = offs_dv < D_V
     kv_mask = n_ok[:, None] & d_ok[None, :]
+    v_mask = n_ok[:, None] & dv_ok[None, :]
     k = tl.load(
         K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
         mask=kv_mask,
         other=0.0,
     )
     v = tl.load(
-        V + b * svb + hk * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
-        mask=kv_mask,
+        V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+        mask=v_mask,
         other=0.0,
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     shift = S - L
     lo = 0
     if CAUSAL:
@@ -193,8 +200,8 @@ def _bwd_dkdv_kernel(
                 other=0.0,
             )
             do = tl.load(
-                do_base + rows[:, None] * sdom + offs_d[None, :] * sdod,
-                mask=m_ok[:, None] & d_ok[None, :],
+                do_base + rows[:, None] * sdom + offs_dv[None, :] * sdod,
+                mask=m_ok[:, None] & dv_ok[None, :],
                 other=0.0,
             )
             lse = tl.load(LSE + bh * L + rows, mask=m_ok, other=0.0) * 1.4426950408889634
@@ -217,9 +224,9 @@ def _bwd_dkdv_kernel(
         mask=kv_mask,
     )
     tl.store(
-        DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+        DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
         dv.to(DV.dtype.element_ty),
-        mask=kv_mask,
+        mask=v_mask,
     )
 
 
@@ -231,9 +238,9 @@ def _bwd_dq_kernel(
     svb, svh, svn, svd,
     sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
-    H, GROUP, L, S, D, qk_scale, sm_scale,
+    H, GROUP, L, S, D, D_V, qk_scale, sm_scale,
     CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
@@ -243,8 +250,10 @@ def _bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
     m_ok = offs_m < L
     d_ok = offs_d < D
+    dv_ok = offs_dv < D_V
     q_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(
         Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
@@ -252,8 +261,8 @@ def _bwd_dq_kernel(
         other=0.0,
     )
     do = tl.load(
-        DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-        mask=q_mask,
+        DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+        mask=m_ok[:, None] & dv_ok[None, :],
         other=0.0,
     )
     lse = tl.load(LSE + bh * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
@@ -274,8 +283,8 @@ def _bwd_dq_kernel(
             other=0.0,
         )
         vt = tl.load(
-            v_base + cols[None, :] * svn + offs_d[:, None] * svd,
-            mask=n_ok[None, :] & d_ok[:, None],
+            v_base + cols[None, :] * svn + offs_dv[:, None] * svd,
+            mask=n_ok[None, :] & dv_ok[:, None],
             other=0.0,
         )
         s = _dot(q, kt, IEEE)
@@ -327,32 +336,35 @@ def attention_fwd(
     """Forward pass.
 
     Args:
-        q: ``[B, H, L, D]``; k, v: ``[B, Hkv, S, D]`` with ``H % Hkv == 0`` (any strides).
-        n: ``[B, H, L]`` float32, contiguous, ``>= 0``.
+        q: ``[B, H, L, D]``; k: ``[B, Hkv, S, D]``, v: ``[B, Hkv, S, Dv]`` with ``H % Hkv == 0``
+            (any strides); ``D, Dv >= 1``.
+        n: ``[B, H, L]`` float32, contiguous, finite, ``>= 0``.
 
     Returns:
-        ``(out [B, H, L, D] in q's dtype, lse_n [B, H, L] float32)`` where ``lse_n`` is the
+        ``(out [B, H, L, Dv] in q's dtype, lse_n [B, H, L] float32)`` where ``lse_n`` is the
         natural log of softmax_n's denominator ``n + sum_j exp(s_ij)``.
     """
     b, h, n_q, d = q.shape
-    hk, n_k = k.shape[1], k.shape[2]
-    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    hk, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty((b, h, n_q, d_v), device=q.device, dtype=q.dtype)
     lse = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
+    if b * h * n_q == 0:
         return out, lse
-    if n_k == 0:  # no keys: the weights are 0 / n (NaN for n = 0, as softmax over nothing)
-        out.copy_((torch.zeros_like(n) / n).unsqueeze(-1).expand(out.shape))
+    if n_k == 0:  # no keys: the weights are 0 / n, and 0 for n = 0 too (as SDPA)
+        out.zero_()
         lse.copy_(torch.log(n))
         return out, lse
     d_pad = max(16, triton.next_power_of_2(d))
-    block_m, block_n, warps, stages = _blocks(d_pad, backward=False)
+    dv_pad = max(16, triton.next_power_of_2(d_v))
+    block_m, block_n, warps, stages = _blocks(max(d_pad, dv_pad), backward=False)
     grid = (b * h, triton.cdiv(n_q, block_m))
     _fwd_kernel[grid](
         q, k, v, n, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        h, h // hk, n_q, n_k, d, scale * LOG2E,
+        h, h // hk, n_q, n_k, d, d_v, scale * LOG2E,
         CAUSAL=is_causal, IEEE=q.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, BLOCK_DV=dv_pad,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out, lse
 
@@ -367,39 +379,42 @@ def attention_bwd(
     is_causal: bool,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward pass: ``(dq [B, H, L, D], dk [B, Hkv, S, D], dv [B, Hkv, S, D])`` from
-    ``grad [B, H, L, D]``, the forward's ``out`` and ``lse_n [B, H, L]`` (float32)."""
+    """Backward pass: ``(dq [B, H, L, D], dk [B, Hkv, S, D], dv [B, Hkv, S, Dv])`` from
+    ``grad [B, H, L, Dv]``, the forward's ``out`` and ``lse_n [B, H, L]`` (float32)."""
     b, h, n_q, d = q.shape
-    hk, n_k = k.shape[1], k.shape[2]
-    if q.numel() == 0 or k.numel() == 0:
+    hk, n_k, d_v = k.shape[1], k.shape[2], v.shape[3]
+    if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     # every element is written by the kernels
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     d_pad = max(16, triton.next_power_of_2(d))
-    block_m, block_n, warps, stages = _blocks(d_pad, backward=True)
+    dv_pad = max(16, triton.next_power_of_2(d_v))
+    block_m, block_n, warps, stages = _blocks(max(d_pad, dv_pad), backward=True)
     delta = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
     delta_block = 16 if _interpreting() else 64
     _delta_kernel[(b * h, triton.cdiv(n_q, delta_block))](
-        out, grad, delta, n_q, d, *_strides(out), *_strides(grad), h,
-        BLOCK_M=delta_block, BLOCK_D=d_pad,
+        out, grad, delta, n_q, d_v, *_strides(out), *_strides(grad), h,
+        BLOCK_M=delta_block, BLOCK_D=dv_pad,
     )  # fmt: skip
     ieee = q.dtype == torch.float32
     qk_scale = scale * LOG2E
     _bwd_dkdv_kernel[(b * hk, triton.cdiv(n_k, block_n))](
         q, k, v, grad, lse_n, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk), *_strides(dv),
-        h, hk, h // hk, n_q, n_k, d, qk_scale, scale,
+        h, hk, h // hk, n_q, n_k, d, d_v, qk_scale, scale,
         CAUSAL=is_causal, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, BLOCK_DV=dv_pad,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     _bwd_dq_kernel[(b * h, triton.cdiv(n_q, block_m))](
         q, k, v, grad, lse_n, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dq),
-        h, h // hk, n_q, n_k, d, qk_scale, scale,
+        h, h // hk, n_q, n_k, d, d_v, qk_scale, scale,
         CAUSAL=is_causal, IEEE=ieee,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, num_warps=warps, num_stages=stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, BLOCK_DV=dv_pad,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dq, dk, dv
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..functional import _check_n, _check_n_rows
 from .registry import PolicyRegistry, policy_registry
 
 log = logging.getLogger(__name__)
@@ -49,15 +50,17 @@ def apply_attention_softmax_n(
     Args:
         model: a transformers ``PreTrainedModel`` (or a module containing some) and/or modules
             whose classes are in ``policy_registry``.
-        softmax_n_param: ``n >= 0`` (a float, or a tensor broadcastable to ``[B, H, L, 1]``).
+        softmax_n_param: ``n``: a finite float ``>= 0``, or a tensor of such values shaped as one
+            of ``softmax_n.functional.N_SHAPES`` (e.g. ``[H, 1, 1]``, one value per head);
+            ``TypeError``/``ValueError`` otherwise (NaN, inf, negative, ``[H]``, ``[H, 1]``).
         optimizers: optimizers over ``model.parameters()``. Conversions keep the parameters, so
             they stay valid; a warning is given if a registered converter returned a new module.
 
     Returns:
         The names of the converted modules (``""`` for ``model`` itself).
     """
-    if isinstance(softmax_n_param, (int, float)) and not softmax_n_param >= 0:
-        raise ValueError(f"softmax_n needs n >= 0, got {softmax_n_param}")
+    _check_n(softmax_n_param)
+    _check_n_rows(softmax_n_param, None)
     converted: list[str] = []
     replaced = False
     for index, (name, module) in enumerate(list(model.named_modules())):
