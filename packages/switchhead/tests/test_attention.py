@@ -409,3 +409,68 @@ def test_cuda_bf16_autocast(cls):
     assert per_token.median() < 2e-2
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in mc.parameters())
+
+
+# ----- issue #15: mask shapes and causal masking -----
+
+
+@pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
+@pytest.mark.parametrize("batch", [2, HEADS])
+def test_batched_position_mask_is_per_sequence(cls, batch):
+    """``[B, Tq, Tk]`` is one mask per sequence for every head (it was read per head when B
+    equalled the head count, and crashed otherwise)."""
+    g = torch.Generator().manual_seed(5)
+    m = make(cls, 4, 2)
+    x = torch.randn(batch, 6, D_MODEL, dtype=torch.float64, generator=g)
+    pm = torch.rand(batch, 6, 6, generator=g) < 0.4
+    pm[..., 0] = False
+    check_against_oracle(m, x, None, AttentionMask(position_mask=pm), ~pm[:, None])
+
+
+@pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
+def test_causal_with_more_queries_than_keys_raises(cls):
+    """The first Tq - Tk queries would see no key (their output was silently zero)."""
+    m = make(cls, 4, 2)
+    q_src = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
+    kv = torch.randn(2, 3, D_MODEL, dtype=torch.float64)
+    for mask in (None, AttentionMask(causal=True)):
+        with pytest.raises(ValueError, match="Tq=5 > Tk=3"):
+            m(q_src, kv, kv, mask=mask)
+    out, _ = m(q_src, kv, kv, mask=AttentionMask())  # cross-attention without a mask works
+    torch.testing.assert_close(out, oracle(m, q_src, kv, kv, None), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
+def test_position_mask_narrower_than_the_keys_raises(cls):
+    """A position mask must cover every key, the cached ones included (it was left-padded)."""
+    m = make(cls, 4, 2)
+    x = torch.randn(2, 5, D_MODEL, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"Tk=5.*got \(5, 4\)"):
+        m(x, x, x, mask=AttentionMask(position_mask=torch.zeros(5, 4, dtype=torch.bool)))
+    _, cache = m(x[:, :3], x[:, :3], x[:, :3], kv_cache={})
+    narrow = torch.zeros(2, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"Tk=5 \(keys include the KV cache\)"):
+        m(x[:, 3:], x[:, 3:], x[:, 3:], mask=AttentionMask(position_mask=narrow), kv_cache=cache)
+
+
+@pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
+def test_causal_flag_adds_the_causal_mask(cls):
+    """``AttentionMask(src_length_mask=pad, causal=True)``: causal attention over a padded batch,
+    in one forward and decoding with the KV cache."""
+    g = torch.Generator().manual_seed(6)
+    m = make(cls, 4, 2)
+    x = torch.randn(2, 6, D_MODEL, dtype=torch.float64, generator=g)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    keep = torch.ones(6, 6, dtype=torch.bool).tril() & ~pad[:, None, None, :]
+    mask = AttentionMask(src_length_mask=pad, causal=True)
+    check_against_oracle(m, x, None, mask, keep)
+    full, _ = m(x, x, x, mask=mask)
+    cache: dict = {}
+    pieces = []
+    for t in range(6):
+        step_mask = AttentionMask(src_length_mask=pad[:, : t + 1], causal=True)
+        out, cache = m(x[:, t : t + 1], x[:, t : t + 1], x[:, t : t + 1], step_mask, cache)
+        pieces.append(out)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(m(x, x, x, mask=AttentionMask(causal=True))[0], m(x, x, x)[0])

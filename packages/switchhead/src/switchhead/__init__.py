@@ -6,7 +6,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .attention import KVCache, SwitchHeadCore, SwitchHeadRope, SwitchHeadXL
 from .block import SwitchHeadSelfAttention
-from .masks import AttentionMask, causal_keep_mask, sdpa_mask
+from .masks import AttentionMask, causal_keep_mask, check_mask, sdpa_mask
 from .rope import RotaryEmbedding
 
 try:
@@ -24,5 +24,6 @@ __all__ = [
     "SwitchHeadXL",
     "__version__",
     "causal_keep_mask",
+    "check_mask",
     "sdpa_mask",
 ]

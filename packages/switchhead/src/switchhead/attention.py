@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from cvmm_kernel import CVMMSel, cvmm, cvmm_prepare_sel2
 
-from .masks import AttentionMask, causal_keep_mask, sdpa_mask
+from .masks import AttentionMask, causal_keep_mask, check_mask, sdpa_mask
 from .rope import RotaryEmbedding
 
 KVCache = dict[str, torch.Tensor] | None
@@ -85,6 +85,10 @@ class SwitchHeadCore(torch.nn.Module):
             raise ValueError(f"n_heads and n_experts must be >= 1, got {n_heads}, {n_experts}")
         if n_experts > 1 and not 1 <= moe_k <= n_experts:
             raise ValueError(f"moe_k must be in [1, n_experts={n_experts}], got {moe_k}")
+        if not 0.0 <= expert_dropout < 1.0 or not 0.0 <= dropout < 1.0:
+            raise ValueError(
+                f"dropout and expert_dropout must be in [0, 1), got {dropout}, {expert_dropout}"
+            )
         if expert_impl not in ("auto", "dense", "cvmm"):
             raise ValueError(f"expert_impl must be 'auto', 'dense' or 'cvmm', got {expert_impl!r}")
         self.input_size = self.output_size = d_model
@@ -300,6 +304,68 @@ class SwitchHeadCore(torch.nn.Module):
         """Position encoding of q and k before attention (``[B, T, H, hs]``); none by default."""
         return q, k
 
+    def _check_inputs(self, q_src, k_src, v_src, kv_cache) -> int:
+        """Raise for sources or caches that the forward cannot use; returns the cache length."""
+        srcs = {"q_src": q_src, "k_src": k_src, "v_src": v_src}
+        for name, t in srcs.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if (
+            q_src.dim() != 3
+            or k_src.dim() != 3
+            or v_src.dim() != 3
+            or v_src.shape[:-1] != k_src.shape[:-1]
+            or q_src.shape[0] != k_src.shape[0]
+            or not q_src.shape[-1] == k_src.shape[-1] == v_src.shape[-1] == self.input_size
+        ):
+            raise ValueError(
+                f"q_src, k_src, v_src must be [B, T, d_model={self.input_size}] with equal batch "
+                f"and equal k/v lengths, got {tuple(q_src.shape)}, {tuple(k_src.shape)}, "
+                f"{tuple(v_src.shape)}"
+            )
+        weight = self.q.weight
+        dtypes = {name: t.dtype for name, t in srcs.items()}
+        if not all(d.is_floating_point for d in dtypes.values()):
+            raise TypeError(f"q_src, k_src, v_src must be floating point, got {dtypes}")
+        devices = {name: t.device for name, t in srcs.items()}
+        if any(d != weight.device for d in devices.values()):
+            raise ValueError(f"inputs must be on the parameters' device {weight.device}: {devices}")
+        autocast = _autocast_enabled(q_src.device)
+        if not autocast and any(d != weight.dtype for d in dtypes.values()):
+            raise TypeError(
+                f"outside autocast, q_src, k_src, v_src must have the parameters' dtype "
+                f"{weight.dtype}, got {dtypes}"
+            )
+        offset = 0
+        if kv_cache is not None:
+            if not isinstance(kv_cache, dict):
+                raise TypeError(
+                    f"kv_cache must be None, {{}} or a returned cache, got {kv_cache!r}"
+                )
+            if kv_cache:
+                ck, cv = kv_cache.get("k"), kv_cache.get("v")
+                if not isinstance(ck, torch.Tensor) or not isinstance(cv, torch.Tensor):
+                    raise ValueError(
+                        f"kv_cache must be empty or hold tensors 'k' and 'v', got keys "
+                        f"{sorted(kv_cache)}"
+                    )
+                b, h, hs = q_src.shape[0], self.n_heads, self.head_size
+                if (
+                    ck.dim() != 4
+                    or ck.shape != cv.shape
+                    or (ck.shape[0], ck.shape[1], ck.shape[3]) != (b, h, hs)
+                ):
+                    raise ValueError(
+                        f"kv_cache 'k' and 'v' must be [B={b}, H={h}, T, head_size={hs}], got "
+                        f"{tuple(ck.shape)} and {tuple(cv.shape)}"
+                    )
+                if ck.device != weight.device or cv.device != weight.device:
+                    raise ValueError(f"kv_cache must be on {weight.device}, got {ck.device}")
+                offset = ck.shape[-2]
+        if q_src.shape[1] > 0 and offset + k_src.shape[1] == 0:
+            raise ValueError("there is no key to attend to (Tk = 0 and no KV cache)")
+        return offset
+
     def forward(
         self,
         q_src: torch.Tensor,
@@ -314,28 +380,33 @@ class SwitchHeadCore(torch.nn.Module):
         cross-attention with ``Tq != Tk``).
 
         Args:
-            mask: ``None`` = causal (bottom-right aligned over cache + new keys);
-                ``AttentionMask()`` = none; see :class:`AttentionMask`.
-            kv_cache: ``None`` (no cache returned), ``{}`` to start one, or a returned cache.
+            q_src, k_src, v_src: floating point (the parameters' dtype outside autocast), on
+                the parameters' device; any strides. ``Tq = 0`` gives an empty
+                output; there must be at least one key (cache included) when ``Tq > 0``.
+            mask: ``None`` = causal (bottom-right aligned over cache + new keys, needs
+                ``Tq <= Tk``); ``AttentionMask()`` = none; ``AttentionMask(..., causal=True)``
+                adds the causal mask to the given ones. Shapes (``Tk`` includes the cache):
+                ``position_mask`` ``[Tq, Tk]``, ``[B, Tq, Tk]`` or ``[B, H, Tq, Tk]`` (``B``,
+                ``H`` may be 1), ``src_length_mask`` ``[B, Tk]``; see :mod:`switchhead.masks`.
+            kv_cache: ``None`` (no cache returned), ``{}`` to start one, or a returned cache
+                (``{"k", "v"}``: ``[B, H, T_cache, head_size]``).
 
         Returns:
             ``([B, Tq, d_model], cache or None)``.
+
+        Raises:
+            TypeError, ValueError: for inputs, masks or caches outside the above, before any
+            computation.
         """
-        if (
-            q_src.dim() != 3
-            or k_src.dim() != 3
-            or v_src.shape[:-1] != k_src.shape[:-1]
-            or q_src.shape[0] != k_src.shape[0]
-            or not q_src.shape[-1] == k_src.shape[-1] == v_src.shape[-1] == self.input_size
-        ):
-            raise ValueError(
-                f"q_src, k_src, v_src must be [B, T, d_model={self.input_size}] with equal batch "
-                f"and equal k/v lengths, got {tuple(q_src.shape)}, {tuple(k_src.shape)}, "
-                f"{tuple(v_src.shape)}"
-            )
-        offset = 0
-        if kv_cache is not None and "k" in kv_cache:
-            offset = kv_cache["k"].shape[-2]
+        offset = self._check_inputs(q_src, k_src, v_src, kv_cache)
+        check_mask(
+            mask,
+            q_src.shape[0],
+            q_src.shape[1],
+            offset + k_src.shape[1],
+            q_src.device,
+            self.n_heads,
+        )
 
         q, k, qk, logits, v_all = self._project(q_src, k_src, v_src)
         self.last_selection_logits = logits if self.record_selection_logits else None
@@ -347,6 +418,13 @@ class SwitchHeadCore(torch.nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, hs]
         if kv_cache is not None:
             if "k" in kv_cache:
+                if kv_cache["k"].dtype != k.dtype or kv_cache["v"].dtype != v.dtype:
+                    # (dtypes under autocast depend on the op, so this is checked here)
+                    raise TypeError(
+                        f"kv_cache holds {kv_cache['k'].dtype}/{kv_cache['v'].dtype} keys/values "
+                        f"but this step's are {k.dtype}/{v.dtype}: decode with the dtype and "
+                        "autocast setting the cache was made with"
+                    )
                 k = torch.cat([kv_cache["k"], k], dim=-2)
                 v = torch.cat([kv_cache["v"], v], dim=-2)
             kv_cache = {"k": k, "v": v}
@@ -356,6 +434,11 @@ class SwitchHeadCore(torch.nn.Module):
             gate = logits["o"].sigmoid().to(res.dtype)  # [B, Tq, H, 1]
             return torch.matmul((res * gate).flatten(-2), self._o_cols()), kv_cache
         return self._output(res, logits["o"]), kv_cache
+
+
+def _autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (never for ``meta``, which autocast rejects)."""
+    return device.type != "meta" and torch.is_autocast_enabled(device.type)
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -425,7 +508,9 @@ class SwitchHeadRope(SwitchHeadCore):
         return self.pe(q, offset, seq_dim=1), self.pe(k, offset, seq_dim=1)
 
     def attend(self, q, k, v, mask, offset):
-        keep, is_causal = sdpa_mask(mask, q.shape[0], q.shape[-2], k.shape[-2], q.device)
+        keep, is_causal = sdpa_mask(
+            mask, q.shape[0], q.shape[-2], k.shape[-2], q.device, self.n_heads
+        )
         return self.attention_fn(q, k, v, attn_mask=keep, is_causal=is_causal, scale=self.scale)
 
 
@@ -486,6 +571,9 @@ class SwitchHeadXL(SwitchHeadCore):
     def attend(self, q, k, v, mask, offset):
         b, h, n_q, hs = q.shape
         n_k = k.shape[-2]
+        keep, is_causal = sdpa_mask(mask, b, n_q, n_k, q.device, h)
+        if n_q == 0:
+            return q.new_zeros(b, h, 0, v.shape[-1])
         # Relative positions j - (offset + i) run over [lowest, n_k - 1 - offset]; the score of
         # (i, j) sits at column j - i + n_q - 1 of pos_scores, whatever the offset.
         lowest = -(offset + n_q - 1)
@@ -496,7 +584,6 @@ class SwitchHeadXL(SwitchHeadCore):
         pos_k = torch.matmul(pos_k, pe.t().to(pos_k.dtype))  # [H, hs, P]
         pos_scores = torch.matmul(q, pos_k.to(q.dtype))  # [B, H, Tq, P]
         bias = _skew(pos_scores, n_k)
-        keep, is_causal = sdpa_mask(mask, b, n_q, n_k, q.device)
         if is_causal:
             keep = causal_keep_mask(n_q, n_k, q.device)
         bias = bias.masked_fill(~keep, float("-inf")) if keep is not None else bias.contiguous()

@@ -79,12 +79,25 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, offset: int = 0, seq_dim: int = -2) -> torch.Tensor:
         """Rotate ``x [..., head_size]`` whose index ``t`` along ``seq_dim`` is at position
-        ``offset + t`` (``seq_dim`` counts from the front or, negative, from the back)."""
-        if x.shape[-1] != self.head_size:
-            raise ValueError(f"expected {self.head_size} channels, got {x.shape[-1]}")
+        ``offset + t`` (``seq_dim`` counts from the front or, negative, from the back; it must
+        name a dim other than the channels, and ``offset`` must be ``>= 0``)."""
+        if x.dim() < 2 or x.shape[-1] != self.head_size:
+            raise ValueError(
+                f"expected [..., T, ..., {self.head_size}] (at least 2 dims), got {tuple(x.shape)}"
+            )
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"RoPE needs a floating-point x, got {x.dtype}")
+        dim = seq_dim + x.dim() if seq_dim < 0 else seq_dim
+        if not 0 <= dim < x.dim() - 1:
+            raise ValueError(
+                f"seq_dim={seq_dim} must name a dim of x {tuple(x.shape)} other than the last "
+                "(channel) dim"
+            )
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
         if self.n_rotate == 0:
             return x
-        seq_dim = seq_dim % x.dim()
+        seq_dim = dim
         n = x.shape[seq_dim]
         cos, sin = self._cos_sin(offset + n, x.device, x.dtype)
         shape = (n,) + (1,) * (x.dim() - seq_dim - 2) + (self.head_size,)
