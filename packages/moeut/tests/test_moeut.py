@@ -60,9 +60,13 @@ def test_lm_shapes_and_kv_cache(attention, att_n_experts):
 def test_masks_none_and_padding():
     m = tiny_lm().double().eval()
     x = torch.randint(0, 40, (2, 6))
-    no_mask = m(x, mask=AttentionMask(None, None)).outputs  # no TypeError, attends everywhere
+    emb = m.embedding(x)
+    # the MoEUT stack keeps the authors' meaning: AttentionMask() attends everywhere (no TypeError)
+    no_mask = m.transformer(emb, mask=AttentionMask(None, None)).outputs
+    assert not torch.allclose(no_mask[:, 0], m.transformer(emb).outputs[:, 0])
     causal = m(x).outputs
-    assert not torch.allclose(no_mask[:, 0], causal[:, 0])  # the first token now sees the rest
+    # the LM is always causal
+    torch.testing.assert_close(m(x, mask=AttentionMask(None, None)).outputs, causal)
     pad = torch.zeros(2, 6, dtype=torch.bool)
     pad[1, 4:] = True
     causal_pm = torch.ones(6, 6, dtype=torch.bool).triu(1)
@@ -252,3 +256,61 @@ def test_every_profile_runs_on_cuda(name):
         out = m(x)
     assert torch.isfinite(out.outputs).all()
     (out.outputs.float().mean() + out.reg_loss).backward()
+
+
+# ----- issue #15 -----
+
+
+@pytest.mark.parametrize("attention", ["rope", "xl"])
+def test_lm_with_padding_mask_stays_causal(attention):
+    """A padding mask used to replace the causal mask: the padded batch trained a bidirectional
+    model. Now the logits of the valid tokens equal those of the unpadded sequences."""
+    kw = {"attention": SwitchHeadXL} if attention == "xl" else {}
+    m = tiny_lm(**kw).double().eval()
+    x = torch.randint(0, 40, (2, 7))
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True  # the second sequence has 4 tokens
+    out = m(x, mask=AttentionMask(src_length_mask=pad)).outputs
+    torch.testing.assert_close(out[0], m(x[:1]).outputs[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out[1, :4], m(x[1:, :4]).outputs[0], rtol=1e-9, atol=1e-9)
+    later = x.clone()
+    later[:, 5] = (later[:, 5] + 1) % 40  # changing a later token leaves earlier logits alone
+    out_later = m(later, mask=AttentionMask(src_length_mask=pad)).outputs
+    torch.testing.assert_close(out_later[:, :5], out[:, :5], rtol=1e-9, atol=1e-9)
+
+
+def test_sigma_moe_refuses_sel_input_of_another_shape():
+    """Rows of sel_input choose the experts of the same rows of input: a sel_input with other
+    leading dims (same number of rows) used to compute on the wrong rows."""
+    moe = SigmaMoE(16, 6, 8, k=2).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    for sel_in in (x.transpose(0, 1), x.reshape(15, 16), x[:, :4]):
+        with pytest.raises(ValueError, match="sel_input must have input's shape"):
+            moe(x, sel_in)
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 3)])
+def test_training_forward_without_tokens(shape):
+    """T = 0 raised "math domain error" and B = 0 gave a NaN regularisation loss."""
+    m = tiny_lm().double().train()
+    out = m(torch.zeros(shape, dtype=torch.long))
+    assert out.outputs.shape == (*shape, 40)
+    assert out.reg_loss.item() == 0.0
+    (out.outputs.sum() + out.reg_loss).backward()
+    assert entropy_reg(torch.zeros(2, 0, 5), -2).item() == 0.0
+
+
+def test_generate_refuses_bad_arguments():
+    m = tiny_lm().double()
+    prompt = torch.randint(0, 40, (2, 3))
+    for kwargs, match in [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"max_new_tokens": 2, "temperature": -0.5}, "temperature"),
+        ({"max_new_tokens": 2, "temperature": float("nan")}, "temperature"),
+        ({"max_new_tokens": 2, "top_k": 0}, "top_k"),
+        ({"max_new_tokens": 2, "top_k": -2}, "top_k"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            m.generate(prompt, **kwargs)
+    seq = m.generate(prompt, 0)
+    assert torch.equal(seq, prompt) and seq.data_ptr() != prompt.data_ptr()

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope
+from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope, check_mask
 
 from .regularization import entropy_reg
 from .sigma_moe import SigmaMoE
@@ -140,14 +140,49 @@ class MoEUT(torch.nn.Module):
                 torch.nn.init.ones_(module.weight)
                 torch.nn.init.zeros_(module.bias)
 
+    def _check_inputs(self, x, mask, kv_cache) -> None:
+        """Shapes, dtypes and the mask, checked on the host before any layer runs (the caches'
+        tensors are checked by each layer's attention)."""
+        d_model = self.layers[0].attention.input_size
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[-1] != d_model:
+            raise ValueError(f"x must be [B, T, d_model={d_model}], got {tuple(x.shape)}")
+        weight = self.layers[0].ln1.weight
+        if x.device != weight.device:
+            raise ValueError(f"x is on {x.device}, the model on {weight.device}")
+        autocast = x.device.type != "meta" and torch.is_autocast_enabled(x.device.type)
+        if not x.dtype.is_floating_point or (x.dtype != weight.dtype and not autocast):
+            raise TypeError(
+                f"x must be floating point, with the parameters' dtype {weight.dtype} outside "
+                f"autocast, got {x.dtype}"
+            )
+        self._check_mask_and_cache(x.shape[0], x.shape[1], x.device, mask, kv_cache)
+
+    def _check_mask_and_cache(self, batch, n_new, device, mask, kv_cache) -> None:
+        if kv_cache is not None and not isinstance(kv_cache, dict):
+            raise TypeError(f"kv_cache must be None, {{}} or a returned cache, got {kv_cache!r}")
+        first = kv_cache.get(0) if kv_cache else None
+        cached = first.get("k") if isinstance(first, dict) else None
+        offset = cached.shape[-2] if isinstance(cached, torch.Tensor) and cached.dim() == 4 else 0
+        n_heads = self.layers[0].attention.n_heads
+        check_mask(mask, batch, n_new, offset + n_new, device, n_heads)
+
     def forward(
         self,
         x: torch.Tensor,
         mask: AttentionMask | None = None,
         kv_cache: MultilayerKVCache = None,
     ) -> MoEUTOutput:
-        """``x [B, T, d_model]``; ``mask=None`` is causal, ``AttentionMask()`` none;
-        ``kv_cache={}`` starts a multi-layer cache (keyed by absolute layer index)."""
+        """``x [B, T, d_model]``; ``kv_cache={}`` starts a multi-layer cache (keyed by absolute
+        layer index).
+
+        ``mask`` keeps the authors' (and SwitchHead's) meaning, since the stack may also be an
+        encoder: ``None`` is causal, ``AttentionMask()`` none, and a padding or position mask
+        alone is *not* causal; use ``AttentionMask(src_length_mask=pad, causal=True)`` for causal
+        attention over a padded batch. ``MoEUTLM`` always adds the causal mask.
+        """
+        self._check_inputs(x, mask, kv_cache)
         regularise = self.training and (self.entropy_reg > 0 or self.att_entropy_reg > 0)
         for layer in self.layers:
             layer.ffn.record_selection_logits = regularise and self.entropy_reg > 0
@@ -239,12 +274,44 @@ class MoEUTLM(torch.nn.Module):
         mask: AttentionMask | None = None,
         kv_cache: MultilayerKVCache = None,
     ) -> MoEUTOutput:
-        """``x [B, T]`` token ids -> logits ``[B, T, n_tokens]`` in ``outputs``."""
-        if x.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"MoEUTLM expects integer token ids, got {x.dtype}")
+        """``x [B, T]`` token ids -> logits ``[B, T, n_tokens]`` in ``outputs``.
+
+        Always causal: ``mask`` may add padding (``src_length_mask [B, Tk]``) or position masks
+        (see ``switchhead.AttentionMask``; ``Tk`` includes the KV cache), and is combined with the
+        causal mask. (The authors' code, like ``MoEUT``, drops causality when given a mask.)
+
+        Raises:
+            TypeError, ValueError, IndexError: token ids that are not integers in
+            ``[0, n_tokens)`` of shape ``[B, T]``, or a mask that is not an ``AttentionMask``,
+            before any computation.
+        """
+        self._check_tokens(x)
+        if mask is not None:
+            if not isinstance(mask, AttentionMask):
+                raise TypeError(f"mask must be an AttentionMask or None, got {type(mask).__name__}")
+            mask = AttentionMask(mask.position_mask, mask.src_length_mask, causal=True)
+        self.transformer._check_mask_and_cache(x.shape[0], x.shape[1], x.device, mask, kv_cache)
         out = self.transformer(self.embedding(x), mask, kv_cache)
         out.outputs = self.lm_head(self.out_norm(out.outputs))
         return out
+
+    def _check_tokens(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"token ids must be a tensor, got {type(x).__name__}")
+        if x.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"MoEUTLM expects integer token ids (int32/int64), got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"token ids must be [B, T], got shape {tuple(x.shape)}")
+        if x.device != self.embedding.weight.device:
+            raise ValueError(
+                f"token ids are on {x.device}, the model on {self.embedding.weight.device}"
+            )
+        if x.numel() == 0 or not _can_read_back(x):
+            return
+        lo, hi = torch.stack([x.min(), x.max()]).tolist()  # one synchronisation
+        n_tokens = self.embedding.num_embeddings
+        if lo < 0 or hi >= n_tokens:
+            raise IndexError(f"token ids must be in [0, {n_tokens}), got values in [{lo}, {hi}]")
 
     @torch.no_grad()
     def generate(
@@ -257,10 +324,29 @@ class MoEUTLM(torch.nn.Module):
     ) -> torch.Tensor:
         """Sample ``max_new_tokens`` after ``prompt [B, T]`` with the KV cache.
 
-        ``temperature=0`` picks the most likely token. Returns ``[B, T + max_new_tokens]``.
+        ``temperature=0`` picks the most likely token; ``top_k`` (``>= 1``) samples among the
+        ``top_k`` most likely ones. Returns ``[B, T + max_new_tokens]`` (a copy of the prompt for
+        ``max_new_tokens=0``).
+
+        Raises:
+            ValueError: negative ``max_new_tokens``, a negative or non-finite ``temperature``,
+                ``top_k < 1``, an empty prompt; TypeError, IndexError: as ``forward``.
         """
-        if prompt.dim() != 2 or prompt.shape[1] == 0:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+        if top_k is not None and (
+            isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1
+        ):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        self._check_tokens(prompt)
+        if prompt.shape[1] == 0:
             raise ValueError(f"prompt must be [B, T] with T >= 1, got {tuple(prompt.shape)}")
+        if max_new_tokens == 0:
+            return prompt.clone()
         was_training = self.training
         self.eval()
         try:
@@ -271,7 +357,8 @@ class MoEUTLM(torch.nn.Module):
                 if temperature == 0:
                     nxt = logits.argmax(-1, keepdim=True)
                 else:
-                    logits = logits / temperature
+                    # Shift the maximum to 0 first: a tiny temperature cannot overflow to inf.
+                    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
                     if top_k is not None:
                         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -283,3 +370,11 @@ class MoEUTLM(torch.nn.Module):
             return torch.cat(tokens, dim=1)
         finally:
             self.train(was_training)
+
+
+def _can_read_back(t: torch.Tensor) -> bool:
+    """Whether values of ``t`` may be read on the host (not while compiling or capturing a CUDA
+    graph, not on the meta device)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta":
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
