@@ -7,7 +7,15 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from cvmm_kernel import cvmm, cvmm_prepare_sel2
+from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp
+
+# Activations the fused kernels apply themselves; any other callable runs between two cvmm calls.
+FUSED_ACTIVATIONS: dict[Callable, str] = {
+    F.relu: "relu",
+    torch.relu: "relu",
+    F.gelu: "gelu",
+    F.silu: "silu",
+}
 
 
 class SigmaMoE(torch.nn.Module):
@@ -36,8 +44,15 @@ class SigmaMoE(torch.nn.Module):
         expert_dropout: float = 0.0,
     ):
         super().__init__()
+        if d_model < 1 or expert_size < 1 or (v_dim is not None and v_dim < 1):
+            raise ValueError(
+                f"d_model, expert_size and v_dim must be >= 1, got {d_model}, {expert_size}, "
+                f"{v_dim}"
+            )
         if not 1 <= k <= n_experts:
             raise ValueError(f"k must be in [1, n_experts={n_experts}], got {k}")
+        if not 0.0 <= expert_dropout < 1.0:
+            raise ValueError(f"expert_dropout must be in [0, 1), got {expert_dropout}")
         self.k_dim = d_model
         self.v_dim = v_dim if v_dim is not None else d_model
         self.n_experts = n_experts
@@ -46,6 +61,9 @@ class SigmaMoE(torch.nn.Module):
         self.activation = activation
         self.expert_dropout = expert_dropout
         self.record_selection_logits = False
+        # False: the k expert outputs of a token are added with fp32 atomics (faster on some
+        # shapes, not bitwise reproducible); see cvmm_kernel.moe_mlp.
+        self.deterministic = True
         self.last_selection_logits: torch.Tensor | None = None
         self.keys = torch.nn.Parameter(torch.empty(n_experts, d_model, expert_size))
         self.values = torch.nn.Parameter(torch.empty(n_experts, expert_size, self.v_dim))
@@ -66,7 +84,16 @@ class SigmaMoE(torch.nn.Module):
 
     def forward(self, input: torch.Tensor, sel_input: torch.Tensor | None = None) -> torch.Tensor:
         """``input [..., d_model]`` -> ``[..., v_dim]``; experts are chosen from ``sel_input``
-        (default ``input``)."""
+        (default ``input``), which must have ``input``'s shape: row ``i`` of ``sel_input``
+        chooses the experts of row ``i`` of ``input``.
+
+        Inputs are floating point, on the parameters' device, with the parameters' dtype outside
+        autocast; any strides. Empty inputs give empty outputs.
+
+        Raises:
+            TypeError, ValueError: for other inputs, before any computation.
+        """
+        self._check_inputs(input, sel_input)
         logits = F.linear(input if sel_input is None else sel_input, self.expert_sel)
         self.last_selection_logits = logits if self.record_selection_logits else None
         scores = torch.sigmoid(logits)
@@ -76,8 +103,44 @@ class SigmaMoE(torch.nn.Module):
             ranked = scores.masked_fill(hidden, float("-inf"))
         index = ranked.topk(self.n_heads, dim=-1, sorted=False).indices
         gate = scores.gather(-1, index)
+        fused = FUSED_ACTIVATIONS.get(self.activation)
+        if fused is not None:  # one fused op: routing once, activation and gates in the kernels
+            return moe_mlp(
+                input, index, gate, self.keys, self.values, fused, self.deterministic,
+                index_bound=self.n_experts,  # top-k indices: in range by construction, no sync
+            )  # fmt: skip
         sel = cvmm_prepare_sel2(index, index_bound=self.n_experts)  # top-k: in range, no sync
         hidden = self.activation(cvmm(input, sel, self.keys))  # [..., k, expert_size]
         down = sel.with_input_rows_per_group(1)
         down.reduction_weight = gate
         return cvmm(hidden, down, self.values)
+
+    def _check_inputs(self, input: torch.Tensor, sel_input: torch.Tensor | None) -> None:
+        tensors = (
+            {"input": input} if sel_input is None else {"input": input, "sel_input": sel_input}
+        )
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if input.dim() < 1 or input.shape[-1] != self.k_dim:
+            raise ValueError(f"input must be [..., d_model={self.k_dim}], got {tuple(input.shape)}")
+        if sel_input is not None and sel_input.shape != input.shape:
+            # The authors' code takes any sel_input with as many rows and then mixes up which
+            # row's experts compute which row.
+            raise ValueError(
+                f"sel_input must have input's shape {tuple(input.shape)} (row i chooses the "
+                f"experts of row i), got {tuple(sel_input.shape)}"
+            )
+        weight = self.expert_sel
+        dtypes = {name: t.dtype for name, t in tensors.items()}
+        if not all(d.is_floating_point for d in dtypes.values()):
+            raise TypeError(f"SigmaMoE inputs must be floating point, got {dtypes}")
+        devices = {name: t.device for name, t in tensors.items()}
+        if any(d != weight.device for d in devices.values()):
+            raise ValueError(f"inputs must be on the parameters' device {weight.device}: {devices}")
+        autocast = input.device.type != "meta" and torch.is_autocast_enabled(input.device.type)
+        if not autocast and any(d != weight.dtype for d in dtypes.values()):
+            raise TypeError(
+                f"outside autocast, SigmaMoE inputs must have the parameters' dtype "
+                f"{weight.dtype}, got {dtypes}"
+            )
