@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from colt5_routing import (
+    Attention,
     ConditionalRoutedAttention,
     ConditionalRoutedAutoregressiveAttention,
     ConditionalRoutedCrossAttention,
@@ -255,3 +256,233 @@ def test_transformer_block_and_vit():
     assert logits.shape == (3, 5)
     logits.logsumexp(-1).sum().backward()
     assert all(p.grad is not None for p in vit.parameters() if p.requires_grad)
+
+
+# ---- issue #15 -------------------------------------------------------------------------------
+
+
+def _block(name):
+    """A small block of each routed kind and how to call it on ``x [2, 24, D]``."""
+    if name == "feedforward":
+        return ConditionalRoutedFeedForward(D, num_heavy_tokens=6), lambda m, x: m(x)
+    if name == "attention":
+        m = ConditionalRoutedAttention(
+            D, num_heavy_tokens_q=6, num_heavy_tokens_kv=6, light_window_size=8, **SMALL
+        )
+        return m, lambda m, x: m(x)
+    if name == "cross":
+        m = ConditionalRoutedCrossAttention(D, num_tokens_q=5, num_tokens_kv=6, dim_head=8, heads=2)
+        return m, lambda m, x: m(x, x.flip(1))
+    if name == "autoregressive":
+        m = ConditionalRoutedAutoregressiveAttention(
+            D, num_heavy_tokens_q=3, num_heavy_tokens_kv=3, light_window_size=4,
+            heavy_window_size=6, **SMALL,
+        )  # fmt: skip
+        return m, lambda m, x: m(x)
+    if name == "image":
+        m = ConditionalRoutedImageAttention(
+            D, num_heavy_tokens_q=5, num_heavy_tokens_kv=5, light_window_size=3, **SMALL
+        )
+        return m, lambda m, x: m(x.reshape(2, 4, 6, D))
+    m = ConditionalRoutedTransformerBlock(
+        D, num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=4, num_heavy_ff_tokens=4,
+        light_window_size=8, **SMALL,
+    )  # fmt: skip
+    return m, lambda m, x: m(x)
+
+
+@pytest.mark.parametrize("name", ["attention", "cross", "autoregressive", "image", "block"])
+def test_cpu_bf16_autocast(name):
+    # the heavy output (bf16 under autocast) was scatter-added onto an fp32 base: dtype error
+    m, call = _block(name)
+    x = _x()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(m, x)
+    assert out.shape[0] == 2 and out.shape[-1] == D
+    assert torch.isfinite(out).all()
+    out.float().square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", ["feedforward", "attention"])
+def test_compile_fullgraph_matches_eager(name):
+    # a read-back of the largest routed index (`int(indices.max())`) broke the graph
+    torch._dynamo.reset()
+    kw = dict(router_kwargs=dict(n_iters=3))
+    if name == "feedforward":
+        m = ConditionalRoutedFeedForward(8, num_heavy_tokens=3, **kw)
+    else:
+        m = ConditionalRoutedAttention(
+            8, num_heavy_tokens_q=3, num_heavy_tokens_kv=3, light_window_size=4,
+            light_dim_head=4, light_heads=2, heavy_dim_head=4, heavy_heads=2, **kw,
+        )  # fmt: skip
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, 6:] = False
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    # aot_eager traces what inductor would get; the backward through the router and the scatter
+    # is checked on the attention block (the feedforward's heavy part is a plain MLP)
+    grad = name == "attention"
+    x = torch.randn(2, 8, 8, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        out = compiled(x, mask=mask)
+        ref = m(x, mask=mask)
+    torch.testing.assert_close(out, ref)
+    if grad:
+        g = torch.randn_like(ref)
+        (g1,) = torch.autograd.grad(out, x, g)
+        (g2,) = torch.autograd.grad(ref, x, g)
+        torch.testing.assert_close(g1, g2)
+
+
+def test_causal_attention_heavy_branch_is_causal():
+    # causal=True made only the light branch causal: routed queries saw later routed keys
+    attn = ConditionalRoutedAttention(
+        D, num_heavy_tokens_q=8, num_heavy_tokens_kv=8, light_window_size=8, causal=True,
+        router_kwargs=SOFT, **SMALL,
+    )  # fmt: skip
+    x = _x(n=20).detach()
+    out = attn(x)
+    # perturb the future in directions the routers do not see (orthogonal to the routing
+    # tokens), so routing is unchanged and only attention could carry the change backwards
+    basis = torch.cat([attn.q_router.routing_token, attn.kv_router.routing_token]).detach()
+    ortho, _ = torch.linalg.qr(basis.T)
+    for t in (5, 11, 16):
+        delta = torch.randn(2, 20 - t, D)
+        x2 = x.clone()
+        x2[:, t:] += delta - delta @ ortho @ ortho.T
+        out2 = attn(x2)
+        torch.testing.assert_close(out2[:, :t], out[:, :t])
+        assert not torch.allclose(out2[:, t:], out[:, t:])
+    # every token routed: strictly causal token by token, whatever the perturbation
+    full = ConditionalRoutedAttention(
+        D, num_heavy_tokens_q=20, num_heavy_tokens_kv=20, light_window_size=8, causal=True,
+        **SMALL,
+    )  # fmt: skip
+    ref = full(x)
+    for t in (3, 12):
+        x2 = x.clone()
+        x2[:, t:] += torch.randn_like(x2[:, t:])
+        torch.testing.assert_close(full(x2)[:, :t], ref[:, :t])
+
+
+def test_heavy_attention_causal_mask_matches_dense():
+    attn = Attention(D, dim_head=8, heads=2)
+    x, ctx = torch.randn(2, 5, D), torch.randn(2, 7, D)
+    qpos, kpos = torch.randint(0, 10, (2, 5)), torch.randint(0, 10, (2, 7))
+    calls = {}
+
+    def fn(q, k, v, attn_mask=None):
+        calls["mask"] = attn_mask
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    attn.attention_fn = fn
+    attn(x, ctx, q_positions=qpos, kv_positions=kpos, causal=True)
+    expected = kpos[:, None, None, :] <= qpos[:, None, :, None]
+    torch.testing.assert_close(calls["mask"][..., 1:], expected.expand(2, 2, 5, 7))
+    assert calls["mask"][..., 0].all()  # the null key is always visible
+
+
+def _rotate_upstream(t, pos, theta=10000.0):
+    # upstream's RotaryEmbedding / apply_rotary_pos_emb, written out independently
+    d = t.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2).float() / d))
+    freqs = pos.float()[..., None] * inv_freq
+    freqs = torch.cat([freqs, freqs], dim=-1).to(t.dtype)
+    x1, x2 = t.chunk(2, dim=-1)
+    return t * freqs.cos() + torch.cat([-x2, x1], dim=-1) * freqs.sin()
+
+
+def test_light_branch_rotary_matches_dense_reference():
+    from colt5_routing import LocalMHA
+
+    mha = LocalMHA(D, window_size=4, dim_head=8, heads=2).double()
+    assert mha.use_rotary
+    x = torch.randn(2, 11, D, dtype=torch.float64)
+    out = mha(x)
+    q, k, v = mha.to_qkv(mha.norm(x)).view(2, 11, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    pos = torch.arange(11)
+    q, k = _rotate_upstream(q, pos), _rotate_upstream(k, pos)
+    i = torch.arange(11)
+    vis = ((i[:, None] // 4) - (i[None, :] // 4)).abs() <= 1
+    att = (q @ k.transpose(-1, -2) / 8**0.5).masked_fill(~vis, float("-inf"))
+    ref = mha.to_out((att.softmax(-1) @ v).transpose(1, 2).reshape(2, 11, 16))
+    torch.testing.assert_close(out, ref)
+    plain = LocalMHA(D, window_size=4, dim_head=8, heads=2, use_rotary=False).double()
+    plain.load_state_dict(mha.state_dict())
+    assert not torch.allclose(plain(x), out)
+
+
+def test_heavy_rotary_is_relative_and_uses_routed_positions():
+    attn = Attention(D, dim_head=8, heads=2, use_rotary=True)
+    logits = []
+
+    def fn(q, k, v, attn_mask=None):
+        logits.append(q @ k[:, :, 1:].transpose(-1, -2))  # real keys (the null key has no position)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    attn.attention_fn = fn
+    x, ctx = torch.randn(2, 5, D), torch.randn(2, 7, D)
+    qpos, kpos = torch.randint(0, 50, (2, 5)), torch.randint(0, 50, (2, 7))
+    attn(x, ctx, q_positions=qpos, kv_positions=kpos)
+    attn(x, ctx, q_positions=qpos + 13, kv_positions=kpos + 13)
+    attn(x, ctx, q_positions=qpos, kv_positions=kpos.flip(-1))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(logits[2], logits[0])
+    # the routed block passes the routed tokens' positions
+    block = ConditionalRoutedAttention(
+        D, num_heavy_tokens_q=5, num_heavy_tokens_kv=6, light_window_size=8, **SMALL
+    )
+    seen = {}
+    forward = block.heavy_attn.forward
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return forward(*args, **kwargs)
+
+    block.heavy_attn.forward = spy
+    xb = _x().detach()
+    block(xb)
+    idx_q = block.q_router(xb, num_tokens=5).indices
+    idx_kv = block.kv_router(xb, num_tokens=6, keep_one_route_dim=True).indices
+    assert torch.equal(seen["q_positions"], idx_q) and torch.equal(seen["kv_positions"], idx_kv)
+
+
+@pytest.mark.parametrize("name", ["attention", "autoregressive", "block"])
+def test_rotary_option_keeps_state_dict(name):
+    kw = dict(light_window_size=8, **SMALL)
+    if name == "attention":
+        make = lambda **o: ConditionalRoutedAttention(
+            D, num_heavy_tokens_q=6, num_heavy_tokens_kv=6, **kw, **o
+        )
+    elif name == "autoregressive":
+        make = lambda **o: ConditionalRoutedAutoregressiveAttention(
+            D, num_heavy_tokens_q=3, num_heavy_tokens_kv=3, heavy_window_size=6, **kw, **o
+        )
+    else:
+        make = lambda **o: ConditionalRoutedTransformerBlock(
+            D, num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=4, num_heavy_ff_tokens=4,
+            **kw, **o,
+        )  # fmt: skip
+    on, off = make(), make(use_rotary=False)
+    assert on.state_dict().keys() == off.state_dict().keys()
+    assert not any("rot" in k or "freq" in k for k in on.state_dict())
+    off.load_state_dict(on.state_dict())  # strict: the same parameters and buffers
+    x = _x().detach()
+    assert not torch.allclose(on(x), off(x))
+
+
+def test_queries_scaled_by_score_after_projection():
+    # the query score scaled the input of a LayerNorm, which removed it (and its gradient)
+    attn = Attention(D, dim_head=8, heads=2)
+    queries = []
+
+    def fn(q, k, v, attn_mask=None):
+        queries.append(q)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+    attn.attention_fn = fn
+    x, ctx = torch.randn(2, 5, D), torch.randn(2, 7, D)
+    s = torch.rand(2, 5) + 0.25
+    attn(x, ctx)
+    attn(x, ctx, normalized_scores_q=s)
+    torch.testing.assert_close(queries[1], queries[0] * s[:, None, :, None])

@@ -208,3 +208,123 @@ def test_triton_compile_fullgraph_gpu():
     (g1,) = torch.autograd.grad(out, s, g)
     (g2,) = torch.autograd.grad(eager, s, g)
     torch.testing.assert_close(g1, g2)
+
+
+# ---- issue #15 -------------------------------------------------------------------------------
+
+SOFT_KW = dict(n_iters=6, eps=0.5, eps_init=2.0, eps_decay=0.8)
+
+
+def test_float64_is_computed_in_float64():
+    # float64 scores were computed in float32: gradcheck failed
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 12, generator=g) > 0.3
+    k = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda t: coor_descent(t, k=4.0, **SOFT_KW), (s,))
+    assert torch.autograd.gradcheck(lambda t: coor_descent(t, k=k, mask=mask, **SOFT_KW), (s,))
+    assert coor_descent(s, k=4.0, **SOFT_KW).dtype == torch.float64
+    # half precision is computed in fp32 and returned in its own dtype
+    for dtype in (torch.float16, torch.bfloat16):
+        sh = s.detach().to(dtype)
+        out = coor_descent(sh, k=4.0, **SOFT_KW)
+        assert out.dtype == dtype
+        ref = coor_descent(sh.float(), k=4.0, **SOFT_KW).to(dtype)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_nonfinite_scores():
+    # -inf is masked out (a single -inf made its whole row NaN), +inf gets weight 1, NaN gives
+    # a NaN row; float32 agrees with float64
+    inf, nan = float("inf"), float("nan")
+    s = torch.randn(4, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s[0, 2], s[1, 3], s[2, 4], s[3] = -inf, inf, nan, -inf
+    s.requires_grad_()
+    out = coor_descent_reference(s, k=3.0, **KW)
+    keep = torch.ones(1, 9, dtype=torch.bool)
+    keep[0, 2] = False
+    masked = coor_descent_reference(s[:1].detach().nan_to_num(neginf=0.0), k=3.0, mask=keep, **KW)
+    torch.testing.assert_close(out[:1], masked)
+    assert out[1, 3] == 1 and torch.isfinite(out[1]).all()
+    assert out[2].isnan().all()
+    assert (out[3] == 0).all()
+    out32 = coor_descent_reference(s.detach().float(), k=3.0, **KW)
+    torch.testing.assert_close(out32.double(), out, rtol=1e-4, atol=1e-5, equal_nan=True)
+    (grad,) = torch.autograd.grad(out[[0, 1, 3]].sum(), s)
+    assert torch.isfinite(grad[[0, 1, 3]]).all() and grad[0, 2] == 0 and grad[1, 3] == 0
+
+
+def test_triton_refuses_or_falls_back_for_dtypes_and_devices():
+    s64 = torch.randn(2, 16, dtype=torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        triton_coor_descent(s64, k=2.0, n_iters=3)
+    for dtype in (torch.int8, torch.uint8):
+        with pytest.raises(TypeError, match="floating point"):
+            triton_coor_descent(torch.zeros(2, 16, dtype=dtype), k=2.0, n_iters=3)
+    # meta tensors: the shapes of the result, no launch
+    out = triton_coor_descent(torch.empty(2, 16, device="meta"), k=torch.tensor(2.0), n_iters=3)
+    assert out.device.type == "meta" and out.shape == (2, 16)
+    # the automatic backends keep float64 in float64 on the reference
+    ref = coor_descent_reference(s64, k=2.0, n_iters=3)
+    torch.testing.assert_close(coor_descent(s64, k=2.0, n_iters=3, backend="auto-triton"), ref)
+    torch.testing.assert_close(topk(s64, 2, fused=True).coor_descent_values, topk(s64, 2)[2])
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision_interpret(dtype):
+    _compare("cpu", 3, 70, True, 6.0, dtype=dtype)
+
+
+@pytest.mark.interpret
+def test_triton_nonfinite_and_empty_interpret():
+    inf, nan = float("inf"), float("nan")
+    s = torch.randn(4, 40, generator=torch.Generator().manual_seed(2))
+    s[0, 2], s[1, 3], s[2, 4], s[3] = -inf, inf, nan, -inf
+    s.requires_grad_()
+    ref = coor_descent_reference(s, k=5.0, **KW)
+    out = triton_coor_descent(s, k=5.0, **KW)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5, equal_nan=True)
+    g = torch.randn_like(ref)
+    (gr,) = torch.autograd.grad(ref, s, g)
+    (gt,) = torch.autograd.grad(out, s, g)
+    torch.testing.assert_close(gt, gr, rtol=1e-4, atol=1e-4, equal_nan=True)
+    for shape in [(0, 8), (2, 0)]:
+        assert triton_coor_descent(torch.randn(shape), k=2.0, n_iters=3).shape == shape
+
+
+@pytest.mark.gpu
+def test_triton_bf16_before_ampere_runs_in_fp32_gpu(monkeypatch):
+    import importlib
+
+    tcd = importlib.import_module("colt5_routing.coor_descent_triton")
+    s = (torch.randn(3, 500, device="cuda") * 2).bfloat16()
+    native = triton_coor_descent(s, k=20.0, **KW)
+    launched = []
+    op = tcd._coor_fwd_op
+
+    def spy(s2, *args):
+        launched.append(s2.dtype)
+        return op(s2, *args)
+
+    monkeypatch.setattr(tcd, "_coor_fwd_op", spy)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    out = triton_coor_descent(s, k=20.0, **KW)
+    assert launched == [torch.float32] and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), native.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_auto_backend_float64_and_nonfinite_gpu():
+    s = torch.randn(3, 300, device="cuda", dtype=torch.float64)
+    out = coor_descent(s, k=10.0, **KW)  # the reference, in float64 (was a TypeError)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.cpu(), coor_descent_reference(s.cpu(), k=10.0, **KW))
+    with pytest.raises(TypeError):
+        coor_descent(s, k=10.0, backend="triton", **KW)
+    s = s.float()
+    s[0, 2], s[1, 3], s[2, 4] = float("-inf"), float("inf"), float("nan")
+    torch.testing.assert_close(
+        triton_coor_descent(s, k=10.0, **KW), coor_descent_reference(s, k=10.0, **KW),
+        rtol=1e-4, atol=1e-5, equal_nan=True,
+    )  # fmt: skip

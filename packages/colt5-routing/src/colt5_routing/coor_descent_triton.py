@@ -14,7 +14,13 @@ import os
 import torch
 from torch import Tensor
 
-from .coor_descent import check_inputs, eps_schedule
+from .coor_descent import (
+    check_inputs,
+    check_mask,
+    check_scores,
+    coor_descent_reference,
+    eps_schedule,
+)
 
 try:
     import triton
@@ -24,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - non-Linux installs
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "triton_coor_descent"]
+__all__ = ["HAS_TRITON", "triton_coor_descent", "triton_supports"]
 
 
 if HAS_TRITON:
@@ -37,17 +43,20 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         base = row * n
         logk = tl.load(LOGK + row)
-        # pass 0: row maximum and number of valid entries
+        # pass 0: row maximum, number of valid entries (-inf scores are masked out) and NaNs
         xmax = tl.max(tl.full((BLOCK,), -1.0e30, tl.float32), axis=0)
         cnt = tl.sum(tl.zeros((BLOCK,), tl.float32), axis=0)
+        nans = tl.sum(tl.zeros((BLOCK,), tl.float32), axis=0)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
             valid = offs < n
             if HAS_MASK:
                 valid = valid & (tl.load(M + base + offs, mask=offs < n, other=0) != 0)
-            x = tl.load(S + base + offs, mask=valid, other=-1.0e30).to(tl.float32)
-            xmax = tl.maximum(xmax, tl.max(tl.where(valid, x, -1.0e30), axis=0))
-            cnt += tl.sum(valid.to(tl.float32), axis=0)
+            x = tl.load(S + base + offs, mask=valid, other=0.0).to(tl.float32)
+            finite_below = valid & (x != float("-inf"))
+            xmax = tl.maximum(xmax, tl.max(tl.where(finite_below, x, -1.0e30), axis=0))
+            cnt += tl.sum(finite_below.to(tl.float32), axis=0)
+            nans += tl.sum((valid & (x != x)).to(tl.float32), axis=0)
         has_any = cnt > 0
         # iteration 0: w = s + b0 = 0 on valid entries
         e = tl.load(EPS)
@@ -65,12 +74,17 @@ if HAS_TRITON:
                 if HAS_MASK:
                     valid = valid & (tl.load(M + base + offs, mask=offs < n, other=0) != 0)
                 x = tl.load(S + base + offs, mask=valid, other=0.0).to(tl.float32)
-                z = tl.minimum(x, -a) / e - m
+                z = tl.minimum(x, -a) / e - m  # -inf scores: exp(-inf) = 0
                 acc += tl.exp(tl.where(valid, z, -1.0e30))
             lse = m + tl.log(tl.maximum(tl.sum(acc, axis=0), 1.0e-30))
             a = tl.where(has_any, e * (logk - lse), 0.0)
             tl.store(A + it * rows + row, a)
             tl.store(LSE + it * rows + row, lse)
+        # a NaN score makes its row NaN (as in the reference; min/max may drop NaNs): the final
+        # a is stored as NaN, which the backward reads as the row's NaN flag
+        nan_or_0 = tl.where(nans > 0, float("nan"), 0.0)
+        a = a + nan_or_0
+        tl.store(A + (n_iters - 1) * rows + row, a)
         e = tl.load(EPS + n_iters)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -79,6 +93,7 @@ if HAS_TRITON:
                 valid = valid & (tl.load(M + base + offs, mask=offs < n, other=0) != 0)
             x = tl.load(S + base + offs, mask=valid, other=0.0).to(tl.float32)
             y = tl.where(valid, tl.exp(tl.minimum(x + a, 0.0) / e), 0.0)
+            y = tl.where(valid, y + nan_or_0, y)
             tl.store(OUT + base + offs, y.to(OUT.dtype.element_ty), mask=offs < n)
 
     @triton.jit
@@ -91,6 +106,7 @@ if HAS_TRITON:
         # output: y = exp(min(s + a_T, 0) / e_T)
         e = tl.load(EPS + n_iters)
         a = tl.load(A + (n_iters - 1) * rows + row)
+        nan_or_0 = a - a  # NaN for a row with a NaN score: NaN gradients on its valid entries
         acc = tl.zeros((BLOCK,), tl.float32)
         for start in range(0, n, BLOCK):
             offs = start + tl.arange(0, BLOCK)
@@ -102,9 +118,10 @@ if HAS_TRITON:
             u = x + a
             y = tl.exp(tl.where(valid, tl.minimum(u, 0.0) / e, -1.0e30))
             g = tl.where(valid & (u <= 0.0), go * y / e, 0.0)
+            g = tl.where(valid, g + nan_or_0, g)
             acc += g
             tl.store(GS + base + offs, g, mask=offs < n)
-        ga = tl.sum(acc, axis=0)
+        ga = tl.where(a != a, 0.0, tl.sum(acc, axis=0))
         # iterations it = T-1 .. 1: a_it = e_it (logk - lse_it(min(s, -a_{it-1}) / e_it))
         for step in range(1, n_iters):
             it = n_iters - step
@@ -216,6 +233,31 @@ def _op_backward(ctx, grad_out, _grad_a, _grad_lse):
 _coor_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_supports(s: Tensor) -> bool:
+    """Whether the Triton kernels can take ``s``: Triton installed, a CUDA tensor (a CPU one under
+    ``TRITON_INTERPRET=1``) of fp32/fp16/bf16. float64 and meta tensors go to the reference."""
+    if not HAS_TRITON or s.dtype not in KERNEL_DTYPES:
+        return False
+    return s.is_cuda or (s.device.type == "cpu" and _interpreting())
+
+
+def _bf16_in_fp32(s: Tensor) -> bool:
+    """bf16 scores are widened to fp32 for the kernels where bf16 loads/stores are not native:
+    GPUs before Ampere (compute capability < 8.0) and the CPU interpreter (numpy has no bf16)."""
+    if s.dtype != torch.bfloat16:
+        return False
+    if not s.is_cuda:
+        return True
+    return torch.cuda.get_device_capability(s.device) < (8, 0)
+
+
 def triton_coor_descent(
     s: Tensor,
     *,
@@ -229,24 +271,44 @@ def triton_coor_descent(
 ) -> Tensor:
     """Coordinate descent with Triton kernels; same contract as ``coor_descent_reference``.
 
-    ``s [..., n]`` (fp32/fp16/bf16, computed in fp32), ``mask [..., n]`` boolean, ``True`` = keep,
-    ``k`` a number or ``[...]`` tensor. Runs on CUDA tensors, or on CPU under
-    ``TRITON_INTERPRET=1``. ``checkpoint_segments`` (>= 1) is accepted for compatibility with
-    upstream; memory is already ``O(rows * n_iters)`` scalars beyond the input.
+    ``s [..., n]`` (fp32/fp16/bf16, computed in fp32; float64 raises ``TypeError``: use the
+    reference, which keeps it in float64), ``mask [..., n]`` boolean, ``True`` = keep, ``k`` a
+    number or ``[...]`` tensor. Runs on CUDA tensors, or on CPU under ``TRITON_INTERPRET=1``; bf16
+    is widened to fp32 for the kernels before Ampere and under the interpreter. Meta tensors get
+    the reference's (shape-only) result. ``checkpoint_segments`` (>= 1) is accepted for
+    compatibility with upstream; memory is already ``O(rows * n_iters)`` scalars beyond the input.
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use backend='reference'")
-    if not s.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "triton_coor_descent needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors); "
-            "use backend='reference' on this device"
-        )
+    if isinstance(checkpoint_segments, bool) or not isinstance(checkpoint_segments, int):
+        raise TypeError(f"checkpoint_segments must be an int, got {checkpoint_segments!r}")
     if checkpoint_segments < 1:
         raise ValueError(f"checkpoint_segments must be >= 1, got {checkpoint_segments}")
     epsilons = eps_schedule(n_iters, eps, eps_init, eps_decay)
+    check_scores(s)
+    if s.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"triton coor_descent supports fp32/fp16/bf16, got {s.dtype}; use "
+            "backend='reference' (float64 is computed in float64 there)"
+        )
+    if s.device.type == "meta":  # shapes only: nothing to launch
+        return coor_descent_reference(
+            s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
+        )
+    if not s.is_cuda and not (s.device.type == "cpu" and _interpreting()):
+        raise ValueError(
+            f"triton_coor_descent needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+            f"got a tensor on {s.device}; use backend='reference' on this device"
+        )
     kt = check_inputs(s, k, mask)
-    if s.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"triton coor_descent supports fp32/fp16/bf16, got {s.dtype}")
+    mask = check_mask(mask, s)
+    if s.numel() == 0:
+        return s * 0
+    if _bf16_in_fp32(s):
+        return triton_coor_descent(
+            s.float(), n_iters=n_iters, k=k, eps=eps, eps_init=eps_init,
+            eps_decay=eps_decay, mask=mask,
+        ).to(s.dtype)  # fmt: skip
     shape = s.shape
     n = shape[-1]
     s2 = s.reshape(-1, n).contiguous()

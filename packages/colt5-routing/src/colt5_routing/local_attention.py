@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .rotary import apply_rotary, rotary_angles
+from .router import check_token_mask, check_tokens
+
 __all__ = ["LocalMHA", "local_attention"]
 
 
@@ -19,6 +22,14 @@ def local_attention(
     give 0."""
     b, h, n, d = q.shape
     w = window_size
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise ValueError(f"window_size must be a positive int, got {w!r}")
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = real token), got {mask.dtype}")
+    if mask is not None and mask.shape != (b, n):
+        raise ValueError(f"mask must have shape {(b, n)}, got {tuple(mask.shape)}")
+    if b == 0 or n == 0:
+        return v.new_zeros(v.shape)
     pad = (-n) % w
     keep = mask if mask is not None else torch.ones(b, n, dtype=torch.bool, device=q.device)
     if pad:
@@ -52,20 +63,31 @@ def local_attention(
 
 
 class LocalMHA(nn.Module):
-    """Pre-norm windowed multi-head attention ``[b, n, dim] -> [b, n, dim]`` (the light branch)."""
+    """Pre-norm windowed multi-head attention ``[b, n, dim] -> [b, n, dim]`` (the light branch).
+    ``use_rotary`` applies rotary positional embeddings to queries and keys (by absolute token
+    position, so a query sees its keys at their true relative offsets), as the ``LocalMHA`` of
+    lucidrains' ``local-attention`` does by default."""
 
     def __init__(
         self, dim: int, window_size: int, dim_head: int = 64, heads: int = 8,
-        causal: bool = False,
+        causal: bool = False, use_rotary: bool = True,
     ) -> None:  # fmt: skip
         super().__init__()
         self.window_size, self.heads, self.causal = window_size, heads, causal
+        self.dim, self.dim_head, self.use_rotary = dim, dim_head, use_rotary
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        check_tokens(x, self.dim)
+        check_token_mask(mask, x)
         b, n, _ = x.shape
-        q, k, v = self.to_qkv(self.norm(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = self.to_qkv(self.norm(x)).view(b, n, 3, self.heads, self.dim_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        if self.use_rotary:
+            pos = torch.arange(n, device=x.device)
+            angles = rotary_angles(pos, self.dim_head, q.dtype)
+            q, k = apply_rotary(q, angles), apply_rotary(k, angles)
         out = local_attention(q, k, v, self.window_size, causal=self.causal, mask=mask)
-        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return self.to_out(out.transpose(1, 2).reshape(b, n, self.heads * self.dim_head))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -25,19 +26,57 @@ class RouterReturn(NamedTuple):
     routed_mask: Tensor | None
 
 
+def check_tokens(x: Tensor, dim: int, name: str = "x") -> None:
+    """Raise a clear error unless ``x`` is a floating point ``[batch, seq, dim]`` tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.ndim != 3 or x.shape[-1] != dim:
+        raise ValueError(f"{name} must be [batch, seq, {dim}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {x.dtype}")
+
+
+def check_token_mask(mask: Tensor | None, x: Tensor, name: str = "mask") -> None:
+    """Raise a clear error unless ``mask`` is ``None`` or a bool ``[batch, seq]`` tensor on the
+    device of ``x [batch, seq, d]``."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a bool tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True = real token), got {mask.dtype}")
+    if mask.shape != x.shape[:2]:
+        raise ValueError(f"{name} must have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"{name} is on {mask.device}, the tokens on {x.device}")
+
+
+def check_num_tokens(value: int | None, default: int, name: str) -> int:
+    """``value`` (or ``default`` when ``None``) as a non-negative int; clear errors otherwise."""
+    k = default if value is None else value
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"{name} must be an int, got {type(k).__name__}")
+    if k < 0:
+        raise ValueError(f"{name} must be >= 0, got {k}")
+    return k
+
+
 def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
     """``x [b, n, d]`` and ``indices [b, ..., k]`` -> ``[b, ..., k, d]``."""
     b, _, d = x.shape
-    flat = indices.reshape(b, -1, 1).expand(-1, -1, d)
+    flat = indices.reshape(b, math.prod(indices.shape[1:]), 1).expand(-1, -1, d)
     return x.gather(1, flat).reshape(*indices.shape, d)
 
 
 def scatter_tokens(values: Tensor, indices: Tensor, n: int, base: Tensor | None = None) -> Tensor:
-    """Sum ``values [b, ..., k, d]`` into ``[b, n, d]`` at ``indices [b, ..., k]`` (onto base)."""
+    """Sum ``values [b, ..., k, d]`` into ``[b, n, d]`` at ``indices [b, ..., k]`` (onto base).
+    The result has the promoted dtype of ``values`` and ``base``."""
     b, d = values.shape[0], values.shape[-1]
     out = values.new_zeros(b, n, d) if base is None else base
-    flat = indices.reshape(b, -1, 1).expand(-1, -1, d)
-    return out.scatter_add(1, flat, values.reshape(b, -1, d))
+    dtype = torch.promote_types(values.dtype, out.dtype)
+    m = math.prod(indices.shape[1:])
+    flat = indices.reshape(b, m, 1).expand(-1, -1, d)
+    return out.to(dtype).scatter_add(1, flat, values.reshape(b, m, d).to(dtype))
 
 
 class CoordinateDescentRouter(nn.Module):
@@ -98,6 +137,8 @@ class CoordinateDescentRouter(nn.Module):
             rt = routing_tokens
             if rt.shape[0] != batch:
                 rt = rt.repeat_interleave(batch // rt.shape[0], dim=0)
+        elif routing_tokens is not None:
+            raise ValueError("routing_tokens are only taken with learned_routing_tokens=True")
         else:
             rt = self.routing_token.unsqueeze(0).expand(batch, -1, -1)
         if self.cosine_sim_routing:
@@ -130,9 +171,13 @@ class CoordinateDescentRouter(nn.Module):
         of ``window_size``), select ``num_tokens`` among the tokens of windows ``< i``.
         Returns tensors of shape ``[b * n_windows, r, num_tokens(, d)]``; ``routed_mask`` is
         ``False`` where a window has fewer earlier tokens than ``num_tokens``."""
+        check_tokens(x, self.dim)
+        check_token_mask(mask, x)
         b, n, d = x.shape
-        if n % window_size:
-            raise ValueError("sequence length must be a multiple of window_size")
+        if window_size < 1 or n % window_size:
+            raise ValueError("sequence length must be a multiple of window_size (>= 1)")
+        if num_tokens < 1:
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens}")
         nw = n // window_size
         num_tokens = min(num_tokens, n)
         scores = self._scores(x, None, b)  # [b, r, n]
@@ -167,11 +212,21 @@ class CoordinateDescentRouter(nn.Module):
     ) -> RouterReturn:
         """Route ``x [b, n, d]``; ``mask [b, n]`` is ``True`` for real tokens. With
         ``learned_routing_tokens`` pass ``routing_tokens [b, r, d]``."""
-        if x.ndim != 3 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be [batch, seq, {self.dim}], got {tuple(x.shape)}")
+        check_tokens(x, self.dim)
+        check_token_mask(mask, x)
         b, n, d = x.shape
-        if mask is not None and (mask.shape != (b, n) or mask.dtype != torch.bool):
-            raise ValueError(f"mask must be a bool tensor of shape {(b, n)}")
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+        if routing_tokens is not None and self.learned_routing_tokens:
+            rt = routing_tokens
+            if not isinstance(rt, Tensor) or rt.ndim != 3 or rt.shape[-1] != d:
+                raise ValueError(f"routing_tokens must be [batch, routes, {d}]")
+            blocks = 1 if self.route_block_size is None else -(-n // self.route_block_size)
+            if rt.shape[0] not in (b, b * blocks) or rt.device != x.device:
+                raise ValueError(
+                    f"routing_tokens must have batch {b} and be on {x.device}, got "
+                    f"{tuple(rt.shape)} on {rt.device}"
+                )
         blocked = self.route_block_size is not None
         if blocked:
             w = self.route_block_size

@@ -44,6 +44,7 @@ class ConditionalRoutedViT(nn.Module):
         if image_size % patch_size:
             raise ValueError("image_size must be divisible by patch_size")
         self.grid = image_size // patch_size
+        self.image_size, self.channels = image_size, channels
         self.to_patches = nn.Conv2d(channels, dim, patch_size, stride=patch_size)
         self.pos_emb = nn.Parameter(torch.randn(self.grid, self.grid, dim) * 0.02)
         self.layers = nn.ModuleList()
@@ -75,6 +76,15 @@ class ConditionalRoutedViT(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
 
     def forward(self, images: Tensor) -> Tensor:
+        size, c = self.image_size, self.channels
+        if not isinstance(images, Tensor):
+            raise TypeError(f"images must be a tensor, got {type(images).__name__}")
+        if images.ndim != 4 or images.shape[1:] != (c, size, size):
+            raise ValueError(
+                f"images must be [batch, {c}, {size}, {size}], got {tuple(images.shape)}"
+            )
+        if not images.is_floating_point():
+            raise TypeError(f"images must be a floating point tensor, got {images.dtype}")
         x = self.to_patches(images).permute(0, 2, 3, 1) + self.pos_emb  # [b, gh, gw, dim]
         b, gh, gw, d = x.shape
         for attn, ff in self.layers:
