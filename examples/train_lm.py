@@ -5,10 +5,13 @@
     uv run python examples/train_lm.py --resume runs/<time>   # continue a run where it stopped
     uv run python examples/train_lm.py --help
     uv run torchrun --standalone --nproc_per_node 2 examples/train_lm.py   # data parallel (DDP)
+    uv run python examples/train_lm.py --log-dir runs/tb   # also log to TensorBoard
 
 By default the corpus is the Python standard library's own source (offline, on any machine).
 Writes to the run folder: the checkpoint (checkpoint.json, the weights in safetensors and the
-training state; see lm_demo/checkpoint.py), loss.png, experts.png, sample.txt, history.json.
+training state; see lm_demo/checkpoint.py), loss.png, experts.png, sample.txt, history.json and
+metrics.jsonl (at every validation: losses, tokens/s, MFU, and per MoE layer the entropy of
+its expert usage and its dead experts; see lm_demo/metrics.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,21 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lm_demo.data import decode, encode, load_corpus, sample_batch
+from lm_demo.metrics import (
+    ExpertUsage,
+    MetricsLogger,
+    device_peak_flops,
+    expert_metrics,
+    flops_per_token,
+    mfu,
+    tensorboard_writer_class,
+)
 from lm_demo.plots import plot_expert_usage, plot_losses
+
+try:  # optional: without tqdm the demo prints its own one-line progress
+    from tqdm.auto import tqdm
+except ImportError:
+    tqdm = None
 
 PROFILES = {
     # CPU-sized: a few minutes on 2 cores.
@@ -63,7 +80,8 @@ DEFAULT_LR = {"tiny": 3e-3, "small": 1e-3}
 
 
 # Settings that define a run: stored in its checkpoints, restored by --resume. The other flags
-# (--out, --device, --compile, --resume) only say where and how this process runs.
+# (--out, --device, --compile, --resume, --log-dir, --peak-tflops) only say where and how this
+# process runs and reports.
 SETTINGS = (
     "profile",
     "attention",
@@ -176,12 +194,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sample-tokens", type=int, default=200, help="bytes to generate at the end")
     p.add_argument(
+        "--log-dir",
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard event files to DIR (needs the tensorboard package): "
+        "training loss, learning rate, tokens/s and MFU every step; validation loss and, per "
+        "MoE layer, expert-usage entropy and dead experts at every validation",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=_number(float, 0, low_ok=False),
+        default=None,
+        metavar="TFLOPS",
+        help="peak bf16 TFLOP/s of one device, for the MFU (default: from the table in "
+        "lm_demo/metrics.py for known GPUs; on CPU, MFU is reported only with this flag)",
+    )
+    p.add_argument(
         "--resume",
         default=None,
         metavar="CHECKPOINT",
         help="continue a run from its checkpoint (run folder or its checkpoint.json); restores "
-        "every setting stored there, flags given again must agree (only --out, --device and "
-        "--compile may change)",
+        "every setting stored there, flags given again must agree (only --out, --device, "
+        "--compile, --log-dir and --peak-tflops may change)",
     )
     return p
 
@@ -243,6 +277,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--warmup {args.warmup} is longer than the run (--steps {args.steps})")
     if args.data is not None:
         args.data = str(Path(args.data).expanduser().resolve())
+    if args.log_dir is not None:
+        try:
+            tensorboard_writer_class()
+        except ImportError as e:
+            p.error(str(e))
     return args
 
 
@@ -282,38 +321,13 @@ def evaluate(model, data, args, device, generator, batches: int = 4) -> float:
     return sum(losses) / len(losses)
 
 
-@torch.no_grad()
-def expert_usage(model, data, args, device, generator) -> dict[str, torch.Tensor]:
-    """Selection counts per expert of every feedforward MoE layer on one validation batch."""
-    from moeut import SigmaMoE
-
-    counts: dict[str, torch.Tensor] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, SigmaMoE):
-
-            def hook(mod, inputs, output, name=name):
-                sel_in = inputs[1] if len(inputs) > 1 and inputs[1] is not None else inputs[0]
-                index = F.linear(sel_in.float(), mod.expert_sel.float()).topk(mod.n_heads).indices
-                used = torch.bincount(index.flatten().cpu(), minlength=mod.n_experts)
-                counts[name] = counts.get(name, 0) + used
-
-            hooks.append(module.register_forward_hook(hook))
-    model.eval()
-    x, _ = sample_batch(data, args.batch_size, args.seq_len, generator)
-    model(x.to(device))
-    model.train()
-    for h in hooks:
-        h.remove()
-    return {
-        name.replace("transformer.layers.", "layer ")
-        .replace("layers.", "layer ")
-        .replace(".ffn", ""): c
-        for name, c in counts.items()
-    }
-
-
-def progress(step: int, total: int, loss: float, tok_s: float, eta: float) -> None:
+def progress(step: int, total: int, loss: float, tok_s: float, eta: float, bar=None) -> None:
+    """Progress after optimizer step ``step``: the tqdm ``bar`` when there is one, else a line
+    of text (rewritten in place on a terminal, every 25 steps otherwise)."""
+    if bar is not None:
+        bar.update(step - bar.n)
+        bar.set_postfix_str(f"loss {loss:.3f}, {tok_s:,.0f} tok/s", refresh=False)
+        return
     width = 24
     done = int(width * step / total)
     line = (
@@ -426,53 +440,116 @@ def main(argv=None) -> dict:
     autocast = lambda: torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
     )
+    # Metrics: expert usage as the MoE layers report it during the training forwards (see
+    # lm_demo/metrics.py), FLOPs per token for the MFU, metrics.jsonl and TensorBoard.
+    usage_counter = ExpertUsage(model)
+    model_flops = flops_per_token(model)
+    peak = device_peak_flops(device, args.peak_tflops)
+    if peak is None:
+        log(
+            f"MFU not reported: no peak FLOP/s known for {device} (give --peak-tflops)",
+            file=sys.stderr,
+        )
+    metrics = MetricsLogger(out, args.log_dir, enabled=rank == 0)
+    records: list[dict] = []
+    last_usage, window_start = [], start + 1
+    bar = None
+    if rank == 0 and tqdm is not None:
+        bar = tqdm(total=args.steps, initial=start, desc="training", unit="step", file=sys.stderr)
+    write = bar.write if bar is not None else (lambda text: log("\n" + text, file=sys.stderr))
     t0, tokens_seen = time.time(), 0
-    for step in range(start + 1, args.steps + 1):
-        opt.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for micro in range(args.grad_accum):
-            gen.manual_seed(batch_seed(args.seed, rank, (step - 1) * args.grad_accum + micro))
-            x, y = sample_batch(corpus.train, args.batch_size, args.seq_len, gen)
-            last = micro == args.grad_accum - 1
-            # DDP averages gradients over the processes once per optimizer step
-            with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                with autocast():
-                    res = train_model(x.to(device))
-                    loss = F.cross_entropy(
-                        res.outputs.float().flatten(0, 1), y.to(device).flatten()
-                    )
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"the training loss is {loss.item()} at step {step}: the run diverged; "
-                        "try a lower --lr"
-                    )
-                ((loss + res.reg_loss) / args.grad_accum).backward()
-            step_loss += loss.item() / args.grad_accum
-            tokens_seen += x.numel() * world
-        if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        sched.step()
-        history["train"].append((step, step_loss))
-        elapsed = time.time() - t0
-        if rank == 0:
-            progress(
-                step,
-                args.steps,
-                step_loss,
-                tokens_seen / elapsed,
-                elapsed / (step - start) * (args.steps - step),
-            )
-        if step % args.eval_every == 0 or step == args.steps:
-            val = evaluate(model, corpus.val, args, device, torch.Generator().manual_seed(1234))
-            history["validation"].append((step, val))
-            log(
-                f"\nstep {step}: validation loss {val:.3f} nats/byte, "
-                f"perplexity {math.exp(val):.2f}",
-                file=sys.stderr,
-            )
+    window_time, window_tokens = 0.0, 0
+    try:
+        for step in range(start + 1, args.steps + 1):
+            t_step = time.time()
+            opt.zero_grad(set_to_none=True)
+            step_loss, step_tokens = 0.0, 0
+            for micro in range(args.grad_accum):
+                gen.manual_seed(batch_seed(args.seed, rank, (step - 1) * args.grad_accum + micro))
+                x, y = sample_batch(corpus.train, args.batch_size, args.seq_len, gen)
+                last = micro == args.grad_accum - 1
+                # DDP averages gradients over the processes once per optimizer step
+                with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+                    with autocast():
+                        res = train_model(x.to(device))
+                        loss = F.cross_entropy(
+                            res.outputs.float().flatten(0, 1), y.to(device).flatten()
+                        )
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"the training loss is {loss.item()} at step {step}: the run "
+                            "diverged; try a lower --lr"
+                        )
+                    ((loss + res.reg_loss) / args.grad_accum).backward()
+                step_loss += loss.item() / args.grad_accum
+                step_tokens += x.numel() * world
+            if args.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the step's time, for tokens/s and MFU
+            step_time = max(time.time() - t_step, 1e-9)
+            tokens_seen += step_tokens
+            window_time += step_time
+            window_tokens += step_tokens
+            history["train"].append((step, step_loss))
+            elapsed = time.time() - t0
             if rank == 0:
-                save_run_checkpoint(out, step, model, opt, sched, history, args)
+                step_mfu = (
+                    None if peak is None else mfu(step_tokens / step_time, model_flops, peak, world)
+                )
+                metrics.scalars(
+                    step,
+                    {
+                        "loss/train": step_loss,
+                        "lr": lr,
+                        "throughput/tokens_per_s": step_tokens / step_time,
+                        "throughput/mfu": step_mfu,
+                    },
+                )
+                progress(
+                    step,
+                    args.steps,
+                    step_loss,
+                    tokens_seen / elapsed,
+                    elapsed / (step - start) * (args.steps - step),
+                    bar,
+                )
+            if step % args.eval_every == 0 or step == args.steps:
+                val = evaluate(model, corpus.val, args, device, torch.Generator().manual_seed(1234))
+                history["validation"].append((step, val))
+                usage = usage_counter.take()
+                tok_s = window_tokens / window_time
+                record = {
+                    "loss": step_loss,
+                    "validation_loss": val,
+                    "tokens_per_s": tok_s,
+                    "mfu": None if peak is None else mfu(tok_s, model_flops, peak, world),
+                    "flops_per_token": model_flops,
+                    "window": [window_start, step],
+                    "experts": expert_metrics(usage),
+                }
+                records.append({"step": step, **record})
+                metrics.record(step, record)
+                if usage:
+                    last_usage = (usage, window_start, step, window_tokens)
+                window_start, window_time, window_tokens = step + 1, 0.0, 0
+                dead = sum(m["dead"] for m in record["experts"].values())
+                write(
+                    f"step {step}: validation loss {val:.3f} nats/byte, "
+                    f"perplexity {math.exp(val):.2f}, {tok_s:,.0f} tok/s"
+                    + (f", MFU {record['mfu']:.1%}" if record["mfu"] is not None else "")
+                    + (f", {dead} dead experts" if usage else "")
+                )
+                if rank == 0:
+                    save_run_checkpoint(out, step, model, opt, sched, history, args)
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+        usage_counter.close()
     tok_s = tokens_seen / max(time.time() - t0, 1e-9)
     log(f"trained {args.steps - start} steps at {tok_s:,.0f} tokens/s")
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
@@ -482,12 +559,16 @@ def main(argv=None) -> dict:
 
         dist.barrier()
         dist.destroy_process_group()
+    result = {"history": history, "out": out, "tokens_per_s": tok_s, "metrics": records}
     if rank != 0:
-        return {"history": history, "out": out, "tokens_per_s": tok_s, "sample": ""}
+        return result | {"sample": ""}
 
     plot_losses(history, out / "loss.png")
-    usage = expert_usage(model, corpus.val, args, device, torch.Generator().manual_seed(4321))
-    plot_expert_usage(usage, out / "experts.png")
+    if last_usage:  # the expert usage of the last validation window (the end of training)
+        usage, first, last, n_tokens = last_usage
+        plot_expert_usage(
+            usage, out / "experts.png", window=f"steps {first}-{last}, {n_tokens:,} tokens"
+        )
     prompt = encode("def ").unsqueeze(0).to(device)
     sampler = torch.Generator(device=device).manual_seed(args.seed)
     tokens = model.generate(
@@ -497,7 +578,7 @@ def main(argv=None) -> dict:
     (out / "sample.txt").write_text(text)
     (out / "history.json").write_text(json.dumps(history))
     print("sample:\n" + text)
-    return {"history": history, "out": out, "tokens_per_s": tok_s, "sample": text}
+    return result | {"sample": text}
 
 
 if __name__ == "__main__":
