@@ -404,6 +404,12 @@ def main(argv=None) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
 
     model = build_model(args, corpus.vocab_size).to(device)
+    if world > 1 and hasattr(model, "reg_process_group"):
+        import torch.distributed as dist
+
+        # Expert usage averaged over the whole batch of all ranks before the entropy is taken,
+        # as the authors' training code does (moeut.entropy_reg's ``group``).
+        model.reg_process_group = dist.group.WORLD
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     sched = lr_scheduler(opt, args.warmup, args.steps)
     history: dict[str, list] = {"train": [], "validation": []}

@@ -101,8 +101,12 @@ class MoEUT(torch.nn.Module):
         attention: type[SwitchHeadCore] = SwitchHeadRope,
         group_size: int = 2,
         attention_fn=None,
+        reg_process_group=None,
     ):
         super().__init__()
+        # None: the per-sequence regulariser of the authors' released code. A process group:
+        # usage averaged over the whole batch on all its ranks (see ``entropy_reg``).
+        self.reg_process_group = reg_process_group
         if group_size < 1 or n_layers % group_size:
             raise ValueError(
                 f"n_layers ({n_layers}) must be a multiple of group_size ({group_size})"
@@ -202,11 +206,15 @@ class MoEUT(torch.nn.Module):
         reg_loss = torch.zeros((), device=x.device, dtype=torch.float32)
         for ff, att, layer in zip(ff_logits, att_logits, self.layers):
             if ff:  # [B, T * repeats, E], averaged over tokens and repeats
-                reg_loss = reg_loss + self.entropy_reg * entropy_reg(torch.cat(ff, dim=-2), -2)
+                reg_loss = reg_loss + self.entropy_reg * entropy_reg(
+                    torch.cat(ff, dim=-2), -2, self.reg_process_group
+                )
             if att and layer.attention.n_experts > 1:
                 for key in ("o", "v"):  # [B, T * repeats, H, E]
                     stacked = torch.cat([a[key] for a in att], dim=-3)
-                    reg_loss = reg_loss + self.att_entropy_reg * entropy_reg(stacked, -3)
+                    reg_loss = reg_loss + self.att_entropy_reg * entropy_reg(
+                        stacked, -3, self.reg_process_group
+                    )
         for layer in self.layers:  # keep no logits after the forward
             layer.ffn.last_selection_logits = None
             layer.attention.last_selection_logits = None
@@ -236,6 +244,7 @@ class MoEUTLM(torch.nn.Module):
         att_entropy_reg: float = 0.001,
         attention: type[SwitchHeadCore] = SwitchHeadRope,
         attention_fn=None,
+        reg_process_group=None,
     ):
         super().__init__()
         self.transformer = MoEUT(
@@ -256,12 +265,22 @@ class MoEUTLM(torch.nn.Module):
             attention,
             group_size,
             attention_fn,
+            reg_process_group,
         )
         self.n_layers = n_layers
         self.embedding = torch.nn.Embedding(n_tokens, d_model)
         self.lm_head = torch.nn.Linear(d_model, n_tokens)
         self.out_norm = torch.nn.LayerNorm(d_model)
         self.reset_parameters()
+
+    @property
+    def reg_process_group(self):
+        """The process group the regularisers average expert usage over (``MoEUT``'s)."""
+        return self.transformer.reg_process_group
+
+    @reg_process_group.setter
+    def reg_process_group(self, group) -> None:
+        self.transformer.reg_process_group = group
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -3,22 +3,30 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 
-def entropy_reg(logits: torch.Tensor, dim: int) -> torch.Tensor:
+def entropy_reg(logits: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     """Negative entropy of the mean selection distribution.
 
     Args:
         logits: raw selection logits ``[..., E]``; softmax is taken over the last dim.
         dim: the dim averaged over (tokens, and repeated applications of a shared layer).
+        group: ``None``, or a ``torch.distributed`` process group: then the mean is taken over
+            ``dim`` *and all dims before it* (the whole batch) on every rank of ``group`` (the
+            authors' training code's "global" mode, ``log_mean(..., sync_distributed=True)``).
+            Differentiable; every rank gets the same value, and with gradients averaged over
+            the group (DDP/FSDP) training matches one process on the concatenated batch.
 
     Returns:
         ``-mean(H(mean_over_dim(softmax(logits))))``, a scalar: minimising it spreads the
         average usage over the experts; exactly 0 when ``logits`` is empty.
     """
+    if group is not None:
+        return _global_entropy_reg(logits, dim, group)
     if logits.numel() == 0:
         # No tokens (T = 0 or B = 0): nothing to regularise. A zero that keeps the graph (the
         # authors' code raises "math domain error" for T = 0 and returns NaN for B = 0).
@@ -26,4 +34,21 @@ def entropy_reg(logits: torch.Tensor, dim: int) -> torch.Tensor:
     log_p = F.log_softmax(logits.float(), dim=-1)
     log_mean = log_p.logsumexp(dim) - math.log(log_p.shape[dim])
     entropy = -(log_mean * log_mean.exp()).sum(-1)
+    return -entropy.mean()
+
+
+def _global_entropy_reg(logits: torch.Tensor, dim: int, group) -> torch.Tensor:
+    import torch.distributed as dist
+    import torch.distributed.nn.functional as dist_fn
+
+    dim = dim % logits.dim()
+    flat = logits.float().flatten(0, dim)  # [N, ..., E]: the batch and the averaged dim
+    with warnings.catch_warnings():  # deprecated for the functional collectives, which
+        warnings.simplefilter("ignore", FutureWarning)  # are not differentiable in general
+        total = dist_fn.all_reduce(F.softmax(flat, dim=-1).sum(0), group=group)
+    count = torch.tensor(float(flat.shape[0]), device=flat.device)
+    dist.all_reduce(count, group=group)
+    # No tokens on any rank: the mean is 0 and so is the entropy below (no read-back: no sync).
+    mean = total / count.clamp_min(1.0)
+    entropy = -(mean * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()).sum(-1)
     return -entropy.mean()
