@@ -8,6 +8,7 @@ import torch
 
 from .moe_ops import ACTIVATION_NAMES, MoEMLPFunction, block_m_for, moe_mlp_forward, moe_routing
 from .ops import Backend, resolve_backend
+from .selection import _check_index_tensor
 from .validation import check_backend_dtype
 
 Activation = Literal["identity", "relu", "gelu", "silu"]
@@ -26,8 +27,7 @@ def _check(x, index, gate, w_up, w_down, activation, index_bound) -> None:
             f"index must have shape [*x.shape[:-1], k] = [{', '.join(map(str, x.shape[:-1]))}, k],"
             f" got {list(index.shape)}"
         )
-    if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
-        raise TypeError(f"index must be an integer tensor, got {index.dtype}")
+    _check_index_tensor(index)
     if gate.shape != index.shape:
         raise ValueError(
             f"gate must have index's shape {list(index.shape)}, got {list(gate.shape)}"

@@ -333,6 +333,25 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
     return dx, dgate, dw_up, dw_down
 
 
+# ----- dispatch to a backend (shared by the custom ops and the eager Function) -----
+
+
+def _forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic, backend):
+    if backend == "triton":
+        return _triton_forward(x, gate, w_up, w_down, r, top_k, activation, deterministic)
+    return _reference_forward(x, gate, w_up, w_down, r, top_k, activation)
+
+
+def _gradients(grad_out, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation,
+               deterministic, backend):  # fmt: skip
+    dy = grad_out.to(x.dtype).contiguous()
+    if backend == "triton":
+        return _triton_backward(
+            dy, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic
+        )
+    return _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation)
+
+
 # ----- the custom ops -----
 
 
@@ -357,9 +376,7 @@ def moe_mlp_forward(
     """``x [T, d]``, ``gate [T * k]`` -> ``(out [T, d_out], h [T * k, H] sorted, u)`` with ``u``
     the pre-activation where the activation's derivative needs it (else ``[0, H]``)."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
-    if backend == "triton":
-        return _triton_forward(x, gate, w_up, w_down, r, top_k, activation, deterministic)
-    return _reference_forward(x, gate, w_up, w_down, r, top_k, activation)
+    return _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend)
 
 
 @moe_mlp_forward.register_fake
@@ -394,12 +411,9 @@ def moe_mlp_backward(
     """Gradients ``(dx [T, d], dgate [T * k], dW_up, dW_down)``; weight gradients in the
     weights' own dtype (the master dtype under autocast: no cast follows)."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
-    dy = grad_out.to(x.dtype).contiguous()
-    if backend == "triton":
-        return _triton_backward(
-            dy, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic
-        )
-    return _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation)
+    return _gradients(
+        grad_out, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic, backend
+    )
 
 
 @moe_mlp_backward.register_fake
@@ -445,10 +459,7 @@ class MoEMLPFunction(torch.autograd.Function):
                 deterministic, backend):  # fmt: skip
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
-        if backend == "triton":
-            out, h, u = _triton_forward(x, gate, w_up, w_down, r, top_k, activation, deterministic)
-        else:
-            out, h, u = _reference_forward(x, gate, w_up, w_down, r, top_k, activation)
+        out, h, u = _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend)
         ctx.save_for_backward(x, gate, w_up, w_down, h, u, *routing)
         ctx.settings = (top_k, block_m, activation, deterministic, backend)
         return out
@@ -458,12 +469,8 @@ class MoEMLPFunction(torch.autograd.Function):
         x, gate, w_up, w_down, h, u, *routing = ctx.saved_tensors
         top_k, block_m, activation, deterministic, backend = ctx.settings
         r = Routing(*routing, block_m)
-        dy = grad_out.to(x.dtype).contiguous()
-        if backend == "triton":
-            grads = _triton_backward(
-                dy, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic
-            )
-        else:
-            grads = _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation)
+        grads = _gradients(
+            grad_out, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic, backend
+        )
         need = ctx.needs_input_grad
         return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 7)

@@ -28,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_kernels import _input_precision as input_precision
+
 # Activation codes shared with the Python side.
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3}
-# Activations whose derivative needs the pre-activation (ReLU's is read off its output).
-NEEDS_PREACTIVATION = frozenset({"gelu", "silu"})
 
 # Output modes of _moe_gemm_kernel.
 OUT_SORTED, OUT_SLOT, OUT_TOKEN_ATOMIC = 0, 1, 2
@@ -448,12 +448,6 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages:
         return
     grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     compiled[grid3](*args)
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
 
 
 # Slots per program of the routing kernels; the per-block counts are [cdiv(N, B), E] int32.
