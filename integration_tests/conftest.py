@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
+
+DEMO = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
 
 
 @pytest.fixture
 def generator() -> torch.Generator:
     """A seeded CPU generator, so that each test draws its own fresh but reproducible inputs."""
     return torch.Generator().manual_seed(20261122)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """``examples/train_lm.py`` loaded as a module, once per test module (loading it puts
+    ``examples/`` on ``sys.path``, so ``lm_demo`` imports work afterwards)."""
+    spec = importlib.util.spec_from_file_location("train_lm_demo", DEMO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny CPU runs are faster on one thread, much faster on a busy machine (no spinning
+    OpenMP workers); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -11,14 +10,6 @@ import pytest
 import torch
 
 DEMO = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
-
-
-@pytest.fixture(scope="module")
-def demo():
-    spec = importlib.util.spec_from_file_location("train_lm_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_short_run_learns_and_checkpoint_reloads(demo, tmp_path):

@@ -5,7 +5,6 @@ and the learning-rate schedule."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import math
@@ -14,17 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-DEMO = EXAMPLES / "train_lm.py"
 DATA = argparse.__file__  # one standard-library source file (~100 KB)
-
-
-@pytest.fixture(scope="module")
-def demo():
-    spec = importlib.util.spec_from_file_location("train_lm_demo_checkpoints", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # puts examples/ on sys.path: lm_demo imports below
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +28,6 @@ def training(demo):
     from lm_demo import training
 
     return training
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny CPU runs are faster on one thread, much faster on a busy machine (no spinning
-    OpenMP workers); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_flags(out: Path, *extra: str) -> list[str]:

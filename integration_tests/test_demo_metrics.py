@@ -12,17 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
 DATA = argparse.__file__  # one standard-library source file (~100 KB)
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-
-
-@pytest.fixture(scope="module")
-def demo():
-    spec = importlib.util.spec_from_file_location("train_lm_demo_metrics", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # puts examples/ on sys.path: lm_demo imports below
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +28,6 @@ def plots(demo):
     from lm_demo import plots
 
     return plots
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(demo, attention: str):
