@@ -6,6 +6,10 @@ Each role (up, down, grad_hidden, grad_input, grad_w_up, grad_w_down) is timed a
 ``triton.testing.do_bench`` (median) for every candidate setting, on inputs made by one real
 forward + backward; each candidate's output is compared with the default's. Prints the best
 settings per shape and writes ``sweep_moe.json`` to ``$OUT`` (else ``benchmarks/results``).
+
+Environment: ``SWEEP_ROLES=up,down`` (GEMM roles to sweep), ``SWEEP_WGRAD=1`` (also the weight
+gradients), ``SWEEP_BLOCK_M=64,128`` (tile heights), ``SWEEP_QUICK=1`` (only the settings that
+won before and their neighbours), ``SWEEP_TOP=3`` (rows printed per role); arguments: shape names.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ GEMM_CANDIDATES = [
     for bn, bk, w, s, p in itertools.product((128, 256), (64, 128), (4, 8), (3, 4), (False, True))
     if not (bn == 256 and w == 4)
 ]
+# Row-tile kernel (small inner size): (BLOCK_N, num_warps, num_stages)
+ROWS_CANDIDATES = list(itertools.product((128, 256), (4, 8), (2, 3, 4)))
+# (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages)
 WGRAD_CANDIDATES = [
     (bm, bk, bn, w, s)
     for bm, (bk, bn), w, s in itertools.product(
@@ -32,12 +39,35 @@ WGRAD_CANDIDATES = [
     )
     if not (bm == 128 and s == 4)
 ]
+# SWEEP_QUICK=1: the settings that came out on top before, and their neighbours.
+if os.environ.get("SWEEP_QUICK") == "1":
+    GEMM_CANDIDATES = [
+        (128, 64, 8, 3, False),
+        (128, 64, 4, 3, False),
+        (128, 64, 8, 4, False),
+        (128, 128, 8, 3, False),
+        (128, 64, 8, 3, True),
+        (128, 128, 8, 3, True),
+        (64, 64, 4, 3, False),
+        (64, 128, 4, 3, False),
+    ]
+    WGRAD_CANDIDATES = [
+        (64, 128, 128, 4, 4),
+        (64, 128, 128, 4, 3),
+        (64, 128, 128, 8, 3),
+        (32, 128, 128, 4, 4),
+        (128, 128, 128, 4, 3),
+        (128, 128, 128, 8, 3),
+        (64, 64, 128, 4, 4),
+    ]
 ROLE_KIND = {
     "up": "gather",
     "grad_hidden": "gather",
     "down": "sorted",
     "down_sorted_store": "sorted",
     "grad_input": "sorted",
+    "down_rows": "sorted",
+    "grad_input_rows": "sorted",
 }
 
 SHAPES = [  # name, tokens, d_model, experts, expert size, k
@@ -70,7 +100,8 @@ def main() -> int:
         w_down = torch.randn(n_exp, hid, d, device="cuda", dtype=dt) / 11
         n = tokens * k
         shape_rows = {}
-        for block_m in (128,):
+        block_ms = [int(b) for b in os.environ.get("SWEEP_BLOCK_M", "128").split(",")]
+        for block_m in block_ms:
             r = moe_ops.Routing(
                 *moe_ops.moe_routing(index.reshape(-1), n_exp, block_m, "triton"), block_m
             )
@@ -151,7 +182,15 @@ def main() -> int:
                     config=cfg,
                 ),
             }
+            cases["down_rows"] = lambda cfg, out: kt.moe_gemm_rows(
+                h, w_down, out, r, k, a_gather=False, out_mode=kt.OUT_SLOT, gate=gate, config=cfg
+            )
+            cases["grad_input_rows"] = lambda cfg, out: kt.moe_gemm_rows(
+                h, w_up.transpose(1, 2), out, r, k, a_gather=False, out_mode=kt.OUT_SLOT, config=cfg
+            )
             out_shapes = {
+                "down_rows": (n, d),
+                "grad_input_rows": (n, d),
                 "up": (n, hid),
                 "grad_hidden": (n, hid),
                 "down": (n, d),
@@ -163,11 +202,13 @@ def main() -> int:
                 if only_roles and role not in only_roles.split(","):
                     continue
                 ref = torch.empty(out_shapes[role], device="cuda", dtype=dt)
-                fn(
-                    moe_ops._config(role, *((d, hid) if ROLE_KIND[role] == "gather" else (hid, d))),
-                    ref,
-                )
-                for cfg in GEMM_CANDIDATES:
+                # The reference output: the general kernel with the committed default setting.
+                base = {"down_sorted_store": "down", "down_rows": "down"}.get(role, role)
+                base = base.removesuffix("_rows")
+                sizes = (d, hid) if ROLE_KIND[role] == "gather" else (hid, d)
+                ref_fn = fn if role == "down_sorted_store" else cases[base]
+                ref_fn(moe_ops._config(base, *sizes), ref)
+                for cfg in ROWS_CANDIDATES if role.endswith("_rows") else GEMM_CANDIDATES:
                     out = torch.full_like(ref, float("nan"))
                     try:
                         fn(cfg, out)
@@ -184,8 +225,8 @@ def main() -> int:
                     shape_rows.setdefault(role, []).append(
                         {"block_m": block_m, "config": cfg, "ms": ms, "err": err}
                     )
-            if os.environ.get("SWEEP_WGRAD") != "1":
-                continue
+            if os.environ.get("SWEEP_WGRAD") != "1" or block_m != block_ms[0]:
+                continue  # the weight gradients do not use the tile table
             wg_cases = {
                 "grad_w_up": (
                     lambda cfg, dw: kt.moe_weight_grad(
@@ -214,17 +255,19 @@ def main() -> int:
                         )
                     except Exception as exc:
                         shape_rows.setdefault(role, []).append(
-                            {"config": cfg, "error": str(exc)[:80]}
+                            {"block_m": block_m, "config": cfg, "error": str(exc)[:80]}
                         )
                         continue
-                    shape_rows.setdefault(role, []).append({"config": cfg, "ms": ms, "err": err})
+                    shape_rows.setdefault(role, []).append(
+                        {"block_m": block_m, "config": cfg, "ms": ms, "err": err}
+                    )
         results[name] = shape_rows
         flop = 2 * n * d * hid
         print(f"== {name}: one GEMM = {flop / 1e9:.1f} GFLOP")
         for role, rows in shape_rows.items():
             good = sorted((r for r in rows if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
             bad = [r for r in rows if "ms" in r and r["err"] >= 1e-2]
-            for r in good[:3]:
+            for r in good[: int(os.environ.get("SWEEP_TOP", "3"))]:
                 tflops = flop / r["ms"] / 1e9
                 print(
                     f"  {role:12s} bm={r.get('block_m', '-')} {r['config']} "

@@ -747,4 +747,6 @@ def test_bf16_triton_refused_before_ampere(monkeypatch):
     sel = cvmm_prepare_sel2(torch.tensor([[0], [1], [0], [1]], device="cuda"))
     with pytest.raises(TypeError, match="Ampere"):
         cvmm(x, sel, w, backend="triton")
-    cvmm(x.half(), sel, w.half(), backend="triton")  # float16 runs on any GPU
+    # float16 passes the check on any GPU. Nothing is launched while the capability is faked:
+    # Triton would compile for it and keep that binary for the real device's later calls.
+    check_backend_dtype(torch.float16, x.device, "triton")

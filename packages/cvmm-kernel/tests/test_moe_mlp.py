@@ -96,19 +96,25 @@ def test_float64_reference_is_exact(backend, device):
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
-@pytest.mark.parametrize("case", ["one-expert", "idle-experts", "odd-rows", "atomic", "persistent"])
+@pytest.mark.parametrize(
+    "case", ["one-expert", "idle-experts", "odd-rows", "atomic", "persistent", "wide-hidden"]
+)
 def test_edge_layouts(backend, device, case, monkeypatch):
     """One expert with every row, experts with no rows, row counts no tile size divides; the
-    atomic k-sum; the persistent kernel (one program per SM walking the tiles)."""
+    atomic k-sum; the persistent kernel (one program per SM walking the tiles); an expert size
+    above ROWS_MAX_K (the down projection and the input gradient on the general kernel)."""
     dtype = torch.float32
     if case == "persistent":
         from cvmm_kernel import moe_ops
 
         small = (16, 16, 1, 1, True) if device == "cpu" else (64, 64, 4, 3, True)
         config = moe_ops._config
-        monkeypatch.setattr(
-            moe_ops, "_config", lambda role, k, n: config(role, k, n) if "grad_w" in role else small
-        )
+
+        def persistent_config(role, k, n):
+            # the row-tile and weight-gradient kernels have no persistent form
+            return config(role, k, n) if role.endswith("_rows") or "grad_w" in role else small
+
+        monkeypatch.setattr(moe_ops, "_config", persistent_config)
     if case == "one-expert":
         inputs = make_inputs(
             (37,), 1, 6, 16, 16, 16, dtype=dtype, device=device, seed=3, experts_used=1
@@ -117,6 +123,8 @@ def test_edge_layouts(backend, device, case, monkeypatch):
         inputs = make_inputs(
             (11,), 2, 40, 16, 32, 8, dtype=dtype, device=device, seed=4, experts_used=3
         )
+    elif case == "wide-hidden":
+        inputs = make_inputs((9,), 2, 3, 8, 136, 8, dtype=dtype, device=device, seed=6)
     else:
         inputs = make_inputs((67,), 3, 5, 40, 24, 18, dtype=dtype, device=device, seed=5)
     check(backend, device, inputs, "relu", dtype, deterministic=case != "atomic")

@@ -45,6 +45,9 @@ GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
     "grad_input": (128, 64, 4, 3),
     "grad_w_up": (64, 128, 128, 4, 4),
     "grad_w_down": (128, 128, 128, 4, 3),
+    # Row-tile kernel (small inner size): (BLOCK_N, num_warps, num_stages).
+    "down_rows": (128, 8, 4),
+    "grad_input_rows": (128, 4, 4),
 }
 
 
@@ -73,9 +76,14 @@ def _config(role: str, k: int, n: int) -> tuple[int, ...]:
     import triton
 
     if _interpreting():
+        if role.endswith("_rows"):
+            return (16, 1, 1)
         return (16, 16, 16, 1, 1) if role.startswith("grad_w") else (16, 16, 1, 1)
     fit = lambda block, size: min(block, max(16, triton.next_power_of_2(size)))
     cfg = GEMM_CONFIGS[role]
+    if role.endswith("_rows"):
+        bn, *rest = cfg
+        return (fit(bn, n), *rest)
     if role.startswith("grad_w"):
         bm, bk, bn, *rest = cfg
         return (bm, fit(bk, k), fit(bn, n), *rest)
@@ -242,16 +250,31 @@ def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, determ
         aux=u if u.numel() else None,
         config=_config("up", d_in, hid),
     )
-    down = dict(a_gather=False, epilogue=kt.EPI_GATE, gate=gate, config=_config("down", hid, d_out))
     if deterministic:
         y = x.new_empty(n, d_out)
-        kt.moe_gemm(h, wd, y, r, top_k, out_mode=kt.OUT_SLOT, **down)
+        _sorted_times_expert(h, wd, y, r, top_k, "down", kt.OUT_SLOT, gate)
         out = y.view(tokens, top_k, d_out).sum(1)
     else:
         acc = torch.zeros(tokens, d_out, dtype=torch.float32, device=x.device)
-        kt.moe_gemm(h, wd, acc, r, top_k, out_mode=kt.OUT_TOKEN_ATOMIC, **down)
+        _sorted_times_expert(h, wd, acc, r, top_k, "down", kt.OUT_TOKEN_ATOMIC, gate)
         out = acc.to(x.dtype)
     return out, h, u
+
+
+def _sorted_times_expert(a, w, out, r: Routing, top_k, role, out_mode, gate=None):
+    """``out[row(p)] (+)= g_p * (a[p] @ w[expert(p)])`` for sorted rows ``a [N, K]`` (the down
+    projection and the input gradient); small ``K`` goes to the row-tile kernel."""
+    from . import moe_triton as kt
+
+    k, n = a.shape[1], w.shape[2]
+    if k <= kt.ROWS_MAX_K:
+        config = _config(f"{role}_rows", k, n)
+        kt.moe_gemm_rows(a, w, out, r, top_k, a_gather=False, out_mode=out_mode, gate=gate,
+                         config=config)  # fmt: skip
+        return
+    kt.moe_gemm(a, w, out, r, top_k, a_gather=False, out_mode=out_mode,
+                epilogue=kt.EPI_GATE if gate is not None else kt.EPI_NONE, gate=gate,
+                config=_config(role, k, n))  # fmt: skip
 
 
 def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation, deterministic):
@@ -280,31 +303,14 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         config=cfg,
     )
     dgate = (dgate_parts[0] if dgate_parts.shape[0] == 1 else dgate_parts.sum(0)).to(gate.dtype)
-    cfg = _config("grad_input", hid, d_in)
     if deterministic:
         per_slot = x.new_empty(n, d_in)
-        kt.moe_gemm(
-            du,
-            wu.transpose(1, 2),
-            per_slot,
-            r,
-            top_k,
-            a_gather=False,
-            out_mode=kt.OUT_SLOT,
-            config=cfg,
-        )
+        _sorted_times_expert(du, wu.transpose(1, 2), per_slot, r, top_k, "grad_input", kt.OUT_SLOT)
         dx = per_slot.view(tokens, top_k, d_in).sum(1)
     else:
         acc = torch.zeros(tokens, d_in, dtype=torch.float32, device=x.device)
-        kt.moe_gemm(
-            du,
-            wu.transpose(1, 2),
-            acc,
-            r,
-            top_k,
-            a_gather=False,
-            out_mode=kt.OUT_TOKEN_ATOMIC,
-            config=cfg,
+        _sorted_times_expert(
+            du, wu.transpose(1, 2), acc, r, top_k, "grad_input", kt.OUT_TOKEN_ATOMIC
         )
         dx = acc.to(x.dtype)
     dw_down = torch.empty_like(w_down)

@@ -329,6 +329,87 @@ def _moe_gemm_kernel(
 
 
 @triton.jit
+def _moe_gemm_rows_kernel(
+    a_ptr,
+    w_ptr,
+    out_ptr,
+    sorted_to_slot_ptr,
+    tile_expert_ptr,
+    tile_start_ptr,
+    offsets_ptr,
+    n_valid_ptr,
+    gate_ptr,
+    K,
+    N,
+    TOP_K,
+    stride_am,
+    stride_ak,
+    stride_we,
+    stride_wk,
+    stride_wn,
+    stride_om,
+    stride_on,
+    A_GATHER: tl.constexpr,
+    OUT_MODE: tl.constexpr,
+    GATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    N_STAGES: tl.constexpr,
+):
+    """For inner sizes that fit one block (``K <= BLOCK_K``): one program per tile loads the
+    tile's rows once and walks every column block of its expert's matrix, so the next block's
+    weights load while this block's products are stored (the products dominate: K is small)."""
+    tile = tl.program_id(0)
+    if tile >= tl.load(n_valid_ptr):
+        return
+    expert = tl.load(tile_expert_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.load(offsets_ptr + expert + 1)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < end
+    slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
+    if A_GATHER:  # noqa: SIM108 (constexpr branch inside a Triton kernel)
+        a_row = (slot // TOP_K).to(tl.int64)
+    else:
+        a_row = offs_m.to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    a = tl.load(
+        a_ptr + a_row[:, None] * stride_am + offs_k[None, :] * stride_ak,
+        mask=mask_m[:, None] & mask_k[None, :],
+        other=0.0,
+    )
+    if GATE:
+        g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+    if OUT_MODE == 0:
+        rows = offs_m.to(tl.int64)
+    elif OUT_MODE == 1:
+        rows = slot.to(tl.int64)
+    else:
+        rows = (slot // TOP_K).to(tl.int64)
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    for n0 in tl.range(0, N, BLOCK_N, num_stages=N_STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        b = tl.load(
+            w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a, b, input_precision=INPUT_PRECISION)
+        if GATE:
+            acc = acc * g[:, None]
+        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+        mask_mn = mask_m[:, None] & mask_n[None, :]
+        if OUT_MODE == 2:
+            tl.atomic_add(out_ptrs, acc, mask=mask_mn, sem="relaxed")
+        else:
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
+
+
+@triton.jit
 def _moe_weight_grad_kernel(
     a_ptr,
     b_ptr,
@@ -600,6 +681,66 @@ def moe_gemm(
         input_precision(a.dtype),
         bool(persistent),
         programs,
+        num_warps=warps,
+        num_stages=stages,
+    )
+
+
+# Inner sizes up to this go to _moe_gemm_rows_kernel (when the epilogue is none or the gate).
+ROWS_MAX_K = 128
+
+
+def moe_gemm_rows(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    routing,
+    top_k: int,
+    *,
+    a_gather: bool,
+    out_mode: int,
+    gate: torch.Tensor | None = None,
+    config: tuple = (128, 8, 3),
+) -> None:
+    """Launch ``_moe_gemm_rows_kernel``: ``out[row(p)] (+)= g * (a[row_a(p)] @ w[expert(p)])``
+    with ``K = a.shape[1] <= ROWS_MAX_K``; ``config``: ``(BLOCK_N, num_warps, num_stages)``."""
+    n_tiles = routing.tile_expert.numel()
+    k, n_cols = a.shape[1], w.shape[2]
+    if n_tiles == 0 or k == 0 or n_cols == 0:
+        return
+    if k > ROWS_MAX_K:
+        raise ValueError(f"moe_gemm_rows takes inner sizes up to {ROWS_MAX_K}, got {k}")
+    block_n, warps, stages = config
+    launch(
+        _moe_gemm_rows_kernel,
+        (n_tiles,),
+        a,
+        w,
+        out,
+        routing.sorted_to_slot,
+        routing.tile_expert,
+        routing.tile_start,
+        routing.offsets,
+        routing.n_valid,
+        gate if gate is not None else routing.offsets,
+        k,
+        n_cols,
+        top_k,
+        a.stride(0),
+        a.stride(1),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        out.stride(0),
+        out.stride(1),
+        a_gather,
+        out_mode,
+        gate is not None,
+        routing.block_m,
+        block_n,
+        max(16, triton.next_power_of_2(k)),
+        input_precision(a.dtype),
+        stages,
         num_warps=warps,
         num_stages=stages,
     )

@@ -1,0 +1,42 @@
+"""One moe_mlp forward + backward at a benchmark shape, for Nsight Compute.
+
+    ncu --profile-from-start off --section SpeedOfLight --section Occupancy \\
+        python3 packages/cvmm-kernel/benchmarks/ncu_moe_step.py [shape]
+
+Three warm-up steps (compilation, weight casts), then one step between cudaProfilerStart and
+cudaProfilerStop, so that only its kernels are profiled. ``shape``: a name from bench_cvmm.py
+(default moeut-244m-ffn).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from bench_cvmm import SHAPES, make_inputs, ours_moe_mlp
+
+
+def main() -> int:
+    name = sys.argv[1] if len(sys.argv) > 1 else "moeut-244m-ffn"
+    s = next(s for s in SHAPES if s.name == name)
+    t = make_inputs(s, "cuda")
+    params = [t[k].requires_grad_() for k in ("up", "down")]
+    grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        ours_moe_mlp(s, t, True).backward(grad)
+        for p in params:
+            p.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
