@@ -3,10 +3,11 @@
     PYTHONPATH=packages/softmax-n/src python3 packages/softmax-n/benchmarks/bench_softmax_n.py
 
 B=8, H=16, D in {64, 128}, L in {1024, 2048, 8192}, causal and not, bf16 and fp16; ours with
-n=1 and n=0.5 (and the fused Triton kernel with n=1) against, in the same process, SDPA (n=0)
-with PyTorch's choice of kernel (cuDNN on an H100), SDPA restricted to the flash kernel, and the
-upstream ``flash-attention-softmax-n`` package (n=1) when it is importable. Writes JSON and
-markdown to ``$OUT`` if set, else to ``benchmarks/results/``.
+n=1, n=0.5 and attention sinks (one learnable logit per head), and the fused Triton kernel with
+n=1, against, in the same process, SDPA (n=0) with PyTorch's choice of kernel (cuDNN on an
+H100), SDPA restricted to the flash kernel, and the upstream ``flash-attention-softmax-n``
+package (n=1) when it is importable. Writes JSON and markdown to ``$OUT`` if set, else to
+``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -119,6 +120,12 @@ def main() -> int:
         row["triton_n1_ms"], row["triton_n1_mib"] = measure(
             ours(1.0, flash_attention_n_triton), q, k, v
         )
+        # attention sinks: one learnable logit per head (its gradient included)
+        sink = torch.zeros(16, device="cuda", requires_grad=True)
+        ms, mib = measure(
+            lambda q, k, v: flash_attention_n(q, k, v, is_causal=causal, sink=sink), q, k, v
+        )
+        row["sink_ms"], row["sink_mib"], row["sink_ratio"] = ms, mib, ms / sdpa_ms
         rows.append(row)
         del q, k, v
         torch.cuda.empty_cache()
@@ -135,8 +142,8 @@ def main() -> int:
         f"{meta['date']} ({meta['setup']})",
         "",
         "| dtype | D | L | causal | SDPA ms | SDPA flash-only ms | n=1 ms (x SDPA) | n=0.5 ms "
-        "| Triton n=1 ms | upstream n=1 ms | peak MiB SDPA / n=1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sinks ms (x SDPA) | Triton n=1 ms | upstream n=1 ms | peak MiB SDPA / n=1 / sinks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         up = r["upstream_n1_ms"]
@@ -144,8 +151,9 @@ def main() -> int:
         lines.append(
             f"| {r['dtype']} | {r['D']} | {r['L']} | {r['causal']} | {r['sdpa_ms']:.3f} | "
             f"{r['sdpa_flash_ms']:.3f} | {r['n1.0_ms']:.3f} ({r['n1.0_ratio']:.2f}) | "
-            f"{r['n0.5_ms']:.3f} | {r['triton_n1_ms']:.3f} | {up} | "
-            f"{r['sdpa_mib']:.0f} / {r['n1.0_mib']:.0f} |"
+            f"{r['n0.5_ms']:.3f} | {r['sink_ms']:.3f} ({r['sink_ratio']:.2f}) | "
+            f"{r['triton_n1_ms']:.3f} | {up} | "
+            f"{r['sdpa_mib']:.0f} / {r['n1.0_mib']:.0f} / {r['sink_mib']:.0f} |"
         )
     table = "\n".join(lines)
     print(table)

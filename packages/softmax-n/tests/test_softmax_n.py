@@ -244,7 +244,9 @@ def test_empty_lengths_do_not_kill_the_process():
             k, v = (torch.randn(b, h, s, 8, requires_grad=True) for _ in range(2))
             for mask in (None, torch.ones(l, s, dtype=torch.bool)):
                 out = flash_attention_n(q, k, v, 1.0, attn_mask=mask)
-                assert torch.equal(out, F.scaled_dot_product_attention(q, k, v)), (b, h, l, s)
+                # SDPA's convention (a row that sees no key is 0), written out: SDPA itself is
+                # what crashes on some torch versions (2.11's CPU kernel: SIGFPE)
+                assert torch.equal(out, torch.zeros(b, h, l, 8)), (b, h, l, s)
                 out.sum().backward()
         print("ok")
         """

@@ -13,6 +13,11 @@ term ``rowsum(dO * O)`` is then the softmax_n one). No extra tensor of the outpu
 in either direction. The gradient in ``n`` is ``-rowsum(grad * out_n) * exp(-lse_n)`` (exact at
 ``n = 0`` too, where a gradient through ``log n`` would be ``0 * inf``).
 
+Attention sinks (``sink``, one logit per head) are the same gate with ``log n`` replaced by
+``sink[h]``: ``out = out0 * sigmoid(lse - sink)``, ``lse_n = lse - logsigmoid(lse - sink)``
+(``exp(sink)`` is never formed); with ``w`` the gate, ``d sink[h] = -sum_{b, i} w (1 - w)
+<dout, out0> = -sum_{b, i} rowsum(dout * out) * sigmoid(sink - lse)``.
+
 Kernels, in order of preference: cuDNN attention on CUDA (compute capability >= 9.0, fp16/bf16,
 head dim a multiple of 8 up to 128, no mask or bias, causal only for ``L == S``, no dropout;
 PyTorch's own SDPA prefers it there too), PyTorch's flash attention on CUDA (compute capability
@@ -31,6 +36,7 @@ crashes the process with SIGFPE on ``L = 0`` or ``S = 0``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -38,6 +44,7 @@ from .functional import (
     _check_attention,
     _check_n,
     _check_n_rows,
+    _check_sink,
     _expand_kv,
     _reference,
     attention_bias,
@@ -115,9 +122,11 @@ def _kernel_backward(name, state, grad, q, k, v, out, lse, bias, is_causal, scal
 
 class _FlashAttentionN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, n, bias, is_causal, scale, name, n_float):
+    def forward(ctx, q, k, v, n, sink, bias, is_causal, scale, name, n_float):
         """``n``: the tensor ``n`` in the working dtype (its gradient is returned); ``n_float``:
-        the same as a Python float when it is one (fewer small kernels, none for ``n = 0``)."""
+        the same as a Python float when it is one (fewer small kernels, none for ``n = 0``);
+        ``sink``: ``None`` or the sinks as ``[1, H, 1, 1]`` in the working dtype (then ``n`` only
+        carries that dtype and ``n_float`` is None)."""
         out, lse, state = _kernel_forward(name, q, k, v, bias, is_causal, scale)
         if n_float == 0.0:
             lse_n, lse_n4 = lse, None  # softmax: out_n = out0, lse_n = lse
@@ -125,7 +134,9 @@ class _FlashAttentionN(torch.autograd.Function):
             lse4 = (lse if lse.dim() == 4 else lse.unsqueeze(-1)).to(n.dtype)  # [B, H, L, 1]
             # gate = sigmoid(lse - log n), the difference formed once (no log-sum-exp at the
             # logits' magnitude); lse_n = lse - log(gate)
-            if n_float is not None:
+            if sink is not None:
+                diff = lse4 - sink  # log n = sink
+            elif n_float is not None:
                 diff = lse4 - math.log(n_float)
             else:
                 log_n = torch.log(n)
@@ -136,7 +147,9 @@ class _FlashAttentionN(torch.autograd.Function):
         if name == "cpu":  # without a mask, PyTorch's CPU kernel gives 0 for a query row with NaN
             out.masked_fill_(torch.isnan(q).any(-1, keepdim=True), math.nan)
         inv = q.new_empty(0)
-        if ctx.needs_input_grad[3]:  # d out_n / d n = -out_n / (n + sum exp) = -out_n exp(-lse_n)
+        if ctx.needs_input_grad[4]:  # d out / d sink = -out (1 - gate) = -out sigmoid(-diff)
+            inv = torch.sigmoid(-diff)
+        elif ctx.needs_input_grad[3]:  # d out_n / d n = -out_n / (n + sum exp) = -out_n exp(-lse_n)
             if lse_n4 is None:
                 lse_n4 = (lse if lse.dim() == 4 else lse.unsqueeze(-1)).to(n.dtype)
             inv = torch.where(lse_n4 == -math.inf, 0.0, torch.exp(-lse_n4))
@@ -145,7 +158,7 @@ class _FlashAttentionN(torch.autograd.Function):
         )
         ctx.has_bias = bias is not None
         ctx.is_causal, ctx.scale, ctx.name, ctx.state = is_causal, scale, name, state
-        ctx.n_shape = n.shape
+        ctx.n_shape = n.shape if sink is None else sink.shape
         return out
 
     @staticmethod
@@ -156,11 +169,12 @@ class _FlashAttentionN(torch.autograd.Function):
             ctx.name, ctx.state, grad.contiguous(), q, k, v, out, lse_n, bias, ctx.is_causal,
             ctx.scale,
         )[:3]  # fmt: skip
-        d_n = None
-        if ctx.needs_input_grad[3]:
+        d_n = d_sink = None
+        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
             row = (grad.to(inv.dtype) * out.to(inv.dtype)).sum(-1, keepdim=True)
-            d_n = (-row * inv).sum_to_size(ctx.n_shape)
-        return dq, dk, dv, d_n, None, None, None, None, None
+            d_extra = (-row * inv).sum_to_size(ctx.n_shape)
+            d_n, d_sink = (None, d_extra) if ctx.needs_input_grad[4] else (d_extra, None)
+        return dq, dk, dv, d_n, d_sink, None, None, None, None, None
 
 
 def flash_attention_n(
@@ -173,8 +187,10 @@ def flash_attention_n(
     attn_mask: torch.Tensor | None = None,
     attn_bias: torch.Tensor | None = None,
     is_causal: bool = False,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention with softmax_n for any real ``n >= 0`` (see the module docstring).
+    """Attention with softmax_n for any real ``n >= 0``, or with attention sinks (see the module
+    docstring).
 
     Args:
         query: ``[B, H, L, D]``; key: ``[B, Hkv, S, D]`` (grouped-query, ``H % Hkv == 0``) or
@@ -192,26 +208,33 @@ def flash_attention_n(
             Other dtypes (e.g. a 0/1 integer mask) raise ``TypeError``.
         attn_bias: additive float bias, e.g. ALiBi ``[H, L, S]``.
         is_causal: query ``i`` sees keys ``<= i + S - L`` (bottom-right aligned).
+        sink: attention sinks, ``[H]``, one logit per query head (any float dtype, on the
+            query's device, learnable; no NaN or ``+inf``, ``-inf`` = no sink): softmax over the
+            scores and one extra column ``sink[h]`` that is dropped, i.e. softmax_n with
+            ``n = exp(sink)`` computed in log space. Mutually exclusive with ``softmax_n_param``.
 
     Returns:
         ``[B, H, L, Dv]`` in the query's dtype. A row that sees no key is 0 for every ``n``
         (as SDPA).
 
     Raises:
-        TypeError: non-tensors, non-float or mixed dtypes, a mask dtype SDPA refuses.
+        TypeError: non-tensors, non-float or mixed dtypes, a mask dtype SDPA refuses, a
+            non-float ``sink``.
         ValueError: bad shapes, mixed devices, a bad ``n`` (NaN, inf, negative, or a shape as
-            above), a non-finite scale, ``dropout_p`` outside ``[0, 1]``. All before any kernel.
+            above), a non-finite scale, ``dropout_p`` outside ``[0, 1]``, a ``sink`` not shaped
+            ``[H]``, on another device, with NaN or ``+inf``, or given with ``softmax_n_param``.
+            All before any kernel.
     """
     key, value, scale = _check_attention(
         query, key, value, attn_mask, attn_bias, scale, dropout_p, softmax_n_param,
-        "flash_attention_n",
+        "flash_attention_n", sink,
     )  # fmt: skip
     b, h, n_q, d = query.shape
     n_k, d_v = key.shape[-2], value.shape[-1]
     if dropout_p > 0 or 0 in (b, h, n_q, n_k, d, d_v):  # no kernel is given empty tensors
         return _reference(
             query, key, value, attn_mask, dropout_p, is_causal, scale, softmax_n_param, None,
-            True, attn_bias,
+            True, attn_bias, sink,
         )  # fmt: skip
     key, value = _expand_kv(key, query), _expand_kv(value, query)
     causal_in_kernel = is_causal and n_q == n_k and attn_mask is None and attn_bias is None
@@ -225,22 +248,29 @@ def flash_attention_n(
     if kernel is None:
         return _reference(
             query, key, value, attn_mask, 0.0, is_causal, scale, softmax_n_param, None, True,
-            attn_bias,
+            attn_bias, sink,
         )  # fmt: skip
     work_dtype = torch.promote_types(query.dtype, torch.float32)
-    if isinstance(softmax_n_param, torch.Tensor):
+    if sink is not None:  # [1, H, 1, 1], differentiable; n only carries the working dtype
+        n, n_float = query.new_empty((), dtype=work_dtype), None
+        sink = sink.to(work_dtype).view(1, -1, 1, 1)
+    elif isinstance(softmax_n_param, torch.Tensor):
         n, n_float = softmax_n_param.to(query.device, work_dtype), None  # differentiable
     else:  # only its shape and dtype are used: no fill kernel
         n, n_float = query.new_empty((), dtype=work_dtype), float(softmax_n_param or 0.0)
-    return _FlashAttentionN.apply(q, k, v, n, bias, causal_in_kernel, scale, kernel, n_float)
+    return _FlashAttentionN.apply(q, k, v, n, sink, bias, causal_in_kernel, scale, kernel, n_float)
 
 
-def softmax_n_attention_fn(n: float | torch.Tensor):
+def softmax_n_attention_fn(
+    n: float | torch.Tensor | None = None, sink: torch.Tensor | None = None
+) -> Callable[..., torch.Tensor]:
     """An attention core with SDPA's signature for ``attention_fn`` hooks (SwitchHead, MoEUT,
     CoLT5): ``fn(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0)``.
-    ``n`` is checked here (type and values) and again, with its shape, at each call."""
+    ``n``, or ``sink`` (``[H]`` attention-sink logits, e.g. a module's learnable parameter; not
+    both), is checked here (type and values) and again, with its shape, at each call."""
     _check_n(n)
     _check_n_rows(n, None)
+    _check_sink(sink, n, None, "softmax_n_attention_fn")
 
     def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0):
         return flash_attention_n(
@@ -252,6 +282,7 @@ def softmax_n_attention_fn(n: float | torch.Tensor):
             dropout_p=dropout_p,
             attn_mask=attn_mask,
             is_causal=is_causal,
+            sink=sink,
         )
 
     return attention

@@ -9,6 +9,11 @@ for any finite ``n >= 0`` and any logits, with exact gradients from autograd (in
 
 The argument checks of the attention functions (``_check_attention`` and its parts) live here
 too; they run before any kernel.
+
+Attention sinks (``sink``, one learnable logit per query head, as gpt-oss) are the same extra
+logit given directly in log space: softmax over the scores with one extra column ``sink[h]`` that
+is dropped, i.e. softmax_n with ``n = exp(sink[h])`` (``exp(sink)`` itself is never formed).
+``sink`` and ``softmax_n_param`` are mutually exclusive.
 """
 
 from __future__ import annotations
@@ -90,6 +95,40 @@ def _check_n_rows(
         )
 
 
+def _check_sink(sink: object, n: object, query: torch.Tensor | None, fn: str) -> None:
+    """``sink``: ``None`` or a float tensor ``[H]`` (one logit per query head) on the query's
+    device, without NaN or ``+inf`` (``-inf``: no sink for that head); mutually exclusive with
+    ``n``. ``query=None``: the checks that need no input. A CUDA tensor's values are checked on
+    the device (no host sync; a bad value raises at the next synchronisation)."""
+    if sink is None:
+        return
+    if n is not None:
+        raise ValueError(
+            f"{fn}: sink and softmax_n_param are mutually exclusive (a sink is softmax_n with "
+            "n = exp(sink) per head); pass only one of them"
+        )
+    if not isinstance(sink, torch.Tensor):
+        raise TypeError(f"{fn}: sink must be a torch.Tensor, got {type(sink).__name__}")
+    if sink.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: sink must be a float tensor (one logit per head), got {sink.dtype}")
+    if query is not None:
+        if sink.device != query.device:
+            raise ValueError(f"{fn}: sink is on {sink.device}, the query on {query.device}")
+        if tuple(sink.shape) != (query.shape[1],):
+            raise ValueError(
+                f"{fn}: sink must have shape [H] = [{query.shape[1]}] (one logit per query "
+                f"head), got {list(sink.shape)}"
+            )
+    if sink.device.type == "meta" or torch.compiler.is_compiling() or sink.numel() == 0:
+        return
+    ok = torch.all(sink < math.inf)  # False for NaN and +inf
+    if sink.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(f"{fn}: sink logits must not be NaN or +inf, got {sink.tolist()}")
+    else:
+        torch._assert_async(ok, "sink logits must not be NaN or +inf")
+
+
 def _check_n_for(n: object, x: torch.Tensor, dim: int) -> None:
     """Shape of a tensor ``n`` for ``softmax_n(x, n, dim)``: broadcasts to ``x`` without growing
     it, size 1 along ``dim``."""
@@ -108,7 +147,11 @@ def _check_n_for(n: object, x: torch.Tensor, dim: int) -> None:
 
 
 def _softmax_n(
-    x: torch.Tensor, n: float | torch.Tensor | None, dim: int, empty_rows_zero: bool
+    x: torch.Tensor,
+    n: float | torch.Tensor | None,
+    dim: int,
+    empty_rows_zero: bool,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax_n in the max-shifted form (validated inputs), computed in at least float32.
 
@@ -118,6 +161,7 @@ def _softmax_n(
     The extra term is ``n * exp(-m)`` where ``n = 0``, so the gradient in ``n`` is exact there too.
     Rows whose terms are all 0 (every logit ``-inf`` and ``n = 0``) give 0 when
     ``empty_rows_zero`` (attention, as ``F.scaled_dot_product_attention``), else NaN (softmax).
+    ``sink`` (in place of ``n``): the extra logit itself (``log n``), broadcast like ``n``.
     """
     work = torch.promote_types(x.dtype, torch.float32)
     xw = x.to(work)
@@ -125,7 +169,12 @@ def _softmax_n(
         return xw.to(x.dtype)  # empty (the shape has a 0)
     m = xw.detach().amax(dim, keepdim=True)
     extra = None
-    if isinstance(n, torch.Tensor):
+    if sink is not None:
+        sw = sink.to(xw.device, work)
+        m = torch.maximum(m, sw.detach())
+        m = torch.where(m == -math.inf, 0.0, m)
+        extra = torch.exp(sw - m)
+    elif isinstance(n, torch.Tensor):
         nw = n.to(xw.device, work)
         pos = nw > 0
         log_n = torch.log(torch.where(pos, nw, 1.0))
@@ -301,7 +350,7 @@ def _check_mask(
 
 
 def _check_attention(
-    query, key, value, attn_mask, attn_bias, scale, dropout_p, softmax_n_param, fn
+    query, key, value, attn_mask, attn_bias, scale, dropout_p, softmax_n_param, fn, sink=None
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """All argument checks of the attention functions, before any kernel runs. Returns key and
     value as 4-dim views and the scale."""
@@ -314,6 +363,7 @@ def _check_attention(
         raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
     _check_n(softmax_n_param)
     _check_n_rows(softmax_n_param, tuple(query.shape[:3]))
+    _check_sink(sink, softmax_n_param, query, fn)
     return key, value, _check_scale(scale, query.shape[-1], fn)
 
 
@@ -345,8 +395,9 @@ def attention_bias(
 
 
 def _reference(
-    query, key, value, attn_mask, dropout_p, is_causal, scale, n, softmax_dtype, train, attn_bias
-) -> torch.Tensor:
+    query, key, value, attn_mask, dropout_p, is_causal, scale, n, softmax_dtype, train, attn_bias,
+    sink=None,
+) -> torch.Tensor:  # fmt: skip
     """``slow_attention_n`` on checked arguments (key/value 3- or 4-dim, ``scale`` a float)."""
     key, value = _expand_kv(key, query), _expand_kv(value, query)
     scores = (query @ key.transpose(-2, -1)) * scale
@@ -357,7 +408,9 @@ def _reference(
         scores = scores + bias
     if softmax_dtype is not None:
         scores = scores.to(softmax_dtype)
-    weights = _softmax_n(scores, n, -1, empty_rows_zero=True).to(value.dtype)
+    if sink is not None:
+        sink = sink.view(-1, 1, 1)  # [H, 1, 1]: one extra logit per head and row
+    weights = _softmax_n(scores, n, -1, empty_rows_zero=True, sink=sink).to(value.dtype)
     if dropout_p > 0 and train:
         weights = torch.nn.functional.dropout(weights, dropout_p)
     return weights @ value
@@ -375,6 +428,7 @@ def slow_attention_n(
     softmax_dtype: torch.dtype | None = None,
     train: bool = True,
     attn_bias: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference attention with softmax_n, materialising the scores; never mutates its inputs.
 
@@ -392,21 +446,28 @@ def slow_attention_n(
             float32 either way).
         train: dropout is applied only when ``train`` is true.
         attn_bias: additive float bias, e.g. ALiBi, broadcastable to ``[B, H, L, S]``.
+        sink: attention sinks, ``[H]``, one logit per query head (any float dtype, learnable):
+            softmax over the scores and one extra column ``sink[h]`` that is dropped (softmax_n
+            with ``n = exp(sink)``, computed in log space). Mutually exclusive with
+            ``softmax_n_param``.
 
     Returns:
         ``[B, H, L, Dv]``. A row that sees no key is 0 (for every ``n``, as SDPA); empty inputs
         give empty (or, for ``S = 0``, zero) outputs.
 
     Raises:
-        TypeError: non-tensors, non-float or mixed dtypes, a mask dtype SDPA refuses.
+        TypeError: non-tensors, non-float or mixed dtypes, a mask dtype SDPA refuses, a
+            non-float ``sink``.
         ValueError: bad shapes, mixed devices, a bad ``n`` (NaN, inf, negative, or a shape not
-            in ``N_SHAPES``), a non-finite scale, ``dropout_p`` outside ``[0, 1]``.
+            in ``N_SHAPES``), a non-finite scale, ``dropout_p`` outside ``[0, 1]``, a ``sink``
+            not shaped ``[H]``, on another device, with NaN or ``+inf``, or given with
+            ``softmax_n_param``.
     """
     key, value, scale = _check_attention(
         query, key, value, attn_mask, attn_bias, scale, dropout_p, softmax_n_param,
-        "slow_attention_n",
+        "slow_attention_n", sink,
     )  # fmt: skip
     return _reference(
         query, key, value, attn_mask, dropout_p, is_causal, scale, softmax_n_param,
-        softmax_dtype, train, attn_bias,
+        softmax_dtype, train, attn_bias, sink,
     )  # fmt: skip

@@ -3,8 +3,9 @@
 Unlike ``flash_attention_n`` (PyTorch's fused kernels plus a gate on their output), the extra
 logit ``log n`` lives inside the kernel's online softmax, so forward and backward are single
 FlashAttention-2 style passes for any real ``n >= 0``, including causal attention with
-``L != S`` (bottom-right) and grouped-query heads without copies. Inputs are validated here,
-before any kernel is compiled or launched.
+``L != S`` (bottom-right) and grouped-query heads without copies. Attention sinks (``sink``,
+one logit per head) are the same extra logit, given to the kernel in log space. Inputs are
+validated here, before any kernel is compiled or launched.
 
 Inputs no kernel can take go to the PyTorch reference (``slow_attention_n``, computed in float32
 and returned in the inputs' dtype) instead: meta tensors (shapes only), a zero head dim, and, with
@@ -20,7 +21,14 @@ import warnings
 
 import torch
 
-from .functional import _check_n, _check_n_rows, _check_qkv, _check_scale, _reference
+from .functional import (
+    _check_n,
+    _check_n_rows,
+    _check_qkv,
+    _check_scale,
+    _check_sink,
+    _reference,
+)
 from .ops import triton_attention_fwd
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -90,6 +98,7 @@ def flash_attention_n_triton(
     softmax_n_param: float | torch.Tensor | None = None,
     scale: float | None = None,
     is_causal: bool = False,
+    sink: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention with ``softmax_n`` weights ``exp(s_ij) / (n + sum_j exp(s_ij))`` in one fused
     Triton kernel, forward and backward (gradients for query, key, value and a tensor ``n``).
@@ -104,16 +113,22 @@ def flash_attention_n_triton(
             ``[H, 1, 1]`` one learnable value per head, ``[H, L, 1]``, ``[B, H, L, 1]``, ...).
         scale: score scale (default ``1/sqrt(D)``).
         is_causal: query ``i`` sees keys ``j <= i + S - L`` (aligned bottom-right when ``L != S``).
+        sink: attention sinks, ``[H]``, one logit per query head (any float dtype, on the
+            query's device, learnable, with its gradient; no NaN or ``+inf``): softmax over the
+            scores and one extra column ``sink[h]`` that is dropped (``n = exp(sink)``, never
+            formed). Mutually exclusive with ``softmax_n_param``.
 
     Returns:
         ``[B, H, L, Dv]`` in the query's dtype. A row that sees no key is 0 for every ``n``
         (as ``F.scaled_dot_product_attention``), also with ``S = 0``.
 
     Raises:
-        TypeError: non-tensor inputs, unsupported (float64, integer) or mixed dtypes.
+        TypeError: non-tensor inputs, unsupported (float64, integer) or mixed dtypes, a
+            non-float ``sink``.
         ValueError: bad shapes, mixed devices, a bad ``n`` (NaN, inf, negative, or a shape not
-            in ``softmax_n.functional.N_SHAPES``), a non-finite scale, or a device the kernel
-            cannot run on (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+            in ``softmax_n.functional.N_SHAPES``), a non-finite scale, a device the kernel
+            cannot run on (CUDA; CPU only under ``TRITON_INTERPRET=1``), a ``sink`` not shaped
+            ``[H]``, on another device, with NaN or ``+inf``, or given with ``softmax_n_param``.
     """
     fn = "flash_attention_n_triton"
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -125,7 +140,12 @@ def flash_attention_n_triton(
             f"{fn}: head dims must be at most {MAX_HEAD_DIM}, got {d} (query/key) and {d_v} (value)"
         )
     scale = _check_scale(scale, d, fn)
-    n_rows = _n_rows(softmax_n_param, query)
+    _check_sink(sink, softmax_n_param, query, fn)
+    if sink is None:
+        n_rows = _n_rows(softmax_n_param, query)
+    else:  # [B, H, L] float32, differentiable (the gradient sums back to [H])
+        b, h, n_q = query.shape[:3]
+        n_rows = sink.to(torch.float32)[None, :, None].expand(b, h, n_q).contiguous()
     _check_device(query.device)
     reason = _fallback_reason(query)
     if reason is not None:
@@ -136,9 +156,13 @@ def flash_attention_n_triton(
         )
     if reason is not None or query.device.type == "meta" or d == 0 or d_v == 0:
         f32 = (query.float(), key.float(), value.float())
-        out = _reference(*f32, None, 0.0, bool(is_causal), scale, softmax_n_param, None, True, None)
+        out = _reference(
+            *f32, None, 0.0, bool(is_causal), scale, softmax_n_param, None, True, None, sink
+        )
         return out.to(query.dtype)
-    return triton_attention_fwd(query, key, value, n_rows, bool(is_causal), scale)[0]
+    return triton_attention_fwd(
+        query, key, value, n_rows, bool(is_causal), scale, sink is not None
+    )[0]
 
 
 __all__ = ["MAX_HEAD_DIM", "flash_attention_n_triton"]

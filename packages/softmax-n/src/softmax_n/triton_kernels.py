@@ -3,10 +3,13 @@
 The extra logit ``log n`` enters the online softmax as its starting state: the running maximum
 starts at ``log n`` and the running sum at ``exp(log n - max) = 1`` (0 when ``n = 0``). The
 forward stores ``lse_n = logaddexp(lse, log n)`` per row; the backward is FlashAttention-2's with
-``lse_n`` (the softmax_n Jacobian has the softmax form, see ``fused.py``).
+``lse_n`` (the softmax_n Jacobian has the softmax form, see ``fused.py``). Attention sinks give
+the kernel the extra logit itself instead of ``n`` (``SINK``): the running maximum starts at the
+sink logit, so ``exp(sink)`` is never formed.
 
 Layouts: ``q [B, H, L, D]``, ``k [B, Hkv, S, D]``, ``v [B, Hkv, S, Dv]`` with ``H % Hkv == 0``
-(any strides, a head stride of 0 shares one key/value between heads), ``n [B, H, L]`` float32.
+(any strides, a head stride of 0 shares one key/value between heads), ``n [B, H, L]`` float32
+(or the sink logits, ``[B, H, L]`` float32).
 Causal masking is aligned bottom-right: query ``i`` sees keys ``j <= i + S - L``. A row that sees
 no key is 0 for every ``n`` (as ``F.scaled_dot_product_attention``). Head dims ``D`` and ``Dv``
 up to 256 (each padded to a power of two inside), any lengths.
@@ -48,7 +51,7 @@ def _fwd_kernel(
     svb, svh, svn, svd,
     sob, soh, som, sod,
     H, GROUP, L, S, D, D_V, qk_scale,
-    CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+    CAUSAL: tl.constexpr, IEEE: tl.constexpr, SINK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     bh = tl.program_id(0).to(tl.int64)
@@ -69,7 +72,10 @@ def _fwd_kernel(
         other=0.0,
     )
     n = tl.load(NN + bh * L + offs_m, mask=m_ok, other=0.0).to(tl.float32)
-    log_n = tl.log2(n)  # -inf for n = 0
+    if SINK:  # noqa: SIM108 (NN holds the extra logit itself, natural log: to base 2)
+        log_n = n * 1.4426950408889634
+    else:
+        log_n = tl.log2(n)  # -inf for n = 0
     # running max and sum start with the extra logit log n (max -1e30 when n = 0, sum 0)
     m_i = tl.maximum(log_n, -1.0e30)
     l_i = tl.exp2(log_n - m_i)
@@ -332,13 +338,15 @@ def attention_fwd(
     n: torch.Tensor,
     is_causal: bool,
     scale: float,
+    sink: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward pass.
 
     Args:
         q: ``[B, H, L, D]``; k: ``[B, Hkv, S, D]``, v: ``[B, Hkv, S, Dv]`` with ``H % Hkv == 0``
             (any strides); ``D, Dv >= 1``.
-        n: ``[B, H, L]`` float32, contiguous, finite, ``>= 0``.
+        n: ``[B, H, L]`` float32, contiguous, finite, ``>= 0``; with ``sink``, the extra logit
+            itself (``log n``: the sink logits, no NaN or ``+inf``).
 
     Returns:
         ``(out [B, H, L, Dv] in q's dtype, lse_n [B, H, L] float32)`` where ``lse_n`` is the
@@ -352,7 +360,7 @@ def attention_fwd(
         return out, lse
     if n_k == 0:  # no keys: the weights are 0 / n, and 0 for n = 0 too (as SDPA)
         out.zero_()
-        lse.copy_(torch.log(n))
+        lse.copy_(n if sink else torch.log(n))
         return out, lse
     d_pad = max(16, triton.next_power_of_2(d))
     dv_pad = max(16, triton.next_power_of_2(d_v))
@@ -362,7 +370,7 @@ def attention_fwd(
         q, k, v, n, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
         h, h // hk, n_q, n_k, d, d_v, scale * LOG2E,
-        CAUSAL=is_causal, IEEE=q.dtype == torch.float32,
+        CAUSAL=is_causal, IEEE=q.dtype == torch.float32, SINK=sink,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, BLOCK_DV=dv_pad,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip

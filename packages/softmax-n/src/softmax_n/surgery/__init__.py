@@ -53,6 +53,9 @@ def apply_attention_softmax_n(
         softmax_n_param: ``n``: a finite float ``>= 0``, or a tensor of such values shaped as one
             of ``softmax_n.functional.N_SHAPES`` (e.g. ``[H, 1, 1]``, one value per head);
             ``TypeError``/``ValueError`` otherwise (NaN, inf, negative, ``[H]``, ``[H, 1]``).
+            Models with attention sinks (gpt-oss: ``s_aux``) keep them, on softmax-n's
+            kernels, with ``n = 0``; a sink together with ``n > 0`` raises ``ValueError`` in
+            the forward.
         optimizers: optimizers over ``model.parameters()``. Conversions keep the parameters, so
             they stay valid; a warning is given if a registered converter returned a new module.
 

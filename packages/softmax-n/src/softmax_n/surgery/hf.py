@@ -5,6 +5,11 @@ Supported: transformers >= 4.48 (the release that routes attention through the r
 5.x, every model family whose attention goes through the registry with SDPA support (BERT,
 RoBERTa, Llama, Mistral, Qwen2/3, Gemma, GPT-NeoX, ...). Not supported: models that pass a
 ``position_bias`` (T5) or logit soft-capping (Gemma 2): they raise ``NotImplementedError``.
+
+Attention sinks: models that pass ``s_aux`` (gpt-oss's per-head ``sinks`` parameter, ``[H]``) get
+it as ``flash_attention_n``'s ``sink`` (with its gradient), so a gpt-oss model computes what its
+eager attention does. A sink and ``n > 0`` would be two extra logits: that is a ``ValueError``;
+convert such models with ``n = 0`` (``apply_attention_softmax_n(model, 0.0)``).
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ def softmax_n_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``query [B, H, L, D]``, ``key``/``value``
     ``[B, Hkv, S, D]``; returns ``([B, L, H, D], None)``. ``n`` is ``module.softmax_n_param`` or
-    else ``module.config.softmax_n_param``."""
+    else ``module.config.softmax_n_param``; ``kwargs["s_aux"]`` (``[H]``, gpt-oss's sinks), if
+    given, is the attention sink, and then ``n`` must be ``None`` or 0."""
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("softmax_n attention does not take a position_bias (T5)")
     if kwargs.get("softcap") is not None:
@@ -37,6 +43,15 @@ def softmax_n_attention_forward(
     n = getattr(module, "softmax_n_param", None)
     if n is None:
         n = getattr(getattr(module, "config", None), "softmax_n_param", None)
+    sink = kwargs.get("s_aux")
+    if sink is not None:
+        if not (n is None or (not isinstance(n, torch.Tensor) and n == 0)):
+            raise ValueError(
+                f"{type(module).__name__} has attention sinks (s_aux); softmax_n with n = {n} "
+                "would add a second extra logit. Convert it with n = 0 to run its sinks on "
+                "softmax-n's kernels"
+            )
+        n = None
     q_len = query.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
@@ -53,6 +68,7 @@ def softmax_n_attention_forward(
         dropout_p=dropout,
         attn_mask=attention_mask,
         is_causal=is_causal,
+        sink=sink,
     )
     return out.transpose(1, 2).contiguous(), None
 
