@@ -5,6 +5,7 @@
     uv run python examples/train_lm.py --resume runs/<time>   # continue a run where it stopped
     uv run python examples/train_lm.py --help
     uv run torchrun --standalone --nproc_per_node 2 examples/train_lm.py   # data parallel (DDP)
+    uv run torchrun --standalone --nproc_per_node 2 examples/train_lm.py --fsdp   # sharded (FSDP2)
     uv run python examples/train_lm.py --log-dir runs/tb   # also log to TensorBoard
 
 By default the corpus is the Python standard library's own source (offline, on any machine).
@@ -12,6 +13,14 @@ Writes to the run folder: the checkpoint (checkpoint.json, the weights in safete
 training state; see lm_demo/checkpoint.py), loss.png, experts.png, sample.txt, history.json and
 metrics.jsonl (at every validation: losses, tokens/s, MFU, and per MoE layer the entropy of
 its expert usage and its dead experts; see lm_demo/metrics.py).
+
+Under torchrun every process trains on its own batches. By default each holds the whole model and
+DDP averages the gradients; with --fsdp (MoEUT models, 2 or more processes) FSDP2 shards the
+parameters, gradients and optimizer state over the processes (lm_demo/distributed.py). Either
+way the MoE regularisers average expert usage over all processes, rank 0 alone logs, shows
+progress and writes the run folder, and the checkpoint has the single-process format.
+--activation-checkpointing recomputes each layer application in the backward pass instead of
+keeping its activations.
 """
 
 from __future__ import annotations
@@ -80,8 +89,8 @@ DEFAULT_LR = {"tiny": 3e-3, "small": 1e-3}
 
 
 # Settings that define a run: stored in its checkpoints, restored by --resume. The other flags
-# (--out, --device, --compile, --resume, --log-dir, --peak-tflops) only say where and how this
-# process runs and reports.
+# (--out, --device, --compile, --resume, --log-dir, --peak-tflops, --fsdp,
+# --activation-checkpointing) only say where and how this process runs and reports.
 SETTINGS = (
     "profile",
     "attention",
@@ -188,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="train through torch.compile(model) (off by default; on CPU it needs a C++ "
         "compiler and compiles for a while first)",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun with 2 or more processes: shard the parameters, gradients and "
+        "optimizer state over the processes with FSDP2 (fully_shard on each distinct MoEUT "
+        "layer, then on the whole model) instead of replicating the model with DDP; the "
+        "checkpoint keeps the single-process format (MoEUT models only; fails without torchrun)",
+    )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each layer application in the backward pass instead of keeping its "
+        "activations: less memory, one more forward of the layers per step (MoEUT models only)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--eval-every", type=int, default=50, help="validate and checkpoint every N steps"
@@ -215,9 +238,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue a run from its checkpoint (run folder or its checkpoint.json); restores "
         "every setting stored there, flags given again must agree (only --out, --device, "
-        "--compile, --log-dir and --peak-tflops may change)",
+        "--compile, --log-dir, --peak-tflops, --fsdp and --activation-checkpointing may "
+        "change)",
     )
     return p
+
+
+def launched_world_size() -> int:
+    """Processes of this run: those of an initialised ``torch.distributed`` default group, else
+    torchrun's ``WORLD_SIZE`` (1 without torchrun)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _same(key: str, given, stored) -> bool:
@@ -282,6 +316,17 @@ def parse_args(argv=None) -> argparse.Namespace:
             tensorboard_writer_class()
         except ImportError as e:
             p.error(str(e))
+    if args.attention == "colt5" and (args.fsdp or args.activation_checkpointing):
+        p.error(
+            "--fsdp and --activation-checkpointing are implemented for the MoEUT models "
+            "(--attention switchhead, switchhead-xl or dense), not for colt5"
+        )
+    if args.fsdp and launched_world_size() < 2:
+        p.error(
+            "--fsdp shards the model over the processes of a torchrun launch and needs 2 or "
+            "more of them, e.g. `torchrun --standalone --nproc-per-node 2 "
+            "examples/train_lm.py --fsdp`; without torchrun, leave --fsdp out"
+        )
     return args
 
 
@@ -342,35 +387,52 @@ def progress(step: int, total: int, loss: float, tok_s: float, eta: float, bar=N
 
 def setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     """(rank, world size, device) under torchrun (gloo on CPU, NCCL on CUDA); else (0, 1, device)
-    for a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    for a single process. A default process group the caller already initialised is used as it
+    is."""
+    if launched_world_size() == 1:
         return 0, 1, device
     import torch.distributed as dist
 
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def save_run_checkpoint(out: Path, step: int, model, opt, sched, history, args) -> Path:
+def save_run_checkpoint(
+    out: Path, step: int, model, opt, sched, history, args, sharded: bool = False
+) -> Path | None:
     """The checkpoint of ``step`` (see ``lm_demo.checkpoint``): weights, settings, optimizer,
-    scheduler and RNG state, loss history."""
+    scheduler and RNG state, loss history.
+
+    With ``sharded`` (an FSDP model), every rank must call it: the full model and optimizer
+    state are gathered on rank 0, which alone writes (the same files as one process would) and
+    gets the manifest's path; the other ranks get ``None``."""
     from lm_demo.checkpoint import save_checkpoint
+
+    if sharded:
+        import torch.distributed as dist
+        from lm_demo.distributed import full_state_dicts
+
+        model_state, opt_state = full_state_dicts(model, opt)
+        if dist.get_rank() != 0:
+            return None
+    else:
+        model_state, opt_state = model.state_dict(), opt.state_dict()
 
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     state = {
         "settings": {k: getattr(args, k) for k in SETTINGS},
-        "optimizer": opt.state_dict(),
+        "optimizer": opt_state,
         "scheduler": sched.state_dict(),
         "rng": rng,
         "history": history,
     }
-    return save_checkpoint(out, step, model.state_dict(), state)
+    return save_checkpoint(out, step, model_state, state)
 
 
 def load_model(checkpoint, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -385,8 +447,8 @@ def load_model(checkpoint, device: str | torch.device = "cpu") -> torch.nn.Modul
 
 
 def main(argv=None) -> dict:
-    from lm_demo.training import batch_seed, lr_scheduler, param_groups
-
+    """Train as the command line ``argv`` says (see ``--help``); the result: ``history``,
+    ``out``, ``tokens_per_s``, ``metrics`` and ``sample`` (empty on ranks other than 0)."""
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -395,7 +457,33 @@ def main(argv=None) -> dict:
         args.profile = "small" if device.type == "cuda" else "tiny"
     if args.lr is None:
         args.lr = DEFAULT_LR[args.profile]
+    import torch.distributed as dist
+
+    # A process group the caller set up is left to the caller; one made here is destroyed here.
+    own_group = not (dist.is_available() and dist.is_initialized())
     rank, world, device = setup_distributed(device)
+    try:
+        return _train(args, rank, world, device)
+    finally:
+        if world > 1 and own_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sample_text(model, args, device: torch.device) -> str:
+    """``args.sample_tokens`` bytes sampled after the prompt ``def `` (temperature 0.8, top 40)."""
+    prompt = encode("def ").unsqueeze(0).to(device)
+    sampler = torch.Generator(device=device).manual_seed(args.seed)
+    tokens = model.generate(
+        prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=sampler
+    )
+    return decode(tokens[0].cpu())
+
+
+def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
+    """``main`` after the process group is set up: training, checkpoints, plots, sample."""
+    from lm_demo.distributed import load_full_state_dicts, parameter_sum, shard_model
+    from lm_demo.training import batch_seed, lr_scheduler, param_groups
+
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     corpus = load_corpus(args.data)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -410,14 +498,22 @@ def main(argv=None) -> dict:
         # Expert usage averaged over the whole batch of all ranks before the entropy is taken,
         # as the authors' training code does (moeut.entropy_reg's ``group``).
         model.reg_process_group = dist.group.WORLD
+    if args.activation_checkpointing:
+        model.activation_checkpointing = True
+    fsdp = args.fsdp and world > 1
+    if fsdp:  # before the optimizer: it holds the shards
+        shard_model(model, device)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     sched = lr_scheduler(opt, args.warmup, args.steps)
     history: dict[str, list] = {"train": [], "validation": []}
     start = 0
     if args.checkpoint is not None:
         ckpt, args.checkpoint = args.checkpoint, None
-        model.load_state_dict(ckpt.model)
-        opt.load_state_dict(ckpt.state["optimizer"])
+        if fsdp:  # every rank keeps its shard of the full state dicts
+            load_full_state_dicts(model, opt, ckpt.model, ckpt.state["optimizer"])
+        else:
+            model.load_state_dict(ckpt.model)
+            opt.load_state_dict(ckpt.state["optimizer"])
         sched.load_state_dict(ckpt.state["scheduler"])
         torch.set_rng_state(ckpt.state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in ckpt.state["rng"]:
@@ -425,7 +521,7 @@ def main(argv=None) -> dict:
         start, history = ckpt.step, ckpt.state["history"]
         del ckpt
     train_model, ddp = model, None
-    if world > 1:
+    if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = ddp = DistributedDataParallel(
@@ -435,9 +531,11 @@ def main(argv=None) -> dict:
         train_model = torch.compile(train_model)
     n_params = sum(p.numel() for p in model.parameters())
     kind = "CoLT5 LM" if args.attention == "colt5" else f"{args.attention} MoEUT"
+    parallel = f" x {world} processes ({'FSDP2' if fsdp else 'DDP'})" if world > 1 else ""
     log(
-        f"{kind} '{args.profile}' ({n_params / 1e6:.2f}M parameters) on {device}"
-        f"{f' x {world} processes' if world > 1 else ''}; data {corpus.source} "
+        f"{kind} '{args.profile}' ({n_params / 1e6:.2f}M parameters) on {device}{parallel}"
+        f"{', activation checkpointing' if args.activation_checkpointing else ''}; "
+        f"data {corpus.source} "
         f"({corpus.train.numel():,} bytes); run folder {out}"
         f"{f'; resumed after step {start}' if start else ''}"
     )
@@ -474,7 +572,9 @@ def main(argv=None) -> dict:
                 gen.manual_seed(batch_seed(args.seed, rank, (step - 1) * args.grad_accum + micro))
                 x, y = sample_batch(corpus.train, args.batch_size, args.seq_len, gen)
                 last = micro == args.grad_accum - 1
-                # DDP averages gradients over the processes once per optimizer step
+                # DDP and FSDP average gradients over the processes once per optimizer step
+                if fsdp:
+                    model.set_requires_gradient_sync(last)
                 with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
                     with autocast():
                         res = train_model(x.to(device))
@@ -549,8 +649,8 @@ def main(argv=None) -> dict:
                     + (f", MFU {record['mfu']:.1%}" if record["mfu"] is not None else "")
                     + (f", {dead} dead experts" if usage else "")
                 )
-                if rank == 0:
-                    save_run_checkpoint(out, step, model, opt, sched, history, args)
+                if rank == 0 or fsdp:  # under FSDP, every rank takes part in gathering it
+                    save_run_checkpoint(out, step, model, opt, sched, history, args, fsdp)
     finally:
         if bar is not None:
             bar.close()
@@ -558,13 +658,13 @@ def main(argv=None) -> dict:
         usage_counter.close()
     tok_s = tokens_seen / max(time.time() - t0, 1e-9)
     log(f"trained {args.steps - start} steps at {tok_s:,.0f} tokens/s")
-    checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
-    print(f"rank {rank} parameter checksum {checksum:.10e}", flush=True)
+    print(f"rank {rank} parameter checksum {parameter_sum(model):.10e}", flush=True)
+    # Sharded weights: every rank runs the sampling forwards (the same tokens), rank 0 writes.
+    text = sample_text(model, args, device) if fsdp else None
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
-        dist.destroy_process_group()
     result = {"history": history, "out": out, "tokens_per_s": tok_s, "metrics": records}
     if rank != 0:
         return result | {"sample": ""}
@@ -575,12 +675,8 @@ def main(argv=None) -> dict:
         plot_expert_usage(
             usage, out / "experts.png", window=f"steps {first}-{last}, {n_tokens:,} tokens"
         )
-    prompt = encode("def ").unsqueeze(0).to(device)
-    sampler = torch.Generator(device=device).manual_seed(args.seed)
-    tokens = model.generate(
-        prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=sampler
-    )
-    text = decode(tokens[0].cpu())
+    if text is None:
+        text = sample_text(model, args, device)
     (out / "sample.txt").write_text(text)
     (out / "history.json").write_text(json.dumps(history))
     print("sample:\n" + text)

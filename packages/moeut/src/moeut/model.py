@@ -5,14 +5,24 @@
 keys ("peri-layernorm"): values and the residual stream are not normalised. In training, the
 entropy of each MoE layer's average expert choice is regularised; the loss is returned with the
 outputs.
+
+``activation_checkpointing=True`` (or setting the attribute later) recomputes each layer
+application in the backward pass instead of keeping its activations (``torch.utils.checkpoint``,
+non-reentrant): a shared layer applied ``n_layers // group_size`` times is checkpointed once per
+application. The regularisers and the layers' recorded selection logits see each application
+once; the recomputation records nothing (see ``MoEUT.forward``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope, check_mask
 
 from .regularization import entropy_reg
@@ -102,11 +112,14 @@ class MoEUT(torch.nn.Module):
         group_size: int = 2,
         attention_fn=None,
         reg_process_group=None,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         # None: the per-sequence regulariser of the authors' released code. A process group:
         # usage averaged over the whole batch on all its ranks (see ``entropy_reg``).
         self.reg_process_group = reg_process_group
+        # True: each layer application is recomputed in the backward pass (see ``forward``).
+        self.activation_checkpointing = activation_checkpointing
         if group_size < 1 or n_layers % group_size:
             raise ValueError(
                 f"n_layers ({n_layers}) must be a multiple of group_size ({group_size})"
@@ -185,8 +198,18 @@ class MoEUT(torch.nn.Module):
         encoder: ``None`` is causal, ``AttentionMask()`` none, and a padding or position mask
         alone is *not* causal; use ``AttentionMask(src_length_mask=pad, causal=True)`` for causal
         attention over a padded batch. ``MoEUTLM`` always adds the causal mask.
+
+        With ``activation_checkpointing`` (and gradients enabled), every layer application runs
+        under ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: its activations
+        are recomputed in the backward pass. The recomputation runs the layer's forward (and the
+        forward hooks of it and its submodules) again with ``record_selection_logits`` off, so
+        ``last_selection_logits`` is ``None`` there: the regularisers, and hooks that read the
+        recorded logits (e.g. to count expert usage), see each application once. Outputs,
+        ``reg_loss`` and gradients equal those without checkpointing (dropout included: the
+        RNG state is restored for the recomputation).
         """
         self._check_inputs(x, mask, kv_cache)
+        checkpointing = self.activation_checkpointing and torch.is_grad_enabled()
         regularise = self.training and (self.entropy_reg > 0 or self.att_entropy_reg > 0)
         for layer in self.layers:
             layer.ffn.record_selection_logits = regularise and self.entropy_reg > 0
@@ -198,7 +221,17 @@ class MoEUT(torch.nn.Module):
             for i, layer in enumerate(self.layers):
                 index = r * len(self.layers) + i
                 cache = kv_cache.get(index, {}) if kv_cache is not None else None
-                x, new_cache[index] = layer(x, mask, kv_cache=cache)
+                if checkpointing:
+                    x, new_cache[index] = torch.utils.checkpoint.checkpoint(
+                        layer,
+                        x,
+                        mask,
+                        kv_cache=cache,
+                        use_reentrant=False,
+                        context_fn=functools.partial(_recomputation_contexts, layer),
+                    )
+                else:
+                    x, new_cache[index] = layer(x, mask, kv_cache=cache)
                 if layer.ffn.last_selection_logits is not None:
                     ff_logits[i].append(layer.ffn.last_selection_logits)
                 if layer.attention.last_selection_logits is not None:
@@ -245,6 +278,7 @@ class MoEUTLM(torch.nn.Module):
         attention: type[SwitchHeadCore] = SwitchHeadRope,
         attention_fn=None,
         reg_process_group=None,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         self.transformer = MoEUT(
@@ -266,6 +300,7 @@ class MoEUTLM(torch.nn.Module):
             group_size,
             attention_fn,
             reg_process_group,
+            activation_checkpointing,
         )
         self.n_layers = n_layers
         self.embedding = torch.nn.Embedding(n_tokens, d_model)
@@ -281,6 +316,17 @@ class MoEUTLM(torch.nn.Module):
     @reg_process_group.setter
     def reg_process_group(self, group) -> None:
         self.transformer.reg_process_group = group
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Whether each layer application is recomputed in the backward pass instead of keeping
+        its activations (``MoEUT``'s; see ``MoEUT.forward``). Changes no parameter or buffer:
+        the state dict is the same either way."""
+        return self.transformer.activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, enabled: bool) -> None:
+        self.transformer.activation_checkpointing = bool(enabled)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -389,6 +435,28 @@ class MoEUTLM(torch.nn.Module):
             return torch.cat(tokens, dim=1)
         finally:
             self.train(was_training)
+
+
+def _recomputation_contexts(
+    layer: MoEUTLayer,
+) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """``context_fn`` of the layer checkpoints: the first forward as usual; the recomputation
+    in the backward pass records no selection logits."""
+    return contextlib.nullcontext(), _not_recording(layer)
+
+
+@contextlib.contextmanager
+def _not_recording(layer: MoEUTLayer) -> Iterator[None]:
+    """``record_selection_logits`` off for the layer's MoE modules, restored afterwards."""
+    modules = (layer.ffn, layer.attention)
+    saved = [m.record_selection_logits for m in modules]
+    for m in modules:
+        m.record_selection_logits = False
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved):
+            m.record_selection_logits = value
 
 
 def _can_read_back(t: torch.Tensor) -> bool:
