@@ -162,6 +162,33 @@ def _routing_tiles_kernel(
 
 
 @triton.jit
+def _tile_rows(
+    tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, TOP_K,
+    A_GATHER: tl.constexpr, OUT_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """The rows of ``tile``: its expert, sorted positions and their mask, the row of each in the
+    input (``A_GATHER``: the slot's token, else the position) and in the output (``OUT_MODE``:
+    0 the position, 1 the slot, 2 the slot's token)."""
+    expert = tl.load(tile_expert_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    end = tl.load(offsets_ptr + expert + 1)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < end
+    slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
+    if A_GATHER:  # noqa: SIM108 (constexpr branch inside a Triton kernel)
+        a_row = (slot // TOP_K).to(tl.int64)
+    else:
+        a_row = offs_m.to(tl.int64)
+    if OUT_MODE == 0:
+        out_row = offs_m.to(tl.int64)
+    elif OUT_MODE == 1:
+        out_row = slot.to(tl.int64)
+    else:
+        out_row = (slot // TOP_K).to(tl.int64)
+    return expert, offs_m, mask_m, slot, a_row, out_row
+
+
+@triton.jit
 def _moe_gemm_tile(
     work,
     a_ptr,
@@ -201,16 +228,10 @@ def _moe_gemm_tile(
     n_col_blocks = tl.cdiv(N, BLOCK_N)
     tile = work // n_col_blocks
     pid_n = work % n_col_blocks
-    expert = tl.load(tile_expert_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(offsets_ptr + expert + 1)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
-    if A_GATHER:  # noqa: SIM108 (constexpr branch inside a Triton kernel)
-        a_row = (slot // TOP_K).to(tl.int64)
-    else:
-        a_row = offs_m.to(tl.int64)
+    expert, offs_m, mask_m, slot, a_row, rows = _tile_rows(
+        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, TOP_K, A_GATHER,
+        OUT_MODE, BLOCK_M,
+    )  # fmt: skip
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     w_base = w_ptr + expert.to(tl.int64) * stride_we
@@ -251,12 +272,6 @@ def _moe_gemm_tile(
             u = tl.load(u_ptr + sorted_rows, mask=mask_mn, other=0.0).to(tl.float32)
             acc = acc * _activation_grad(u, ACT)
 
-    if OUT_MODE == 0:
-        rows = offs_m.to(tl.int64)
-    elif OUT_MODE == 1:
-        rows = slot.to(tl.int64)
-    else:
-        rows = (slot // TOP_K).to(tl.int64)
     out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
     if OUT_MODE == 2:
         tl.atomic_add(out_ptrs, acc, mask=mask_mn, sem="relaxed")
@@ -364,16 +379,10 @@ def _moe_gemm_rows_kernel(
     tile = tl.program_id(0)
     if tile >= tl.load(n_valid_ptr):
         return
-    expert = tl.load(tile_expert_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(offsets_ptr + expert + 1)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
-    if A_GATHER:  # noqa: SIM108 (constexpr branch inside a Triton kernel)
-        a_row = (slot // TOP_K).to(tl.int64)
-    else:
-        a_row = offs_m.to(tl.int64)
+    expert, _positions, mask_m, slot, a_row, rows = _tile_rows(
+        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, TOP_K, A_GATHER,
+        OUT_MODE, BLOCK_M,
+    )  # fmt: skip
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
     a = tl.load(
@@ -383,12 +392,6 @@ def _moe_gemm_rows_kernel(
     )
     if GATE:
         g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
-    if OUT_MODE == 0:
-        rows = offs_m.to(tl.int64)
-    elif OUT_MODE == 1:
-        rows = slot.to(tl.int64)
-    else:
-        rows = (slot // TOP_K).to(tl.int64)
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     for n0 in tl.range(0, N, BLOCK_N, num_stages=N_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
