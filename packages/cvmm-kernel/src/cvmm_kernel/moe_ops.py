@@ -234,7 +234,7 @@ def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, determ
 
     wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
     tokens, d_in = x.shape
-    n, hid, d_out = tokens * top_k, w_up.shape[2], w_down.shape[2]
+    n, hid = tokens * top_k, w_up.shape[2]
     h = x.new_empty(n, hid)
     u = x.new_empty(n if activation in _NEEDS_PREACTIVATION else 0, hid)
     kt.moe_gemm(
@@ -250,31 +250,32 @@ def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, determ
         aux=u if u.numel() else None,
         config=_config("up", d_in, hid),
     )
-    if deterministic:
-        y = x.new_empty(n, d_out)
-        _sorted_times_expert(h, wd, y, r, top_k, "down", kt.OUT_SLOT, gate)
-        out = y.view(tokens, top_k, d_out).sum(1)
-    else:
-        acc = torch.zeros(tokens, d_out, dtype=torch.float32, device=x.device)
-        _sorted_times_expert(h, wd, acc, r, top_k, "down", kt.OUT_TOKEN_ATOMIC, gate)
-        out = acc.to(x.dtype)
+    out = _token_sums(h, wd, r, top_k, tokens, "down", deterministic, gate)
     return out, h, u
 
 
-def _sorted_times_expert(a, w, out, r: Routing, top_k, role, out_mode, gate=None):
-    """``out[row(p)] (+)= g_p * (a[p] @ w[expert(p)])`` for sorted rows ``a [N, K]`` (the down
-    projection and the input gradient); small ``K`` goes to the row-tile kernel."""
+def _token_sums(a, w, r: Routing, top_k, tokens, role, deterministic, gate=None):
+    """``out[t] = sum_j g_s * (a[p(s)] @ w[expert(s)])`` over each token's slots ``s = t*k + j``,
+    for rows ``a [N, K]`` in sorted order (the down projection and the input gradient): per-slot
+    products then a sum (deterministic), or fp32 atomic adds. Small ``K`` goes to the row-tile
+    kernel. Returns ``[tokens, N]`` in ``a``'s dtype."""
     from . import moe_triton as kt
 
     k, n = a.shape[1], w.shape[2]
+    if deterministic:
+        out, out_mode = a.new_empty(tokens * top_k, n), kt.OUT_SLOT
+    else:
+        out = torch.zeros(tokens, n, dtype=torch.float32, device=a.device)
+        out_mode = kt.OUT_TOKEN_ATOMIC
     if k <= kt.ROWS_MAX_K:
         config = _config(f"{role}_rows", k, n)
         kt.moe_gemm_rows(a, w, out, r, top_k, a_gather=False, out_mode=out_mode, gate=gate,
                          config=config)  # fmt: skip
-        return
-    kt.moe_gemm(a, w, out, r, top_k, a_gather=False, out_mode=out_mode,
-                epilogue=kt.EPI_GATE if gate is not None else kt.EPI_NONE, gate=gate,
-                config=_config(role, k, n))  # fmt: skip
+    else:
+        kt.moe_gemm(a, w, out, r, top_k, a_gather=False, out_mode=out_mode,
+                    epilogue=kt.EPI_GATE if gate is not None else kt.EPI_NONE, gate=gate,
+                    config=_config(role, k, n))  # fmt: skip
+    return out.view(tokens, top_k, n).sum(1) if deterministic else out.to(a.dtype)
 
 
 def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation, deterministic):
@@ -303,16 +304,7 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         config=cfg,
     )
     dgate = (dgate_parts[0] if dgate_parts.shape[0] == 1 else dgate_parts.sum(0)).to(gate.dtype)
-    if deterministic:
-        per_slot = x.new_empty(n, d_in)
-        _sorted_times_expert(du, wu.transpose(1, 2), per_slot, r, top_k, "grad_input", kt.OUT_SLOT)
-        dx = per_slot.view(tokens, top_k, d_in).sum(1)
-    else:
-        acc = torch.zeros(tokens, d_in, dtype=torch.float32, device=x.device)
-        _sorted_times_expert(
-            du, wu.transpose(1, 2), acc, r, top_k, "grad_input", kt.OUT_TOKEN_ATOMIC
-        )
-        dx = acc.to(x.dtype)
+    dx = _token_sums(du, wu.transpose(1, 2), r, top_k, tokens, "grad_input", deterministic)
     dw_down = torch.empty_like(w_down)
     kt.moe_weight_grad(
         h,
