@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,14 +18,27 @@ def generator() -> torch.Generator:
     return torch.Generator().manual_seed(20261122)
 
 
-@pytest.fixture(scope="module")
-def demo():
-    """``examples/train_lm.py`` loaded as a module, once per test module (loading it puts
-    ``examples/`` on ``sys.path``, so ``lm_demo`` imports work afterwards)."""
-    spec = importlib.util.spec_from_file_location("train_lm_demo", DEMO)
+def load_demo(name: str = "train_lm_demo"):
+    """``examples/train_lm.py`` loaded as a module named ``name`` (loading it puts ``examples/``
+    on ``sys.path``, so ``lm_demo`` imports work afterwards). Spawned test workers import it as
+    ``integration_tests.conftest.load_demo``."""
+    spec = importlib.util.spec_from_file_location(name, DEMO)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def free_port() -> int:
+    """A free local TCP port for a process group of spawned test workers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """``examples/train_lm.py`` loaded once per test module (see :func:`load_demo`)."""
+    return load_demo()
 
 
 @pytest.fixture

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 DATA = argparse.__file__  # one standard-library source file (~100 KB)
-DEMO = Path(__file__).resolve().parents[1] / "examples" / "train_lm.py"
 WORLD = 2
 SHARDED = ("--fsdp", "--activation-checkpointing")
 
@@ -58,19 +55,6 @@ def run_flags(out: Path, *extra: str) -> list[str]:
     ]
 
 
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("train_lm_demo_fsdp", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _demo_worker(rank: int, port: int, tmp: str) -> None:
     """A ``--fsdp --activation-checkpointing`` run (its step-2 checkpoint copied aside, as a run
     stopped there leaves it), the same run with DDP, and ``--resume`` from the copy."""
@@ -85,7 +69,9 @@ def _demo_worker(rank: int, port: int, tmp: str) -> None:
         timeout=datetime.timedelta(seconds=120),  # a failing rank must not hang the other
     )
     try:
-        demo = _load_demo()
+        from integration_tests.conftest import load_demo
+
+        demo = load_demo("train_lm_demo_fsdp")
         tmp = Path(tmp)
         real_save = demo.save_run_checkpoint
 
@@ -125,7 +111,9 @@ def fsdp_runs(tmp_path_factory):
     mp_path = pytest.MonkeyPatch()
     mp_path.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     try:
-        mp.spawn(_demo_worker, args=(_free_port(), str(tmp)), nprocs=WORLD, join=True)
+        from integration_tests.conftest import free_port
+
+        mp.spawn(_demo_worker, args=(free_port(), str(tmp)), nprocs=WORLD, join=True)
     finally:
         mp_path.undo()
     return tmp, torch.load(tmp / "result.pt")

@@ -7,7 +7,6 @@ the reference.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -41,12 +40,6 @@ def _tiny_lm(**kw) -> MoEUTLM:
 
 def _batch(step: int) -> torch.Tensor:
     return torch.randint(0, 40, (BATCH, SEQ), generator=torch.Generator().manual_seed(step))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _init(rank: int, port: int):
@@ -142,7 +135,9 @@ def _spawn(worker, tmp_path, monkeypatch) -> dict:
     # The spawned processes unpickle the worker as ``integration_tests.test_fsdp._...``.
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     out = str(tmp_path / "result.pt")
-    mp.spawn(worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    from integration_tests.conftest import free_port
+
+    mp.spawn(worker, args=(free_port(), out), nprocs=WORLD, join=True)
     return torch.load(out)
 
 
