@@ -285,20 +285,20 @@ class _Args:
             f"does not have it; pass it (training_args={{{name!r}: ...}}, CLI --arg {name}=...)"
         )
 
-    def as_int(self, name: str) -> int:
-        value = _parse_optional(name, self.raw(name), int)
+    def _required(self, name: str, cast: type, kind: str):
+        value = _parse_optional(name, self.raw(name), cast)
         if value is None:
-            raise ValueError(f"training argument {name!r} must be an integer, got None")
+            raise ValueError(f"training argument {name!r} must be {kind}, got None")
         return value
+
+    def as_int(self, name: str) -> int:
+        return self._required(name, int, "an integer")
 
     def as_opt_int(self, name: str) -> int | None:
         return _parse_optional(name, self.raw(name), int)
 
     def as_float(self, name: str) -> float:
-        value = _parse_optional(name, self.raw(name), float)
-        if value is None:
-            raise ValueError(f"training argument {name!r} must be a number, got None")
-        return value
+        return self._required(name, float, "a number")
 
     def as_opt_float(self, name: str) -> float | None:
         return _parse_optional(name, self.raw(name), float)
