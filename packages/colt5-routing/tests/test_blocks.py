@@ -225,9 +225,10 @@ def test_image_attention_layouts_and_tiles(channel_first):
     img = torch.randn(2, D, 5, 7) if channel_first else torch.randn(2, 5, 7, D)
     out = attn(img)
     assert out.shape == img.shape and torch.isfinite(out).all()
-    # light branch alone (heavy branch replaced by its base): a pixel sees only its 3 x 3 tile
-    attn.attn._heavy = lambda x, mask, nq, nkv, light: light
-    light_only = attn(img)
+    # light branch alone (no routed query, zero null output): a pixel sees only its 3 x 3 tile
+    with torch.no_grad():
+        attn.attn.null_q_token.zero_()
+    light_only = attn(img, num_heavy_tokens_q=0)
     last = img.permute(0, 2, 3, 1) if channel_first else img
     got = light_only.permute(0, 2, 3, 1) if channel_first else light_only
     ref = attn.attn.light_attn(last[:, 3:5, 3:6].reshape(2, 6, D)).view(2, 2, 3, D)

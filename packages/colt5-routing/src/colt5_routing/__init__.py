@@ -4,21 +4,19 @@ and routed blocks.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .blocks import (
+from .attention import (
     Attention,
     ConditionalRoutedAttention,
     ConditionalRoutedAutoregressiveAttention,
     ConditionalRoutedCrossAttention,
-    ConditionalRoutedFeedForward,
-    ConditionalRoutedImageAttention,
-    ConditionalRoutedTransformerBlock,
-    FeedForward,
 )
 from .coor_descent import TopkReturn, coor_descent, coor_descent_reference, topk
 from .coor_descent_triton import triton_coor_descent
+from .feedforward import ConditionalRoutedFeedForward, FeedForward
 from .local_attention import LocalMHA, local_attention
 from .router import CoordinateDescentRouter, RouterReturn
-from .vit import ConditionalRoutedViT
+from .transformer import ConditionalRoutedTransformerBlock
+from .vit import ConditionalRoutedImageAttention, ConditionalRoutedViT
 
 try:
     __version__ = version("colt5-routing")

@@ -69,8 +69,13 @@ def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
 
 
 def scatter_tokens(values: Tensor, indices: Tensor, n: int, base: Tensor | None = None) -> Tensor:
-    """Sum ``values [b, ..., k, d]`` into ``[b, n, d]`` at ``indices [b, ..., k]`` (onto base).
-    The result has the promoted dtype of ``values`` and ``base``."""
+    """Sum ``values [b, ..., k, d]`` into ``[b, n, d]`` at ``indices [b, ..., k]`` (onto base);
+    indices ``>= n`` (the padding picks of a blocked router) are dropped. The result has the
+    promoted dtype of ``values`` and ``base``. Shapes do not depend on the index values (no
+    read-back: ``torch.compile(fullgraph=True)`` traces it)."""
+    inside = indices < n
+    indices = torch.where(inside, indices, torch.zeros_like(indices))
+    values = torch.where(inside.unsqueeze(-1), values, torch.zeros_like(values))
     b, d = values.shape[0], values.shape[-1]
     out = values.new_zeros(b, n, d) if base is None else base
     dtype = torch.promote_types(values.dtype, out.dtype)

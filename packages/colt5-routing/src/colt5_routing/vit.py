@@ -1,13 +1,95 @@
-"""A vision transformer built from CoLT5 routed attention and feedforward blocks."""
+"""Image blocks: CoLT5 routed attention over the pixels of a feature map, and a vision
+transformer built from it and the routed feedforward."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import ConditionalRoutedFeedForward, ConditionalRoutedImageAttention
+from .attention import ConditionalRoutedAttention
+from .feedforward import ConditionalRoutedFeedForward
+from .router import check_num_tokens
 
-__all__ = ["ConditionalRoutedViT"]
+__all__ = ["ConditionalRoutedImageAttention", "ConditionalRoutedViT"]
+
+
+class ConditionalRoutedImageAttention(nn.Module):
+    """CoLT5 attention over the pixels of ``x [b, c, h, w]`` (``channel_first``) or
+    ``[b, h, w, c]``; returns the same layout. The light branch attends within
+    ``light_window_size x light_window_size`` tiles (zero padding at the borders is masked out);
+    the heavy branch routes queries and keys among all pixels. ``use_rotary`` defaults to
+    ``False`` here (as upstream): rotary embeddings are 1-d, and the pixels are in tile order."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        num_heavy_tokens_q: int,
+        num_heavy_tokens_kv: int,
+        light_window_size: int = 8,
+        channel_first: bool = False,
+        **kwargs,
+    ) -> None:
+        super().__init__()
+        if isinstance(light_window_size, bool) or not isinstance(light_window_size, int):
+            raise TypeError(f"light_window_size must be an int, got {light_window_size!r}")
+        if light_window_size < 1:
+            raise ValueError(f"light_window_size must be >= 1, got {light_window_size}")
+        self.channel_first = channel_first
+        self.window = light_window_size
+        kwargs.setdefault("use_rotary", False)
+        self.attn = ConditionalRoutedAttention(
+            dim,
+            num_heavy_tokens_q=num_heavy_tokens_q,
+            num_heavy_tokens_kv=num_heavy_tokens_kv,
+            light_window_size=2 * light_window_size**2,  # one tile = one local block
+            **kwargs,
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        num_heavy_tokens_q: int | None = None,
+        num_heavy_tokens_kv: int | None = None,
+    ) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"expected an image batch of 4 dimensions, got {tuple(x.shape)}")
+        dim = self.attn.dim
+        if x.shape[1 if self.channel_first else 3] != dim:
+            layout = "[b, dim, h, w]" if self.channel_first else "[b, h, w, dim]"
+            raise ValueError(f"x must be {layout} with dim={dim}, got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+        attn = self.attn
+        nq = check_num_tokens(num_heavy_tokens_q, attn.num_heavy_tokens_q, "num_heavy_tokens_q")
+        nkv = check_num_tokens(num_heavy_tokens_kv, attn.num_heavy_tokens_kv, "num_heavy_tokens_kv")
+        if x.numel() == 0:
+            return x * 0
+        if self.channel_first:
+            x = x.permute(0, 2, 3, 1)
+        b, h, w, c = x.shape
+        ws = self.window
+        ph, pw = (-h) % ws, (-w) % ws
+        xp = F.pad(x, (0, 0, 0, pw, 0, ph))
+        keep = F.pad(x.new_ones(b, h, w, dtype=torch.bool), (0, pw, 0, ph), value=False)
+        nh, nw = (h + ph) // ws, (w + pw) // ws
+        # pixels in tile-major order: each tile of ws x ws pixels is contiguous
+        tiles = xp.reshape(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, c)
+        tkeep = keep.reshape(b, nh, ws, nw, ws).permute(0, 1, 3, 2, 4).reshape(b, -1)
+        out = attn(
+            tiles,
+            mask=tkeep if (ph or pw) else None,
+            num_heavy_tokens_q=nq,
+            num_heavy_tokens_kv=nkv,
+            light_tile_size=ws * ws,
+        )
+        out = out.reshape(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        out = out.reshape(b, nh * ws, nw * ws, c)[:, :h, :w]
+        return out.permute(0, 3, 1, 2) if self.channel_first else out
 
 
 class ConditionalRoutedViT(nn.Module):
