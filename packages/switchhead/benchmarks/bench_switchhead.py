@@ -44,6 +44,7 @@ def variants():
     yield "rope-4x4-d100", lambda: SwitchHeadRope(1024, 4, 4, d_head=100)
     yield "rope-4x4-d128", lambda: SwitchHeadRope(1024, 4, 4, d_head=128)
     yield "xl-4x4-d100", lambda: SwitchHeadXL(1024, 4, 4, d_head=100)
+    yield "xl-4x4-d100 reference", lambda: SwitchHeadXL(1024, 4, 4, d_head=100, backend="reference")
     yield "dense-mha-16x64", lambda: DenseMHA()
 
 
@@ -114,7 +115,7 @@ def main() -> int:
         results = {}
         for name, make in variants():
             results[name] = time_layer(make, 8, seq)
-            if args.compile and not name.startswith("xl"):
+            if args.compile and not name.endswith("reference"):
                 results[name + " (compiled)"] = time_layer(make, 8, seq, "compiled")
             if args.cuda_graph:
                 try:

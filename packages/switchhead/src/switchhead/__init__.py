@@ -4,10 +4,12 @@ explicit KV cache.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .attention import KVCache, SwitchHeadCore, SwitchHeadRope, SwitchHeadXL
+from .attention import KVCache, SwitchHeadCore, SwitchHeadRope
 from .block import SwitchHeadSelfAttention
 from .masks import AttentionMask, causal_keep_mask, check_mask, sdpa_mask
+from .relative_attention import relative_attention
 from .rope import RotaryEmbedding
+from .xl import SwitchHeadXL
 
 try:
     __version__ = version("switchhead")
@@ -25,5 +27,6 @@ __all__ = [
     "__version__",
     "causal_keep_mask",
     "check_mask",
+    "relative_attention",
     "sdpa_mask",
 ]

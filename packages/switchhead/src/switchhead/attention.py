@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from cvmm_kernel import CVMMSel, cvmm, cvmm_prepare_sel2
 
-from .masks import AttentionMask, causal_keep_mask, check_mask, sdpa_mask
+from .masks import AttentionMask, check_mask, sdpa_mask
 from .rope import RotaryEmbedding
 
 KVCache = dict[str, torch.Tensor] | None
@@ -514,91 +514,10 @@ class SwitchHeadRope(SwitchHeadCore):
         return self.attention_fn(q, k, v, attn_mask=keep, is_causal=is_causal, scale=self.scale)
 
 
-class SwitchHeadXL(SwitchHeadCore):
-    """SwitchHead with Transformer-XL relative positional attention.
+def __getattr__(name: str):
+    # SwitchHeadXL moved to switchhead.xl; keep ``from switchhead.attention import SwitchHeadXL``.
+    if name == "SwitchHeadXL":
+        from .xl import SwitchHeadXL
 
-    The score of query ``i`` (absolute position ``offset + i``) and key ``j`` is
-    ``(q_i . k_j + q_i . P(j - offset - i)) / sqrt(d_head)`` with ``P`` the projected
-    (``pos_to_pk``) sinusoidal embedding of the relative position. The positional term enters the
-    attention core as an additive float mask, so any SDPA-compatible ``attention_fn`` works.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        n_experts: int,
-        dropout: float = 0.0,
-        d_head: int | None = None,
-        expert_dropout: float = 0.0,
-        moe_k: int = 2,
-        init_scale: float = 1.0,
-        attention_fn: AttentionFn | None = None,
-        expert_impl: str = "auto",
-        pad_head_dim: bool | None = None,
-    ):
-        super().__init__(
-            d_model,
-            n_heads,
-            n_experts,
-            dropout,
-            d_head,
-            expert_dropout,
-            moe_k,
-            attention_fn,
-            expert_impl,
-            pad_head_dim,
-        )
-        self.pe_size = d_model
-        self.pos_to_pk = torch.nn.Parameter(torch.empty(n_heads * self.projection_size, d_model))
-        self.reset_parameters(init_scale)
-
-    @torch.no_grad()
-    def reset_parameters(self, init_scale: float = 1.0) -> None:
-        super().reset_parameters(init_scale)
-        if hasattr(self, "pos_to_pk"):
-            torch.nn.init.normal_(self.pos_to_pk, 0, init_scale / math.sqrt(self.pe_size))
-
-    def _sinusoids(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """``[P, d_model]``: sin on even channels, cos on odd ones (the authors' layout)."""
-        d = self.pe_size
-        div = torch.exp(
-            torch.arange(0, d, 2, device=positions.device, dtype=dtype) * (-math.log(10000.0) / d)
-        )
-        angles = positions.to(dtype).unsqueeze(-1) * div
-        return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2)[:, :d]
-
-    def attend(self, q, k, v, mask, offset):
-        b, h, n_q, hs = q.shape
-        n_k = k.shape[-2]
-        keep, is_causal = sdpa_mask(mask, b, n_q, n_k, q.device, h)
-        if n_q == 0:
-            return q.new_zeros(b, h, 0, v.shape[-1])
-        # Relative positions j - (offset + i) run over [lowest, n_k - 1 - offset]; the score of
-        # (i, j) sits at column j - i + n_q - 1 of pos_scores, whatever the offset.
-        lowest = -(offset + n_q - 1)
-        positions = torch.arange(lowest, n_k - offset, device=q.device)
-        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        pe = self._sinusoids(positions, dtype) * self.scale
-        pos_k = self._pad_rows(self.pos_to_pk).view(h, hs, -1)  # [H, hs, d_model]
-        pos_k = torch.matmul(pos_k, pe.t().to(pos_k.dtype))  # [H, hs, P]
-        pos_scores = torch.matmul(q, pos_k.to(q.dtype))  # [B, H, Tq, P]
-        bias = _skew(pos_scores, n_k)
-        if is_causal:
-            keep = causal_keep_mask(n_q, n_k, q.device)
-        bias = bias.masked_fill(~keep, float("-inf")) if keep is not None else bias.contiguous()
-        return self.attention_fn(q, k, v, attn_mask=bias, is_causal=False, scale=self.scale)
-
-
-def _skew(pos_scores: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """``[..., Tq, Tq + Tk - 1] -> [..., Tq, Tk]``, entry ``(i, j)`` read from column
-    ``j - i + Tq - 1`` (relative position to a key), with views only.
-
-    Row ``i`` of the result starts ``Tq - 1 - i`` columns into row ``i`` of the input, so in the
-    flattened input it starts at ``Tq - 1 + i * (P - 1)``: a view with row stride ``P - 1``.
-    """
-    n_q, n_pos = pos_scores.shape[-2:]
-    if n_q == 1:
-        return pos_scores
-    flat = pos_scores.flatten(-2).narrow(-1, n_q - 1, n_q * (n_pos - 1))
-    return flat.view(*pos_scores.shape[:-2], n_q, n_pos - 1)[..., :n_keys]
+        return SwitchHeadXL
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

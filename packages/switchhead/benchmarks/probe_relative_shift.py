@@ -1,0 +1,147 @@
+"""Probe: what the relative shift costs inside the XL forward kernel, one variant per way of
+doing it (CUDA). The forward of relative_attention_triton with the positional term
+
+    0: left out (plain flash attention, the floor)
+    1: a [B, B] band product added without any shift (the product's cost alone)
+    2: [B, 2B] band product, shifted by tl.gather along the key axis (float32)
+    3: as 2 with the band scores rounded to bf16 before the gather
+    4: transposed band product [2B, B], tl.gather along axis 0, then tl.trans
+    5: band scores written to a per-program global scratch and read back shifted
+
+B=8, H=4, T=4096, head 104 (padded 128), causal, bf16; median ms of triton.testing.do_bench,
+with SDPA's forward on the same inputs first.
+Writes probe_relative_shift.json to $OUT (else benchmarks/results).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _probe_fwd(
+    Q, K, V, R, OUT, SCRATCH, L, S, qk_scale,
+    D: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    bh = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(1)
+    start_m = pid * BLOCK
+    h = bh % 4
+    local = tl.arange(0, BLOCK)
+    offs_m = start_m + local.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    d_ok = offs_d < D
+    base = bh * L * D
+    q = tl.load(Q + base + offs_m[:, None] * D + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    m_i = tl.full([BLOCK], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK, BLOCK_D], dtype=tl.float32)
+    skew = local[None, :] - local[:, None] + BLOCK - 1
+    skew_t = local[:, None] - local[None, :] + BLOCK - 1
+    n_pos = L + S - 1
+    w2 = tl.arange(0, 2 * BLOCK).to(tl.int64)
+    scratch = SCRATCH + (bh * tl.num_programs(1) + pid) * (BLOCK * 2 * BLOCK)
+    for start_n in range(0, start_m + BLOCK, BLOCK):
+        cols = start_n + local.to(tl.int64)
+        kt = tl.load(K + base + cols[None, :] * D + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        s = tl.dot(q, kt) * qk_scale
+        c = start_n - start_m - (BLOCK - 1) + L - 1 + w2
+        ok = (c >= 0) & (c < n_pos)
+        if MODE == 1:
+            c1 = start_n - start_m + L - 1 + local.to(tl.int64)
+            band = tl.load(R + (h * n_pos + c1[:, None]) * D + offs_d[None, :],
+                           mask=(c1 < n_pos)[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+            s += tl.dot(q, tl.trans(band)) * 1.4426950408889634
+        elif MODE >= 2:
+            band = tl.load(R + (h * n_pos + c[:, None]) * D + offs_d[None, :],
+                           mask=ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+            if MODE == 2:
+                s += tl.gather(tl.dot(q, tl.trans(band)), skew, 1) * 1.4426950408889634
+            elif MODE == 3:
+                pb = tl.dot(q, tl.trans(band)).to(tl.bfloat16)
+                s += tl.gather(pb, skew, 1).to(tl.float32) * 1.4426950408889634
+            elif MODE == 4:
+                pbt = tl.dot(band, tl.trans(q))
+                s += tl.trans(tl.gather(pbt, skew_t, 0)) * 1.4426950408889634
+            else:
+                pb = tl.dot(q, tl.trans(band))
+                tl.store(scratch + local[:, None] * (2 * BLOCK) + w2[None, :], pb)
+                tl.debug_barrier()
+                s += tl.load(scratch + local[:, None] * (2 * BLOCK) + skew) * 1.4426950408889634
+                tl.debug_barrier()
+        s = tl.where(cols[None, :] <= offs_m[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(OUT + base + offs_m[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=d_ok[None, :])  # fmt: skip
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    b, h, t, d = 8, 4, 4096, 104
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, generator=g)
+               for _ in range(3))  # fmt: skip
+    r = torch.randn(h, 2 * t - 1, d, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    rows = [{"sdpa_ms": triton.testing.do_bench(sdpa, warmup=5, rep=40, return_mode="median")}]
+    print(rows[-1], flush=True)
+    outs = {}
+    for block, warps, stages in ((64, 4, 3), (64, 8, 3), (128, 8, 2)):
+        scratch = torch.empty(b * h * (t // block) * block * 2 * block, device="cuda")
+        for mode in range(6):
+            out = torch.empty_like(q)
+
+            def run(mode=mode, out=out, block=block, warps=warps, stages=stages, scratch=scratch):
+                _probe_fwd[(b * h, t // block)](
+                    q, k, v, r, out, scratch, t, t, d**-0.5 * 1.4426950408889634,
+                    D=d, MODE=mode, BLOCK=block, BLOCK_D=128, num_warps=warps, num_stages=stages,
+                )  # fmt: skip
+
+            try:
+                run()
+                ms = triton.testing.do_bench(run, warmup=5, rep=40, return_mode="median")
+                outs[(block, mode)] = out.float()
+                err = ""
+                if mode >= 3 and (block, 2) in outs:
+                    ref = outs[(block, 2)]
+                    err = float((out.float() - ref).norm() / ref.norm())
+            except Exception as exc:
+                ms, err = float("nan"), repr(exc)[:100]
+            rows.append({"block": block, "warps": warps, "stages": stages, "mode": mode,
+                         "ms": ms, "err_vs_mode2": err})  # fmt: skip
+            print(rows[-1], flush=True)
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "probe_relative_shift.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=2)
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Launch settings of the Transformer-XL relative-attention kernels, and their cost against SDPA.
+
+    PYTHONPATH=packages/cvmm-kernel/src:packages/switchhead/src \
+        python3 packages/switchhead/benchmarks/sweep_relative_attention.py
+
+The attention core of the SwitchHead XL benchmark layer (B=8, 4 heads, head size 104, causal,
+bf16) at T=1024 and 4096: each kernel alone for every candidate ``(BLOCK, num_warps,
+num_stages)`` (median of ``triton.testing.do_bench``), checked against the default's output;
+then forward + backward of the default settings, of the reference path (positional bias +
+SDPA) and of SDPA without the positional term, in the same process. Writes
+``sweep_relative_attention.json`` / ``.md`` to ``$OUT`` (else ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CANDIDATES = {
+    "fwd": [(64, 4, 3), (64, 8, 3), (64, 8, 2), (64, 4, 2), (128, 8, 3), (128, 8, 2), (32, 4, 3)],
+    "dkdv": [(64, 4, 2), (64, 8, 2), (64, 8, 3), (64, 4, 3), (32, 4, 2), (128, 8, 2)],
+    "dq": [(64, 4, 2), (64, 8, 2), (64, 8, 3), (64, 4, 3), (32, 4, 2), (128, 8, 2)],
+}
+
+
+def inputs(b, h, t, d, device="cuda", dtype=torch.bfloat16):
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g) for _ in range(3))
+    r = torch.randn(h, 2 * t - 1, d, device=device, dtype=dtype, generator=g) * 0.1
+    grad = torch.randn(b, h, t, d, device=device, dtype=dtype, generator=g)
+    return q, k, v, r, grad
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+    import triton.testing
+    from switchhead import relative_attention_triton as kt
+    from switchhead.relative_attention import reference_relative_attention, relative_attention
+
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    scale = 100**-0.5
+    rows = []
+    for t in (1024, 4096):
+        q, k, v, r, grad = inputs(8, 4, t, 104)
+        out, lse = kt.relative_attention_fwd(q, k, v, r, None, True, scale)
+        dq, dk, dv, dr = kt.relative_attention_bwd(grad, q, k, v, r, None, out, lse, True, scale)
+        for kernel, cands in CANDIDATES.items():
+            for cfg in cands:
+                try:
+                    if kernel == "fwd":
+                        fn = lambda: kt.relative_attention_fwd(q, k, v, r, None, True, scale, cfg)
+                        got = fn()[0]
+                        err = float((got.float() - out.float()).norm() / out.float().norm())
+                    else:
+                        key = "dkdv_config" if kernel == "dkdv" else "dq_config"
+
+                        def fn():
+                            return kt.relative_attention_bwd(
+                                grad, q, k, v, r, None, out, lse, True, scale, **{key: cfg}
+                            )
+
+                        got = fn()
+                        want = (dk, dv) if kernel == "dkdv" else (dq, dr)
+                        have = got[1:3] if kernel == "dkdv" else (got[0], got[3])
+                        err = max(
+                            float((a.float() - b.float()).norm() / b.float().norm())
+                            for a, b in zip(have, want)
+                        )
+                    ms = bench(fn)
+                except Exception as exc:  # a setting that does not compile (shared memory)
+                    ms, err = float("nan"), repr(exc)[:120]
+                rows.append({"T": t, "kernel": kernel, "config": cfg, "ms": ms, "err": err})
+                print(rows[-1], flush=True)
+        # forward + backward: the kernels, the reference path and SDPA without positions
+        leaves = [x.detach().requires_grad_() for x in (q, k, v, r)]
+
+        def step(fn):
+            def run():
+                o = fn(*leaves)
+                torch.autograd.grad(o, leaves[:3] if fn is sdpa else leaves, grad)
+
+            return run
+
+        def sdpa(q, k, v, r=None):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+
+        kernels = lambda q, k, v, r: relative_attention(q, k, v, r, None, True, scale, "triton")
+        reference = lambda q, k, v, r: reference_relative_attention(q, k, v, r, None, True, scale)
+        for name, fn in (("kernels", kernels), ("reference", reference), ("sdpa", sdpa)):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            try:
+                step(fn)()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                ms = bench(step(fn))
+                fwd_ms = bench(lambda fn=fn: fn(*[x.detach() for x in leaves]))
+            except torch.OutOfMemoryError:
+                ms = fwd_ms = peak = float("nan")
+            rows.append({"T": t, "kernel": f"fwd+bwd {name}", "ms": ms, "fwd_ms": fwd_ms,
+                         "peak_mib": peak})  # fmt: skip
+            print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+        "setup": "B=8, H=4, head 104 (SwitchHead d_head 100 padded), causal, bf16",
+    }
+    lines = [
+        f"XL relative attention core, {meta['gpu']}, torch {meta['torch']}, triton "
+        f"{meta['triton']}, {meta['date']} ({meta['setup']})",
+        "",
+        "| T | kernel / path | config (BLOCK, warps, stages) | ms | fwd ms | peak MiB | err |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['T']} | {row['kernel']} | {row.get('config', '')} | {row['ms']:.3f} | "
+            f"{row.get('fwd_ms', float('nan')):.3f} | {row.get('peak_mib', float('nan')):.0f} | "
+            f"{row.get('err', '')} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sweep_relative_attention.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=2, default=str)
+    )
+    (out_dir / "sweep_relative_attention.md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
