@@ -13,8 +13,8 @@ order.
   ops with fake and autograd implementations so ``torch.compile(fullgraph=True)`` traces them.
 
 ``backend=None`` picks ``"triton"`` for CUDA tensors in float16, bfloat16 or float32 with head
-dims up to 256 when Triton has ``tl.gather`` (3.2 and later) and deterministic algorithms are
-not requested (the kernels add the gradient of ``r`` with atomics); otherwise ``"reference"``.
+dims up to 256 when deterministic algorithms are not requested (the backward adds the gradients
+of ``k``, ``v`` and ``r`` with atomics); otherwise ``"reference"``.
 """
 
 from __future__ import annotations
@@ -194,14 +194,12 @@ def _check(q, k, v, r, keep, scale, backend) -> None:
             raise ValueError(f"keep must be at most 4-D on {q.device}, got {tuple(keep.shape)}")
     if not isinstance(scale, float | int) or scale <= 0:
         raise ValueError(f"scale must be a positive number, got {scale!r}")
-    if backend == "triton":
-        if q.dtype not in _KERNEL_DTYPES or d > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-            raise ValueError(
-                f"backend='triton' takes float16/bfloat16/float32 and head dims up to "
-                f"{MAX_HEAD_DIM}, got {q.dtype}, d={d}, dv={v.shape[-1]}"
-            )
-        if not _kernels().kernels_available():
-            raise RuntimeError("backend='triton' needs Triton >= 3.2 (tl.gather)")
+    kernel_ok = q.dtype in _KERNEL_DTYPES and max(d, v.shape[-1]) <= MAX_HEAD_DIM
+    if backend == "triton" and not kernel_ok:
+        raise ValueError(
+            f"backend='triton' takes float16/bfloat16/float32 and head dims up to "
+            f"{MAX_HEAD_DIM}, got {q.dtype}, d={d}, dv={v.shape[-1]}"
+        )
 
 
 def relative_attention(
