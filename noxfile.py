@@ -6,14 +6,14 @@
   virtual environment and installs nothing, so it runs on a CUDA machine without network that
   already has torch and triton. The packages are imported from the checkout (``PYTHONPATH``).
 - ``matrix``: the CPU tests against (torch, triton) pairs from the oldest supported to the newest.
-- ``lint``: ruff format --check and ruff check.
+- ``lint``: ruff format --check, ruff check (complexity included) and mypy over every
+  ``packages/*/src``, in the locked environment (``.pre-commit-config.yaml`` runs the same).
 - ``bench``: every package's benchmark scripts (needs CUDA; writes JSON under ``results/``).
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import nox
@@ -95,21 +95,15 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
     session.run("pytest", "-m", "not interpret and not slow", *session.posargs)
 
 
-def _locked_version(name: str) -> str:
-    """The version of ``name`` pinned in uv.lock (so lint uses the same ruff as the dev env)."""
-    lock = (ROOT / "uv.lock").read_text()
-    match = re.search(rf'\nname = "{re.escape(name)}"\nversion = "([^"]+)"', lock)
-    if match is None:
-        raise RuntimeError(f"{name} is not in uv.lock")
-    return match.group(1)
-
-
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff format --check and ruff check over the whole workspace (the locked ruff)."""
-    session.install(f"ruff=={_locked_version('ruff')}")
+    """ruff format --check and ruff check over the whole workspace, and mypy over every
+    ``packages/*/src`` (``[tool.mypy]`` in pyproject.toml), with the locked tools. mypy needs the
+    packages' dependencies (torch's annotations), hence the locked environment."""
+    _sync_locked(session)
     session.run("ruff", "format", "--check", ".")
     session.run("ruff", "check", ".")
+    session.run("mypy")
 
 
 @nox.session(venv_backend="none")

@@ -260,6 +260,44 @@ def _same(key: str, given, stored) -> bool:
     return given == stored
 
 
+def _resume_settings(p: argparse.ArgumentParser, args: argparse.Namespace, argv) -> None:
+    """``--resume``: load and verify the checkpoint into ``args.checkpoint`` and take its
+    settings; a flag given again with a different value is an error naming it."""
+    from lm_demo.checkpoint import CheckpointError, load_checkpoint, manifest_path
+
+    if not manifest_path(args.resume).is_file():
+        p.error(f"--resume: no such checkpoint: {args.resume}")
+    try:
+        args.checkpoint = load_checkpoint(args.resume)
+    except CheckpointError as e:
+        p.error(f"--resume: {e}")
+    stored = args.checkpoint.settings
+    missing = [k for k in SETTINGS if k not in stored]
+    if missing:
+        p.error(f"--resume: the checkpoint lacks the settings {', '.join(missing)}")
+    # The flags given on this command line: argparse fills in defaults only for names the
+    # namespace lacks, so a namespace preset with a marker keeps the omitted flags visible.
+    unset = object()
+    given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(SETTINGS, unset))))
+    explicit = {k: v for k, v in given.items() if v is not unset}
+    flag = lambda k: "--" + k.replace("_", "-")
+    differ = [
+        f"{flag(k)} {explicit[k]} (checkpoint: {stored[k]})"
+        for k in SETTINGS
+        if k in explicit and not _same(k, explicit[k], stored[k])
+    ]
+    if differ:
+        p.error(
+            "--resume: these flags differ from the settings stored in the checkpoint: "
+            + "; ".join(differ)
+            + ". Leave them out to continue the run as it was, or start a new run."
+        )
+    for k in SETTINGS:
+        setattr(args, k, stored[k])
+    if args.out is None:
+        args.out = str(args.checkpoint.path.parent)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The command line as a namespace. On ``--resume`` the checkpoint is loaded and verified
     (``args.checkpoint``), its settings replace the defaults, and a flag given again with a
@@ -268,39 +306,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.checkpoint = None
     if args.resume is not None:
-        from lm_demo.checkpoint import CheckpointError, load_checkpoint, manifest_path
-
-        if not manifest_path(args.resume).is_file():
-            p.error(f"--resume: no such checkpoint: {args.resume}")
-        try:
-            args.checkpoint = load_checkpoint(args.resume)
-        except CheckpointError as e:
-            p.error(f"--resume: {e}")
-        stored = args.checkpoint.settings
-        missing = [k for k in SETTINGS if k not in stored]
-        if missing:
-            p.error(f"--resume: the checkpoint lacks the settings {', '.join(missing)}")
-        # The flags given on this command line: argparse fills in defaults only for names the
-        # namespace lacks, so a namespace preset with a marker keeps the omitted flags visible.
-        unset = object()
-        given = vars(p.parse_args(argv, argparse.Namespace(**dict.fromkeys(SETTINGS, unset))))
-        explicit = {k: v for k, v in given.items() if v is not unset}
-        flag = lambda k: "--" + k.replace("_", "-")
-        differ = [
-            f"{flag(k)} {explicit[k]} (checkpoint: {stored[k]})"
-            for k in SETTINGS
-            if k in explicit and not _same(k, explicit[k], stored[k])
-        ]
-        if differ:
-            p.error(
-                "--resume: these flags differ from the settings stored in the checkpoint: "
-                + "; ".join(differ)
-                + ". Leave them out to continue the run as it was, or start a new run."
-            )
-        for k in SETTINGS:
-            setattr(args, k, stored[k])
-        if args.out is None:
-            args.out = str(args.checkpoint.path.parent)
+        _resume_settings(p, args, argv)
     if args.steps < 1 or args.batch_size < 1 or args.seq_len < 2:
         p.error("--steps, --batch-size must be >= 1 and --seq-len >= 2")
     if args.eval_every < 1 or args.sample_tokens < 0:
@@ -481,8 +487,7 @@ def sample_text(model, args, device: torch.device) -> str:
 
 def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     """``main`` after the process group is set up: training, checkpoints, plots, sample."""
-    from lm_demo.distributed import load_full_state_dicts, parameter_sum, shard_model
-    from lm_demo.training import batch_seed, lr_scheduler, param_groups
+    from lm_demo.training import lr_scheduler, param_groups
 
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     corpus = load_corpus(args.data)
@@ -491,44 +496,17 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
         out.mkdir(parents=True, exist_ok=True)
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    model = build_model(args, corpus.vocab_size).to(device)
-    if world > 1 and hasattr(model, "reg_process_group"):
-        import torch.distributed as dist
-
-        # Expert usage averaged over the whole batch of all ranks before the entropy is taken,
-        # as the authors' training code does (moeut.entropy_reg's ``group``).
-        model.reg_process_group = dist.group.WORLD
-    if args.activation_checkpointing:
-        model.activation_checkpointing = True
     fsdp = args.fsdp and world > 1
-    if fsdp:  # before the optimizer: it holds the shards
-        shard_model(model, device)
+    model = _build_training_model(args, corpus.vocab_size, world, device, fsdp)
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     sched = lr_scheduler(opt, args.warmup, args.steps)
     history: dict[str, list] = {"train": [], "validation": []}
     start = 0
     if args.checkpoint is not None:
         ckpt, args.checkpoint = args.checkpoint, None
-        if fsdp:  # every rank keeps its shard of the full state dicts
-            load_full_state_dicts(model, opt, ckpt.model, ckpt.state["optimizer"])
-        else:
-            model.load_state_dict(ckpt.model)
-            opt.load_state_dict(ckpt.state["optimizer"])
-        sched.load_state_dict(ckpt.state["scheduler"])
-        torch.set_rng_state(ckpt.state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt.state["rng"]:
-            torch.cuda.set_rng_state_all(ckpt.state["rng"]["cuda"])
-        start, history = ckpt.step, ckpt.state["history"]
+        start, history = _restore(ckpt, model, opt, sched, device, fsdp)
         del ckpt
-    train_model, ddp = model, None
-    if world > 1 and not fsdp:
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if args.compile:
-        train_model = torch.compile(train_model)
+    train_model, ddp = _training_model(model, args, world, device, fsdp)
     n_params = sum(p.numel() for p in model.parameters())
     kind = "CoLT5 LM" if args.attention == "colt5" else f"{args.attention} MoEUT"
     parallel = f" x {world} processes ({'FSDP2' if fsdp else 'DDP'})" if world > 1 else ""
@@ -541,9 +519,6 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
     )
 
     gen = torch.Generator()  # reseeded for every micro-batch: batches depend on position alone
-    autocast = lambda: torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-    )
     # Metrics: expert usage as the MoE layers report it during the training forwards (see
     # lm_demo/metrics.py), FLOPs per token for the MFU, metrics.jsonl and TensorBoard.
     usage_counter = ExpertUsage(model)
@@ -567,28 +542,9 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
         for step in range(start + 1, args.steps + 1):
             t_step = time.time()
             opt.zero_grad(set_to_none=True)
-            step_loss, step_tokens = 0.0, 0
-            for micro in range(args.grad_accum):
-                gen.manual_seed(batch_seed(args.seed, rank, (step - 1) * args.grad_accum + micro))
-                x, y = sample_batch(corpus.train, args.batch_size, args.seq_len, gen)
-                last = micro == args.grad_accum - 1
-                # DDP and FSDP average gradients over the processes once per optimizer step
-                if fsdp:
-                    model.set_requires_gradient_sync(last)
-                with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
-                    with autocast():
-                        res = train_model(x.to(device))
-                        loss = F.cross_entropy(
-                            res.outputs.float().flatten(0, 1), y.to(device).flatten()
-                        )
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"the training loss is {loss.item()} at step {step}: the run "
-                            "diverged; try a lower --lr"
-                        )
-                    ((loss + res.reg_loss) / args.grad_accum).backward()
-                step_loss += loss.item() / args.grad_accum
-                step_tokens += x.numel() * world
+            step_loss, step_tokens = _accumulate_gradients(
+                step, args, rank, world, corpus.train, gen, model, train_model, ddp, fsdp, device
+            )
             if args.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             lr = opt.param_groups[0]["lr"]
@@ -658,6 +614,99 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
         usage_counter.close()
     tok_s = tokens_seen / max(time.time() - t0, 1e-9)
     log(f"trained {args.steps - start} steps at {tok_s:,.0f} tokens/s")
+    result = {"history": history, "out": out, "tokens_per_s": tok_s, "metrics": records}
+    return _finish(model, args, rank, world, device, fsdp, out, history, last_usage, result)
+
+
+def _build_training_model(
+    args: argparse.Namespace, vocab: int, world: int, device: torch.device, fsdp: bool
+) -> torch.nn.Module:
+    """The model on ``device``, set up for the run: the regulariser's process group,
+    activation checkpointing, and its FSDP2 shards (``fsdp``)."""
+    from lm_demo.distributed import shard_model
+
+    model = build_model(args, vocab).to(device)
+    if world > 1 and hasattr(model, "reg_process_group"):
+        import torch.distributed as dist
+
+        # Expert usage averaged over the whole batch of all ranks before the entropy is taken,
+        # as the authors' training code does (moeut.entropy_reg's ``group``).
+        model.reg_process_group = dist.group.WORLD
+    if args.activation_checkpointing:
+        model.activation_checkpointing = True
+    if fsdp:  # before the optimizer: it holds the shards
+        shard_model(model, device)
+    return model
+
+
+def _restore(ckpt, model, opt, sched, device: torch.device, fsdp: bool) -> tuple[int, dict]:
+    """Load the weights, optimizer, scheduler and RNG state of the checkpoint ``ckpt``; its
+    step and loss history."""
+    from lm_demo.distributed import load_full_state_dicts
+
+    if fsdp:  # every rank keeps its shard of the full state dicts
+        load_full_state_dicts(model, opt, ckpt.model, ckpt.state["optimizer"])
+    else:
+        model.load_state_dict(ckpt.model)
+        opt.load_state_dict(ckpt.state["optimizer"])
+    sched.load_state_dict(ckpt.state["scheduler"])
+    torch.set_rng_state(ckpt.state["rng"]["torch"])
+    if device.type == "cuda" and "cuda" in ckpt.state["rng"]:
+        torch.cuda.set_rng_state_all(ckpt.state["rng"]["cuda"])
+    return ckpt.step, ckpt.state["history"]
+
+
+def _training_model(model, args: argparse.Namespace, world: int, device: torch.device, fsdp: bool):
+    """``(train_model, ddp)``: what the training steps call (``model``, in
+    ``DistributedDataParallel`` over several processes without FSDP, compiled with
+    ``--compile``), and the DDP wrapper or ``None``."""
+    train_model, ddp = model, None
+    if world > 1 and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = ddp = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if args.compile:
+        train_model = torch.compile(train_model)
+    return train_model, ddp
+
+
+def _accumulate_gradients(
+    step, args, rank, world, data, gen, model, train_model, ddp, fsdp, device
+) -> tuple[float, int]:
+    """The forwards and backwards of the micro-batches of optimizer step ``step``: the step's
+    loss and its tokens (over all processes)."""
+    from lm_demo.training import batch_seed
+
+    step_loss, step_tokens = 0.0, 0
+    for micro in range(args.grad_accum):
+        gen.manual_seed(batch_seed(args.seed, rank, (step - 1) * args.grad_accum + micro))
+        x, y = sample_batch(data, args.batch_size, args.seq_len, gen)
+        last = micro == args.grad_accum - 1
+        # DDP and FSDP average gradients over the processes once per optimizer step
+        if fsdp:
+            model.set_requires_gradient_sync(last)
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                res = train_model(x.to(device))
+                loss = F.cross_entropy(res.outputs.float().flatten(0, 1), y.to(device).flatten())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"the training loss is {loss.item()} at step {step}: the run "
+                    "diverged; try a lower --lr"
+                )
+            ((loss + res.reg_loss) / args.grad_accum).backward()
+        step_loss += loss.item() / args.grad_accum
+        step_tokens += x.numel() * world
+    return step_loss, step_tokens
+
+
+def _finish(model, args, rank, world, device, fsdp, out, history, last_usage, result) -> dict:
+    """After the last step: the parameter checksum, the sample and, on rank 0, the plots and
+    files of the run folder; ``result`` with the ``sample`` (empty on the other ranks)."""
+    from lm_demo.distributed import parameter_sum
+
     print(f"rank {rank} parameter checksum {parameter_sum(model):.10e}", flush=True)
     # Sharded weights: every rank runs the sampling forwards (the same tokens), rank 0 writes.
     text = sample_text(model, args, device) if fsdp else None
@@ -665,7 +714,6 @@ def _train(args: argparse.Namespace, rank: int, world: int, device: torch.device
         import torch.distributed as dist
 
         dist.barrier()
-    result = {"history": history, "out": out, "tokens_per_s": tok_s, "metrics": records}
     if rank != 0:
         return result | {"sample": ""}
 

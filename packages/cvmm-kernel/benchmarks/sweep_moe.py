@@ -77,6 +77,22 @@ SHAPES = [  # name, tokens, d_model, experts, expert size, k
 ]
 
 
+def _print_best(name: str, flop: int, shape_rows: dict[str, list[dict]]) -> None:
+    """The fastest correct settings of each role of one shape (``flop``: one GEMM's)."""
+    print(f"== {name}: one GEMM = {flop / 1e9:.1f} GFLOP")
+    for role, rows in shape_rows.items():
+        good = sorted((r for r in rows if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
+        bad = [r for r in rows if "ms" in r and r["err"] >= 1e-2]
+        for r in good[: int(os.environ.get("SWEEP_TOP", "3"))]:
+            tflops = flop / r["ms"] / 1e9
+            print(
+                f"  {role:12s} bm={r.get('block_m', '-')} {r['config']} "
+                f"{r['ms'] * 1e3:7.1f} us {tflops:6.0f} TFLOP/s err {r['err']:.1e}"
+            )
+        if bad:
+            print(f"  {role}: {len(bad)} settings with a wrong result, e.g. {bad[0]}")
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("sweep_moe.py needs a CUDA device", file=sys.stderr)
@@ -262,19 +278,7 @@ def main() -> int:
                         {"block_m": block_m, "config": cfg, "ms": ms, "err": err}
                     )
         results[name] = shape_rows
-        flop = 2 * n * d * hid
-        print(f"== {name}: one GEMM = {flop / 1e9:.1f} GFLOP")
-        for role, rows in shape_rows.items():
-            good = sorted((r for r in rows if "ms" in r and r["err"] < 1e-2), key=lambda r: r["ms"])
-            bad = [r for r in rows if "ms" in r and r["err"] >= 1e-2]
-            for r in good[: int(os.environ.get("SWEEP_TOP", "3"))]:
-                tflops = flop / r["ms"] / 1e9
-                print(
-                    f"  {role:12s} bm={r.get('block_m', '-')} {r['config']} "
-                    f"{r['ms'] * 1e3:7.1f} us {tflops:6.0f} TFLOP/s err {r['err']:.1e}"
-                )
-            if bad:
-                print(f"  {role}: {len(bad)} settings with a wrong result, e.g. {bad[0]}")
+        _print_best(name, 2 * n * d * hid, shape_rows)
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,

@@ -85,12 +85,9 @@ class Attention(nn.Module):
             )
         sets = context.ndim == 4
         if not sets:
-            context = context.unsqueeze(1)
-            mask = None if mask is None else mask.unsqueeze(1)
-            if normalized_scores_kv is not None and normalized_scores_kv.ndim == 2:
-                normalized_scores_kv = normalized_scores_kv.unsqueeze(1)
-            if kv_positions is not None and kv_positions.ndim == 2:
-                kv_positions = kv_positions.unsqueeze(1)
+            context, mask, normalized_scores_kv, kv_positions = _as_one_set(
+                context, mask, normalized_scores_kv, kv_positions
+            )
         r, nk = context.shape[1], context.shape[2]
         if h % r:
             raise ValueError(f"heads ({h}) must be divisible by the number of routed sets ({r})")
@@ -131,6 +128,23 @@ class Attention(nn.Module):
             attn_mask = seen if attn_mask is None else attn_mask & seen
         out = self.attention_fn(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).reshape(b, nq, h * dh))
+
+
+def _as_one_set(
+    context: Tensor,
+    mask: Tensor | None,
+    normalized_scores_kv: Tensor | None,
+    kv_positions: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """A context ``[b, nk, dim]`` (with its mask, scores and positions) as one routed set:
+    ``[b, 1, nk, dim]``."""
+    context = context.unsqueeze(1)
+    mask = None if mask is None else mask.unsqueeze(1)
+    if normalized_scores_kv is not None and normalized_scores_kv.ndim == 2:
+        normalized_scores_kv = normalized_scores_kv.unsqueeze(1)
+    if kv_positions is not None and kv_positions.ndim == 2:
+        kv_positions = kv_positions.unsqueeze(1)
+    return context, mask, normalized_scores_kv, kv_positions
 
 
 def _attend(attn: Attention, q: RouterReturn, kv: RouterReturn, **options) -> Tensor:

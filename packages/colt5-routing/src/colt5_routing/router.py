@@ -145,7 +145,8 @@ class CoordinateDescentRouter(nn.Module):
         elif routing_tokens is not None:
             raise ValueError("routing_tokens are only taken with learned_routing_tokens=True")
         else:
-            rt = self.routing_token.unsqueeze(0).expand(batch, -1, -1)
+            # a Parameter unless learned_routing_tokens
+            rt = self.routing_token.unsqueeze(0).expand(batch, -1, -1)  # type: ignore[union-attr]
         if self.cosine_sim_routing:
             scores = torch.einsum("bnd,brd->brn", F.normalize(x, dim=-1), F.normalize(rt, dim=-1))
             return scores * self.cosine_sim_scale
@@ -232,9 +233,9 @@ class CoordinateDescentRouter(nn.Module):
                     f"routing_tokens must have batch {b} and be on {x.device}, got "
                     f"{tuple(rt.shape)} on {rt.device}"
                 )
-        blocked = self.route_block_size is not None
-        if blocked:
-            w = self.route_block_size
+        block_size = self.route_block_size
+        if block_size is not None:
+            w = block_size
             pad = (-n) % w
             if pad:
                 x = F.pad(x, (0, 0, 0, pad))
@@ -261,9 +262,9 @@ class CoordinateDescentRouter(nn.Module):
             selected = selected + (1.0 - selected).detach()
         routed = gather_tokens(x, indices)  # [B, r, k, d]
         routed_mask = None if score_mask is None else score_mask.gather(-1, indices)
-        if blocked:
+        if block_size is not None:
             nb = x.shape[0] // b
-            offsets = torch.arange(nb, device=x.device).view(1, nb, 1, 1) * self.route_block_size
+            offsets = torch.arange(nb, device=x.device).view(1, nb, 1, 1) * block_size
             indices = (indices.view(b, nb, r, num_tokens) + offsets).permute(0, 2, 1, 3)
             indices = indices.reshape(b, r, nb * num_tokens)
             selected = selected.view(b, nb, r, num_tokens).permute(0, 2, 1, 3).reshape(b, r, -1)

@@ -3,6 +3,8 @@ transformer built from it and the routed feedforward."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -169,7 +171,9 @@ class ConditionalRoutedViT(nn.Module):
             raise TypeError(f"images must be a floating point tensor, got {images.dtype}")
         x = self.to_patches(images).permute(0, 2, 3, 1) + self.pos_emb  # [b, gh, gw, dim]
         b, gh, gw, d = x.shape
-        for attn, ff in self.layers:
+        # a ModuleList of (attention, feedforward) ModuleLists
+        layers: Iterable[Sequence[nn.Module]] = self.layers  # type: ignore[assignment]
+        for attn, ff in layers:
             x = x + attn(x)
             x = x + ff(x.reshape(b, gh * gw, d)).view(b, gh, gw, d)
         return self.head(x.mean(dim=(1, 2)))

@@ -20,6 +20,18 @@ def _check(x, index, gate, w_up, w_down, activation, index_bound) -> None:
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if activation not in ACTIVATION_NAMES:
         raise ValueError(f"activation must be one of {ACTIVATION_NAMES}, got {activation!r}")
+    _check_routing(x, index, gate)
+    e = _check_weights(x, w_up, w_down)
+    devices = {t.device for t in (x, index, gate, w_up, w_down)}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    if x.device.type == "meta":
+        raise ValueError("moe_mlp cannot run on meta tensors")
+    _check_index_range(index, e, index_bound)
+
+
+def _check_routing(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> None:
+    """Shapes and dtypes of ``index`` and ``gate`` against ``x``."""
     if x.dim() < 1:
         raise ValueError("x must have shape [..., d], got a scalar")
     if index.dim() < 1 or index.shape[:-1] != x.shape[:-1]:
@@ -34,6 +46,11 @@ def _check(x, index, gate, w_up, w_down, activation, index_bound) -> None:
         )
     if not gate.dtype.is_floating_point:
         raise TypeError(f"gate must be a floating point tensor, got {gate.dtype}")
+
+
+def _check_weights(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> int:
+    """Shapes and dtypes of the weights against each other and ``x``; returns the number of
+    experts."""
     if w_up.dim() != 3 or w_down.dim() != 3:
         raise ValueError(
             f"w_up and w_down must be [E, d, H] and [E, H, d_out], got {list(w_up.shape)} and "
@@ -51,11 +68,12 @@ def _check(x, index, gate, w_up, w_down, activation, index_bound) -> None:
         raise TypeError(f"x and the weights must be floating point, got {x.dtype}, {w_up.dtype}")
     if w_up.dtype != w_down.dtype:
         raise TypeError(f"w_up ({w_up.dtype}) and w_down ({w_down.dtype}) must share a dtype")
-    devices = {t.device for t in (x, index, gate, w_up, w_down)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if x.device.type == "meta":
-        raise ValueError("moe_mlp cannot run on meta tensors")
+    return e
+
+
+def _check_index_range(index: torch.Tensor, e: int, index_bound: int | None) -> None:
+    """Expert indices in ``[0, e)``: on the host from ``index_bound`` when given, else read back
+    (not while compiling)."""
     if index_bound is not None:
         if index_bound > e:
             raise ValueError(f"index_bound={index_bound} exceeds the number of experts {e}")

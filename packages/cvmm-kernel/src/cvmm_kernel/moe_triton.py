@@ -24,6 +24,8 @@ Kernels:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -500,7 +502,7 @@ def _moe_weight_grad_kernel(
 # call of a signature goes through ``kernel[grid]`` (compiling if needed) and returns its
 # compiled kernel, which later calls reuse.
 
-_COMPILED: dict[tuple, object] = {}
+_COMPILED: dict[tuple, Any] = {}  # the compiled Triton kernels
 # Set _FAST_LAUNCH[0] = False to launch through kernel[grid] every time (for debugging).
 _FAST_LAUNCH = [True]
 
@@ -759,7 +761,7 @@ def moe_weight_grad(
     a_gather: bool,
     b_gather: bool,
     gate: torch.Tensor | None = None,
-    config: tuple[int, int, int, int, int] = (64, 128, 128, 8, 3),
+    config: tuple[int, ...] = (64, 128, 128, 8, 3),
 ) -> None:
     """Launch ``_moe_weight_grad_kernel``: ``dw[e] = sum_{p in e} a[row_a(p)]^T b[row_b(p)]``
     (``a``'s rows scaled by the slot's gate when ``gate`` is given).

@@ -82,6 +82,22 @@ def check_cvmm_inputs(
         ``g > 0`` when input row ``== output row // g`` for every position (the layout of
         ``cvmm_prepare_sel``/``cvmm_prepare_sel2``, which makes the backward deterministic), else 0.
     """
+    _check_operands(x, sel, weights)
+    _check_devices(x, sel, weights)
+    _check_index_dtypes(sel, weights.shape[0])
+    autocast = torch.is_autocast_enabled(x.device.type)
+    kernel_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
+    check_backend_dtype(kernel_dtype, x.device, backend)
+    n, n_rows = _check_sizes(x, sel)
+    if n == 0 or torch.compiler.is_compiling():
+        return 0
+    if sel.layout_group and n == n_rows * sel.layout_group:
+        return _check_constructed_range(sel, weights.shape[0])
+    return _check_index_values(sel, n, n_rows, weights.shape[0])
+
+
+def _check_operands(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> None:
+    """Types, float dtypes and ranks of the operands, and matching ``d_in``."""
     if not isinstance(x, torch.Tensor) or not isinstance(weights, torch.Tensor):
         raise TypeError("cvmm expects tensors for x and weights")
     if not isinstance(sel, CVMMSel):
@@ -102,6 +118,10 @@ def check_cvmm_inputs(
             f"x's last dim ({x.shape[-1] if x.dim() else None}) must equal d_in of the weights "
             f"({weights.shape[1]})"
         )
+
+
+def _check_devices(x: torch.Tensor, sel: CVMMSel, weights: torch.Tensor) -> None:
+    """All tensors on one real (not meta) device, and ``d_in >= 1``."""
     tensors = {"x": x, "weights": weights, "sel": sel.sel, "sel_index": sel.sel_index}
     if sel.out_index is not None:
         tensors["out_index"] = sel.out_index
@@ -115,8 +135,12 @@ def check_cvmm_inputs(
         raise ValueError("cvmm cannot run on meta tensors (no values); use a real device")
     if weights.shape[1] == 0:
         raise ValueError("cvmm needs d_in >= 1, got weights of shape [n, 0, d_out]")
-    for name in ("sel", "sel_index", "out_index"):
-        t = tensors.get(name)
+
+
+def _check_index_dtypes(sel: CVMMSel, n_matrices: int) -> None:
+    """Integer dtypes of the index tensors (see the module docstring), wide enough for
+    ``n_matrices``."""
+    for name, t in (("sel", sel.sel), ("sel_index", sel.sel_index), ("out_index", sel.out_index)):
         if t is None:
             continue
         if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -127,16 +151,17 @@ def check_cvmm_inputs(
                 f"{name} must be an integer tensor of dtype "
                 f"{', '.join(str(d).removeprefix('torch.') for d in allowed)}, got {t.dtype}"
             )
-    n_matrices = weights.shape[0]
     if n_matrices > torch.iinfo(sel.sel.dtype).max:
         raise TypeError(
             f"expert indices (sel) of dtype {sel.sel.dtype} address at most "
             f"{torch.iinfo(sel.sel.dtype).max} matrices, but weights has {n_matrices}; "
             "convert them with .long()"
         )
-    autocast = torch.is_autocast_enabled(x.device.type)
-    kernel_dtype = torch.get_autocast_dtype(x.device.type) if autocast else x.dtype
-    check_backend_dtype(kernel_dtype, x.device, backend)
+
+
+def _check_sizes(x: torch.Tensor, sel: CVMMSel) -> tuple[int, int]:
+    """Sizes of the index tensors and of ``reduction_weight``; returns the number of selections
+    and the number of rows of ``x``."""
     n = sel.sel.numel()
     if sel.sel_index.numel() != n or (sel.out_index is not None and sel.out_index.numel() != n):
         raise ValueError(
@@ -158,22 +183,30 @@ def check_cvmm_inputs(
         raise ValueError(
             f"without out_index, x must have one row per selection ({n}), got {n_rows} rows"
         )
-    if n == 0 or torch.compiler.is_compiling():
-        return 0
-    if sel.layout_group and n == n_rows * sel.layout_group and sel.index_bound is not None:
+    return n, n_rows
+
+
+def _check_constructed_range(sel: CVMMSel, n_matrices: int) -> int:
+    """The expert range of a selection with the constructors' layout (rows, outputs and order
+    are right by construction); returns its ``layout_group``."""
+    if sel.index_bound is not None:
         # Range promised by the constructor's caller: a host check, no synchronisation.
-        if sel.index_bound > weights.shape[0]:
+        if sel.index_bound > n_matrices:
             raise IndexError(
                 f"expert index (sel) out of range: the selection allows indices up to "
-                f"{sel.index_bound - 1}, but there are {weights.shape[0]} matrices"
+                f"{sel.index_bound - 1}, but there are {n_matrices} matrices"
             )
         return sel.layout_group
-    if sel.layout_group and n == n_rows * sel.layout_group:
-        # Rows, outputs and order are right by construction: only the expert range is open.
-        flat = sel.sel.flatten()
-        lo, hi = torch.stack([flat[0], flat[-1]]).tolist()
-        _check_range("expert index (sel)", lo, hi, weights.shape[0])
-        return sel.layout_group
+    # Only the expert range is open: its two ends, read back at once.
+    flat = sel.sel.flatten()
+    lo, hi = torch.stack([flat[0], flat[-1]]).tolist()
+    _check_range("expert index (sel)", lo, hi, n_matrices)
+    return sel.layout_group
+
+
+def _check_index_values(sel: CVMMSel, n: int, n_rows: int, n_matrices: int) -> int:
+    """Ranges, order and uniqueness of the index values of any selection, read back in one
+    synchronisation; returns the row group ``g`` (see ``check_cvmm_inputs``) or 0."""
     out_index = sel.sel_index if sel.out_index is None else sel.out_index
     group = n // n_rows if n_rows and n % n_rows == 0 else 0
     stats = [
@@ -189,7 +222,7 @@ def check_cvmm_inputs(
     if group:
         stats.append((sel.sel_index == out_index // group).all())
     values = torch.stack([s.to(torch.int64) for s in stats]).tolist()
-    _check_range("expert index (sel)", values[0], values[1], weights.shape[0])
+    _check_range("expert index (sel)", values[0], values[1], n_matrices)
     _check_range("input row index (sel_index)", values[2], values[3], n_rows)
     _check_range("output row index (out_index)", values[4], values[5], n)
     if values[6] > 1:

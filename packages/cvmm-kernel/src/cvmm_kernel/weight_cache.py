@@ -10,6 +10,7 @@ and drops the copy when the weight is freed.
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -40,7 +41,7 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if entry is not None and entry[0]() is weight and entry[1] == version and entry[2] == dtype:
         return entry[3]
     copy = weight.detach().to(dtype)
-    ref = weakref.ref(weight, lambda r, key=key: _forget(key, r))
+    ref = weakref.ref(weight, functools.partial(_forget, key))
     _CACHE[key] = (ref, version, dtype, copy)
     return copy
 

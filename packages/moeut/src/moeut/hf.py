@@ -211,7 +211,7 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.embedding
 
-    def set_input_embeddings(self, value: torch.nn.Embedding) -> None:
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
         self.model.embedding = value
 
     def get_output_embeddings(self) -> torch.nn.Linear:
@@ -285,7 +285,10 @@ class MoEUTForCausalLM(PreTrainedModel, GenerationMixin):
             )
             loss = loss + aux_loss
         return MoEUTCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=cache, aux_loss=aux_loss
+            loss=loss,
+            logits=logits,
+            past_key_values=cache,  # type: ignore[arg-type]  # duck-typed Cache (see MoEUTCache)
+            aux_loss=aux_loss,
         )
 
     @staticmethod

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,7 +127,8 @@ class MoEUT(torch.nn.Module):
         self.entropy_reg = entropy_reg
         self.att_entropy_reg = att_entropy_reg
         self.n_repeats = n_layers // group_size
-        self.layers = torch.nn.ModuleList(
+        # a ModuleList, typed by its items for the checker (ModuleList is not generic)
+        self.layers: Sequence[MoEUTLayer] = torch.nn.ModuleList(  # type: ignore[assignment]
             MoEUTLayer(
                 d_model,
                 n_heads,
@@ -448,7 +449,7 @@ def _recomputation_contexts(
 @contextlib.contextmanager
 def _not_recording(layer: MoEUTLayer) -> Iterator[None]:
     """``record_selection_logits`` off for the layer's MoE modules, restored afterwards."""
-    modules = (layer.ffn, layer.attention)
+    modules: tuple[SigmaMoE | SwitchHeadCore, ...] = (layer.ffn, layer.attention)
     saved = [m.record_selection_logits for m in modules]
     for m in modules:
         m.record_selection_logits = False

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp
 
+if TYPE_CHECKING:
+    from cvmm_kernel.moe_mlp import Activation
+
 # Activations the fused kernels apply themselves; any other callable runs between two cvmm calls.
-FUSED_ACTIVATIONS: dict[Callable, str] = {
+FUSED_ACTIVATIONS: dict[Callable, Activation] = {
     F.relu: "relu",
     torch.relu: "relu",
     F.gelu: "gelu",

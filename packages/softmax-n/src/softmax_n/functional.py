@@ -65,7 +65,7 @@ def _check_n(n: object, name: str = "softmax_n_param") -> None:
         return
     if isinstance(n, bool) or not isinstance(n, numbers.Real):
         raise TypeError(f"{name} (n) must be a float or a tensor, got {type(n).__name__}")
-    if not (math.isfinite(n) and n >= 0):
+    if not math.isfinite(n) or n < 0:
         raise ValueError(f"softmax_n needs a finite n >= 0, got {name}={n}")
 
 
@@ -253,17 +253,24 @@ def _expand_kv(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _float_tensor(t: object, name: str, fn: str) -> torch.Tensor:
+    """``t`` if it is a float tensor, else ``TypeError``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must be a float tensor, got {t.dtype}")
+    return t
+
+
 def _check_qkv(
     query: object, key: object, value: object, fn: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Types, dtypes, devices and shapes of query, key and value (SDPA's rules plus grouped-query
     and 3-dim key/value). Returns key and value as ``[B, Hkv, S, D]`` and ``[B, Hkv, S, Dv]``
     (views, not expanded to the query's heads)."""
-    for name, t in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{fn}: {name} must be a float tensor, got {t.dtype}")
+    query = _float_tensor(query, "query", fn)
+    key = _float_tensor(key, "key", fn)
+    value = _float_tensor(value, "value", fn)
     if not query.dtype == key.dtype == value.dtype:
         raise TypeError(
             f"{fn}: query, key and value need one dtype, got {query.dtype}, {key.dtype}, "
@@ -359,7 +366,7 @@ def _check_attention(
     _check_mask(attn_bias, "attn_bias", query, key.shape[-2], fn, additive=True)
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
         raise TypeError(f"{fn}: dropout_p must be a float, got {type(dropout_p).__name__}")
-    if not 0.0 <= dropout_p <= 1.0:
+    if dropout_p < 0.0 or not dropout_p <= 1.0:  # (NaN fails the second test)
         raise ValueError(f"{fn}: dropout_p must be in [0, 1], got {dropout_p}")
     _check_n(softmax_n_param)
     _check_n_rows(softmax_n_param, tuple(query.shape[:3]))

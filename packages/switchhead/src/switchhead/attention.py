@@ -281,6 +281,7 @@ class SwitchHeadCore(torch.nn.Module):
             # reduction sums over heads and chosen experts at once.
             sel = self._cvmm_sel(logits)
             gate = sel.reduction_weight
+            assert gate is not None  # _cvmm_sel passes the gates
             sel = sel.with_input_rows_per_group(self.moe_k)
             sel.reduction_weight = gate.flatten(-2)
             return cvmm(res[..., : self.projection_size], sel, self.o)

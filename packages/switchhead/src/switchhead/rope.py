@@ -35,6 +35,9 @@ class RotaryEmbedding(torch.nn.Module):
         head_size: channels per head (``>= n_rotate``; default ``n_rotate``).
     """
 
+    perm: torch.Tensor  # buffers (registered in __init__)
+    inv_perm: torch.Tensor
+
     def __init__(self, n_rotate: int, base: float = 10000.0, head_size: int | None = None):
         super().__init__()
         head_size = n_rotate if head_size is None else head_size

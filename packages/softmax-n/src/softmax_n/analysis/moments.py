@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -39,11 +40,11 @@ class RunningMoments:
         n_b = x.numel()
         if n_b == 0:
             return
-        mean_b = x.mean()
-        d = x - mean_b
+        mean_t = x.mean()
+        d = x - mean_t
         d2 = d * d
         m2_b, m3_b, m4_b = (t.item() for t in (d2.sum(), (d2 * d).sum(), (d2 * d2).sum()))
-        mean_b, max_b = mean_b.item(), x.abs().max().item()
+        mean_b, max_b = mean_t.item(), x.abs().max().item()
         n_a, n = self.count, self.count + n_b
         delta = mean_b - self.mean
         m2_a, m3_a, m4_a = self.m2, self.m3, self.m4
@@ -89,7 +90,7 @@ class RunningMoments:
     def outlier_fraction(self) -> float:
         return self.outliers / self.count if self.count else math.nan
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         """The statistics (and the raw moments, so that a loaded result can be merged again)."""
         return {
             "count": self.count,
@@ -103,7 +104,7 @@ class RunningMoments:
         }
 
 
-def tensor_statistics(x: torch.Tensor) -> dict[str, float]:
+def tensor_statistics(x: torch.Tensor) -> dict[str, Any]:
     """The statistics of all elements of one tensor (e.g. a weight)."""
     moments = RunningMoments()
     moments.update(x)

@@ -15,18 +15,22 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..functional import _check_n, _check_n_rows
 from .registry import PolicyRegistry, policy_registry
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 log = logging.getLogger(__name__)
 
 __all__ = ["PolicyRegistry", "apply_attention_softmax_n", "policy_registry"]
 
 
-def _hf_models(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def _hf_models(model: torch.nn.Module) -> list[tuple[str, PreTrainedModel]]:
     try:
         from transformers import PreTrainedModel
     except ImportError:
@@ -64,6 +68,26 @@ def apply_attention_softmax_n(
     """
     _check_n(softmax_n_param)
     _check_n_rows(softmax_n_param, None)
+    converted, replaced = _apply_registered(model, softmax_n_param)
+    if replaced and optimizers is not None:
+        warnings.warn(
+            "a converter returned new modules; rebuild the optimizers if their parameters changed",
+            stacklevel=2,
+        )
+    converted += _apply_hf(model, softmax_n_param)
+    _warn_missed(model, converted)
+    if not converted:
+        warnings.warn("apply_attention_softmax_n converted nothing", stacklevel=2)
+    else:
+        log.info("softmax_n applied to %d modules", len(converted))
+    return converted
+
+
+def _apply_registered(
+    model: torch.nn.Module, softmax_n_param: float | torch.Tensor
+) -> tuple[list[str], bool]:
+    """Run the ``policy_registry`` converters over the modules of ``model``: the names of the
+    converted modules, and whether a converter returned a new module."""
     converted: list[str] = []
     replaced = False
     for index, (name, module) in enumerate(list(model.named_modules())):
@@ -79,42 +103,54 @@ def apply_attention_softmax_n(
             _set_child(model, name, result)
             replaced = True
         converted.append(name)
-    if replaced and optimizers is not None:
-        warnings.warn(
-            "a converter returned new modules; rebuild the optimizers if their parameters changed",
-            stacklevel=2,
-        )
-    hf_converted = []
+    return converted, replaced
+
+
+def _apply_hf(model: torch.nn.Module, softmax_n_param: float | torch.Tensor) -> list[str]:
+    """Convert the outermost transformers models in ``model``: the names of those converted."""
+    hf_converted: list[str] = []
     for name, hf_model in _hf_models(model):
         if any(name.startswith(done + ".") or name == done for done in hf_converted if done):
             continue
         if "" in hf_converted:
             break
-        from .hf import NAME, register
+        if _convert_hf_model(hf_model, softmax_n_param):
+            hf_converted.append(name)
+    return hf_converted
 
-        register()
-        configs = [hf_model.config]
-        configs += [
-            getattr(hf_model.config, k)
-            for k in getattr(hf_model.config, "sub_configs", {})
-            if getattr(hf_model.config, k, None) is not None
-        ]
-        for config in configs:
-            config.softmax_n_param = softmax_n_param
-        try:
-            hf_model.set_attn_implementation(NAME)
-        except (ValueError, KeyError, AttributeError) as e:
-            warnings.warn(f"{type(hf_model).__name__} kept its attention: {e}", stacklevel=2)
-            continue
-        if hf_model.config._attn_implementation != NAME:
-            warnings.warn(
-                f"{type(hf_model).__name__} does not route attention through transformers' "
-                "attention registry; not converted",
-                stacklevel=2,
-            )
-            continue
-        hf_converted.append(name)
-    converted += hf_converted
+
+def _convert_hf_model(hf_model: PreTrainedModel, softmax_n_param: float | torch.Tensor) -> bool:
+    """Route the attention of ``hf_model`` through softmax_n (its configs and sub-configs carry
+    ``softmax_n_param``); ``False``, with a warning, if it kept its attention."""
+    from .hf import NAME, register
+
+    register()
+    configs = [hf_model.config]
+    configs += [
+        getattr(hf_model.config, k)
+        for k in getattr(hf_model.config, "sub_configs", {})
+        if getattr(hf_model.config, k, None) is not None
+    ]
+    for config in configs:
+        config.softmax_n_param = softmax_n_param
+    # stacklevel 4: the warnings point at the caller of apply_attention_softmax_n
+    try:
+        hf_model.set_attn_implementation(NAME)
+    except (ValueError, KeyError, AttributeError) as e:
+        warnings.warn(f"{type(hf_model).__name__} kept its attention: {e}", stacklevel=4)
+        return False
+    if hf_model.config._attn_implementation != NAME:
+        warnings.warn(
+            f"{type(hf_model).__name__} does not route attention through transformers' "
+            "attention registry; not converted",
+            stacklevel=4,
+        )
+        return False
+    return True
+
+
+def _warn_missed(model: torch.nn.Module, converted: list[str]) -> None:
+    """Warn about the attention-like modules of ``model`` outside the ``converted`` ones."""
     missed = []
     for name, module in model.named_modules():
         if "Attention" not in type(module).__name__ or name in converted:
@@ -126,10 +162,5 @@ def apply_attention_softmax_n(
         warnings.warn(
             "not converted to softmax_n (register a converter with "
             f"softmax_n.surgery.policy_registry.register): {', '.join(missed)}",
-            stacklevel=2,
+            stacklevel=3,
         )
-    if not converted:
-        warnings.warn("apply_attention_softmax_n converted nothing", stacklevel=2)
-    else:
-        log.info("softmax_n applied to %d modules", len(converted))
-    return converted
