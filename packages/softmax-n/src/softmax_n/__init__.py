@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from .flash import flash_attention_n, softmax_n_attention_fn
+from .flex import flex_attention_fn, flex_attention_n
 from .functional import slow_attention_n, softmax_n
 from .fused import flash_attention_n_triton
 
@@ -15,6 +16,8 @@ __all__ = [
     "__version__",
     "flash_attention_n",
     "flash_attention_n_triton",
+    "flex_attention_fn",
+    "flex_attention_n",
     "slow_attention_n",
     "softmax_n",
     "softmax_n_attention_fn",

@@ -1,0 +1,96 @@
+"""A whole training step (forward + backward) of MoEUTLM and of a SwitchHead layer is captured in
+a CUDA graph and replayed on new inputs, giving the eager step's loss and gradients: the step
+has no host synchronisation and no host-side state that a replay would freeze (GPU only)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moeut import MoEUTLM
+from switchhead import SwitchHeadRope, SwitchHeadXL
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
+
+
+def _capture(step):
+    """``step`` warmed up on a side stream, then captured; returns the graph's replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def _graph_matches_eager(model: torch.nn.Module, static_in: torch.Tensor, loss_of, new_inputs):
+    """Capture ``loss_of(model, static_in).backward()``; for each of ``new_inputs`` compare the
+    replayed loss and gradients with an eager step on the same input."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    static_loss = torch.zeros((), device="cuda")
+
+    def step():
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        # autocast's weight cache must be off while a graph is captured
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = loss_of(model, static_in)
+        loss.backward()
+        static_loss.copy_(loss.detach())
+
+    replay = _capture(step)
+    for x in new_inputs:
+        static_in.copy_(x)
+        replay()
+        torch.cuda.synchronize()
+        graph_loss = static_loss.clone()
+        graph_grads = [p.grad.clone() for p in params]
+        step()  # eager, same input
+        torch.testing.assert_close(graph_loss, static_loss, rtol=1e-5, atol=1e-5)
+        for g, p in zip(graph_grads, params):
+            # dr/dk/dv of the XL kernels and dense atomics add in any order: tolerance, not bits
+            torch.testing.assert_close(g, p.grad, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", [SwitchHeadRope, SwitchHeadXL])
+def test_moeut_lm_step_replays_from_a_cuda_graph(attention):
+    torch.manual_seed(0)
+    model = MoEUTLM(
+        n_tokens=64,
+        d_model=64,
+        n_layers=4,
+        n_heads=2,
+        ff_n_experts=16,
+        att_n_experts=4,
+        d_head=16,
+        ff_k=4,
+        ff_expert_size=32,
+        attention=attention,
+    ).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    batches = [torch.randint(0, 64, (2, 33), device="cuda", generator=gen) for _ in range(3)]
+
+    def loss_of(m, seq):
+        logits = m(seq[:, :-1]).outputs
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), seq[:, 1:].flatten())
+
+    _graph_matches_eager(model, batches[0].clone(), loss_of, batches[1:])
+
+
+@pytest.mark.parametrize("expert_impl", ["dense", "cvmm"])
+@pytest.mark.parametrize("attention", [SwitchHeadRope, SwitchHeadXL])
+def test_switchhead_layer_step_replays_from_a_cuda_graph(attention, expert_impl):
+    torch.manual_seed(0)
+    layer = attention(64, 4, 8, d_head=16, expert_impl=expert_impl).cuda()
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    xs = [torch.randn(2, 40, 64, device="cuda", generator=gen) for _ in range(3)]
+
+    def loss_of(m, x):
+        out, _ = m(x, x, x)
+        return out.float().square().mean()
+
+    _graph_matches_eager(layer, xs[0].clone(), loss_of, xs[1:])
