@@ -39,6 +39,10 @@ WGRAD_CANDIDATES = [
     )
     if not (bm == 128 and s == 4)
 ]
+# Output tiles 256 wide (8 warps): half the re-reads of the other operand's panel.
+WIDE_WGRAD = [(bm, bk, bn, 8, s) for bm in (32, 64) for bk, bn in ((256, 128), (128, 256))
+              for s in (2, 3)]  # fmt: skip
+WGRAD_CANDIDATES += WIDE_WGRAD
 # SWEEP_QUICK=1: the settings that came out on top before, and their neighbours.
 if os.environ.get("SWEEP_QUICK") == "1":
     GEMM_CANDIDATES = [
@@ -59,6 +63,7 @@ if os.environ.get("SWEEP_QUICK") == "1":
         (128, 128, 128, 4, 3),
         (128, 128, 128, 8, 3),
         (64, 64, 128, 4, 4),
+        *WIDE_WGRAD,
     ]
 ROLE_KIND = {
     "up": "gather",
