@@ -1,19 +1,28 @@
-"""Workspace-wide pytest setup: the ``gpu`` and ``interpret`` markers.
+"""Workspace-wide pytest setup: the ``gpu`` and ``interpret`` markers, the test helpers' path.
 
 - ``gpu`` tests skip cleanly when CUDA is not available.
 - ``interpret`` tests run Triton kernels on CPU tensors. They skip unless ``TRITON_INTERPRET=1``
   was in the environment before Triton was first imported (this file is loaded before any test
   module, so reading the variable here is what Triton will see).
+- ``testing_support`` (next to this file: relative error, the tolerance table, backend parameter
+  sets) is importable from every test: this directory goes on ``sys.path`` here, because
+  ``--import-mode=importlib`` puts nothing there.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+_ROOT = str(Path(__file__).resolve().parent)
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)  # for ``import testing_support``; appended, so it shadows nothing
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -6,6 +6,8 @@ import pytest
 import torch
 from cvmm_kernel import cvmm, cvmm_prepare_sel2
 
+from testing_support import DEVICES
+
 
 class TinyMoE(torch.nn.Module):
     """Top-k expert FFN on cvmm: the way sigma-MoE uses it."""
@@ -26,7 +28,7 @@ class TinyMoE(torch.nn.Module):
         return cvmm(hidden, sel, self.down)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("device", DEVICES)
 def test_compile_fullgraph_matches_eager(device):
     torch.manual_seed(0)
     model = TinyMoE().to(device)

@@ -4,6 +4,8 @@ activations not kept, the state dict unchanged."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,23 +13,11 @@ from moeut import MoEUTLM, SigmaMoE, SwitchHeadXL
 from switchhead.attention import SwitchHeadCore
 
 
-def tiny_lm(**kw) -> MoEUTLM:
-    torch.manual_seed(0)
-    args = dict(
-        n_tokens=40,
-        d_model=32,
-        n_layers=4,
-        n_heads=2,
-        ff_n_experts=8,
-        att_n_experts=4,
-        d_head=8,
-        ff_k=2,
-        ff_expert_size=16,
-        entropy_reg=1.0,  # large, so that the regulariser's gradients matter in the comparison
-        att_entropy_reg=0.1,
-    )
-    args.update(kw)
-    return MoEUTLM(**args)
+@pytest.fixture(name="tiny_lm")
+def tiny_lm_with_large_regularisers(tiny_lm):
+    """conftest's ``tiny_lm`` with regularisers large enough that their gradients matter in the
+    comparisons."""
+    return functools.partial(tiny_lm, entropy_reg=1.0, att_entropy_reg=0.1)
 
 
 def moe_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -70,7 +60,7 @@ def train_step(model: MoEUTLM, x: torch.Tensor, seed: int = 5):
     ],
     ids=["rope", "xl-dense-attention", "dropouts"],
 )
-def test_same_outputs_regulariser_and_gradients(kw):
+def test_same_outputs_regulariser_and_gradients(kw, tiny_lm):
     x = torch.randint(0, 40, (3, 11), generator=torch.Generator().manual_seed(1))
     plain, checkpointed = (
         tiny_lm(**kw, activation_checkpointing=ac).double().train() for ac in (False, True)
@@ -87,7 +77,7 @@ def test_same_outputs_regulariser_and_gradients(kw):
     assert grads_a["transformer.layers.0.ffn.expert_sel"].abs().sum() > 0
 
 
-def test_recomputation_records_nothing():
+def test_recomputation_records_nothing(tiny_lm):
     """The backward pass reruns the layers (their hooks fire again) but they record no
     selection logits then: usage counted from the recorded logits is counted once, no logits
     are left on the modules, and the recording switches are restored."""
@@ -109,7 +99,7 @@ def test_recomputation_records_nothing():
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
-def test_activations_are_not_kept():
+def test_activations_are_not_kept(tiny_lm):
     """What autograd keeps for backward outside the checkpoints: a small fraction."""
     x = torch.randint(0, 40, (2, 33), generator=torch.Generator().manual_seed(3))
     kept = {}
@@ -129,7 +119,7 @@ def test_activations_are_not_kept():
     assert kept[True] < kept[False] / 4
 
 
-def test_switch_and_state_dict_unchanged():
+def test_switch_and_state_dict_unchanged(tiny_lm):
     model = tiny_lm()
     assert model.activation_checkpointing is False
     model.activation_checkpointing = True
@@ -143,7 +133,7 @@ def test_switch_and_state_dict_unchanged():
     tiny_lm().load_state_dict(b)  # strict: checkpoints load either way
 
 
-def test_no_checkpoint_without_gradients(monkeypatch):
+def test_no_checkpoint_without_gradients(monkeypatch, tiny_lm):
     """Evaluation and generation (no autograd) run the layers directly, KV cache included."""
     model = tiny_lm(activation_checkpointing=True).double().eval()
     reference = tiny_lm().double().eval()
@@ -159,7 +149,7 @@ def test_no_checkpoint_without_gradients(monkeypatch):
     assert torch.equal(sampled, reference.generate(x[:, :3], 4, temperature=0))
 
 
-def test_same_gradients_under_bf16_autocast():
+def test_same_gradients_under_bf16_autocast(tiny_lm):
     x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(6))
     results = []
     for ac in (False, True):
@@ -174,7 +164,7 @@ def test_same_gradients_under_bf16_autocast():
         torch.testing.assert_close(grads_b[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_kv_cache_with_gradients():
+def test_kv_cache_with_gradients(tiny_lm):
     """A cache built and extended with gradients on: the same gradients either way."""
     x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(7))
     grads = []

@@ -9,23 +9,6 @@ from moeut import MoEUT, MoEUTLM, SigmaMoE, SwitchHeadXL, entropy_reg, profiles
 from switchhead import AttentionMask
 
 
-def tiny_lm(**kw) -> MoEUTLM:
-    torch.manual_seed(0)
-    args = dict(
-        n_tokens=40,
-        d_model=32,
-        n_layers=4,
-        n_heads=2,
-        ff_n_experts=8,
-        att_n_experts=4,
-        d_head=8,
-        ff_k=2,
-        ff_expert_size=16,
-    )
-    args.update(kw)
-    return MoEUTLM(**args)
-
-
 def test_sigma_moe_matches_direct_formula():
     torch.manual_seed(0)
     moe = SigmaMoE(16, 6, 8, k=2).double()
@@ -40,7 +23,7 @@ def test_sigma_moe_matches_direct_formula():
 
 @pytest.mark.parametrize("attention", ["rope", "xl"])
 @pytest.mark.parametrize("att_n_experts", [1, 4])
-def test_lm_shapes_and_kv_cache(attention, att_n_experts):
+def test_lm_shapes_and_kv_cache(attention, att_n_experts, tiny_lm):
     kw = {"attention": SwitchHeadXL} if attention == "xl" else {}
     m = tiny_lm(att_n_experts=att_n_experts, **kw).double().eval()
     x = torch.randint(0, 40, (2, 9))
@@ -57,7 +40,7 @@ def test_lm_shapes_and_kv_cache(attention, att_n_experts):
     torch.testing.assert_close(torch.cat(pieces, 1), out.outputs, rtol=1e-9, atol=1e-9)
 
 
-def test_masks_none_and_padding():
+def test_masks_none_and_padding(tiny_lm):
     m = tiny_lm().double().eval()
     x = torch.randint(0, 40, (2, 6))
     emb = m.embedding(x)
@@ -75,7 +58,7 @@ def test_masks_none_and_padding():
     torch.testing.assert_close(padded[1, :4], causal[1, :4])
 
 
-def test_reg_loss_matches_direct_entropy():
+def test_reg_loss_matches_direct_entropy(tiny_lm):
     m = tiny_lm(n_layers=2, group_size=1, entropy_reg=0.5, att_entropy_reg=0.25).double().train()
     x = torch.randint(0, 40, (2, 5))
     logits = {"ff": [], "o": [], "v": []}
@@ -109,7 +92,7 @@ def test_reg_loss_matches_direct_entropy():
     assert layer.ffn.expert_sel.grad is not None and layer.ffn.expert_sel.grad.abs().sum() > 0
 
 
-def test_reg_loss_zero_with_zero_coefficients():
+def test_reg_loss_zero_with_zero_coefficients(tiny_lm):
     m = tiny_lm(entropy_reg=0.0, att_entropy_reg=0.0).train()
     assert m(torch.randint(0, 40, (2, 5))).reg_loss.item() == 0.0
 
@@ -145,7 +128,7 @@ def test_44m_profile_runs():
     assert out.outputs.shape == (1, 8, 8000) and torch.isfinite(out.outputs).all()
 
 
-def test_state_dict_layout_of_the_authors():
+def test_state_dict_layout_of_the_authors(tiny_lm):
     m = tiny_lm(n_layers=4, group_size=2)
     keys = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     expected = {
@@ -177,7 +160,7 @@ def test_state_dict_layout_of_the_authors():
     assert keys == expected
 
 
-def test_generate_greedy_equals_argmax_of_full_forward():
+def test_generate_greedy_equals_argmax_of_full_forward(tiny_lm):
     m = tiny_lm().double()
     prompt = torch.randint(0, 40, (2, 4))
     seq = m.generate(prompt, 5, temperature=0)
@@ -192,7 +175,7 @@ def test_group_size_must_divide_layers():
         MoEUT(32, 5, 2, 16, 8, 4, group_size=2)
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(tiny_lm):
     m = tiny_lm().eval()
     x = torch.randint(0, 40, (2, 6))
     eager = m(x).outputs
@@ -200,7 +183,7 @@ def test_compile_fullgraph():
     torch.testing.assert_close(compiled(x).outputs, eager, rtol=1e-4, atol=1e-4)
 
 
-def test_tiny_model_learns_associative_recall():
+def test_tiny_model_learns_associative_recall(tiny_lm):
     """Sequences of (key, value) pairs then a query key: predict its value.
 
     Chance level is log(8) = 2.08 nats for the answer; a model that learned the task gets far
@@ -262,7 +245,7 @@ def test_every_profile_runs_on_cuda(name):
 
 
 @pytest.mark.parametrize("attention", ["rope", "xl"])
-def test_lm_with_padding_mask_stays_causal(attention):
+def test_lm_with_padding_mask_stays_causal(attention, tiny_lm):
     """A padding mask used to replace the causal mask: the padded batch trained a bidirectional
     model. Now the logits of the valid tokens equal those of the unpadded sequences."""
     kw = {"attention": SwitchHeadXL} if attention == "xl" else {}
@@ -290,7 +273,7 @@ def test_sigma_moe_refuses_sel_input_of_another_shape():
 
 
 @pytest.mark.parametrize("shape", [(2, 0), (0, 3)])
-def test_training_forward_without_tokens(shape):
+def test_training_forward_without_tokens(shape, tiny_lm):
     """T = 0 raised "math domain error" and B = 0 gave a NaN regularisation loss."""
     m = tiny_lm().double().train()
     out = m(torch.zeros(shape, dtype=torch.long))
@@ -300,7 +283,7 @@ def test_training_forward_without_tokens(shape):
     assert entropy_reg(torch.zeros(2, 0, 5), -2).item() == 0.0
 
 
-def test_generate_refuses_bad_arguments():
+def test_generate_refuses_bad_arguments(tiny_lm):
     m = tiny_lm().double()
     prompt = torch.randint(0, 40, (2, 3))
     for kwargs, match in [

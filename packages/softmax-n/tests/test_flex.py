@@ -1,8 +1,9 @@
 """``flex_attention_n`` / ``flex_attention_fn``: softmax_n and attention sinks on FlexAttention,
 against softmax_n written out in float64 (``softmax_n.testing.direct_attention_n``; a sink is
-``n = exp(sink)`` per head) on fresh random inputs: causal, sliding-window and packed-document
-masks, score_mods, ``n`` in {0, 1, 2.5}, a tensor ``n`` and sinks with their gradients, rows that
-see no key, grouped-query heads, the SDPA-signature adapter and the argument checks.
+its softmax's extra column, ``n = exp(sink)`` per head) on fresh random inputs: causal,
+sliding-window and packed-document masks, score_mods, ``n`` in {0, 1, 2.5}, a tensor ``n``
+and sinks with their gradients, rows that see no key, grouped-query heads, the SDPA-signature
+adapter and the argument checks.
 
 On CPU FlexAttention has no backward, so the forward runs twice: under ``torch.no_grad`` on
 FlexAttention itself (eager) and with gradients on the dense path (the same attention written
@@ -24,6 +25,8 @@ import softmax_n.flex as flex_module
 import torch
 from softmax_n import flex_attention_fn, flex_attention_n
 from softmax_n.testing import direct_attention_n
+
+from testing_support import rel_error as rel_err
 
 fa = pytest.importorskip("torch.nn.attention.flex_attention")  # torch >= 2.5 (the package's floor)
 
@@ -84,21 +87,9 @@ def make(b=B, h=H, hk=H, n_q=L, n_k=L, d=D, dv=D, dtype=torch.float64, device="c
     return tuple(t.to(device, dtype).requires_grad_() for t in (q, k, v))
 
 
-def oracle(q, k, v, n=0.0, keep=None, bias=None, scale=None, sink=None):
-    """float64 softmax_n attention; key/value heads repeated to the query's, 3-dim shared."""
-    if k.dim() == 3:
-        k, v = k[:, None], v[:, None]
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    if sink is not None:
-        n = sink.double().exp().view(-1, 1, 1)
-    elif isinstance(n, torch.Tensor):
-        n = n.double()
-    return direct_attention_n(q, k, v, n, keep, bias, scale)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
+# float64 softmax_n attention (key/value heads repeated to the query's, 3-dim shared; a sink is
+# the softmax's extra column, i.e. n = exp(sink) per head): the package's one oracle
+oracle = direct_attention_n
 
 
 def check(out, expected, leaves, tol, grad_tol=None):

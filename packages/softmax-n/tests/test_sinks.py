@@ -1,8 +1,9 @@
 """Attention sinks (``sink``: one learnable logit per query head, as gpt-oss) on every path:
 ``slow_attention_n``, ``flash_attention_n`` (PyTorch's fused kernels plus the gate
 ``sigmoid(lse - sink)``) and the Triton kernel (``interpret`` marker on CPU, ``gpu`` on CUDA),
-forward and gradients of q, k, v and the sink, against a float64 oracle written out here: the
-softmax over the scores and one extra column holding the sink, that column dropped. Plus the
+forward and gradients of q, k, v and the sink, against the package's float64 oracle
+(``softmax_n.testing.direct_attention_n(..., sink=)``): the softmax over the scores and one extra
+column holding the sink, that column dropped. Plus the
 argument checks (before any kernel) and gpt-oss's ``s_aux`` through the transformers adapter.
 """
 
@@ -21,6 +22,9 @@ from softmax_n import (
     slow_attention_n,
     softmax_n_attention_fn,
 )
+from softmax_n.testing import direct_attention_n
+
+from testing_support import rel_error as rel_err
 
 # numpy's warnings from the interpreter: exp2(-inf - -inf) in rows that see no key
 pytestmark = pytest.mark.filterwarnings(
@@ -29,29 +33,6 @@ pytestmark = pytest.mark.filterwarnings(
 
 FUNCTIONS = [slow_attention_n, flash_attention_n]
 SINK = [-1.0, 0.0, 2.5]  # per head (H = 3): weight on the sink from ~0.3 / L to most of it
-
-
-def oracle(q, k, v, sink, keep=None, bias=None, scale=None, causal=False):
-    """float64: ``softmax([scores, sink[h]])[..., :-1] @ v``; ``k``/``v`` ``[B, Hkv, S, D]``
-    (repeated to the query's heads) or ``[B, S, D]``; ``keep``: bool, True = attend."""
-    q, k, v, sink = q.double(), k.double(), v.double(), sink.double()
-    if k.dim() == 3:
-        k, v = k[:, None], v[:, None]
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = q @ k.transpose(-1, -2) * scale
-    if bias is not None:
-        s = s + bias.double()
-    if causal:
-        n_q, n_k = s.shape[-2:]
-        allowed = torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).tril(n_k - n_q)
-        keep = allowed if keep is None else keep & allowed
-    if keep is not None:
-        s = s.masked_fill(~keep, -math.inf)
-    column = sink.view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
-    p = torch.softmax(torch.cat([s, column], -1), -1)[..., :-1]
-    return p @ v
 
 
 def make(b=2, h=3, hk=3, length=5, s=7, d=8, dtype=torch.float64, sink=SINK, seed=0):
@@ -63,10 +44,6 @@ def make(b=2, h=3, hk=3, length=5, s=7, d=8, dtype=torch.float64, sink=SINK, see
 
 def grads(out, leaves, g):
     return torch.autograd.grad(out, leaves, g)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12)).item()
 
 
 def check(out, expected, leaves, tol):
@@ -96,7 +73,7 @@ def test_matches_oracle(fn, causal, length, s, hk):
     0, with zero gradients)."""
     q, k, v, sink = make(hk=hk, length=length, s=s)
     out = fn(q, k, v, is_causal=causal, sink=sink)
-    expected = oracle(q, k, v, sink, causal=causal)
+    expected = direct_attention_n(q, k, v, sink=sink, causal=causal)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     g = torch.randn_like(out)
     for a, b in zip(grads(out, (q, k, v, sink), g), grads(expected, (q, k, v, sink), g)):
@@ -110,12 +87,17 @@ def test_masks_bias_and_rows_without_keys(fn):
     keep[0, 0, 2] = False  # a row that sees no key: 0, zero gradients
     bias = torch.randn(3, 5, 7, dtype=torch.float64)  # ALiBi-like, per head
     out = fn(q, k, v, attn_mask=keep, attn_bias=bias, is_causal=True, sink=sink)
-    expected = oracle(q, k, v, sink, keep, bias, causal=True)
+    expected = direct_attention_n(q, k, v, keep=keep, bias=bias, causal=True, sink=sink)
     check(out, expected, (q, k, v, sink), 1e-10)
     assert torch.all(out[0, :, 2] == 0)
     float_mask = torch.zeros(5, 7, dtype=torch.float64).masked_fill(~keep[1, 0], -math.inf)
     out = fn(q, k, v, attn_mask=float_mask, sink=sink, scale=0.3)
-    check(out, oracle(q, k, v, sink, keep[1, 0], scale=0.3), (q, k, v, sink), 1e-10)
+    check(
+        out,
+        direct_attention_n(q, k, v, keep=keep[1, 0], scale=0.3, sink=sink),
+        (q, k, v, sink),
+        1e-10,
+    )
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS)
@@ -127,7 +109,7 @@ def test_float32_inputs_and_other_sink_dtypes(fn, sink_dtype):
     sink = torch.tensor(SINK, dtype=sink_dtype, requires_grad=True)
     out = fn(q, k, v, is_causal=True, sink=sink)
     assert out.dtype == torch.float32
-    check(out, oracle(q, k, v, sink, causal=True), (q, k, v, sink), 2e-6)
+    check(out, direct_attention_n(q, k, v, sink=sink, causal=True), (q, k, v, sink), 2e-6)
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS)
@@ -155,7 +137,7 @@ def test_large_sinks_and_logits_stay_exact_in_float32(fn):
         # that kernel's log-sum-exp, which torch 2.11 returns ~0.2 off at these logits
         pytest.skip("this torch's CPU attention kernel is not float32-exact at logits ~100")
     out = fn(q, k, v, is_causal=True, sink=sink, scale=40.0)
-    expected = oracle(q, k, v, sink, causal=True, scale=40.0)
+    expected = direct_attention_n(q, k, v, sink=sink, causal=True, scale=40.0)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = grads(out, (q, k, v, sink), g.float())
     want = grads(expected, (q, k, v, sink), g)
@@ -169,12 +151,19 @@ def test_large_sinks_and_logits_stay_exact_in_float32(fn):
 def test_grouped_and_shared_key_values_and_attention_fn():
     q, k, v, sink = make(h=4, hk=2, sink=[0.5, -0.5, 1.0, 2.0])
     for fn in FUNCTIONS:
-        check(fn(q, k, v, sink=sink), oracle(q, k, v, sink), (q, k, v, sink), 1e-10)
+        check(
+            fn(q, k, v, sink=sink), direct_attention_n(q, k, v, sink=sink), (q, k, v, sink), 1e-10
+        )
         k3, v3 = (t.detach()[:, 0].requires_grad_() for t in (k, v))  # [B, S, D] for all heads
-        check(fn(q, k3, v3, sink=sink), oracle(q, k3, v3, sink), (q, k3, v3, sink), 1e-10)
+        check(
+            fn(q, k3, v3, sink=sink),
+            direct_attention_n(q, k3, v3, sink=sink),
+            (q, k3, v3, sink),
+            1e-10,
+        )
     attention = softmax_n_attention_fn(sink=sink)  # SDPA's signature, the sink learnable
     out = attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=False)
-    check(out, oracle(q, k, v, sink), (q, k, v, sink), 1e-10)
+    check(out, direct_attention_n(q, k, v, sink=sink), (q, k, v, sink), 1e-10)
 
 
 def test_fused_cpu_kernel_runs_with_the_sink(monkeypatch):
@@ -279,7 +268,7 @@ def test_meta_tensors_with_a_sink_give_the_output_shape():
 def triton_check(q, k, v, sink, causal, tol):
     out = flash_attention_n_triton(q, k, v, is_causal=causal, sink=sink)
     assert out.dtype == q.dtype
-    check(out, oracle(q, k, v, sink, causal=causal), (q, k, v, sink), tol)
+    check(out, direct_attention_n(q, k, v, sink=sink, causal=causal), (q, k, v, sink), tol)
     return out
 
 
@@ -315,7 +304,7 @@ def test_interpret_large_and_minus_inf_sinks_and_no_keys():
     gradient) and ``S = 0`` (zeros)."""
     q, k, v, sink = make(b=1, length=9, s=11, d=16, dtype=torch.float32, sink=[100.0, 0.0, -80.0])
     out = flash_attention_n_triton(q, k, v, is_causal=True, sink=sink, scale=40.0)
-    expected = oracle(q, k, v, sink, causal=True, scale=40.0)
+    expected = direct_attention_n(q, k, v, sink=sink, causal=True, scale=40.0)
     for h in range(3):
         assert rel_err(out[:, h], expected[:, h]) < 1e-4, h
     off = torch.tensor([-math.inf, 0.0, -math.inf], requires_grad=True)
@@ -336,7 +325,7 @@ def test_interpret_bfloat16_falls_back_with_the_sink():
     q, k, v, sink = make(b=1, length=9, s=12, d=16, dtype=torch.bfloat16)
     with pytest.warns(UserWarning, match="bfloat16"):
         out = flash_attention_n_triton(q, k, v, is_causal=True, sink=sink)
-    assert rel_err(out, oracle(q, k, v, sink, causal=True)) < 2e-2
+    assert rel_err(out, direct_attention_n(q, k, v, sink=sink, causal=True)) < 2e-2
     out.float().sum().backward()
     assert sink.grad is not None and torch.isfinite(sink.grad).all()
 
@@ -368,7 +357,7 @@ def test_cuda_fused_kernels(dtype, causal, backend, d, monkeypatch):
         out = flash_attention_n(q, k, v, is_causal=causal, sink=sink)
         assert used == [backend]
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
-        check(out, oracle(q, k, v, sink, causal=causal), (q, k, v, sink), tol)
+        check(out, direct_attention_n(q, k, v, sink=sink, causal=causal), (q, k, v, sink), tol)
 
 
 @pytest.mark.gpu
@@ -382,7 +371,7 @@ def test_cuda_triton_kernel(dtype, length, s, causal):
     q, k, v = (t.detach().cuda().to(dtype).requires_grad_() for t in (q, k, v))
     sink = torch.tensor([-1.0, 0.0, 1.0, 3.0], device="cuda", requires_grad=True)
     out = flash_attention_n_triton(q, k, v, is_causal=causal, sink=sink)
-    check(out, oracle(q, k, v, sink, causal=causal), (q, k, v, sink), tol)
+    check(out, direct_attention_n(q, k, v, sink=sink, causal=causal), (q, k, v, sink), tol)
 
 
 @pytest.mark.gpu
@@ -395,7 +384,7 @@ def test_cuda_triton_compile_fullgraph():
         fullgraph=True,
     )
     out = fn(q, k, v, sink)
-    assert rel_err(out, oracle(q, k, v, sink, causal=True)) < 2e-2
+    assert rel_err(out, direct_attention_n(q, k, v, sink=sink, causal=True)) < 2e-2
     out.float().sum().backward()
     assert sink.grad is not None and torch.isfinite(sink.grad).all()
 

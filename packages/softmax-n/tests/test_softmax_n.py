@@ -11,6 +11,9 @@ import types
 import pytest
 import torch
 from softmax_n import flash_attention_n, slow_attention_n, softmax_n, softmax_n_attention_fn
+from softmax_n.testing import direct_attention_n
+
+from testing_support import rel_error
 
 N_VALUES = [0.0, 1e-3, 0.5, 1.0, 3.0, 100.0]
 
@@ -45,19 +48,6 @@ def test_extreme_logits_and_masked_rows():
         softmax_n(x, -1.0)
 
 
-def reference_attention(q, k, v, n, keep=None, bias=None, scale=None):
-    q, k, v = q.double(), k.double(), v.double()
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = q @ k.transpose(-1, -2) * scale
-    if bias is not None:
-        s = s + bias.double()
-    if keep is not None:
-        s = s.masked_fill(~keep, -math.inf)
-    e = s.exp()
-    n = n.double() if isinstance(n, torch.Tensor) else n
-    return (e / (n + e.sum(-1, keepdim=True))) @ v
-
-
 def inputs(b=2, h=3, length=5, s=7, d=8, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
     make = lambda *shape: torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
@@ -83,7 +73,7 @@ def test_attention_matches_reference(fn, n, causal, lengths):
     if causal:
         keep = torch.ones(*lengths, dtype=torch.bool).tril(lengths[1] - lengths[0])
     out = call(fn, q, k, v, n, is_causal=causal)
-    expected = reference_attention(q, k, v, n, keep)
+    expected = direct_attention_n(q, k, v, n, keep)
     # float64 throughout (n included): agreement to ~1e-12, so a float32 step anywhere fails.
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
     g = torch.randn_like(out)
@@ -98,7 +88,7 @@ def test_per_head_learnable_n(fn):
     q, k, v = inputs()
     n = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64).view(3, 1, 1).requires_grad_()
     out = call(fn, q, k, v, n)
-    expected = reference_attention(q, k, v, n)
+    expected = direct_attention_n(q, k, v, n)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
     (gn,) = torch.autograd.grad(out.sum(), (n,))
     (want,) = torch.autograd.grad(expected.sum(), (n,))
@@ -112,10 +102,10 @@ def test_masks_and_bias(fn):
     keep[..., 0] = True
     bias = torch.randn(3, 5, 7, dtype=torch.float64)  # ALiBi-like, per head
     out = call(fn, q, k, v, 1.0, attn_mask=keep, attn_bias=bias)
-    torch.testing.assert_close(out, reference_attention(q, k, v, 1.0, keep, bias))
+    torch.testing.assert_close(out, direct_attention_n(q, k, v, 1.0, keep, bias))
     float_mask = torch.zeros(5, 7, dtype=torch.float64).masked_fill(~keep[0, 0], -math.inf)
     out = call(fn, q, k, v, 1.0, attn_mask=float_mask)
-    torch.testing.assert_close(out, reference_attention(q, k, v, 1.0, keep[0, 0]))
+    torch.testing.assert_close(out, direct_attention_n(q, k, v, 1.0, keep[0, 0]))
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS)
@@ -135,14 +125,14 @@ def test_shared_and_grouped_key_values(fn):
     k3 = torch.randn(2, 7, 8, generator=g, dtype=torch.float64)
     v3 = torch.randn(2, 7, 8, generator=g, dtype=torch.float64)
     out = call(fn, q, k3, v3, 0.5)
-    expected = reference_attention(
+    expected = direct_attention_n(
         q, k3[:, None].expand(2, 4, 7, 8), v3[:, None].expand(2, 4, 7, 8), 0.5
     )
     torch.testing.assert_close(out, expected)
     kg = torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64)
     vg = torch.randn(2, 2, 7, 8, generator=g, dtype=torch.float64)
     out = call(fn, q, kg, vg, 0.5, scale=0.3)
-    expected = reference_attention(
+    expected = direct_attention_n(
         q, kg.repeat_interleave(2, 1), vg.repeat_interleave(2, 1), 0.5, scale=0.3
     )
     torch.testing.assert_close(out, expected)
@@ -180,7 +170,7 @@ def test_attention_fn_has_the_sdpa_signature():
     fn = softmax_n_attention_fn(1.0)
     out = fn(q, k, v, attn_mask=None, is_causal=True, scale=None, dropout_p=0.0)
     keep = torch.ones(6, 6, dtype=torch.bool).tril()
-    torch.testing.assert_close(out, reference_attention(q, k, v, 1.0, keep))
+    torch.testing.assert_close(out, direct_attention_n(q, k, v, 1.0, keep))
 
 
 @pytest.mark.gpu
@@ -207,13 +197,13 @@ def test_cuda_kernels_match_reference(dtype, causal, backend, d, monkeypatch):
         out = flash_attention_n(q, k, v, n, is_causal=causal)
     assert used == [backend]
     keep = torch.ones(130, 130, dtype=torch.bool, device="cuda").tril() if causal else None
-    expected = reference_attention(q, k, v, n, keep)
-    assert (out.double() - expected).norm() / expected.norm() < 1e-2
+    expected = direct_attention_n(q, k, v, n, keep)
+    assert rel_error(out, expected) < 1e-2
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v, n), g)
     want = torch.autograd.grad(expected, (q, k, v, n), g.double())
     for a, b in zip(got, want):
-        assert (a.double() - b).norm() / b.norm() < 2e-2
+        assert rel_error(a, b) < 2e-2
 
 
 @pytest.mark.gpu
@@ -222,9 +212,9 @@ def test_cuda_fully_masked_rows_and_cross_lengths():
     keep = torch.rand(40, 70, device="cuda") > 0.3
     keep[3] = False
     out = flash_attention_n(q, k, v, 1.0, attn_mask=keep)
-    expected = reference_attention(q, k, v, 1.0, keep)
+    expected = direct_attention_n(q, k, v, 1.0, keep)
     assert (out[..., 3, :] == 0).all()
-    assert (out.double() - expected).norm() / expected.norm() < 1e-2
+    assert rel_error(out, expected) < 1e-2
 
 
 # ---------------------------------------------------------------- issue #15 ------------------
@@ -289,7 +279,7 @@ def test_value_head_dim_may_differ_from_the_query(fn, causal):
     n = torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1).requires_grad_()
     out = call(fn, q, k, v, n, is_causal=causal)
     keep = torch.ones(5, 7, dtype=torch.bool).tril(2) if causal else None
-    expected = reference_attention(q, k, v, n, keep)
+    expected = direct_attention_n(q, k, v, n, keep)
     assert out.shape == (2, 3, 5, 5)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(out)
@@ -389,8 +379,8 @@ def test_large_logits_keep_full_precision(fn):
         q = torch.full((1, 1, 3, 24), 10.0)
         v = torch.randn(1, 1, 3, 24, generator=torch.Generator().manual_seed(0))
         out = call(fn, q, q, v, 1.0, scale=0.1)
-        expected = reference_attention(q, q, v, 1.0, scale=0.1)
-    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-6
+        expected = direct_attention_n(q, q, v, 1.0, scale=0.1)
+    assert rel_error(out, expected) < 1e-6
 
 
 @pytest.mark.parametrize("fn", FUNCTIONS)
@@ -399,7 +389,7 @@ def test_gradient_in_n_at_zero(fn):
     q, k, v = inputs()
     n = torch.tensor([0.0, 0.5, 0.0], dtype=torch.float64).view(3, 1, 1).requires_grad_()
     out = call(fn, q, k, v, n)
-    expected = reference_attention(q, k, v, n)
+    expected = direct_attention_n(q, k, v, n)
     g = torch.randn_like(out)
     (got,) = torch.autograd.grad(out, (n,), g)
     (want,) = torch.autograd.grad(expected, (n,), g)

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from softmax_n import flash_attention_n_triton, slow_attention_n
 from softmax_n.testing import direct_attention_n
 
+from testing_support import rel_error as rel_err
+
 # numpy's warnings from the interpreter: log2(0) = -inf for n = 0, 0/0 for rows without keys
 pytestmark = pytest.mark.filterwarnings(
     "ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning"
@@ -31,10 +33,6 @@ def make(b, h, hk, length, s, d, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     t = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
     return t(b, h, length, d), t(b, hk, s, d), t(b, hk, s, d)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
 def check(q, k, v, n, causal, tol):

@@ -1,0 +1,105 @@
+"""Helpers shared by the tests of every package (not part of any package; see DESIGN.md "Tests and
+tolerances"). The root ``conftest.py`` puts this directory on ``sys.path``, so a test imports
+``from testing_support import ...`` in every session (``tests``, ``interpret``, ``gpu``,
+``matrix``); it needs only torch and pytest, so a package's tests still run with that package
+alone installed.
+
+- :func:`rel_error` and :func:`assert_rel_close`: the relative Frobenius error
+  ``||a - b|| / ||b||`` computed in float64, the measure of every comparison with an oracle.
+- :data:`TOLERANCES` and :func:`tolerance`: DESIGN.md's table of allowed errors per dtype.
+- :data:`BACKENDS` (and its parts): the ``(backend, device)`` parameter sets, with the
+  ``interpret`` / ``gpu`` markers that the root ``conftest.py`` turns into skips.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pytest
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BACKENDS_WITH_CUDA_REFERENCE",
+    "DEVICES",
+    "REFERENCE_CPU",
+    "REFERENCE_CUDA",
+    "TOLERANCES",
+    "TRITON_CUDA",
+    "TRITON_INTERPRET",
+    "assert_rel_close",
+    "rel_error",
+    "tolerance",
+]
+
+Kind = Literal["matmul", "attention"]
+
+# ---------------------------------------------------------------- relative error -------------
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius norms) in float64, on ``expected``'s
+    device. A zero ``expected`` divides by 1e-30 instead, so any nonzero ``actual`` fails."""
+    expected = expected.detach().double()
+    actual = actual.detach().to(device=expected.device, dtype=torch.float64)
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------- tolerances -----------------
+
+# DESIGN.md "Tests and tolerances": relative error allowed against the float64 oracle, per input
+# dtype and kind of op. bfloat16 attention kernels round probabilities and dS to bf16 before the
+# MMAs (as FlashAttention), hence their looser bound.
+TOLERANCES: dict[tuple[torch.dtype, Kind], float] = {
+    (torch.float64, "matmul"): 1e-12,
+    (torch.float64, "attention"): 1e-12,
+    (torch.float32, "matmul"): 1e-5,
+    (torch.float32, "attention"): 1e-5,
+    (torch.bfloat16, "matmul"): 1e-2,
+    (torch.bfloat16, "attention"): 3e-2,
+    (torch.float16, "matmul"): 5e-3,
+    (torch.float16, "attention"): 5e-3,
+}
+
+
+def tolerance(dtype: torch.dtype, kind: Kind = "matmul") -> float:
+    """The allowed relative error of ``dtype`` inputs for an op of ``kind`` (DESIGN.md table)."""
+    try:
+        return TOLERANCES[(dtype, kind)]
+    except KeyError:
+        raise ValueError(f"no tolerance for dtype={dtype}, kind={kind!r}") from None
+
+
+def assert_rel_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    tol: float | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    kind: Kind = "matmul",
+    msg: object = None,
+) -> float:
+    """Assert ``rel_error(actual, expected) < tol``; without ``tol``, the table's value for
+    ``dtype`` (default: ``actual``'s dtype) and ``kind``. Returns the error."""
+    if tol is None:
+        tol = tolerance(actual.dtype if dtype is None else dtype, kind)
+    assert actual.shape == expected.shape, (msg, actual.shape, expected.shape)
+    err = rel_error(actual, expected)
+    where = "" if msg is None else f"{msg}: "
+    assert err < tol, f"{where}relative error {err:.3e} >= {tol:.1e}"
+    return err
+
+
+# ---------------------------------------------------------------- backend parameter sets -----
+
+# (backend, device) pairs with the markers the root conftest.py turns into skips.
+REFERENCE_CPU = pytest.param("reference", "cpu", id="reference-cpu")
+TRITON_INTERPRET = pytest.param("triton", "cpu", id="triton-interpret", marks=pytest.mark.interpret)
+TRITON_CUDA = pytest.param("triton", "cuda", id="triton-cuda", marks=pytest.mark.gpu)
+REFERENCE_CUDA = pytest.param("reference", "cuda", id="reference-cuda", marks=pytest.mark.gpu)
+
+# the reference on CPU, Triton in the interpreter and on CUDA
+BACKENDS = [REFERENCE_CPU, TRITON_INTERPRET, TRITON_CUDA]
+BACKENDS_WITH_CUDA_REFERENCE = [*BACKENDS, REFERENCE_CUDA]
+# a plain device parameter: CPU always, CUDA under the ``gpu`` marker
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
