@@ -86,6 +86,8 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
         "hypothesis",
         "numpy",
         "matplotlib",  # the demo's plots
+        "safetensors",  # the demo's checkpoints
+        "tqdm",
     )
     session.run(
         "python",

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from integration_tests.conftest import CPU_FSDP
+
 DATA = argparse.__file__  # one standard-library source file (~100 KB)
 WORLD = 2
 SHARDED = ("--fsdp", "--activation-checkpointing")
@@ -120,7 +122,8 @@ def fsdp_runs(tmp_path_factory):
 
 
 needs_dist = pytest.mark.skipif(
-    not dist.is_available(), reason="torch.distributed is not available"
+    not dist.is_available() or not CPU_FSDP,
+    reason="torch.distributed is not available, or FSDP2 on CPU needs torch >= 2.6",
 )
 
 
