@@ -42,8 +42,7 @@ def shard_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
     unchanged)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    torch_version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if device.type == "cpu" and torch_version < (2, 6):
+    if device.type == "cpu" and torch.__version__ < (2, 6):
         raise RuntimeError(f"--fsdp on CPU needs torch >= 2.6, got {torch.__version__}")
     try:
         from torch.distributed.fsdp import fully_shard

@@ -140,18 +140,25 @@ triton_relative_attention_fwd.register_autograd(_backward, setup_context=_setup_
 # ----- the public function -----
 
 
-def kernel_supports(q: torch.Tensor) -> bool:
-    """Whether ``backend=None`` would run ``q`` (and its k, v, r) on the Triton kernels."""
+def _kernels_take(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the kernels handle these dtypes and head dims."""
+    return q.dtype in _KERNEL_DTYPES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
+
+
+def kernel_supports(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:
+    """Whether ``backend=None`` would run ``q`` (and its k, v, r; ``v`` defaults to ``q``'s
+    head size) on the Triton kernels."""
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    if q.dtype not in _KERNEL_DTYPES or q.shape[-1] > MAX_HEAD_DIM:
+    if not _kernels_take(q, q if v is None else v):
         return False
     if torch.are_deterministic_algorithms_enabled():
         return False
-    try:
-        return _kernels().kernels_available()
+    try:  # Triton is optional off Linux
+        _kernels()
     except ImportError:
         return False
+    return True
 
 
 def _check(q, k, v, r, keep, scale, backend) -> None:
@@ -194,8 +201,7 @@ def _check(q, k, v, r, keep, scale, backend) -> None:
             raise ValueError(f"keep must be at most 4-D on {q.device}, got {tuple(keep.shape)}")
     if not isinstance(scale, float | int) or scale <= 0:
         raise ValueError(f"scale must be a positive number, got {scale!r}")
-    kernel_ok = q.dtype in _KERNEL_DTYPES and max(d, v.shape[-1]) <= MAX_HEAD_DIM
-    if backend == "triton" and not kernel_ok:
+    if backend == "triton" and not _kernels_take(q, v):
         raise ValueError(
             f"backend='triton' takes float16/bfloat16/float32 and head dims up to "
             f"{MAX_HEAD_DIM}, got {q.dtype}, d={d}, dv={v.shape[-1]}"
@@ -233,7 +239,7 @@ def relative_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     _check(q, k, v, r, keep, scale, backend)
     if backend is None:
-        backend = "triton" if kernel_supports(q) and v.shape[-1] <= MAX_HEAD_DIM else "reference"
+        backend = "triton" if kernel_supports(q, v) else "reference"
     if backend == "reference":
         return reference_relative_attention(q, k, v, r, keep, is_causal, scale)
     out, _lse = triton_relative_attention_fwd(q, k, v, r.to(q.dtype), keep, is_causal, float(scale))

@@ -42,11 +42,6 @@ import triton.language as tl
 LOG2E = 1.4426950408889634  # host side only; the kernels write their constants as literals
 
 
-def kernels_available() -> bool:
-    """Whether the installed Triton runs these kernels (any supported version does)."""
-    return True
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -421,4 +416,4 @@ def relative_attention_bwd(
     return dq, dk.to(k.dtype), dv.to(v.dtype), dr
 
 
-__all__ = ["kernels_available", "relative_attention_bwd", "relative_attention_fwd"]
+__all__ = ["relative_attention_bwd", "relative_attention_fwd"]

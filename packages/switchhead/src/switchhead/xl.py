@@ -106,7 +106,6 @@ class SwitchHeadXL(SwitchHeadCore):
     def attend(self, q, k, v, mask, offset):
         b, h, n_q, _ = q.shape
         n_k = k.shape[-2]
-        mask = check_mask(mask, b, n_q, n_k, q.device, h)
         if n_q == 0:
             return q.new_zeros(b, h, 0, v.shape[-1])
         r = self.relative_embeddings(n_q, n_k, offset, q)
@@ -116,6 +115,7 @@ class SwitchHeadXL(SwitchHeadCore):
                 torch.get_autocast_dtype(q.device.type) if _autocast_enabled(q.device) else q.dtype
             )
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+            mask = check_mask(mask, b, n_q, n_k, q.device, h)  # (None means causal)
             keep, is_causal = None, mask.causal
             if mask.position_mask is not None or mask.src_length_mask is not None:
                 keep, is_causal = sdpa_mask(mask, b, n_q, n_k, q.device, h)
