@@ -14,7 +14,7 @@ shifted (row ``i``, column ``j - i + B - 1``) inside the usual FlashAttention lo
 blocks. No ``[L, S]`` tensor is formed: the scratch is one ``[B, width]`` block per program of a
 persistent grid (a few programs per SM), so memory stays linear in the length. (A shift with
 ``tl.gather`` inside the register tile made the forward 1.5x slower on an H100: 4.7 against
-3.1 ms at T=4096, benchmarks/results/sweep_relative_attention.md and its history.)
+3.1 ms at T=4096: benchmarks/results/sweep_relative_attention.md, the 4.7 as of commit 44ecf1c.)
 
 Backward, one program per block of queries (persistent, heaviest blocks first): the positional
 scores staged as in the forward; the loop over key blocks accumulates ``dq`` and adds the
