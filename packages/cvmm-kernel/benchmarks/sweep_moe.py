@@ -54,7 +54,9 @@ if os.environ.get("SWEEP_QUICK") == "1":
         (128, 128, 8, 3, True),
         (64, 64, 4, 3, False),
         (64, 128, 4, 3, False),
+        (128, 32, 8, 4, False),
     ]
+    ROWS_CANDIDATES = [(128, 8, 4), (128, 4, 4), (128, 8, 3), (256, 8, 3), (256, 8, 4)]
     WGRAD_CANDIDATES = [
         (64, 128, 128, 4, 4),
         (64, 128, 128, 4, 3),
@@ -263,14 +265,15 @@ def main() -> int:
                 ),
             }
             for role, (fn, shape) in wg_cases.items():
-                ref = torch.empty(shape, device="cuda", dtype=torch.float32)
+                # Weight gradients in the weights' dtype, as moe_mlp writes them.
+                ref = torch.empty(shape, device="cuda", dtype=dt)
                 fn(moe_ops._config(role, shape[1], shape[2]), ref)
                 for cfg in WGRAD_CANDIDATES:
                     out = torch.full_like(ref, float("nan"))
                     try:
                         fn(cfg, out)
                         torch.cuda.synchronize()
-                        err = float((out - ref).norm() / ref.norm())
+                        err = float((out.float() - ref.float()).norm() / ref.float().norm())
                         ms = triton.testing.do_bench(
                             lambda: fn(cfg, out), warmup=10, rep=40, return_mode="median"
                         )

@@ -22,6 +22,7 @@ Triton path adds them with fp32 atomics instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -278,6 +279,19 @@ def _token_sums(a, w, r: Routing, top_k, tokens, role, deterministic, gate=None)
     return out.view(tokens, top_k, n).sum(1) if deterministic else out.to(a.dtype)
 
 
+# ``overlap``: run the input gradient's products and k-sum on a side stream while the weight
+# gradients run (benchmarks/ab_moe_variants.py times it both ways).
+BACKWARD_SCHEDULE = {"overlap": True}
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[index]
+
+
 def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation, deterministic):
     from . import moe_triton as kt
 
@@ -304,7 +318,14 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         config=cfg,
     )
     dgate = (dgate_parts[0] if dgate_parts.shape[0] == 1 else dgate_parts.sum(0)).to(gate.dtype)
-    dx = _token_sums(du, wu.transpose(1, 2), r, top_k, tokens, "grad_input", deterministic)
+    # dx (memory-bound products and sum) and the weight gradients (latency-bound GEMMs) are
+    # independent: on a side stream the first fills what the second leaves idle.
+    overlap = BACKWARD_SCHEDULE["overlap"] and x.is_cuda and not _interpreting()
+    if overlap:
+        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        side.wait_stream(main)
+    with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
+        dx = _token_sums(du, wu.transpose(1, 2), r, top_k, tokens, "grad_input", deterministic)
     dw_down = torch.empty_like(w_down)
     kt.moe_weight_grad(
         h,
@@ -328,6 +349,9 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         b_gather=False,
         config=_config("grad_w_up", d_in, hid),
     )
+    if overlap:
+        main.wait_stream(side)
+        dx.record_stream(main)  # made on the side stream, used on the main one from here
     return dx, dgate, dw_up, dw_down
 
 

@@ -1,0 +1,112 @@
+"""A/B of moe_mlp's internal schedule switches, forward + backward, CUDA-graph replay (bf16).
+
+    PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/ab_moe_variants.py
+
+One process, one shape at a time: the dense matmuls of equal FLOPs, then moe_mlp with each
+combination of ``moe_ops.BACKWARD_SCHEDULE["overlap"]`` (dx on a side stream) and tile height
+``moe_ops.BLOCK_M``. Every variant's output and gradients are compared with the first
+variant's. Writes ``ab_moe_variants.json`` and ``.md`` to ``$OUT`` (else ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from bench_cvmm import SHAPES, dense_equal_flops, flops, make_inputs, ours_moe_mlp
+from cvmm_kernel import moe_ops
+from profile_moe import graph_ms
+
+VARIANTS = [(overlap, bm) for bm in (128, 256) for overlap in (False, True)]
+if os.environ.get("AB_BLOCK_M"):
+    VARIANTS = [v for v in VARIANTS if str(v[1]) in os.environ["AB_BLOCK_M"].split(",")]
+
+
+def _tall_tiles(configs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The GEMM settings with 8 warps (a 256-row accumulator does not fit 4 warps' registers)."""
+    tall = {}
+    for role, cfg in configs.items():
+        if role.startswith("grad_w"):
+            continue
+        warps_at = 1 if role.endswith("_rows") else 2
+        tall[role] = (*cfg[:warps_at], max(cfg[warps_at], 8), *cfg[warps_at + 1 :])
+    return tall
+
+
+def main() -> int:
+    names = sys.argv[1:] or ["moeut-244m-ffn", "ffn-128x128-k4", "large-64x4096-k2"]
+    meta = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": datetime.date.today().isoformat(),
+    }
+    results: dict[str, list[dict]] = {}
+    lines = [f"moe_mlp schedule A/B, bf16, {meta['gpu']}, torch {meta['torch']}, "
+             f"triton {meta['triton']}, {meta['date']}", ""]  # fmt: skip
+    for name in names:
+        s = next(s for s in SHAPES if s.name == name)
+        t = make_inputs(s, "cuda")
+        params = [t[k].requires_grad_() for k in ("up", "down")]
+        grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
+        dense_fn, dense_params = dense_equal_flops(s, "cuda")
+
+        def dense_step():
+            out = dense_fn()
+            out.backward(torch.ones_like(out))
+            for p in dense_params:
+                p.grad = None
+
+        dense = graph_ms(dense_step)
+        rows = [{"variant": "dense (equal FLOPs)", "ms": dense, "pct_dense": 100.0}]
+
+        def step(det=True):
+            out = ours_moe_mlp(s, t, det)
+            out.backward(grad)
+            for p in params:
+                p.grad = None
+
+        first = None
+        defaults = dict(moe_ops.GEMM_CONFIGS)
+        for overlap, block_m in VARIANTS:
+            moe_ops.BACKWARD_SCHEDULE.update(overlap=overlap)
+            moe_ops.BLOCK_M = block_m
+            moe_ops.GEMM_CONFIGS.update(defaults if block_m == 128 else _tall_tiles(defaults))
+            out = ours_moe_mlp(s, t, True)
+            out.backward(grad)
+            got = [out.detach().float(), *[p.grad.float() for p in params]]
+            for p in params:
+                p.grad = None
+            del out  # its autograd graph would tie the captured backward to the default stream
+            first = first or got
+            err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, first))
+            ms = graph_ms(step)
+            label = f"overlap={int(overlap)} block_m={block_m}"
+            rows.append({"variant": label, "ms": ms, "pct_dense": 100 * dense / ms, "err": err})
+        moe_ops.BACKWARD_SCHEDULE.update(overlap=True)
+        moe_ops.BLOCK_M = 128
+        moe_ops.GEMM_CONFIGS.update(defaults)
+        results[name] = rows
+        lines += [f"== {name} ({flops(s) / 1e9:.0f} GFLOP)", "| variant | ms | % of dense | "
+                  "max rel. diff vs first |", "|---|---|---|---|"]  # fmt: skip
+        for r in rows:
+            err = f"{r['err']:.1e}" if "err" in r else "-"
+            lines.append(f"| {r['variant']} | {r['ms']:.3f} | {r['pct_dense']:.0f}% | {err} |")
+        lines.append("")
+        print("\n".join(lines[-len(rows) - 4 :]), flush=True)
+    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ab_moe_variants.json").write_text(
+        json.dumps({"meta": meta, "results": results}, indent=1)
+    )
+    (out_dir / "ab_moe_variants.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
