@@ -18,6 +18,7 @@ from .selection import (
     select_k_experts_per_row,
     select_one_expert_per_row,
 )
+from .topk import topk_indices
 from .weight_cache import clear_weight_cache
 
 try:
@@ -36,4 +37,5 @@ __all__ = [
     "moe_mlp",
     "select_k_experts_per_row",
     "select_one_expert_per_row",
+    "topk_indices",
 ]

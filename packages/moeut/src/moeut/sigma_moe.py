@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp
+from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp, topk_indices
 
 if TYPE_CHECKING:
     from cvmm_kernel.moe_mlp import Activation
@@ -116,7 +116,7 @@ class SigmaMoE(torch.nn.Module):
         if self.training and self.expert_dropout > 0:
             hidden = torch.rand_like(scores) < self.expert_dropout
             ranked = scores.masked_fill(hidden, float("-inf"))
-        index = ranked.topk(self.n_heads, dim=-1, sorted=False).indices
+        index = topk_indices(ranked.detach(), self.n_heads)
         gate = scores.gather(-1, index)
         fused = FUSED_ACTIVATIONS.get(self.activation)
         if fused is not None:  # one fused op: routing once, activation and gates in the kernels

@@ -51,7 +51,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from cvmm_kernel import CVMMSel, cvmm, cvmm_prepare_sel2
+from cvmm_kernel import CVMMSel, cvmm, cvmm_prepare_sel2, topk_indices
 
 from .masks import AttentionMask, check_mask, sdpa_mask
 from .rope import RotaryEmbedding
@@ -182,7 +182,7 @@ class SwitchHeadCore(torch.nn.Module):
             if self.expert_dropout > 0 and self.training:
                 drop = torch.rand_like(scores) < self.expert_dropout
                 ranked = scores.masked_fill(drop, float("-inf"))
-            index = ranked.topk(self.moe_k, dim=-1, sorted=False).indices
+            index = topk_indices(ranked, self.moe_k)  # ties to the lower index, as _dense_gates
         return scores, index
 
     def _dense_gates(self, logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,79 @@
+"""topk_indices against a stable-sort oracle: ties, -inf, NaN, widths, k, dtypes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cvmm_kernel import topk_indices
+
+from testing_support import TRITON_CUDA, TRITON_INTERPRET
+
+TRITON = [TRITON_INTERPRET, TRITON_CUDA]
+
+
+def oracle(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Largest first, equal scores by lower index, NaN as +inf (a stable descending sort)."""
+    key = torch.nan_to_num(scores.double(), nan=float("inf"))
+    return torch.sort(-key, dim=-1, stable=True).indices[..., :k]
+
+
+@pytest.mark.parametrize(("backend", "device"), TRITON)
+@pytest.mark.parametrize(
+    ("shape", "k"),
+    [((64, 10), 2), ((37, 387), 16), ((3, 5, 40), 40), ((9, 1), 1), ((20, 600), 7)],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_stable_sort(backend, device, shape, k, dtype):
+    g = torch.Generator().manual_seed(k)
+    # few distinct values: many ties, which must go to the lower index
+    scores = (torch.randint(0, 6, shape, generator=g) / 5).to(dtype).to(device)
+    scores[..., ::7] = float("-inf")  # hidden experts (expert dropout)
+    assert torch.equal(topk_indices(scores, k).cpu(), oracle(scores.cpu(), k))
+
+
+@pytest.mark.parametrize(("backend", "device"), TRITON)
+def test_distinct_scores_match_torch_topk(backend, device):
+    scores = torch.rand(48, 387, generator=torch.Generator().manual_seed(0)).to(device)
+    expected = scores.topk(16, dim=-1).indices
+    assert torch.equal(topk_indices(scores, 16), expected)
+
+
+@pytest.mark.parametrize(("backend", "device"), TRITON)
+def test_nan_ranks_first_and_indices_stay_in_range(backend, device):
+    scores = torch.full((4, 12), float("-inf"), device=device)
+    scores[0, 5] = float("nan")
+    scores[1] = float("nan")
+    scores[2, 3] = 1.0
+    got = topk_indices(scores, 3).cpu()
+    assert got[0, 0] == 5 and got[2, 0] == 3
+    assert torch.equal(got[1], torch.tensor([0, 1, 2]))
+    assert torch.equal(got[3], torch.tensor([0, 1, 2]))  # all -inf: the lowest indices
+    assert got.min() >= 0 and got.max() < 12
+
+
+@pytest.mark.parametrize(("backend", "device"), TRITON)
+def test_strided_rows_and_empty(backend, device):
+    wide = torch.rand(20, 392, generator=torch.Generator().manual_seed(1)).to(device)
+    view = wide[:, :387]  # the padded selection logits' view in moeut
+    assert torch.equal(topk_indices(view, 16).cpu(), oracle(view.cpu(), 16))
+    assert topk_indices(wide[:0], 4).shape == (0, 4)
+    assert topk_indices(wide, 0).shape == (20, 0)
+
+
+def test_cpu_falls_back_to_torch_topk():
+    scores = torch.rand(8, 30, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(topk_indices(scores, 5), scores.topk(5, dim=-1).indices)
+
+
+@pytest.mark.parametrize(
+    ("scores", "k", "error"),
+    [
+        (torch.zeros(3, 4, dtype=torch.long), 1, TypeError),
+        (torch.zeros(3, 4), 5, ValueError),
+        (torch.zeros(3, 4), -1, ValueError),
+        (torch.zeros(()), 0, ValueError),
+    ],
+)
+def test_bad_inputs(scores, k, error):
+    with pytest.raises(error):
+        topk_indices(scores, k)
