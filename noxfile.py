@@ -4,11 +4,14 @@
 - ``interpret``: the Triton kernels on CPU under ``TRITON_INTERPRET=1`` (``interpret`` marker).
 - ``gpu``: everything, ``gpu``-marked tests included, against the *current* interpreter; creates no
   virtual environment and installs nothing, so it runs on a CUDA machine without network that
-  already has torch and triton. The packages are imported from the checkout (``PYTHONPATH``).
+  already has torch and triton. The packages and the development tools (``tools/*/src``) are
+  imported from the checkout (``PYTHONPATH``).
 - ``matrix``: the CPU tests against (torch, triton) pairs from the oldest supported to the newest.
 - ``lint``: ruff format --check, ruff check (complexity included) and mypy over every
-  ``packages/*/src``, in the locked environment (``.pre-commit-config.yaml`` runs the same).
-- ``bench``: every package's benchmark scripts (needs CUDA; writes JSON under ``results/``).
+  ``packages/*/src`` and ``tools/*/src``, in the locked environment (``.pre-commit-config.yaml``
+  runs the same).
+- ``bench``: every package's benchmark scripts (needs CUDA; writes JSON under ``results/``), with
+  the development-only harness ``tools/bench-harness`` on ``PYTHONPATH``.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ import nox
 
 ROOT = Path(__file__).parent
 PACKAGES = ["cvmm-kernel", "switchhead", "moeut", "colt5-routing", "softmax-n"]
+# development-only workspace members (never published): the benchmark scripts' harness
+TOOLS = ["bench-harness"]
 SRC_DIRS = [str(ROOT / "packages" / p / "src") for p in PACKAGES]
+SRC_DIRS += [str(ROOT / "tools" / t / "src") for t in TOOLS]
 
 # (torch, triton) pairs: the oldest supported and the newest released.
 MATRIX = [("2.5.1", "3.1.0"), ("2.15.0", "3.9.0")]
@@ -81,6 +87,7 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
         f"triton=={triton_version}",
         "setuptools",  # triton < 3.2 imports it at start-up
         *[f"-e{ROOT / 'packages' / p}" for p in PACKAGES],
+        *[f"-e{ROOT / 'tools' / t}" for t in TOOLS],  # tools/*/tests are test paths too
         "pytest",
         "pytest-xdist",
         "hypothesis",
@@ -100,8 +107,9 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff format --check and ruff check over the whole workspace, and mypy over every
-    ``packages/*/src`` (``[tool.mypy]`` in pyproject.toml), with the locked tools. mypy needs the
-    packages' dependencies (torch's annotations), hence the locked environment."""
+    ``packages/*/src`` and ``tools/*/src`` (``[tool.mypy]`` in pyproject.toml), with the locked
+    tools. mypy needs the packages' dependencies (torch's annotations), hence the locked
+    environment."""
     _sync_locked(session)
     session.run("ruff", "format", "--check", ".")
     session.run("ruff", "check", ".")
@@ -110,7 +118,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench(session: nox.Session) -> None:
-    """Run every package's benchmark scripts on the current interpreter (CUDA machine)."""
+    """Run every package's benchmark scripts on the current interpreter (CUDA machine); the
+    packages and ``bench_harness`` are imported from the checkout (``PYTHONPATH``)."""
     pythonpath = os.pathsep.join([*SRC_DIRS, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     python = os.environ.get("NOX_GPU_PYTHON", "python3")
     scripts = sorted(ROOT.glob("packages/*/benchmarks/bench_*.py"))

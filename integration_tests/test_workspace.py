@@ -1,4 +1,5 @@
-"""The workspace itself: every package imports, has its own version and its declared siblings."""
+"""The workspace itself: every package imports, has its own version and its declared siblings;
+the development tools (``tools/``) are no package's dependency."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 
 tomllib = pytest.importorskip("tomllib")
 
-PACKAGES_DIR = Path(__file__).resolve().parents[1] / "packages"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES_DIR = ROOT / "packages"
 
 # distribution -> the workspace siblings it must (and may only) depend on
 SIBLINGS = {
@@ -23,9 +25,18 @@ SIBLINGS = {
 }
 
 
+def _pyproject(path: Path) -> dict:
+    with open(path / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)
+
+
 def _project(dist: str) -> dict:
-    with open(PACKAGES_DIR / dist / "pyproject.toml", "rb") as f:
-        return tomllib.load(f)["project"]
+    return _pyproject(PACKAGES_DIR / dist)["project"]
+
+
+def _names(requirements: list[str]) -> set[str]:
+    """The distribution names of requirement strings (``torch>=2.5`` -> ``torch``)."""
+    return {re.split(r"[ ;<>=!~\[]", req, maxsplit=1)[0] for req in requirements}
 
 
 def _installed_version(dist: str) -> str | None:
@@ -51,6 +62,23 @@ def test_package_imports_with_its_own_version(dist: str) -> None:
 def test_sibling_dependencies_follow_the_design_graph(dist: str) -> None:
     project = _project(dist)
     assert project["name"] == dist
-    names = {re.split(r"[ ;<>=!~\[]", req, maxsplit=1)[0] for req in project["dependencies"]}
+    names = _names(project["dependencies"])
     assert names & set(SIBLINGS) == SIBLINGS[dist]
     assert "torch" in names
+
+
+def test_benchmark_harness_is_a_development_tool_only() -> None:
+    """``bench-harness`` (tools/bench-harness) is in the root's dev group, a workspace member that
+    refuses an upload, and no package's dependency (required or optional)."""
+    root = _pyproject(ROOT)
+    assert "bench-harness" in _names(root["dependency-groups"]["dev"])
+    assert "bench-harness" not in _names(root["project"]["dependencies"])
+    assert "tools/*" in root["tool"]["uv"]["workspace"]["members"]
+    harness = _pyproject(ROOT / "tools" / "bench-harness")["project"]
+    assert harness["name"] == "bench-harness"
+    assert "Private :: Do Not Upload" in harness["classifiers"]
+    for dist in SIBLINGS:
+        project = _project(dist)
+        extras = project.get("optional-dependencies", {}).values()
+        requirements = [*project["dependencies"], *(req for extra in extras for req in extra)]
+        assert "bench-harness" not in _names(requirements), dist

@@ -1,32 +1,37 @@
-"""Benchmark: coordinate descent (ours vs upstream colt5-attention) and a routed attention block
+r"""Benchmark: coordinate descent (ours vs upstream colt5-attention) and a routed attention block
 vs dense SDPA attention. Needs CUDA. Prints markdown tables, writes JSON + markdown to ``$OUT``
 if set, else to ``benchmarks/results/`` next to this script.
 
-    python3 packages/colt5-routing/benchmarks/bench_coor_descent.py [--quick]
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/colt5-routing/benchmarks/bench_coor_descent.py [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
+from bench_harness import (
+    environment_line,
+    median_ms,
+    metadata,
+    require_cuda,
+    table_header,
+    write_results,
+)
 
 ROWS, N, K, ITERS, SEGMENTS = 16, 32768, 1024, 50, 4
 EPS = dict(eps=0.03, eps_init=4.0, eps_decay=0.7)
 
 
 def bench(fn, quick: bool) -> tuple[float, float]:
-    """Median ms (triton.testing.do_bench) and peak memory in MiB of ``fn``."""
-    from triton.testing import do_bench
-
+    """Median ms (triton.testing.do_bench) and the peak memory in MiB allocated while it times
+    ``fn`` (all of it, inputs included: not the harness's ``peak_mib`` of one call)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    ms = do_bench(fn, warmup=5 if quick else 25, rep=20 if quick else 100, return_mode="median")
+    ms = median_ms(fn, warmup=5 if quick else 25, rep=20 if quick else 100)
     return ms, torch.cuda.max_memory_allocated() / 2**20
 
 
@@ -141,8 +146,7 @@ def block_rows(quick: bool) -> list[dict]:
 
 
 def table(rows: list[dict], cols: list[str], base: str | None = None, key: str = "") -> str:
-    head = cols + ([f"x vs {base}"] if base else [])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_header(*cols, *([f"x vs {base}"] if base else []))
     ref = next((r.get(key) for r in rows if r["variant"] == base), None)
     for r in rows:
         cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
@@ -157,27 +161,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short smoke run")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_coor_descent.py needs a CUDA device; none found.", file=sys.stderr)
+    if not require_cuda(__file__):
         return 1
-    import triton
-
     coor, notes = coor_rows(args.quick)
     blocks = block_rows(args.quick)
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "shape": {"rows": ROWS, "n": N, "k": K, "n_iters": ITERS, "segments": SEGMENTS, **EPS},
-        "quick": args.quick,
-        "notes": notes,
-    }
+    meta = metadata(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        shape={"rows": ROWS, "n": N, "k": K, "n_iters": ITERS, "segments": SEGMENTS, **EPS},
+        quick=args.quick,
+        notes=notes,
+    )
     base = "upstream colt5-attention triton"
     cols = ["variant", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_mib", "max_abs_err_fwd", "max_rel_err_grad"]
     md = [
         f"# coordinate descent, {ROWS} x {N}, k={K}, {ITERS} iterations",
-        f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}",
+        environment_line(meta),
         "",
         table(coor, [*cols, "error"], base, "fwd_bwd_ms"),
         "",
@@ -190,13 +188,9 @@ def main() -> int:
     ]  # fmt: skip
     text = "\n".join(md)
     print(text)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "coor_descent_quick" if args.quick else "coor_descent"
-    (out_dir / f"{stem}.json").write_text(
-        json.dumps({**meta, "coor_descent": coor, "routed_block": blocks}, indent=2)
-    )
-    (out_dir / f"{stem}.md").write_text(text + "\n")
+    document = {**meta, "coor_descent": coor, "routed_block": blocks}
+    write_results(stem, document, text, script_file=__file__)
     return 0
 
 

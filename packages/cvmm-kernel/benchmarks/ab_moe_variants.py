@@ -1,6 +1,7 @@
-"""A/B of moe_mlp's internal schedule switches, forward + backward, CUDA-graph replay (bf16).
+r"""A/B of moe_mlp's internal schedule switches, forward + backward, CUDA-graph replay (bf16).
 
-    PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/ab_moe_variants.py
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/cvmm-kernel/benchmarks/ab_moe_variants.py [shape ...]
 
 One process, one shape at a time: the dense matmuls of equal FLOPs, then moe_mlp with each
 combination of ``moe_ops.BACKWARD_SCHEDULE["overlap"]`` (dx on a side stream) and tile height
@@ -10,17 +11,20 @@ variant's. Writes ``ab_moe_variants.json`` and ``.md`` to ``$OUT`` (else ``bench
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
 import sys
-from pathlib import Path
 
 import torch
-import triton
 from bench_cvmm import SHAPES, dense_equal_flops, flops, make_inputs, ours_moe_mlp
+from bench_harness import (
+    environment_line,
+    median_ms,
+    metadata,
+    require_cuda,
+    table_header,
+    write_results,
+)
 from cvmm_kernel import moe_ops
-from profile_moe import graph_ms
 
 VARIANTS = [(overlap, bm) for bm in (128, 256) for overlap in (False, True)]
 if os.environ.get("AB_BLOCK_M"):
@@ -39,16 +43,12 @@ def _tall_tiles(configs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...
 
 
 def main() -> int:
+    if not require_cuda(__file__):
+        return 2
     names = sys.argv[1:] or ["moeut-244m-ffn", "ffn-128x128-k4", "large-64x4096-k2"]
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-    }
+    meta = metadata()
     results: dict[str, list[dict]] = {}
-    lines = [f"moe_mlp schedule A/B, bf16, {meta['gpu']}, torch {meta['torch']}, "
-             f"triton {meta['triton']}, {meta['date']}", ""]  # fmt: skip
+    lines = [f"moe_mlp schedule A/B, bf16, {environment_line(meta)}", ""]
     for name in names:
         s = next(s for s in SHAPES if s.name == name)
         t = make_inputs(s, "cuda")
@@ -62,7 +62,7 @@ def main() -> int:
             for p in dense_params:
                 p.grad = None
 
-        dense = graph_ms(dense_step)
+        dense = median_ms(dense_step, warmup=10, rep=100, cuda_graph=True)
         rows = [{"variant": "dense (equal FLOPs)", "ms": dense, "pct_dense": 100.0}]
 
         def step(det=True):
@@ -85,26 +85,24 @@ def main() -> int:
             del out  # its autograd graph would tie the captured backward to the default stream
             first = first or got
             err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, first))
-            ms = graph_ms(step)
+            ms = median_ms(step, warmup=10, rep=100, cuda_graph=True)
             label = f"overlap={int(overlap)} block_m={block_m}"
             rows.append({"variant": label, "ms": ms, "pct_dense": 100 * dense / ms, "err": err})
         moe_ops.BACKWARD_SCHEDULE.update(overlap=True)
         moe_ops.BLOCK_M = 128
         moe_ops.GEMM_CONFIGS.update(defaults)
         results[name] = rows
-        lines += [f"== {name} ({flops(s) / 1e9:.0f} GFLOP)", "| variant | ms | % of dense | "
-                  "max rel. diff vs first |", "|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"== {name} ({flops(s) / 1e9:.0f} GFLOP)",
+            *table_header("variant", "ms", "% of dense", "max rel. diff vs first"),
+        ]
         for r in rows:
             err = f"{r['err']:.1e}" if "err" in r else "-"
             lines.append(f"| {r['variant']} | {r['ms']:.3f} | {r['pct_dense']:.0f}% | {err} |")
         lines.append("")
         print("\n".join(lines[-len(rows) - 4 :]), flush=True)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ab_moe_variants.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=1)
-    )
-    (out_dir / "ab_moe_variants.md").write_text("\n".join(lines) + "\n")
+    document = {"meta": meta, "results": results}
+    write_results("ab_moe_variants", document, "\n".join(lines), script_file=__file__, indent=1)
     return 0
 
 

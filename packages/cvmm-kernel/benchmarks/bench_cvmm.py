@@ -1,8 +1,9 @@
-"""Benchmark cvmm forward+backward (bf16) against dense and grouped-matmul baselines.
+r"""Benchmark cvmm forward+backward (bf16) against dense and grouped-matmul baselines.
 
 Run on a CUDA machine from the repository root:
 
-    PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/bench_cvmm.py
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/cvmm-kernel/benchmarks/bench_cvmm.py [--quick]
 
 Every row times, in the same process: our cvmm (Triton), dense matmuls of equal FLOPs,
 ``torch._grouped_mm`` after a sort and gather (where this torch has it), and a padded ``bmm``.
@@ -12,14 +13,19 @@ Writes JSON and a markdown table to ``$OUT`` if set, else to ``benchmarks/result
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from bench_harness import (
+    environment_line,
+    median_ms,
+    metadata,
+    peak_mib,
+    require_cuda,
+    table_header,
+    write_results,
+)
 from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp
 
 UPSTREAM_MS = {"moeut-244m-ffn": 6.68, "ffn-128x128-k4": 4.42}  # PERF.md, same H100 kind
@@ -170,7 +176,6 @@ def dense_equal_flops(s: Shape, device: str):
 
 def time_fwd_bwd(fn, params) -> tuple[float, float]:
     """Median ms of forward+backward, and peak extra memory in MiB."""
-    import triton.testing
 
     def step():
         out = fn()
@@ -179,14 +184,8 @@ def time_fwd_bwd(fn, params) -> tuple[float, float]:
             p.grad = None
 
     step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
-    return ms, peak
+    peak = peak_mib(step)
+    return median_ms(step, warmup=25, rep=200), peak
 
 
 def rel_error_vs_reference(s: Shape, t: dict) -> float:
@@ -255,11 +254,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the first shape, short timing")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_cvmm.py needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
-    import triton
-
     device = "cuda"
     shapes = SHAPES[:1] if args.quick else SHAPES
     rows = []
@@ -267,26 +263,23 @@ def main() -> int:
         rows.append(bench_shape(s, device))
         torch.cuda.empty_cache()
 
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "dtype": "bfloat16",
-        "timing": "triton.testing.do_bench median, forward+backward",
-    }
+    meta = metadata(dtype="bfloat16", timing="triton.testing.do_bench median, forward+backward")
     fmt = lambda v, f="{:.3f}": "n/a" if v is None else f.format(v)
-    header = (
-        "| shape | cvmm ms | moe_mlp ms | moe_mlp atomic ms | dense ms (equal FLOPs) "
-        "| % of dense TFLOP/s: cvmm / moe_mlp / atomic | grouped_mm ms | padded bmm ms "
-        "| upstream ms (PERF.md) | peak MiB cvmm / moe_mlp / dense |"
-    )
     lines = [
-        f"cvmm forward+backward, bf16, {meta['gpu']}, torch {meta['torch']}, "
-        f"triton {meta['triton']}, {meta['date']}",
+        f"cvmm forward+backward, bf16, {environment_line(meta)}",
         "",
-        header,
-        "|---|---|---|---|---|---|---|---|---|---|",
+        *table_header(
+            "shape",
+            "cvmm ms",
+            "moe_mlp ms",
+            "moe_mlp atomic ms",
+            "dense ms (equal FLOPs)",
+            "% of dense TFLOP/s: cvmm / moe_mlp / atomic",
+            "grouped_mm ms",
+            "padded bmm ms",
+            "upstream ms (PERF.md)",
+            "peak MiB cvmm / moe_mlp / dense",
+        ),
     ]
     for r in rows:
         pct = lambda key: fmt(r.get(key) and 100 * r[key], "{:.0f}%")
@@ -300,11 +293,8 @@ def main() -> int:
         )
     table = "\n".join(lines)
     print(table)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "cvmm_quick" if args.quick else "cvmm"
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out_dir / f"{stem}.md").write_text(table + "\n")
+    write_results(stem, {"meta": meta, "rows": rows}, table, script_file=__file__)
     return 0
 
 

@@ -1,6 +1,7 @@
-"""One moe_mlp forward + backward at a benchmark shape, for Nsight Compute.
+r"""One moe_mlp forward + backward at a benchmark shape, for Nsight Compute.
 
-    ncu --profile-from-start off --section SpeedOfLight --section Occupancy \\
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
         python3 packages/cvmm-kernel/benchmarks/ncu_moe_step.py [shape]
 
 Three warm-up steps (compilation, weight casts), then one step between cudaProfilerStart and
@@ -14,9 +15,12 @@ import sys
 
 import torch
 from bench_cvmm import SHAPES, make_inputs, ours_moe_mlp
+from bench_harness import require_cuda
 
 
 def main() -> int:
+    if not require_cuda(__file__):
+        return 2
     name = sys.argv[1] if len(sys.argv) > 1 else "moeut-244m-ffn"
     s = next(s for s in SHAPES if s.name == name)
     t = make_inputs(s, "cuda")

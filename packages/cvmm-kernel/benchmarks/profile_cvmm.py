@@ -1,6 +1,7 @@
-"""Where the time of one cvmm call goes (CUDA): component timings and a profiler table.
+r"""Where the time of one cvmm call goes (CUDA): component timings and a profiler table.
 
-PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/profile_cvmm.py
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/cvmm-kernel/benchmarks/profile_cvmm.py
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 import sys
 
 import torch
-import triton.testing
 from bench_cvmm import SHAPES, make_inputs, ours
+from bench_harness import median_ms, require_cuda
 from cvmm_kernel import cvmm_prepare_sel2
 from cvmm_kernel.layout import expert_bounds
 from cvmm_kernel.triton_kernels import expert_weight_grad, gather_mm
@@ -17,10 +18,12 @@ from cvmm_kernel.validation import check_cvmm_inputs
 
 
 def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    return median_ms(fn, warmup=10, rep=50)
 
 
 def main() -> int:
+    if not require_cuda(__file__):
+        return 2
     for name in ("switchhead-v-4x4", "moeut-244m-ffn"):
         s = next(s for s in SHAPES if s.name == name)
         t = make_inputs(s, "cuda")

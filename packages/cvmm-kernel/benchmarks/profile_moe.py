@@ -1,6 +1,7 @@
-"""Where one moe_mlp forward + backward spends its time (CUDA): kernels, host, graph replay.
+r"""Where one moe_mlp forward + backward spends its time (CUDA): kernels, host, graph replay.
 
-    PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/profile_moe.py
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/cvmm-kernel/benchmarks/profile_moe.py [shape ...]
 
 For each FFN shape of bench_cvmm.py: eager time, CUDA-graph replay time (the GPU-bound floor:
 no host overhead), the dense baseline both ways, and a torch.profiler table of the CUDA kernels
@@ -9,28 +10,11 @@ of one step. Writes ``profile_moe.txt`` to ``$OUT`` (else ``benchmarks/results``
 
 from __future__ import annotations
 
-import datetime
-import os
 import sys
-from pathlib import Path
 
 import torch
-import triton
-import triton.testing
 from bench_cvmm import SHAPES, dense_equal_flops, make_inputs, ours_moe_mlp
-
-
-def graph_ms(step) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
+from bench_harness import environment_line, median_ms, metadata, require_cuda, write_text
 
 
 def host_us(fn, n: int = 50) -> float:
@@ -103,11 +87,10 @@ def host_times(s, t) -> dict[str, float]:
 
 
 def main() -> int:
+    if not require_cuda(__file__):
+        return 2
     names = sys.argv[1:] or ["moeut-244m-ffn"]
-    lines = [
-        f"moe_mlp profile, {torch.cuda.get_device_name()}, torch {torch.__version__}, "
-        f"triton {triton.__version__}, {datetime.date.today().isoformat()}",
-    ]
+    lines = [f"moe_mlp profile, {environment_line(metadata())}"]
     for name in names:
         s = next(s for s in SHAPES if s.name == name)
         t = make_inputs(s, "cuda")
@@ -132,15 +115,15 @@ def main() -> int:
             with torch.no_grad():
                 ours_moe_mlp(s, t, True)
 
-        bench = lambda f: triton.testing.do_bench(f, warmup=10, rep=100, return_mode="median")
+        bench = lambda f, graph=False: median_ms(f, warmup=10, rep=100, cuda_graph=graph)
         rows = {
             "moe_mlp eager": bench(step),
             "moe_mlp forward only, eager": bench(fwd_only),
             "moe_mlp atomic eager": bench(lambda: step(False)),
-            "moe_mlp CUDA graph": graph_ms(step),
-            "moe_mlp atomic CUDA graph": graph_ms(lambda: step(False)),
+            "moe_mlp CUDA graph": bench(step, graph=True),
+            "moe_mlp atomic CUDA graph": bench(lambda: step(False), graph=True),
             "dense eager": bench(dense_step),
-            "dense CUDA graph": graph_ms(dense_step),
+            "dense CUDA graph": bench(dense_step, graph=True),
         }
         lines.append(f"\n== {name}")
         for k, v in rows.items():
@@ -161,9 +144,7 @@ def main() -> int:
             )
         )
         print("\n".join(lines[-30:]))
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "profile_moe.txt").write_text("\n".join(lines) + "\n")
+    write_text("profile_moe.txt", "\n".join(lines), script_file=__file__)
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Sweep the Triton block sizes of cvmm on the benchmark shapes (CUDA), to pick the defaults.
+r"""Sweep the Triton block sizes of cvmm on the benchmark shapes (CUDA), to pick the defaults.
 
-PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/sweep_blocks.py
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/cvmm-kernel/benchmarks/sweep_blocks.py
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import sys
 import cvmm_kernel.triton_kernels as kernels
 import torch
 from bench_cvmm import SHAPES, make_inputs, ours
+from bench_harness import median_ms, require_cuda
 
 CONFIGS = [
     (64, 128, 64, 4, 3),
@@ -24,11 +26,8 @@ CONFIGS = [
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("sweep_blocks.py needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
-    import triton.testing
-
     for s in SHAPES:
         t = make_inputs(s, "cuda")
         params = [v.requires_grad_() for k, v in t.items() if k in ("up", "down", "w")]
@@ -46,8 +45,8 @@ def main() -> int:
                     p.grad = None
 
             try:
-                f_ms = triton.testing.do_bench(fwd, warmup=10, rep=50, return_mode="median")
-                fb_ms = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
+                f_ms = median_ms(fwd, warmup=10, rep=50)
+                fb_ms = median_ms(step, warmup=10, rep=50)
             except Exception as exc:  # a config that does not fit the chip
                 results.append((cfg, None, None, str(exc)[:80]))
                 continue

@@ -1,6 +1,7 @@
-"""Launch-setting sweep of moe_mlp's kernels, one role at a time, on the benchmark's FFN shapes.
+r"""Launch-setting sweep of moe_mlp's kernels, one role at a time, on the benchmark's FFN shapes.
 
-    PYTHONPATH=packages/cvmm-kernel/src python3 packages/cvmm-kernel/benchmarks/sweep_moe.py
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/cvmm-kernel/benchmarks/sweep_moe.py [shape ...]
 
 Each role (up, down, grad_hidden, grad_input, grad_w_up, grad_w_down) is timed alone with
 ``triton.testing.do_bench`` (median) for every candidate setting, on inputs made by one real
@@ -14,14 +15,12 @@ won before and their neighbours), ``SWEEP_TOP=3`` (rows printed per role); argum
 
 from __future__ import annotations
 
-import datetime
 import itertools
-import json
 import os
 import sys
-from pathlib import Path
 
 import torch
+from bench_harness import median_ms, metadata, require_cuda, write_results
 
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, persistent)
 GEMM_CANDIDATES = [
@@ -101,11 +100,8 @@ def _print_best(name: str, flop: int, shape_rows: dict[str, list[dict]]) -> None
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("sweep_moe.py needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
-    import triton
-    import triton.testing
     from cvmm_kernel import moe_ops
     from cvmm_kernel import moe_triton as kt
 
@@ -237,9 +233,7 @@ def main() -> int:
                         fn(cfg, out)
                         torch.cuda.synchronize()
                         err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                        ms = triton.testing.do_bench(
-                            lambda: fn(cfg, out), warmup=10, rep=40, return_mode="median"
-                        )
+                        ms = median_ms(lambda: fn(cfg, out), warmup=10, rep=40)
                     except Exception as exc:  # out of resources for this setting
                         shape_rows.setdefault(role, []).append(
                             {"block_m": block_m, "config": cfg, "error": str(exc)[:80]}
@@ -274,9 +268,7 @@ def main() -> int:
                         fn(cfg, out)
                         torch.cuda.synchronize()
                         err = float((out.float() - ref.float()).norm() / ref.float().norm())
-                        ms = triton.testing.do_bench(
-                            lambda: fn(cfg, out), warmup=10, rep=40, return_mode="median"
-                        )
+                        ms = median_ms(lambda: fn(cfg, out), warmup=10, rep=40)
                     except Exception as exc:
                         shape_rows.setdefault(role, []).append(
                             {"block_m": block_m, "config": cfg, "error": str(exc)[:80]}
@@ -287,16 +279,8 @@ def main() -> int:
                     )
         results[name] = shape_rows
         _print_best(name, 2 * n * d * hid, shape_rows)
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-    }
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep_moe.json").write_text(
-        json.dumps({"meta": meta, "results": results}, indent=1)
+    write_results(
+        "sweep_moe", {"meta": metadata(), "results": results}, script_file=__file__, indent=1
     )
     return 0
 

@@ -1,6 +1,6 @@
-"""Benchmark an LM training step (forward + backward) of MoEUT against a dense transformer (CUDA).
+r"""Benchmark an LM training step (forward + backward) of MoEUT against a dense transformer (CUDA).
 
-    PYTHONPATH=packages/cvmm-kernel/src:packages/switchhead/src:packages/moeut/src \
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
         python3 packages/moeut/benchmarks/bench_moeut.py [--quick] [--compile] [--cuda-graph]
 
 bf16 autocast, B=8, T=1024, vocabulary 8000. In the same process: a dense pre-norm transformer of
@@ -11,15 +11,20 @@ markdown table to ``$OUT`` if set, else to ``benchmarks/results/``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_harness import (
+    environment_line,
+    median_ms,
+    metadata,
+    peak_mib,
+    require_cuda,
+    table_header,
+    write_results,
+)
 from moeut import MoEUTLM, profiles
 
 VOCAB, BATCH, SEQ = 8000, 8, 1024
@@ -60,25 +65,8 @@ class DenseLM(torch.nn.Module):
         return self.lm_head(self.out_norm(h))
 
 
-def cuda_graphed(step):
-    """``step`` captured once in a CUDA graph (after warm-up on a side stream): the replay
-    removes the host's launch overhead, which shows the GPU-bound time of the step."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def time_step(model: torch.nn.Module, mode: str) -> dict:
     """``mode``: "eager", "compiled" (torch.compile) or "graph" (the whole step in a CUDA graph)."""
-    import triton.testing
-
     gc.collect()  # a previous step's CUDA graph pool must not count towards this model's peak
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
@@ -97,14 +85,8 @@ def time_step(model: torch.nn.Module, mode: str) -> dict:
 
     step()
     step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    if mode == "graph":
-        step = cuda_graphed(step)
-    ms = triton.testing.do_bench(step, warmup=300, rep=1500, return_mode="median")
+    peak = peak_mib(step, baseline_bytes=base) / 1024  # GiB: the model's weights included
+    ms = median_ms(step, warmup=300, rep=1500, cuda_graph=mode == "graph")
     params = sum(p.numel() for p in model.parameters())
     return {
         "ms": ms,
@@ -122,11 +104,8 @@ def main() -> int:
         "--cuda-graph", action="store_true", help="also time each step replayed from a CUDA graph"
     )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_moeut.py needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
-    import triton
-
     names = ["MoEUT_244M"] if args.quick else ["MoEUT_244M", "MoEUT_126M", "MoEUT_44M"]
     models = [("dense-243M", lambda: DenseLM())]
     models += [(n, lambda n=n: MoEUTLM(VOCAB, **profiles.PROFILES[n])) for n in names]
@@ -148,20 +127,19 @@ def main() -> int:
     dense = rows[0]["ms"]
     for r in rows:
         r["ratio_to_dense_eager"] = r["ms"] / dense
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "setup": f"LM forward+backward, bf16 autocast, B={BATCH}, T={SEQ}, vocab {VOCAB}",
-    }
+    meta = metadata(setup=f"LM forward+backward, bf16 autocast, B={BATCH}, T={SEQ}, vocab {VOCAB}")
     lines = [
-        f"MoEUT training step, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
-        f"{meta['date']} ({meta['setup']})",
+        f"MoEUT training step, {environment_line(meta)} ({meta['setup']})",
         "",
-        "| model | params | ms | tokens/s | x dense (eager) time | peak GiB "
-        "| upstream ms (PERF.md) |",
-        "|---|---|---|---|---|---|---|",
+        *table_header(
+            "model",
+            "params",
+            "ms",
+            "tokens/s",
+            "x dense (eager) time",
+            "peak GiB",
+            "upstream ms (PERF.md)",
+        ),
     ]
     for r in rows:
         up = r.get("upstream_ms_perf_md")
@@ -171,11 +149,8 @@ def main() -> int:
         )
     table = "\n".join(lines)
     print(table)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "moeut_quick" if args.quick else "moeut"
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out_dir / f"{stem}.md").write_text(table + "\n")
+    write_results(stem, {"meta": meta, "rows": rows}, table, script_file=__file__)
     return 0
 
 

@@ -1,6 +1,7 @@
-"""Where the time of a MoEUT training step goes (CUDA): wall time vs GPU kernel time, top ops.
+r"""Where the time of a MoEUT training step goes (CUDA): wall time vs GPU kernel time, top ops.
 
-    PYTHONPATH=... python3 packages/moeut/benchmarks/profile_step.py [--profile MoEUT_244M]
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/moeut/benchmarks/profile_step.py [--profile MoEUT_244M]
 
 The step is the benchmark's (LM forward+backward, bf16 autocast, B=8, T=1024, vocab 8000). Prints
 the wall time per step, the summed GPU kernel time of one profiled step and the ops that take the
@@ -12,13 +13,12 @@ most GPU time; writes the same text to ``$OUT/profile_<profile>.txt`` if ``$OUT`
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_harness import require_cuda, write_text
 from moeut import MoEUTLM, profiles
 from torch.profiler import ProfilerActivity, profile
 
@@ -29,8 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="MoEUT_244M", choices=sorted(profiles.PROFILES))
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("profile_step.py needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
     model = MoEUTLM(VOCAB, **profiles.PROFILES[args.profile]).cuda().train()
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
@@ -65,9 +64,7 @@ def main() -> int:
         ]
     )
     print(text)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"profile_{args.profile}.txt").write_text(text + "\n")
+    write_text(f"profile_{args.profile}.txt", text, script_file=__file__)
     return 0
 
 

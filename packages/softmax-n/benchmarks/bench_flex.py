@@ -1,7 +1,8 @@
-"""Benchmark flex_attention_n (softmax_n on FlexAttention) against the reference path (CUDA),
+r"""Benchmark flex_attention_n (softmax_n on FlexAttention) against the reference path (CUDA),
 forward + backward.
 
-    PYTHONPATH=packages/softmax-n/src python3 packages/softmax-n/benchmarks/bench_flex.py
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/softmax-n/benchmarks/bench_flex.py [--window W] [--docs N] [--seed S]
 
 bf16, B=8, H=16, L=2048, D=64, n=1, in one process: ``flex_attention_n`` (compiled
 FlexAttention plus the gate ``sigmoid(lse - log n)``) with a causal sliding-window block mask and
@@ -17,21 +18,26 @@ beyond its inputs. Writes JSON and markdown to ``$OUT`` if set, else to ``benchm
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
+from bench_harness import (
+    environment_line,
+    median_ms,
+    metadata,
+    peak_mib,
+    ratios_to_baseline,
+    require_cuda,
+    table_header,
+    write_results,
+)
 
 B, H, L, D = 8, 16, 2048, 64
 
 
 def measure(fn, q, k, v) -> tuple[float, float]:
     """(median ms, peak MiB) of forward + backward."""
-    import triton.testing
 
     def step():
         out = fn(q, k, v)
@@ -39,13 +45,8 @@ def measure(fn, q, k, v) -> tuple[float, float]:
         q.grad = k.grad = v.grad = None
 
     step()  # compiles (FlexAttention, block masks) outside the timing
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"), peak
+    peak = peak_mib(step)
+    return median_ms(step, warmup=25, rep=100), peak
 
 
 def document_ids(n_docs: int, generator: torch.Generator) -> torch.Tensor:
@@ -63,32 +64,29 @@ def document_ids(n_docs: int, generator: torch.Generator) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def write_results(rows: list[dict]) -> None:
+def report(rows: list[dict]) -> None:
     """Print the table; write ``flex.json`` and ``flex.md`` to ``$OUT`` or ``results/``."""
-    import triton
-
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "setup": f"bf16, B={B}, H={H}, L={L}, D={D}, forward+backward, do_bench median, n=1",
-    }
+    meta = metadata(
+        setup=f"bf16, B={B}, H={H}, L={L}, D={D}, forward+backward, do_bench median, n=1"
+    )
     lines = [
-        f"flex_attention_n, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
-        f"{meta['date']} ({meta['setup']})",
+        f"flex_attention_n, {environment_line(meta)} ({meta['setup']})",
         "",
-        "| mask (density) | path | ms | x reference | peak MiB | flex vs reference rel. err. |",
-        "|---|---|---|---|---|---|",
+        *table_header(
+            "mask (density)",
+            "path",
+            "ms",
+            "x reference",
+            "peak MiB",
+            "flex vs reference rel. err.",
+        ),
     ]
-    reference_ms = {
-        r["mask"]: r["ms"] for r in rows if r["variant"].startswith("reference") and "ms" in r
-    }
-    for r in rows:
-        ref = reference_ms.get(r["mask"])
+    is_reference = lambda r: r["variant"].startswith("reference")
+    ratios = ratios_to_baseline(rows, key="ms", is_baseline=is_reference, match=("mask",))
+    for r, ratio in zip(rows, ratios):
         if "ms" in r:
-            ratio = f"{r['ms'] / ref:.3f}" if ref else "-"
-            timing = f"{r['ms']:.3f} | {ratio} | {r['peak_mib']:.0f}"
+            ratio_text = "-" if ratio is None else f"{ratio:.3f}"
+            timing = f"{r['ms']:.3f} | {ratio_text} | {r['peak_mib']:.0f}"
         else:
             timing = "error | - | -"
         lines.append(
@@ -100,10 +98,7 @@ def write_results(rows: list[dict]) -> None:
     errors = [f"{r['mask']} / {r['variant']}: {r['error']}" for r in rows if "error" in r]
     if errors:
         print("\n".join(errors), file=sys.stderr)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "flex.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out_dir / "flex.md").write_text(table + "\n")
+    write_results("flex", {"meta": meta, "rows": rows}, table, script_file=__file__)
 
 
 def main() -> int:
@@ -112,8 +107,7 @@ def main() -> int:
     parser.add_argument("--docs", type=int, default=8, help="documents per packed sequence")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_flex.py needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
     from softmax_n import (
         flash_attention_n,
@@ -195,7 +189,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
             row["mask_density"], row["flex_vs_reference_rel_err"] = density, rel
             rows.append(row)
-    write_results(rows)
+    report(rows)
     return 0
 
 

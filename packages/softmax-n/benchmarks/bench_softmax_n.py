@@ -1,6 +1,7 @@
-"""Benchmark flash_attention_n against SDPA flash attention (CUDA), forward + backward.
+r"""Benchmark flash_attention_n against SDPA flash attention (CUDA), forward + backward.
 
-    PYTHONPATH=packages/softmax-n/src python3 packages/softmax-n/benchmarks/bench_softmax_n.py
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/softmax-n/benchmarks/bench_softmax_n.py [--quick] [--rounds R]
 
 B=8, H=16, D in {64, 128}, L in {1024, 2048, 8192}, causal and not, bf16 and fp16; ours with
 n=1, n=0.5 and attention sinks (one learnable logit per head), and the fused Triton kernel with
@@ -13,21 +14,26 @@ package (n=1) when it is importable. Writes JSON and markdown to ``$OUT`` if set
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_harness import (
+    environment_line,
+    median_ms,
+    metadata,
+    peak_mib,
+    require_cuda,
+    table_header,
+    write_results,
+)
 from softmax_n import flash_attention_n, flash_attention_n_triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def measure(fn, q, k, v) -> tuple[float, float]:
-    import triton.testing
+    """(median ms, peak MiB) of forward + backward."""
 
     def step():
         out = fn(q, k, v)
@@ -35,13 +41,8 @@ def measure(fn, q, k, v) -> tuple[float, float]:
         q.grad = k.grad = v.grad = None
 
     step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median"), peak
+    peak = peak_mib(step)
+    return median_ms(step, warmup=25, rep=100), peak
 
 
 def main() -> int:
@@ -55,11 +56,8 @@ def main() -> int:
         "(launch-bound shapes vary by 10-20%% between single timings)",
     )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_softmax_n.py needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
-    import triton
-
     shapes = [(64, 2048, True, torch.bfloat16)]
     if not args.quick:
         shapes = [
@@ -129,21 +127,27 @@ def main() -> int:
         rows.append(row)
         del q, k, v
         torch.cuda.empty_cache()
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "setup": f"B=8, H=16, forward+backward, do_bench median; SDPA and n=1: median of "
-        f"{rounds} interleaved timings; SDPA = PyTorch's kernel choice",
-    }
+    meta = metadata(
+        setup=f"B=8, H=16, forward+backward, do_bench median; SDPA and n=1: median of "
+        f"{rounds} interleaved timings; SDPA = PyTorch's kernel choice"
+    )
     lines = [
-        f"flash_attention_n, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
-        f"{meta['date']} ({meta['setup']})",
+        f"flash_attention_n, {environment_line(meta)} ({meta['setup']})",
         "",
-        "| dtype | D | L | causal | SDPA ms | SDPA flash-only ms | n=1 ms (x SDPA) | n=0.5 ms "
-        "| sinks ms (x SDPA) | Triton n=1 ms | upstream n=1 ms | peak MiB SDPA / n=1 / sinks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *table_header(
+            "dtype",
+            "D",
+            "L",
+            "causal",
+            "SDPA ms",
+            "SDPA flash-only ms",
+            "n=1 ms (x SDPA)",
+            "n=0.5 ms",
+            "sinks ms (x SDPA)",
+            "Triton n=1 ms",
+            "upstream n=1 ms",
+            "peak MiB SDPA / n=1 / sinks",
+        ),
     ]
     for r in rows:
         up = r["upstream_n1_ms"]
@@ -157,11 +161,8 @@ def main() -> int:
         )
     table = "\n".join(lines)
     print(table)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "softmax_n_quick" if args.quick else "softmax_n"
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out_dir / f"{stem}.md").write_text(table + "\n")
+    write_results(stem, {"meta": meta, "rows": rows}, table, script_file=__file__)
     return 0
 
 

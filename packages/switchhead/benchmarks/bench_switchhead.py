@@ -1,7 +1,8 @@
-"""Benchmark one SwitchHead attention layer against parameter-matched dense attention (CUDA).
+r"""Benchmark one SwitchHead attention layer against parameter-matched dense attention (CUDA).
 
-    PYTHONPATH=packages/cvmm-kernel/src:packages/switchhead/src \
-        python3 packages/switchhead/benchmarks/bench_switchhead.py [--quick]
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/switchhead/benchmarks/bench_switchhead.py [--quick] [--compile] \
+        [--cuda-graph]
 
 Forward + backward, bf16 autocast, B=8, d_model=1024, causal. In the same process: dense
 multi-head attention with 16 heads x 64 (q/k/v/o linear layers + SDPA ``is_causal=True``).
@@ -11,14 +12,20 @@ Writes JSON and a markdown table to ``$OUT`` if set, else to ``benchmarks/result
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_harness import (
+    environment_line,
+    median_ms,
+    metadata,
+    peak_mib,
+    ratios_to_baseline,
+    require_cuda,
+    table_header,
+    write_results,
+)
 from switchhead import SwitchHeadRope, SwitchHeadXL
 
 UPSTREAM_MS_T1024 = {"rope-4x4-d100": 8.46, "xl-4x4-d100": 8.73}  # PERF.md, H100
@@ -48,25 +55,8 @@ def variants():
     yield "dense-mha-16x64", lambda: DenseMHA()
 
 
-def cuda_graphed(step):
-    """``step`` captured once in a CUDA graph (after warm-up on a side stream): the replay
-    removes the host's launch overhead, which shows the GPU-bound time of the step."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
-
-
 def time_layer(make, batch: int, seq: int, mode: str = "eager") -> dict:
     """``mode``: "eager", "compiled" (torch.compile) or "graph" (each step a CUDA graph replay)."""
-    import triton.testing
-
     torch.manual_seed(0)
     layer = make().cuda()
     if mode == "compiled":
@@ -83,15 +73,8 @@ def time_layer(make, batch: int, seq: int, mode: str = "eager") -> dict:
         x.grad = None
 
     step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    if graph:
-        step = cuda_graphed(step)
-    ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
+    peak = peak_mib(step)
+    ms = median_ms(step, warmup=25, rep=100, cuda_graph=graph)
     params = sum(p.numel() for p in layer.parameters())
     return {"ms": ms, "peak_mib": peak, "params": params}
 
@@ -104,14 +87,11 @@ def main() -> int:
         "--cuda-graph", action="store_true", help="also time steps replayed from a CUDA graph"
     )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("bench_switchhead.py needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
-    import triton
-
+    is_dense = lambda row: row["variant"] == "dense-mha-16x64"
     rows = []
     for seq in [1024] if args.quick else [1024, 4096]:
-        dense = None
         results = {}
         for name, make in variants():
             results[name] = time_layer(make, 8, seq)
@@ -122,26 +102,22 @@ def main() -> int:
                     results[name + " (CUDA graph)"] = time_layer(make, 8, seq, "graph")
                 except Exception as exc:  # report a variant that cannot be captured
                     print(f"{name} CUDA graph: {exc!r}"[:300], file=sys.stderr)
-        dense = results["dense-mha-16x64"]["ms"]
-        for name, r in results.items():
-            row = {"variant": name, "T": seq, **r, "ratio_to_dense": r["ms"] / dense}
-            if seq == 1024 and name in UPSTREAM_MS_T1024:
-                row["upstream_ms_perf_md"] = UPSTREAM_MS_T1024[name]
-            rows.append(row)
+        group = [{"variant": name, "T": seq, **r} for name, r in results.items()]
+        for row, ratio in zip(group, ratios_to_baseline(group, key="ms", is_baseline=is_dense)):
+            row["ratio_to_dense"] = ratio
+            if seq == 1024 and row["variant"] in UPSTREAM_MS_T1024:
+                row["upstream_ms_perf_md"] = UPSTREAM_MS_T1024[row["variant"]]
+        rows += group
         torch.cuda.empty_cache()
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "setup": "B=8, d_model=1024, causal, bf16 autocast, forward+backward, do_bench median",
-    }
+    meta = metadata(
+        setup="B=8, d_model=1024, causal, bf16 autocast, forward+backward, do_bench median"
+    )
     lines = [
-        f"SwitchHead layer, {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
-        f"{meta['date']} ({meta['setup']})",
+        f"SwitchHead layer, {environment_line(meta)} ({meta['setup']})",
         "",
-        "| variant | T | params | ms | x dense time | peak MiB | upstream ms (PERF.md) |",
-        "|---|---|---|---|---|---|---|",
+        *table_header(
+            "variant", "T", "params", "ms", "x dense time", "peak MiB", "upstream ms (PERF.md)"
+        ),
     ]
     for r in rows:
         up = r.get("upstream_ms_perf_md")
@@ -151,11 +127,8 @@ def main() -> int:
         )
     table = "\n".join(lines)
     print(table)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
     stem = "switchhead_quick" if args.quick else "switchhead"
-    (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (out_dir / f"{stem}.md").write_text(table + "\n")
+    write_results(stem, {"meta": meta, "rows": rows}, table, script_file=__file__)
     return 0
 
 

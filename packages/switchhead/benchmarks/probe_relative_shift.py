@@ -1,4 +1,4 @@
-"""Probe: what the relative shift costs inside the XL forward kernel, one variant per way of
+r"""Probe: what the relative shift costs inside the XL forward kernel, one variant per way of
 doing it (CUDA). The forward of relative_attention_triton with the positional term
 
     0: left out (plain flash attention, the floor)
@@ -12,20 +12,20 @@ doing it (CUDA). The forward of relative_attention_triton with the positional te
 
 B=8, H=4, T=4096, head 104 (padded 128), causal, bf16; median ms of triton.testing.do_bench,
 with SDPA's forward on the same inputs first.
-Writes probe_relative_shift.json to $OUT (else benchmarks/results).
+Writes probe_relative_shift.json to $OUT (else benchmarks/results). Run from the repository root:
+
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/switchhead/benchmarks/probe_relative_shift.py
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+from bench_harness import median_ms, metadata, require_cuda, write_results
 
 
 @triton.jit
@@ -111,18 +111,15 @@ LOG2E = 1.4426950408889634
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
-    import triton.testing
-
     b, h, t, d = 8, 4, 4096, 104
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, generator=g)
                for _ in range(3))  # fmt: skip
     r = torch.randn(h, 2 * t - 1, d, device="cuda", dtype=torch.bfloat16, generator=g) * 0.1
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    rows = [{"sdpa_ms": triton.testing.do_bench(sdpa, warmup=5, rep=40, return_mode="median")}]
+    rows = [{"sdpa_ms": median_ms(sdpa, warmup=5, rep=40)}]
     print(rows[-1], flush=True)
     outs = {}
     for block, warps, stages in ((64, 4, 3), (64, 8, 3), (128, 8, 2)):
@@ -140,7 +137,7 @@ def main() -> int:
 
             try:
                 run()
-                ms = triton.testing.do_bench(run, warmup=5, rep=40, return_mode="median")
+                ms = median_ms(run, warmup=5, rep=40)
                 outs[(block, mode)] = out.float()
                 err = ""
                 if mode == 6 and (block, 5) in outs:  # the same shift, float32 scores
@@ -151,17 +148,7 @@ def main() -> int:
             rows.append({"block": block, "warps": warps, "stages": stages, "mode": mode,
                          "ms": ms, "err_vs_mode5": err})  # fmt: skip
             print(rows[-1], flush=True)
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-    }
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "probe_relative_shift.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=2)
-    )
+    write_results("probe_relative_shift", {"meta": metadata(), "rows": rows}, script_file=__file__)
     return 0
 
 

@@ -1,6 +1,6 @@
-"""Launch settings of the Transformer-XL relative-attention kernels, and their cost against SDPA.
+r"""Launch settings of the Transformer-XL relative-attention kernels, and their cost against SDPA.
 
-    PYTHONPATH=packages/cvmm-kernel/src:packages/switchhead/src \
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
         python3 packages/switchhead/benchmarks/sweep_relative_attention.py
 
 The attention core of the SwitchHead XL benchmark layer (B=8, 4 heads, head size 104, causal,
@@ -14,14 +14,19 @@ SDPA) and of SDPA without the positional term, in the same process. Writes
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_harness import (
+    environment_line,
+    median_ms,
+    metadata,
+    peak_mib,
+    require_cuda,
+    table_header,
+    write_results,
+)
 
 # (BLOCK, num_warps, num_stages, programs per SM)
 CANDIDATES = {
@@ -54,15 +59,12 @@ def inputs(b, h, t, d, device="cuda", dtype=torch.bfloat16):
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("needs a CUDA device", file=sys.stderr)
+    if not require_cuda(__file__):
         return 2
-    import triton
-    import triton.testing
     from switchhead import relative_attention_triton as kt
     from switchhead.relative_attention import reference_relative_attention, relative_attention
 
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median")
+    bench = lambda fn: median_ms(fn, warmup=10, rep=60)
     scale = 100**-0.5
     rows = []
     for t in (1024, 4096):
@@ -108,13 +110,8 @@ def main() -> int:
         kernels = lambda q, k, v, r: relative_attention(q, k, v, r, None, True, scale, "triton")
         reference = lambda q, k, v, r: reference_relative_attention(q, k, v, r, None, True, scale)
         for name, fn in (("kernels", kernels), ("reference", reference), ("sdpa", sdpa)):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
             try:
-                step(fn)()
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                peak = peak_mib(step(fn))
                 ms = bench(step(fn))
                 fwd_ms = bench(lambda fn=fn: fn(*[x.detach() for x in leaves]))
             except torch.OutOfMemoryError:
@@ -123,19 +120,13 @@ def main() -> int:
                          "peak_mib": peak})  # fmt: skip
             print(rows[-1], flush=True)
         torch.cuda.empty_cache()
-    meta = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.date.today().isoformat(),
-        "setup": "B=8, H=4, head 104 (SwitchHead d_head 100 padded), causal, bf16",
-    }
+    meta = metadata(setup="B=8, H=4, head 104 (SwitchHead d_head 100 padded), causal, bf16")
     lines = [
-        f"XL relative attention core, {meta['gpu']}, torch {meta['torch']}, triton "
-        f"{meta['triton']}, {meta['date']} ({meta['setup']})",
+        f"XL relative attention core, {environment_line(meta)} ({meta['setup']})",
         "",
-        "| T | kernel / path | config (BLOCK, warps, stages) | ms | fwd ms | peak MiB | err |",
-        "|---|---|---|---|---|---|---|",
+        *table_header(
+            "T", "kernel / path", "config (BLOCK, warps, stages)", "ms", "fwd ms", "peak MiB", "err"
+        ),
     ]
     for row in rows:
         lines.append(
@@ -145,12 +136,10 @@ def main() -> int:
         )
     table = "\n".join(lines)
     print(table)
-    out_dir = Path(os.environ.get("OUT") or Path(__file__).parent / "results")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sweep_relative_attention.json").write_text(
-        json.dumps({"meta": meta, "rows": rows}, indent=2, default=str)
+    document = {"meta": meta, "rows": rows}
+    write_results(
+        "sweep_relative_attention", document, table, script_file=__file__, json_default=str
     )
-    (out_dir / "sweep_relative_attention.md").write_text(table + "\n")
     return 0
 
 

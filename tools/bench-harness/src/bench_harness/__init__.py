@@ -1,0 +1,200 @@
+"""What every benchmark script of the workspace does the same way (development only, never
+shipped with a package).
+
+A script under ``packages/*/benchmarks/`` keeps its shapes, its callables, its rows and its table
+columns; it takes from here the CUDA check, the timings (medians of ``triton.testing.do_bench``,
+eager or replayed from a CUDA graph), peak memory, the run's metadata (GPU, torch, triton, date),
+like-for-like ratios and the writing of its JSON, markdown or text results. Timing budgets
+(``warmup``, ``rep``) have no defaults: each script passes its own, so they stay visible there.
+
+Triton is imported inside the functions that need it, so this module imports on any machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "environment_line",
+    "graph_replay",
+    "median_ms",
+    "metadata",
+    "peak_mib",
+    "ratios_to_baseline",
+    "require_cuda",
+    "results_dir",
+    "table_header",
+    "write_results",
+    "write_text",
+]
+
+_MIB = 2**20
+
+
+def require_cuda(script: str | os.PathLike[str]) -> bool:
+    """Whether a CUDA device is available. Without one, prints ``"<script> needs a CUDA device"``
+    to stderr and returns False (the script then returns its exit code).
+
+    ``script``: the script's ``__file__`` or file name; only its name is printed.
+    """
+    if torch.cuda.is_available():
+        return True
+    print(f"{Path(script).name} needs a CUDA device", file=sys.stderr)
+    return False
+
+
+def metadata(**extra: Any) -> dict[str, Any]:
+    """The run's environment: ``gpu`` (CUDA device name; None without CUDA), ``torch`` and
+    ``triton`` versions (``triton`` None when it does not import) and ``date`` (today, ISO
+    ``YYYY-MM-DD``), followed by ``extra`` (setup, dtype, ...). A key of ``extra`` that names one
+    of the four replaces its value in place (e.g. ``date=`` a UTC timestamp)."""
+    try:
+        import triton
+
+        triton_version: str | None = triton.__version__
+    except ImportError:
+        triton_version = None
+    meta: dict[str, Any] = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": datetime.date.today().isoformat(),
+    }
+    meta.update(extra)
+    return meta
+
+
+def environment_line(meta: Mapping[str, Any]) -> str:
+    """``"<gpu>, torch <version>, triton <version>, <date>"``: the part of a results title that
+    names where and when it was measured (``meta`` from :func:`metadata`)."""
+    return f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}"
+
+
+def graph_replay(step: Callable[[], object], *, warmup_steps: int = 3) -> Callable[[], None]:
+    """``step`` captured once in a CUDA graph; returns the graph's replay.
+
+    ``step`` first runs ``warmup_steps`` times on a side stream (lazy initialisation, autotuning
+    and allocator warm-up stay out of the graph), then once under capture. Replaying removes the
+    host's launch overhead, so its time is the GPU-bound time of the step. A step under autocast
+    must run with ``cache_enabled=False`` (the weight cache would not survive the capture).
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup_steps):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def median_ms(
+    fn: Callable[[], object], *, warmup: int, rep: int, cuda_graph: bool = False
+) -> float:
+    """Median time of one call of ``fn`` in milliseconds (``triton.testing.do_bench``,
+    ``return_mode="median"``).
+
+    ``warmup`` and ``rep``: do_bench's budgets in milliseconds of warm-up and of timed calls
+    (not call counts). ``cuda_graph``: time the replay of ``fn`` captured by
+    :func:`graph_replay` instead of ``fn`` itself.
+    """
+    import triton.testing
+
+    timed = graph_replay(fn) if cuda_graph else fn
+    return float(triton.testing.do_bench(timed, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def peak_mib(fn: Callable[[], object], *, baseline_bytes: int | None = None) -> float:
+    """Peak CUDA memory allocated while ``fn`` runs, in MiB above ``baseline_bytes``.
+
+    Synchronises, resets the peak statistics, runs ``fn`` once and synchronises again.
+    ``baseline_bytes``: the allocation to count from, in bytes; by default what is allocated
+    when ``fn`` starts, so the result is the extra memory of one call (its inputs excluded).
+    """
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if baseline_bytes is None else baseline_bytes
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / _MIB
+
+
+def ratios_to_baseline(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    key: str,
+    is_baseline: Callable[[Mapping[str, Any]], bool],
+    match: Sequence[str] = (),
+) -> list[float | None]:
+    """Like-for-like ratios ``row[key] / baseline[key]``, one per row, in order.
+
+    A row's baseline is the first row with ``is_baseline(row)`` true and a ``key`` value whose
+    values of the ``match`` keys (shape, sequence length, mask, ...) equal the row's. None where
+    the row has no ``key`` value, no such baseline exists, or the baseline's value is 0. The
+    ratio is unitless (time over time: above 1 means slower than the baseline).
+    """
+    baselines: dict[tuple[Any, ...], float] = {}
+    for row in rows:
+        group = tuple(row.get(m) for m in match)
+        if row.get(key) is not None and is_baseline(row):
+            baselines.setdefault(group, row[key])
+    ratios: list[float | None] = []
+    for row in rows:
+        base = baselines.get(tuple(row.get(m) for m in match))
+        value = row.get(key)
+        ratios.append(value / base if base and value is not None else None)
+    return ratios
+
+
+def table_header(*columns: str) -> list[str]:
+    """The two first lines of a markdown table: ``| a | b |`` and ``|---|---|``."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def results_dir(script_file: str | os.PathLike[str]) -> Path:
+    """Where a script writes its results: ``$OUT`` if set and not empty, else the folder
+    ``results/`` next to the script (``script_file``: the script's ``__file__``). Not created
+    here; the ``write_*`` functions create it."""
+    return Path(os.environ.get("OUT") or Path(script_file).parent / "results")
+
+
+def write_text(filename: str, text: str, *, script_file: str | os.PathLike[str]) -> Path:
+    """Write ``text`` and a final newline to ``filename`` in :func:`results_dir`; returns the
+    path."""
+    out_dir = results_dir(script_file)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / filename
+    path.write_text(text + "\n")
+    return path
+
+
+def write_results(
+    name: str,
+    document: Mapping[str, Any],
+    markdown: str | None = None,
+    *,
+    script_file: str | os.PathLike[str],
+    indent: int = 2,
+    json_default: Callable[[Any], Any] | None = None,
+) -> list[Path]:
+    """Write ``<name>.json`` (``document``, ``json.dumps`` with ``indent`` and ``json_default``
+    for values JSON does not know) and, when ``markdown`` is given, ``<name>.md`` (the text and
+    a final newline) to :func:`results_dir`. Returns the paths written, JSON first."""
+    out_dir = results_dir(script_file)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(document, indent=indent, default=json_default))
+    paths = [path]
+    if markdown is not None:
+        paths.append(write_text(f"{name}.md", markdown, script_file=script_file))
+    return paths
