@@ -314,6 +314,12 @@ def test_eager_flex_on_cpu_is_quiet(paths):
     assert paths == ["flex"]
 
 
+@pytest.mark.xfail(
+    torch.__version__.startswith("2.11."),
+    reason="torch 2.11's dynamo returns zero input gradients for this FlexAttention graph on CPU "
+    "(seen on the GPU test machine, 2026-11-25); later versions pass",
+    strict=True,
+)
 def test_traces_whole_under_torch_compile_on_cpu():
     """``torch.compile(fullgraph=True)`` traces the checks, the dense path (compiled
     FlexAttention on CPU returns no lse) and the gate (dynamo only: backend "eager")."""

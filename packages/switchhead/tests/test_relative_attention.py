@@ -237,11 +237,14 @@ def test_compile_fullgraph_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_xl_memory_linear_in_length_gpu():
-    """The Triton path holds no [T, T] tensor: peak memory grows ~linearly with T."""
+    """The Triton path holds no [T, T] tensor: peak memory grows ~linearly with T. (Its scratch
+    is one [BLOCK, T] panel per program, with programs capped at a multiple of the SMs: linear
+    in T once batch x heads x query blocks fill the GPU, as B = 8 does here.)"""
     m = SwitchHeadXL(256, 4, 4, d_head=64).cuda()
     peaks = []
-    for t in (1024, 4096):
-        x = torch.randn(1, t, 256, device="cuda", requires_grad=True)
+    # the first call fills first-use caches (cast weights, masks): measured only from the second
+    for t in (1024, 1024, 4096):
+        x = torch.randn(8, t, 256, device="cuda", requires_grad=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -251,4 +254,4 @@ def test_xl_memory_linear_in_length_gpu():
         torch.cuda.synchronize()
         peaks.append(torch.cuda.max_memory_allocated() - base)
     # quadratic would be 16x; linear 4x plus the fixed [H, P, d] terms
-    assert peaks[1] < 6 * peaks[0], peaks
+    assert peaks[2] < 6 * peaks[1], peaks

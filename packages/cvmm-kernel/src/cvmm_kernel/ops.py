@@ -48,30 +48,6 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-class _WeightedSum(torch.autograd.Function):
-    """``(rows [G, k, d], weight [..., k]) -> [G, d]``: ``sum_j weight[g, j] * rows[g, j]``
-    in fp32, in ``rows``' dtype; saves its inputs only (no fp32 copies)."""
-
-    @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows, weight)
-        acc = torch.promote_types(rows.dtype, torch.float32)
-        w = weight.reshape(*rows.shape[:2], 1).to(acc)
-        return (rows.to(acc) * w).sum(1).to(rows.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        rows, weight = ctx.saved_tensors
-        acc = torch.promote_types(rows.dtype, torch.float32)
-        g = grad.unsqueeze(1)
-        w = weight.reshape(*rows.shape[:2], 1)
-        grad_rows = (g.to(acc) * w.to(acc)).to(rows.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = (g.to(acc) * rows.to(acc)).sum(-1).to(weight.dtype).view(weight.shape)
-        return grad_rows, grad_weight
-
-
 def cvmm(
     x: torch.Tensor,
     sel: torch.Tensor | CVMMSel,
@@ -130,15 +106,18 @@ def cvmm(
     # Autocast would run the reduction in float32; the result keeps the matmul's dtype instead.
     with torch.autocast(x.device.type, enabled=False):
         if d_out < d_in:
-            # Narrow products (e.g. SwitchHead's value projection): form them and reduce them
-            # elementwise in fp32; the backward works on [N, d_out], the narrow side. (A bmm of
+            # Narrow products (e.g. SwitchHead's value projection): form them, weight them and
+            # sum them in fp32; the backward works on [N, d_out], the narrow side. (A bmm of
             # [G, 1, k] @ [G, k, d_out] took ~0.15 ms per call on an H100 for MoEUT-244M's
             # attention, cuBLAS being slow at tiny batched matrices: 11% of the training step,
             # moeut/benchmarks/results/profile_MoEUT_244M.txt.)
             products = gather_mm(
                 x2, weights, expert, sel.sel_index, out_row, bounds, n, group, backend
             )
-            out = _WeightedSum.apply(products.view(n_groups, w.shape[-1], d_out), w)
+            rows = products.view(n_groups, w.shape[-1], d_out)
+            weighted = rows * w.reshape(n_groups, w.shape[-1], 1).to(rows.dtype)
+            acc = torch.promote_types(rows.dtype, torch.float32)
+            out = weighted.sum(1, dtype=acc).to(rows.dtype)
         else:
             # Wide products (down/output projections): the fused op never keeps or
             # back-propagates through [N, d_out]; its backward works on [N, d_in].
