@@ -217,10 +217,36 @@ def test_xl_backends_agree_gpu():
     _xl_decoding_agrees("cuda", torch.float32, 1e-4)
 
 
+def _heads_inner(t: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D]`` with the memory layout of ``[B, T, H, D]``, as SwitchHeadXL passes it."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("layout", ["contiguous", "heads-inner"])
+def test_fake_kernels_match_real_strides_interpreter(layout):
+    """torch.library.opcheck: the fake kernels give the outputs the shapes and strides of the
+    real ones (torch.compile relies on it; q, k, v are often transposed views)."""
+    q, k, v, r = (t.detach() for t in make(1, 2, 9, 9, 16, 16, torch.float32, "cpu"))
+    if layout == "heads-inner":
+        q, k, v = (_heads_inner(t) for t in (q, k, v))
+    fwd = torch.ops.switchhead.relative_attention_fwd.default
+    bwd = torch.ops.switchhead.relative_attention_bwd.default
+    out, lse = fwd(q, k, v, r, None, True, 0.2)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(fwd, (q, k, v, r, None, True, 0.2), test_utils=checks)
+    torch.library.opcheck(
+        bwd, (torch.randn_like(out), q, k, v, r, None, out, lse, True, 0.2), test_utils=checks
+    )
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_compile_fullgraph_gpu():
+@pytest.mark.parametrize("layout", ["contiguous", "heads-inner"])
+def test_compile_fullgraph_gpu(layout):
     q, k, v, r = make(2, 2, 70, 70, 32, 32, torch.bfloat16, "cuda")
+    if layout == "heads-inner":
+        q, k, v = (_heads_inner(t.detach()).requires_grad_() for t in (q, k, v))
 
     def f(q, k, v, r):
         return relative_attention(q, k, v, r, None, True, 0.2, backend="triton")

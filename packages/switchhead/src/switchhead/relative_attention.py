@@ -115,7 +115,8 @@ def triton_relative_attention_bwd(
 @triton_relative_attention_bwd.register_fake
 def _(grad, q, k, v, r, keep, out, lse, is_causal, scale):
     dr = q.new_empty((r.shape[0], r.shape[1], q.shape[-1]), dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dr
+    # contiguous, as the kernels' launcher allocates them (q, k, v are often transposed views)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dr
 
 
 def _setup_context(ctx, inputs, output):

@@ -392,7 +392,7 @@ def relative_attention_bwd(
     n_k, d_v = k.shape[2], v.shape[-1]
     dr = torch.zeros(h, n_q + n_k - 1 if n_q + n_k else 0, d, device=q.device, dtype=torch.float32)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dr
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dr
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.zeros(b, h, n_k, d, device=q.device, dtype=torch.float32)
     dv = torch.zeros(b, h, n_k, d_v, device=q.device, dtype=torch.float32)
