@@ -283,3 +283,16 @@ def test_cuda_more_than_2_31_elements():
     out = flash_attention_n_triton(q, k, v, softmax_n_param=1.0, is_causal=True)
     expected = direct_attention_n(q[:, -2:], k[:, -2:], v[:, -2:], 1.0, causal=True)
     assert rel_err(out[:, -2:], expected) < 2e-2
+
+
+def test_old_registration_module_name_is_a_deprecated_alias():
+    import importlib
+    import sys
+
+    from softmax_n import custom_ops
+
+    sys.modules.pop("softmax_n.ops", None)
+    with pytest.warns(DeprecationWarning, match="softmax_n.custom_ops"):
+        old = importlib.import_module("softmax_n.ops")
+    assert old.triton_attention_fwd is custom_ops.triton_attention_fwd
+    assert old.triton_attention_bwd is custom_ops.triton_attention_bwd

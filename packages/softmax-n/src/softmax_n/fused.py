@@ -21,6 +21,7 @@ import warnings
 
 import torch
 
+from .custom_ops import triton_attention_fwd
 from .functional import (
     _check_n,
     _check_n_rows,
@@ -29,7 +30,6 @@ from .functional import (
     _check_sink,
     _reference,
 )
-from .ops import triton_attention_fwd
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
