@@ -23,12 +23,12 @@ Triton path adds them with fp32 atomics instead.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from .interpreter import interpreting
 from .weight_cache import cast_weight
 
 ACTIVATION_NAMES = ("identity", "relu", "gelu", "silu")
@@ -64,19 +64,15 @@ class Routing(NamedTuple):
     block_m: int
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def block_m_for(backend: str) -> int:
-    return 16 if backend == "triton" and _interpreting() else BLOCK_M
+    return 16 if backend == "triton" and interpreting() else BLOCK_M
 
 
 def _config(role: str, k: int, n: int) -> tuple[int, ...]:
     """Launch settings of ``role`` for a GEMM of inner size ``k`` and width ``n``."""
     import triton
 
-    if _interpreting():
+    if interpreting():
         if role.endswith("_rows"):
             return (16, 1, 1)
         return (16, 16, 16, 1, 1) if role.startswith("grad_w") else (16, 16, 1, 1)
@@ -320,7 +316,7 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
     dgate = (dgate_parts[0] if dgate_parts.shape[0] == 1 else dgate_parts.sum(0)).to(gate.dtype)
     # dx (memory-bound products and sum) and the weight gradients (latency-bound GEMMs) are
     # independent: on a side stream the first fills what the second leaves idle.
-    overlap = BACKWARD_SCHEDULE["overlap"] and x.is_cuda and not _interpreting()
+    overlap = BACKWARD_SCHEDULE["overlap"] and x.is_cuda and not interpreting()
     if overlap:
         main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
         side.wait_stream(main)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 import torch
 
 from .custom_ops import gather_mm, gather_mm_reduce
+from .interpreter import interpreting
 from .layout import MAX_EXPERTS_TRITON, expert_bounds
 from .selection import CVMMSel, cvmm_prepare_sel
 from .validation import check_cvmm_inputs
@@ -34,7 +34,7 @@ def resolve_backend(device: torch.device, backend: Backend | None) -> Backend:
         raise ValueError(f"unknown cvmm backend {backend!r}; use 'reference' or 'triton'")
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device.type != "cuda" and not interpreting():
         raise ValueError(
             f"backend='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
             "before importing triton to run the kernels on the CPU"

@@ -12,9 +12,9 @@ its gate propagates it. The indices come in rank order, largest first.
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .interpreter import interpreting
 
 # Rows wider than this go to torch.topk (the kernel holds a row block in registers).
 MAX_WIDTH = 4096
@@ -23,9 +23,7 @@ MAX_WIDTH = 4096
 def _use_triton(scores: torch.Tensor, k: int) -> bool:
     if scores.shape[-1] > MAX_WIDTH or scores.numel() == 0 or k == 0:
         return False
-    if scores.device.type == "cuda":
-        return True
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return scores.device.type == "cuda" or interpreting()
 
 
 @torch.library.custom_op("cvmm_kernel::topk_indices", mutates_args=())

@@ -16,11 +16,11 @@ experts, so at most ``layout.MAX_EXPERTS_TRITON`` matrices), which keeps a call 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .interpreter import interpreting
 
 
 @triton.jit
@@ -163,17 +163,13 @@ def _block_sizes(k: int, n: int) -> tuple[int, int, int, int, int]:
     Rows per expert are the variable part; widths are fixed by the model. Small blocks under the
     interpreter keep the CPU tests fast.
     """
-    if not torch.cuda.is_available() or _interpreting():
+    if not torch.cuda.is_available() or interpreting():
         return 16, 16, 16, 1, 1
     if BLOCK_OVERRIDE is not None:
         return BLOCK_OVERRIDE
     block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
     block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
     return 64, block_n, block_k, 4, 3
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def gather_mm(
@@ -253,7 +249,7 @@ def expert_weight_grad(
     if n_experts == 0 or k == 0 or n == 0:
         return dw.zero_()
     _, block_n, block_k, warps, stages = _block_sizes(k, n)
-    block_m = 64 if block_k >= 64 and not _interpreting() else 16
+    block_m = 64 if block_k >= 64 and not interpreting() else 16
     if BLOCK_OVERRIDE is not None:
         block_m = BLOCK_OVERRIDE[0]
     grid = (n_experts, triton.cdiv(k, block_k), triton.cdiv(n, block_n))

@@ -12,10 +12,10 @@ constructors ``cvmm_prepare_sel*`` always make them ``int64``.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from .interpreter import interpreting
 from .selection import CVMMSel
 
 # What x (after autocast) and weights may be: the dtypes a matmul of every path handles.
@@ -46,7 +46,7 @@ def check_backend_dtype(dtype: torch.dtype, device: torch.device, backend: str |
         )
     if dtype != torch.bfloat16:
         return
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type != "cuda" or interpreting():
         raise TypeError(
             "the Triton interpreter (TRITON_INTERPRET=1) cannot run bfloat16 kernels (NumPy has "
             "no bfloat16); use float32/float16 or backend='reference'"
