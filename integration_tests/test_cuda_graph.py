@@ -6,24 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bench_harness import graph_replay  # the benchmarks' warm-up-then-capture
 from moeut import MoEUTLM
 from switchhead import SwitchHeadRope, SwitchHeadXL
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
-
-
-def _capture(step):
-    """``step`` warmed up on a side stream, then captured; returns the graph's replay."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
 
 
 def _graph_matches_eager(model: torch.nn.Module, static_in: torch.Tensor, loss_of, new_inputs):
@@ -42,7 +29,7 @@ def _graph_matches_eager(model: torch.nn.Module, static_in: torch.Tensor, loss_o
         loss.backward()
         static_loss.copy_(loss.detach())
 
-    replay = _capture(step)
+    replay = graph_replay(step)
     for x in new_inputs:
         static_in.copy_(x)
         replay()

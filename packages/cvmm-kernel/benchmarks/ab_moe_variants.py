@@ -15,7 +15,7 @@ import os
 import sys
 
 import torch
-from bench_cvmm import SHAPES, dense_equal_flops, flops, make_inputs, ours_moe_mlp
+from bench_cvmm import SHAPES, dense_equal_flops, flops, fwd_bwd_step, make_inputs, ours_moe_mlp
 from bench_harness import (
     environment_line,
     median_ms,
@@ -54,23 +54,11 @@ def main() -> int:
         t = make_inputs(s, "cuda")
         params = [t[k].requires_grad_() for k in ("up", "down")]
         grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
-        dense_fn, dense_params = dense_equal_flops(s, "cuda")
-
-        def dense_step():
-            out = dense_fn()
-            out.backward(torch.ones_like(out))
-            for p in dense_params:
-                p.grad = None
-
+        dense_step = fwd_bwd_step(*dense_equal_flops(s, "cuda"))
         dense = median_ms(dense_step, warmup=10, rep=100, cuda_graph=True)
         rows = [{"variant": "dense (equal FLOPs)", "ms": dense, "pct_dense": 100.0}]
 
-        def step(det=True):
-            out = ours_moe_mlp(s, t, det)
-            out.backward(grad)
-            for p in params:
-                p.grad = None
-
+        step = fwd_bwd_step(lambda: ours_moe_mlp(s, t, True), params, grad)
         first = None
         defaults = dict(moe_ops.GEMM_CONFIGS)
         for overlap, block_m in VARIANTS:

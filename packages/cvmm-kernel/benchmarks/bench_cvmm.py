@@ -174,15 +174,21 @@ def dense_equal_flops(s: Shape, device: str):
     return lambda: torch.relu(x @ a) @ b, [a, b]
 
 
-def time_fwd_bwd(fn, params) -> tuple[float, float]:
-    """Median ms of forward+backward, and peak extra memory in MiB."""
+def fwd_bwd_step(fn, params, grad: torch.Tensor | None = None):
+    """A step: ``fn()`` forward, backward of ``grad`` (default ones), ``params``' grads cleared."""
 
     def step():
         out = fn()
-        out.backward(torch.ones_like(out))
+        out.backward(torch.ones_like(out) if grad is None else grad)
         for p in params:
             p.grad = None
 
+    return step
+
+
+def time_fwd_bwd(fn, params) -> tuple[float, float]:
+    """Median ms of forward+backward, and peak extra memory in MiB."""
+    step = fwd_bwd_step(fn, params)
     step()
     peak = peak_mib(step)
     return median_ms(step, warmup=25, rep=200), peak

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_cvmm import SHAPES, dense_equal_flops, make_inputs, ours_moe_mlp
+from bench_cvmm import SHAPES, dense_equal_flops, fwd_bwd_step, make_inputs, ours_moe_mlp
 from bench_harness import environment_line, median_ms, metadata, require_cuda, write_text
 
 
@@ -97,19 +97,9 @@ def main() -> int:
         params = [t[k].requires_grad_() for k in ("up", "down")]
         grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
 
-        def step(det=True):
-            out = ours_moe_mlp(s, t, det)
-            out.backward(grad)
-            for p in params:
-                p.grad = None
-
-        dense_fn, dense_params = dense_equal_flops(s, "cuda")
-
-        def dense_step():
-            out = dense_fn()
-            out.backward(torch.ones_like(out))
-            for p in dense_params:
-                p.grad = None
+        step = fwd_bwd_step(lambda: ours_moe_mlp(s, t, True), params, grad)
+        atomic_step = fwd_bwd_step(lambda: ours_moe_mlp(s, t, False), params, grad)
+        dense_step = fwd_bwd_step(*dense_equal_flops(s, "cuda"))
 
         def fwd_only():
             with torch.no_grad():
@@ -119,9 +109,9 @@ def main() -> int:
         rows = {
             "moe_mlp eager": bench(step),
             "moe_mlp forward only, eager": bench(fwd_only),
-            "moe_mlp atomic eager": bench(lambda: step(False)),
+            "moe_mlp atomic eager": bench(atomic_step),
             "moe_mlp CUDA graph": bench(step, graph=True),
-            "moe_mlp atomic CUDA graph": bench(lambda: step(False), graph=True),
+            "moe_mlp atomic CUDA graph": bench(atomic_step, graph=True),
             "dense eager": bench(dense_step),
             "dense CUDA graph": bench(dense_step, graph=True),
         }
