@@ -15,7 +15,7 @@ import os
 import sys
 
 import torch
-from bench_cvmm import SHAPES, dense_equal_flops, flops, fwd_bwd_step, make_inputs, ours_moe_mlp
+from bench_cvmm import SHAPES, dense_equal_flops, flops, fwd_bwd_step, make_inputs, ours_fused
 from bench_harness import (
     environment_line,
     median_ms,
@@ -58,14 +58,14 @@ def main() -> int:
         dense = median_ms(dense_step, warmup=10, rep=100, cuda_graph=True)
         rows = [{"variant": "dense (equal FLOPs)", "ms": dense, "pct_dense": 100.0}]
 
-        step = fwd_bwd_step(lambda: ours_moe_mlp(s, t, True), params, grad)
+        step = fwd_bwd_step(lambda: ours_fused(s, t, True), params, grad)
         first = None
         defaults = dict(moe_ops.GEMM_CONFIGS)
         for overlap, block_m in VARIANTS:
             moe_ops.BACKWARD_SCHEDULE.update(overlap=overlap)
             moe_ops.BLOCK_M = block_m
             moe_ops.GEMM_CONFIGS.update(defaults if block_m == 128 else _tall_tiles(defaults))
-            out = ours_moe_mlp(s, t, True)
+            out = ours_fused(s, t, True)
             out.backward(grad)
             got = [out.detach().float(), *[p.grad.float() for p in params]]
             for p in params:

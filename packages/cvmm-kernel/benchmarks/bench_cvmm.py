@@ -5,8 +5,12 @@ Run on a CUDA machine from the repository root:
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
         python3 packages/cvmm-kernel/benchmarks/bench_cvmm.py [--quick]
 
-Every row times, in the same process: our cvmm (Triton), dense matmuls of equal FLOPs,
-``torch._grouped_mm`` after a sort and gather (where this torch has it), and a padded ``bmm``.
+Every row times, in the same process: our cvmm (Triton), the fused op of the shape (``moe_mlp``
+for the feedforward shapes, ``moe_linear`` for SwitchHead's V and O) in its deterministic and
+atomic modes, dense matmuls of equal FLOPs, ``torch._grouped_mm`` after a sort and gather (where
+this torch has it), and a padded ``bmm``. Each forward + backward is captured in a CUDA graph and
+its replays are timed (the eager calls are host-bound on a shared machine), except the padded
+``bmm``, whose batch size is read back on the host (timed eagerly).
 Writes JSON and a markdown table to ``$OUT`` if set, else to ``benchmarks/results/``.
 """
 
@@ -26,7 +30,7 @@ from bench_harness import (
     table_header,
     write_results,
 )
-from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp
+from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_linear, moe_mlp
 
 UPSTREAM_MS = {"moeut-244m-ffn": 6.68, "ffn-128x128-k4": 4.42}  # PERF.md, same H100 kind
 
@@ -86,19 +90,26 @@ def make_inputs(s: Shape, device: str):
 
 
 def ours(s: Shape, t: dict, backend: str | None = None):
+    bound = s.n_experts * s.heads  # top-k indices: in range without a read-back
     if s.kind == "ffn":
-        h = torch.relu(cvmm(t["x"], cvmm_prepare_sel2(t["index"]), t["up"], backend=backend))
-        sel = cvmm_prepare_sel2(t["index"], t["gate"]).with_input_rows_per_group(1)
-        return cvmm(h, sel, t["down"], backend=backend)
+        sel = cvmm_prepare_sel2(t["index"], index_bound=bound)
+        h = torch.relu(cvmm(t["x"], sel, t["up"], backend=backend))
+        sel = cvmm_prepare_sel2(t["index"], t["gate"], index_bound=bound)
+        return cvmm(h, sel.with_input_rows_per_group(1), t["down"], backend=backend)
     flat = t["index"].flatten(-2)
-    sel = cvmm_prepare_sel2(flat, t["gate"])
+    sel = cvmm_prepare_sel2(flat, t["gate"], index_bound=bound)
     if s.kind == "o":
         sel = sel.with_input_rows_per_group(s.k)
         sel.reduction_weight = t["gate"].flatten(-2)
     return cvmm(t["x"], sel, t["w"], backend=backend)
 
 
-def ours_moe_mlp(s: Shape, t: dict, deterministic: bool):
+def ours_fused(s: Shape, t: dict, deterministic: bool):
+    """The shape's fused op: ``moe_mlp`` (feedforward) or ``moe_linear`` (SwitchHead V / O)."""
+    if s.kind != "ffn":
+        x, bound = t["x"], s.n_experts * s.heads
+        return moe_linear(x, t["index"], t["gate"], t["w"], reduce_groups=s.kind == "o",
+                          deterministic=deterministic, index_bound=bound)  # fmt: skip
     return moe_mlp(
         t["x"],
         t["index"],
@@ -115,8 +126,10 @@ def grouped_mm_baseline(s: Shape, t: dict):
     """torch._grouped_mm on rows sorted by expert (gather before, scatter/reduce after)."""
 
     def grouped(rows, index, w, in_row):
-        order = index.flatten().argsort()
-        counts = torch.bincount(index.flatten(), minlength=w.shape[0])
+        flat = index.flatten()
+        order = flat.argsort()
+        counts = torch.zeros(w.shape[0], dtype=torch.long, device=flat.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))  # bincount without a host sync
         offs = torch.cumsum(counts, 0).to(torch.int32)
         out_sorted = torch._grouped_mm(rows[in_row[order]], w, offs=offs)
         return torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
@@ -186,12 +199,13 @@ def fwd_bwd_step(fn, params, grad: torch.Tensor | None = None):
     return step
 
 
-def time_fwd_bwd(fn, params) -> tuple[float, float]:
-    """Median ms of forward+backward, and peak extra memory in MiB."""
+def time_fwd_bwd(fn, params, cuda_graph: bool = True) -> tuple[float, float]:
+    """Median ms of forward+backward (CUDA-graph replays unless ``cuda_graph=False``), and the
+    peak extra memory of an eager step in MiB."""
     step = fwd_bwd_step(fn, params)
     step()
     peak = peak_mib(step)
-    return median_ms(step, warmup=25, rep=200), peak
+    return median_ms(step, warmup=25, rep=200, cuda_graph=cuda_graph), peak
 
 
 def rel_error_vs_reference(s: Shape, t: dict) -> float:
@@ -210,12 +224,11 @@ def bench_shape(s: Shape, device: str) -> dict:
         params.append(t["x"].requires_grad_())
     row = {"shape": s.name, "tflop": flops(s) / 1e12}
     row["ours_ms"], row["ours_mib"] = time_fwd_bwd(lambda: ours(s, t), params)
-    if s.kind == "ffn":
-        for det in (True, False):
-            key = "moe_mlp" if det else "moe_mlp_atomic"
-            row[f"{key}_ms"], row[f"{key}_mib"] = time_fwd_bwd(
-                lambda det=det: ours_moe_mlp(s, t, det), params
-            )
+    for det in (True, False):
+        key = "fused" if det else "fused_atomic"
+        row[f"{key}_ms"], row[f"{key}_mib"] = time_fwd_bwd(
+            lambda det=det: ours_fused(s, t, det), params
+        )
     dense_fn, dense_params = dense_equal_flops(s, device)
     row["dense_ms"], row["dense_mib"] = time_fwd_bwd(dense_fn, dense_params)
     try:
@@ -226,10 +239,10 @@ def bench_shape(s: Shape, device: str) -> dict:
         row["grouped_mm_ms"], row["grouped_mm_error"] = None, f"{type(exc).__name__}: {exc}"[:200]
     if s.kind == "ffn" and s.expert_size <= 128:
         row["padded_bmm_ms"], row["padded_bmm_mib"] = time_fwd_bwd(
-            lambda: padded_bmm_baseline(s, t), params
+            lambda: padded_bmm_baseline(s, t), params, cuda_graph=False
         )
     row["ours_tflops"] = flops(s) / row["ours_ms"] / 1e9
-    for key in ("moe_mlp", "moe_mlp_atomic"):
+    for key in ("fused", "fused_atomic"):
         if row.get(f"{key}_ms"):
             row[f"{key}_ratio_of_dense_tflops"] = row["dense_ms"] / row[f"{key}_ms"]
             if row.get("grouped_mm_ms"):
@@ -242,17 +255,16 @@ def bench_shape(s: Shape, device: str) -> dict:
         row["upstream_ms_perf_md"] = UPSTREAM_MS[s.name]
         row["speedup_vs_upstream"] = UPSTREAM_MS[s.name] / row["ours_ms"]
     row["rel_error_vs_fp32_reference"] = rel_error_vs_reference(s, t)
-    if s.kind == "ffn":
-        with torch.no_grad():
-            ref = ours(
-                s,
-                {k: (v.float() if v.is_floating_point() else v) for k, v in t.items()},
-                backend="reference",
-            )
-            for det in (True, False):
-                got = ours_moe_mlp(s, t, det).float()
-                key = "moe_mlp" if det else "moe_mlp_atomic"
-                row[f"{key}_rel_error_vs_fp32_reference"] = float((got - ref).norm() / ref.norm())
+    with torch.no_grad():
+        ref = ours(
+            s,
+            {k: (v.float() if v.is_floating_point() else v) for k, v in t.items()},
+            backend="reference",
+        )
+        for det in (True, False):
+            got = ours_fused(s, t, det).float()
+            key = "fused" if det else "fused_atomic"
+            row[f"{key}_rel_error_vs_fp32_reference"] = float((got - ref).norm() / ref.norm())
     return row
 
 
@@ -269,7 +281,11 @@ def main() -> int:
         rows.append(bench_shape(s, device))
         torch.cuda.empty_cache()
 
-    meta = metadata(dtype="bfloat16", timing="triton.testing.do_bench median, forward+backward")
+    meta = metadata(
+        dtype="bfloat16",
+        timing="triton.testing.do_bench median of CUDA-graph replays, forward+backward "
+        "(padded bmm: eager)",
+    )
     fmt = lambda v, f="{:.3f}": "n/a" if v is None else f.format(v)
     lines = [
         f"cvmm forward+backward, bf16, {environment_line(meta)}",
@@ -277,25 +293,25 @@ def main() -> int:
         *table_header(
             "shape",
             "cvmm ms",
-            "moe_mlp ms",
-            "moe_mlp atomic ms",
+            "fused ms (moe_mlp / moe_linear)",
+            "fused atomic ms",
             "dense ms (equal FLOPs)",
-            "% of dense TFLOP/s: cvmm / moe_mlp / atomic",
+            "% of dense TFLOP/s: cvmm / fused / atomic",
             "grouped_mm ms",
-            "padded bmm ms",
+            "padded bmm ms (eager)",
             "upstream ms (PERF.md)",
-            "peak MiB cvmm / moe_mlp / dense",
+            "peak MiB cvmm / fused / dense",
         ),
     ]
     for r in rows:
         pct = lambda key: fmt(r.get(key) and 100 * r[key], "{:.0f}%")
         lines.append(
-            f"| {r['shape']} | {r['ours_ms']:.3f} | {fmt(r.get('moe_mlp_ms'))} | "
-            f"{fmt(r.get('moe_mlp_atomic_ms'))} | {r['dense_ms']:.3f} | "
-            f"{pct('ratio_of_dense_tflops')} / {pct('moe_mlp_ratio_of_dense_tflops')} / "
-            f"{pct('moe_mlp_atomic_ratio_of_dense_tflops')} | {fmt(r.get('grouped_mm_ms'))} | "
+            f"| {r['shape']} | {r['ours_ms']:.3f} | {fmt(r.get('fused_ms'))} | "
+            f"{fmt(r.get('fused_atomic_ms'))} | {r['dense_ms']:.3f} | "
+            f"{pct('ratio_of_dense_tflops')} / {pct('fused_ratio_of_dense_tflops')} / "
+            f"{pct('fused_atomic_ratio_of_dense_tflops')} | {fmt(r.get('grouped_mm_ms'))} | "
             f"{fmt(r.get('padded_bmm_ms'))} | {fmt(r.get('upstream_ms_perf_md'), '{:.2f}')} | "
-            f"{r['ours_mib']:.0f} / {fmt(r.get('moe_mlp_mib'), '{:.0f}')} / {r['dense_mib']:.0f} |"
+            f"{r['ours_mib']:.0f} / {fmt(r.get('fused_mib'), '{:.0f}')} / {r['dense_mib']:.0f} |"
         )
     table = "\n".join(lines)
     print(table)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_cvmm import SHAPES, make_inputs, ours_moe_mlp
+from bench_cvmm import SHAPES, make_inputs, ours_fused
 from bench_harness import require_cuda
 
 
@@ -28,7 +28,7 @@ def main() -> int:
     grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
 
     def step():
-        ours_moe_mlp(s, t, True).backward(grad)
+        ours_fused(s, t, True).backward(grad)
         for p in params:
             p.grad = None
 

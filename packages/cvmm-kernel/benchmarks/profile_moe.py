@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_cvmm import SHAPES, dense_equal_flops, fwd_bwd_step, make_inputs, ours_moe_mlp
+from bench_cvmm import SHAPES, dense_equal_flops, fwd_bwd_step, make_inputs, ours_fused
 from bench_harness import environment_line, median_ms, metadata, require_cuda, write_text
 
 
@@ -81,7 +81,7 @@ def host_times(s, t) -> dict[str, float]:
             )
         ),
         "moe_mlp forward, no grad": host_us(
-            lambda: ours_moe_mlp(s, {**t, "up": w, "down": t["down"].detach()}, True)
+            lambda: ours_fused(s, {**t, "up": w, "down": t["down"].detach()}, True)
         ),
     }
 
@@ -97,13 +97,13 @@ def main() -> int:
         params = [t[k].requires_grad_() for k in ("up", "down")]
         grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
 
-        step = fwd_bwd_step(lambda: ours_moe_mlp(s, t, True), params, grad)
-        atomic_step = fwd_bwd_step(lambda: ours_moe_mlp(s, t, False), params, grad)
+        step = fwd_bwd_step(lambda: ours_fused(s, t, True), params, grad)
+        atomic_step = fwd_bwd_step(lambda: ours_fused(s, t, False), params, grad)
         dense_step = fwd_bwd_step(*dense_equal_flops(s, "cuda"))
 
         def fwd_only():
             with torch.no_grad():
-                ours_moe_mlp(s, t, True)
+                ours_fused(s, t, True)
 
         bench = lambda f, graph=False: median_ms(f, warmup=10, rep=100, cuda_graph=graph)
         rows = {

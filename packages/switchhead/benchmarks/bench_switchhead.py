@@ -49,7 +49,28 @@ class DenseMHA(torch.nn.Module):
 
 def variants():
     yield "rope-4x4-d100", lambda: SwitchHeadRope(1024, 4, 4, d_head=100)
+    yield (
+        "rope-4x4-d100 cvmm experts",
+        lambda: SwitchHeadRope(1024, 4, 4, d_head=100, expert_impl="cvmm"),
+    )
     yield "rope-4x4-d128", lambda: SwitchHeadRope(1024, 4, 4, d_head=128)
+    # 4 heads x 8 experts: where "auto" switches from the dense-gated to the sparse experts
+    yield (
+        "rope-4x8-d128 dense experts",
+        lambda: SwitchHeadRope(1024, 4, 8, d_head=128, expert_impl="dense"),
+    )
+    yield (
+        "rope-4x8-d128 cvmm experts",
+        lambda: SwitchHeadRope(1024, 4, 8, d_head=128, expert_impl="cvmm"),
+    )
+    yield (
+        "rope-4x10-d128 dense experts (MoEUT-244M's)",
+        lambda: SwitchHeadRope(1024, 4, 10, d_head=128, expert_impl="dense"),
+    )
+    yield (
+        "rope-4x10-d128 cvmm experts (MoEUT-244M's)",
+        lambda: SwitchHeadRope(1024, 4, 10, d_head=128, expert_impl="cvmm"),
+    )
     yield "xl-4x4-d100", lambda: SwitchHeadXL(1024, 4, 4, d_head=100)
     yield "xl-4x4-d100 reference", lambda: SwitchHeadXL(1024, 4, 4, d_head=100, backend="reference")
     yield "dense-mha-16x64", lambda: DenseMHA()

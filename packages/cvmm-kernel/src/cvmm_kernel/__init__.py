@@ -8,6 +8,7 @@ reduction of the k results.
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .moe_linear import moe_linear
 from .moe_mlp import moe_mlp
 from .ops import cvmm
 from .reference import cvmm_reference
@@ -34,6 +35,7 @@ __all__ = [
     "cvmm_prepare_sel",
     "cvmm_prepare_sel2",
     "cvmm_reference",
+    "moe_linear",
     "moe_mlp",
     "select_k_experts_per_row",
     "select_one_expert_per_row",

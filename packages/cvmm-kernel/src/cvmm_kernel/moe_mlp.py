@@ -6,10 +6,14 @@ from typing import Literal
 
 import torch
 
+from .moe_inputs import (
+    check_index_range,
+    check_one_device,
+    check_routing_tensors,
+    compute_dtype_and_backend,
+)
 from .moe_ops import ACTIVATION_NAMES, MoEMLPFunction, block_m_for, moe_mlp_forward, moe_routing
-from .ops import Backend, resolve_backend
-from .selection import _check_index_tensor
-from .validation import check_backend_dtype
+from .ops import Backend
 
 Activation = Literal["identity", "relu", "gelu", "silu"]
 
@@ -22,12 +26,8 @@ def _check(x, index, gate, w_up, w_down, activation, index_bound) -> None:
         raise ValueError(f"activation must be one of {ACTIVATION_NAMES}, got {activation!r}")
     _check_routing(x, index, gate)
     e = _check_weights(x, w_up, w_down)
-    devices = {t.device for t in (x, index, gate, w_up, w_down)}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    if x.device.type == "meta":
-        raise ValueError("moe_mlp cannot run on meta tensors")
-    _check_index_range(index, e, index_bound)
+    check_one_device("moe_mlp", x, index, gate, w_up, w_down)
+    check_index_range("moe_mlp", index, e, index_bound)
 
 
 def _check_routing(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> None:
@@ -39,13 +39,7 @@ def _check_routing(x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor) -> 
             f"index must have shape [*x.shape[:-1], k] = [{', '.join(map(str, x.shape[:-1]))}, k],"
             f" got {list(index.shape)}"
         )
-    _check_index_tensor(index)
-    if gate.shape != index.shape:
-        raise ValueError(
-            f"gate must have index's shape {list(index.shape)}, got {list(gate.shape)}"
-        )
-    if not gate.dtype.is_floating_point:
-        raise TypeError(f"gate must be a floating point tensor, got {gate.dtype}")
+    check_routing_tensors(index, gate)
 
 
 def _check_weights(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> int:
@@ -69,23 +63,6 @@ def _check_weights(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) ->
     if w_up.dtype != w_down.dtype:
         raise TypeError(f"w_up ({w_up.dtype}) and w_down ({w_down.dtype}) must share a dtype")
     return e
-
-
-def _check_index_range(index: torch.Tensor, e: int, index_bound: int | None) -> None:
-    """Expert indices in ``[0, e)``: on the host from ``index_bound`` when given, else read back
-    (not while compiling)."""
-    if index_bound is not None:
-        if index_bound > e:
-            raise ValueError(f"index_bound={index_bound} exceeds the number of experts {e}")
-    elif index.numel() and not torch.compiler.is_compiling():
-        if index.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise ValueError(
-                "moe_mlp cannot check the expert indices inside CUDA-graph capture (it would "
-                "read them back): pass index_bound (e.g. the number of experts a top-k chose from)"
-            )
-        lo, hi = torch.aminmax(index)
-        if int(lo) < 0 or int(hi) >= e:
-            raise ValueError(f"expert indices must be in [0, {e}), got [{int(lo)}, {int(hi)}]")
 
 
 def moe_mlp(
@@ -124,20 +101,7 @@ def moe_mlp(
         ``w_up`` and ``w_down`` (weight gradients in the weights' dtype).
     """
     _check(x, index, gate, w_up, w_down, activation, index_bound)
-    requested = backend
-    backend = resolve_backend(x.device, backend)
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(torch.get_autocast_dtype(x.device.type))
-    elif x.dtype != w_up.dtype:
-        raise TypeError(
-            f"x ({x.dtype}) and the weights ({w_up.dtype}) must share a dtype outside autocast"
-        )
-    if requested is None and backend == "triton":
-        try:
-            check_backend_dtype(x.dtype, x.device, backend)
-        except TypeError:  # e.g. float64: the automatic choice falls back to the reference
-            backend = "reference"
-    check_backend_dtype(x.dtype, x.device, backend)  # an explicit backend is refused clearly
+    x, backend = compute_dtype_and_backend(x, w_up.dtype, backend)
     lead, top_k = x.shape[:-1], index.shape[-1]
     block_m = block_m_for(backend)
     flat_index = index.reshape(-1).long()

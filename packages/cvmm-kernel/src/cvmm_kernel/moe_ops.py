@@ -49,6 +49,13 @@ GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
     # Row-tile kernel (small inner size): (BLOCK_N, num_warps, num_stages).
     "down_rows": (128, 8, 4),
     "grad_input_rows": (128, 4, 4),
+    # moe_linear (cvmm_kernel.linear_ops): forward, input gradient (with the gate gradient),
+    # weight gradient, on the general or the row-tile kernel.
+    "linear": (128, 64, 8, 3),
+    "linear_rows": (128, 8, 4),
+    "linear_grad_input": (128, 64, 8, 4),
+    "linear_grad_input_rows": (64, 4, 4),  # also stages x's columns: 128 wide is too much
+    "grad_w_linear": (64, 128, 128, 4, 4),
 }
 
 

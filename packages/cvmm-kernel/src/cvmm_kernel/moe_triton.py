@@ -165,12 +165,12 @@ def _routing_tiles_kernel(
 
 @triton.jit
 def _tile_rows(
-    tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, TOP_K,
+    tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, A_DIV, OUT_DIV,
     A_GATHER: tl.constexpr, OUT_MODE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """The rows of ``tile``: its expert, sorted positions and their mask, the row of each in the
-    input (``A_GATHER``: the slot's token, else the position) and in the output (``OUT_MODE``:
-    0 the position, 1 the slot, 2 the slot's token)."""
+    input (``A_GATHER``: ``slot // A_DIV``, e.g. the token, else the position) and in the output
+    (``OUT_MODE``: 0 the position, 1 the slot, 2 ``slot // OUT_DIV``)."""
     expert = tl.load(tile_expert_ptr + tile)
     start = tl.load(tile_start_ptr + tile)
     end = tl.load(offsets_ptr + expert + 1)
@@ -178,7 +178,7 @@ def _tile_rows(
     mask_m = offs_m < end
     slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
     if A_GATHER:  # noqa: SIM108 (constexpr branch inside a Triton kernel)
-        a_row = (slot // TOP_K).to(tl.int64)
+        a_row = (slot // A_DIV).to(tl.int64)
     else:
         a_row = offs_m.to(tl.int64)
     if OUT_MODE == 0:
@@ -186,7 +186,7 @@ def _tile_rows(
     elif OUT_MODE == 1:
         out_row = slot.to(tl.int64)
     else:
-        out_row = (slot // TOP_K).to(tl.int64)
+        out_row = (slot // OUT_DIV).to(tl.int64)
     return expert, offs_m, mask_m, slot, a_row, out_row
 
 
@@ -206,7 +206,9 @@ def _moe_gemm_tile(
     u_ptr,
     K,
     N,
-    TOP_K,
+    A_DIV,
+    OUT_DIV,
+    H_DIV,
     stride_am,
     stride_ak,
     stride_we,
@@ -221,6 +223,7 @@ def _moe_gemm_tile(
     EPILOGUE: tl.constexpr,
     ACT: tl.constexpr,
     STORE_PREACT: tl.constexpr,
+    H_GATHER: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -231,8 +234,8 @@ def _moe_gemm_tile(
     tile = work // n_col_blocks
     pid_n = work % n_col_blocks
     expert, offs_m, mask_m, slot, a_row, rows = _tile_rows(
-        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, TOP_K, A_GATHER,
-        OUT_MODE, BLOCK_M,
+        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, A_DIV, OUT_DIV,
+        A_GATHER, OUT_MODE, BLOCK_M,
     )  # fmt: skip
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -263,7 +266,11 @@ def _moe_gemm_tile(
             tl.store(aux_ptr + sorted_rows, acc.to(aux_ptr.dtype.element_ty), mask=mask_mn)
         acc = _activate(acc, ACT)
     elif EPILOGUE == 3:  # z = dy @ W_down^T: dg = <z, h>, du = g * z * act'(u)
-        h = tl.load(h_ptr + sorted_rows, mask=mask_mn, other=0.0).to(tl.float32)
+        if H_GATHER:  # h is the layer's input: row slot // H_DIV (a linear layer's backward)
+            h_rows = (slot // H_DIV).to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+        else:
+            h_rows = sorted_rows
+        h = tl.load(h_ptr + h_rows, mask=mask_mn, other=0.0).to(tl.float32)
         dg = tl.sum(acc * h, axis=1)
         tl.store(aux_ptr + pid_n * stride_aux + slot, dg, mask=mask_m)
         g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
@@ -297,7 +304,9 @@ def _moe_gemm_kernel(
     u_ptr,
     K,
     N,
-    TOP_K,
+    A_DIV,
+    OUT_DIV,
+    H_DIV,
     stride_am,
     stride_ak,
     stride_we,
@@ -312,6 +321,7 @@ def _moe_gemm_kernel(
     EPILOGUE: tl.constexpr,
     ACT: tl.constexpr,
     STORE_PREACT: tl.constexpr,
+    H_GATHER: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -328,20 +338,20 @@ def _moe_gemm_kernel(
         for work in tl.range(tl.program_id(0), n_work, NUM_PROGRAMS, flatten=True):
             _moe_gemm_tile(
                 work, a_ptr, w_ptr, out_ptr, aux_ptr, sorted_to_slot_ptr, tile_expert_ptr,
-                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, TOP_K, stride_am,
-                stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_hm,
-                stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, BLOCK_M, BLOCK_N,
-                BLOCK_K, INPUT_PRECISION,
+                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, A_DIV, OUT_DIV, H_DIV,
+                stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+                stride_hm, stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, H_GATHER,
+                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
             )  # fmt: skip
     else:
         work = tl.program_id(0)
         if work < n_work:
             _moe_gemm_tile(
                 work, a_ptr, w_ptr, out_ptr, aux_ptr, sorted_to_slot_ptr, tile_expert_ptr,
-                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, TOP_K, stride_am,
-                stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on, stride_hm,
-                stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, BLOCK_M, BLOCK_N,
-                BLOCK_K, INPUT_PRECISION,
+                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, A_DIV, OUT_DIV, H_DIV,
+                stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+                stride_hm, stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, H_GATHER,
+                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
             )  # fmt: skip
 
 
@@ -356,9 +366,13 @@ def _moe_gemm_rows_kernel(
     offsets_ptr,
     n_valid_ptr,
     gate_ptr,
+    h_ptr,
+    dgate_ptr,
     K,
     N,
-    TOP_K,
+    A_DIV,
+    OUT_DIV,
+    H_DIV,
     stride_am,
     stride_ak,
     stride_we,
@@ -366,9 +380,11 @@ def _moe_gemm_rows_kernel(
     stride_wn,
     stride_om,
     stride_on,
+    stride_hm,
     A_GATHER: tl.constexpr,
     OUT_MODE: tl.constexpr,
     GATE: tl.constexpr,
+    GATE_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -377,13 +393,16 @@ def _moe_gemm_rows_kernel(
 ):
     """For inner sizes that fit one block (``K <= BLOCK_K``): one program per tile loads the
     tile's rows once and walks every column block of its expert's matrix, so the next block's
-    weights load while this block's products are stored (the products dominate: K is small)."""
+    weights load while this block's products are stored (the products dominate: K is small).
+
+    ``GATE_GRAD`` (a linear layer's backward, ``z = dy @ W^T``): also ``dgate[slot] = <z, h>``
+    with ``h`` the layer's input row ``slot // H_DIV``, summed over the column blocks."""
     tile = tl.program_id(0)
     if tile >= tl.load(n_valid_ptr):
         return
     expert, _positions, mask_m, slot, a_row, rows = _tile_rows(
-        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, TOP_K, A_GATHER,
-        OUT_MODE, BLOCK_M,
+        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, A_DIV, OUT_DIV,
+        A_GATHER, OUT_MODE, BLOCK_M,
     )  # fmt: skip
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
@@ -394,24 +413,32 @@ def _moe_gemm_rows_kernel(
     )
     if GATE:
         g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+    if GATE_GRAD:
+        h_row = (slot // H_DIV).to(tl.int64) * stride_hm
+        dg = tl.zeros((BLOCK_M,), dtype=tl.float32)
     w_base = w_ptr + expert.to(tl.int64) * stride_we
     for n0 in tl.range(0, N, BLOCK_N, num_stages=N_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        mask_mn = mask_m[:, None] & mask_n[None, :]
         b = tl.load(
             w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
             mask=mask_k[:, None] & mask_n[None, :],
             other=0.0,
         )
         acc = tl.dot(a, b, input_precision=INPUT_PRECISION)
+        if GATE_GRAD:
+            h = tl.load(h_ptr + h_row[:, None] + offs_n[None, :], mask=mask_mn, other=0.0)
+            dg += tl.sum(acc * h.to(tl.float32), axis=1)
         if GATE:
             acc = acc * g[:, None]
         out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
-        mask_mn = mask_m[:, None] & mask_n[None, :]
         if OUT_MODE == 2:
             tl.atomic_add(out_ptrs, acc, mask=mask_mn, sem="relaxed")
         else:
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
+    if GATE_GRAD:
+        tl.store(dgate_ptr + slot, dg, mask=mask_m)
 
 
 @triton.jit
@@ -424,7 +451,8 @@ def _moe_weight_grad_kernel(
     gate_ptr,
     K,
     N,
-    TOP_K,
+    A_DIV,
+    B_DIV,
     stride_am,
     stride_ak,
     stride_bm,
@@ -460,11 +488,11 @@ def _moe_weight_grad_kernel(
         mask_m = offs_m < end
         slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
         if A_GATHER:  # noqa: SIM108 (constexpr branch inside a Triton kernel)
-            a_row = (slot // TOP_K).to(tl.int64)
+            a_row = (slot // A_DIV).to(tl.int64)
         else:
             a_row = offs_m.to(tl.int64)
         if B_GATHER:  # noqa: SIM108
-            b_row = (slot // TOP_K).to(tl.int64)
+            b_row = (slot // B_DIV).to(tl.int64)
         else:
             b_row = offs_m.to(tl.int64)
         a = tl.load(
@@ -629,6 +657,8 @@ def moe_gemm(
     aux: torch.Tensor | None = None,
     h: torch.Tensor | None = None,
     u: torch.Tensor | None = None,
+    out_div: int | None = None,
+    h_div: int | None = None,
     config: tuple = (128, 64, 4, 3),
 ) -> None:
     """Launch ``_moe_gemm_kernel``: ``out[row(p)] (+)= epilogue(a[row_a(p)] @ w[expert(p)])``.
@@ -636,6 +666,10 @@ def moe_gemm(
     Args:
         a: ``[rows, K]``; ``w``: ``[E, K, N]`` (any strides); ``out``: ``[rows_out, N]``.
         routing: a :class:`cvmm_kernel.moe_ops.Routing` whose tiles have ``BLOCK_M`` rows.
+        top_k: slots per row of ``a`` (gathered rows are ``slot // top_k``).
+        out_div: slots per output row for ``OUT_TOKEN_ATOMIC`` (default ``top_k``).
+        h_div: the gate-gradient epilogue reads ``h``'s row ``slot // h_div`` (the input rows of
+            a linear layer) instead of the sorted position (default).
         config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages[, persistent])``; persistent
             launches one program per SM (where the installed Triton can flatten loops).
     """
@@ -666,6 +700,8 @@ def moe_gemm(
         a.shape[1],
         n_cols,
         top_k,
+        top_k if out_div is None else out_div,
+        1 if h_div is None else h_div,
         a.stride(0),
         a.stride(1),
         w.stride(0),
@@ -673,13 +709,14 @@ def moe_gemm(
         w.stride(2),
         out.stride(0),
         out.stride(1),
-        n_cols,  # h, u and the stored pre-activation are contiguous [rows, N]
+        n_cols if h is None or h_div is None else h.stride(0),  # sorted h, u: contiguous [P, N]
         aux.stride(0) if aux is not None else 0,
         a_gather,
         out_mode,
         epilogue,
         ACTIVATIONS[activation],
         epilogue == EPI_ACTIVATION and aux is not None,
+        h_div is not None,
         routing.block_m,
         block_n,
         block_k,
@@ -705,10 +742,17 @@ def moe_gemm_rows(
     a_gather: bool,
     out_mode: int,
     gate: torch.Tensor | None = None,
+    out_div: int | None = None,
+    h: torch.Tensor | None = None,
+    h_div: int = 1,
+    dgate: torch.Tensor | None = None,
     config: tuple = (128, 8, 3),
 ) -> None:
     """Launch ``_moe_gemm_rows_kernel``: ``out[row(p)] (+)= g * (a[row_a(p)] @ w[expert(p)])``
-    with ``K = a.shape[1] <= ROWS_MAX_K``; ``config``: ``(BLOCK_N, num_warps, num_stages)``."""
+    with ``K = a.shape[1] <= ROWS_MAX_K``; ``config``: ``(BLOCK_N, num_warps, num_stages)``;
+    ``top_k`` and ``out_div`` as in :func:`moe_gemm`. With ``h`` (``[rows, N]``, unit column
+    stride) and ``dgate`` (``[slots]`` fp32): also ``dgate[s] = <a[row_a] @ w[e], h[s // h_div]>``
+    (before the gate)."""
     n_tiles = routing.tile_expert.numel()
     k, n_cols = a.shape[1], w.shape[2]
     if n_tiles == 0 or k == 0 or n_cols == 0:
@@ -728,9 +772,13 @@ def moe_gemm_rows(
         routing.offsets,
         routing.n_valid,
         gate if gate is not None else routing.offsets,
+        h if h is not None else routing.offsets,
+        dgate if dgate is not None else routing.offsets,
         k,
         n_cols,
         top_k,
+        top_k if out_div is None else out_div,
+        h_div,
         a.stride(0),
         a.stride(1),
         w.stride(0),
@@ -738,9 +786,11 @@ def moe_gemm_rows(
         w.stride(2),
         out.stride(0),
         out.stride(1),
+        h.stride(0) if h is not None else 0,
         a_gather,
         out_mode,
         gate is not None,
+        dgate is not None,
         routing.block_m,
         block_n,
         max(16, triton.next_power_of_2(k)),
@@ -761,6 +811,7 @@ def moe_weight_grad(
     a_gather: bool,
     b_gather: bool,
     gate: torch.Tensor | None = None,
+    b_div: int | None = None,
     config: tuple[int, ...] = (64, 128, 128, 8, 3),
 ) -> None:
     """Launch ``_moe_weight_grad_kernel``: ``dw[e] = sum_{p in e} a[row_a(p)]^T b[row_b(p)]``
@@ -768,6 +819,8 @@ def moe_weight_grad(
 
     Args:
         a: ``[rows, K]``, b: ``[rows, N]``, dw: ``[E, K, N]`` written whole.
+        top_k, b_div: slots per row of ``a`` and of ``b`` where gathered (``b_div`` defaults to
+            ``top_k``).
         config: ``(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages)``.
     """
     n_experts, k, n = dw.shape
@@ -787,6 +840,7 @@ def moe_weight_grad(
         k,
         n,
         top_k,
+        top_k if b_div is None else b_div,
         a.stride(0),
         a.stride(1),
         b.stride(0),

@@ -14,7 +14,8 @@ Expert projections (``expert_impl``):
 - ``"dense"``: every expert's projection as one dense matmul, the unchosen ones weighted by 0
   (exactly the same function and gradients). It does ``n_experts / moe_k`` times the expert
   FLOPs but in one large cuBLAS matmul each for V and O, with no sort and no host sync.
-- ``"cvmm"``: only the chosen experts, through ``cvmm_kernel.cvmm`` (Triton on CUDA).
+- ``"cvmm"``: only the chosen experts, through ``cvmm_kernel.moe_linear`` (gathered grouped
+  GEMMs on CUDA, sorted by expert, no host sync).
 - ``"auto"`` (default): ``"dense"`` while ``n_experts <= DENSE_EXPERT_RATIO * moe_k``, else
   ``"cvmm"``.
 
@@ -51,7 +52,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from cvmm_kernel import CVMMSel, cvmm, cvmm_prepare_sel2, topk_indices
+from cvmm_kernel import moe_linear, topk_indices
 
 from .masks import AttentionMask, check_mask, sdpa_mask
 from .rope import RotaryEmbedding
@@ -207,19 +208,15 @@ class SwitchHeadCore(torch.nn.Module):
             keep = beaten_by.sum(-1) < self.moe_k
         return scores * keep
 
-    def _cvmm_sel(self, logits: torch.Tensor) -> CVMMSel:
-        """``logits [..., H, E]`` -> a cvmm selection of the chosen experts of every head."""
+    def _chosen_experts(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits [..., H, E]`` -> ``(index, gate)`` ``[..., H, moe_k]``: the chosen experts of
+        every head as rows of ``v``/``o`` (``head * E + expert``) and their sigmoid scores."""
         scores, index = self._topk(logits)
         if index is None:
             index = torch.arange(self.n_experts, device=logits.device).expand_as(scores)
         gate = torch.gather(scores, -1, index)
         offsets = torch.arange(self.n_heads, device=index.device) * self.n_experts
-        # top-k indices are in range by construction: cvmm skips reading them back (no sync)
-        return cvmm_prepare_sel2(
-            (index + offsets.unsqueeze(-1)).flatten(-2),
-            gate,
-            index_bound=self.n_heads * self.n_experts,
-        )
+        return index + offsets.unsqueeze(-1), gate
 
     # ----- forward -----
 
@@ -270,21 +267,19 @@ class SwitchHeadCore(torch.nn.Module):
         if self.expert_impl == "dense":
             gates = self._dense_gates(logits["v"]).to(v_all.dtype)
             return (v_all * gates.unsqueeze(-1)).sum(-2)
-        v = cvmm(v_src, self._cvmm_sel(logits["v"]), self.v)  # [B, Tk, H, d_head]
+        index, gate = self._chosen_experts(logits["v"])
+        # top-k indices are in range by construction: index_bound skips reading them back
+        v = moe_linear(v_src, index, gate, self.v, index_bound=self.v.shape[0])  # [B, Tk, H, dh]
         pad = self.head_size - self.projection_size
         return F.pad(v, (0, pad)) if pad else v
 
     def _output(self, res: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``res [B, Tq, H, hs]`` -> ``[B, Tq, d_model]`` through the gated output experts."""
-        if self.expert_impl == "cvmm":
-            # Rows of res are (token, head): output position p reads row p // moe_k, and the
-            # reduction sums over heads and chosen experts at once.
-            sel = self._cvmm_sel(logits)
-            gate = sel.reduction_weight
-            assert gate is not None  # _cvmm_sel passes the gates
-            sel = sel.with_input_rows_per_group(self.moe_k)
-            sel.reduction_weight = gate.flatten(-2)
-            return cvmm(res[..., : self.projection_size], sel, self.o)
+        if self.expert_impl == "cvmm":  # each head's row through its experts, summed
+            index, gate = self._chosen_experts(logits)
+            rows = res[..., : self.projection_size]
+            bound = self.o.shape[0]
+            return moe_linear(rows, index, gate, self.o, reduce_groups=True, index_bound=bound)
         gates = self._dense_gates(logits).to(res.dtype)  # [B, Tq, H, E]
         mixed = res.unsqueeze(-2) * gates.unsqueeze(-1)  # [B, Tq, H, E, hs]
         return torch.matmul(mixed.flatten(-3), self._o_cols())

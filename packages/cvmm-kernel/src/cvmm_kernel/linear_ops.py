@@ -1,0 +1,237 @@
+"""The gathered expert linear layer (``moe_linear``) as ``torch.library`` custom ops.
+
+Slots ``s`` in ``[0, N)``, each with an expert ``e = index[s]`` and a gate ``g = gate[s]``, read
+input row ``a(s) = s // a_div`` and add into output row ``o(s) = s // out_div``::
+
+    out[o] = sum_{s: o(s) = o} g_s * x[a(s)] @ W[e_s]
+
+and the backward, with ``z_s = dout[o(s)] @ W[e_s]^T``::
+
+    d gate_s = <z_s, x[a(s)]>        dx[a] = sum_{s: a(s) = a} g_s * z_s
+    dW[e] = sum_{s in e} g_s * x[a(s)]^T dout[o(s)]
+
+SwitchHead's value projection is ``a_div = heads * k`` (every slot of a token reads its row),
+``out_div = k`` (a head sums its k experts); its output projection is ``a_div = k`` (a row per
+head), ``out_div = heads * k`` (a token sums over heads and experts). The routing is
+:func:`cvmm_kernel.moe_ops.moe_routing`; the kernels are those of ``moe_mlp``
+(:mod:`cvmm_kernel.moe_triton`). The sums over slots are deterministic (products per slot, then
+a fixed-order fp32 sum) unless ``deterministic=False``, where the Triton path adds them with fp32
+atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .moe_ops import Routing, _config, _per_expert, _per_expert_outer, routing_impl
+from .weight_cache import cast_weight
+
+
+def _sum_groups(per_slot: torch.Tensor, div: int) -> torch.Tensor:
+    """``[N, n]`` slot rows -> ``[N // div, n]``, each the fp32 sum of ``div`` consecutive rows."""
+    if div == 1:
+        return per_slot
+    return per_slot.view(-1, div, per_slot.shape[1]).sum(1)
+
+
+# ----- the PyTorch reference, one expert at a time -----
+
+
+def _reference_forward(x, gate, w, r: Routing, a_div, out_div):
+    s2s = r.sorted_to_slot.long()
+    y = _per_expert(x[s2s // a_div], w.to(x.dtype), r.offsets) * gate[s2s].to(x.dtype)[:, None]
+    per_slot = torch.empty_like(y).index_copy_(0, s2s, y)
+    return _sum_groups(per_slot, out_div)
+
+
+def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div):
+    s2s = r.sorted_to_slot.long()
+    rows, dy_rows = x[s2s // a_div], dy[s2s // out_div]
+    z = _per_expert(dy_rows, w.to(x.dtype).transpose(1, 2), r.offsets)
+    acc = torch.promote_types(z.dtype, torch.float32)
+    dgate_sorted = (z.to(acc) * rows.to(acc)).sum(-1)
+    dgate = torch.empty_like(dgate_sorted).index_copy_(0, s2s, dgate_sorted).to(gate.dtype)
+    g = gate[s2s].to(x.dtype)[:, None]
+    dx = _sum_groups(torch.empty_like(z).index_copy_(0, s2s, z * g), a_div)
+    dw = _per_expert_outer(rows * g, dy_rows, r.offsets, torch.empty_like(w))
+    return dx, dgate, dw
+
+
+# ----- the Triton path -----
+
+
+def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, role, h=None):
+    """``out[s // out_div] += g_s * a[s // a_div] @ w[e_s]`` for every slot: per-slot products
+    then a sum (deterministic), or fp32 atomic adds. Returns ``([n_out, N]`` in ``a``'s dtype,
+    the gate gradient ``<a[s // a_div] @ w[e_s], h[s // out_div]>`` where ``h`` is given)."""
+    from . import moe_triton as kt
+
+    k, n = a.shape[1], w.shape[2]
+    n_slots = r.sorted_to_slot.numel()
+    if deterministic:
+        out, out_mode = a.new_empty(n_slots, n), kt.OUT_SLOT
+    else:
+        out = torch.zeros(n_out, n, dtype=torch.float32, device=a.device)
+        out_mode = kt.OUT_TOKEN_ATOMIC
+    dgate = None
+    if k <= kt.ROWS_MAX_K:
+        if h is not None:
+            dgate = torch.empty(n_slots, dtype=torch.float32, device=a.device)
+        kt.moe_gemm_rows(a, w, out, r, a_div, a_gather=True, out_mode=out_mode, gate=gate,
+                         out_div=out_div, h=h, h_div=out_div, dgate=dgate,
+                         config=_config(f"{role}_rows", k, n))  # fmt: skip
+    else:
+        cfg = _config(role, k, n)
+        epilogue = kt.EPI_GATE
+        if h is not None:  # the gate gradient, in parts per column block
+            dgate = torch.empty(-(-n // cfg[0]), n_slots, dtype=torch.float32, device=a.device)
+            epilogue = kt.EPI_ACTIVATION_BACKWARD
+        kt.moe_gemm(a, w, out, r, a_div, a_gather=True, out_mode=out_mode, epilogue=epilogue,
+                    gate=gate, aux=dgate, h=h, out_div=out_div, h_div=out_div if h is not None
+                    else None, config=cfg)  # fmt: skip
+        if dgate is not None:
+            dgate = dgate[0] if dgate.shape[0] == 1 else dgate.sum(0)
+    return (_sum_groups(out, out_div) if deterministic else out.to(a.dtype)), dgate
+
+
+def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic):
+    wc = cast_weight(w, x.dtype)
+    n_out = r.sorted_to_slot.numel() // out_div
+    return _slot_sums(x, wc, r, a_div, out_div, n_out, deterministic, gate, "linear")[0]
+
+
+def _triton_backward(dy, x, gate, w, r: Routing, a_div, out_div, deterministic):
+    from . import moe_triton as kt
+
+    wc = cast_weight(w, x.dtype)
+    d_in = x.shape[1]
+    # z = dy[o(s)] @ W^T: g * z summed into the input row's gradient, <z, x[a(s)]> the gate's
+    dx, dgate = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0], deterministic,
+                           gate, "linear_grad_input", h=x)  # fmt: skip
+    dgate = dgate.to(gate.dtype)
+    dw = torch.empty_like(w)
+    kt.moe_weight_grad(
+        x,
+        dy,
+        dw,
+        r,
+        a_div,
+        a_gather=True,
+        b_gather=True,
+        gate=gate,
+        b_div=out_div,
+        config=_config("grad_w_linear", d_in, dy.shape[1]),
+    )
+    return dx, dgate, dw
+
+
+def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend):
+    if backend == "triton":
+        return _triton_forward(x, gate, w, r, a_div, out_div, deterministic)
+    return _reference_forward(x, gate, w, r, a_div, out_div)
+
+
+def _gradients(grad_out, x, gate, w, r: Routing, a_div, out_div, deterministic, backend):
+    dy = grad_out.to(x.dtype).contiguous()
+    if backend == "triton":
+        return _triton_backward(dy, x, gate, w, r, a_div, out_div, deterministic)
+    return _reference_backward(dy, x, gate, w, r, a_div, out_div)
+
+
+# ----- the custom ops -----
+
+
+@torch.library.custom_op("cvmm_kernel::moe_linear_forward", mutates_args=())
+def moe_linear_forward(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    w: torch.Tensor,
+    sorted_to_slot: torch.Tensor,
+    slot_to_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_start: torch.Tensor,
+    n_valid: torch.Tensor,
+    a_div: int,
+    out_div: int,
+    block_m: int,
+    deterministic: bool,
+    backend: str,
+) -> torch.Tensor:
+    """``x [N // a_div, d_in]``, ``gate [N]`` -> ``out [N // out_div, d_out]``."""
+    r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
+    return _forward(x, gate, w, r, a_div, out_div, deterministic, backend)
+
+
+@moe_linear_forward.register_fake
+def _(x, gate, w, sorted_to_slot, *rest):
+    out_div = rest[6]
+    return x.new_empty(gate.shape[0] // out_div, w.shape[2])
+
+
+@torch.library.custom_op("cvmm_kernel::moe_linear_backward", mutates_args=())
+def moe_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    w: torch.Tensor,
+    sorted_to_slot: torch.Tensor,
+    slot_to_sorted: torch.Tensor,
+    offsets: torch.Tensor,
+    tile_expert: torch.Tensor,
+    tile_start: torch.Tensor,
+    n_valid: torch.Tensor,
+    a_div: int,
+    out_div: int,
+    block_m: int,
+    deterministic: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients ``(dx, dgate, dW)``; ``dW`` in the weight's own dtype."""
+    r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
+    return _gradients(grad_out, x, gate, w, r, a_div, out_div, deterministic, backend)
+
+
+@moe_linear_backward.register_fake
+def _(grad_out, x, gate, w, *rest):
+    return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w)
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate, w, *routing, a_div, out_div, block_m, deterministic, backend = inputs
+    ctx.save_for_backward(x, gate, w, *routing)
+    ctx.settings = (a_div, out_div, block_m, deterministic, backend)
+
+
+def _backward(ctx, grad_out):
+    x, gate, w, *routing = ctx.saved_tensors
+    dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, *routing, *ctx.settings)
+    need = ctx.needs_input_grad
+    return (*[g if need[i] else None for i, g in enumerate((dx, dgate, dw))], *[None] * 11)
+
+
+moe_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class MoELinearFunction(torch.autograd.Function):
+    """The eager path: the same implementations as the custom ops with less host time per call
+    (see :class:`cvmm_kernel.moe_ops.MoEMLPFunction`)."""
+
+    @staticmethod
+    def forward(ctx, x, gate, w, index, n_experts, a_div, out_div, block_m, deterministic,
+                backend):  # fmt: skip
+        routing = routing_impl(index, n_experts, block_m, backend)
+        r = Routing(*routing, block_m)
+        out = _forward(x, gate, w, r, a_div, out_div, deterministic, backend)
+        ctx.save_for_backward(x, gate, w, *routing)
+        ctx.settings = (a_div, out_div, block_m, deterministic, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, gate, w, *routing = ctx.saved_tensors
+        a_div, out_div, block_m, deterministic, backend = ctx.settings
+        r = Routing(*routing, block_m)
+        grads = _gradients(grad_out, x, gate, w, r, a_div, out_div, deterministic, backend)
+        need = ctx.needs_input_grad
+        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 7)

@@ -1,0 +1,287 @@
+"""moe_linear against an independent float64 oracle: forward and every gradient, every backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cvmm_kernel import moe_linear
+
+from testing_support import BACKENDS, DEVICES, rel_error
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}
+
+
+def oracle(x, index, gate, weight, shared, reduce_groups):
+    """float64, each slot's whole expert matrix gathered (no sorting, no kernels)."""
+    x, gate, weight = (t.double() for t in (x, gate, weight))
+    rows = x.unsqueeze(-2) if shared else x  # [..., G or 1, d_in]
+    out = torch.einsum("...gi,...gkio,...gk->...go", rows, weight[index], gate)
+    return out.sum(-2) if reduce_groups else out
+
+
+def make_inputs(lead, groups, k, n_experts, d_in, d_out, *, shared, dtype, device, seed,
+                experts_used=None):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, *(() if shared else (groups,)), d_in, generator=g)
+    high = n_experts if experts_used is None else experts_used
+    scores = torch.rand(*lead, groups, high, generator=g)
+    index = scores.topk(min(k, high), dim=-1).indices  # distinct experts per group, as top-k
+    if k > high:
+        index = torch.zeros(*lead, groups, k, dtype=torch.long)
+    gate = torch.rand(*lead, groups, k, generator=g)
+    weight = torch.randn(n_experts, d_in, d_out, generator=g) / d_in**0.5
+    return [
+        t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        for t in (x, index, gate, weight)
+    ]
+
+
+def check(backend, inputs, dtype, *, shared, reduce_groups, deterministic=True):
+    x, index, gate, weight = (t.detach() for t in inputs)
+    leaves = [t.clone().requires_grad_() for t in (x, gate, weight)]
+    out = moe_linear(
+        leaves[0],
+        index,
+        leaves[1],
+        leaves[2],
+        reduce_groups=reduce_groups,
+        deterministic=deterministic,
+        backend=backend,
+    )
+    ref = [t.detach().cpu().double().requires_grad_() for t in (x, gate, weight)]
+    expected = oracle(ref[0], index.cpu(), ref[1], ref[2], shared, reduce_groups)
+    assert out.shape == expected.shape and out.dtype == dtype
+    tol = TOLERANCE[dtype]
+    if expected.numel():
+        assert rel_error(out.cpu(), expected) < tol
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out)
+    out.backward(grad)
+    expected.backward(grad.cpu().double())
+    for name, mine, r in zip(("x", "gate", "weight"), leaves, ref):
+        assert mine.grad is not None and mine.grad.shape == r.shape, name
+        assert mine.grad.dtype == mine.dtype, name
+        if r.grad.norm() > 0:
+            assert rel_error(mine.grad.cpu(), r.grad) < 2 * tol, name
+        else:
+            assert torch.all(mine.grad == 0), name
+
+
+# (shared rows, reduce over groups): SwitchHead's value projection, its output projection, a
+# plain MoE linear layer with rows per group, a shared row summed over everything.
+LAYOUTS = [(True, False), (False, True), (False, False), (True, True)]
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(
+    ("shared", "reduce_groups", "k"),
+    [(*layout, 2) for layout in LAYOUTS]
+    + [(*layout, k) for layout in LAYOUTS[:2] for k in (1, 16)],
+)
+def test_matches_oracle(backend, device, shared, reduce_groups, k):
+    inputs = make_inputs((2, 3), 2, k, 20, 24, 12, shared=shared, dtype=torch.float32,
+                         device=device, seed=k)  # fmt: skip
+    check(backend, inputs, torch.float32, shared=shared, reduce_groups=reduce_groups)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(
+    ("case", "shared", "reduce_groups"),
+    [("one-expert", True, False), ("idle-experts", False, True)]
+    + [(case, *layout) for case in ("odd-rows", "atomic", "wide") for layout in LAYOUTS[:2]],
+)
+def test_edge_layouts(backend, device, shared, reduce_groups, case):
+    """One expert with every slot, experts with no slots, slot counts no tile size divides, the
+    atomic sums, and widths above the row-tile kernel's inner size (the general kernel)."""
+    dtype = torch.float32
+    sizes = dict(
+        {"one-expert": ((37,), 2, 1, 6, 16, 16), "idle-experts": ((11,), 2, 2, 40, 16, 8)}
+    ).get(case, ((23,), 3, 3, 5, 40, 18))
+    if case == "wide":  # inner sizes above ROWS_MAX_K in the forward and the backward
+        sizes = ((5,), 2, 2, 3, 136, 20) if shared else ((5,), 2, 2, 3, 20, 136)
+    lead, groups, k, n_experts, d_in, d_out = sizes
+    used = {"one-expert": 1, "idle-experts": 3}.get(case)
+    inputs = make_inputs(lead, groups, k, n_experts, d_in, d_out, shared=shared, dtype=dtype,
+                         device=device, seed=5, experts_used=used)  # fmt: skip
+    check(backend, inputs, dtype, shared=shared, reduce_groups=reduce_groups,
+          deterministic=case != "atomic")  # fmt: skip
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_float64_reference_is_exact(backend, device):
+    if backend == "triton":
+        pytest.skip("float64 goes to the reference")
+    inputs = make_inputs((9,), 2, 3, 5, 8, 6, shared=True, dtype=torch.float64, device=device,
+                         seed=1)  # fmt: skip
+    check(backend, inputs, torch.float64, shared=True, reduce_groups=False)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(("lead", "k", "d_in"), [((0,), 2, 8), ((4,), 0, 8), ((4,), 2, 0)])
+def test_empty(backend, device, lead, k, d_in):
+    """No tokens, no experts per group, or no input width: zeros, and zero gradients."""
+    x, index, gate, weight = make_inputs(lead, 3, 2, 4, d_in, 6, shared=True,
+                                         dtype=torch.float32, device=device, seed=6)  # fmt: skip
+    index, gate = index[..., :k], gate[..., :k]
+    leaves = [t.clone().requires_grad_() for t in (x, gate, weight)]
+    out = moe_linear(leaves[0], index, leaves[1], leaves[2], backend=backend)
+    assert out.shape == (*lead, 3, 6) and torch.all(out == 0)
+    out.sum().backward()
+    for t in leaves:
+        assert t.grad is not None and torch.all(t.grad == 0)
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(("shared", "reduce_groups"), LAYOUTS[:2])
+def test_deterministic_is_bitwise_reproducible(backend, device, shared, reduce_groups):
+    inputs = make_inputs((50,), 4, 2, 9, 32, 16, shared=shared, dtype=torch.float32,
+                         device=device, seed=9)  # fmt: skip
+    results = []
+    for _ in range(2):
+        x, index, gate, weight = (t.detach().clone() for t in inputs)
+        leaves = [t.requires_grad_() for t in (x, gate, weight)]
+        out = moe_linear(leaves[0], index, *leaves[1:], reduce_groups=reduce_groups,
+                         backend=backend)  # fmt: skip
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize(("shared", "reduce_groups"), LAYOUTS[:2])
+def test_cuda_bf16_autocast(deterministic, shared, reduce_groups):
+    """bf16 under autocast, fp32 master weight: bf16 output, fp32 gradients, within the error
+    of the same computation in plain PyTorch under autocast (with a margin)."""
+    inputs = make_inputs((4, 256), 4, 2, 32, 256, 128, shared=shared, dtype=torch.float32,
+                         device="cuda", seed=10)  # fmt: skip
+    x, index, gate, weight = inputs
+    leaves = [t.clone().requires_grad_() for t in (x, gate, weight)]
+    plain = [t.clone().requires_grad_() for t in (x, gate, weight)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = moe_linear(leaves[0], index, *leaves[1:], reduce_groups=reduce_groups,
+                         deterministic=deterministic, index_bound=32)  # fmt: skip
+        rows = plain[0].unsqueeze(-2) if shared else plain[0]
+        plain_out = torch.einsum("...gi,...gkio,...gk->...go", rows, plain[2][index], plain[1])
+        plain_out = plain_out.sum(-2) if reduce_groups else plain_out
+    assert out.dtype == torch.bfloat16
+    ref = [t.detach().double().requires_grad_() for t in (x, gate, weight)]
+    expected = oracle(ref[0], index, ref[1], ref[2], shared, reduce_groups)
+    assert rel_error(out, expected) < 1.5 * rel_error(plain_out, expected) + 1e-3
+    grad = torch.randn_like(out)
+    for t in (out, plain_out, expected):
+        t.backward(grad.to(t.dtype))
+    for name, mine, other, r in zip(("x", "gate", "weight"), leaves, plain, ref):
+        assert mine.grad.dtype == torch.float32, name
+        assert rel_error(mine.grad, r.grad) < 1.5 * rel_error(other.grad, r.grad) + 1e-3, name
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_forward_backward():
+    """A whole forward + backward of both projections replays from a CUDA graph."""
+    x, index, gate, w_v = make_inputs((512,), 4, 2, 16, 128, 32, shared=True,
+                                      dtype=torch.bfloat16, device="cuda", seed=11)  # fmt: skip
+    w_o = torch.randn(16, 32, 128, device="cuda", dtype=torch.bfloat16) / 6
+    leaves = [t.clone().requires_grad_() for t in (x, gate, w_v, w_o)]
+
+    def step():
+        v = moe_linear(leaves[0], index, leaves[1], leaves[2], index_bound=16)
+        out = moe_linear(v, index, leaves[1], leaves[3], reduce_groups=True, index_bound=16)
+        out.backward(torch.ones_like(out))
+        return out
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for t in leaves:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    index.copy_(index.roll(1, 0))  # new routing, same buffers: the replay must follow it
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = [t.detach().double() for t in (x, gate, w_v, w_o)]
+    v = oracle(ref[0], index, ref[1], ref[2], True, False)
+    expected = oracle(v, index, ref[1], ref[3], False, True)
+    assert rel_error(out, expected) < 2e-2
+
+
+class TinyExpertProjections(torch.nn.Module):
+    def __init__(self, d=16, heads=2, n_experts=3, d_head=8, k=2):
+        super().__init__()
+        self.heads, self.n_experts, self.k = heads, n_experts, k
+        self.sel = torch.nn.Linear(d, heads * n_experts, bias=False)
+        self.v = torch.nn.Parameter(torch.randn(heads * n_experts, d, d_head) / d**0.5)
+        self.o = torch.nn.Parameter(torch.randn(heads * n_experts, d_head, d) / d_head**0.5)
+
+    def forward(self, x):
+        scores = self.sel(x).view(*x.shape[:-1], self.heads, self.n_experts).sigmoid()
+        gate, index = scores.topk(self.k, dim=-1)
+        index = index + torch.arange(self.heads, device=x.device)[:, None] * self.n_experts
+        bound = self.heads * self.n_experts
+        v = moe_linear(x, index, gate, self.v, index_bound=bound)
+        return moe_linear(v, index, gate, self.o, reduce_groups=True, index_bound=bound)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_fullgraph_matches_eager(device):
+    """torch.compile(fullgraph=True) sees the custom ops (no graph break); same outputs/grads."""
+    torch.manual_seed(0)
+    model = TinyExpertProjections().to(device)
+    x = torch.randn(3, 5, 16, device=device)
+    eager = model(x)
+    eager.square().sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+def _good(**over):
+    x, index, gate, weight = make_inputs((4,), 3, 2, 5, 8, 6, shared=True, dtype=torch.float32,
+                                         device="cpu", seed=12)  # fmt: skip
+    args = dict(x=x, index=index, gate=gate, weight=weight)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize(
+    ("over", "error", "match"),
+    [
+        (dict(x=torch.randn(5, 8)), ValueError, r"x must be \[\.\.\., G, d_in\]"),
+        (dict(x=torch.randn(4, 2, 8)), ValueError, r"x must be \[\.\.\., G, d_in\]"),
+        (dict(index=torch.zeros(4, 3, 2)), TypeError, "integer tensor"),
+        (dict(gate=torch.rand(4, 3, 3)), ValueError, "gate must have index's shape"),
+        (dict(gate=torch.ones(4, 3, 2, dtype=torch.long)), TypeError, "floating point"),
+        (dict(weight=torch.randn(5, 8)), ValueError, r"weight must be \[E, d_in, d_out\]"),
+        (dict(x=torch.randn(4, 7)), ValueError, "width 7"),
+        (dict(index=torch.full((4, 3, 2), 5)), ValueError, r"in \[0, 5\)"),
+        (dict(index=torch.full((4, 3, 2), -1)), ValueError, r"in \[0, 5\)"),
+        (dict(x=torch.randn(4, 8, dtype=torch.float64)), TypeError, "share a dtype"),
+        (dict(x=torch.randn(4, 8, device="meta")), ValueError, "one device|meta"),
+        (dict(index_bound=6), ValueError, "exceeds the number of experts"),
+        (
+            dict(x=torch.randn(4, 3, 2, 8), index=torch.zeros(4, 3, 2, dtype=torch.long)),
+            ValueError,
+            r"x must be",
+        ),
+    ],
+)
+def test_bad_inputs_raise_before_any_kernel(over, error, match):
+    with pytest.raises(error, match=match):
+        moe_linear(**_good(**over))
+
+
+def test_reduce_groups_needs_a_group_dimension():
+    with pytest.raises(ValueError, match="reduce_groups needs"):
+        moe_linear(torch.randn(8), torch.zeros(2, dtype=torch.long), torch.rand(2),
+                   torch.randn(3, 8, 4), reduce_groups=True)  # fmt: skip
