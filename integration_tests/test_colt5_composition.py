@@ -56,7 +56,7 @@ def _routed_attention() -> torch.nn.Module:
         light_window_size=4,
         heavy_dim_head=4,
         heavy_heads=4,
-        use_triton=False,
+        backend="reference",
     )
 
 
@@ -72,7 +72,7 @@ def _autoregressive_attention() -> torch.nn.Module:
         heavy_window_size=4,
         heavy_dim_head=4,
         heavy_heads=4,
-        use_triton=False,
+        backend="reference",
     )
 
 
@@ -149,7 +149,7 @@ def test_autoregressive_block_with_softmax_n_stays_causal(generator):
         heavy_window_size=4,
         heavy_dim_head=4,
         heavy_heads=4,
-        use_triton=False,
+        backend="reference",
         attention_fn=softmax_n_attention_fn(1.0),
     ).double()
     x = torch.randn(1, 12, 16, dtype=torch.float64, generator=generator)
@@ -168,7 +168,7 @@ class RoutedSwitchHead(torch.nn.Module):
     def __init__(self, d_model: int, num_tokens: int) -> None:
         super().__init__()
         self.num_tokens = num_tokens
-        self.router = CoordinateDescentRouter(d_model, use_triton=False)
+        self.router = CoordinateDescentRouter(d_model, backend="reference")
         self.attention = SwitchHeadRope(d_model, 2, 4, d_head=8, moe_k=2)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None):

@@ -71,8 +71,8 @@ def _mask(b=2, n=12):
 # ---- the modules ------------------------------------------------------------------------------
 
 
-def _ff():
-    return ConditionalRoutedFeedForward(D, num_heavy_tokens=4, **RK)
+def _ff(**kw):
+    return ConditionalRoutedFeedForward(D, num_heavy_tokens=4, **RK, **kw)
 
 
 def _attn(**kw):
@@ -81,29 +81,29 @@ def _attn(**kw):
     )
 
 
-def _cross():
+def _cross(**kw):
     return ConditionalRoutedCrossAttention(
-        D, num_tokens_q=4, num_tokens_kv=5, dim_head=4, heads=2, **RK
+        D, num_tokens_q=4, num_tokens_kv=5, dim_head=4, heads=2, **RK, **kw
     )
 
 
-def _ar():
+def _ar(**kw):
     return ConditionalRoutedAutoregressiveAttention(
         D, num_heavy_tokens_q=2, num_heavy_tokens_kv=3, light_window_size=4, heavy_window_size=4,
-        **SMALL,
+        **SMALL, **kw,
     )  # fmt: skip
 
 
-def _image():
+def _image(**kw):
     return ConditionalRoutedImageAttention(
-        D, num_heavy_tokens_q=4, num_heavy_tokens_kv=4, light_window_size=2, **SMALL
+        D, num_heavy_tokens_q=4, num_heavy_tokens_kv=4, light_window_size=2, **SMALL, **kw
     )
 
 
-def _blk():
+def _blk(**kw):
     return ConditionalRoutedTransformerBlock(
         D, num_heavy_attn_tokens_q=4, num_heavy_attn_tokens_kv=4, num_heavy_ff_tokens=4,
-        light_window_size=4, **SMALL,
+        light_window_size=4, **SMALL, **kw,
     )  # fmt: skip
 
 
@@ -387,11 +387,12 @@ case("image-int", TypeError)(
 )
 
 
-def _vit():
+def _vit(**kw):
     return ConditionalRoutedViT(
         image_size=8, patch_size=4, num_classes=3, dim=D, depth=1, attn_num_heavy_tokens_q=2,
         attn_num_heavy_tokens_kv=2, attn_light_window_size=2, attn_light_dim_head=4,
         attn_light_heads=2, attn_heavy_dim_head=4, attn_heavy_heads=2, ff_num_heavy_tokens=2, **RK,
+        **kw,
     )  # fmt: skip
 
 
@@ -417,6 +418,31 @@ case("heads-not-divisible", ValueError)(
         heavy_heads=2,
     )
 )
+
+# backend="triton" where Triton cannot run: float64 anywhere, CPU tensors without the
+# interpreter; raised before anything runs (the blocks check their routers first)
+_TRITON = dict(backend="triton")
+_TRITON_CASES = {
+    "cd": lambda dtype: _cd(dtype, **_TRITON),
+    "topk": lambda dtype: _thunk(topk, _scores(dtype), 2, n_iters=4, **_TRITON),
+    "router": lambda dtype: _thunk(
+        _module(lambda: CoordinateDescentRouter(D, **_TRITON), dtype), _tokens(dtype), num_tokens=2
+    ),
+    "image": lambda dtype: _thunk(
+        _module(lambda: _image(**_TRITON), dtype), _tokens(dtype, (2, 4, 4, D))
+    ),
+    "vit": lambda dtype: _thunk(
+        _module(lambda: _vit(**_TRITON), dtype), _randn(2, 3, 8, 8, dtype=dtype)
+    ),
+}
+for _blk_name, _make in {"ff": _ff, "attn": _attn, "ar": _ar, "blk": _blk, "cross": _cross}.items():
+    _TRITON_CASES[_blk_name] = lambda dtype, b=_blk_name, mk=_make: _blk_call(
+        b, lambda: mk(**_TRITON), dtype, _tokens(dtype)
+    )
+for _name, _build in _TRITON_CASES.items():
+    case(f"{_name}-backend-triton-float64", TypeError)(lambda dtype, b=_build: b(torch.float64))
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        case(f"{_name}-backend-triton-cpu-without-interpreter", ValueError)(_build)
 
 
 @pytest.mark.parametrize(("build", "expect", "k_check"), CASES)

@@ -264,10 +264,14 @@ def test_triton_refuses_or_falls_back_for_dtypes_and_devices():
     # meta tensors: the shapes of the result, no launch
     out = triton_coor_descent(torch.empty(2, 16, device="meta"), k=torch.tensor(2.0), n_iters=3)
     assert out.device.type == "meta" and out.shape == (2, 16)
-    # the automatic backends keep float64 in float64 on the reference
+    # the automatic backends keep float64 in float64 on the reference (also the deprecated ones)
     ref = coor_descent_reference(s64, k=2.0, n_iters=3)
-    torch.testing.assert_close(coor_descent(s64, k=2.0, n_iters=3, backend="auto-triton"), ref)
-    torch.testing.assert_close(topk(s64, 2, fused=True).coor_descent_values, topk(s64, 2)[2])
+    torch.testing.assert_close(coor_descent(s64, k=2.0, n_iters=3), ref)
+    with pytest.warns(FutureWarning):
+        torch.testing.assert_close(coor_descent(s64, k=2.0, n_iters=3, backend="auto-triton"), ref)
+    with pytest.warns(FutureWarning):
+        fused = topk(s64, 2, fused=True).coor_descent_values
+    torch.testing.assert_close(fused, topk(s64, 2, backend="reference")[2])
 
 
 @pytest.mark.interpret

@@ -11,9 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .coor_descent import use_triton_backend
 from .local_attention import LocalMHA
 from .rotary import apply_rotary, rotary_angles
-from .routed import add_null, make_router, null_query_token, route_heavy, route_keys
+from .routed import (
+    add_null,
+    check_router_backends,
+    make_router,
+    null_query_token,
+    route_heavy,
+    route_keys,
+)
 from .router import RouterReturn, check_num_tokens, check_token_mask, check_tokens
 
 __all__ = [
@@ -168,7 +176,12 @@ class ConditionalRoutedAttention(nn.Module):
     routed tokens' positions in the sequence). ``causal`` makes both branches causal: a query
     attends only to keys at positions ``<=`` its own. Which tokens are routed is still decided
     over the whole sequence; for routing that never looks ahead use
-    :class:`ConditionalRoutedAutoregressiveAttention`."""
+    :class:`ConditionalRoutedAutoregressiveAttention`.
+
+    ``backend`` is the routers' coordinate descent's: ``None`` (Triton for CUDA tensors, else
+    the reference), ``"reference"`` or ``"triton"`` (raises before anything runs where Triton
+    cannot run). ``use_triton`` is deprecated (``FutureWarning``, until 0.3), see
+    :class:`~colt5_routing.CoordinateDescentRouter`."""
 
     def __init__(
         self,
@@ -192,9 +205,11 @@ class ConditionalRoutedAttention(nn.Module):
         attention_fn: AttentionFn | None = None,
         causal: bool = False,
         use_rotary: bool = True,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         del use_flash_attn  # SDPA picks the flash kernel where it can
+        backend = use_triton_backend(backend, use_triton)
         if num_routed_kv < 1 or heavy_heads % num_routed_kv:
             raise ValueError(
                 f"heavy_heads ({heavy_heads}) must be divisible by num_routed_kv ({num_routed_kv})"
@@ -208,7 +223,7 @@ class ConditionalRoutedAttention(nn.Module):
             dim, max(1, light_window_size // 2), light_dim_head, light_heads, causal=causal,
             use_rotary=use_rotary,
         )  # fmt: skip
-        router = partial(make_router, dim, router_straight_through, router_kwargs, use_triton)
+        router = partial(make_router, dim, router_straight_through, router_kwargs, backend)
         self.q_router = router()
         self.kv_router = router(num_routing_tokens=num_routed_kv)
         self.heavy_attn = Attention(
@@ -234,6 +249,7 @@ class ConditionalRoutedAttention(nn.Module):
         check_token_mask(mask, x)
         nq = check_num_tokens(num_heavy_tokens_q, self.num_heavy_tokens_q, "num_heavy_tokens_q")
         nkv = check_num_tokens(num_heavy_tokens_kv, self.num_heavy_tokens_kv, "num_heavy_tokens_kv")
+        check_router_backends(x, self.q_router, self.kv_router)
         n, d = x.shape[1:]
         if light_tile_size is None:
             light = self.light_attn(x, mask=mask)
@@ -266,7 +282,8 @@ class ConditionalRoutedCrossAttention(nn.Module):
     ``context [b, m, dim]`` (``kv_routing_tokens`` sets; ``route_block_size`` routes the
     context block by block). Unrouted queries get the learned null output (0 without
     ``use_null_q_tokens``). -> ``[b, n, dim]``. No positional embedding: the queries and keys
-    come from different sequences."""
+    come from different sequences. ``backend`` (and the deprecated ``use_triton``) as in
+    :class:`ConditionalRoutedAttention`."""
 
     def __init__(
         self,
@@ -285,9 +302,11 @@ class ConditionalRoutedCrossAttention(nn.Module):
         use_flash_attn: bool = False,
         route_block_size: int | None = None,
         attention_fn: AttentionFn | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         del use_flash_attn
+        backend = use_triton_backend(backend, use_triton)
         self.dim = dim
         self.num_tokens_q = check_num_tokens(num_tokens_q, 0, "num_tokens_q")
         self.num_tokens_kv = check_num_tokens(num_tokens_kv, 0, "num_tokens_kv")
@@ -296,7 +315,7 @@ class ConditionalRoutedCrossAttention(nn.Module):
             raise ValueError(
                 f"heads ({heads}) must be divisible by the number of routed sets ({routes})"
             )
-        router = partial(make_router, dim, router_straight_through, router_kwargs, use_triton)
+        router = partial(make_router, dim, router_straight_through, router_kwargs, backend)
         self.q_router = router()
         self.kv_router = router(num_routing_tokens=routes, route_block_size=route_block_size)
         self.heavy_attn = Attention(dim, dim_head, heads, attention_fn=attention_fn)
@@ -321,6 +340,8 @@ class ConditionalRoutedCrossAttention(nn.Module):
                 f"context must have the batch size and device of x ({x.shape[0]}, {x.device}), "
                 f"got {context.shape[0]}, {context.device}"
             )
+        check_router_backends(x, self.q_router)
+        check_router_backends(context, self.kv_router)
         n, m = x.shape[1], context.shape[1]
         nq = min(check_num_tokens(num_tokens_q, self.num_tokens_q, "num_tokens_q"), n)
         nkv = check_num_tokens(num_tokens_kv, self.num_tokens_kv, "num_tokens_kv")
@@ -348,7 +369,8 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
     later tokens of its own heavy window through the routing decision only; outputs of earlier
     windows never depend on later ones, and with ``num_heavy_tokens_q == heavy_window_size``
     the block is strictly causal token by token. ``use_rotary`` gives both branches rotary
-    positional embeddings (by token position in the sequence)."""
+    positional embeddings (by token position in the sequence). ``backend`` (and the deprecated
+    ``use_triton``) as in :class:`ConditionalRoutedAttention`."""
 
     def __init__(
         self,
@@ -372,9 +394,11 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         use_flash_attn: bool = False,
         attention_fn: AttentionFn | None = None,
         use_rotary: bool = True,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         del use_flash_attn
+        backend = use_triton_backend(backend, use_triton)
         self.dim = dim
         self.heavy_window_size = heavy_window_size or light_window_size
         if self.heavy_window_size < 1:
@@ -391,7 +415,7 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.light_attn = LocalMHA(
             dim, light_window_size, light_dim_head, light_heads, causal=True, use_rotary=use_rotary
         )
-        router = partial(make_router, dim, router_straight_through, router_kwargs, use_triton)
+        router = partial(make_router, dim, router_straight_through, router_kwargs, backend)
         self.q_router = router()
         self.kv_router = router(num_routing_tokens=num_routed_kv)
         self.heavy_attn = Attention(
@@ -416,6 +440,7 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
             check_num_tokens(num_heavy_tokens_q, self.num_heavy_tokens_q, "num_heavy_tokens_q"), w
         )
         nkv = check_num_tokens(num_heavy_tokens_kv, self.num_heavy_tokens_kv, "num_heavy_tokens_kv")
+        check_router_backends(x, self.q_router, self.kv_router)
         light = self.light_attn(x, mask=mask)
         if nq == 0 or b == 0 or n == 0:
             return add_null(light, self.null_q_token)

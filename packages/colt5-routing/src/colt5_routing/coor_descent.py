@@ -8,13 +8,120 @@ multiplied by ``eps_decay`` after each iteration, never below ``eps``.
 from __future__ import annotations
 
 import math
-import os
+import warnings
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 __all__ = ["TopkReturn", "coor_descent", "coor_descent_reference", "eps_schedule", "topk"]
+
+# the release that removes the deprecated spellings of ``backend``
+ALIASES_REMOVED_IN = "0.3"
+
+
+class _AliasBackend(str):
+    """A backend that only a deprecated spelling names (see :data:`AUTO_TRITON`). Routers and
+    blocks hand it on to the routers they build without warning again; a ``backend=`` string
+    from the user is never one (``backend="auto-triton"`` is taken by :func:`coor_descent`
+    alone, with a warning)."""
+
+
+# What coor_descent(backend="auto-triton"), topk(fused=True) and use_triton=True did: Triton
+# where it can run (CUDA tensors, and CPU tensors under TRITON_INTERPRET=1) and in a dtype it
+# takes, else the reference. No new spelling says this: None runs the reference on CPU even under
+# the interpreter, "triton" raises where Triton cannot run. It goes with the aliases.
+AUTO_TRITON = _AliasBackend("auto-triton")
+
+
+def check_backend_name(backend: object) -> None:
+    """Raise ``ValueError`` unless ``backend`` is ``None``, ``"reference"`` or ``"triton"`` (or
+    the value of a deprecated spelling, :data:`AUTO_TRITON`)."""
+    if backend is None or isinstance(backend, _AliasBackend) or backend in ("reference", "triton"):
+        return
+    raise ValueError(f"backend must be None, 'reference' or 'triton', got {backend!r}")
+
+
+def backend_with_alias(
+    backend: str | None,
+    alias: str | None,
+    alias_backend: str | None,
+    *,
+    stacklevel: int = 3,
+) -> str | None:
+    """``backend`` checked, with a deprecated spelling of it folded in: ``alias`` (as the user
+    wrote it, e.g. ``"use_triton=True"``; ``None`` when not given) means ``alias_backend``.
+    The alias warns (one ``FutureWarning`` naming the replacement) and gives ``alias_backend``;
+    together with a ``backend`` other than ``None`` it must mean the same, else ``ValueError``.
+    ``stacklevel`` is :func:`warnings.warn`'s, counted from here (3: the caller's caller)."""
+    check_backend_name(backend)
+    if alias is None:
+        return backend
+    if backend is not None and backend != alias_backend:
+        raise ValueError(
+            f"{alias} (deprecated) and backend={backend!r} disagree; pass backend= alone"
+        )
+    if alias_backend == "reference":
+        replacement = "backend='reference'"
+    else:
+        replacement = (
+            "backend=None (the same for CUDA tensors; CPU tensors get the reference, also under "
+            "TRITON_INTERPRET=1) or backend='triton' (Triton only: CUDA tensors, or CPU tensors "
+            "under TRITON_INTERPRET=1; raises where Triton cannot run)"
+        )
+    warnings.warn(
+        f"{alias} is deprecated and goes away in colt5-routing {ALIASES_REMOVED_IN}; use "
+        f"{replacement}",
+        FutureWarning,
+        stacklevel=stacklevel,
+    )
+    return alias_backend
+
+
+def use_triton_backend(
+    backend: str | None, use_triton: bool | None, *, stacklevel: int = 4
+) -> str | None:
+    """The backend of a router or block from its ``backend`` and deprecated ``use_triton``
+    arguments: ``use_triton=False`` is ``backend="reference"``, ``use_triton=True`` is
+    :data:`AUTO_TRITON`, ``None`` (the default) says nothing. See :func:`backend_with_alias`."""
+    if use_triton is None:
+        return backend_with_alias(backend, None, None)
+    alias_backend = AUTO_TRITON if use_triton else "reference"
+    return backend_with_alias(
+        backend, f"use_triton={use_triton!r}", alias_backend, stacklevel=stacklevel
+    )
+
+
+def check_backend(backend: str | None, x: Tensor) -> None:
+    """Raise before anything runs where ``backend`` cannot run on tensors like ``x`` (only
+    ``"triton"`` can fail): ``RuntimeError`` without the ``triton`` package, ``TypeError`` for
+    dtypes the kernels do not take (float64: use ``None`` or ``"reference"``, which keep it in
+    float64), ``ValueError`` for devices other than CUDA (CPU runs the kernels only under
+    ``TRITON_INTERPRET=1``; meta tensors pass, they get shapes). Invalid names raise
+    ``ValueError``."""
+    check_backend_name(backend)
+    if backend != "triton" or isinstance(backend, _AliasBackend):
+        return
+    from .coor_descent_triton import HAS_TRITON, KERNEL_DTYPES, triton_supports
+
+    if triton_supports(x):
+        return
+    if not HAS_TRITON:
+        raise RuntimeError(
+            "backend='triton' needs the triton package, which is not installed; use "
+            "backend=None or backend='reference'"
+        )
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"backend='triton' takes fp32/fp16/bf16 tensors, got {x.dtype}; use backend=None or "
+            "backend='reference' (float64 is computed in float64 there)"
+        )
+    if x.device.type != "meta":
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+            f"before triton is imported), got a tensor on {x.device}; use backend=None or "
+            "backend='reference'"
+        )
 
 
 def eps_schedule(n_iters: int, eps: float, eps_init: float | None, eps_decay: float) -> list[float]:
@@ -176,43 +283,70 @@ def coor_descent(
 ) -> Tensor:
     """Differentiable coordinate descent; dispatches CUDA tensors to Triton, else the reference.
 
-    Shapes as in :func:`coor_descent_reference`. ``backend`` is ``"reference"``, ``"triton"``
-    (raises for inputs the kernels cannot take), ``"auto-triton"`` (Triton where it can run:
-    CUDA, or CPU under ``TRITON_INTERPRET=1``) or ``None`` (Triton for CUDA tensors). The
-    automatic choices fall back to the reference for float64 (kept in float64) and meta tensors.
+    Shapes as in :func:`coor_descent_reference`. ``backend``: ``None`` (Triton for CUDA tensors
+    when Triton imports and takes the dtype, else the reference: float64 stays float64 there,
+    meta tensors get shapes), ``"reference"``, or ``"triton"`` (CUDA tensors, or CPU tensors
+    under ``TRITON_INTERPRET=1``; raises before any kernel runs where Triton cannot run, see
+    :func:`check_backend`). ``"auto-triton"`` is a deprecated alias (``FutureWarning``, until
+    0.3): Triton where it can run, the interpreter on CPU included, else the reference.
     ``checkpoint_segments`` is accepted for upstream compatibility: the Triton
     path saves only two scalars per row and iteration and recomputes the rest in its backward.
     """
-    check_scores(s)
-    if backend not in (None, "auto-triton", "reference", "triton"):
-        raise ValueError(
-            f"backend must be 'reference', 'triton', 'auto-triton' or None, got {backend!r}"
-        )
-    if backend is None or backend == "auto-triton":
-        # Triton where it can run (CUDA, or CPU tensors under the interpreter for "auto-triton")
-        # and in a dtype it handles; float64, meta tensors and other devices use the reference
-        from .coor_descent_triton import triton_supports
+    if type(backend) is str and backend == "auto-triton":
+        backend = backend_with_alias(None, "backend='auto-triton'", AUTO_TRITON)
+    return _coor_descent(
+        s,
+        n_iters=n_iters,
+        k=k,
+        eps=eps,
+        eps_init=eps_init,
+        eps_decay=eps_decay,
+        mask=mask,
+        backend=backend,
+        checkpoint_segments=checkpoint_segments,
+    )
 
-        runs = s.is_cuda or (backend == "auto-triton" and os.environ.get("TRITON_INTERPRET") == "1")
+
+def _coor_descent(
+    s: Tensor,
+    *,
+    n_iters: int,
+    k: float | Tensor,
+    eps: float,
+    eps_init: float | None,
+    eps_decay: float,
+    mask: Tensor | None,
+    backend: str | None,
+    checkpoint_segments: int = 1,
+) -> Tensor:
+    """:func:`coor_descent` once deprecated spellings are resolved (takes :data:`AUTO_TRITON`
+    without warning: the router and ``topk`` warned where the user spelled it)."""
+    check_scores(s)
+    check_backend(backend, s)
+    if backend is None or isinstance(backend, _AliasBackend):
+        # Triton where it can run (CUDA; CPU tensors under the interpreter for the deprecated
+        # AUTO_TRITON) and in a dtype it handles; float64, meta tensors and other devices use
+        # the reference
+        from .coor_descent_triton import _interpreting, triton_supports
+
+        runs = s.is_cuda or (backend is not None and _interpreting())
         backend = "triton" if runs and triton_supports(s) else "reference"
     if backend == "reference":
         return coor_descent_reference(
             s, n_iters=n_iters, k=k, eps=eps, eps_init=eps_init, eps_decay=eps_decay, mask=mask
         )
-    if backend == "triton":
-        from .coor_descent_triton import triton_coor_descent
+    from .coor_descent_triton import triton_coor_descent
 
-        return triton_coor_descent(
-            s,
-            n_iters=n_iters,
-            k=k,
-            eps=eps,
-            eps_init=eps_init,
-            eps_decay=eps_decay,
-            mask=mask,
-            checkpoint_segments=checkpoint_segments,
-        )
-    raise AssertionError("unreachable")  # pragma: no cover
+    return triton_coor_descent(
+        s,
+        n_iters=n_iters,
+        k=k,
+        eps=eps,
+        eps_init=eps_init,
+        eps_decay=eps_decay,
+        mask=mask,
+        checkpoint_segments=checkpoint_segments,
+    )
 
 
 class TopkReturn(NamedTuple):
@@ -234,17 +368,24 @@ def topk(
     eps_init: float | None = None,
     eps_decay: float = 1.0,
     mask: Tensor | None = None,
-    fused: bool = False,
+    fused: bool | None = None,
     non_differentiable: bool = False,
+    *,
+    backend: str | None = None,
 ) -> TopkReturn:
     """Differentiable top-k of ``x [..., n]`` along the last dimension.
 
     Coordinate descent runs with ``k * coor_descent_k_ratio`` (CoLT5 uses 9/8), then the ``k``
     largest weights are kept; ``gates`` are 1 in the forward pass and carry the weights' gradient.
-    ``fused=True`` uses the Triton kernels where they run (CUDA, or CPU under
-    ``TRITON_INTERPRET=1``) and the reference elsewhere. ``mask [..., n]`` (``True`` = keep)
-    ranks masked entries last, also with ``non_differentiable``.
+    ``backend`` is the coordinate descent's, as in :func:`coor_descent` (``None``: Triton for
+    CUDA tensors, else the reference); ``non_differentiable`` runs no coordinate descent and
+    only checks its name. ``fused`` is deprecated (``FutureWarning``, until 0.3):
+    ``fused=False`` is ``backend="reference"``; ``fused=True`` runs Triton where it can (CUDA,
+    or CPU under ``TRITON_INTERPRET=1``) and the reference elsewhere. ``mask [..., n]``
+    (``True`` = keep) ranks masked entries last, also with ``non_differentiable``.
     """
+    alias = None if fused is None else f"fused={fused!r}"
+    backend = backend_with_alias(backend, alias, AUTO_TRITON if fused else "reference")
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -263,7 +404,7 @@ def topk(
     if coor_descent_k_ratio < 1:
         raise ValueError(f"coor_descent_k_ratio must be >= 1, got {coor_descent_k_ratio}")
     cd_k = min(k * coor_descent_k_ratio, x.shape[-1])
-    scores = coor_descent(
+    scores = _coor_descent(
         x,
         n_iters=n_iters,
         k=cd_k,
@@ -271,7 +412,7 @@ def topk(
         eps_init=eps_init,
         eps_decay=eps_decay,
         mask=mask,
-        backend="auto-triton" if fused else "reference",
+        backend=backend,
     )
     cd_values, indices = scores.topk(k, dim=-1)
     gates = cd_values + (1.0 - cd_values).detach()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .routed import make_router, route_heavy
+from .coor_descent import use_triton_backend
+from .routed import check_router_backends, make_router, route_heavy
 from .router import check_num_tokens, check_token_mask, check_tokens
 
 __all__ = ["ConditionalRoutedFeedForward", "FeedForward"]
@@ -26,7 +27,12 @@ class FeedForward(nn.Module):
 
 class ConditionalRoutedFeedForward(nn.Module):
     """Light FFN on all tokens plus a heavy FFN on ``num_heavy_tokens`` routed tokens.
-    ``x [b, n, dim]``, ``mask [b, n]`` (``True`` = real token) -> ``[b, n, dim]``."""
+    ``x [b, n, dim]``, ``mask [b, n]`` (``True`` = real token) -> ``[b, n, dim]``.
+
+    ``backend`` is the router's coordinate descent's: ``None`` (Triton for CUDA tensors, else
+    the reference), ``"reference"`` or ``"triton"`` (raises before anything runs where Triton
+    cannot run). ``use_triton`` is deprecated (``FutureWarning``, until 0.3), see
+    :class:`~colt5_routing.CoordinateDescentRouter`."""
 
     def __init__(
         self,
@@ -38,11 +44,13 @@ class ConditionalRoutedFeedForward(nn.Module):
         router_straight_through: bool = True,
         router_kwargs: dict | None = None,
         use_triton: bool | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
+        backend = use_triton_backend(backend, use_triton)
         self.dim = dim
         self.num_heavy_tokens = check_num_tokens(num_heavy_tokens, 0, "num_heavy_tokens")
-        self.router = make_router(dim, router_straight_through, router_kwargs, use_triton)
+        self.router = make_router(dim, router_straight_through, router_kwargs, backend)
         self.light_ff = FeedForward(dim, light_ff_mult)
         self.heavy_ff = FeedForward(dim, heavy_ff_mult)
 
@@ -54,6 +62,7 @@ class ConditionalRoutedFeedForward(nn.Module):
         check_tokens(x, self.dim)
         check_token_mask(mask, x)
         k = check_num_tokens(num_heavy_tokens, self.num_heavy_tokens, "num_heavy_tokens")
+        check_router_backends(x, self.router)
         return route_heavy(
             self.router,
             x,

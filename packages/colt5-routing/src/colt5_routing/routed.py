@@ -13,24 +13,42 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .coor_descent import check_backend
 from .router import CoordinateDescentRouter, RouterReturn, scatter_tokens
 
-__all__ = ["add_null", "make_router", "null_query_token", "route_heavy", "route_keys"]
+__all__ = [
+    "add_null",
+    "check_router_backends",
+    "make_router",
+    "null_query_token",
+    "route_heavy",
+    "route_keys",
+]
 
 
 def make_router(
     dim: int,
     straight_through: bool,
     router_kwargs: dict | None,
-    use_triton: bool | None,
+    backend: str | None,
     **options,
 ) -> CoordinateDescentRouter:
     """A router of ``dim``-wide tokens built from a block's arguments: ``router_kwargs`` (with
-    ``use_triton`` unless they name it) and the block's own ``options`` (e.g.
-    ``num_routing_tokens``; naming one in both is a ``TypeError``)."""
+    the block's ``backend`` unless they name ``backend`` or ``use_triton``) and the block's own
+    ``options`` (e.g. ``num_routing_tokens``; naming one in both is a ``TypeError``). The
+    block resolves its deprecated ``use_triton`` first (and warns): ``backend`` may be
+    :data:`~colt5_routing.coor_descent.AUTO_TRITON`, which the router takes silently."""
     kwargs = dict(router_kwargs or {})
-    kwargs.setdefault("use_triton", use_triton)
+    if "use_triton" not in kwargs:
+        kwargs.setdefault("backend", backend)
     return CoordinateDescentRouter(dim, straight_through=straight_through, **options, **kwargs)
+
+
+def check_router_backends(x: Tensor, *routers: CoordinateDescentRouter) -> None:
+    """Raise before anything runs where a router's backend cannot run on tensors like ``x``
+    (``backend="triton"`` on CPU without the interpreter, float64, ...)."""
+    for router in routers:
+        check_backend(router.backend, x)
 
 
 def null_query_token(dim: int, enabled: bool) -> nn.Parameter | None:

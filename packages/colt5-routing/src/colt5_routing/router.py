@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .coor_descent import coor_descent
+from .coor_descent import (
+    ALIASES_REMOVED_IN,
+    AUTO_TRITON,
+    _coor_descent,
+    check_backend,
+    use_triton_backend,
+)
 
 __all__ = ["CoordinateDescentRouter", "RouterReturn", "gather_tokens", "scatter_tokens"]
 
@@ -89,8 +96,12 @@ class CoordinateDescentRouter(nn.Module):
     per routing token with a differentiable top-k (coordinate descent).
 
     Argument names follow ``colt5_attention.CoordinateDescentRouter``. ``route_block_size`` routes
-    within blocks of that many tokens (``num_tokens`` per block). ``use_triton`` picks the Triton
-    kernels (CUDA); ``None`` dispatches by device.
+    within blocks of that many tokens (``num_tokens`` per block). ``backend`` (the attribute of
+    the same name) is the coordinate descent's, as in :func:`~colt5_routing.coor_descent`:
+    ``None`` (Triton for CUDA tensors, else the reference), ``"reference"`` or ``"triton"``
+    (raises at the call where Triton cannot run for the tokens). ``use_triton`` is deprecated
+    (``FutureWarning``, until 0.3): ``False`` is ``backend="reference"``; ``True`` runs Triton
+    where it can (CUDA, or CPU under ``TRITON_INTERPRET=1``) and the reference elsewhere.
     """
 
     def __init__(
@@ -109,8 +120,11 @@ class CoordinateDescentRouter(nn.Module):
         cosine_sim_scale: float = 8.0,
         route_block_size: int | None = None,
         triton_checkpoint_segments: int | None = None,
+        *,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
+        backend = use_triton_backend(backend, use_triton)
         if fetch_k_ratio < 1:
             raise ValueError("fetch_k_ratio must be >= 1")
         self.dim = dim
@@ -120,7 +134,7 @@ class CoordinateDescentRouter(nn.Module):
         self.eps, self.eps_decay, self.eps_init = eps, eps_decay, eps_init
         self.num_routing_tokens = num_routing_tokens
         self.learned_routing_tokens = learned_routing_tokens
-        self.use_triton = use_triton
+        self.backend = backend
         self.cosine_sim_routing = cosine_sim_routing
         self.cosine_sim_scale = cosine_sim_scale
         self.route_block_size = route_block_size
@@ -129,10 +143,27 @@ class CoordinateDescentRouter(nn.Module):
             None if learned_routing_tokens else nn.Parameter(torch.randn(num_routing_tokens, dim))
         )
 
-    def _backend(self, x: Tensor) -> str | None:
-        if self.use_triton is None:
-            return None
-        return "auto-triton" if self.use_triton else "reference"
+    @property
+    def use_triton(self) -> bool | None:
+        """Deprecated (until 0.3; read ``backend``): ``None`` for ``backend=None``, ``False`` for
+        ``"reference"``, ``True`` for the Triton backends. Setting it sets ``backend`` as the
+        constructor argument does."""
+        self._warn_use_triton_attribute()
+        return None if self.backend is None else self.backend != "reference"
+
+    @use_triton.setter
+    def use_triton(self, value: bool | None) -> None:
+        self._warn_use_triton_attribute()
+        self.backend = None if value is None else AUTO_TRITON if value else "reference"
+
+    @staticmethod
+    def _warn_use_triton_attribute() -> None:
+        warnings.warn(
+            "CoordinateDescentRouter.use_triton is deprecated and goes away in colt5-routing "
+            f"{ALIASES_REMOVED_IN}; use .backend (None, 'reference' or 'triton')",
+            FutureWarning,
+            stacklevel=3,
+        )
 
     def _scores(self, x: Tensor, routing_tokens: Tensor | None, batch: int) -> Tensor:
         """Scores ``[batch, r, n]`` of ``x [batch, n, d]`` against the routing tokens."""
@@ -158,7 +189,7 @@ class CoordinateDescentRouter(nn.Module):
         k: float | Tensor = min(num_tokens * self.fetch_k_ratio, scores.shape[-1])
         if score_mask is not None:
             k = score_mask.sum(-1).float().clamp(min=1.0).clamp(max=float(k))
-        return coor_descent(
+        return _coor_descent(
             scores,
             n_iters=self.n_iters,
             k=k,
@@ -166,7 +197,7 @@ class CoordinateDescentRouter(nn.Module):
             eps_init=self.eps_init,
             eps_decay=self.eps_decay,
             mask=score_mask,
-            backend=self._backend(scores),
+            backend=self.backend,
             checkpoint_segments=self.triton_checkpoint_segments,
         )
 
@@ -179,6 +210,7 @@ class CoordinateDescentRouter(nn.Module):
         ``False`` where a window has fewer earlier tokens than ``num_tokens``."""
         check_tokens(x, self.dim)
         check_token_mask(mask, x)
+        check_backend(self.backend, x)
         b, n, d = x.shape
         if window_size < 1 or n % window_size:
             raise ValueError("sequence length must be a multiple of window_size (>= 1)")
@@ -220,6 +252,7 @@ class CoordinateDescentRouter(nn.Module):
         ``learned_routing_tokens`` pass ``routing_tokens [b, r, d]``."""
         check_tokens(x, self.dim)
         check_token_mask(mask, x)
+        check_backend(self.backend, x)
         b, n, d = x.shape
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
             raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .attention import AttentionFn, ConditionalRoutedAttention
+from .coor_descent import use_triton_backend
 from .feedforward import ConditionalRoutedFeedForward
+from .routed import check_router_backends
 from .router import check_num_tokens, check_token_mask, check_tokens
 
 __all__ = ["ConditionalRoutedTransformerBlock"]
@@ -13,7 +15,9 @@ __all__ = ["ConditionalRoutedTransformerBlock"]
 
 class ConditionalRoutedTransformerBlock(nn.Module):
     """Residual routed attention followed by a residual routed feedforward, ``[b, n, dim]``.
-    ``causal`` and ``use_rotary`` go to :class:`ConditionalRoutedAttention`."""
+    ``causal`` and ``use_rotary`` go to :class:`ConditionalRoutedAttention`, ``backend`` (the
+    routers' coordinate descent's, see :class:`ConditionalRoutedFeedForward`) to both;
+    ``use_triton`` is deprecated (``FutureWarning``, until 0.3)."""
 
     def __init__(
         self,
@@ -40,8 +44,10 @@ class ConditionalRoutedTransformerBlock(nn.Module):
         attention_fn: AttentionFn | None = None,
         causal: bool = False,
         use_rotary: bool = True,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
+        backend = use_triton_backend(backend, use_triton)
         self.conditional_ff = ConditionalRoutedFeedForward(
             dim,
             num_heavy_tokens=num_heavy_ff_tokens,
@@ -49,7 +55,7 @@ class ConditionalRoutedTransformerBlock(nn.Module):
             heavy_ff_mult=heavy_ff_mult,
             router_straight_through=router_straight_through,
             router_kwargs=router_kwargs,
-            use_triton=use_triton,
+            backend=backend,
         )
         self.conditional_attn = ConditionalRoutedAttention(
             dim,
@@ -65,7 +71,7 @@ class ConditionalRoutedTransformerBlock(nn.Module):
             router_kwargs=router_kwargs,
             multiply_keys_by_score=multiply_keys_by_score,
             multiply_queries_by_score=multiply_queries_by_score,
-            use_triton=use_triton,
+            backend=backend,
             use_null_q_tokens=use_null_q_tokens,
             use_flash_attn=use_flash_attn,
             attention_fn=attention_fn,
@@ -91,6 +97,7 @@ class ConditionalRoutedTransformerBlock(nn.Module):
             num_heavy_attn_tokens_kv, attn.num_heavy_tokens_kv, "num_heavy_attn_tokens_kv"
         )
         check_num_tokens(num_heavy_ff_tokens, ff.num_heavy_tokens, "num_heavy_ff_tokens")
+        check_router_backends(x, attn.q_router, attn.kv_router, ff.router)
         x = x + self.conditional_attn(
             x,
             mask=mask,

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import ConditionalRoutedAttention
+from .coor_descent import use_triton_backend
 from .feedforward import ConditionalRoutedFeedForward
-from .router import check_num_tokens
+from .routed import check_router_backends
+from .router import CoordinateDescentRouter, check_num_tokens
 
 __all__ = ["ConditionalRoutedImageAttention", "ConditionalRoutedViT"]
 
@@ -21,7 +23,9 @@ class ConditionalRoutedImageAttention(nn.Module):
     ``[b, h, w, c]``; returns the same layout. The light branch attends within
     ``light_window_size x light_window_size`` tiles (zero padding at the borders is masked out);
     the heavy branch routes queries and keys among all pixels. ``use_rotary`` defaults to
-    ``False`` here (as upstream): rotary embeddings are 1-d, and the pixels are in tile order."""
+    ``False`` here (as upstream): rotary embeddings are 1-d, and the pixels are in tile order.
+    ``backend`` (and the deprecated ``use_triton``) and the other arguments are those of
+    :class:`ConditionalRoutedAttention`."""
 
     def __init__(
         self,
@@ -31,6 +35,8 @@ class ConditionalRoutedImageAttention(nn.Module):
         num_heavy_tokens_kv: int,
         light_window_size: int = 8,
         channel_first: bool = False,
+        use_triton: bool | None = None,
+        backend: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -46,6 +52,7 @@ class ConditionalRoutedImageAttention(nn.Module):
             num_heavy_tokens_q=num_heavy_tokens_q,
             num_heavy_tokens_kv=num_heavy_tokens_kv,
             light_window_size=2 * light_window_size**2,  # one tile = one local block
+            backend=use_triton_backend(backend, use_triton),
             **kwargs,
         )
 
@@ -69,6 +76,7 @@ class ConditionalRoutedImageAttention(nn.Module):
         attn = self.attn
         nq = check_num_tokens(num_heavy_tokens_q, attn.num_heavy_tokens_q, "num_heavy_tokens_q")
         nkv = check_num_tokens(num_heavy_tokens_kv, attn.num_heavy_tokens_kv, "num_heavy_tokens_kv")
+        check_router_backends(x, attn.q_router, attn.kv_router)
         if x.numel() == 0:
             return x * 0
         if self.channel_first:
@@ -99,6 +107,8 @@ class ConditionalRoutedViT(nn.Module):
 
     Patches of ``patch_size`` are embedded, given learned positions, passed through ``depth``
     residual pairs of routed image attention and routed feedforward, mean-pooled and classified.
+    ``backend`` is the routers' coordinate descent's, as in :class:`ConditionalRoutedAttention`;
+    ``use_triton`` is deprecated (``FutureWarning``, until 0.3).
     """
 
     def __init__(
@@ -123,8 +133,10 @@ class ConditionalRoutedViT(nn.Module):
         router_kwargs: dict | None = None,
         channels: int = 3,
         use_triton: bool | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
+        backend = use_triton_backend(backend, use_triton)
         if image_size % patch_size:
             raise ValueError("image_size must be divisible by patch_size")
         self.grid = image_size // patch_size
@@ -144,7 +156,7 @@ class ConditionalRoutedViT(nn.Module):
                 heavy_heads=attn_heavy_heads,
                 router_straight_through=router_straight_through,
                 router_kwargs=router_kwargs,
-                use_triton=use_triton,
+                backend=backend,
                 channel_first=False,
             )
             ff = ConditionalRoutedFeedForward(
@@ -154,7 +166,7 @@ class ConditionalRoutedViT(nn.Module):
                 heavy_ff_mult=ff_heavy_mult,
                 router_straight_through=router_straight_through,
                 router_kwargs=router_kwargs,
-                use_triton=use_triton,
+                backend=backend,
             )
             self.layers.append(nn.ModuleList([attn, ff]))
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
@@ -169,6 +181,8 @@ class ConditionalRoutedViT(nn.Module):
             )
         if not images.is_floating_point():
             raise TypeError(f"images must be a floating point tensor, got {images.dtype}")
+        routers = [m for m in self.modules() if isinstance(m, CoordinateDescentRouter)]
+        check_router_backends(images, *routers)
         x = self.to_patches(images).permute(0, 2, 3, 1) + self.pos_emb  # [b, gh, gw, dim]
         b, gh, gw, d = x.shape
         # a ModuleList of (attention, feedforward) ModuleLists
