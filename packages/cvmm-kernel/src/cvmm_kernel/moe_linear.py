@@ -100,20 +100,20 @@ def moe_linear(
     check_routing_tensors(index, gate)
     check_one_device("moe_linear", x, index, gate, weight)
     check_index_range("moe_linear", index, weight.shape[0], index_bound)
-    x, backend = compute_dtype_and_backend(x, weight.dtype, backend)
+    x, chosen = compute_dtype_and_backend(x, weight.dtype, backend)
     out_shape = (*index.shape[: -2 if reduce_groups else -1], weight.shape[2])
     a_div = groups * k if shared else k
     out_div = groups * k if reduce_groups else k
     if index.numel() == 0 or x.shape[-1] == 0 or weight.shape[2] == 0:
         return _empty_case(x, index, gate, weight, shared, reduce_groups)
-    block_m = block_m_for(backend)
+    block_m = block_m_for(chosen)
     flat_index = index.reshape(-1).long()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     flat_gate = gate.reshape(-1).contiguous()
-    settings = (a_div, out_div, block_m, deterministic, backend)
+    settings = (a_div, out_div, block_m, deterministic, chosen)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
-            routing = moe_routing(flat_index, weight.shape[0], block_m, backend)
+            routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)
             out = moe_linear_forward(x2, flat_gate, weight, *routing, *settings)
         else:  # the same implementations with less host time per call
             out = MoELinearFunction.apply(

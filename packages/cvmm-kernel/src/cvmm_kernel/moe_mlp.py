@@ -101,17 +101,17 @@ def moe_mlp(
         ``w_up`` and ``w_down`` (weight gradients in the weights' dtype).
     """
     _check(x, index, gate, w_up, w_down, activation, index_bound)
-    x, backend = compute_dtype_and_backend(x, w_up.dtype, backend)
+    x, chosen = compute_dtype_and_backend(x, w_up.dtype, backend)
     lead, top_k = x.shape[:-1], index.shape[-1]
-    block_m = block_m_for(backend)
+    block_m = block_m_for(chosen)
     flat_index = index.reshape(-1).long()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     flat_gate = gate.reshape(-1).contiguous()
     n_experts = w_up.shape[0]
-    settings = (top_k, block_m, activation, deterministic, backend)
+    settings = (top_k, block_m, activation, deterministic, chosen)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
-            routing = moe_routing(flat_index, n_experts, block_m, backend)
+            routing = moe_routing(flat_index, n_experts, block_m, chosen)
             out = moe_mlp_forward(x2, flat_gate, w_up, w_down, *routing, *settings)[0]
         else:  # the same implementations with less host time per call
             out = MoEMLPFunction.apply(
