@@ -1,13 +1,14 @@
 r"""Where the time of a MoEUT training step goes (CUDA): wall time vs GPU kernel time, top ops.
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
-        python3 packages/moeut/benchmarks/profile_step.py [--profile MoEUT_244M]
+        python3 packages/moeut/benchmarks/profile_step.py [--profile MoEUT_244M] [--by-shape]
 
 The step is the benchmark's (LM forward+backward, bf16 autocast, B=8, T=1024, vocab 8000). Prints
 the wall time per step, the summed GPU kernel time of one profiled step and the ops that take the
 most GPU time; writes the same text to ``$OUT/profile_<profile>.txt`` if ``$OUT`` is set, else to
 ``benchmarks/results/``. Wall time well above kernel time means the step is bound by the host
-(launch overhead), not by the GPU.
+(launch overhead), not by the GPU. ``--by-shape`` also lists the ops per input shape (which
+tensors the casts, copies and gradient additions are of).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ VOCAB, BATCH, SEQ = 8000, 8, 1024
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="MoEUT_244M", choices=sorted(profiles.PROFILES))
+    parser.add_argument("--by-shape", action="store_true", help="also a table per input shape")
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
@@ -50,7 +52,8 @@ def main() -> int:
         step()
     torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) / n * 1e3
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities, record_shapes=args.by_shape) as prof:
         step()
         torch.cuda.synchronize()
     events = prof.key_averages()
@@ -63,6 +66,14 @@ def main() -> int:
             events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60),
         ]
     )
+    host = events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60)
+    text += "\n\nBy host time (self CPU, inflated by the profiler):\n" + host
+    if args.by_shape:
+        by_shape = prof.key_averages(group_by_input_shape=True)
+        table = by_shape.table(
+            sort_by="self_device_time_total", row_limit=30, max_name_column_width=40
+        )
+        text += "\n\nBy input shape:\n" + table
     print(text)
     write_text(f"profile_{args.profile}.txt", text, script_file=__file__)
     return 0
