@@ -82,7 +82,7 @@ def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, rol
                          config=_config(f"{role}_rows", k, n))  # fmt: skip
     else:
         cfg = _config(role, k, n)
-        epilogue = kt.EPI_GATE
+        epilogue = kt.EPI_GATE if gate is not None else kt.EPI_NONE
         if h is not None:  # the gate gradient, in parts per column block
             dgate = torch.empty(-(-n // cfg[0]), n_slots, dtype=torch.float32, device=a.device)
             epilogue = kt.EPI_ACTIVATION_BACKWARD
@@ -94,21 +94,39 @@ def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, rol
     return (_sum_groups(out, out_div) if deterministic else out.to(a.dtype)), dgate
 
 
+def saves_products(d_in: int, d_out: int, deterministic: bool, backend: str) -> bool:
+    """Whether the forward keeps the per-slot products ``y_s = x[a(s)] @ W[e_s]`` for the
+    backward, whose gate gradient is then ``<dout[o(s)], y_s>``: where the products are no
+    wider than the inputs (the other way, ``<z_s, x[a(s)]>``, reads the wider inputs)."""
+    return backend == "triton" and deterministic and d_out <= d_in
+
+
 def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic):
+    """``(out, y)``: ``y`` the per-slot products where :func:`saves_products`, else empty."""
+    from . import moe_triton as kt
+
     wc = cast_weight(w, x.dtype)
-    n_out = r.sorted_to_slot.numel() // out_div
-    return _slot_sums(x, wc, r, a_div, out_div, n_out, deterministic, gate, "linear")[0]
+    n_slots, d_out = r.sorted_to_slot.numel(), w.shape[2]
+    if not saves_products(x.shape[1], d_out, deterministic, "triton"):
+        out = _slot_sums(x, wc, r, a_div, out_div, n_slots // out_div, deterministic, gate,
+                         "linear")[0]  # fmt: skip
+        return out, x.new_empty(0, d_out)
+    # ungated per-slot products (kept), then each output row's gate-weighted sum
+    y = _slot_sums(x, wc, r, a_div, 1, n_slots, True, None, "linear")[0]
+    return kt.gated_group_sum(y, gate, out_div), y
 
 
-def _triton_backward(dy, x, gate, w, r: Routing, a_div, out_div, deterministic):
+def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministic):
     from . import moe_triton as kt
 
     wc = cast_weight(w, x.dtype)
     d_in = x.shape[1]
-    # z = dy[o(s)] @ W^T: g * z summed into the input row's gradient, <z, x[a(s)]> the gate's
+    # z = dy[o(s)] @ W^T: g * z summed into the input row's gradient; the gate's gradient from
+    # the saved products, or <z, x[a(s)]> in the same kernel
+    saved = y.shape[0] > 0
     dx, dgate = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0], deterministic,
-                           gate, "linear_grad_input", h=x)  # fmt: skip
-    dgate = dgate.to(gate.dtype)
+                           gate, "linear_grad_input", h=None if saved else x)  # fmt: skip
+    dgate = (kt.group_dot(y, dy, out_div) if saved else dgate).to(gate.dtype)
     dw = torch.empty_like(w)
     kt.moe_weight_grad(
         x,
@@ -126,15 +144,16 @@ def _triton_backward(dy, x, gate, w, r: Routing, a_div, out_div, deterministic):
 
 
 def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend):
+    """``(out, y)``, ``y`` the saved per-slot products or an empty ``[0, d_out]``."""
     if backend == "triton":
         return _triton_forward(x, gate, w, r, a_div, out_div, deterministic)
-    return _reference_forward(x, gate, w, r, a_div, out_div)
+    return _reference_forward(x, gate, w, r, a_div, out_div), x.new_empty(0, w.shape[2])
 
 
-def _gradients(grad_out, x, gate, w, r: Routing, a_div, out_div, deterministic, backend):
+def _gradients(grad_out, x, gate, w, y, r: Routing, a_div, out_div, deterministic, backend):
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
-        return _triton_backward(dy, x, gate, w, r, a_div, out_div, deterministic)
+        return _triton_backward(dy, x, gate, w, y, r, a_div, out_div, deterministic)
     return _reference_backward(dy, x, gate, w, r, a_div, out_div)
 
 
@@ -157,16 +176,19 @@ def moe_linear_forward(
     block_m: int,
     deterministic: bool,
     backend: str,
-) -> torch.Tensor:
-    """``x [N // a_div, d_in]``, ``gate [N]`` -> ``out [N // out_div, d_out]``."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [N // a_div, d_in]``, ``gate [N]`` -> ``(out [N // out_div, d_out], y)`` with ``y``
+    the per-slot products ``[N, d_out]`` where the backward uses them, else ``[0, d_out]``."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
     return _forward(x, gate, w, r, a_div, out_div, deterministic, backend)
 
 
 @moe_linear_forward.register_fake
 def _(x, gate, w, sorted_to_slot, *rest):
-    out_div = rest[6]
-    return x.new_empty(gate.shape[0] // out_div, w.shape[2])
+    out_div, _block_m, deterministic, backend = rest[6:10]
+    n, d_out = gate.shape[0], w.shape[2]
+    y_rows = n if saves_products(x.shape[1], d_out, deterministic, backend) else 0
+    return x.new_empty(n // out_div, d_out), x.new_empty(y_rows, d_out)
 
 
 @torch.library.custom_op("cvmm_kernel::moe_linear_backward", mutates_args=())
@@ -175,6 +197,7 @@ def moe_linear_backward(
     x: torch.Tensor,
     gate: torch.Tensor,
     w: torch.Tensor,
+    y: torch.Tensor,
     sorted_to_slot: torch.Tensor,
     slot_to_sorted: torch.Tensor,
     offsets: torch.Tensor,
@@ -189,7 +212,7 @@ def moe_linear_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dgate, dW)``; ``dW`` in the weight's own dtype."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
-    return _gradients(grad_out, x, gate, w, r, a_div, out_div, deterministic, backend)
+    return _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend)
 
 
 @moe_linear_backward.register_fake
@@ -199,13 +222,13 @@ def _(grad_out, x, gate, w, *rest):
 
 def _setup_context(ctx, inputs, output):
     x, gate, w, *routing, a_div, out_div, block_m, deterministic, backend = inputs
-    ctx.save_for_backward(x, gate, w, *routing)
+    ctx.save_for_backward(x, gate, w, output[1], *routing)
     ctx.settings = (a_div, out_div, block_m, deterministic, backend)
 
 
-def _backward(ctx, grad_out):
-    x, gate, w, *routing = ctx.saved_tensors
-    dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, *routing, *ctx.settings)
+def _backward(ctx, grad_out, _grad_y):
+    x, gate, w, y, *routing = ctx.saved_tensors
+    dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, y, *routing, *ctx.settings)
     need = ctx.needs_input_grad
     return (*[g if need[i] else None for i, g in enumerate((dx, dgate, dw))], *[None] * 11)
 
@@ -222,16 +245,16 @@ class MoELinearFunction(torch.autograd.Function):
                 backend):  # fmt: skip
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
-        out = _forward(x, gate, w, r, a_div, out_div, deterministic, backend)
-        ctx.save_for_backward(x, gate, w, *routing)
+        out, y = _forward(x, gate, w, r, a_div, out_div, deterministic, backend)
+        ctx.save_for_backward(x, gate, w, y, *routing)
         ctx.settings = (a_div, out_div, block_m, deterministic, backend)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate, w, *routing = ctx.saved_tensors
+        x, gate, w, y, *routing = ctx.saved_tensors
         a_div, out_div, block_m, deterministic, backend = ctx.settings
         r = Routing(*routing, block_m)
-        grads = _gradients(grad_out, x, gate, w, r, a_div, out_div, deterministic, backend)
+        grads = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend)
         need = ctx.needs_input_grad
         return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 7)

@@ -114,7 +114,7 @@ def moe_linear(
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)
-            out = moe_linear_forward(x2, flat_gate, weight, *routing, *settings)
+            out = moe_linear_forward(x2, flat_gate, weight, *routing, *settings)[0]
         else:  # the same implementations with less host time per call
             out = MoELinearFunction.apply(
                 x2, flat_gate, weight, flat_index, weight.shape[0], *settings

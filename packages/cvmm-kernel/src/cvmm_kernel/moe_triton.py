@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .interpreter import interpreting
 from .triton_kernels import _input_precision as input_precision
 
 # Activation codes shared with the Python side.
@@ -858,3 +859,70 @@ def moe_weight_grad(
         num_warps=warps,
         num_stages=stages,
     )
+
+
+# ----- gated sums and gate gradients over groups of consecutive slots -----
+
+
+@triton.jit
+def _gated_group_sum_kernel(
+    y_ptr, gate_ptr, out_ptr, n_groups, N, K: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``out[g] = sum_j gate[g*K + j] * y[g*K + j]`` in fp32 (``y``, ``out``: ``N`` wide)."""
+    offs_g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_g = offs_g < n_groups
+    mask = mask_g[:, None] & (offs_n < N)[None, :]
+    acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
+    for j in tl.static_range(K):
+        slot = offs_g.to(tl.int64) * K + j
+        g = tl.load(gate_ptr + slot, mask=mask_g, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + slot[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+        acc += g[:, None] * y.to(tl.float32)
+    out_ptrs = out_ptr + offs_g.to(tl.int64)[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _group_dot_kernel(
+    y_ptr, dy_ptr, out_ptr, n_slots, N, K, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr
+):  # fmt: skip
+    """``out[s] = <y[s], dy[s // K]>`` in fp32 (the gate gradient from saved products)."""
+    offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask_s = offs_s < n_slots
+    y_rows = offs_s.to(tl.int64)[:, None] * N
+    dy_rows = (offs_s // K).to(tl.int64)[:, None] * N
+    acc = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = mask_s[:, None] & (offs_n < N)[None, :]
+        y = tl.load(y_ptr + y_rows + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + dy_rows + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(y * dy, axis=1)
+    tl.store(out_ptr + offs_s, acc, mask=mask_s)
+
+
+def gated_group_sum(y: torch.Tensor, gate: torch.Tensor, k: int) -> torch.Tensor:
+    """``y [G*k, N]`` (contiguous), ``gate [G*k]`` -> ``[G, N]`` in ``y``'s dtype: each group's
+    gate-weighted sum of its ``k`` consecutive rows, in fp32, in a fixed order."""
+    n_slots, n = y.shape
+    out = y.new_empty(n_slots // k, n)
+    if out.numel() == 0:
+        return out.zero_()
+    block_g, block_n = (16, 16) if interpreting() else (32, min(128, triton.next_power_of_2(n)))
+    grid = (triton.cdiv(out.shape[0], block_g), triton.cdiv(n, block_n))
+    launch(_gated_group_sum_kernel, grid, y, gate, out, out.shape[0], n, k, block_g, block_n)
+    return out
+
+
+def group_dot(y: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor:
+    """``y [S, N]``, ``dy [S // k, N]`` (contiguous) -> ``[S]`` fp32: ``<y[s], dy[s // k]>``."""
+    n_slots, n = y.shape
+    out = torch.empty(n_slots, dtype=torch.float32, device=y.device)
+    if n_slots == 0:
+        return out
+    block_s, block_n = (16, 16) if interpreting() else (64, min(128, triton.next_power_of_2(n)))
+    launch(_group_dot_kernel, (triton.cdiv(n_slots, block_s),), y, dy, out, n_slots, n, k,
+           block_s, block_n)  # fmt: skip
+    return out
