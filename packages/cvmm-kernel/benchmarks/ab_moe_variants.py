@@ -15,7 +15,15 @@ import os
 import sys
 
 import torch
-from bench_cvmm import SHAPES, dense_equal_flops, flops, fwd_bwd_step, make_inputs, ours_fused
+from bench_cvmm import (
+    SHAPES,
+    dense_equal_flops,
+    flops,
+    fwd_bwd_step,
+    make_inputs,
+    ours_fused,
+    trained_tensors,
+)
 from bench_harness import (
     environment_line,
     median_ms,
@@ -52,7 +60,7 @@ def main() -> int:
     for name in names:
         s = next(s for s in SHAPES if s.name == name)
         t = make_inputs(s, "cuda")
-        params = [t[k].requires_grad_() for k in ("up", "down")]
+        params = trained_tensors(t)
         grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
         dense_step = fwd_bwd_step(*dense_equal_flops(s, "cuda"))
         dense = median_ms(dense_step, warmup=10, rep=100, cuda_graph=True)

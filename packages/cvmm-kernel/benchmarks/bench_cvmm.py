@@ -177,14 +177,22 @@ def padded_bmm_baseline(s: Shape, t: dict):
 
 
 def dense_equal_flops(s: Shape, device: str):
+    """Dense matmuls of the shape's FLOPs: the forward and every gradient, the input's included
+    (3 matmuls per projection, as :func:`flops` counts)."""
     dt = torch.bfloat16
     width = s.k * s.heads * s.expert_size
-    x = torch.randn(s.tokens, s.d_model, device=device, dtype=dt)
+    x = torch.randn(s.tokens, s.d_model, device=device, dtype=dt).requires_grad_()
     a = (torch.randn(s.d_model, width, device=device, dtype=dt) / 32).requires_grad_()
     if s.kind != "ffn":
-        return lambda: x @ a, [a]
+        return lambda: x @ a, [a, x]
     b = (torch.randn(width, s.d_model, device=device, dtype=dt) / 32).requires_grad_()
-    return lambda: torch.relu(x @ a) @ b, [a, b]
+    return lambda: torch.relu(x @ a) @ b, [a, b, x]
+
+
+def trained_tensors(t: dict) -> list[torch.Tensor]:
+    """The tensors a training step differentiates: the expert weights and the input rows (the
+    gates are differentiated by the ops whether asked or not)."""
+    return [t[k].requires_grad_() for k in ("up", "down", "w", "x") if k in t]
 
 
 def fwd_bwd_step(fn, params, grad: torch.Tensor | None = None):
@@ -219,9 +227,7 @@ def rel_error_vs_reference(s: Shape, t: dict) -> float:
 
 def bench_shape(s: Shape, device: str) -> dict:
     t = make_inputs(s, device)
-    params = [v.requires_grad_() for k, v in t.items() if k in ("up", "down", "w")]
-    if s.kind == "o":
-        params.append(t["x"].requires_grad_())
+    params = trained_tensors(t)
     row = {"shape": s.name, "tflop": flops(s) / 1e12}
     row["ours_ms"], row["ours_mib"] = time_fwd_bwd(lambda: ours(s, t), params)
     for det in (True, False):

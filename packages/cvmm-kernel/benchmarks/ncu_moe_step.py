@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_cvmm import SHAPES, make_inputs, ours_fused
+from bench_cvmm import SHAPES, make_inputs, ours_fused, trained_tensors
 from bench_harness import require_cuda
 
 
@@ -24,7 +24,7 @@ def main() -> int:
     name = sys.argv[1] if len(sys.argv) > 1 else "moeut-244m-ffn"
     s = next(s for s in SHAPES if s.name == name)
     t = make_inputs(s, "cuda")
-    params = [t[k].requires_grad_() for k in ("up", "down")]
+    params = trained_tensors(t)
     grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
 
     def step():

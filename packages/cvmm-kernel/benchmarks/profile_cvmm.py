@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_cvmm import SHAPES, make_inputs, ours
+from bench_cvmm import SHAPES, make_inputs, ours, trained_tensors
 from bench_harness import median_ms, require_cuda
 from cvmm_kernel import cvmm_prepare_sel2
 from cvmm_kernel.layout import expert_bounds
@@ -57,7 +57,7 @@ def main() -> int:
             "dx index_put     "
             f"{bench(lambda: x.new_zeros(x.shape).index_put_((sel.sel_index,), per_pos, accumulate=True)):.3f} ms"  # noqa: E501
         )
-        params = [v.requires_grad_() for k, v in t.items() if k in ("up", "down", "w")]
+        params = trained_tensors(t)
 
         def step():
             out = ours(s, t)

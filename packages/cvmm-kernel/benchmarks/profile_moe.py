@@ -13,7 +13,14 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_cvmm import SHAPES, dense_equal_flops, fwd_bwd_step, make_inputs, ours_fused
+from bench_cvmm import (
+    SHAPES,
+    dense_equal_flops,
+    fwd_bwd_step,
+    make_inputs,
+    ours_fused,
+    trained_tensors,
+)
 from bench_harness import environment_line, median_ms, metadata, require_cuda, write_text
 
 
@@ -94,7 +101,7 @@ def main() -> int:
     for name in names:
         s = next(s for s in SHAPES if s.name == name)
         t = make_inputs(s, "cuda")
-        params = [t[k].requires_grad_() for k in ("up", "down")]
+        params = trained_tensors(t)
         grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
 
         step = fwd_bwd_step(lambda: ours_fused(s, t, True), params, grad)

@@ -10,7 +10,7 @@ import sys
 
 import cvmm_kernel.triton_kernels as kernels
 import torch
-from bench_cvmm import SHAPES, make_inputs, ours
+from bench_cvmm import SHAPES, make_inputs, ours, trained_tensors
 from bench_harness import median_ms, require_cuda
 
 CONFIGS = [
@@ -30,7 +30,7 @@ def main() -> int:
         return 2
     for s in SHAPES:
         t = make_inputs(s, "cuda")
-        params = [v.requires_grad_() for k, v in t.items() if k in ("up", "down", "w")]
+        params = trained_tensors(t)
         results = []
         for cfg in CONFIGS:
             kernels.BLOCK_OVERRIDE = cfg

@@ -16,7 +16,14 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_cvmm import SHAPES, dense_equal_flops, fwd_bwd_step, make_inputs, ours_fused
+from bench_cvmm import (
+    SHAPES,
+    dense_equal_flops,
+    fwd_bwd_step,
+    make_inputs,
+    ours_fused,
+    trained_tensors,
+)
 from bench_harness import median_ms, metadata, require_cuda, write_results
 from cvmm_kernel import moe_ops
 
@@ -56,7 +63,7 @@ def main() -> int:
     rows = []
     for s in [s for s in SHAPES if s.kind in ("v", "o")]:
         t = make_inputs(s, "cuda")
-        params = [t["w"].requires_grad_()] + ([t["x"].requires_grad_()] if s.kind == "o" else [])
+        params = trained_tensors(t)
         grad = torch.randn_like(ours_fused(s, t, True))
         dense_fn, dense_params = dense_equal_flops(s, "cuda")
         dense_ms = median_ms(fwd_bwd_step(dense_fn, dense_params), warmup=25, rep=100,
