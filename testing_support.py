@@ -9,6 +9,7 @@ alone installed.
 - :data:`TOLERANCES` and :func:`tolerance`: DESIGN.md's table of allowed errors per dtype.
 - :data:`BACKENDS` (and its parts): the ``(backend, device)`` parameter sets, with the
   ``interpret`` / ``gpu`` markers that the root ``conftest.py`` turns into skips.
+- :func:`capture_cuda_graph`: a training step captured in a CUDA graph after a warm-up.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = [
     "TRITON_CUDA",
     "TRITON_INTERPRET",
     "assert_rel_close",
+    "capture_cuda_graph",
     "rel_error",
     "tolerance",
 ]
@@ -103,3 +105,27 @@ BACKENDS = [REFERENCE_CPU, TRITON_INTERPRET, TRITON_CUDA]
 BACKENDS_WITH_CUDA_REFERENCE = [*BACKENDS, REFERENCE_CUDA]
 # a plain device parameter: CPU always, CUDA under the ``gpu`` marker
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+# ---------------------------------------------------------------- CUDA graphs ----------------
+
+
+def capture_cuda_graph(step, leaves) -> tuple[torch.cuda.CUDAGraph, object]:
+    """``step()`` (a forward + backward into ``leaves``' gradients) run twice on a side stream
+    to warm up, then captured in a CUDA graph with the gradients cleared before each run.
+    Returns the graph and the captured call's result (its tensors are refreshed by each
+    ``graph.replay()``)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for t in leaves:
+                t.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for t in leaves:
+        t.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out

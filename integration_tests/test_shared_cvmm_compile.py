@@ -1,6 +1,7 @@
 """SwitchHead's expert projections and sigma-MoE's feedforward share ``cvmm_kernel``'s routing
-and kernels (``moe_linear`` and ``moe_mlp``); a model with both compiles with ``torch.compile(fullgraph=True)`` (a graph break raises) and the
-compiled model equals the eager one, outputs and gradients, on CPU."""
+and kernels (``moe_linear`` and ``moe_mlp``); a model with both compiles with
+``torch.compile(fullgraph=True)`` (a graph break raises) and the compiled model equals the eager
+one, outputs and gradients, on CPU."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from cvmm_kernel import moe_linear
 
-from testing_support import BACKENDS, DEVICES, rel_error
+from testing_support import BACKENDS, DEVICES, capture_cuda_graph, rel_error
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
@@ -192,19 +192,7 @@ def test_cuda_graph_capture_forward_backward():
         out.backward(torch.ones_like(out))
         return out
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            for t in leaves:
-                t.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    for t in leaves:
-        t.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_cuda_graph(step, leaves)
     index.copy_(index.roll(1, 0))  # new routing, same buffers: the replay must follow it
     graph.replay()
     torch.cuda.synchronize()

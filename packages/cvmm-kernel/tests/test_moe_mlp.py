@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from cvmm_kernel import moe_mlp
 from cvmm_kernel.moe_ops import moe_routing
 
-from testing_support import BACKENDS, DEVICES, rel_error
+from testing_support import BACKENDS, DEVICES, capture_cuda_graph, rel_error
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "identity": lambda u: u}
 # looser than testing_support.TOLERANCES (DESIGN.md); kept until a GPU run shows them within it
@@ -230,19 +230,7 @@ def test_cuda_graph_capture_forward_backward():
         out.backward(torch.ones_like(out))
         return out
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            for t in leaves:
-                t.grad = None
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    for t in leaves:
-        t.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture_cuda_graph(step, leaves)
     expected_out = out.detach().clone()
     grads = [t.grad.detach().clone() for t in leaves]
     index.copy_(index.roll(1, 0))  # new routing, same buffers: the replay must follow it

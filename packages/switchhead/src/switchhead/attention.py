@@ -60,8 +60,10 @@ from .rope import RotaryEmbedding
 KVCache = dict[str, torch.Tensor] | None
 AttentionFn = Callable[..., torch.Tensor]
 
-# "auto" computes all experts densely while they are at most this many times the chosen ones:
-# on an H100 cuBLAS runs these shapes at ~8x cvmm's TFLOP/s (cvmm-kernel's benchmark table).
+# "auto" computes all experts densely while they are at most this many times the chosen ones.
+# Measured on an H100 (benchmarks/results/switchhead_quick.md, T=1024, d_head 128): from CUDA
+# graphs the sparse path (moe_linear) wins at 4 and 5 times (4x8: 1.43 vs 2.21 ms; 4x10: 1.57 vs
+# 2.62), eager the dense path does (host-bound: 3.15 vs 4.04 ms at 4x8); at 2 times dense wins both.
 DENSE_EXPERT_RATIO = 4
 
 
