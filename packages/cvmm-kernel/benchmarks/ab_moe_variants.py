@@ -5,8 +5,9 @@ r"""A/B of moe_mlp's internal schedule switches, forward + backward, CUDA-graph 
 
 One process, one shape at a time: the dense matmuls of equal FLOPs, then moe_mlp with each
 combination of ``moe_ops.BACKWARD_SCHEDULE["overlap"]`` (dx on a side stream) and tile height
-``moe_ops.BLOCK_M``. Every variant's output and gradients are compared with the first
-variant's. Writes ``ab_moe_variants.json`` and ``.md`` to ``$OUT`` (else ``benchmarks/results``).
+``moe_ops.BLOCK_M`` (128, 64 or 256 rows; ``AB_BLOCK_M=64,128`` picks some). Every variant's
+output and gradients are compared with the first variant's. Writes ``ab_moe_variants.json`` and
+``.md`` to ``$OUT`` (else ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from bench_harness import (
 )
 from cvmm_kernel import moe_ops
 
-VARIANTS = [(overlap, bm) for bm in (128, 256) for overlap in (False, True)]
+VARIANTS = [(overlap, bm) for bm in (128, 64, 256) for overlap in (False, True)]
 if os.environ.get("AB_BLOCK_M"):
     VARIANTS = [v for v in VARIANTS if str(v[1]) in os.environ["AB_BLOCK_M"].split(",")]
 
