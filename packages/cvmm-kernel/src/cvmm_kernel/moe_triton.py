@@ -567,6 +567,10 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages:
 
 # Slots per program of the routing kernels; the per-block counts are [cdiv(N, B), E] int32.
 ROUTING_BLOCK = 128
+# Warps of the rank kernel (a BLOCK x BLOCK comparison per program): one warp took the routing
+# of MoEUT-244M's 131072 slots over 387 experts from 57 to 37 us on an H100, the same elsewhere
+# (benchmarks/results/sweep_routing.json).
+ROUTING_WARPS = 1
 # Above this many per-block counts the routing falls back to a stable sort (still no sync).
 MAX_BLOCK_COUNTS = 1 << 24
 
@@ -595,8 +599,9 @@ def build_routing(flat_index: torch.Tensor, n_experts: int, block_m: int, n_tile
         block_counts = torch.zeros(n_blocks, n_experts, dtype=torch.int32, device=device)
         rank = new(n)
         launch(
-            _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block
-        )
+            _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block,
+            num_warps=ROUTING_WARPS,
+        )  # fmt: skip
         block_start = torch.empty_like(block_counts)
         scan_e = 16
         launch(
