@@ -73,7 +73,11 @@ class MoEUTLayer(torch.nn.Module):
             **extra,
         )
         self.ffn = SigmaMoE(
-            d_model, ff_n_experts, ff_expert_size, k=ff_k, expert_dropout=ff_expert_dropout
+            d_model,
+            n_experts=ff_n_experts,
+            expert_size=ff_expert_size,
+            k=ff_k,
+            expert_dropout=ff_expert_dropout,
         )
         self.ln1 = torch.nn.LayerNorm(d_model)
         self.ln2 = torch.nn.LayerNorm(d_model)
@@ -132,17 +136,17 @@ class MoEUT(torch.nn.Module):
             MoEUTLayer(
                 d_model,
                 n_heads,
-                ff_expert_size,
-                ff_n_experts,
-                att_n_experts,
-                d_head,
-                att_k,
-                ff_k,
-                ff_expert_dropout,
-                att_expert_dropout,
-                dropout,
-                attention,
-                attention_fn,
+                ff_expert_size=ff_expert_size,
+                ff_n_experts=ff_n_experts,
+                att_n_experts=att_n_experts,
+                d_head=d_head,
+                att_k=att_k,
+                ff_k=ff_k,
+                ff_expert_dropout=ff_expert_dropout,
+                att_expert_dropout=att_expert_dropout,
+                dropout=dropout,
+                attention=attention,
+                attention_fn=attention_fn,
             )
             for _ in range(group_size)
         )
@@ -286,22 +290,22 @@ class MoEUTLM(torch.nn.Module):
             d_model,
             n_layers,
             n_heads,
-            ff_expert_size,
-            ff_n_experts,
-            att_n_experts,
-            d_head,
-            att_k,
-            ff_k,
-            ff_expert_dropout,
-            att_expert_dropout,
-            dropout,
-            entropy_reg,
-            att_entropy_reg,
-            attention,
-            group_size,
-            attention_fn,
-            reg_process_group,
-            activation_checkpointing,
+            ff_expert_size=ff_expert_size,
+            ff_n_experts=ff_n_experts,
+            att_n_experts=att_n_experts,
+            d_head=d_head,
+            att_k=att_k,
+            ff_k=ff_k,
+            ff_expert_dropout=ff_expert_dropout,
+            att_expert_dropout=att_expert_dropout,
+            dropout=dropout,
+            entropy_reg=entropy_reg,
+            att_entropy_reg=att_entropy_reg,
+            attention=attention,
+            group_size=group_size,
+            attention_fn=attention_fn,
+            reg_process_group=reg_process_group,
+            activation_checkpointing=activation_checkpointing,
         )
         self.n_layers = n_layers
         self.embedding = torch.nn.Embedding(n_tokens, d_model)

@@ -9,7 +9,7 @@ score-weighted sum over heads and chosen experts. Queries and keys are plain pro
 Interface and parameter names are those of the authors' code, so their state_dicts load with
 ``strict=True``. ``n_experts=1`` is standard attention with a learned sigmoid output gate.
 
-Expert projections (``expert_impl``):
+Expert projections (``expert_impl``; the paths are in :mod:`switchhead.experts`):
 
 - ``"dense"``: every expert's projection as one dense matmul, the unchosen ones weighted by 0
   (exactly the same function and gradients). It does ``n_experts / moe_k`` times the expert
@@ -52,8 +52,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from cvmm_kernel import moe_linear, topk_indices
 
+from .experts import EXPERT_PATHS, ExpertPath
 from .masks import AttentionMask, check_mask, sdpa_mask
 from .rope import RotaryEmbedding
 
@@ -172,53 +172,10 @@ class SwitchHeadCore(torch.nn.Module):
         o = self.o if self.n_experts > 1 else self.o.t().view(self.n_heads, -1, self.output_size)
         return (F.pad(o, (0, 0, 0, pad)) if pad else o).reshape(-1, self.output_size)
 
-    # ----- selection -----
-
-    def _topk(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``logits [..., E]`` (float) -> sigmoid scores and the top-``moe_k`` indices (``None``
-        when every expert is chosen)."""
-        scores = logits.sigmoid()
-        if self.moe_k == self.n_experts and not (self.expert_dropout > 0 and self.training):
-            return scores, None
-        with torch.no_grad():
-            ranked = scores
-            if self.expert_dropout > 0 and self.training:
-                drop = torch.rand_like(scores) < self.expert_dropout
-                ranked = scores.masked_fill(drop, float("-inf"))
-            index = topk_indices(ranked, self.moe_k)  # ties to the lower index, as _dense_gates
-        return scores, index
-
-    def _dense_gates(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0.
-
-        The chosen experts are those ranked below ``moe_k`` (ties go to the lower index): with
-        the few experts of the dense path, ranking by pairwise comparison is a handful of small
-        elementwise kernels, much cheaper on the GPU than ``topk`` plus a scatter.
-        """
-        scores = logits.sigmoid()
-        if self.moe_k == self.n_experts and not (self.expert_dropout > 0 and self.training):
-            return scores
-        with torch.no_grad():
-            ranked = scores
-            if self.expert_dropout > 0 and self.training:
-                drop = torch.rand_like(scores) < self.expert_dropout
-                ranked = scores.masked_fill(drop, float("-inf"))
-            e = self.n_experts
-            earlier = torch.ones(e, e, dtype=torch.bool, device=scores.device).tril(-1)
-            a, b = ranked.unsqueeze(-1), ranked.unsqueeze(-2)  # a: expert i, b: expert j
-            beaten_by = (b > a) | ((b == a) & earlier)  # [..., i, j]: j ranks before i
-            keep = beaten_by.sum(-1) < self.moe_k
-        return scores * keep
-
-    def _chosen_experts(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``logits [..., H, E]`` -> ``(index, gate)`` ``[..., H, moe_k]``: the chosen experts of
-        every head as rows of ``v``/``o`` (``head * E + expert``) and their sigmoid scores."""
-        scores, index = self._topk(logits)
-        if index is None:
-            index = torch.arange(self.n_experts, device=logits.device).expand_as(scores)
-        gate = torch.gather(scores, -1, index)
-        offsets = torch.arange(self.n_heads, device=index.device) * self.n_experts
-        return index + offsets.unsqueeze(-1), gate
+    @property
+    def experts(self) -> ExpertPath:
+        """The expert path of ``expert_impl`` (:mod:`switchhead.experts`)."""
+        return EXPERT_PATHS[self.expert_impl]
 
     # ----- forward -----
 
@@ -231,7 +188,7 @@ class SwitchHeadCore(torch.nn.Module):
         ``[B, Tk, H, E, hs]`` (dense) or ``None`` (cvmm).
         """
         h, e, hs = self.n_heads, self.n_experts, self.head_size
-        dense_v = self.expert_impl == "dense"
+        dense_v = self.experts.fuses_values
         sels = [self.sel_o, self.sel_v] if e > 1 else [self.sel_o]
         v_rows = [self._v_rows()] if dense_v else []
         if q_src is k_src and (k_src is v_src or not dense_v):
@@ -266,25 +223,11 @@ class SwitchHeadCore(torch.nn.Module):
         """Values ``[B, Tk, H, hs]`` from the expert projections and the V selection."""
         if self.n_experts == 1:
             return v_all.squeeze(-2)
-        if self.expert_impl == "dense":
-            gates = self._dense_gates(logits["v"]).to(v_all.dtype)
-            return (v_all * gates.unsqueeze(-1)).sum(-2)
-        index, gate = self._chosen_experts(logits["v"])
-        # top-k indices are in range by construction: index_bound skips reading them back
-        v = moe_linear(v_src, index, gate, self.v, index_bound=self.v.shape[0])  # [B, Tk, H, dh]
-        pad = self.head_size - self.projection_size
-        return F.pad(v, (0, pad)) if pad else v
+        return self.experts.values(self, v_src, v_all, logits["v"])
 
     def _output(self, res: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """``res [B, Tq, H, hs]`` -> ``[B, Tq, d_model]`` through the gated output experts."""
-        if self.expert_impl == "cvmm":  # each head's row through its experts, summed
-            index, gate = self._chosen_experts(logits)
-            rows = res[..., : self.projection_size]
-            bound = self.o.shape[0]
-            return moe_linear(rows, index, gate, self.o, reduce_groups=True, index_bound=bound)
-        gates = self._dense_gates(logits).to(res.dtype)  # [B, Tq, H, E]
-        mixed = res.unsqueeze(-2) * gates.unsqueeze(-1)  # [B, Tq, H, E, hs]
-        return torch.matmul(mixed.flatten(-3), self._o_cols())
+        return self.experts.output(self, res, logits)
 
     def attend(
         self,
@@ -485,13 +428,13 @@ class SwitchHeadRope(SwitchHeadCore):
             d_model,
             n_heads,
             n_experts,
-            dropout,
-            d_head,
-            expert_dropout,
-            moe_k,
-            attention_fn,
-            expert_impl,
-            pad_head_dim,
+            dropout=dropout,
+            d_head=d_head,
+            expert_dropout=expert_dropout,
+            moe_k=moe_k,
+            attention_fn=attention_fn,
+            expert_impl=expert_impl,
+            pad_head_dim=pad_head_dim,
         )
         if not 0.0 <= rotate_fraction <= 1.0:
             raise ValueError(f"rotate_fraction must be in [0, 1], got {rotate_fraction}")

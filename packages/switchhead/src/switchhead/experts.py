@@ -1,0 +1,130 @@
+"""SwitchHead's expert projections: two interchangeable paths behind one small interface.
+
+Each head ``h`` owns ``E`` value matrices (rows ``h * E + e`` of ``v``) and ``E`` output matrices
+(rows of ``o``); per token the ``moe_k`` experts with the largest sigmoid scores are chosen per
+head (ties to the lower index; with ``expert_dropout`` in training, dropped experts rank last).
+
+- :class:`DenseGatedExperts` (``expert_impl="dense"``): every expert's projection as one dense
+  matmul, the unchosen ones weighted by 0: the same function and gradients at ``E / moe_k``
+  times the expert FLOPs, in large cuBLAS matmuls (the value experts ride in the layer's fused
+  input projection).
+- :class:`SparseExperts` (``expert_impl="cvmm"``): only the chosen experts, through
+  ``cvmm_kernel.moe_linear`` (gathered grouped GEMMs sorted by expert on CUDA, no host sync).
+
+A path is stateless; the layer (:class:`switchhead.attention.SwitchHeadCore`) passes itself
+for its sizes, weights and training flags.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from cvmm_kernel import moe_linear, topk_indices
+
+if TYPE_CHECKING:
+    from .attention import SwitchHeadCore
+
+
+def _ranked_scores(core: SwitchHeadCore, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores of ``logits [..., E]`` and the scores to rank by (dropped experts at
+    ``-inf`` under expert dropout in training; no gradient)."""
+    scores = logits.sigmoid()
+    ranked = scores.detach()
+    if core.expert_dropout > 0 and core.training:
+        drop = torch.rand_like(scores) < core.expert_dropout
+        ranked = ranked.masked_fill(drop, float("-inf"))
+    return scores, ranked
+
+
+def _all_chosen(core: SwitchHeadCore) -> bool:
+    return core.moe_k == core.n_experts and not (core.expert_dropout > 0 and core.training)
+
+
+def dense_gates(core: SwitchHeadCore, logits: torch.Tensor) -> torch.Tensor:
+    """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0.
+
+    With the few experts of the dense path, ranking by pairwise comparison is a handful of small
+    elementwise kernels, much cheaper on the GPU than ``topk`` plus a scatter.
+    """
+    if _all_chosen(core):
+        return logits.sigmoid()
+    scores, ranked = _ranked_scores(core, logits)
+    e = core.n_experts
+    earlier = torch.ones(e, e, dtype=torch.bool, device=scores.device).tril(-1)
+    a, b = ranked.unsqueeze(-1), ranked.unsqueeze(-2)  # a: expert i, b: expert j
+    beaten_by = (b > a) | ((b == a) & earlier)  # [..., i, j]: j ranks before i
+    return scores * (beaten_by.sum(-1) < core.moe_k)
+
+
+def chosen_experts(core: SwitchHeadCore, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits [..., H, E]`` -> ``(index, gate)`` ``[..., H, moe_k]``: the chosen experts of
+    every head as rows of ``v``/``o`` (``head * E + expert``) and their sigmoid scores."""
+    if _all_chosen(core):
+        scores = logits.sigmoid()
+        index = torch.arange(core.n_experts, device=logits.device).expand_as(scores)
+    else:
+        scores, ranked = _ranked_scores(core, logits)
+        index = topk_indices(ranked, core.moe_k)  # ties to the lower index, as dense_gates
+    gate = torch.gather(scores, -1, index)
+    offsets = torch.arange(core.n_heads, device=index.device) * core.n_experts
+    return index + offsets.unsqueeze(-1), gate
+
+
+class ExpertPath:
+    """How a layer computes its value and output experts.
+
+    ``fuses_values``: the value experts of every head are columns of the layer's fused input
+    projection (``v_all [B, Tk, H, E, hs]`` reaches :meth:`values`); otherwise ``v_all`` is
+    ``None`` and :meth:`values` projects ``v_src`` itself.
+    """
+
+    fuses_values: ClassVar[bool]
+
+    def values(
+        self, core: SwitchHeadCore, v_src: torch.Tensor, v_all: torch.Tensor | None, logits
+    ) -> torch.Tensor:
+        """Values ``[B, Tk, H, head_size]`` from ``v_src [B, Tk, d_model]`` (or ``v_all``) and
+        the value selection ``logits [B, Tk, H, E]``."""
+        raise NotImplementedError
+
+    def output(self, core: SwitchHeadCore, res: torch.Tensor, logits) -> torch.Tensor:
+        """``res [B, Tq, H, head_size]`` -> ``[B, Tq, d_model]`` through the chosen output
+        experts of each head (selection ``logits [B, Tq, H, E]``), summed over heads."""
+        raise NotImplementedError
+
+
+class DenseGatedExperts(ExpertPath):
+    fuses_values = True
+
+    def values(self, core, v_src, v_all, logits):
+        assert v_all is not None  # fuses_values: the input projection computed every expert
+        gates = dense_gates(core, logits).to(v_all.dtype)
+        return (v_all * gates.unsqueeze(-1)).sum(-2)
+
+    def output(self, core, res, logits):
+        gates = dense_gates(core, logits).to(res.dtype)  # [B, Tq, H, E]
+        mixed = res.unsqueeze(-2) * gates.unsqueeze(-1)  # [B, Tq, H, E, hs]
+        return torch.matmul(mixed.flatten(-3), core._o_cols())
+
+
+class SparseExperts(ExpertPath):
+    fuses_values = False
+
+    def values(self, core, v_src, v_all, logits):
+        index, gate = chosen_experts(core, logits)
+        # top-k indices are in range by construction: index_bound skips reading them back
+        v = moe_linear(v_src, index, gate, core.v, index_bound=core.v.shape[0])
+        pad = core.head_size - core.projection_size
+        return F.pad(v, (0, pad)) if pad else v
+
+    def output(self, core, res, logits):
+        index, gate = chosen_experts(core, logits)
+        rows = res[..., : core.projection_size]  # each head's row through its experts, summed
+        return moe_linear(
+            rows, index, gate, core.o, reduce_groups=True, index_bound=core.o.shape[0]
+        )
+
+
+EXPERT_PATHS: dict[str, ExpertPath] = {"dense": DenseGatedExperts(), "cvmm": SparseExperts()}
