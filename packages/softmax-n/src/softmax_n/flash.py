@@ -120,6 +120,23 @@ def _kernel_backward(name, state, grad, q, k, v, out, lse, bias, is_causal, scal
     )  # fmt: skip
 
 
+def _row_dot(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``rowsum(grad * out)`` as ``[B, H, L, 1]`` in float32 (at least): one Triton pass on CUDA
+    GPUs from Ampere on, without the float32 copies of both tensors that the PyTorch expression
+    makes (the sinks' extra cost over n=1 in benchmarks/results/softmax_n_quick.md); PyTorch
+    elsewhere."""
+    kernel_runs = grad.is_cuda and grad.dtype != torch.float64
+    if kernel_runs and torch.cuda.get_device_capability(grad.device) >= (8, 0):
+        try:
+            from .triton_kernels import row_dot
+        except ImportError:  # no Triton: the expression below
+            pass
+        else:
+            return row_dot(out, grad).unsqueeze(-1)
+    acc = torch.promote_types(grad.dtype, torch.float32)
+    return (grad.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+
+
 class _FlashAttentionN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, n, sink, bias, is_causal, scale, name, n_float):
@@ -171,7 +188,7 @@ class _FlashAttentionN(torch.autograd.Function):
         )[:3]  # fmt: skip
         d_n = d_sink = None
         if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
-            row = (grad.to(inv.dtype) * out.to(inv.dtype)).sum(-1, keepdim=True)
+            row = _row_dot(grad, out).to(inv.dtype)
             d_extra = (-row * inv).sum_to_size(ctx.n_shape)
             d_n, d_sink = (None, d_extra) if ctx.needs_input_grad[4] else (d_extra, None)
         return dq, dk, dv, d_n, d_sink, None, None, None, None, None

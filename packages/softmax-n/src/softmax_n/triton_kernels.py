@@ -427,4 +427,19 @@ def attention_bwd(
     return dq, dk, dv
 
 
-__all__ = ["attention_bwd", "attention_fwd"]
+def row_dot(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``rowsum(out * grad)`` over the last dimension of two ``[B, H, L, D]`` tensors (any
+    strides), in float32: ``[B, H, L]``, one pass, no float32 copy of either input."""
+    b, h, n_q, d = out.shape
+    delta = torch.empty(b, h, n_q, device=out.device, dtype=torch.float32)
+    if delta.numel() == 0:
+        return delta.zero_()
+    block = 16 if _interpreting() else 64
+    _delta_kernel[(b * h, triton.cdiv(n_q, block))](
+        out, grad, delta, n_q, d, *_strides(out), *_strides(grad), h,
+        BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    )  # fmt: skip
+    return delta
+
+
+__all__ = ["attention_bwd", "attention_fwd", "row_dot"]
