@@ -10,6 +10,8 @@ alone installed.
 - :data:`BACKENDS` (and its parts): the ``(backend, device)`` parameter sets, with the
   ``interpret`` / ``gpu`` markers that the root ``conftest.py`` turns into skips.
 - :func:`capture_cuda_graph`: a training step captured in a CUDA graph after a warm-up.
+- :data:`TINY_MOEUT` and :data:`TINY_VOCAB`: the sizes of the tiny MoEUT LM that moeut's tests
+  and the integration tests build (fast on CPU).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = [
     "DEVICES",
     "REFERENCE_CPU",
     "REFERENCE_CUDA",
+    "TINY_MOEUT",
+    "TINY_VOCAB",
     "TOLERANCES",
     "TRITON_CUDA",
     "TRITON_INTERPRET",
@@ -35,6 +39,19 @@ __all__ = [
 ]
 
 Kind = Literal["matmul", "attention"]
+
+# The tiny MoEUT LM of moeut's tests and the integration tests (MoEUTLM / MoEUTConfig keywords).
+TINY_VOCAB = 40
+TINY_MOEUT = dict(
+    d_model=32,
+    n_layers=4,
+    n_heads=2,
+    ff_n_experts=8,
+    att_n_experts=4,
+    d_head=8,
+    ff_k=2,
+    ff_expert_size=16,
+)
 
 # ---------------------------------------------------------------- relative error -------------
 

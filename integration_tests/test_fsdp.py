@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from moeut import MoEUTLM
 
 from integration_tests.conftest import CPU_FSDP
+from testing_support import TINY_MOEUT, TINY_VOCAB
 
 WORLD = 2
 BATCH, SEQ = 4, 9  # the full batch; each rank gets BATCH // WORLD sequences
@@ -25,15 +26,8 @@ BATCH, SEQ = 4, 9  # the full batch; each rank gets BATCH // WORLD sequences
 def _tiny_lm(**kw) -> MoEUTLM:
     torch.manual_seed(0)
     return MoEUTLM(
-        n_tokens=40,
-        d_model=32,
-        n_layers=4,
-        n_heads=2,
-        ff_n_experts=8,
-        att_n_experts=4,
-        d_head=8,
-        ff_k=2,
-        ff_expert_size=16,
+        n_tokens=TINY_VOCAB,
+        **TINY_MOEUT,
         entropy_reg=1.0,  # large, so that the regulariser matters in the comparisons
         att_entropy_reg=0.1,
         **kw,
@@ -41,7 +35,7 @@ def _tiny_lm(**kw) -> MoEUTLM:
 
 
 def _batch(step: int) -> torch.Tensor:
-    return torch.randint(0, 40, (BATCH, SEQ), generator=torch.Generator().manual_seed(step))
+    return torch.randint(0, TINY_VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(step))
 
 
 def _init(rank: int, port: int):

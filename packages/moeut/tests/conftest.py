@@ -9,22 +9,14 @@ import pytest
 import torch
 from moeut import MoEUTLM
 
+from testing_support import TINY_MOEUT, TINY_VOCAB
+
 
 def tiny_lm(**kw) -> MoEUTLM:
     """A 4-layer MoEUT LM over 40 tokens, small enough for CPU; seeded, so every call builds the
     same weights. Keyword arguments override the sizes (and any other ``MoEUTLM`` argument)."""
     torch.manual_seed(0)
-    args = dict(
-        n_tokens=40,
-        d_model=32,
-        n_layers=4,
-        n_heads=2,
-        ff_n_experts=8,
-        att_n_experts=4,
-        d_head=8,
-        ff_k=2,
-        ff_expert_size=16,
-    )
+    args = dict(n_tokens=TINY_VOCAB, **TINY_MOEUT)
     args.update(kw)
     return MoEUTLM(**args)
 

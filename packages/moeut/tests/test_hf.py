@@ -17,22 +17,13 @@ from moeut import MoEUTLM, SwitchHeadXL
 from moeut.hf import MoEUTCache, MoEUTConfig, MoEUTForCausalLM
 from transformers import AutoConfig, AutoModelForCausalLM
 
-VOCAB = 40
+from testing_support import TINY_MOEUT, TINY_VOCAB
+
+VOCAB = TINY_VOCAB
 
 
 def tiny_config(**kw) -> MoEUTConfig:
-    args = dict(
-        vocab_size=VOCAB,
-        d_model=32,
-        n_layers=4,
-        n_heads=2,
-        ff_n_experts=8,
-        att_n_experts=4,
-        d_head=8,
-        ff_k=2,
-        ff_expert_size=16,
-        group_size=2,
-    )
+    args = dict(vocab_size=VOCAB, **TINY_MOEUT, group_size=2)
     args.update(kw)
     return MoEUTConfig(**args)
 
