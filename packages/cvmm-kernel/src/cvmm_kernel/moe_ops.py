@@ -321,9 +321,13 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         config=cfg,
     )
     dgate = (dgate_parts[0] if dgate_parts.shape[0] == 1 else dgate_parts.sum(0)).to(gate.dtype)
-    # dx (memory-bound products and sum) and the weight gradients (latency-bound GEMMs) are
-    # independent: on a side stream the first fills what the second leaves idle.
-    overlap = BACKWARD_SCHEDULE["overlap"] and x.is_cuda and not interpreting()
+    # dx (memory-bound products and sum, for expert sizes on the row-tile kernel) and the weight
+    # gradients (latency-bound GEMMs) are independent: on a side stream the first fills what the
+    # second leaves idle. Wider experts make dx a compute-bound GEMM that competes with them
+    # (64 x 4096 at k=2: 2.76 ms in order, 2.82 overlapped; ab_moe_block_m64.md).
+    overlap = (
+        BACKWARD_SCHEDULE["overlap"] and x.is_cuda and not interpreting() and hid <= kt.ROWS_MAX_K
+    )
     if overlap:
         main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
         side.wait_stream(main)
