@@ -179,6 +179,19 @@ def test_cuda_bf16_autocast(deterministic, shared, reduce_groups):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("shared", "reduce_groups"), LAYOUTS[:2])
+def test_cuda_float32_at_tuned_sizes(shared, reduce_groups):
+    """float32 at SwitchHead's sizes (1024-wide rows, 128-wide heads), where the bf16-tuned
+    launch settings would overflow shared memory."""
+    d_in, d_out = (1024, 128) if shared else (128, 1024)
+    inputs = make_inputs((64,), 4, 2, 16, d_in, d_out, shared=shared, dtype=torch.float32,
+                         device="cuda", seed=14)  # fmt: skip
+    for deterministic in (True, False):
+        check("triton", inputs, torch.float32, shared=shared, reduce_groups=reduce_groups,
+              deterministic=deterministic)  # fmt: skip
+
+
+@pytest.mark.gpu
 def test_cuda_graph_capture_forward_backward():
     """A whole forward + backward of both projections replays from a CUDA graph."""
     x, index, gate, w_v = make_inputs((512,), 4, 2, 16, 128, 32, shared=True,

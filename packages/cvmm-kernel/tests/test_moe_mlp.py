@@ -210,6 +210,15 @@ def test_cuda_bf16_autocast(deterministic):
         assert rel_error(mine.grad, r.grad) < 1.5 * rel_error(other.grad, r.grad) + 1e-3, name
 
 
+@pytest.mark.gpu
+def test_cuda_float32_at_tuned_sizes():
+    """float32 at the sizes the launch settings were tuned for in bf16 (expert size 128, wide
+    rows): every buffer is twice as large, and the settings must still fit shared memory."""
+    inputs = make_inputs((96,), 4, 16, 512, 128, 512, dtype=torch.float32, device="cuda", seed=13)
+    for deterministic in (True, False):
+        check("triton", "cuda", inputs, "gelu", torch.float32, deterministic=deterministic)
+
+
 def oracle_bf16(x, index, gate, w_up, w_down):
     """The oracle's computation in the autocast dtype (for the error a plain bf16 run makes)."""
     hidden = torch.relu(torch.einsum("...d,...kdh->...kh", x, w_up[index]))

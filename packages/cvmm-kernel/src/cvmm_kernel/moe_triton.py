@@ -658,6 +658,33 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+_SHARED_MEMORY: dict[int, int] = {}
+
+
+def _shared_memory_budget(device: torch.device) -> int:
+    """Bytes of shared memory a program may plan for: 85% of the device's opt-in limit per block
+    (Triton's layout conversions take some beyond its pipeline buffers)."""
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter has no limit
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_MEMORY:
+        props = torch.cuda.get_device_properties(index)
+        limit = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+        _SHARED_MEMORY[index] = int(0.85 * limit)
+    return _SHARED_MEMORY[index]
+
+
+def _fit(stages: int, shrink: int, bytes_of, budget: int, min_shrink: int = 32) -> tuple[int, int]:
+    """Fewer pipeline stages (down to 2), then a smaller ``shrink`` block (halved, down to
+    ``min_shrink``), until ``bytes_of(stages, shrink)`` fits ``budget``: the tuned settings are
+    for 2-byte inputs, and float32 doubles every buffer."""
+    while bytes_of(stages, shrink) > budget and stages > 2:
+        stages -= 1
+    while bytes_of(stages, shrink) > budget and shrink > min_shrink:
+        shrink //= 2
+    return stages, shrink
+
+
 def moe_gemm(
     a: torch.Tensor,
     w: torch.Tensor,
@@ -692,6 +719,9 @@ def moe_gemm(
     n_tiles = routing.tile_expert.numel()
     n_cols = w.shape[2]
     block_n, block_k, warps, stages = config[:4]
+    es, bm = a.element_size(), routing.block_m
+    stages, block_k = _fit(stages, block_k, lambda st, bk: st * (bm * bk + bk * block_n) * es,
+                           _shared_memory_budget(a.device), min_shrink=16)  # fmt: skip
     persistent = len(config) > 4 and config[4] and PERSISTENT_AVAILABLE
     n_work = n_tiles * triton.cdiv(n_cols, block_n)
     if n_work == 0 or a.shape[1] == 0:
@@ -776,6 +806,10 @@ def moe_gemm_rows(
     if k > ROWS_MAX_K:
         raise ValueError(f"moe_gemm_rows takes inner sizes up to {ROWS_MAX_K}, got {k}")
     block_n, warps, stages = config
+    es, bm, bk = a.element_size(), routing.block_m, max(16, triton.next_power_of_2(k))
+    per_stage = lambda bn: bk * bn * es + (bm * bn * es if h is not None else 0)
+    stages, block_n = _fit(stages, block_n, lambda st, bn: bm * bk * es + st * per_stage(bn),
+                           _shared_memory_budget(a.device))  # fmt: skip
     launch(
         _moe_gemm_rows_kernel,
         (n_tiles,),
@@ -841,6 +875,9 @@ def moe_weight_grad(
     """
     n_experts, k, n = dw.shape
     block_m, block_k, block_n, warps, stages = config
+    es = a.element_size()
+    stages, block_m = _fit(stages, block_m, lambda st, bm: st * (block_k * bm + bm * block_n) * es,
+                           _shared_memory_budget(a.device), min_shrink=16)  # fmt: skip
     grid = (n_experts * triton.cdiv(k, block_k) * triton.cdiv(n, block_n),)
     if grid[0] == 0:
         return
