@@ -25,15 +25,15 @@ CASES = [(131072, 387), (32768, 128), (65536, 40)]  # (slots, experts)
 def main() -> int:
     if not require_cuda(__file__):
         return 2
-    defaults = (kt.ROUTING_BLOCK, kt.ROUTING_WARPS)
     rows = []
     for n, e in CASES:
         index = torch.randint(0, e, (n,), device="cuda", generator=torch.Generator("cuda"))
-        build = lambda index=index, n=n, e=e: kt.build_routing(index, e, 128, n_tiles(n, e, 128))
         first = None
         for block in (64, 128, 256):
             for warps in (1, 2, 4, 8):
-                kt.ROUTING_BLOCK, kt.ROUTING_WARPS = block, warps
+                build = lambda index=index, n=n, e=e, block=block, warps=warps: kt.build_routing(
+                    index, e, 128, n_tiles(n, e, 128), block=block, warps=warps
+                )
                 maps = build()
                 first = first or maps
                 same = all(torch.equal(a, b) for a, b in zip(maps, first))
@@ -41,7 +41,6 @@ def main() -> int:
                 rows.append({"slots": n, "experts": e, "block": block, "warps": warps,
                              "us": us, "same_maps": same})  # fmt: skip
                 print(f"N={n} E={e} block={block} warps={warps}: {us:.1f} us same={same}")
-        kt.ROUTING_BLOCK, kt.ROUTING_WARPS = defaults
     meta = metadata(timing="do_bench median of eager build_routing calls")
     write_results("sweep_routing", {"meta": meta, "rows": rows}, None, script_file=__file__)
     return 0

@@ -109,6 +109,47 @@ def test_edge_layouts(backend, device, shared, reduce_groups, case):
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(
+    ("shared", "reduce_groups", "frozen"),
+    [(True, False, "x"), (False, True, "weight"), (True, False, "x-and-gate"),
+     (False, True, "x-and-gate")],
+)  # fmt: skip
+def test_frozen_inputs(backend, device, shared, reduce_groups, frozen, monkeypatch):
+    """Gradients only for the inputs that want one, equal to the full backward's; a frozen
+    weight's gradient kernel does not run."""
+    from cvmm_kernel import moe_triton as kt
+
+    d_in, d_out = (24, 12) if shared else (12, 24)
+    inputs = make_inputs((9,), 2, 2, 6, d_in, d_out, shared=shared, dtype=torch.float32,
+                         device=device, seed=15)  # fmt: skip
+    x, index, gate, weight = inputs
+    grad = torch.randn(*((9, d_out) if reduce_groups else (9, 2, d_out)), device=device)
+    full = [t.clone().requires_grad_() for t in (x, gate, weight)]
+    moe_linear(full[0], index, full[1], full[2], reduce_groups=reduce_groups,
+               backend=backend).backward(grad)  # fmt: skip
+    wgrad_launches = []
+    launch_wgrad = kt.moe_weight_grad
+
+    def counting(*args, **kwargs):
+        wgrad_launches.append(1)
+        return launch_wgrad(*args, **kwargs)
+
+    monkeypatch.setattr(kt, "moe_weight_grad", counting)
+    frozen_names = {"x-and-gate": ("x", "gate")}.get(frozen, (frozen,))
+    leaves = [t.clone().requires_grad_(n not in frozen_names)
+              for n, t in zip(("x", "gate", "weight"), (x, gate, weight))]  # fmt: skip
+    moe_linear(leaves[0], index, leaves[1], leaves[2], reduce_groups=reduce_groups,
+               backend=backend).backward(grad)  # fmt: skip
+    for name, mine, ref in zip(("x", "gate", "weight"), leaves, full):
+        if name in frozen_names:
+            assert mine.grad is None, name
+        else:
+            torch.testing.assert_close(mine.grad, ref.grad, rtol=0, atol=0, msg=name)
+    if backend == "triton":
+        assert wgrad_launches == ([] if frozen == "weight" else [1])
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
 def test_float64_reference_is_exact(backend, device):
     if backend == "triton":
         pytest.skip("float64 goes to the reference")

@@ -116,17 +116,30 @@ def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic):
     return kt.gated_group_sum(y, gate, out_div), y
 
 
-def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministic):
+def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministic,
+                     need=(True, True, True)):  # fmt: skip
+    """``(dx, dgate, dW)``, each ``None`` where ``need`` (for ``x``, ``gate``, ``w``) says no
+    gradient is wanted (a frozen weight, an input that needs none): no kernel runs for it."""
     from . import moe_triton as kt
 
+    need_x, need_gate, need_w = need
     wc = cast_weight(w, x.dtype)
     d_in = x.shape[1]
     # z = dy[o(s)] @ W^T: g * z summed into the input row's gradient; the gate's gradient from
     # the saved products, or <z, x[a(s)]> in the same kernel
     saved = y.shape[0] > 0
-    dx, dgate = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0], deterministic,
-                           gate, "linear_grad_input", h=None if saved else x)  # fmt: skip
-    dgate = (kt.group_dot(y, dy, out_div) if saved else dgate).to(gate.dtype)
+    dx = dgate = dw = None
+    if need_x or (need_gate and not saved):
+        dx, dgate = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0],
+                               deterministic, gate, "linear_grad_input",
+                               h=x if need_gate and not saved else None)  # fmt: skip
+    if need_gate:
+        if saved:
+            dgate = kt.group_dot(y, dy, out_div)
+        assert dgate is not None  # computed with dx above
+        dgate = dgate.to(gate.dtype)
+    if not need_w:
+        return dx if need_x else None, dgate, None
     dw = torch.empty_like(w)
     kt.moe_weight_grad(
         x,
@@ -140,7 +153,7 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
         b_div=out_div,
         config=_config("grad_w_linear", d_in, dy.shape[1]),
     )
-    return dx, dgate, dw
+    return dx if need_x else None, dgate, dw
 
 
 def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend):
@@ -150,10 +163,11 @@ def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend):
     return _reference_forward(x, gate, w, r, a_div, out_div), x.new_empty(0, w.shape[2])
 
 
-def _gradients(grad_out, x, gate, w, y, r: Routing, a_div, out_div, deterministic, backend):
+def _gradients(grad_out, x, gate, w, y, r: Routing, a_div, out_div, deterministic, backend,
+               need=(True, True, True)):  # fmt: skip
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
-        return _triton_backward(dy, x, gate, w, y, r, a_div, out_div, deterministic)
+        return _triton_backward(dy, x, gate, w, y, r, a_div, out_div, deterministic, need)
     return _reference_backward(dy, x, gate, w, r, a_div, out_div)
 
 
@@ -255,6 +269,7 @@ class MoELinearFunction(torch.autograd.Function):
         x, gate, w, y, *routing = ctx.saved_tensors
         a_div, out_div, block_m, deterministic, backend = ctx.settings
         r = Routing(*routing, block_m)
-        grads = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend)
         need = ctx.needs_input_grad
+        grads = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend,
+                           need[:3])  # fmt: skip
         return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 7)

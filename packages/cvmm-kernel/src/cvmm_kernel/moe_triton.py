@@ -585,17 +585,28 @@ ROUTING_WARPS = 1
 MAX_BLOCK_COUNTS = 1 << 24
 
 
-def build_routing(flat_index: torch.Tensor, n_experts: int, block_m: int, n_tiles: int):
+def build_routing(
+    flat_index: torch.Tensor,
+    n_experts: int,
+    block_m: int,
+    n_tiles: int,
+    *,
+    block: int | None = None,
+    warps: int | None = None,
+):
     """The routing layout of ``flat_index`` (``[N]``, values in ``[0, n_experts)``), int32:
     ``(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid_tiles)``.
 
     Five launches, no sort and no host sync (the sizes depend on ``N`` and ``n_experts`` only).
+    ``block`` and ``warps``: slots per program and warps of the rank kernel (default
+    ``ROUTING_BLOCK`` and ``ROUTING_WARPS``; ``benchmarks/sweep_routing.py`` passes others).
     """
     n = flat_index.numel()
     device = flat_index.device
     new = lambda *size: torch.empty(*size, dtype=torch.int32, device=device)
     sorted_to_slot, slot_to_sorted, counts = new(n), new(n), new(n_experts)
-    block = ROUTING_BLOCK
+    block = ROUTING_BLOCK if block is None else block
+    warps = ROUTING_WARPS if warps is None else warps
     while triton.cdiv(n, block) * n_experts > MAX_BLOCK_COUNTS and block < 1024:
         block *= 2
     n_blocks = triton.cdiv(n, block)
@@ -610,7 +621,7 @@ def build_routing(flat_index: torch.Tensor, n_experts: int, block_m: int, n_tile
         rank = new(n)
         launch(
             _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block,
-            num_warps=ROUTING_WARPS,
+            num_warps=warps,
         )  # fmt: skip
         block_start = torch.empty_like(block_counts)
         scan_e = 16
