@@ -400,12 +400,7 @@ def attention_bwd(
     d_pad = max(16, triton.next_power_of_2(d))
     dv_pad = max(16, triton.next_power_of_2(d_v))
     block_m, block_n, warps, stages = _blocks(max(d_pad, dv_pad), backward=True)
-    delta = torch.empty(b, h, n_q, device=q.device, dtype=torch.float32)
-    delta_block = 16 if _interpreting() else 64
-    _delta_kernel[(b * h, triton.cdiv(n_q, delta_block))](
-        out, grad, delta, n_q, d_v, *_strides(out), *_strides(grad), h,
-        BLOCK_M=delta_block, BLOCK_D=dv_pad,
-    )  # fmt: skip
+    delta = row_dot(out, grad)
     ieee = q.dtype == torch.float32
     qk_scale = scale * LOG2E
     _bwd_dkdv_kernel[(b * hk, triton.cdiv(n_k, block_n))](
