@@ -10,6 +10,8 @@ alone installed.
 - :data:`BACKENDS` (and its parts): the ``(backend, device)`` parameter sets, with the
   ``interpret`` / ``gpu`` markers that the root ``conftest.py`` turns into skips.
 - :func:`capture_cuda_graph`: a training step captured in a CUDA graph after a warm-up.
+- :func:`assert_compiled_matches_eager`: ``torch.compile(fullgraph=True)`` of a module gives the
+  eager outputs and parameter gradients.
 - :data:`TINY_MOEUT` and :data:`TINY_VOCAB`: the sizes of the tiny MoEUT LM that moeut's tests
   and the integration tests build (fast on CPU).
 """
@@ -32,6 +34,7 @@ __all__ = [
     "TOLERANCES",
     "TRITON_CUDA",
     "TRITON_INTERPRET",
+    "assert_compiled_matches_eager",
     "assert_rel_close",
     "capture_cuda_graph",
     "rel_error",
@@ -146,3 +149,21 @@ def capture_cuda_graph(step, leaves) -> tuple[torch.cuda.CUDAGraph, object]:
     with torch.cuda.graph(graph):
         out = step()
     return graph, out
+
+
+# ---------------------------------------------------------------- torch.compile --------------
+
+
+def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, loss=torch.sum) -> None:
+    """``torch.compile(model, fullgraph=True)`` (a graph break raises) gives ``model``'s eager
+    output for ``x`` (float32: 1e-5) and the same gradients of ``loss(out)`` for every parameter
+    (1e-4 relative: Inductor reorders the reductions)."""
+    eager = model(x)
+    loss(eager).backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out = torch.compile(model, fullgraph=True)(x)
+    loss(out).backward()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for p, g in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from cvmm_kernel import cvmm, cvmm_prepare_sel2
 
-from testing_support import DEVICES
+from testing_support import DEVICES, assert_compiled_matches_eager
 
 
 class TinyMoE(torch.nn.Module):
@@ -33,16 +33,7 @@ def test_compile_fullgraph_matches_eager(device):
     torch.manual_seed(0)
     model = TinyMoE().to(device)
     x = torch.randn(3, 5, 16, device=device)
-    eager = model(x)
-    eager.sum().backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True)
-    out = compiled(x)
-    out.sum().backward()
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    for p, g in zip(model.parameters(), eager_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+    assert_compiled_matches_eager(model, x)
 
 
 @pytest.mark.parametrize(
