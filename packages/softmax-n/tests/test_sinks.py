@@ -330,6 +330,67 @@ def test_interpret_bfloat16_falls_back_with_the_sink():
     assert sink.grad is not None and torch.isfinite(sink.grad).all()
 
 
+def row_kernel_inputs(device, dtype, lse_4d, seed=0):
+    """``out [2, 3, 37, 24]`` (a strided view), ``lse`` with rows at ``-inf`` (no key seen) and
+    at large magnitude, the sinks (one of them ``-inf``: no sink) and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(2, 37, 3, 24, generator=g, dtype=torch.float64)
+    out = base.to(device, dtype).transpose(1, 2)  # not contiguous
+    lse = torch.randn(2, 3, 37, generator=g, dtype=torch.float64) * 4
+    lse[0, 1, :3] = lse[1, 2, :2] = -math.inf
+    lse[1, 2, 5] = 80.0
+    lse = lse.to(device, torch.float32)
+    lse = lse.unsqueeze(-1) if lse_4d else lse
+    sink = torch.tensor([-1.0, 3.0, -math.inf], device=device)
+    grad = torch.randn(2, 3, 37, 24, generator=g, dtype=torch.float64).to(device, dtype)
+    return out, lse, sink, grad
+
+
+def row_kernel_oracle(out, lse, c, grad):
+    """float64: ``out * sigmoid(lse - c)``, ``logaddexp(lse, c)`` and the sink gradient
+    ``-sum rowsum(grad * out_n) * sigmoid(c - lse)`` per head (``c`` per head, ``[H]``)."""
+    lse4 = (lse if lse.dim() == 4 else lse.unsqueeze(-1)).double()
+    c4 = c.double().view(1, -1, 1, 1)
+    gate = torch.where(c4 == -math.inf, 1.0, torch.sigmoid(lse4 - c4))
+    out_n = out.double() * gate
+    lse_n = torch.where(c4 == -math.inf, lse4, torch.logaddexp(lse4, c4))
+    w = torch.where(c4 == -math.inf, 0.0, torch.sigmoid(c4 - lse4))
+    d_c = -((grad.double() * out_n).sum(-1, keepdim=True) * w).sum((0, 2, 3))
+    return out_n, lse_n.reshape(lse.shape), d_c
+
+
+def check_row_kernels(device, dtype, lse_4d, tol):
+    from softmax_n.triton_kernels import gate_rows, sink_grad
+
+    out, lse, sink, grad = row_kernel_inputs(device, dtype, lse_4d)
+    want_out, want_lse_n, want_d_sink = row_kernel_oracle(out, lse, sink, grad)
+    lse_n = gate_rows(out, lse, sink)  # out scaled in place
+    assert lse_n.shape == lse.shape and lse_n.dtype == torch.float32
+    assert rel_err(out, want_out) < tol
+    assert torch.equal(torch.isinf(lse_n), torch.isinf(want_lse_n))
+    finite = torch.isfinite(want_lse_n)
+    assert torch.allclose(lse_n[finite].double(), want_lse_n[finite], rtol=1e-6, atol=1e-5)
+    d_sink = sink_grad(out, grad, lse_n, sink)
+    assert d_sink.shape == (3,) and d_sink[2] == 0  # no sink: no gradient
+    assert rel_err(d_sink, want_d_sink) < tol
+    assert torch.equal(d_sink, sink_grad(out, grad, lse_n, sink))  # fixed summation order
+    # without sinks: c = log n as a number (-inf: n = 0, out and lse unchanged)
+    for log_n in (math.log(0.5), -math.inf):
+        out2 = row_kernel_inputs(device, dtype, lse_4d)[0]
+        c = torch.full((3,), log_n, device=device)
+        want_out, want_lse_n, _ = row_kernel_oracle(out2, lse, c, grad)
+        lse_n = gate_rows(out2, lse, None, log_n)
+        assert rel_err(out2, want_out) < tol
+        assert torch.allclose(lse_n[finite].double(), want_lse_n[finite], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("lse_4d", [False, True], ids=["lse-BHL", "lse-BHL1"])
+def test_interpret_gate_and_sink_gradient_row_kernels(lse_4d):
+    """float32 rows, float32 sums of 24 products: 1e-6."""
+    check_row_kernels("cpu", torch.float32, lse_4d, 1e-6)
+
+
 # ---------------------------------------------------------------- CUDA -----------------------
 
 
@@ -358,6 +419,14 @@ def test_cuda_fused_kernels(dtype, causal, backend, d, monkeypatch):
         assert used == [backend]
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-2
         check(out, direct_attention_n(q, k, v, sink=sink, causal=causal), (q, k, v, sink), tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lse_4d", [False, True], ids=["lse-BHL", "lse-BHL1"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_gate_and_sink_gradient_row_kernels(dtype, lse_4d):
+    """bfloat16 rows are rounded once after the gate: 1e-2; float32: 1e-6."""
+    check_row_kernels("cuda", dtype, lse_4d, 1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
 @pytest.mark.gpu

@@ -120,21 +120,69 @@ def _kernel_backward(name, state, grad, q, k, v, out, lse, bias, is_causal, scal
     )  # fmt: skip
 
 
+def _row_kernels(t: torch.Tensor):
+    """``softmax_n.triton_kernels`` where its row kernels run for ``t``: CUDA GPUs from Ampere
+    on, half or single precision, Triton installed; else None (the PyTorch expressions)."""
+    if not t.is_cuda or t.dtype == torch.float64:
+        return None
+    if torch.cuda.get_device_capability(t.device) < (8, 0):
+        return None
+    try:
+        from . import triton_kernels
+    except ImportError:  # no Triton
+        return None
+    return triton_kernels
+
+
 def _row_dot(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``rowsum(grad * out)`` as ``[B, H, L, 1]`` in float32 (at least): one Triton pass on CUDA
-    GPUs from Ampere on, without the float32 copies of both tensors that the PyTorch expression
-    makes (the sinks' extra cost over n=1 in benchmarks/results/softmax_n_quick.md); PyTorch
-    elsewhere."""
-    kernel_runs = grad.is_cuda and grad.dtype != torch.float64
-    if kernel_runs and torch.cuda.get_device_capability(grad.device) >= (8, 0):
-        try:
-            from .triton_kernels import row_dot
-        except ImportError:  # no Triton: the expression below
-            pass
-        else:
-            return row_dot(out, grad).unsqueeze(-1)
+    """``rowsum(grad * out)`` as ``[B, H, L, 1]`` in float32 (at least): one Triton pass where
+    :func:`_row_kernels` run, without the float32 copies of both tensors that the PyTorch
+    expression makes; PyTorch elsewhere."""
+    kernels = _row_kernels(grad)
+    if kernels is not None:
+        return kernels.row_dot(out, grad).unsqueeze(-1)
     acc = torch.promote_types(grad.dtype, torch.float32)
     return (grad.to(acc) * out.to(acc)).sum(-1, keepdim=True)
+
+
+def _rows4(t: torch.Tensor) -> torch.Tensor:
+    """A kernel's per-row ``[B, H, L]`` or ``[B, H, L, 1]`` as ``[B, H, L, 1]``."""
+    return t if t.dim() == 4 else t.unsqueeze(-1)
+
+
+def _gate(out, lse, n, sink, n_float):
+    """Scale the kernel's ``out`` in place into softmax_n's output; returns ``lse_n`` shaped
+    like ``lse``. One Triton pass where :func:`_row_kernels` run (sinks or a float ``n``)."""
+    kernels = _row_kernels(out)
+    if kernels is not None and (sink is not None or n_float is not None):
+        c = sink.reshape(-1).float().contiguous() if sink is not None else None
+        log_n = math.log(n_float) if n_float else -math.inf
+        return kernels.gate_rows(out, lse, c, log_n)
+    lse4 = _rows4(lse).to(n.dtype)
+    # gate = sigmoid(lse - log n), the difference formed once (no log-sum-exp at the logits'
+    # magnitude); lse_n = lse - log(gate)
+    if sink is not None:
+        diff = lse4 - sink  # log n = sink
+    elif n_float is not None:
+        diff = lse4 - math.log(n_float)
+    else:
+        log_n = torch.log(n)
+        diff = torch.where(log_n == -math.inf, math.inf, lse4 - log_n)  # n = 0: gate 1
+    out.mul_(torch.sigmoid(diff))  # the kernel's fresh output becomes out_n
+    lse_n4 = lse4 - torch.nn.functional.logsigmoid(diff)
+    return torch.empty_like(lse).copy_(lse_n4.reshape(lse.shape))
+
+
+def _sink_grad(grad, out, lse_n, sink):
+    """``d sink = -sum_{b, i} rowsum(grad * out) * exp(sink - lse_n)`` shaped like ``sink``
+    (``exp(sink - lse_n) = sigmoid(sink - lse) <= 1``; 0 for a sink of ``-inf``)."""
+    kernels = _row_kernels(grad)
+    if kernels is not None:
+        c = sink.reshape(-1).float().contiguous()
+        return kernels.sink_grad(out, grad, lse_n, c).view(sink.shape)
+    row = _row_dot(grad, out).to(sink.dtype)
+    w = torch.exp(sink - _rows4(lse_n).to(sink.dtype))
+    return (-row * torch.where(sink == -math.inf, 0.0, w)).sum_to_size(sink.shape)
 
 
 class _FlashAttentionN(torch.autograd.Function):
@@ -145,52 +193,37 @@ class _FlashAttentionN(torch.autograd.Function):
         ``sink``: ``None`` or the sinks as ``[1, H, 1, 1]`` in the working dtype (then ``n`` only
         carries that dtype and ``n_float`` is None)."""
         out, lse, state = _kernel_forward(name, q, k, v, bias, is_causal, scale)
-        if n_float == 0.0:
-            lse_n, lse_n4 = lse, None  # softmax: out_n = out0, lse_n = lse
-        else:
-            lse4 = (lse if lse.dim() == 4 else lse.unsqueeze(-1)).to(n.dtype)  # [B, H, L, 1]
-            # gate = sigmoid(lse - log n), the difference formed once (no log-sum-exp at the
-            # logits' magnitude); lse_n = lse - log(gate)
-            if sink is not None:
-                diff = lse4 - sink  # log n = sink
-            elif n_float is not None:
-                diff = lse4 - math.log(n_float)
-            else:
-                log_n = torch.log(n)
-                diff = torch.where(log_n == -math.inf, math.inf, lse4 - log_n)  # n = 0: gate 1
-            out.mul_(torch.sigmoid(diff))  # the kernel's fresh output becomes out_n
-            lse_n4 = lse4 - torch.nn.functional.logsigmoid(diff)
-            lse_n = torch.empty_like(lse).copy_(lse_n4.reshape(lse.shape))
+        lse_n = lse if n_float == 0.0 else _gate(out, lse, n, sink, n_float)
         if name == "cpu":  # without a mask, PyTorch's CPU kernel gives 0 for a query row with NaN
             out.masked_fill_(torch.isnan(q).any(-1, keepdim=True), math.nan)
         inv = q.new_empty(0)
-        if ctx.needs_input_grad[4]:  # d out / d sink = -out (1 - gate) = -out sigmoid(-diff)
-            inv = torch.sigmoid(-diff)
+        if ctx.needs_input_grad[4]:  # the backward's sink gradient reads lse_n and the sink
+            inv = sink.detach()
         elif ctx.needs_input_grad[3]:  # d out_n / d n = -out_n / (n + sum exp) = -out_n exp(-lse_n)
-            if lse_n4 is None:
-                lse_n4 = (lse if lse.dim() == 4 else lse.unsqueeze(-1)).to(n.dtype)
+            lse_n4 = _rows4(lse_n).to(n.dtype)
             inv = torch.where(lse_n4 == -math.inf, 0.0, torch.exp(-lse_n4))
         ctx.save_for_backward(
             q, k, v, out, lse_n, bias if bias is not None else q.new_empty(0), inv
         )
         ctx.has_bias = bias is not None
         ctx.is_causal, ctx.scale, ctx.name, ctx.state = is_causal, scale, name, state
-        ctx.n_shape = n.shape if sink is None else sink.shape
+        ctx.n_shape = n.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):
         q, k, v, out, lse_n, bias, inv = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
+        grad = grad.contiguous()
         dq, dk, dv = _kernel_backward(
-            ctx.name, ctx.state, grad.contiguous(), q, k, v, out, lse_n, bias, ctx.is_causal,
-            ctx.scale,
-        )[:3]  # fmt: skip
+            ctx.name, ctx.state, grad, q, k, v, out, lse_n, bias, ctx.is_causal, ctx.scale
+        )[:3]
         d_n = d_sink = None
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+        if ctx.needs_input_grad[4]:
+            d_sink = _sink_grad(grad, out, lse_n, inv).to(inv.dtype)
+        elif ctx.needs_input_grad[3]:
             row = _row_dot(grad, out).to(inv.dtype)
-            d_extra = (-row * inv).sum_to_size(ctx.n_shape)
-            d_n, d_sink = (None, d_extra) if ctx.needs_input_grad[4] else (d_extra, None)
+            d_n = (-row * inv).sum_to_size(ctx.n_shape)
         return dq, dk, dv, d_n, d_sink, None, None, None, None, None
 
 

@@ -35,6 +35,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# triton.cdiv and triton.next_power_of_2 are constexpr functions from Triton 3.5 on: ~3 us per
+# host call, several per launch; the launchers use these plain versions.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
     """``a @ b`` in float32; exact float32 products (no TF32) for float32 inputs."""
@@ -145,6 +155,69 @@ def _delta_kernel(
     )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + bh * L + offs_m, delta, mask=offs_m < L)
+
+
+@triton.jit
+def _gate_rows_kernel(
+    OUT, LSE, LSE_N, C, L, D, c_value,
+    sob, soh, som, sod, slb, slh, slm, H,
+    C_PER_HEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``out *= sigmoid(lse - c)`` in place and ``lse_n = logaddexp(lse, c)``, ``c`` the extra
+    logit (``C[h]`` or ``c_value``; ``-inf``: no extra logit, gate 1)."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    rows = offs_m < L
+    row_off = b * slb + h * slh + offs_m * slm
+    lse = tl.load(LSE + row_off, mask=rows, other=0.0).to(tl.float32)
+    c = tl.load(C + h).to(tl.float32) if C_PER_HEAD else c_value
+    no_extra = c == float("-inf")
+    diff = tl.where(no_extra, float("inf"), lse - c)
+    gate = tl.sigmoid(diff)
+    # logaddexp without overflow; exact where either side is -inf
+    lse_n = tl.maximum(lse, c) + tl.log(1.0 + tl.exp(-tl.abs(diff)))
+    lse_n = tl.where(no_extra, lse, lse_n)
+    tl.store(LSE_N + row_off, lse_n, mask=rows)
+    mask = rows[:, None] & (offs_d < D)[None, :]
+    ptrs = OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod
+    o = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (o * gate[:, None]).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _extra_logit_grad_kernel(
+    OUT, DO, LSE_N, C, PART, L, D,
+    sob, soh, som, sod, sdb, sdh, sdm, sdd, slb, slh, slm, H,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``PART[bh, block] = -sum_rows rowsum(out * dout) * exp(C[h] - lse_n)`` over one block of
+    rows (``exp(C[h] - lse_n) = sigmoid(C[h] - lse) <= 1``; 0 where ``C[h] = -inf``)."""
+    bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    rows = offs_m < L
+    mask = rows[:, None] & (offs_d < D)[None, :]
+    o = tl.load(
+        OUT + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        mask=mask,
+        other=0.0,
+    )
+    do = tl.load(
+        DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :] * sdd, mask=mask, other=0.0
+    )
+    row = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse_n = tl.load(LSE_N + b * slb + h * slh + offs_m * slm, mask=rows, other=0.0)
+    c = tl.load(C + h).to(tl.float32)
+    w = tl.where(rows, tl.exp(c - lse_n.to(tl.float32)), 0.0)
+    w = tl.where(c == float("-inf"), 0.0, w)
+    tl.store(PART + bh * tl.num_programs(1) + pid_m, -tl.sum(row * w, 0))
 
 
 @triton.jit
@@ -362,10 +435,10 @@ def attention_fwd(
         out.zero_()
         lse.copy_(n if sink else torch.log(n))
         return out, lse
-    d_pad = max(16, triton.next_power_of_2(d))
-    dv_pad = max(16, triton.next_power_of_2(d_v))
+    d_pad = max(16, _next_power_of_2(d))
+    dv_pad = max(16, _next_power_of_2(d_v))
     block_m, block_n, warps, stages = _blocks(max(d_pad, dv_pad), backward=False)
-    grid = (b * h, triton.cdiv(n_q, block_m))
+    grid = (b * h, _cdiv(n_q, block_m))
     _fwd_kernel[grid](
         q, k, v, n, out, lse,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -397,13 +470,13 @@ def attention_bwd(
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    d_pad = max(16, triton.next_power_of_2(d))
-    dv_pad = max(16, triton.next_power_of_2(d_v))
+    d_pad = max(16, _next_power_of_2(d))
+    dv_pad = max(16, _next_power_of_2(d_v))
     block_m, block_n, warps, stages = _blocks(max(d_pad, dv_pad), backward=True)
     delta = row_dot(out, grad)
     ieee = q.dtype == torch.float32
     qk_scale = scale * LOG2E
-    _bwd_dkdv_kernel[(b * hk, triton.cdiv(n_k, block_n))](
+    _bwd_dkdv_kernel[(b * hk, _cdiv(n_k, block_n))](
         q, k, v, grad, lse_n, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dk), *_strides(dv),
         h, hk, h // hk, n_q, n_k, d, d_v, qk_scale, scale,
@@ -411,7 +484,7 @@ def attention_bwd(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=d_pad, BLOCK_DV=dv_pad,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    _bwd_dq_kernel[(b * h, triton.cdiv(n_q, block_m))](
+    _bwd_dq_kernel[(b * h, _cdiv(n_q, block_m))](
         q, k, v, grad, lse_n, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *_strides(grad), *_strides(dq),
         h, h // hk, n_q, n_k, d, d_v, qk_scale, scale,
@@ -430,11 +503,56 @@ def row_dot(out: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     if delta.numel() == 0:
         return delta.zero_()
     block = 16 if _interpreting() else 64
-    _delta_kernel[(b * h, triton.cdiv(n_q, block))](
+    _delta_kernel[(b * h, _cdiv(n_q, block))](
         out, grad, delta, n_q, d, *_strides(out), *_strides(grad), h,
-        BLOCK_M=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=block, BLOCK_D=max(16, _next_power_of_2(d)),
     )  # fmt: skip
     return delta
 
 
-__all__ = ["attention_bwd", "attention_fwd", "row_dot"]
+def _row_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of the rows of a per-row tensor ``[B, H, L]`` or ``[B, H, L, 1]``."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def gate_rows(
+    out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor | None, log_n: float = 0.0
+) -> torch.Tensor:
+    """Turn a kernel's softmax output into softmax_n's, in one pass: ``out [B, H, L, D]`` (any
+    strides) is scaled in place by ``sigmoid(lse - c)``; returns ``lse_n = logaddexp(lse, c)``
+    float32, shaped and strided like ``lse`` (``[B, H, L]`` or ``[B, H, L, 1]``, float32). ``c``
+    is ``sink[h]`` (``[H]`` float32 sink logits) or, without sinks, ``log_n`` (``-inf``: n=0)."""
+    b, h, n_q, d = out.shape
+    lse_n = torch.empty_like(lse, dtype=torch.float32)
+    if out.numel() == 0:
+        return lse_n.copy_(lse)
+    block = 16 if _interpreting() else 64
+    c = sink if sink is not None else lse_n  # an unused pointer without sinks
+    _gate_rows_kernel[(b * h, _cdiv(n_q, block))](
+        out, lse, lse_n, c, n_q, d, float(log_n), *_strides(out), *_row_strides(lse), h,
+        C_PER_HEAD=sink is not None, BLOCK_M=block, BLOCK_D=max(16, _next_power_of_2(d)),
+    )  # fmt: skip
+    return lse_n
+
+
+def sink_grad(
+    out: torch.Tensor, grad: torch.Tensor, lse_n: torch.Tensor, sink: torch.Tensor
+) -> torch.Tensor:
+    """The sinks' gradient ``d sink [H]`` float32, ``-sum_{b, i} rowsum(out * grad) *
+    exp(sink[h] - lse_n)``, from ``out`` and ``grad [B, H, L, D]`` (any strides) and ``lse_n``
+    (``[B, H, L]`` or ``[B, H, L, 1]``) in one pass; the per-block sums are added in a fixed
+    order (deterministic)."""
+    b, h, n_q, d = out.shape
+    if out.numel() == 0:
+        return torch.zeros(h, device=out.device, dtype=torch.float32)
+    block = 16 if _interpreting() else 64
+    n_blocks = _cdiv(n_q, block)
+    part = torch.empty(b, h, n_blocks, device=out.device, dtype=torch.float32)
+    _extra_logit_grad_kernel[(b * h, n_blocks)](
+        out, grad, lse_n, sink, part, n_q, d, *_strides(out), *_strides(grad),
+        *_row_strides(lse_n), h, BLOCK_M=block, BLOCK_D=max(16, _next_power_of_2(d)),
+    )  # fmt: skip
+    return part.sum((0, 2))
+
+
+__all__ = ["attention_bwd", "attention_fwd", "gate_rows", "row_dot", "sink_grad"]
