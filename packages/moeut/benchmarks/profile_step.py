@@ -8,12 +8,16 @@ the wall time per step, the summed GPU kernel time of one profiled step and the 
 most GPU time; writes the same text to ``$OUT/profile_<profile>.txt`` if ``$OUT`` is set, else to
 ``benchmarks/results/``. Wall time well above kernel time means the step is bound by the host
 (launch overhead), not by the GPU. ``--by-shape`` also lists the ops per input shape (which
-tensors the casts, copies and gradient additions are of).
+tensors the casts, copies and gradient additions are of). ``--python`` also profiles the host's
+Python with cProfile over a few steps (the functions that cost host time, by own time).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
+import pstats
 import sys
 import time
 
@@ -30,6 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="MoEUT_244M", choices=sorted(profiles.PROFILES))
     parser.add_argument("--by-shape", action="store_true", help="also a table per input shape")
+    parser.add_argument("--python", action="store_true", help="also a cProfile host table")
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
@@ -74,9 +79,26 @@ def main() -> int:
             sort_by="self_device_time_total", row_limit=30, max_name_column_width=40
         )
         text += "\n\nBy input shape:\n" + table
+    if args.python:
+        text += "\n\nHost Python (cProfile over 5 steps, by own time):\n" + _python_profile(step)
     print(text)
     write_text(f"profile_{args.profile}.txt", text, script_file=__file__)
     return 0
+
+
+def _python_profile(step, steps: int = 5) -> str:
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("tottime").print_stats(45)
+    stats.sort_stats("cumulative").print_stats(45)
+    return stream.getvalue()
 
 
 if __name__ == "__main__":

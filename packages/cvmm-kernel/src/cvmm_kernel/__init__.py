@@ -12,6 +12,7 @@ from .moe_linear import moe_linear
 from .moe_mlp import moe_mlp
 from .ops import cvmm
 from .reference import cvmm_reference
+from .router import sigmoid_topk
 from .selection import (
     CVMMSel,
     cvmm_prepare_sel,
@@ -39,5 +40,6 @@ __all__ = [
     "moe_mlp",
     "select_k_experts_per_row",
     "select_one_expert_per_row",
+    "sigmoid_topk",
     "topk_indices",
 ]

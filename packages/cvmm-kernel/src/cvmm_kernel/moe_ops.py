@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .host_math import next_power_of_2
 from .interpreter import interpreting
 from .weight_cache import cast_weight
 
@@ -75,16 +76,26 @@ def block_m_for(backend: str) -> int:
     return 16 if backend == "triton" and interpreting() else BLOCK_M
 
 
-def _config(role: str, k: int, n: int) -> tuple[int, ...]:
-    """Launch settings of ``role`` for a GEMM of inner size ``k`` and width ``n``."""
-    import triton
+_CONFIGS: dict[tuple, tuple[int, ...]] = {}  # (role, k, n, tuned settings) -> fitted settings
 
+
+def _config(role: str, k: int, n: int) -> tuple[int, ...]:
+    """Launch settings of ``role`` for a GEMM of inner size ``k`` and width ``n`` (remembered:
+    called several times per op; keyed on the tuned entry too, which sweeps replace)."""
     if interpreting():
         if role.endswith("_rows"):
             return (16, 1, 1)
         return (16, 16, 16, 1, 1) if role.startswith("grad_w") else (16, 16, 1, 1)
-    fit = lambda block, size: min(block, max(16, triton.next_power_of_2(size)))
     cfg = GEMM_CONFIGS[role]
+    key = (role, k, n, cfg)
+    fitted = _CONFIGS.get(key)
+    if fitted is None:
+        fitted = _CONFIGS[key] = _fit_config(role, k, n, cfg)
+    return fitted
+
+
+def _fit_config(role: str, k: int, n: int, cfg: tuple[int, ...]) -> tuple[int, ...]:
+    fit = lambda block, size: min(block, max(16, next_power_of_2(size)))
     if role.endswith("_rows"):
         bn, *rest = cfg
         return (fit(bn, n), *rest)

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv, next_power_of_2
 from .interpreter import interpreting
 from .triton_kernels import _input_precision as input_precision
 
@@ -536,33 +537,29 @@ _COMPILED: dict[tuple, Any] = {}  # the compiled Triton kernels
 _FAST_LAUNCH = [True]
 
 
-def _signature(kernel, args, options) -> tuple:
-    """Flat key: per tensor its dtype and 16-byte alignment, every other argument as is, and the
-    device (of the first tensor: a launch's tensors share one). Called on every launch, so it
-    avoids per-argument tuples and device lookups (16 -> 12 us per 38-argument launch on a busy
-    CPU)."""
-    key = [id(kernel), options]
-    append = key.append
-    first = None
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            append(a.dtype)
-            append(not a.data_ptr() & 15)
-            if first is None:
-                first = a
-        else:
-            append(a)
-    append(None if first is None else first.device.index)
-    return tuple(key)
+_TENSOR = torch.Tensor
+
+
+def _signature(kernel, device_index, args, options) -> tuple:
+    """Key of a launch: per tensor its dtype and 16-byte alignment, every other argument as is,
+    and the device. Called on every launch, so one comprehension over the arguments."""
+    return (
+        id(kernel),
+        options,
+        device_index,
+        *[(a.dtype, not a.data_ptr() & 15) if isinstance(a, _TENSOR) else a for a in args],
+    )
 
 
 def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages: int = 3) -> None:
     """``kernel[grid](*args, num_warps=..., num_stages=...)`` with the argument binding cached
-    (``args``: every kernel argument, constexprs included, in the kernel's order)."""
-    if not _FAST_LAUNCH[0] or args[0].device.type != "cuda":
+    (``args``: every kernel argument, constexprs included, in the kernel's order; the first
+    one a tensor on the launch's device)."""
+    device = args[0].device
+    if not _FAST_LAUNCH[0] or device.type != "cuda":
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
         return
-    key = _signature(kernel, args, (num_warps, num_stages))
+    key = _signature(kernel, device.index, args, (num_warps, num_stages))
     compiled = _COMPILED.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
@@ -607,9 +604,9 @@ def build_routing(
     sorted_to_slot, slot_to_sorted, counts = new(n), new(n), new(n_experts)
     block = ROUTING_BLOCK if block is None else block
     warps = ROUTING_WARPS if warps is None else warps
-    while triton.cdiv(n, block) * n_experts > MAX_BLOCK_COUNTS and block < 1024:
+    while cdiv(n, block) * n_experts > MAX_BLOCK_COUNTS and block < 1024:
         block *= 2
-    n_blocks = triton.cdiv(n, block)
+    n_blocks = cdiv(n, block)
     fallback = n_blocks * n_experts > MAX_BLOCK_COUNTS
     if fallback:  # too many experts for per-block counts: a stable sort (still no sync)
         order = torch.sort(flat_index, stable=True).indices
@@ -626,7 +623,7 @@ def build_routing(
         block_start = torch.empty_like(block_counts)
         scan_e = 16
         launch(
-            _routing_scan_kernel, (triton.cdiv(n_experts, scan_e),),
+            _routing_scan_kernel, (cdiv(n_experts, scan_e),),
             block_counts, block_start, counts, n_blocks, n_experts, 256, scan_e,
         )  # fmt: skip
     offsets, tile_expert, tile_start, n_valid = (
@@ -635,10 +632,10 @@ def build_routing(
         new(n_tiles),
         new(1),
     )
-    block_e = triton.next_power_of_2(n_experts)
+    block_e = next_power_of_2(n_experts)
     block_t = max(1, min(64, 16384 // block_e))
     launch(
-        _routing_tiles_kernel, (max(1, triton.cdiv(n_tiles, block_t)),),
+        _routing_tiles_kernel, (max(1, cdiv(n_tiles, block_t)),),
         counts, offsets, tile_expert, tile_start, n_valid, n_experts, n_tiles, block_m, block_e,
         block_t,
     )  # fmt: skip
@@ -734,7 +731,7 @@ def moe_gemm(
     stages, block_k = _fit(stages, block_k, lambda st, bk: st * (bm * bk + bk * block_n) * es,
                            _shared_memory_budget(a.device), min_shrink=16)  # fmt: skip
     persistent = len(config) > 4 and config[4] and PERSISTENT_AVAILABLE
-    n_work = n_tiles * triton.cdiv(n_cols, block_n)
+    n_work = n_tiles * cdiv(n_cols, block_n)
     if n_work == 0 or a.shape[1] == 0:
         return
     programs = min(n_work, _num_sms(a.device)) if persistent else n_work
@@ -817,7 +814,7 @@ def moe_gemm_rows(
     if k > ROWS_MAX_K:
         raise ValueError(f"moe_gemm_rows takes inner sizes up to {ROWS_MAX_K}, got {k}")
     block_n, warps, stages = config
-    es, bm, bk = a.element_size(), routing.block_m, max(16, triton.next_power_of_2(k))
+    es, bm, bk = a.element_size(), routing.block_m, max(16, next_power_of_2(k))
     per_stage = lambda bn: bk * bn * es + (bm * bn * es if h is not None else 0)
     stages, block_n = _fit(stages, block_n, lambda st, bn: bm * bk * es + st * per_stage(bn),
                            _shared_memory_budget(a.device))  # fmt: skip
@@ -854,7 +851,7 @@ def moe_gemm_rows(
         dgate is not None,
         routing.block_m,
         block_n,
-        max(16, triton.next_power_of_2(k)),
+        max(16, next_power_of_2(k)),
         input_precision(a.dtype),
         stages,
         num_warps=warps,
@@ -889,7 +886,7 @@ def moe_weight_grad(
     es = a.element_size()
     stages, block_m = _fit(stages, block_m, lambda st, bm: st * (block_k * bm + bm * block_n) * es,
                            _shared_memory_budget(a.device), min_shrink=16)  # fmt: skip
-    grid = (n_experts * triton.cdiv(k, block_k) * triton.cdiv(n, block_n),)
+    grid = (n_experts * cdiv(k, block_k) * cdiv(n, block_n),)
     if grid[0] == 0:
         return
     launch(
@@ -973,8 +970,8 @@ def gated_group_sum(y: torch.Tensor, gate: torch.Tensor, k: int) -> torch.Tensor
     out = y.new_empty(n_slots // k, n)
     if out.numel() == 0:
         return out.zero_()
-    block_g, block_n = (16, 16) if interpreting() else (32, min(128, triton.next_power_of_2(n)))
-    grid = (triton.cdiv(out.shape[0], block_g), triton.cdiv(n, block_n))
+    block_g, block_n = (16, 16) if interpreting() else (32, min(128, next_power_of_2(n)))
+    grid = (cdiv(out.shape[0], block_g), cdiv(n, block_n))
     launch(_gated_group_sum_kernel, grid, y, gate, out, out.shape[0], n, k, block_g, block_n)
     return out
 
@@ -985,7 +982,7 @@ def group_dot(y: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty(n_slots, dtype=torch.float32, device=y.device)
     if n_slots == 0:
         return out
-    block_s, block_n = (16, 16) if interpreting() else (64, min(128, triton.next_power_of_2(n)))
-    launch(_group_dot_kernel, (triton.cdiv(n_slots, block_s),), y, dy, out, n_slots, n, k,
+    block_s, block_n = (16, 16) if interpreting() else (64, min(128, next_power_of_2(n)))
+    launch(_group_dot_kernel, (cdiv(n_slots, block_s),), y, dy, out, n_slots, n, k,
            block_s, block_n)  # fmt: skip
     return out

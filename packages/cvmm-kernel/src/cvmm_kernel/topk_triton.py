@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv, next_power_of_2
+
 
 @triton.jit
 def _topk_indices_kernel(
@@ -46,9 +48,9 @@ def launch_topk(rows: torch.Tensor, out: torch.Tensor) -> None:
     k = out.shape[1]
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    block_e = triton.next_power_of_2(width)
+    block_e = next_power_of_2(width)
     block_r = max(1, min(64, 4096 // block_e))
-    _topk_indices_kernel[(triton.cdiv(n_rows, block_r),)](
+    _topk_indices_kernel[(cdiv(n_rows, block_r),)](
         rows, out, n_rows, width, rows.stride(0), K=k, BLOCK_R=block_r, BLOCK_E=block_e,
         num_warps=4,
     )  # fmt: skip

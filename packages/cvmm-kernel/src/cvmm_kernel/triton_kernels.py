@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .host_math import cdiv, next_power_of_2
 from .interpreter import interpreting
 
 
@@ -167,8 +168,8 @@ def _block_sizes(k: int, n: int) -> tuple[int, int, int, int, int]:
         return 16, 16, 16, 1, 1
     if BLOCK_OVERRIDE is not None:
         return BLOCK_OVERRIDE
-    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
-    block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
+    block_n = 128 if n >= 128 else max(16, next_power_of_2(n))
+    block_k = 64 if k >= 64 else max(16, next_power_of_2(k))
     return 64, block_n, block_k, 4, 3
 
 
@@ -203,7 +204,7 @@ def gather_mm(
         return out.zero_()
     block_m, block_n, block_k, warps, stages = _block_sizes(m_k, n)
     n_experts = bounds.numel() - 1
-    grid = (triton.cdiv(p, block_m) + n_experts, triton.cdiv(n, block_n))
+    grid = (cdiv(p, block_m) + n_experts, cdiv(n, block_n))
     _gather_mm_kernel[grid](
         x,
         weight,
@@ -224,7 +225,7 @@ def gather_mm(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        BLOCK_E=triton.next_power_of_2(n_experts + 1),
+        BLOCK_E=next_power_of_2(n_experts + 1),
         INPUT_PRECISION=_input_precision(x.dtype),
         num_warps=warps,
         num_stages=stages,
@@ -252,7 +253,7 @@ def expert_weight_grad(
     block_m = 64 if block_k >= 64 and not interpreting() else 16
     if BLOCK_OVERRIDE is not None:
         block_m = BLOCK_OVERRIDE[0]
-    grid = (n_experts, triton.cdiv(k, block_k), triton.cdiv(n, block_n))
+    grid = (n_experts, cdiv(k, block_k), cdiv(n, block_n))
     _expert_weight_grad_kernel[grid](
         x,
         grad,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp, topk_indices
+from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp, sigmoid_topk
 
 if TYPE_CHECKING:
     from cvmm_kernel.moe_mlp import Activation
@@ -111,13 +111,11 @@ class SigmaMoE(torch.nn.Module):
         self._check_inputs(input, sel_input)
         logits = selection_logits(input if sel_input is None else sel_input, self.expert_sel)
         self.last_selection_logits = logits if self.record_selection_logits else None
-        scores = torch.sigmoid(logits)
-        ranked = scores
+        hidden = None
         if self.training and self.expert_dropout > 0:
-            hidden = torch.rand_like(scores) < self.expert_dropout
-            ranked = scores.masked_fill(hidden, float("-inf"))
-        index = topk_indices(ranked.detach(), self.n_heads)
-        gate = scores.gather(-1, index)
+            hidden = torch.rand_like(logits) < self.expert_dropout
+        # the k largest logits (hidden experts last) and their sigmoid: one kernel on CUDA
+        index, gate = sigmoid_topk(logits, self.n_heads, drop=hidden)
         fused = FUSED_ACTIVATIONS.get(self.activation)
         if fused is not None:  # one fused op: routing once, activation and gates in the kernels
             return moe_mlp(

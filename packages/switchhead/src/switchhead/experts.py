@@ -21,21 +21,17 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
-from cvmm_kernel import moe_linear, topk_indices
+from cvmm_kernel import moe_linear, sigmoid_topk
 
 if TYPE_CHECKING:
     from .attention import SwitchHeadCore
 
 
-def _ranked_scores(core: SwitchHeadCore, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmoid scores of ``logits [..., E]`` and the scores to rank by (dropped experts at
-    ``-inf`` under expert dropout in training; no gradient)."""
-    scores = logits.sigmoid()
-    ranked = scores.detach()
+def _dropped(core: SwitchHeadCore, logits: torch.Tensor) -> torch.Tensor | None:
+    """The experts hidden from the choice under expert dropout in training (else None)."""
     if core.expert_dropout > 0 and core.training:
-        drop = torch.rand_like(scores) < core.expert_dropout
-        ranked = ranked.masked_fill(drop, float("-inf"))
-    return scores, ranked
+        return torch.rand_like(logits) < core.expert_dropout
+    return None
 
 
 def _all_chosen(core: SwitchHeadCore) -> bool:
@@ -45,12 +41,18 @@ def _all_chosen(core: SwitchHeadCore) -> bool:
 def dense_gates(core: SwitchHeadCore, logits: torch.Tensor) -> torch.Tensor:
     """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0.
 
-    With the few experts of the dense path, ranking by pairwise comparison is a handful of small
-    elementwise kernels, much cheaper on the GPU than ``topk`` plus a scatter.
+    The choice is :func:`chosen_experts`': the ``moe_k`` largest logits (dropped experts last,
+    the lower index among equals). With the few experts of the dense path, ranking by pairwise
+    comparison is a handful of small elementwise kernels, much cheaper on the GPU than ``topk``
+    plus a scatter.
     """
+    scores = logits.sigmoid()
     if _all_chosen(core):
-        return logits.sigmoid()
-    scores, ranked = _ranked_scores(core, logits)
+        return scores
+    ranked = logits.detach()
+    drop = _dropped(core, logits)
+    if drop is not None:
+        ranked = ranked.masked_fill(drop, float("-inf"))
     e = core.n_experts
     earlier = torch.ones(e, e, dtype=torch.bool, device=scores.device).tril(-1)
     a, b = ranked.unsqueeze(-1), ranked.unsqueeze(-2)  # a: expert i, b: expert j
@@ -63,13 +65,12 @@ def chosen_experts(core: SwitchHeadCore, logits: torch.Tensor) -> tuple[torch.Te
     every head as rows of ``v``/``o`` (``head * E + expert``) and their sigmoid scores."""
     if _all_chosen(core):
         scores = logits.sigmoid()
-        index = torch.arange(core.n_experts, device=logits.device).expand_as(scores)
-    else:
-        scores, ranked = _ranked_scores(core, logits)
-        index = topk_indices(ranked, core.moe_k)  # ties to the lower index, as dense_gates
-    gate = torch.gather(scores, -1, index)
-    offsets = torch.arange(core.n_heads, device=index.device) * core.n_experts
-    return index + offsets.unsqueeze(-1), gate
+        e = core.n_experts
+        index = torch.arange(e, device=logits.device).expand_as(scores)
+        offsets = torch.arange(0, core.n_heads * e, e, device=index.device)  # head h: h * E
+        return index + offsets.unsqueeze(-1), scores
+    # one kernel each way on CUDA; ties to the lower index, as dense_gates
+    return sigmoid_topk(logits, core.moe_k, drop=_dropped(core, logits), global_index=True)
 
 
 class ExpertPath:
