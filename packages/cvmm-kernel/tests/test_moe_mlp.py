@@ -148,26 +148,27 @@ def test_empty(backend, device, shape):
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
-def test_routing_is_a_stable_sort(backend, device):
+@pytest.mark.parametrize("n_experts", [13, 1023, 1500])  # counts by histogram, or by stores
+def test_routing_is_a_stable_sort(backend, device, n_experts):
     g = torch.Generator().manual_seed(8)
-    index = torch.randint(0, 13, (300,), generator=g).to(device)
+    index = torch.randint(0, n_experts, (300,), generator=g).to(device)
     s2s, slot_to_sorted, offsets, tile_expert, tile_start, n_valid = moe_routing(
-        index, 13, 16, backend
+        index, n_experts, 16, backend
     )
     order = torch.sort(index.cpu(), stable=True).indices
     assert torch.equal(s2s.cpu().long(), order)
     assert torch.equal(slot_to_sorted.cpu().long()[order], torch.arange(300))
-    counts = torch.bincount(index.cpu(), minlength=13)
+    counts = torch.bincount(index.cpu(), minlength=n_experts)
     assert torch.equal(torch.diff(offsets.cpu()).long(), counts)
     # every position in exactly one tile, tiles never straddle experts
     covered = torch.zeros(300, dtype=torch.long)
     for e, start in zip(tile_expert.cpu().tolist(), tile_start.cpu().tolist()):
-        if e < 13:
+        if e < n_experts:
             end = min(start + 16, int(offsets[e + 1]))
             assert int(offsets[e]) <= start < end
             covered[start:end] += 1
     assert torch.all(covered == 1)
-    used = (tile_expert < 13).cpu()
+    used = (tile_expert < n_experts).cpu()
     assert int(n_valid) == int(used.sum()) and bool(used[: int(n_valid)].all())
 
 

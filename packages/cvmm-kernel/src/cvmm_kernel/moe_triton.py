@@ -69,7 +69,14 @@ def _activation_grad(u, ACT: tl.constexpr):
 
 
 @triton.jit
-def _routing_rank_kernel(expert_ptr, rank_ptr, block_counts_ptr, N, E, BLOCK: tl.constexpr):
+def _routing_rank_kernel(
+    expert_ptr, rank_ptr, block_counts_ptr, N, E, BLOCK: tl.constexpr, BINS: tl.constexpr
+):  # fmt: skip
+    """Per block of slots: each slot's rank among the block's slots of its expert, and the
+    block's per-expert counts. ``BINS > E`` (a power of two): the whole row of counts from a
+    histogram whose spare last bin takes the padding slots (no memset before); ``BINS = 0``
+    (many experts): the last slot of each expert in the block stores its count into a row
+    zeroed before."""
     block = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     offs = block * BLOCK + i
@@ -77,10 +84,15 @@ def _routing_rank_kernel(expert_ptr, rank_ptr, block_counts_ptr, N, E, BLOCK: tl
     e = tl.load(expert_ptr + offs, mask=mask, other=-1).to(tl.int32)
     same = e[:, None] == e[None, :]
     rank = tl.sum((same & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
-    later = tl.sum((same & (i[None, :] > i[:, None])).to(tl.int32), axis=1)
     tl.store(rank_ptr + offs, rank, mask=mask)
-    # The last slot of each expert in the block writes the block's count: plain stores.
-    tl.store(block_counts_ptr + block.to(tl.int64) * E + e, rank + 1, mask=mask & (later == 0))
+    row = block_counts_ptr + block.to(tl.int64) * E
+    if BINS > 0:
+        counts = tl.histogram(tl.where(mask, e, BINS - 1), BINS)
+        bins = tl.arange(0, BINS)
+        tl.store(row + bins, counts, mask=bins < E)
+    else:
+        later = tl.sum((same & (i[None, :] > i[:, None])).to(tl.int32), axis=1)
+        tl.store(row + e, rank + 1, mask=mask & (later == 0))
 
 
 @triton.jit
@@ -532,7 +544,7 @@ def _moe_weight_grad_kernel(
 # call of a signature goes through ``kernel[grid]`` (compiling if needed) and returns its
 # compiled kernel, which later calls reuse.
 
-_COMPILED: dict[tuple, Any] = {}  # the compiled Triton kernels
+_COMPILED: dict[tuple, tuple[Any, tuple | None]] = {}  # compiled kernels, their launchers
 # Set _FAST_LAUNCH[0] = False to launch through kernel[grid] every time (for debugging).
 _FAST_LAUNCH = [True]
 
@@ -551,25 +563,68 @@ def _signature(kernel, device_index, args, options) -> tuple:
     )
 
 
+def _launch_hooks():
+    """Where this Triton keeps its launch hooks (``knobs.runtime`` from 3.4 on, the compiled
+    kernel class before)."""
+    try:
+        from triton import knobs
+
+        return knobs.runtime
+    except ImportError:
+        from triton.compiler.compiler import CompiledKernel
+
+        return CompiledKernel
+
+
+_HOOKS = _launch_hooks()
+
+
+def _hooked() -> bool:
+    """A launch hook is set (e.g. a Triton profiler): launch through Triton's own runner."""
+    for hook in (_HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):  # an empty hook chain: none
+            return True
+    return False
+
+
+def _direct(compiled) -> tuple | None:
+    """``(run, function, packed_metadata)`` of a compiled kernel whose handles are loaded: what
+    Triton's runner passes to the launcher (``run(gx, gy, gz, stream, function, packed
+    metadata, launch metadata, enter hook, exit hook, *args)`` in Triton 3.1-3.6), or None."""
+    parts = tuple(getattr(compiled, name, None) for name in ("run", "function", "packed_metadata"))
+    return parts if None not in parts else None
+
+
 def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages: int = 3) -> None:
     """``kernel[grid](*args, num_warps=..., num_stages=...)`` with the argument binding cached
     (``args``: every kernel argument, constexprs included, in the kernel's order; the first
-    one a tensor on the launch's device)."""
+    one a tensor on the launch's device).
+
+    Later launches of a signature call the compiled kernel's launcher directly on the current
+    stream, skipping the Python of Triton's runner (device and stream lookups, launch metadata,
+    empty hook chains: about a third of a launch's host time); with a launch hook set they go
+    through the runner."""
     device = args[0].device
     if not _FAST_LAUNCH[0] or device.type != "cuda":
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
         return
     key = _signature(kernel, device.index, args, (num_warps, num_stages))
-    compiled = _COMPILED.get(key)
-    if compiled is None:
+    entry = _COMPILED.get(key)
+    if entry is None:
         compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
         if len(_COMPILED) > 4096:
             _COMPILED.clear()
         if compiled is not None and hasattr(compiled, "__getitem__"):
-            _COMPILED[key] = compiled
+            _COMPILED[key] = (compiled, _direct(compiled))
         return
-    grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-    compiled[grid3](*args)
+    compiled, direct = entry
+    g0, g1, g2 = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+    if direct is None or _hooked():
+        compiled[(g0, g1, g2)](*args)
+        return
+    run, function, packed = direct
+    stream = torch._C._cuda_getCurrentRawStream(device.index)
+    run(g0, g1, g2, stream, function, packed, None, None, None, *args)
 
 
 # Slots per program of the routing kernels; the per-block counts are [cdiv(N, B), E] int32.
@@ -578,6 +633,9 @@ ROUTING_BLOCK = 128
 # of MoEUT-244M's 131072 slots over 387 experts from 57 to 37 us on an H100, the same elsewhere
 # (benchmarks/results/sweep_routing.json).
 ROUTING_WARPS = 1
+# Up to this many experts (+1, as a power of two) the rank kernel writes whole rows of counts
+# from a histogram (no memset launch before it); more experts: the counts of the experts present.
+HISTOGRAM_MAX_BINS = 1024
 # Above this many per-block counts the routing falls back to a stable sort (still no sync).
 MAX_BLOCK_COUNTS = 1 << 24
 
@@ -614,11 +672,14 @@ def build_routing(
         slot_to_sorted.scatter_(0, order, torch.arange(n, dtype=torch.int32, device=device))
         counts.copy_(torch.bincount(flat_index, minlength=n_experts))
     else:
-        block_counts = torch.zeros(n_blocks, n_experts, dtype=torch.int32, device=device)
+        bins = next_power_of_2(n_experts + 1)
+        bins = bins if bins <= HISTOGRAM_MAX_BINS else 0
+        alloc = torch.empty if bins else torch.zeros
+        block_counts = alloc(n_blocks, n_experts, dtype=torch.int32, device=device)
         rank = new(n)
         launch(
             _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block,
-            num_warps=warps,
+            bins, num_warps=warps,
         )  # fmt: skip
         block_start = torch.empty_like(block_counts)
         scan_e = 16

@@ -26,6 +26,19 @@ EXPERT_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.
 ROW_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+_CAPABILITIES: dict[tuple, tuple[int, ...]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, ...]:
+    """The device's compute capability, looked up once per device (every op checks it); keyed on
+    the lookup function too, so a replaced one (tests simulate other GPUs) is asked again."""
+    lookup = torch.cuda.get_device_capability
+    key = (device.index, lookup)
+    if key not in _CAPABILITIES:
+        _CAPABILITIES[key] = tuple(lookup(device))
+    return _CAPABILITIES[key]
+
+
 def check_backend_dtype(dtype: torch.dtype, device: torch.device, backend: str | None) -> None:
     """Raise ``TypeError`` when ``backend`` cannot multiply ``dtype`` on ``device``.
 
@@ -51,8 +64,8 @@ def check_backend_dtype(dtype: torch.dtype, device: torch.device, backend: str |
             "the Triton interpreter (TRITON_INTERPRET=1) cannot run bfloat16 kernels (NumPy has "
             "no bfloat16); use float32/float16 or backend='reference'"
         )
-    capability = torch.cuda.get_device_capability(device)
-    if tuple(capability) < (8, 0):
+    capability = _capability(device)
+    if capability < (8, 0):
         raise TypeError(
             f"bfloat16 Triton kernels need an Ampere or newer GPU (compute capability >= 8.0), "
             f"{device} has {capability[0]}.{capability[1]}; use float16 or backend='reference'"
