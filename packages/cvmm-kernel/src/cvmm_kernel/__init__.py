@@ -20,6 +20,7 @@ from .selection import (
     select_k_experts_per_row,
     select_one_expert_per_row,
 )
+from .shared_grads import accumulate_weight_grads
 from .topk import topk_indices
 from .weight_cache import clear_weight_cache
 
@@ -31,6 +32,7 @@ except PackageNotFoundError:  # running from a source tree without installation
 __all__ = [
     "CVMMSel",
     "__version__",
+    "accumulate_weight_grads",
     "clear_weight_cache",
     "cvmm",
     "cvmm_prepare_sel",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .moe_ops import Routing, _config, _per_expert, _per_expert_outer, routing_impl
+from .shared_grads import grad_buffer, settle
 from .weight_cache import cast_weight
 
 
@@ -44,7 +45,7 @@ def _reference_forward(x, gate, w, r: Routing, a_div, out_div):
     return _sum_groups(per_slot, out_div)
 
 
-def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div):
+def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div, shared=None):
     s2s = r.sorted_to_slot.long()
     rows, dy_rows = x[s2s // a_div], dy[s2s // out_div]
     z = _per_expert(dy_rows, w.to(x.dtype).transpose(1, 2), r.offsets)
@@ -54,7 +55,7 @@ def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div):
     g = gate[s2s].to(x.dtype)[:, None]
     dx = _sum_groups(torch.empty_like(z).index_copy_(0, s2s, z * g), a_div)
     dw = _per_expert_outer(rows * g, dy_rows, r.offsets, torch.empty_like(w))
-    return dx, dgate, dw
+    return dx, dgate, settle(shared, dw, False)
 
 
 # ----- the Triton path -----
@@ -117,7 +118,7 @@ def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic):
 
 
 def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministic,
-                     need=(True, True, True)):  # fmt: skip
+                     need=(True, True, True), shared=None):  # fmt: skip
     """``(dx, dgate, dW)``, each ``None`` where ``need`` (for ``x``, ``gate``, ``w``) says no
     gradient is wanted (a frozen weight, an input that needs none): no kernel runs for it."""
     from . import moe_triton as kt
@@ -140,7 +141,7 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
         dgate = dgate.to(gate.dtype)
     if not need_w:
         return dx if need_x else None, dgate, None
-    dw = torch.empty_like(w)
+    dw, accumulate = grad_buffer(shared, w)
     kt.moe_weight_grad(
         x,
         dy,
@@ -151,9 +152,10 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
         b_gather=True,
         gate=gate,
         b_div=out_div,
+        accumulate=accumulate,
         config=_config("grad_w_linear", d_in, dy.shape[1]),
     )
-    return dx if need_x else None, dgate, dw
+    return dx if need_x else None, dgate, settle(shared, dw, True)
 
 
 def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend):
@@ -164,11 +166,12 @@ def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend):
 
 
 def _gradients(grad_out, x, gate, w, y, r: Routing, a_div, out_div, deterministic, backend,
-               need=(True, True, True)):  # fmt: skip
+               need=(True, True, True), shared=None):  # fmt: skip
+    """``(dx, dgate, dW)``; ``dW`` is None where ``shared`` (a SharedGrad) sums it instead."""
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
-        return _triton_backward(dy, x, gate, w, y, r, a_div, out_div, deterministic, need)
-    return _reference_backward(dy, x, gate, w, r, a_div, out_div)
+        return _triton_backward(dy, x, gate, w, y, r, a_div, out_div, deterministic, need, shared)
+    return _reference_backward(dy, x, gate, w, r, a_div, out_div, shared)
 
 
 # ----- the custom ops -----
@@ -256,12 +259,14 @@ class MoELinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate, w, index, n_experts, a_div, out_div, block_m, deterministic,
-                backend):  # fmt: skip
+                backend, shared=None):  # fmt: skip
+        """``shared``: a SharedGrad that sums the weight's gradient over its uses, or None."""
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
         out, y = _forward(x, gate, w, r, a_div, out_div, deterministic, backend)
         ctx.save_for_backward(x, gate, w, y, *routing)
         ctx.settings = (a_div, out_div, block_m, deterministic, backend)
+        ctx.shared = shared
         return out
 
     @staticmethod
@@ -271,5 +276,5 @@ class MoELinearFunction(torch.autograd.Function):
         r = Routing(*routing, block_m)
         need = ctx.needs_input_grad
         grads = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend,
-                           need[:3])  # fmt: skip
-        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 7)
+                           need[:3], ctx.shared)  # fmt: skip
+        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 8)

@@ -13,6 +13,7 @@ from .moe_inputs import (
 )
 from .moe_ops import block_m_for, moe_routing
 from .ops import Backend
+from .shared_grads import shared_use
 
 
 def _divisors(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, reduce_groups: bool):
@@ -116,7 +117,8 @@ def moe_linear(
             routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)
             out = moe_linear_forward(x2, flat_gate, weight, *routing, *settings)[0]
         else:  # the same implementations with less host time per call
+            weight, shared = shared_use(weight)
             out = MoELinearFunction.apply(
-                x2, flat_gate, weight, flat_index, weight.shape[0], *settings
+                x2, flat_gate, weight, flat_index, weight.shape[0], *settings, shared
             )
     return out.view(out_shape)

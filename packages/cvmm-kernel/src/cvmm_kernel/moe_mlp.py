@@ -14,6 +14,7 @@ from .moe_inputs import (
 )
 from .moe_ops import ACTIVATION_NAMES, MoEMLPFunction, block_m_for, moe_mlp_forward, moe_routing
 from .ops import Backend
+from .shared_grads import shared_use
 
 Activation = Literal["identity", "relu", "gelu", "silu"]
 
@@ -114,7 +115,9 @@ def moe_mlp(
             routing = moe_routing(flat_index, n_experts, block_m, chosen)
             out = moe_mlp_forward(x2, flat_gate, w_up, w_down, *routing, *settings)[0]
         else:  # the same implementations with less host time per call
+            (w_up, up_shared), (w_down, down_shared) = shared_use(w_up), shared_use(w_down)
             out = MoEMLPFunction.apply(
-                x2, flat_gate, w_up, w_down, flat_index, n_experts, *settings
-            )
+                x2, flat_gate, w_up, w_down, flat_index, n_experts, *settings,
+                (up_shared, down_shared),
+            )  # fmt: skip
     return out.view(*lead, w_down.shape[2])

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from .host_math import next_power_of_2
 from .interpreter import interpreting
+from .shared_grads import grad_buffer, settle
 from .weight_cache import cast_weight
 
 ACTIVATION_NAMES = ("identity", "relu", "gelu", "silu")
@@ -220,7 +221,8 @@ def _reference_forward(x, gate, w_up, w_down, r: Routing, top_k, activation):
     return _sum_slots(y, r.sorted_to_slot, top_k, x.shape[0]), h, u
 
 
-def _reference_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation):
+def _reference_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation,
+                        shared=(None, None)):  # fmt: skip
     s2s = r.sorted_to_slot.long()
     token = s2s // top_k
     g = gate[s2s].to(x.dtype).unsqueeze(-1)
@@ -238,7 +240,7 @@ def _reference_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, acti
     )
     dw_down = _per_expert_outer(h * g, dy[token], r.offsets, torch.empty_like(w_down))
     dw_up = _per_expert_outer(x[token], du, r.offsets, torch.empty_like(w_up))
-    return dx, dgate, dw_up, dw_down
+    return dx, dgate, settle(shared[0], dw_up, False), settle(shared[1], dw_down, False)
 
 
 # ----- the Triton path -----
@@ -306,7 +308,8 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[index]
 
 
-def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation, deterministic):
+def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation, deterministic,
+                     shared=(None, None)):  # fmt: skip
     from . import moe_triton as kt
 
     wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
@@ -344,7 +347,7 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         side.wait_stream(main)
     with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
         dx = _token_sums(du, wu.transpose(1, 2), r, top_k, tokens, "grad_input", deterministic)
-    dw_down = torch.empty_like(w_down)
+    dw_down, add_down = grad_buffer(shared[1], w_down)
     kt.moe_weight_grad(
         h,
         dy,
@@ -354,9 +357,10 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         a_gather=False,
         b_gather=True,
         gate=gate,
+        accumulate=add_down,
         config=_config("grad_w_down", hid, d_out),
     )
-    dw_up = torch.empty_like(w_up)
+    dw_up, add_up = grad_buffer(shared[0], w_up)
     kt.moe_weight_grad(
         x,
         du,
@@ -365,12 +369,13 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         top_k,
         a_gather=True,
         b_gather=False,
+        accumulate=add_up,
         config=_config("grad_w_up", d_in, hid),
     )
     if overlap:
         main.wait_stream(side)
         dx.record_stream(main)  # made on the side stream, used on the main one from here
-    return dx, dgate, dw_up, dw_down
+    return dx, dgate, settle(shared[0], dw_up, True), settle(shared[1], dw_down, True)
 
 
 # ----- dispatch to a backend (shared by the custom ops and the eager Function) -----
@@ -383,13 +388,15 @@ def _forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic
 
 
 def _gradients(grad_out, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation,
-               deterministic, backend):  # fmt: skip
+               deterministic, backend, shared=(None, None)):  # fmt: skip
+    """``(dx, dgate, dw_up, dw_down)``; a weight's gradient is None where ``shared`` (one
+    :class:`~cvmm_kernel.shared_grads.SharedGrad` or None per weight) sums it instead."""
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
         return _triton_backward(
-            dy, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic
+            dy, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic, shared
         )
-    return _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation)
+    return _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation, shared)
 
 
 # ----- the custom ops -----
@@ -496,12 +503,14 @@ moe_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
 class MoEMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, w_up, w_down, index, n_experts, top_k, block_m, activation,
-                deterministic, backend):  # fmt: skip
+                deterministic, backend, shared=(None, None)):  # fmt: skip
+        """``shared``: per weight a SharedGrad that sums its gradient over uses, or None."""
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
         out, h, u = _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend)
         ctx.save_for_backward(x, gate, w_up, w_down, h, u, *routing)
         ctx.settings = (top_k, block_m, activation, deterministic, backend)
+        ctx.shared = shared
         return out
 
     @staticmethod
@@ -509,8 +518,7 @@ class MoEMLPFunction(torch.autograd.Function):
         x, gate, w_up, w_down, h, u, *routing = ctx.saved_tensors
         top_k, block_m, activation, deterministic, backend = ctx.settings
         r = Routing(*routing, block_m)
-        grads = _gradients(
-            grad_out, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic, backend
-        )
+        grads = _gradients(grad_out, x, gate, w_up, w_down, h, u, r, top_k, activation,
+                           deterministic, backend, ctx.shared)  # fmt: skip
         need = ctx.needs_input_grad
-        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 7)
+        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 8)

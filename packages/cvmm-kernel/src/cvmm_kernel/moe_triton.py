@@ -477,11 +477,14 @@ def _moe_weight_grad_kernel(
     A_GATHER: tl.constexpr,
     B_GATHER: tl.constexpr,
     A_GATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
+    """``dw[e] (+)= sum_{p in e} a[row_a(p)]^T b[row_b(p)]``, one ``BLOCK_K x BLOCK_N`` tile of
+    one expert per program; ``ACCUMULATE`` adds to ``dw`` (in fp32) instead of overwriting."""
     pid = tl.program_id(0)
     k_blocks = tl.cdiv(K, BLOCK_K)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -523,14 +526,16 @@ def _moe_weight_grad_kernel(
             other=0.0,
         )
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    tl.store(
+    dw_ptrs = (
         dw_ptr
         + expert.to(tl.int64) * stride_de
         + offs_k[:, None] * stride_dk
-        + offs_n[None, :] * stride_dn,
-        acc.to(dw_ptr.dtype.element_ty),
-        mask=mask_k[:, None] & mask_n[None, :],
+        + offs_n[None, :] * stride_dn
     )
+    mask_dw = mask_k[:, None] & mask_n[None, :]
+    if ACCUMULATE:
+        acc += tl.load(dw_ptrs, mask=mask_dw, other=0.0).to(tl.float32)
+    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_dw)
 
 
 # ----- launching -----
@@ -931,13 +936,15 @@ def moe_weight_grad(
     b_gather: bool,
     gate: torch.Tensor | None = None,
     b_div: int | None = None,
+    accumulate: bool = False,
     config: tuple[int, ...] = (64, 128, 128, 8, 3),
 ) -> None:
     """Launch ``_moe_weight_grad_kernel``: ``dw[e] = sum_{p in e} a[row_a(p)]^T b[row_b(p)]``
-    (``a``'s rows scaled by the slot's gate when ``gate`` is given).
+    (``a``'s rows scaled by the slot's gate when ``gate`` is given; ``accumulate``: ``+=``).
 
     Args:
-        a: ``[rows, K]``, b: ``[rows, N]``, dw: ``[E, K, N]`` written whole.
+        a: ``[rows, K]``, b: ``[rows, N]``, dw: ``[E, K, N]`` written whole (every expert's
+            block, 0 or unchanged for an expert without rows).
         top_k, b_div: slots per row of ``a`` and of ``b`` where gathered (``b_div`` defaults to
             ``top_k``).
         config: ``(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages)``.
@@ -973,6 +980,7 @@ def moe_weight_grad(
         a_gather,
         b_gather,
         gate is not None,
+        accumulate,
         block_m,
         block_n,
         block_k,

@@ -40,9 +40,9 @@ def _sigmoid_topk_kernel(
         best = tl.max(tl.where(taken, float("-inf"), key), axis=1)
         hit = (key == best[:, None]) & ~taken
         index = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
-        chosen = cols[None, :] == index[:, None]
-        taken = taken | chosen
-        logit = tl.sum(tl.where(chosen, x, 0.0), axis=1)
+        taken = taken | (cols[None, :] == index[:, None])
+        # the chosen logit itself (NaN stays NaN): one cached load per row, not a reduction
+        logit = tl.load(logits_ptr + offs + index, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(index_ptr + out + j, index.to(tl.int64) + base, mask=row_ok)
         gate = tl.sigmoid(logit)
         tl.store(gate_ptr + out + j, gate.to(gate_ptr.dtype.element_ty), mask=row_ok)

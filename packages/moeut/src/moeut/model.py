@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.utils.checkpoint
+from cvmm_kernel import accumulate_weight_grads
 from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope, check_mask
 
 from .regularization import entropy_reg
@@ -190,6 +191,16 @@ class MoEUT(torch.nn.Module):
         n_heads = self.layers[0].attention.n_heads
         check_mask(mask, batch, n_new, offset + n_new, device, n_heads)
 
+    def _expert_weights(self) -> list[torch.Tensor]:
+        """The expert matrices of the shared layers (sigma-MoE's keys and values, SwitchHead's
+        value and output experts), whose gradients the MoE kernels sum over the repeats."""
+        weights: list[torch.Tensor] = []
+        for layer in self.layers:
+            weights += [layer.ffn.keys, layer.ffn.values]
+            if layer.attention.n_experts > 1:
+                weights += [layer.attention.v, layer.attention.o]
+        return weights
+
     def forward(
         self,
         x: torch.Tensor,
@@ -222,25 +233,28 @@ class MoEUT(torch.nn.Module):
         ff_logits: list[list[torch.Tensor]] = [[] for _ in self.layers]
         att_logits: list[list[dict[str, torch.Tensor]]] = [[] for _ in self.layers]
         new_cache: dict[int, KVCache] = {}
-        for r in range(self.n_repeats):
-            for i, layer in enumerate(self.layers):
-                index = r * len(self.layers) + i
-                cache = kv_cache.get(index, {}) if kv_cache is not None else None
-                if checkpointing:
-                    x, new_cache[index] = torch.utils.checkpoint.checkpoint(
-                        layer,
-                        x,
-                        mask,
-                        kv_cache=cache,
-                        use_reentrant=False,
-                        context_fn=functools.partial(_recomputation_contexts, layer),
-                    )
-                else:
-                    x, new_cache[index] = layer(x, mask, kv_cache=cache)
-                if layer.ffn.last_selection_logits is not None:
-                    ff_logits[i].append(layer.ffn.last_selection_logits)
-                if layer.attention.last_selection_logits is not None:
-                    att_logits[i].append(layer.attention.last_selection_logits)
+        # the shared layers' expert weights: each use's gradient added in the kernels
+        shared = self._expert_weights() if self.n_repeats > 1 and not checkpointing else []
+        with accumulate_weight_grads(shared):
+            for r in range(self.n_repeats):
+                for i, layer in enumerate(self.layers):
+                    index = r * len(self.layers) + i
+                    cache = kv_cache.get(index, {}) if kv_cache is not None else None
+                    if checkpointing:
+                        x, new_cache[index] = torch.utils.checkpoint.checkpoint(
+                            layer,
+                            x,
+                            mask,
+                            kv_cache=cache,
+                            use_reentrant=False,
+                            context_fn=functools.partial(_recomputation_contexts, layer),
+                        )
+                    else:
+                        x, new_cache[index] = layer(x, mask, kv_cache=cache)
+                    if layer.ffn.last_selection_logits is not None:
+                        ff_logits[i].append(layer.ffn.last_selection_logits)
+                    if layer.attention.last_selection_logits is not None:
+                        att_logits[i].append(layer.attention.last_selection_logits)
         reg_loss = torch.zeros((), device=x.device, dtype=torch.float32)
         for ff, att, layer in zip(ff_logits, att_logits, self.layers):
             if ff:  # [B, T * repeats, E], averaged over tokens and repeats

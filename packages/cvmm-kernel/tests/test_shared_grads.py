@@ -1,0 +1,81 @@
+"""accumulate_weight_grads: a weight used several times in one forward gets the same gradient
+when the MoE kernels sum its uses (the first use writes, the others add in the weight-gradient
+kernel) as when autograd sums them; partial and repeated backward passes included."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cvmm_kernel import accumulate_weight_grads, moe_linear, moe_mlp, sigmoid_topk
+
+from testing_support import BACKENDS, rel_error
+
+
+def make(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = lambda *shape: torch.randn(*shape, generator=g).to(device)
+    weights = {
+        "up": t(6, 16, 8) / 4,
+        "down": t(6, 8, 16) / 3,
+        "v": t(2 * 3, 16, 8) / 4,  # 2 heads x 3 experts
+        "o": t(2 * 3, 8, 16) / 3,
+    }
+    return t(2, 5, 16), {k: w.requires_grad_() for k, w in weights.items()}
+
+
+def forward(x, w, backend, repeats=3):
+    """A shared layer applied ``repeats`` times: SwitchHead-like value/output experts, then a
+    sigma-MoE feedforward, each with its own top-k choice (float32)."""
+    h = x
+    for _ in range(repeats):
+        att_logits = h[..., :6].unflatten(-1, (2, 3))
+        index, gate = sigmoid_topk(att_logits, 2, global_index=True, backend=backend)
+        v = moe_linear(h, index, gate, w["v"], backend=backend)  # [B, T, 2, 8]
+        h = h + moe_linear(v, index, gate, w["o"], reduce_groups=True, backend=backend)
+        ff_index, ff_gate = sigmoid_topk(h[..., 6:12], 2, backend=backend)
+        h = h + moe_mlp(h, ff_index, ff_gate, w["up"], w["down"], backend=backend)
+    return h + w["up"].mean()  # a direct use too: autograd adds it to the kernels' sum
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_same_gradients_as_autograd_sums(backend, device, monkeypatch):
+    import cvmm_kernel.shared_grads as shared_grads
+
+    sums = []  # each use's gradient reaching a shared sum: in the kernel (target) or added
+    for name in ("target", "add"):
+        method = getattr(shared_grads.SharedGrad, name)
+        spy = lambda self, t, method=method, name=name: sums.append(name) or method(self, t)
+        monkeypatch.setattr(shared_grads.SharedGrad, name, spy)
+    x, w = make(device)
+    forward(x, w, backend).square().sum().backward()
+    want = {k: v.grad.clone() for k, v in w.items()}
+    for v in w.values():
+        v.grad = None
+    with accumulate_weight_grads(w.values()):
+        out = forward(x, w, backend)
+    out.square().sum().backward()
+    assert len(sums) == 4 * 3  # every use of the four weights, none through autograd's sum
+    for k, v in w.items():
+        assert v.grad is not None and rel_error(v.grad, want[k]) < 1e-5, k
+    # a second backward pass through a retained graph starts a new sum
+    for v in w.values():
+        v.grad = None
+    with accumulate_weight_grads(w.values()):
+        out = forward(x, w, backend)
+    out.square().sum().backward(retain_graph=True)
+    out.square().sum().backward()
+    for k, v in w.items():
+        assert rel_error(v.grad, 2 * want[k]) < 1e-5, k
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_partial_backward_and_no_grad(backend, device):
+    x, w = make(device)
+    with torch.no_grad(), accumulate_weight_grads(w.values()):  # inactive: nothing to sum
+        forward(x, w, backend)
+    with accumulate_weight_grads(w.values()):
+        out = forward(x, w, backend)
+    (gx,) = torch.autograd.grad(out.sum(), [w["up"]])  # only one weight asked for
+    assert all(v.grad is None for v in w.values())
+    want = torch.autograd.grad(forward(x, w, backend).sum(), [w["up"]])[0]
+    assert rel_error(gx, want) < 1e-5
