@@ -645,6 +645,16 @@ HISTOGRAM_MAX_BINS = 1024
 MAX_BLOCK_COUNTS = 1 << 24
 
 
+def _int32_views(device: torch.device, *sizes: int, zero: bool = False) -> list[torch.Tensor]:
+    """1-d int32 tensors of ``sizes``, views of one buffer, each starting 128-byte aligned (as
+    the kernels are specialised for aligned pointers); zeroed if ``zero``."""
+    padded = [-(-size // 32) * 32 for size in sizes]
+    make = torch.zeros if zero else torch.empty
+    buffer = make(sum(padded), dtype=torch.int32, device=device)
+    parts = torch.split(buffer, [x for size, pad in zip(sizes, padded) for x in (size, pad - size)])
+    return list(parts[::2])
+
+
 def build_routing(
     flat_index: torch.Tensor,
     n_experts: int,
@@ -663,41 +673,38 @@ def build_routing(
     """
     n = flat_index.numel()
     device = flat_index.device
-    new = lambda *size: torch.empty(*size, dtype=torch.int32, device=device)
-    sorted_to_slot, slot_to_sorted, counts = new(n), new(n), new(n_experts)
     block = ROUTING_BLOCK if block is None else block
     warps = ROUTING_WARPS if warps is None else warps
     while cdiv(n, block) * n_experts > MAX_BLOCK_COUNTS and block < 1024:
         block *= 2
     n_blocks = cdiv(n, block)
     fallback = n_blocks * n_experts > MAX_BLOCK_COUNTS
+    # the returned tensors apart (a custom op's outputs must not alias), the scratch in one
+    new = lambda size: torch.empty(size, dtype=torch.int32, device=device)
+    sorted_to_slot, slot_to_sorted, offsets = new(n), new(n), new(n_experts + 1)
+    tile_expert, tile_start, n_valid = new(n_tiles), new(n_tiles), new(1)
+    bins = next_power_of_2(n_experts + 1)
+    bins = bins if bins <= HISTOGRAM_MAX_BINS and not fallback else 0
+    scratch = (
+        (n_experts,) if fallback else (n_experts, n, n_blocks * n_experts, n_blocks * n_experts)
+    )
+    counts, *rest = _int32_views(device, *scratch, zero=not fallback and not bins)
     if fallback:  # too many experts for per-block counts: a stable sort (still no sync)
         order = torch.sort(flat_index, stable=True).indices
         sorted_to_slot.copy_(order)
         slot_to_sorted.scatter_(0, order, torch.arange(n, dtype=torch.int32, device=device))
         counts.copy_(torch.bincount(flat_index, minlength=n_experts))
     else:
-        bins = next_power_of_2(n_experts + 1)
-        bins = bins if bins <= HISTOGRAM_MAX_BINS else 0
-        alloc = torch.empty if bins else torch.zeros
-        block_counts = alloc(n_blocks, n_experts, dtype=torch.int32, device=device)
-        rank = new(n)
+        rank, block_counts, block_start = rest
         launch(
             _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block,
             bins, num_warps=warps,
         )  # fmt: skip
-        block_start = torch.empty_like(block_counts)
         scan_e = 16
         launch(
             _routing_scan_kernel, (cdiv(n_experts, scan_e),),
             block_counts, block_start, counts, n_blocks, n_experts, 256, scan_e,
         )  # fmt: skip
-    offsets, tile_expert, tile_start, n_valid = (
-        new(n_experts + 1),
-        new(n_tiles),
-        new(n_tiles),
-        new(1),
-    )
     block_e = next_power_of_2(n_experts)
     block_t = max(1, min(64, 16384 // block_e))
     launch(
