@@ -17,7 +17,7 @@ from colt5_routing import (
     ConditionalRoutedAutoregressiveAttention,
     CoordinateDescentRouter,
 )
-from softmax_n import slow_attention_n, softmax_n_attention_fn
+from softmax_n import softmax_n_attention_fn
 from switchhead import SwitchHeadRope
 
 # float64 on both sides: the fused path computes out0 * sigmoid(lse - log n) while the reference
@@ -25,24 +25,6 @@ from switchhead import SwitchHeadRope
 # the reductions over a few dozen terms and still fails on any real difference (softmax_n versus
 # softmax changes the outputs at the 1e-2 level here, asserted below).
 RTOL, ATOL = 1e-9, 1e-11
-
-
-def slow_core(n: float):
-    """``slow_attention_n`` behind SDPA's signature (``attn_mask`` True = keep)."""
-
-    def core(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0):
-        return slow_attention_n(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            softmax_n_param=n,
-        )
-
-    return core
 
 
 def _routed_attention() -> torch.nn.Module:
@@ -115,7 +97,7 @@ def test_colt5_heavy_attention_with_softmax_n(make, n, padded, generator):
         kwargs["mask"] = mask
 
     fast = _with_core(base, softmax_n_attention_fn(n))
-    slow = _with_core(base, slow_core(n))
+    slow = _with_core(base, softmax_n_attention_fn(n, backend="reference"))
     plain = _with_core(base, F.scaled_dot_product_attention)
     out_fast, grads_fast = _run(fast, x, weight, **kwargs)
     out_slow, grads_slow = _run(slow, x, weight, **kwargs)

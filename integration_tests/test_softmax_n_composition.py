@@ -1,4 +1,5 @@
-"""softmax_n as the attention core of SwitchHead and MoEUT, against slow_attention_n."""
+"""softmax_n as the attention core of SwitchHead and MoEUT, against slow_attention_n (the hook's
+``backend="reference"``)."""
 
 from __future__ import annotations
 
@@ -7,26 +8,8 @@ import functools
 import pytest
 import torch
 from moeut import MoEUTLM
-from softmax_n import slow_attention_n, softmax_n_attention_fn
+from softmax_n import softmax_n_attention_fn
 from switchhead import AttentionMask, SwitchHeadRope, SwitchHeadXL
-
-
-def slow_core(n):
-    """The same SDPA signature, built from the reference."""
-
-    def core(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0):
-        return slow_attention_n(
-            q,
-            k,
-            v,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            softmax_n_param=n,
-        )
-
-    return core
 
 
 @pytest.mark.parametrize("cls", [SwitchHeadRope, SwitchHeadXL])
@@ -36,7 +19,7 @@ def test_switchhead_with_softmax_n(cls, mask):
     torch.manual_seed(0)
     fast = make(attention_fn=softmax_n_attention_fn(1.0)).double()
     torch.manual_seed(0)
-    slow = make(attention_fn=slow_core(1.0)).double()
+    slow = make(attention_fn=softmax_n_attention_fn(1.0, backend="reference")).double()
     torch.manual_seed(0)
     plain = make().double()
     x = torch.randn(2, 6, 32, dtype=torch.float64)
@@ -60,6 +43,8 @@ def test_moeut_with_softmax_n():
     torch.manual_seed(0)
     fast = MoEUTLM(**kw, attention_fn=softmax_n_attention_fn(0.5)).double().eval()
     torch.manual_seed(0)
-    slow = MoEUTLM(**kw, attention_fn=slow_core(0.5)).double().eval()
+    slow = (
+        MoEUTLM(**kw, attention_fn=softmax_n_attention_fn(0.5, backend="reference")).double().eval()
+    )
     x = torch.randint(0, 30, (2, 7))
     torch.testing.assert_close(fast(x).outputs, slow(x).outputs, rtol=1e-6, atol=1e-8)

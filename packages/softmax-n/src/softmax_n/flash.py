@@ -312,18 +312,48 @@ def flash_attention_n(
 
 
 def softmax_n_attention_fn(
-    n: float | torch.Tensor | None = None, sink: torch.Tensor | None = None
+    n: float | torch.Tensor | None = None,
+    sink: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
 ) -> Callable[..., torch.Tensor]:
     """An attention core with SDPA's signature for ``attention_fn`` hooks (SwitchHead, MoEUT,
     CoLT5): ``fn(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0)``.
     ``n``, or ``sink`` (``[H]`` attention-sink logits, e.g. a module's learnable parameter; not
-    both), is checked here (type and values) and again, with its shape, at each call."""
+    both), is checked here (type and values) and again, with its shape, at each call.
+
+    ``backend`` picks the op each call runs: ``None`` (default) :func:`flash_attention_n`
+    (PyTorch's fused kernels with the gate where they take the inputs, else the reference),
+    ``"reference"`` :func:`~softmax_n.slow_attention_n`, ``"triton"``
+    :func:`~softmax_n.flash_attention_n_triton`, which raises where it cannot run (float64, CPU
+    tensors without ``TRITON_INTERPRET=1``, ...) and takes no ``attn_mask`` and no dropout: a
+    call with either raises ``ValueError``. Any other value raises ``ValueError`` here."""
+    if backend is not None and backend not in ("reference", "triton"):
+        raise ValueError(f"backend must be None, 'reference' or 'triton', got {backend!r}")
     _check_n(n)
     _check_n_rows(n, None)
     _check_sink(sink, n, None, "softmax_n_attention_fn")
+    op: Callable[..., torch.Tensor] = flash_attention_n
+    if backend == "reference":
+        from .functional import slow_attention_n
+
+        op = slow_attention_n
+    elif backend == "triton":
+        from .fused import flash_attention_n_triton
+
+        def triton(q, k, v, *, attn_mask, dropout_p, **options):
+            if attn_mask is not None or dropout_p:
+                given = "an attn_mask" if attn_mask is not None else f"dropout_p={dropout_p}"
+                raise ValueError(
+                    "softmax_n_attention_fn(backend='triton'): flash_attention_n_triton takes no "
+                    f"attn_mask and no dropout, got {given}; use backend=None or 'reference'"
+                )
+            return flash_attention_n_triton(q, k, v, **options)
+
+        op = triton
 
     def attention(q, k, v, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0):
-        return flash_attention_n(
+        return op(
             q,
             k,
             v,
