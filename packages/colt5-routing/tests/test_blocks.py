@@ -487,3 +487,48 @@ def test_queries_scaled_by_score_after_projection():
     attn(x, ctx)
     attn(x, ctx, normalized_scores_q=s)
     torch.testing.assert_close(queries[1], queries[0] * s[:, None, :, None])
+
+
+HEAVY_KEYS = [
+    "q_router.routing_token",
+    "kv_router.routing_token",
+    "heavy_attn.null_kv",
+    "heavy_attn.norm.weight",
+    "heavy_attn.norm.bias",
+    "heavy_attn.norm_context.weight",
+    "heavy_attn.norm_context.bias",
+    "heavy_attn.to_q.weight",
+    "heavy_attn.to_kv.weight",
+    "heavy_attn.to_out.weight",
+]
+LIGHT_KEYS = [
+    "light_attn.norm.weight",
+    "light_attn.norm.bias",
+    "light_attn.to_qkv.weight",
+    "light_attn.to_out.weight",
+]
+
+
+@pytest.mark.parametrize("null", [True, False])
+@pytest.mark.parametrize("name", ["attention", "autoregressive", "cross"])
+def test_attention_blocks_state_dict_keys(name, null):
+    """The heavy branch built by ``routed.heavy_attention_parts`` keeps the blocks' own keys, in
+    the order of every release (checkpoints and seeded initialisation depend on it)."""
+    kw = dict(use_null_q_tokens=null)
+    if name == "attention":
+        block = ConditionalRoutedAttention(
+            D, num_heavy_tokens_q=6, num_heavy_tokens_kv=6, num_routed_kv=2, **SMALL, **kw
+        )
+    elif name == "autoregressive":
+        block = ConditionalRoutedAutoregressiveAttention(
+            D, num_heavy_tokens_q=3, num_heavy_tokens_kv=3, heavy_window_size=6, **SMALL, **kw
+        )
+    else:
+        block = ConditionalRoutedCrossAttention(
+            D, num_tokens_q=4, num_tokens_kv=4, num_sets_kv=2, route_block_size=8, **kw
+        )
+    light = [] if name == "cross" else LIGHT_KEYS
+    assert list(block.state_dict()) == ["null_q_token"] * null + light + HEAVY_KEYS
+    assert isinstance(block.heavy_attn, Attention)
+    assert block.kv_router.num_routing_tokens == (1 if name == "autoregressive" else 2)
+    assert block.kv_router.route_block_size == (8 if name == "cross" else None)

@@ -14,14 +14,7 @@ from torch import Tensor, nn
 from .coor_descent import use_triton_backend
 from .local_attention import LocalMHA
 from .rotary import apply_rotary, rotary_angles
-from .routed import (
-    add_null,
-    check_router_backends,
-    make_router,
-    null_query_token,
-    route_heavy,
-    route_keys,
-)
+from .routed import add_null, check_router_backends, heavy_attention_parts, route_heavy, route_keys
 from .router import RouterReturn, check_num_tokens, check_token_mask, check_tokens
 
 __all__ = [
@@ -223,14 +216,14 @@ class ConditionalRoutedAttention(nn.Module):
             dim, max(1, light_window_size // 2), light_dim_head, light_heads, causal=causal,
             use_rotary=use_rotary,
         )  # fmt: skip
-        router = partial(make_router, dim, router_straight_through, router_kwargs, backend)
-        self.q_router = router()
-        self.kv_router = router(num_routing_tokens=num_routed_kv)
-        self.heavy_attn = Attention(
-            dim, heavy_dim_head, heavy_heads, multiply_keys_by_score, attention_fn,
+        heavy_attn = partial(
+            Attention, dim, heavy_dim_head, heavy_heads, multiply_keys_by_score, attention_fn,
             use_rotary=use_rotary,
         )  # fmt: skip
-        self.null_q_token = null_query_token(dim, use_null_q_tokens)
+        self.q_router, self.kv_router, self.heavy_attn, self.null_q_token = heavy_attention_parts(
+            dim, heavy_attn, straight_through=router_straight_through, router_kwargs=router_kwargs,
+            backend=backend, use_null_q_tokens=use_null_q_tokens, num_routing_tokens=num_routed_kv,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -315,11 +308,12 @@ class ConditionalRoutedCrossAttention(nn.Module):
             raise ValueError(
                 f"heads ({heads}) must be divisible by the number of routed sets ({routes})"
             )
-        router = partial(make_router, dim, router_straight_through, router_kwargs, backend)
-        self.q_router = router()
-        self.kv_router = router(num_routing_tokens=routes, route_block_size=route_block_size)
-        self.heavy_attn = Attention(dim, dim_head, heads, attention_fn=attention_fn)
-        self.null_q_token = null_query_token(dim, use_null_q_tokens)
+        heavy_attn = partial(Attention, dim, dim_head, heads, attention_fn=attention_fn)
+        self.q_router, self.kv_router, self.heavy_attn, self.null_q_token = heavy_attention_parts(
+            dim, heavy_attn, straight_through=router_straight_through, router_kwargs=router_kwargs,
+            backend=backend, use_null_q_tokens=use_null_q_tokens, num_routing_tokens=routes,
+            route_block_size=route_block_size,
+        )  # fmt: skip
 
     def forward(
         self,
@@ -415,14 +409,14 @@ class ConditionalRoutedAutoregressiveAttention(nn.Module):
         self.light_attn = LocalMHA(
             dim, light_window_size, light_dim_head, light_heads, causal=True, use_rotary=use_rotary
         )
-        router = partial(make_router, dim, router_straight_through, router_kwargs, backend)
-        self.q_router = router()
-        self.kv_router = router(num_routing_tokens=num_routed_kv)
-        self.heavy_attn = Attention(
-            dim, heavy_dim_head, heavy_heads, multiply_keys_by_score, attention_fn,
+        heavy_attn = partial(
+            Attention, dim, heavy_dim_head, heavy_heads, multiply_keys_by_score, attention_fn,
             use_rotary=use_rotary,
         )  # fmt: skip
-        self.null_q_token = null_query_token(dim, use_null_q_tokens)
+        self.q_router, self.kv_router, self.heavy_attn, self.null_q_token = heavy_attention_parts(
+            dim, heavy_attn, straight_through=router_straight_through, router_kwargs=router_kwargs,
+            backend=backend, use_null_q_tokens=use_null_q_tokens, num_routing_tokens=num_routed_kv,
+        )  # fmt: skip
 
     def forward(
         self,

@@ -28,11 +28,8 @@ class FeedForward(nn.Module):
 class ConditionalRoutedFeedForward(nn.Module):
     """Light FFN on all tokens plus a heavy FFN on ``num_heavy_tokens`` routed tokens.
     ``x [b, n, dim]``, ``mask [b, n]`` (``True`` = real token) -> ``[b, n, dim]``.
-
-    ``backend`` is the router's coordinate descent's: ``None`` (Triton for CUDA tensors, else
-    the reference), ``"reference"`` or ``"triton"`` (raises before anything runs where Triton
-    cannot run). ``use_triton`` is deprecated (``FutureWarning``, until 0.3), see
-    :class:`~colt5_routing.CoordinateDescentRouter`."""
+    ``backend`` (the router's coordinate descent's) and the deprecated ``use_triton`` as in
+    :class:`~colt5_routing.ConditionalRoutedAttention`."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
-"""The routed heavy branch that every CoLT5 block shares: router set-up, routing, the heavy
-computation on the routed tokens, and the score-weighted scatter back with the learned output of
-unrouted queries.
+"""The routed heavy branch that every CoLT5 block shares: router set-up (and, for the attention
+blocks, the whole heavy branch's set-up), routing, the heavy computation on the routed tokens,
+and the score-weighted scatter back with the learned output of unrouted queries.
 
 These helpers hold no state: a block owns its routers, heavy module and null token, so their
 state-dict keys stay the block's own (``router.*``, ``q_router.*``, ``null_q_token``, ...).
@@ -9,6 +9,8 @@ state-dict keys stay the block's own (``router.*``, ``q_router.*``, ``null_q_tok
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +21,7 @@ from .router import CoordinateDescentRouter, RouterReturn, scatter_tokens
 __all__ = [
     "add_null",
     "check_router_backends",
+    "heavy_attention_parts",
     "make_router",
     "null_query_token",
     "route_heavy",
@@ -42,6 +45,31 @@ def make_router(
     if "use_triton" not in kwargs:
         kwargs.setdefault("backend", backend)
     return CoordinateDescentRouter(dim, straight_through=straight_through, **options, **kwargs)
+
+
+HeavyAttn = TypeVar("HeavyAttn", bound=nn.Module)
+
+
+def heavy_attention_parts(
+    dim: int,
+    heavy_attn: Callable[[], HeavyAttn],
+    *,
+    straight_through: bool,
+    router_kwargs: dict | None,
+    backend: str | None,
+    use_null_q_tokens: bool,
+    **kv_router_options: Any,
+) -> tuple[CoordinateDescentRouter, CoordinateDescentRouter, HeavyAttn, nn.Parameter | None]:
+    """The heavy branch of a routed attention block: its query router, its key/value router
+    (``kv_router_options``, e.g. ``num_routing_tokens``; both routers built by
+    :func:`make_router` from the block's arguments), its heavy attention ``heavy_attn()`` and the
+    learned output of unrouted queries (:func:`null_query_token`). Built in this order, the order
+    in which their parameters draw from the random generator; the block stores them as
+    ``q_router``, ``kv_router``, ``heavy_attn`` and ``null_q_token`` (its state-dict keys)."""
+    router = partial(make_router, dim, straight_through, router_kwargs, backend)
+    q_router = router()
+    kv_router = router(**kv_router_options)
+    return q_router, kv_router, heavy_attn(), null_query_token(dim, use_null_q_tokens)
 
 
 def check_router_backends(x: Tensor, *routers: CoordinateDescentRouter) -> None:

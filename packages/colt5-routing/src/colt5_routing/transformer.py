@@ -16,7 +16,7 @@ __all__ = ["ConditionalRoutedTransformerBlock"]
 class ConditionalRoutedTransformerBlock(nn.Module):
     """Residual routed attention followed by a residual routed feedforward, ``[b, n, dim]``.
     ``causal`` and ``use_rotary`` go to :class:`ConditionalRoutedAttention`, ``backend`` (the
-    routers' coordinate descent's, see :class:`ConditionalRoutedFeedForward`) to both;
+    routers' coordinate descent's, see :class:`ConditionalRoutedAttention`) to both;
     ``use_triton`` is deprecated (``FutureWarning``, until 0.3)."""
 
     def __init__(
