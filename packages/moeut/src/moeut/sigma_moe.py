@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp, sigmoid_topk
+from switchhead.inputs import check_layer_inputs
 
 if TYPE_CHECKING:
     from cvmm_kernel.moe_mlp import Activation
@@ -144,16 +145,4 @@ class SigmaMoE(torch.nn.Module):
                 f"sel_input must have input's shape {tuple(input.shape)} (row i chooses the "
                 f"experts of row i), got {tuple(sel_input.shape)}"
             )
-        weight = self.expert_sel
-        dtypes = {name: t.dtype for name, t in tensors.items()}
-        if not all(d.is_floating_point for d in dtypes.values()):
-            raise TypeError(f"SigmaMoE inputs must be floating point, got {dtypes}")
-        devices = {name: t.device for name, t in tensors.items()}
-        if any(d != weight.device for d in devices.values()):
-            raise ValueError(f"inputs must be on the parameters' device {weight.device}: {devices}")
-        autocast = input.device.type != "meta" and torch.is_autocast_enabled(input.device.type)
-        if not autocast and any(d != weight.dtype for d in dtypes.values()):
-            raise TypeError(
-                f"outside autocast, SigmaMoE inputs must have the parameters' dtype "
-                f"{weight.dtype}, got {dtypes}"
-            )
+        check_layer_inputs(tensors, self.expert_sel, "SigmaMoE inputs")

@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .experts import EXPERT_PATHS, ExpertPath
+from .inputs import check_layer_inputs
 from .masks import AttentionMask, check_mask, sdpa_mask
 from .rope import RotaryEmbedding
 
@@ -265,18 +266,7 @@ class SwitchHeadCore(torch.nn.Module):
                 f"{tuple(v_src.shape)}"
             )
         weight = self.q.weight
-        dtypes = {name: t.dtype for name, t in srcs.items()}
-        if not all(d.is_floating_point for d in dtypes.values()):
-            raise TypeError(f"q_src, k_src, v_src must be floating point, got {dtypes}")
-        devices = {name: t.device for name, t in srcs.items()}
-        if any(d != weight.device for d in devices.values()):
-            raise ValueError(f"inputs must be on the parameters' device {weight.device}: {devices}")
-        autocast = _autocast_enabled(q_src.device)
-        if not autocast and any(d != weight.dtype for d in dtypes.values()):
-            raise TypeError(
-                f"outside autocast, q_src, k_src, v_src must have the parameters' dtype "
-                f"{weight.dtype}, got {dtypes}"
-            )
+        check_layer_inputs(srcs, weight, "q_src, k_src, v_src")
         offset = 0
         if kv_cache is not None:
             if not isinstance(kv_cache, dict):
