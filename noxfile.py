@@ -4,8 +4,8 @@
 - ``interpret``: the Triton kernels on CPU under ``TRITON_INTERPRET=1`` (``interpret`` marker).
 - ``gpu``: everything, ``gpu``-marked tests included, against the *current* interpreter; creates no
   virtual environment and installs nothing, so it runs on a CUDA machine without network that
-  already has torch and triton. The packages and the development tools (``tools/*/src``) are
-  imported from the checkout (``PYTHONPATH``).
+  already has torch and triton. The packages, the development tools (``tools/*/src``) and the
+  demo's helpers (``examples/lm_demo``) are imported from the checkout (``PYTHONPATH``).
 - ``matrix``: the CPU tests against (torch, triton) pairs from the oldest supported to the newest.
 - ``lint``: ruff format --check, ruff check (complexity included) and mypy over every
   ``packages/*/src`` and ``tools/*/src``, in the locked environment (``.pre-commit-config.yaml``
@@ -27,6 +27,9 @@ PACKAGES = ["cvmm-kernel", "switchhead", "moeut", "colt5-routing", "softmax-n"]
 TOOLS = ["bench-harness"]
 SRC_DIRS = [str(ROOT / "packages" / p / "src") for p in PACKAGES]
 SRC_DIRS += [str(ROOT / "tools" / t / "src") for t in TOOLS]
+# the demo (workspace member lm-demo-examples, never published): its lm_demo package, flat layout
+EXAMPLES = ROOT / "examples"
+SRC_DIRS.append(str(EXAMPLES))
 
 # (torch, triton) pairs: the oldest supported and the newest released.
 MATRIX = [("2.5.1", "3.1.0"), ("2.15.0", "3.9.0")]
@@ -88,13 +91,11 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
         "setuptools",  # triton < 3.2 imports it at start-up
         *[f"-e{ROOT / 'packages' / p}" for p in PACKAGES],
         *[f"-e{ROOT / 'tools' / t}" for t in TOOLS],  # tools/*/tests are test paths too
+        f"-e{EXAMPLES}",  # the demo's lm_demo, with its plots' and checkpoints' dependencies
         "pytest",
         "pytest-xdist",
         "hypothesis",
         "numpy",
-        "matplotlib",  # the demo's plots
-        "safetensors",  # the demo's checkpoints
-        "tqdm",
     )
     session.run(
         "python",

@@ -14,6 +14,10 @@ training state; see lm_demo/checkpoint.py), loss.png, experts.png, sample.txt, h
 metrics.jsonl (at every validation: losses, tokens/s, MFU, and per MoE layer the entropy of
 its expert usage and its dead experts; see lm_demo/metrics.py).
 
+The helpers (``lm_demo``, next to this file) are an installed package: examples/ is a workspace
+member (``lm-demo-examples``, examples/pyproject.toml) that ``uv run`` installs with what the
+demo imports.
+
 Under torchrun every process trains on its own batches. By default each holds the whole model and
 DDP averages the gradients; with --fsdp (MoEUT models, 2 or more processes) FSDP2 shards the
 parameters, gradients and optimizer state over the processes (lm_demo/distributed.py). Either
@@ -36,9 +40,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from lm_demo.data import decode, encode, load_corpus, sample_batch
 from lm_demo.metrics import (
     ExpertUsage,

@@ -23,9 +23,9 @@ def generator() -> torch.Generator:
 
 
 def load_demo(name: str = "train_lm_demo"):
-    """``examples/train_lm.py`` loaded as a module named ``name`` (loading it puts ``examples/``
-    on ``sys.path``, so ``lm_demo`` imports work afterwards). Spawned test workers import it as
-    ``integration_tests.conftest.load_demo``."""
+    """``examples/train_lm.py`` loaded as a module named ``name`` (it imports its helpers, the
+    ``lm_demo`` package of the ``lm-demo-examples`` workspace member, as installed). Spawned test
+    workers import it as ``integration_tests.conftest.load_demo``."""
     spec = importlib.util.spec_from_file_location(name, DEMO)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -17,14 +17,14 @@ DATA = argparse.__file__  # one standard-library source file (~100 KB)
 
 
 @pytest.fixture(scope="module")
-def ckpt_lib(demo):
+def ckpt_lib():
     from lm_demo import checkpoint
 
     return checkpoint
 
 
 @pytest.fixture(scope="module")
-def training(demo):
+def training():
     from lm_demo import training
 
     return training

@@ -179,7 +179,6 @@ def test_fsdp_with_activation_checkpointing_trains_like_ddp(demo, fsdp_runs):
 
 
 @needs_dist
-@pytest.mark.usefixtures("demo")  # puts examples/ on sys.path for lm_demo
 def test_fsdp_resume_continues_exactly(fsdp_runs):
     """Resumed under FSDP from the checkpoint of step 2: the same losses, sample, final weights
     and optimizer state as the uninterrupted run, bit for bit."""

@@ -17,14 +17,14 @@ HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 @pytest.fixture(scope="module")
-def metrics(demo):
+def metrics():
     from lm_demo import metrics
 
     return metrics
 
 
 @pytest.fixture(scope="module")
-def plots(demo):
+def plots():
     from lm_demo import plots
 
     return plots

@@ -1,10 +1,12 @@
 """The workspace itself: every package imports, has its own version and its declared siblings;
-the development tools (``tools/``) are no package's dependency."""
+the development tools (``tools/``) and the demo (``examples/``) are no package's dependency."""
 
 from __future__ import annotations
 
+import ast
 import importlib
 import re
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -82,3 +84,38 @@ def test_benchmark_harness_is_a_development_tool_only() -> None:
         extras = project.get("optional-dependencies", {}).values()
         requirements = [*project["dependencies"], *(req for extra in extras for req in extra)]
         assert "bench-harness" not in _names(requirements), dist
+
+
+def _imported_top_level_modules(folder: Path) -> set[str]:
+    """The top-level modules that the Python files under ``folder`` import (absolute imports)."""
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def test_demo_is_a_development_member_that_declares_its_imports() -> None:
+    """The demo (``examples/``, distribution ``lm-demo-examples``, package ``lm_demo``) is a
+    workspace member in the root's dev group that refuses an upload and is no package's
+    dependency; it declares exactly the third-party and workspace distributions its code
+    imports, and TensorBoard (``--log-dir``) as an extra."""
+    root = _pyproject(ROOT)
+    assert "examples" in root["tool"]["uv"]["workspace"]["members"]
+    assert "lm-demo-examples" in _names(root["dependency-groups"]["dev"])
+    assert "lm-demo-examples" not in _names(root["project"]["dependencies"])
+    demo = _pyproject(ROOT / "examples")["project"]
+    assert demo["name"] == "lm-demo-examples"
+    assert "Private :: Do Not Upload" in demo["classifiers"]
+    imported = _imported_top_level_modules(ROOT / "examples")
+    third_party = imported - set(sys.stdlib_module_names) - {"lm_demo"}
+    assert {m.replace("_", "-") for m in third_party} == _names(demo["dependencies"])
+    assert _names(demo["optional-dependencies"]["tensorboard"]) == {"tensorboard"}
+    for dist in SIBLINGS:
+        project = _project(dist)
+        extras = project.get("optional-dependencies", {}).values()
+        requirements = [*project["dependencies"], *(req for extra in extras for req in extra)]
+        assert "lm-demo-examples" not in _names(requirements), dist
