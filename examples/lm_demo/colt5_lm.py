@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from colt5_routing import ConditionalRoutedAutoregressiveAttention
-from moeut import MoEUTOutput, SigmaMoE
+from moeut import MoEUTOutput, SigmaMoE, sample_next_token
 from moeut import entropy_reg as selection_entropy_reg
 
 
@@ -142,14 +141,7 @@ class CoLT5LM(torch.nn.Module):
         try:
             for _ in range(max_new_tokens):
                 logits = self(tokens[:, -context:]).outputs[:, -1].float()
-                if temperature == 0:
-                    nxt = logits.argmax(-1, keepdim=True)
-                else:
-                    logits = logits / temperature
-                    if top_k is not None:
-                        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+                nxt = sample_next_token(logits, temperature, top_k, generator)
                 tokens = torch.cat([tokens, nxt], dim=1)
         finally:
             self.train(was_training)

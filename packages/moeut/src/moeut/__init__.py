@@ -8,6 +8,7 @@ from switchhead import AttentionMask, SwitchHeadRope, SwitchHeadXL
 from . import profiles
 from .model import MoEUT, MoEUTLayer, MoEUTLM, MoEUTOutput
 from .regularization import entropy_reg
+from .sampling import sample_next_token
 from .sigma_moe import SigmaMoE
 
 try:
@@ -27,4 +28,5 @@ __all__ = [
     "__version__",
     "entropy_reg",
     "profiles",
+    "sample_next_token",
 ]

@@ -27,6 +27,7 @@ from cvmm_kernel import accumulate_weight_grads
 from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope, check_mask
 
 from .regularization import entropy_reg
+from .sampling import sample_next_token
 from .sigma_moe import SigmaMoE
 
 KVCache = dict[str, torch.Tensor] | None
@@ -438,16 +439,7 @@ class MoEUTLM(torch.nn.Module):
             tokens = [prompt]
             for step in range(max_new_tokens):
                 logits = out.outputs[:, -1].float()
-                if temperature == 0:
-                    nxt = logits.argmax(-1, keepdim=True)
-                else:
-                    # Shift the maximum to 0 first: a tiny temperature cannot overflow to inf.
-                    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
-                    if top_k is not None:
-                        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    probs = logits.softmax(-1)
-                    nxt = torch.multinomial(probs, 1, generator=generator)
+                nxt = sample_next_token(logits, temperature, top_k, generator)
                 tokens.append(nxt)
                 if step + 1 < max_new_tokens:
                     out = self(nxt, kv_cache=out.cache)
