@@ -72,12 +72,12 @@ def test_usage_metrics_bounds(metrics):
 
 
 def test_sigma_moe_usage_is_the_layers_own_top_k(demo, metrics):
-    """The counts equal the top-k of the layer's own logits (a reference routing done here)."""
+    """The counts are the experts the layer chose (here: the top-k of its logits, a reference
+    routing done here), also with the regulariser's logit recording off."""
     from moeut import SigmaMoE
 
     torch.manual_seed(0)
     moe = SigmaMoE(32, 8, 16, k=3).train()
-    moe.record_selection_logits = True
     usage = metrics.ExpertUsage(moe)
     x = torch.randn(5, 7, 32)
     moe(x)
@@ -85,10 +85,10 @@ def test_sigma_moe_usage_is_the_layers_own_top_k(demo, metrics):
     index = torch.nn.functional.linear(x, moe.expert_sel).topk(3).indices
     assert torch.equal(layer.counts, torch.bincount(index.flatten(), minlength=8))
     moe.eval()
-    moe.record_selection_logits = False
     moe(x)
-    assert usage.take() == []  # nothing recorded, nothing counted
+    assert usage.take() == []  # eval forwards: nothing recorded, nothing counted
     usage.close()
+    assert not moe.record_selection_index  # the recording is off again
 
 
 @pytest.mark.parametrize(

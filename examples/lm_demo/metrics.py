@@ -170,9 +170,11 @@ class LayerUsage:
 class ExpertUsage:
     """Counts, per MoE layer of ``model``, which experts the training forwards selected.
 
-    Hooks every ``SigmaMoE`` and every SwitchHead attention with more than one expert; each
-    hook reads the logits the layer recorded in that call. :meth:`take` returns the counts since
-    the last call and starts a new window. :meth:`close` removes the hooks.
+    Hooks every ``SigmaMoE`` and every SwitchHead attention with more than one expert and turns
+    on their ``record_selection_index``: each hook counts the experts the layer itself chose in
+    that call (training forwards, after expert dropout; no second routing). :meth:`take` returns
+    the counts since the last call and starts a new window. :meth:`close` removes the hooks and
+    turns the recording off again.
     """
 
     def __init__(self, model: torch.nn.Module):
@@ -186,6 +188,7 @@ class ExpertUsage:
             if kind is None:
                 continue
             self._layers[name] = (self._label(name), kind, module)
+            module.record_selection_index = True
             self._hooks.append(module.register_forward_hook(self._hook(name)))
         self._hooks.append(model.register_forward_hook(self._count_forward))
 
@@ -210,22 +213,21 @@ class ExpertUsage:
     @torch.compiler.disable
     @torch.no_grad()
     def _hook_body(self, name: str, module) -> None:
-        logits = module.last_selection_logits
-        if logits is None:  # eval mode or regulariser off: the layer recorded nothing
+        chosen = module.last_selection_index
+        if chosen is None:  # eval mode: the layer recorded nothing
             return
         label, kind, _ = self._layers[name]
         self._calls[name] = self._calls.get(name, 0) + 1
-        if kind == "ffn":
-            # top-k of the logits = top-k of their sigmoid scores (expert dropout aside)
-            index = logits.detach().topk(module.n_heads, dim=-1, sorted=False).indices
-            self._add(f"{label} feedforward", index, module.n_experts)
+        if kind == "ffn":  # [..., k] expert numbers
+            self._add(f"{label} feedforward", chosen, module.n_experts)
             return
-        h, e = module.n_heads, module.n_experts
-        offsets = torch.arange(h, device=logits["o"].device).unsqueeze(-1) * e  # [H, 1]
-        for key in ("v", "o"):
-            if key in logits:  # [..., H, E] -> top moe_k experts of each head
-                index = logits[key].detach().topk(module.moe_k, dim=-1, sorted=False).indices
-                self._add(f"{label} attention {key.upper()}", index + offsets, h * e)
+        for key in ("v", "o"):  # [..., H, k] numbers head * E + expert
+            if key in chosen:
+                self._add(
+                    f"{label} attention {key.upper()}",
+                    chosen[key],
+                    module.n_heads * module.n_experts,
+                )
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
@@ -263,6 +265,8 @@ class ExpertUsage:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for _, _, module in self._layers.values():
+            module.record_selection_index = False
 
 
 def expert_metrics(usage: list[LayerUsage]) -> dict[str, dict[str, float]]:

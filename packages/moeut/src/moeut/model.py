@@ -268,9 +268,9 @@ class MoEUT(torch.nn.Module):
                     reg_loss = reg_loss + self.att_entropy_reg * entropy_reg(
                         stacked, -3, self.reg_process_group
                     )
-        for layer in self.layers:  # keep no logits after the forward
-            layer.ffn.last_selection_logits = None
-            layer.attention.last_selection_logits = None
+        for layer in self.layers:  # keep no logits or choices after the forward
+            layer.ffn.last_selection_logits = layer.attention.last_selection_logits = None
+            layer.ffn.last_selection_index = layer.attention.last_selection_index = None
         return MoEUTOutput(x, reg_loss, new_cache if kv_cache is not None else None)
 
 
@@ -458,16 +458,17 @@ def _recomputation_contexts(
 
 @contextlib.contextmanager
 def _not_recording(layer: MoEUTLayer) -> Iterator[None]:
-    """``record_selection_logits`` off for the layer's MoE modules, restored afterwards."""
+    """``record_selection_logits`` and ``record_selection_index`` off for the layer's MoE
+    modules, restored afterwards."""
     modules: tuple[SigmaMoE | SwitchHeadCore, ...] = (layer.ffn, layer.attention)
-    saved = [m.record_selection_logits for m in modules]
+    saved = [(m.record_selection_logits, m.record_selection_index) for m in modules]
     for m in modules:
-        m.record_selection_logits = False
+        m.record_selection_logits = m.record_selection_index = False
     try:
         yield
     finally:
-        for m, value in zip(modules, saved):
-            m.record_selection_logits = value
+        for m, (logits, index) in zip(modules, saved):
+            m.record_selection_logits, m.record_selection_index = logits, index
 
 
 def _can_read_back(t: torch.Tensor) -> bool:

@@ -46,7 +46,9 @@ class SigmaMoE(torch.nn.Module):
         expert_dropout: probability of hiding an expert from the top-k choice in training.
 
     Set ``record_selection_logits = True`` to keep the raw logits ``[..., n_experts]`` of the last
-    forward in ``last_selection_logits`` (for the entropy regulariser).
+    forward in ``last_selection_logits`` (for the entropy regulariser), and
+    ``record_selection_index = True`` to keep the experts each training forward chose (after
+    expert dropout) in ``last_selection_index`` (``[..., k]`` int64; for usage statistics).
     """
 
     def __init__(
@@ -81,6 +83,8 @@ class SigmaMoE(torch.nn.Module):
         # shapes, not bitwise reproducible); see cvmm_kernel.moe_mlp.
         self.deterministic = True
         self.last_selection_logits: torch.Tensor | None = None
+        self.record_selection_index = False
+        self.last_selection_index: torch.Tensor | None = None
         self.keys = torch.nn.Parameter(torch.empty(n_experts, d_model, expert_size))
         self.values = torch.nn.Parameter(torch.empty(n_experts, expert_size, self.v_dim))
         self.expert_sel = torch.nn.Parameter(torch.empty(n_experts, d_model))
@@ -117,6 +121,8 @@ class SigmaMoE(torch.nn.Module):
             hidden = torch.rand_like(logits) < self.expert_dropout
         # the k largest logits (hidden experts last) and their sigmoid: one kernel on CUDA
         index, gate = sigmoid_topk(logits, self.n_heads, drop=hidden)
+        recording = self.record_selection_index and self.training
+        self.last_selection_index = index if recording else None
         fused = FUSED_ACTIVATIONS.get(self.activation)
         if fused is not None:  # one fused op: routing once, activation and gates in the kernels
             return moe_mlp(

@@ -33,7 +33,11 @@ Selection logits (for entropy regularisers and for inspecting expert choices): s
 or float64) selection logits in ``module.last_selection_logits`` as a dict
 ``{"v": [B, Tk, H, E], "o": [B, Tq, H, E]}`` (``"v"`` absent when ``n_experts == 1``), attached to
 the autograd graph so a regulariser can backpropagate through them. With the flag off (default)
-``last_selection_logits`` is ``None`` and nothing is kept.
+``last_selection_logits`` is ``None`` and nothing is kept. Likewise
+``module.record_selection_index = True`` keeps the experts each training forward chose (after
+expert dropout) in ``module.last_selection_index``: ``{"v": [B, Tk, H, k], "o": [B, Tq, H, k]}``
+int64 expert numbers ``head * E + expert`` (for usage statistics; no gradient, nothing extra is
+computed on the sparse path, a sort of the ranks on the dense one).
 
 KV cache: pass ``kv_cache={}`` to start caching; ``forward`` returns the new cache, a dict with
 ``"k"`` and ``"v"`` of shape ``[B, H, T, d_head_padded]`` (keys after RoPE, unscaled). New tokens
@@ -114,6 +118,8 @@ class SwitchHeadCore(torch.nn.Module):
         self.attention_fn = attention_fn or F.scaled_dot_product_attention
         self.record_selection_logits = False
         self.last_selection_logits: dict[str, torch.Tensor] | None = None
+        self.record_selection_index = False
+        self.last_selection_index: dict[str, torch.Tensor] | None = None
 
         hd = self.projection_size * n_heads
         self.q = torch.nn.Linear(d_model, hd, bias=False)
@@ -341,6 +347,8 @@ class SwitchHeadCore(torch.nn.Module):
 
         q, k, qk, logits, v_all = self._project(q_src, k_src, v_src)
         self.last_selection_logits = logits if self.record_selection_logits else None
+        recording = self.record_selection_index and self.training and self.n_experts > 1
+        self.last_selection_index = {} if recording else None  # the expert path fills it
         if isinstance(self.dropout, torch.nn.Dropout) and self.training:
             q, qk = self.dropout(q), None
         q, k = self._position(q, k, qk, offset)

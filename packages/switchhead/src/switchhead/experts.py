@@ -38,16 +38,21 @@ def _all_chosen(core: SwitchHeadCore) -> bool:
     return core.moe_k == core.n_experts and not (core.expert_dropout > 0 and core.training)
 
 
-def dense_gates(core: SwitchHeadCore, logits: torch.Tensor) -> torch.Tensor:
+def dense_gates(core: SwitchHeadCore, logits: torch.Tensor, key: str | None = None) -> torch.Tensor:
     """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0.
 
     The choice is :func:`chosen_experts`': the ``moe_k`` largest logits (dropped experts last,
     the lower index among equals). With the few experts of the dense path, ranking by pairwise
     comparison is a handful of small elementwise kernels, much cheaper on the GPU than ``topk``
-    plus a scatter.
+    plus a scatter. ``key`` (``"v"``/``"o"``): where the layer records its choice (see
+    ``record_selection_index``).
     """
     scores = logits.sigmoid()
+    recording = key is not None and core.last_selection_index is not None
     if _all_chosen(core):
+        if recording:
+            every = torch.arange(core.n_experts, device=logits.device).expand_as(scores)
+            _record(core, key, _head_offsets(core, every))
         return scores
     ranked = logits.detach()
     drop = _dropped(core, logits)
@@ -57,7 +62,23 @@ def dense_gates(core: SwitchHeadCore, logits: torch.Tensor) -> torch.Tensor:
     earlier = torch.ones(e, e, dtype=torch.bool, device=scores.device).tril(-1)
     a, b = ranked.unsqueeze(-1), ranked.unsqueeze(-2)  # a: expert i, b: expert j
     beaten_by = (b > a) | ((b == a) & earlier)  # [..., i, j]: j ranks before i
-    return scores * (beaten_by.sum(-1) < core.moe_k)
+    rank = beaten_by.sum(-1)  # a permutation of 0..E-1 per row
+    if recording:
+        _record(core, key, _head_offsets(core, rank.argsort(-1)[..., : core.moe_k]))
+    return scores * (rank < core.moe_k)
+
+
+def _head_offsets(core: SwitchHeadCore, index: torch.Tensor) -> torch.Tensor:
+    """Expert numbers ``[..., H, k]`` of each head -> ``head * E + expert``."""
+    e = core.n_experts
+    return index + torch.arange(0, core.n_heads * e, e, device=index.device).unsqueeze(-1)
+
+
+def _record(core: SwitchHeadCore, key: str | None, index: torch.Tensor) -> None:
+    """Keep the chosen experts of ``key`` where the layer records them (training forwards with
+    ``record_selection_index``)."""
+    if key is not None and core.last_selection_index is not None:
+        core.last_selection_index[key] = index.detach()
 
 
 def chosen_experts(core: SwitchHeadCore, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,10 +86,8 @@ def chosen_experts(core: SwitchHeadCore, logits: torch.Tensor) -> tuple[torch.Te
     every head as rows of ``v``/``o`` (``head * E + expert``) and their sigmoid scores."""
     if _all_chosen(core):
         scores = logits.sigmoid()
-        e = core.n_experts
-        index = torch.arange(e, device=logits.device).expand_as(scores)
-        offsets = torch.arange(0, core.n_heads * e, e, device=index.device)  # head h: h * E
-        return index + offsets.unsqueeze(-1), scores
+        index = torch.arange(core.n_experts, device=logits.device).expand_as(scores)
+        return _head_offsets(core, index), scores
     # one kernel each way on CUDA; ties to the lower index, as dense_gates
     return sigmoid_topk(logits, core.moe_k, drop=_dropped(core, logits), global_index=True)
 
@@ -101,11 +120,11 @@ class DenseGatedExperts(ExpertPath):
 
     def values(self, core, v_src, v_all, logits):
         assert v_all is not None  # fuses_values: the input projection computed every expert
-        gates = dense_gates(core, logits).to(v_all.dtype)
+        gates = dense_gates(core, logits, "v").to(v_all.dtype)
         return (v_all * gates.unsqueeze(-1)).sum(-2)
 
     def output(self, core, res, logits):
-        gates = dense_gates(core, logits).to(res.dtype)  # [B, Tq, H, E]
+        gates = dense_gates(core, logits, "o").to(res.dtype)  # [B, Tq, H, E]
         mixed = res.unsqueeze(-2) * gates.unsqueeze(-1)  # [B, Tq, H, E, hs]
         return torch.matmul(mixed.flatten(-3), core._o_cols())
 
@@ -115,6 +134,7 @@ class SparseExperts(ExpertPath):
 
     def values(self, core, v_src, v_all, logits):
         index, gate = chosen_experts(core, logits)
+        _record(core, "v", index)
         # top-k indices are in range by construction: index_bound skips reading them back
         v = moe_linear(v_src, index, gate, core.v, index_bound=core.v.shape[0])
         pad = core.head_size - core.projection_size
@@ -122,6 +142,7 @@ class SparseExperts(ExpertPath):
 
     def output(self, core, res, logits):
         index, gate = chosen_experts(core, logits)
+        _record(core, "o", index)
         rows = res[..., : core.projection_size]  # each head's row through its experts, summed
         return moe_linear(
             rows, index, gate, core.o, reduce_groups=True, index_bound=core.o.shape[0]
