@@ -21,23 +21,14 @@ from bench_cvmm import (
     ours_fused,
     trained_tensors,
 )
-from bench_harness import environment_line, median_ms, metadata, require_cuda, write_text
-
-
-def host_us(fn, n: int = 50) -> float:
-    """Median over 5 rounds of the host time to enqueue ``fn`` (microseconds per call)."""
-    import statistics
-    import time
-
-    rounds = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        rounds.append((time.perf_counter() - start) / n * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(rounds)
+from bench_harness import (
+    environment_line,
+    host_us,
+    median_ms,
+    metadata,
+    require_cuda,
+    write_text,
+)
 
 
 def host_times(s, t) -> dict[str, float]:

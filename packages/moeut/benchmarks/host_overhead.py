@@ -17,11 +17,17 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from bench_harness import environment_line, metadata, require_cuda, table_header, write_results
+from bench_harness import (
+    environment_line,
+    host_us,
+    metadata,
+    require_cuda,
+    table_header,
+    write_results,
+)
 from bench_moeut import DenseLM
 from cvmm_kernel import moe_linear, moe_mlp, topk_indices
 from cvmm_kernel.moe_triton import build_routing
@@ -29,21 +35,6 @@ from moeut import MoEUTLM, profiles
 
 VOCAB, BATCH, SEQ = 8000, 1, 64
 TINY = dict(profiles.MoEUT_244M, d_model=128, d_head=32, ff_expert_size=16)
-
-
-def host_us(fn: Callable[[], object], calls: int = 50, rounds: int = 5) -> float:
-    """Median over ``rounds`` of the wall time per call of ``calls`` back-to-back calls, in
-    microseconds; the GPU work of each call is far shorter than its host time."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(times)[len(times) // 2]
 
 
 def step_parts(model: torch.nn.Module) -> tuple[float, float]:

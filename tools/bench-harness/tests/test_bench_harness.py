@@ -12,6 +12,7 @@ import torch
 from bench_harness import (
     environment_line,
     graph_replay,
+    host_us,
     median_ms,
     metadata,
     peak_mib,
@@ -200,3 +201,9 @@ def test_median_ms_is_a_positive_time(cuda_graph: bool) -> None:
     ms = median_ms(lambda: x @ x, warmup=1, rep=5, cuda_graph=cuda_graph)
     assert isinstance(ms, float)
     assert 0 < ms < 1e3
+
+
+def test_host_us_times_each_call_after_an_untimed_one():
+    calls = []
+    us = host_us(lambda: calls.append(1), calls=7, rounds=3)
+    assert len(calls) == 1 + 7 * 3 and us > 0

@@ -15,7 +15,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import torch
 __all__ = [
     "environment_line",
     "graph_replay",
+    "host_us",
     "median_ms",
     "metadata",
     "peak_mib",
@@ -112,6 +115,28 @@ def median_ms(
 
     timed = graph_replay(fn) if cuda_graph else fn
     return float(triton.testing.do_bench(timed, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def host_us(fn: Callable[[], object], *, calls: int = 50, rounds: int = 5) -> float:
+    """Host time to issue one call of ``fn``, in microseconds: the median over ``rounds`` of
+    ``calls`` back-to-back calls, after one untimed call (compilation and caches), each round
+    started with the device idle and timed until the last call returns (its kernels queued, not
+    run). For small inputs whose kernels take less than the host to issue them."""
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    fn()
+    times = []
+    for _ in range(rounds):
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    sync()
+    return statistics.median(times)
 
 
 def peak_mib(fn: Callable[[], object], *, baseline_bytes: int | None = None) -> float:
