@@ -8,8 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .host_math import cdiv, next_power_of_2
+from .host_math import cdiv
 from .moe_triton import launch
+from .topk_triton import row_blocks
 
 
 @triton.jit
@@ -71,11 +72,6 @@ def _gate_grad_rows_kernel(
     tl.store(ptrs, acc.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(width: int) -> tuple[int, int]:
-    block_e = next_power_of_2(width)
-    return max(1, min(64, 4096 // block_e)), block_e
-
-
 def sigmoid_topk_forward(
     logits: torch.Tensor, drop: torch.Tensor | None, k: int, global_index: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +81,7 @@ def sigmoid_topk_forward(
     n_rows = n_outer * groups
     index = torch.empty(n_rows, k, dtype=torch.int64, device=logits.device)
     gate = torch.empty(n_rows, k, dtype=logits.dtype, device=logits.device)
-    block_r, block_e = _blocks(width)
+    block_r, block_e = row_blocks(width)
     launch(
         _sigmoid_topk_kernel, (cdiv(n_rows, block_r),),
         logits, drop if drop is not None else logits, index, gate, n_rows, width, groups,
@@ -102,7 +98,7 @@ def sigmoid_topk_backward(
     dtype."""
     n_rows, k = index.shape
     dlogits = torch.empty(n_rows, width, dtype=gate.dtype, device=gate.device)
-    block_r, block_e = _blocks(width)
+    block_r, block_e = row_blocks(width)
     launch(
         _gate_grad_rows_kernel, (cdiv(n_rows, block_r),),
         index, gate, dgate, dlogits, n_rows, width, groups, k, global_index, block_r, block_e,

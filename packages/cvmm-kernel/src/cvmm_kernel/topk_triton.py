@@ -42,14 +42,20 @@ def _topk_indices_kernel(
         taken = taken | (cols[None, :] == index[:, None])
 
 
+def row_blocks(width: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_E)`` of a kernel that holds blocks of whole rows of ``width`` in
+    registers (about 4096 elements per program): the top-k here and ``router_triton``'s."""
+    block_e = next_power_of_2(width)
+    return max(1, min(64, 4096 // block_e)), block_e
+
+
 def launch_topk(rows: torch.Tensor, out: torch.Tensor) -> None:
     """``rows [R, E]`` (last dimension contiguous or not) -> ``out [R, k]`` int64, filled."""
     n_rows, width = rows.shape
     k = out.shape[1]
     if rows.stride(1) != 1:
         rows = rows.contiguous()
-    block_e = next_power_of_2(width)
-    block_r = max(1, min(64, 4096 // block_e))
+    block_r, block_e = row_blocks(width)
     _topk_indices_kernel[(cdiv(n_rows, block_r),)](
         rows, out, n_rows, width, rows.stride(0), K=k, BLOCK_R=block_r, BLOCK_E=block_e,
         num_warps=4,
