@@ -1,7 +1,8 @@
 r"""Where the time of a MoEUT training step goes (CUDA): wall time vs GPU kernel time, top ops.
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
-        python3 packages/moeut/benchmarks/profile_step.py [--profile MoEUT_244M] [--by-shape]
+        python3 packages/moeut/benchmarks/profile_step.py [--profile MoEUT_244M] [--by-shape] \
+        [--compile]
 
 The step is the benchmark's (LM forward+backward, bf16 autocast, B=8, T=1024, vocab 8000). Prints
 the wall time per step, the summed GPU kernel time of one profiled step and the ops that take the
@@ -35,15 +36,17 @@ def main() -> int:
     parser.add_argument("--profile", default="MoEUT_244M", choices=sorted(profiles.PROFILES))
     parser.add_argument("--by-shape", action="store_true", help="also a table per input shape")
     parser.add_argument("--python", action="store_true", help="also a cProfile host table")
+    parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd model")
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
     model = MoEUTLM(VOCAB, **profiles.PROFILES[args.profile]).cuda().train()
+    run = torch.compile(model, fullgraph=True) if args.compile else model
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(tokens[:, :-1])
+            out = run(tokens[:, :-1])
             logits = out.outputs.flatten(0, 1).float()
             loss = F.cross_entropy(logits, tokens[:, 1:].flatten()) + out.reg_loss
         loss.backward()
@@ -65,7 +68,8 @@ def main() -> int:
     kernel_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
     text = "\n".join(
         [
-            f"{args.profile} training step on {torch.cuda.get_device_name()}, torch "
+            f"{args.profile}{' compiled' if args.compile else ''} training step on "
+            f"{torch.cuda.get_device_name()}, torch "
             f"{torch.__version__}: wall {wall_ms:.1f} ms/step, GPU kernel time {kernel_ms:.1f} ms",
             "",
             events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60),
@@ -82,7 +86,8 @@ def main() -> int:
     if args.python:
         text += "\n\nHost Python (cProfile over 5 steps, by own time):\n" + _python_profile(step)
     print(text)
-    write_text(f"profile_{args.profile}.txt", text, script_file=__file__)
+    suffix = "_compiled" if args.compile else ""
+    write_text(f"profile_{args.profile}{suffix}.txt", text, script_file=__file__)
     return 0
 
 

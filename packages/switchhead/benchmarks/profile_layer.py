@@ -1,0 +1,79 @@
+r"""Where the time of a SwitchHead layer step goes (CUDA): GPU kernel time per op, vs dense MHA.
+
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/switchhead/benchmarks/profile_layer.py [--seq 4096] \
+        [--variant rope-4x4-d100]
+
+The step is the benchmark's (``bench_switchhead.py``: B=8, d_model=1024, causal, bf16 autocast,
+forward+backward). For the chosen variant and the dense baseline, in one process: wall time per
+step, the summed GPU kernel time of one profiled step and the ops that take the most GPU time.
+Writes the text to ``$OUT/profile_<variant>_T<seq>.txt`` if ``$OUT`` is set, else to
+``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from bench_harness import require_cuda, write_text
+from bench_switchhead import DenseMHA, variants
+from torch.profiler import ProfilerActivity, profile
+
+
+def profile_layer(name: str, make, seq: int, rows: int) -> str:
+    torch.manual_seed(0)
+    layer = make().cuda()
+    x = torch.randn(8, seq, 1024, device="cuda", requires_grad=True)
+    dense = isinstance(layer, DenseMHA)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x) if dense else layer(x, x, x)[0]
+        out.float().sum().backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, n = time.perf_counter(), 10
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / n * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernel_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+    table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
+    head = f"== {name}, T={seq}: wall {wall_ms:.3f} ms/step, GPU kernel time {kernel_ms:.3f} ms"
+    return f"{head}\n{table}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=4096)
+    parser.add_argument("--variant", default="rope-4x4-d100", choices=[n for n, _ in variants()])
+    parser.add_argument("--rows", type=int, default=30, help="ops listed per table")
+    args = parser.parse_args()
+    if not require_cuda(__file__):
+        return 2
+    makers = dict(variants())
+    parts = [
+        f"SwitchHead layer step on {torch.cuda.get_device_name()}, torch {torch.__version__}",
+        profile_layer(args.variant, makers[args.variant], args.seq, args.rows),
+        profile_layer("dense-mha-16x64", makers["dense-mha-16x64"], args.seq, args.rows),
+    ]
+    text = "\n\n".join(parts)
+    print(text)
+    stem = args.variant.split(" ")[0]
+    write_text(f"profile_{stem}_T{args.seq}.txt", text, script_file=__file__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
