@@ -7,7 +7,8 @@ head (ties to the lower index; with ``expert_dropout`` in training, dropped expe
 - :class:`DenseGatedExperts` (``expert_impl="dense"``): every expert's projection as one dense
   matmul, the unchosen ones weighted by 0: the same function and gradients at ``E / moe_k``
   times the expert FLOPs, in large cuBLAS matmuls (the value experts ride in the layer's fused
-  input projection).
+  input projection); the choice is ``sigmoid_topk``'s and the gated mixing one Triton pass each
+  way (:mod:`switchhead.expert_mix`).
 - :class:`SparseExperts` (``expert_impl="cvmm"``): only the chosen experts, through
   ``cvmm_kernel.moe_linear`` (gathered grouped GEMMs sorted by expert on CUDA, no host sync).
 
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn.functional as F
 from cvmm_kernel import moe_linear, sigmoid_topk
+
+from .expert_mix import mix_experts, spread_experts
 
 if TYPE_CHECKING:
     from .attention import SwitchHeadCore
@@ -38,36 +41,6 @@ def _all_chosen(core: SwitchHeadCore) -> bool:
     return core.moe_k == core.n_experts and not (core.expert_dropout > 0 and core.training)
 
 
-def dense_gates(core: SwitchHeadCore, logits: torch.Tensor, key: str | None = None) -> torch.Tensor:
-    """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0.
-
-    The choice is :func:`chosen_experts`': the ``moe_k`` largest logits (dropped experts last,
-    the lower index among equals). With the few experts of the dense path, ranking by pairwise
-    comparison is a handful of small elementwise kernels, much cheaper on the GPU than ``topk``
-    plus a scatter. ``key`` (``"v"``/``"o"``): where the layer records its choice (see
-    ``record_selection_index``).
-    """
-    scores = logits.sigmoid()
-    recording = key is not None and core.last_selection_index is not None
-    if _all_chosen(core):
-        if recording:
-            every = torch.arange(core.n_experts, device=logits.device).expand_as(scores)
-            _record(core, key, _head_offsets(core, every))
-        return scores
-    ranked = logits.detach()
-    drop = _dropped(core, logits)
-    if drop is not None:
-        ranked = ranked.masked_fill(drop, float("-inf"))
-    e = core.n_experts
-    earlier = torch.ones(e, e, dtype=torch.bool, device=scores.device).tril(-1)
-    a, b = ranked.unsqueeze(-1), ranked.unsqueeze(-2)  # a: expert i, b: expert j
-    beaten_by = (b > a) | ((b == a) & earlier)  # [..., i, j]: j ranks before i
-    rank = beaten_by.sum(-1)  # a permutation of 0..E-1 per row
-    if recording:
-        _record(core, key, _head_offsets(core, rank.argsort(-1)[..., : core.moe_k]))
-    return scores * (rank < core.moe_k)
-
-
 def _head_offsets(core: SwitchHeadCore, index: torch.Tensor) -> torch.Tensor:
     """Expert numbers ``[..., H, k]`` of each head -> ``head * E + expert``."""
     e = core.n_experts
@@ -81,15 +54,18 @@ def _record(core: SwitchHeadCore, key: str | None, index: torch.Tensor) -> None:
         core.last_selection_index[key] = index.detach()
 
 
-def chosen_experts(core: SwitchHeadCore, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chosen_experts(
+    core: SwitchHeadCore, logits: torch.Tensor, *, global_index: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``logits [..., H, E]`` -> ``(index, gate)`` ``[..., H, moe_k]``: the chosen experts of
-    every head as rows of ``v``/``o`` (``head * E + expert``) and their sigmoid scores."""
+    every head and their sigmoid scores. ``index`` numbers them as rows of ``v``/``o`` (``head *
+    E + expert``), or within the head with ``global_index=False``."""
     if _all_chosen(core):
         scores = logits.sigmoid()
         index = torch.arange(core.n_experts, device=logits.device).expand_as(scores)
-        return _head_offsets(core, index), scores
-    # one kernel each way on CUDA; ties to the lower index, as dense_gates
-    return sigmoid_topk(logits, core.moe_k, drop=_dropped(core, logits), global_index=True)
+        return (_head_offsets(core, index) if global_index else index), scores
+    # one kernel each way on CUDA; the largest logits, ties to the lower index
+    return sigmoid_topk(logits, core.moe_k, drop=_dropped(core, logits), global_index=global_index)
 
 
 class ExpertPath:
@@ -120,13 +96,21 @@ class DenseGatedExperts(ExpertPath):
 
     def values(self, core, v_src, v_all, logits):
         assert v_all is not None  # fuses_values: the input projection computed every expert
-        gates = dense_gates(core, logits, "v").to(v_all.dtype)
-        return (v_all * gates.unsqueeze(-1)).sum(-2)
+        index, gate = self._choose(core, logits, "v")
+        return mix_experts(v_all, index, gate)
 
     def output(self, core, res, logits):
-        gates = dense_gates(core, logits, "o").to(res.dtype)  # [B, Tq, H, E]
-        mixed = res.unsqueeze(-2) * gates.unsqueeze(-1)  # [B, Tq, H, E, hs]
+        index, gate = self._choose(core, logits, "o")
+        mixed = spread_experts(res, index, gate, core.n_experts)  # [B, Tq, H, E, hs]
         return torch.matmul(mixed.flatten(-3), core._o_cols())
+
+    @staticmethod
+    def _choose(core, logits, key):
+        """Experts numbered within their head (the slots of ``v_all`` and of the spread)."""
+        index, gate = chosen_experts(core, logits, global_index=False)
+        if core.last_selection_index is not None:
+            _record(core, key, _head_offsets(core, index))
+        return index, gate
 
 
 class SparseExperts(ExpertPath):
