@@ -51,7 +51,8 @@ def profile_layer(name: str, make, seq: int, rows: int) -> str:
     kernel_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
     table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
     head = f"== {name}, T={seq}: wall {wall_ms:.3f} ms/step, GPU kernel time {kernel_ms:.3f} ms"
-    return f"{head}\n{table}"
+    host = events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70)
+    return f"{head}\n{table}\nBy host time (self CPU, inflated by the profiler):\n{host}"
 
 
 def main() -> int:

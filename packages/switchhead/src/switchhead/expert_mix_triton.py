@@ -12,7 +12,9 @@ A row is one (token, head); it has ``E`` expert slots of ``C`` channels and choo
   backward (``X`` = the mix's gradient, ``A`` = the values).
 
 Rows address their tensors through up to three leading dimensions with their own strides
-(``[B, T, H]`` views of a fused projection or of a transposed attention output need no copy).
+(``[B, T, H]`` views of a fused projection or of a transposed attention output need no copy);
+within a row the layout is dense (the launchers copy where it is not), and the channel count is a
+compile-time constant, so that rows whose starts are 16-byte aligned load and store in vectors.
 Products and sums are float32; ``out`` takes the input's dtype, ``dgate`` is float32.
 """
 
@@ -22,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_ROWS = 32
+# (rows per program, warps); ``config=`` of the launchers overrides it (benchmarks)
+CONFIG = (32, 4)
 
 
 @triton.jit
@@ -37,24 +40,25 @@ def _row_offsets(rows, D1, D2, s0, s1, s2):
 @triton.jit
 def _gather_kernel(
     A, IDX, GATE, B, OUT, DGATE,
-    R, D1, D2, C,
-    sa0, sa1, sa2, sae, sac,
-    sb0, sb1, sb2, sbc,
-    K: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    R, D1, D2,
+    sa0, sa1, sa2,
+    sb0, sb1, sb2,
+    C: tl.constexpr, K: tl.constexpr, HAS_B: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = tl.arange(0, BLOCK_C).to(tl.int64)
     row_ok = rows < R
     ok = row_ok[:, None] & (cols < C)[None, :]
-    a_rows = _row_offsets(rows, D1, D2, sa0, sa1, sa2)
+    a_rows = tl.multiple_of(_row_offsets(rows, D1, D2, sa0, sa1, sa2), ALIGN)
     if HAS_B:
-        b_off = _row_offsets(rows, D1, D2, sb0, sb1, sb2)[:, None] + cols[None, :] * sbc
-        b = tl.load(B + b_off, mask=ok, other=0.0).to(tl.float32)
+        b_rows = tl.multiple_of(_row_offsets(rows, D1, D2, sb0, sb1, sb2), ALIGN)
+        b = tl.load(B + b_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for j in tl.static_range(K):
         e = tl.load(IDX + rows * K + j, mask=row_ok, other=0).to(tl.int64)
         g = tl.load(GATE + rows * K + j, mask=row_ok, other=0.0).to(tl.float32)
-        a_off = (a_rows + e * sae)[:, None] + cols[None, :] * sac
+        a_off = tl.multiple_of(a_rows + e * C, ALIGN)[:, None] + cols[None, :]
         a = tl.load(A + a_off, mask=ok, other=0.0).to(tl.float32)
         acc += g[:, None] * a
         if HAS_B:
@@ -66,40 +70,47 @@ def _gather_kernel(
 @triton.jit
 def _spread_kernel(
     X, IDX, GATE, A, OUT, DGATE,
-    R, D1, D2, C, E,
-    sx0, sx1, sx2, sxc,
-    sa0, sa1, sa2, sae, sac,
-    K: tl.constexpr, HAS_A: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    R, D1, D2, E,
+    sx0, sx1, sx2,
+    sa0, sa1, sa2,
+    C: tl.constexpr, K: tl.constexpr, HAS_A: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     cols = tl.arange(0, BLOCK_C).to(tl.int64)
     slots = tl.arange(0, BLOCK_K)
     row_ok = rows < R
     ok = row_ok[:, None] & (cols < C)[None, :]
-    x_off = _row_offsets(rows, D1, D2, sx0, sx1, sx2)[:, None] + cols[None, :] * sxc
-    x = tl.load(X + x_off, mask=ok, other=0.0).to(tl.float32)
+    x_rows = tl.multiple_of(_row_offsets(rows, D1, D2, sx0, sx1, sx2), ALIGN)
+    x = tl.load(X + x_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
     k_ok = row_ok[:, None] & (slots < K)[None, :]
     chosen = tl.load(IDX + rows[:, None] * K + slots[None, :], mask=k_ok, other=-1)
     gates = tl.load(GATE + rows[:, None] * K + slots[None, :], mask=k_ok, other=0.0)
     out_rows = rows * E * C
     for e in range(E):
         w = tl.sum(tl.where(chosen == e, gates.to(tl.float32), 0.0), axis=1)
-        out_off = (out_rows + e * C)[:, None] + cols[None, :]
+        out_off = tl.multiple_of(out_rows + e * C, ALIGN)[:, None] + cols[None, :]
         tl.store(OUT + out_off, (w[:, None] * x).to(OUT.dtype.element_ty), mask=ok)
     if HAS_A:
-        a_rows = _row_offsets(rows, D1, D2, sa0, sa1, sa2)
+        a_rows = tl.multiple_of(_row_offsets(rows, D1, D2, sa0, sa1, sa2), ALIGN)
         for j in tl.static_range(K):
             e = tl.load(IDX + rows * K + j, mask=row_ok, other=0).to(tl.int64)
-            a_off = (a_rows + e * sae)[:, None] + cols[None, :] * sac
+            a_off = tl.multiple_of(a_rows + e * C, ALIGN)[:, None] + cols[None, :]
             a = tl.load(A + a_off, mask=ok, other=0.0).to(tl.float32)
             tl.store(DGATE + rows * K + j, tl.sum(a * x, axis=1), mask=row_ok)
 
 
 def _lead3(t: torch.Tensor, trailing: int) -> torch.Tensor:
-    """``t`` with exactly three leading dims before its ``trailing`` ones: size-1 dims prepended,
-    or the first ones merged (a copy only where they do not merge)."""
+    """``t`` with exactly three leading dims before its ``trailing`` ones, whose own layout is
+    dense (channels contiguous, slots ``C`` apart): size-1 dims prepended, or the first ones
+    merged (a copy only where they do not merge or the trailing layout is not dense)."""
     lead = t.dim() - trailing
+    dense_stride = 1
+    for size, stride in zip(reversed(t.shape[lead:]), reversed(t.stride()[lead:])):
+        if size > 1 and stride != dense_stride:
+            t = t.contiguous()
+            break
+        dense_stride *= size
     if lead <= 3:
         return t.reshape((1,) * (3 - lead) + tuple(t.shape))
     merged = t.shape[: lead - 2].numel()
@@ -109,12 +120,28 @@ def _lead3(t: torch.Tensor, trailing: int) -> torch.Tensor:
         return t.reshape(merged, *t.shape[lead - 2 :])
 
 
+def _alignment(c: int, *tensors: torch.Tensor) -> int:
+    """The largest of 8, 4, 2, 1 elements that divides ``c`` and every row stride and base
+    offset of ``tensors`` (three leading dims each): what the kernels may assume of row starts."""
+    for align in (8, 4, 2, 1):
+        if c % align == 0 and all(
+            t.storage_offset() % align == 0 and all(s % align == 0 for s in t.stride()[:3])
+            for t in tensors
+        ):
+            return align
+    return 1
+
+
 def _block_c(c: int) -> int:
     return max(16, triton.next_power_of_2(c))
 
 
 def gather(
-    a: torch.Tensor, index: torch.Tensor, gate: torch.Tensor, b: torch.Tensor | None
+    a: torch.Tensor,
+    index: torch.Tensor,
+    gate: torch.Tensor,
+    b: torch.Tensor | None,
+    config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``a [..., E, C]``, ``index``/``gate [..., K]``, ``b [..., C]`` or None ->
     ``(out [..., C] in a's dtype, dgate [..., K] float32 or None)``."""
@@ -126,19 +153,26 @@ def gather(
     out = torch.empty((*a.shape[:-2], c), device=a.device, dtype=a.dtype)
     dgate = torch.empty(idx.shape, device=a.device, dtype=torch.float32) if b is not None else None
     b3 = _lead3(b, 1) if b is not None else out.view(*a3.shape[:3], c)
-    grid = (triton.cdiv(rows, BLOCK_ROWS),)
+    block_r, warps = config or CONFIG
+    grid = (triton.cdiv(rows, block_r),)
     _gather_kernel[grid](
         a3, idx, g, b3, out, dgate if dgate is not None else g,
-        rows, a3.shape[1], a3.shape[2], c,
-        *a3.stride(),
-        *b3.stride(),
-        K=k, HAS_B=b is not None, BLOCK_R=BLOCK_ROWS, BLOCK_C=_block_c(c), num_warps=4,
+        rows, a3.shape[1], a3.shape[2],
+        *a3.stride()[:3],
+        *b3.stride()[:3],
+        C=c, K=k, HAS_B=b is not None, ALIGN=_alignment(c, a3, b3),
+        BLOCK_R=block_r, BLOCK_C=_block_c(c), num_warps=warps,
     )  # fmt: skip
     return out, None if dgate is None else dgate.view(index.shape)
 
 
 def spread(
-    x: torch.Tensor, index: torch.Tensor, gate: torch.Tensor, n_experts: int, a: torch.Tensor | None
+    x: torch.Tensor,
+    index: torch.Tensor,
+    gate: torch.Tensor,
+    n_experts: int,
+    a: torch.Tensor | None,
+    config: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x [..., C]``, ``index``/``gate [..., K]``, ``a [..., E, C]`` or None ->
     ``(out [..., E, C] in x's dtype, dgate [..., K] float32 or None)``."""
@@ -150,13 +184,15 @@ def spread(
     out = torch.empty((*x.shape[:-1], n_experts, c), device=x.device, dtype=x.dtype)
     dgate = torch.empty(idx.shape, device=x.device, dtype=torch.float32) if a is not None else None
     a3 = _lead3(a, 2) if a is not None else out.view(*x3.shape[:3], n_experts, c)
-    grid = (triton.cdiv(rows, BLOCK_ROWS),)
+    block_r, warps = config or CONFIG
+    grid = (triton.cdiv(rows, block_r),)
     _spread_kernel[grid](
         x3, idx, g, a3, out, dgate if dgate is not None else g,
-        rows, x3.shape[1], x3.shape[2], c, n_experts,
-        *x3.stride(),
-        *a3.stride(),
-        K=k, HAS_A=a is not None, BLOCK_R=BLOCK_ROWS, BLOCK_C=_block_c(c),
-        BLOCK_K=max(2, triton.next_power_of_2(k)), num_warps=4,
+        rows, x3.shape[1], x3.shape[2], n_experts,
+        *x3.stride()[:3],
+        *a3.stride()[:3],
+        C=c, K=k, HAS_A=a is not None, ALIGN=_alignment(c, x3, a3),
+        BLOCK_R=block_r, BLOCK_C=_block_c(c), BLOCK_K=max(2, triton.next_power_of_2(k)),
+        num_warps=warps,
     )  # fmt: skip
     return out, None if dgate is None else dgate.view(index.shape)

@@ -41,6 +41,36 @@ def _all_chosen(core: SwitchHeadCore) -> bool:
     return core.moe_k == core.n_experts and not (core.expert_dropout > 0 and core.training)
 
 
+def dense_gates(core: SwitchHeadCore, logits: torch.Tensor, key: str | None = None) -> torch.Tensor:
+    """``logits [..., H, E]`` -> gates ``[..., H, E]``: the score of chosen experts, else 0.
+
+    The choice is :func:`chosen_experts`': the ``moe_k`` largest logits (dropped experts last,
+    the lower index among equals). The dense path's formulation for ``torch.compile``: ranking
+    by pairwise comparison and weighting with plain multiplies, which Inductor fuses (in eager
+    mode :mod:`switchhead.expert_mix`'s kernels do better). ``key`` (``"v"``/``"o"``): where the
+    layer records its choice (see ``record_selection_index``).
+    """
+    scores = logits.sigmoid()
+    recording = key is not None and core.last_selection_index is not None
+    if _all_chosen(core):
+        if recording:
+            every = torch.arange(core.n_experts, device=logits.device).expand_as(scores)
+            _record(core, key, _head_offsets(core, every))
+        return scores
+    ranked = logits.detach()
+    drop = _dropped(core, logits)
+    if drop is not None:
+        ranked = ranked.masked_fill(drop, float("-inf"))
+    e = core.n_experts
+    earlier = torch.ones(e, e, dtype=torch.bool, device=scores.device).tril(-1)
+    a, b = ranked.unsqueeze(-1), ranked.unsqueeze(-2)  # a: expert i, b: expert j
+    beaten_by = (b > a) | ((b == a) & earlier)  # [..., i, j]: j ranks before i
+    rank = beaten_by.sum(-1)  # a permutation of 0..E-1 per row
+    if recording:
+        _record(core, key, _head_offsets(core, rank.argsort(-1)[..., : core.moe_k]))
+    return scores * (rank < core.moe_k)
+
+
 def _head_offsets(core: SwitchHeadCore, index: torch.Tensor) -> torch.Tensor:
     """Expert numbers ``[..., H, k]`` of each head -> ``head * E + expert``."""
     e = core.n_experts
@@ -96,12 +126,19 @@ class DenseGatedExperts(ExpertPath):
 
     def values(self, core, v_src, v_all, logits):
         assert v_all is not None  # fuses_values: the input projection computed every expert
+        if torch.compiler.is_compiling():
+            gates = dense_gates(core, logits, "v").to(v_all.dtype)
+            return (v_all * gates.unsqueeze(-1)).sum(-2)
         index, gate = self._choose(core, logits, "v")
         return mix_experts(v_all, index, gate)
 
     def output(self, core, res, logits):
-        index, gate = self._choose(core, logits, "o")
-        mixed = spread_experts(res, index, gate, core.n_experts)  # [B, Tq, H, E, hs]
+        if torch.compiler.is_compiling():
+            gates = dense_gates(core, logits, "o").to(res.dtype)  # [B, Tq, H, E]
+            mixed = res.unsqueeze(-2) * gates.unsqueeze(-1)  # [B, Tq, H, E, hs]
+        else:
+            index, gate = self._choose(core, logits, "o")
+            mixed = spread_experts(res, index, gate, core.n_experts)
         return torch.matmul(mixed.flatten(-3), core._o_cols())
 
     @staticmethod

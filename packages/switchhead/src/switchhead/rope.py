@@ -3,10 +3,14 @@
 The rotation is written as one permutation and two multiplies,
 ``y = x * C + x[..., perm] * S``, with ``C``/``S`` tables that are the identity on the channels
 that are not rotated, so it works for any head size, padded heads included. Its backward is the
-inverse rotation (three kernels), not autograd's slice/cat bookkeeping.
+inverse rotation (three kernels), not autograd's slice/cat bookkeeping. On CUDA (outside
+``torch.compile``, whose Inductor fuses the three) each way is one Triton pass
+(:mod:`switchhead.rope_triton`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -26,6 +30,47 @@ class _Rotate(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
+class _RotateTriton(torch.autograd.Function):
+    """:class:`_Rotate` as one kernel each way; ``x [outer, T, inner, hs]``."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, offset, n_rotate):
+        from .rope_triton import rotate
+
+        ctx.save_for_backward(cos, sin)
+        ctx.settings = (offset, n_rotate)
+        return rotate(x, cos, sin, offset, n_rotate, inverse=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from .rope_triton import rotate
+
+        cos, sin = ctx.saved_tensors
+        offset, n_rotate = ctx.settings
+        grad4 = grad if grad.stride(-1) == 1 else grad.contiguous()
+        return rotate(grad4, cos, sin, offset, n_rotate, inverse=True), None, None, None, None
+
+
+def _kernel_view(x: torch.Tensor, seq_dim: int, backend: str | None) -> torch.Tensor | None:
+    """``x`` as ``[outer, T, inner, hs]`` without a copy where the Triton kernel runs for it,
+    else ``None``: ``backend=None`` on CUDA, ``"triton"`` also on CPU under
+    ``TRITON_INTERPRET=1``; 16/32-bit floats; not while compiling."""
+    if backend == "reference" or torch.compiler.is_compiling():
+        return None
+    interpreting = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if x.device.type != "cuda" and not interpreting:
+        return None
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.stride(-1) != 1:
+        return None
+    shape = x.shape
+    try:
+        view = x.view(shape[:seq_dim].numel(), shape[seq_dim], shape[seq_dim + 1 : -1].numel(), -1)
+        from . import rope_triton  # noqa: F401  (Triton is optional off Linux)
+    except (RuntimeError, ImportError):
+        return None
+    return view
+
+
 class RotaryEmbedding(torch.nn.Module):
     """RoPE with the "rotate half" pairing (channel ``c`` with ``c + n_rotate/2``).
 
@@ -33,13 +78,25 @@ class RotaryEmbedding(torch.nn.Module):
         n_rotate: rotated channels per head (even; the others pass through unchanged).
         base: frequency base (channel pair ``c`` turns by ``position * base**(-2c/n_rotate)``).
         head_size: channels per head (``>= n_rotate``; default ``n_rotate``).
+        backend: ``None`` (a Triton pass each way on CUDA, PyTorch ops elsewhere),
+            ``"reference"`` (PyTorch ops) or ``"triton"`` (also on CPU under
+            ``TRITON_INTERPRET=1``; PyTorch ops where the kernel does not take the input).
     """
 
     perm: torch.Tensor  # buffers (registered in __init__)
     inv_perm: torch.Tensor
 
-    def __init__(self, n_rotate: int, base: float = 10000.0, head_size: int | None = None):
+    def __init__(
+        self,
+        n_rotate: int,
+        base: float = 10000.0,
+        head_size: int | None = None,
+        backend: str | None = None,
+    ):
         super().__init__()
+        if backend not in (None, "reference", "triton"):
+            raise ValueError(f"backend must be None, 'reference' or 'triton', got {backend!r}")
+        self.backend = backend
         head_size = n_rotate if head_size is None else head_size
         if n_rotate % 2 or n_rotate < 0:
             raise ValueError(f"n_rotate must be even and >= 0, got {n_rotate}")
@@ -103,6 +160,9 @@ class RotaryEmbedding(torch.nn.Module):
         seq_dim = dim
         n = x.shape[seq_dim]
         cos, sin = self._cos_sin(offset + n, x.device, x.dtype)
+        view = _kernel_view(x, seq_dim, self.backend) if x.numel() else None
+        if view is not None:
+            return _RotateTriton.apply(view, cos, sin, offset, self.n_rotate).view(x.shape)
         shape = (n,) + (1,) * (x.dim() - seq_dim - 2) + (self.head_size,)
         cos = cos[offset : offset + n].view(shape)
         sin = sin[offset : offset + n].view(shape)

@@ -1,0 +1,76 @@
+"""Triton kernel of :class:`switchhead.rope.RotaryEmbedding`: the rotation in one pass each way.
+
+``y = x * C + SIGN * x[..., partner] * S`` per row of ``head_size`` channels, where channel ``c``
+of the first ``n_rotate`` pairs with ``c +- n_rotate / 2`` (the others with themselves, where
+``C = 1`` and ``S = 0``) and ``C``, ``S`` are the module's tables at the row's position. The
+forward takes ``SIGN = 1``; the backward (the inverse rotation) ``SIGN = -1``, because
+``S[partner] = -S`` for the rotate-half pairing. Rows address ``x`` as ``[outer, T, inner]`` with
+their own strides (the ``[B, T, 2, H, hs]`` view of a fused projection needs no copy); products in
+float32, ``y`` contiguous in ``x``'s dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# (rows per program, warps)
+CONFIG = (16, 4)
+
+
+@triton.jit
+def _rope_kernel(
+    X, COS, SIN, Y,
+    R, N, INNER, offset,
+    sx0, sx1, sx2,
+    HS: tl.constexpr, N_ROT: tl.constexpr, SIGN: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    half: tl.constexpr = N_ROT // 2
+    partner = tl.where(cols < half, cols + half, tl.where(cols < N_ROT, cols - half, cols))
+    inner = rows % INNER
+    t = (rows // INNER) % N
+    x_rows = tl.multiple_of((rows // (INNER * N)) * sx0 + t * sx1 + inner * sx2, ALIGN)
+    ok = (rows < R)[:, None] & (cols < HS)[None, :]
+    x = tl.load(X + x_rows[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    xp = tl.load(X + x_rows[:, None] + partner[None, :], mask=ok, other=0.0).to(tl.float32)
+    table = (offset + t) * HS
+    c = tl.load(COS + table[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    s = tl.load(SIN + table[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    y = x * c + SIGN * (xp * s)
+    tl.store(Y + rows[:, None] * HS + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+
+
+def rotate(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    offset: int,
+    n_rotate: int,
+    inverse: bool,
+    config: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``x [outer, T, inner, hs]`` (channels contiguous), tables ``[L, hs]`` (contiguous, ``L >=
+    offset + T``) -> ``y`` of ``x``'s shape, contiguous."""
+    outer, n, inner, hs = x.shape
+    y = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    rows = outer * n * inner
+    if rows == 0:
+        return y
+    align = next(
+        a
+        for a in (8, 4, 2, 1)
+        if hs % a == 0 and x.storage_offset() % a == 0 and all(s % a == 0 for s in x.stride()[:3])
+    )
+    block_r, warps = config or CONFIG
+    _rope_kernel[(triton.cdiv(rows, block_r),)](
+        x, cos, sin, y,
+        rows, n, inner, offset,
+        *x.stride()[:3],
+        HS=hs, N_ROT=n_rotate, SIGN=-1.0 if inverse else 1.0, ALIGN=align,
+        BLOCK_R=block_r, BLOCK_C=max(16, triton.next_power_of_2(hs)), num_warps=warps,
+    )  # fmt: skip
+    return y
