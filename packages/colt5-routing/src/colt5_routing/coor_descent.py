@@ -171,14 +171,20 @@ def check_mask(mask: Tensor | None, s: Tensor) -> Tensor | None:
     return mask
 
 
+def _check_rows(t: Tensor, name: str) -> None:
+    """Raise a clear error, naming ``t`` as ``name``, unless it is a floating point tensor
+    ``[..., n]`` (the scores of :func:`coor_descent` and the input of :func:`topk`)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating point tensor, got {t.dtype}")
+    if t.ndim < 1:
+        raise ValueError(f"{name} must have at least one dimension [..., n], got a scalar")
+
+
 def check_scores(s: Tensor) -> None:
     """Raise a clear error unless ``s`` is a floating point tensor ``[..., n]``."""
-    if not isinstance(s, Tensor):
-        raise TypeError(f"s must be a tensor, got {type(s).__name__}")
-    if not s.is_floating_point():
-        raise TypeError(f"s must be a floating point tensor, got {s.dtype}")
-    if s.ndim < 1:
-        raise ValueError("s must have at least one dimension [..., n], got a scalar")
+    _check_rows(s, "s")
 
 
 def check_inputs(
@@ -386,12 +392,7 @@ def topk(
     """
     alias = None if fused is None else f"fused={fused!r}"
     backend = backend_with_alias(backend, alias, AUTO_TRITON if fused else "reference")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
-    if x.ndim < 1:
-        raise ValueError("x must have at least one dimension [..., n], got a scalar")
+    _check_rows(x, "x")
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if not 0 < k <= x.shape[-1]:
