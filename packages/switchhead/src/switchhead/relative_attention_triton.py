@@ -331,6 +331,29 @@ def _scratch(programs: int, block: int, n_k: int, dtype: torch.dtype, device) ->
     return torch.empty(programs, block, width, device=device, dtype=dtype)
 
 
+def _plan(
+    kernel: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | None,
+    config: tuple[int, int, int, int] | None,
+) -> tuple:
+    """What the forward and the backward (``kernel``) set up alike before their launch:
+    ``(d_pad, dv_pad, block, warps, stages, keep, keep_strides, n_work, programs, scratch)``,
+    with ``config`` (default from ``CONFIGS``), ``keep`` as the kernels take it, the work items
+    of the persistent grid, its programs and one scratch block per program."""
+    b, h, n_q = q.shape[:3]
+    n_k = k.shape[2]
+    d_pad, dv_pad, both = _head_blocks(q, v)
+    block, warps, stages, per_sm = config or _config(kernel, both, q.dtype)
+    keep_t, keep_strides = _keep_args(keep, (b, h, n_q, n_k))
+    n_work = b * h * triton.cdiv(n_q, block)
+    programs = _grid(n_work, per_sm, q.device)
+    scratch = _scratch(programs, block, n_k, q.dtype, q.device)
+    return d_pad, dv_pad, block, warps, stages, keep_t, keep_strides, n_work, programs, scratch
+
+
 def relative_attention_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -357,12 +380,9 @@ def relative_attention_fwd(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    d_pad, dv_pad, both = _head_blocks(q, v)
-    block, warps, stages, per_sm = config or _config("fwd", both, q.dtype)
-    keep_t, keep_strides = _keep_args(keep, (b, h, n_q, n_k))
-    n_work = b * h * triton.cdiv(n_q, block)
-    programs = _grid(n_work, per_sm, q.device)
-    scratch = _scratch(programs, block, n_k, q.dtype, q.device)
+    d_pad, dv_pad, block, warps, stages, keep_t, keep_strides, n_work, programs, scratch = _plan(
+        "fwd", q, k, v, keep, config
+    )
     _fwd_kernel[(programs,)](
         q, k, v, r, keep_t if keep_t is not None else lse, out, lse, scratch,
         *_strides(q), *_strides(k), *_strides(v), *_strides(r, 3), *keep_strides, *_strides(out),
@@ -397,12 +417,9 @@ def relative_attention_bwd(
     dk = torch.zeros(b, h, n_k, d, device=q.device, dtype=torch.float32)
     dv = torch.zeros(b, h, n_k, d_v, device=q.device, dtype=torch.float32)
     delta = (out.to(torch.float32) * grad.to(torch.float32)).sum(-1).contiguous()
-    d_pad, dv_pad, both = _head_blocks(q, v)
-    block, warps, stages, per_sm = config or _config("bwd", both, q.dtype)
-    keep_t, keep_strides = _keep_args(keep, (b, h, n_q, n_k))
-    n_work = b * h * triton.cdiv(n_q, block)
-    programs = _grid(n_work, per_sm, q.device)
-    pos = _scratch(programs, block, n_k, q.dtype, q.device)
+    d_pad, dv_pad, block, warps, stages, keep_t, keep_strides, n_work, programs, pos = _plan(
+        "bwd", q, k, v, keep, config
+    )
     ds = torch.empty_like(pos)
     _bwd_kernel[(programs,)](
         q, k, v, r, keep_t if keep_t is not None else lse, grad, lse, delta, dq, dk, dv, dr,
