@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from .moe_ops import Routing, _config, _per_expert, _per_expert_outer, routing_impl
-from .shared_grads import grad_buffer, settle
+from .moe_ops import Routing, _config, _per_expert, _per_expert_outer, _weight_grad, routing_impl
+from .shared_grads import settle
 from .weight_cache import cast_weight
 
 
@@ -125,7 +125,6 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
 
     need_x, need_gate, need_w = need
     wc = cast_weight(w, x.dtype)
-    d_in = x.shape[1]
     # z = dy[o(s)] @ W^T: g * z summed into the input row's gradient; the gate's gradient from
     # the saved products, or <z, x[a(s)]> in the same kernel
     saved = y.shape[0] > 0
@@ -141,21 +140,20 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
         dgate = dgate.to(gate.dtype)
     if not need_w:
         return dx if need_x else None, dgate, None
-    dw, accumulate = grad_buffer(shared, w)
-    kt.moe_weight_grad(
+    dw = _weight_grad(
         x,
         dy,
-        dw,
+        w,
+        shared,
         r,
         a_div,
+        "grad_w_linear",
         a_gather=True,
         b_gather=True,
         gate=gate,
         b_div=out_div,
-        accumulate=accumulate,
-        config=_config("grad_w_linear", d_in, dy.shape[1]),
     )
-    return dx if need_x else None, dgate, settle(shared, dw, True)
+    return dx if need_x else None, dgate, dw
 
 
 def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend):

@@ -295,6 +295,31 @@ def _token_sums(a, w, r: Routing, top_k, tokens, role, deterministic, gate=None)
     return out.view(tokens, top_k, n).sum(1) if deterministic else out.to(a.dtype)
 
 
+def _weight_grad(a, b, w, shared, r: Routing, top_k, role, *, a_gather, b_gather, gate=None,
+                 b_div=None):  # fmt: skip
+    """The gradient of the expert weights ``w [E, K, N]`` from the rows ``a [., K]`` and
+    ``b [., N]`` (:func:`~cvmm_kernel.moe_triton.moe_weight_grad` with the settings of ``role``),
+    computed into ``shared``'s buffer where that sums the weight's gradient over its uses.
+    Returns what the backward gives autograd for ``w`` (:func:`~.shared_grads.settle`)."""
+    from . import moe_triton as kt
+
+    dw, accumulate = grad_buffer(shared, w)
+    kt.moe_weight_grad(
+        a,
+        b,
+        dw,
+        r,
+        top_k,
+        a_gather=a_gather,
+        b_gather=b_gather,
+        gate=gate,
+        b_div=b_div,
+        accumulate=accumulate,
+        config=_config(role, w.shape[1], w.shape[2]),
+    )
+    return settle(shared, dw, True)
+
+
 # ``overlap``: run the input gradient's products and k-sum on a side stream while the weight
 # gradients run (benchmarks/ab_moe_variants.py times it both ways).
 BACKWARD_SCHEDULE = {"overlap": True}
@@ -313,7 +338,7 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
     from . import moe_triton as kt
 
     wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
-    tokens, d_in = x.shape
+    tokens = x.shape[0]
     n, hid, d_out = tokens * top_k, w_up.shape[2], w_down.shape[2]
     cfg = _config("grad_hidden", d_out, hid)
     dgate_parts = torch.empty(-(-hid // cfg[0]), n, dtype=torch.float32, device=x.device)
@@ -347,35 +372,16 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         side.wait_stream(main)
     with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
         dx = _token_sums(du, wu.transpose(1, 2), r, top_k, tokens, "grad_input", deterministic)
-    dw_down, add_down = grad_buffer(shared[1], w_down)
-    kt.moe_weight_grad(
-        h,
-        dy,
-        dw_down,
-        r,
-        top_k,
-        a_gather=False,
-        b_gather=True,
-        gate=gate,
-        accumulate=add_down,
-        config=_config("grad_w_down", hid, d_out),
+    dw_down = _weight_grad(
+        h, dy, w_down, shared[1], r, top_k, "grad_w_down", a_gather=False, b_gather=True, gate=gate
     )
-    dw_up, add_up = grad_buffer(shared[0], w_up)
-    kt.moe_weight_grad(
-        x,
-        du,
-        dw_up,
-        r,
-        top_k,
-        a_gather=True,
-        b_gather=False,
-        accumulate=add_up,
-        config=_config("grad_w_up", d_in, hid),
+    dw_up = _weight_grad(
+        x, du, w_up, shared[0], r, top_k, "grad_w_up", a_gather=True, b_gather=False
     )
     if overlap:
         main.wait_stream(side)
         dx.record_stream(main)  # made on the side stream, used on the main one from here
-    return dx, dgate, settle(shared[0], dw_up, True), settle(shared[1], dw_down, True)
+    return dx, dgate, dw_up, dw_down
 
 
 # ----- dispatch to a backend (shared by the custom ops and the eager Function) -----
