@@ -20,11 +20,10 @@ import cProfile
 import io
 import pstats
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-from bench_harness import require_cuda, write_text
+from bench_harness import profile_steps, require_cuda, write_text
 from moeut import MoEUTLM, profiles
 from torch.profiler import ProfilerActivity, profile
 
@@ -52,20 +51,12 @@ def main() -> int:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, n = time.perf_counter(), 10
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) / n * 1e3
-    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-    with profile(activities=activities, record_shapes=args.by_shape) as prof:
-        step()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    kernel_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+    wall_ms, kernel_ms, events = profile_steps(step)
+    if args.by_shape:  # one more profiled step, recording input shapes
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=activities, record_shapes=True) as prof:
+            step()
+            torch.cuda.synchronize()
     text = "\n".join(
         [
             f"{args.profile}{' compiled' if args.compile else ''} training step on "

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from bench_harness import require_cuda, write_text
+from bench_harness import profile_steps, require_cuda, write_text
 from bench_switchhead import DenseMHA, variants
-from torch.profiler import ProfilerActivity, profile
 
 
 def profile_layer(name: str, make, seq: int, rows: int) -> str:
@@ -36,19 +34,7 @@ def profile_layer(name: str, make, seq: int, rows: int) -> str:
         layer.zero_grad(set_to_none=True)
         x.grad = None
 
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    start, n = time.perf_counter(), 10
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - start) / n * 1e3
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    events = prof.key_averages()
-    kernel_ms = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+    wall_ms, kernel_ms, events = profile_steps(step)
     table = events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70)
     head = f"== {name}, T={seq}: wall {wall_ms:.3f} ms/step, GPU kernel time {kernel_ms:.3f} ms"
     host = events.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70)

@@ -16,6 +16,7 @@ from bench_harness import (
     median_ms,
     metadata,
     peak_mib,
+    profile_steps,
     ratios_to_baseline,
     require_cuda,
     results_dir,
@@ -207,3 +208,18 @@ def test_host_us_times_each_call_after_an_untimed_one():
     calls = []
     us = host_us(lambda: calls.append(1), calls=7, rounds=3)
     assert len(calls) == 1 + 7 * 3 and us > 0
+
+
+@pytest.mark.gpu
+def test_profile_steps_counts_the_kernels_of_one_step() -> None:
+    x = torch.randn(512, 512, device="cuda")
+    calls = []
+
+    def step() -> None:
+        calls.append(1)
+        x @ x
+
+    wall_ms, kernel_ms, events = profile_steps(step, warmup_steps=2, timed_steps=4)
+    assert len(calls) == 2 + 4 + 1  # warm-up, timed, profiled
+    assert wall_ms > 0 and kernel_ms > 0
+    assert any("mm" in e.key for e in events)

@@ -21,9 +21,9 @@ the kernels do not check them. Internal to the layer; not part of the package's 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .triton_support import kernels_can_run
 
 
 def _acc_dtype(*ts: torch.Tensor) -> torch.dtype:
@@ -60,52 +60,37 @@ def _kernels():
     return expert_mix_triton
 
 
-class _MixExperts(torch.autograd.Function):
+class _GatedRows(torch.autograd.Function):
+    """Both functions' Triton path; each one's backward is the other one's kernel. ``n_experts``
+    None: :func:`mix_experts` (``rows`` = values ``[..., E, C]``); else :func:`spread_experts`
+    (``rows`` = ``x [..., C]``)."""
+
     @staticmethod
-    def forward(ctx, values, index, gate):
-        out, _ = _kernels().gather(values, index, gate, None)
-        ctx.save_for_backward(values, index, gate)
+    def forward(ctx, rows, index, gate, n_experts):
+        kernels = _kernels()
+        if n_experts is None:
+            out, _ = kernels.gather(rows, index, gate, None)
+        else:
+            out, _ = kernels.spread(rows, index, gate, n_experts, None)
+        ctx.save_for_backward(rows, index, gate)
+        ctx.n_experts = n_experts
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        values, index, gate = ctx.saved_tensors
-        want_gate = ctx.needs_input_grad[2]
-        dvalues, dgate = _kernels().spread(
-            grad, index, gate, values.shape[-2], values if want_gate else None
-        )
-        return dvalues, None, None if dgate is None else dgate.to(gate.dtype)
-
-
-class _SpreadExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, index, gate, n_experts):
-        out, _ = _kernels().spread(x, index, gate, n_experts, None)
-        ctx.save_for_backward(x, index, gate)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, index, gate = ctx.saved_tensors
-        want_gate = ctx.needs_input_grad[2]
-        dx, dgate = _kernels().gather(grad, index, gate, x if want_gate else None)
-        return dx, None, None if dgate is None else dgate.to(gate.dtype), None
+        rows, index, gate = ctx.saved_tensors
+        other = rows if ctx.needs_input_grad[2] else None  # the gate's gradient only if asked
+        if ctx.n_experts is None:
+            drows, dgate = _kernels().spread(grad, index, gate, rows.shape[-2], other)
+        else:
+            drows, dgate = _kernels().gather(grad, index, gate, other)
+        return drows, None, None if dgate is None else dgate.to(gate.dtype), None
 
 
 def kernels_run(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels run for ``t`` (CUDA, or CPU under ``TRITON_INTERPRET=1``;
-    16/32-bit floats; not while ``torch.compile`` traces)."""
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    try:  # Triton is optional off Linux
-        _kernels()
-    except ImportError:
-        return False
-    return True
+    """Whether the Triton kernels run for ``t`` (:func:`~.triton_support.kernels_can_run`, and
+    not while ``torch.compile`` traces)."""
+    return kernels_can_run(t) and not torch.compiler.is_compiling()
 
 
 def _use_kernels(rows: torch.Tensor, index: torch.Tensor, backend: str | None) -> bool:
@@ -146,7 +131,7 @@ def mix_experts(
     _check(values, index, gate, values.dim() - 2)
     if not _use_kernels(values, index, backend):
         return reference_mix_experts(values, index, gate)
-    return _MixExperts.apply(values, index, gate)
+    return _GatedRows.apply(values, index, gate, None)
 
 
 def spread_experts(
@@ -163,4 +148,4 @@ def spread_experts(
     _check(x, index, gate, x.dim() - 1)
     if not _use_kernels(x, index, backend):
         return reference_spread_experts(x, index, gate, n_experts)
-    return _SpreadExperts.apply(x, index, gate, n_experts)
+    return _GatedRows.apply(x, index, gate, n_experts)

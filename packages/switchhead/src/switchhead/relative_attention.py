@@ -19,15 +19,14 @@ of ``k``, ``v`` and ``r`` with atomics); otherwise ``"reference"``.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from .masks import causal_keep_mask
+from .triton_support import KERNEL_DTYPES, kernels_can_run
 
 BACKENDS = ("reference", "triton")
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_KERNEL_DTYPES = KERNEL_DTYPES
 MAX_HEAD_DIM = 256
 
 
@@ -149,17 +148,9 @@ def _kernels_take(q: torch.Tensor, v: torch.Tensor) -> bool:
 def kernel_supports(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:
     """Whether ``backend=None`` would run ``q`` (and its k, v, r; ``v`` defaults to ``q``'s
     head size) on the Triton kernels."""
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not kernels_can_run(q) or not _kernels_take(q, q if v is None else v):
         return False
-    if not _kernels_take(q, q if v is None else v):
-        return False
-    if torch.are_deterministic_algorithms_enabled():
-        return False
-    try:  # Triton is optional off Linux
-        _kernels()
-    except ImportError:
-        return False
-    return True
+    return not torch.are_deterministic_algorithms_enabled()
 
 
 def _check(q, k, v, r, keep, scale, backend) -> None:

@@ -10,9 +10,9 @@ inverse rotation (three kernels), not autograd's slice/cat bookkeeping. On CUDA 
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from .triton_support import kernels_can_run
 
 
 class _Rotate(torch.autograd.Function):
@@ -55,20 +55,15 @@ def _kernel_view(x: torch.Tensor, seq_dim: int, backend: str | None) -> torch.Te
     """``x`` as ``[outer, T, inner, hs]`` without a copy where the Triton kernel runs for it,
     else ``None``: ``backend=None`` on CUDA, ``"triton"`` also on CPU under
     ``TRITON_INTERPRET=1``; 16/32-bit floats; not while compiling."""
-    if backend == "reference" or torch.compiler.is_compiling():
+    if backend == "reference" or torch.compiler.is_compiling() or x.stride(-1) != 1:
         return None
-    interpreting = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
-    if x.device.type != "cuda" and not interpreting:
-        return None
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.stride(-1) != 1:
+    if not kernels_can_run(x) or (backend is None and x.device.type != "cuda"):
         return None
     shape = x.shape
     try:
-        view = x.view(shape[:seq_dim].numel(), shape[seq_dim], shape[seq_dim + 1 : -1].numel(), -1)
-        from . import rope_triton  # noqa: F401  (Triton is optional off Linux)
-    except (RuntimeError, ImportError):
+        return x.view(shape[:seq_dim].numel(), shape[seq_dim], shape[seq_dim + 1 : -1].numel(), -1)
+    except RuntimeError:  # dims that do not merge
         return None
-    return view
 
 
 class RotaryEmbedding(torch.nn.Module):

@@ -31,6 +31,7 @@ __all__ = [
     "median_ms",
     "metadata",
     "peak_mib",
+    "profile_steps",
     "ratios_to_baseline",
     "require_cuda",
     "results_dir",
@@ -137,6 +138,32 @@ def host_us(fn: Callable[[], object], *, calls: int = 50, rounds: int = 5) -> fl
         times.append((time.perf_counter() - start) / calls * 1e6)
     sync()
     return statistics.median(times)
+
+
+def profile_steps(
+    step: Callable[[], object], *, warmup_steps: int = 3, timed_steps: int = 10
+) -> tuple[float, float, Any]:
+    """Wall time per ``step`` in milliseconds (``timed_steps`` back to back after
+    ``warmup_steps``, synchronised), then one step under ``torch.profiler`` (CPU and CUDA).
+    Returns ``(wall_ms, kernel_ms, events)``: ``kernel_ms`` the summed GPU time of that step's
+    kernels, ``events`` its ``key_averages()`` for tables. Wall time well above kernel time means
+    the host bounds the step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup_steps):
+        step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(timed_steps):
+        step()
+    torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - start) / timed_steps * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
+    return wall_ms, kernel_us / 1e3, events
 
 
 def peak_mib(fn: Callable[[], object], *, baseline_bytes: int | None = None) -> float:
