@@ -14,6 +14,7 @@ from bench_harness import (
     graph_replay,
     host_us,
     median_ms,
+    median_ms_and_peak_mib,
     metadata,
     peak_mib,
     profile_steps,
@@ -202,6 +203,50 @@ def test_median_ms_is_a_positive_time(cuda_graph: bool) -> None:
     ms = median_ms(lambda: x @ x, warmup=1, rep=5, cuda_graph=cuda_graph)
     assert isinstance(ms, float)
     assert 0 < ms < 1e3
+
+
+def test_median_ms_and_peak_mib_reads_the_peak_of_the_whole_timing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On CPU, with the CUDA calls and the timer recorded: the peak is reset before the timing
+    and read after it, all of it (no baseline subtracted)."""
+    import bench_harness
+
+    events: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: events.append("reset"))
+
+    def max_memory_allocated() -> int:
+        events.append("peak")
+        return 3 * 2**20
+
+    def timer(fn, *, warmup: int, rep: int, cuda_graph: bool) -> float:
+        events.append(("time", warmup, rep, cuda_graph))
+        fn()
+        return 1.5
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", max_memory_allocated)
+    monkeypatch.setattr(bench_harness, "median_ms", timer)
+    result = median_ms_and_peak_mib(lambda: events.append("call"), warmup=2, rep=3)
+    assert result == (1.5, 3.0)
+    assert events == ["sync", "reset", ("time", 2, 3, False), "call", "sync", "peak"]
+    events.clear()
+    median_ms_and_peak_mib(lambda: None, warmup=1, rep=1, cuda_graph=True)
+    assert ("time", 1, 1, True) in events
+
+
+@pytest.mark.gpu
+def test_median_ms_and_peak_mib_counts_what_is_alive_while_timing() -> None:
+    pytest.importorskip("triton")
+    kept = torch.empty(2**22, device="cuda")  # 16 MiB alive during the timing
+
+    def allocate_8_mib() -> None:
+        torch.empty(2**21, device="cuda")
+
+    ms, mib = median_ms_and_peak_mib(allocate_8_mib, warmup=1, rep=5)
+    assert 0 < ms < 1e3
+    assert mib >= 16.0 + 8.0
+    del kept
 
 
 def test_host_us_times_each_call_after_an_untimed_one():

@@ -29,6 +29,7 @@ __all__ = [
     "graph_replay",
     "host_us",
     "median_ms",
+    "median_ms_and_peak_mib",
     "metadata",
     "peak_mib",
     "profile_steps",
@@ -116,6 +117,24 @@ def median_ms(
 
     timed = graph_replay(fn) if cuda_graph else fn
     return float(triton.testing.do_bench(timed, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def median_ms_and_peak_mib(
+    fn: Callable[[], object], *, warmup: int, rep: int, cuda_graph: bool = False
+) -> tuple[float, float]:
+    """:func:`median_ms` of ``fn`` and the peak CUDA memory allocated while it was timed, in MiB.
+
+    Synchronises and resets the peak statistics, times ``fn`` as :func:`median_ms` does
+    (``warmup``, ``rep`` and ``cuda_graph`` as there), then reads the peak. Unlike
+    :func:`peak_mib` the peak counts everything allocated: ``fn``'s inputs and whatever else is
+    alive, and the timer's own buffers (``do_bench`` allocates a 256 MiB buffer to flush the L2
+    cache, a CUDA graph its memory pool), so compare it only between rows timed alike.
+    """
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = median_ms(fn, warmup=warmup, rep=rep, cuda_graph=cuda_graph)
+    torch.cuda.synchronize()
+    return ms, torch.cuda.max_memory_allocated() / _MIB
 
 
 def host_us(fn: Callable[[], object], *, calls: int = 50, rounds: int = 5) -> float:
