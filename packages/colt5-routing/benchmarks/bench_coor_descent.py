@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import sys
+from collections.abc import Callable
 
 import torch
 from bench_harness import (
     environment_line,
-    median_ms,
+    median_ms_and_peak_mib,
     metadata,
+    ratios_to_baseline,
     require_cuda,
     table_header,
     write_results,
@@ -24,20 +27,17 @@ from bench_harness import (
 
 ROWS, N, K, ITERS, SEGMENTS = 16, 32768, 1024, 50, 4
 EPS = dict(eps=0.03, eps_init=4.0, eps_decay=0.7)
+# launch caps of our kernels, (max_block, num_warps), passed to each call (CONFIG is left alone)
+LAUNCHES = [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (16384, 32)]
 
 
-def bench(fn, quick: bool) -> tuple[float, float]:
-    """Median ms (triton.testing.do_bench) and the peak memory in MiB allocated while it times
-    ``fn`` (all of it, inputs included: not the harness's ``peak_mib`` of one call)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    ms = median_ms(fn, warmup=5 if quick else 25, rep=20 if quick else 100)
-    return ms, torch.cuda.max_memory_allocated() / 2**20
+def timing(quick: bool) -> dict[str, int]:
+    """do_bench's budgets (ms of warm-up and of timed calls)."""
+    return dict(warmup=5, rep=20) if quick else dict(warmup=25, rep=100)
 
 
 def coor_rows(quick: bool) -> tuple[list[dict], list[str]]:
     from colt5_routing import coor_descent_reference, triton_coor_descent
-    from colt5_routing import coor_descent_triton as ours
 
     notes: list[str] = []
     torch.manual_seed(0)
@@ -50,25 +50,21 @@ def coor_rows(quick: bool) -> tuple[list[dict], list[str]]:
     ref = coor_descent_reference(s64, **kw)
     (gref,) = torch.autograd.grad(ref, s64, g.double())
 
-    shipped = dict(ours.CONFIG)  # restored after the sweep: later rows use the defaults
-    variants: dict[str, object] = {}
-    for max_block, warps in [(2048, 8), (4096, 8), (4096, 16), (8192, 16), (16384, 32)]:
-        name = f"ours triton (block {max_block}, {warps} warps)"
-
-        def run(mb=max_block, w=warps, x=None, **kwa):
-            ours.CONFIG.update(max_block=mb, num_warps=w)
-            return triton_coor_descent(x, **kw, checkpoint_segments=SEGMENTS)
-
-        variants[name] = run
-    variants["ours reference (pytorch)"] = lambda x=None: coor_descent_reference(x, **kw)
+    variants: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    for max_block, warps in LAUNCHES:
+        variants[f"ours triton (block {max_block}, {warps} warps)"] = functools.partial(
+            triton_coor_descent, **kw, checkpoint_segments=SEGMENTS, max_block=max_block,
+            num_warps=warps,
+        )  # fmt: skip
+    variants["ours reference (pytorch)"] = lambda x: coor_descent_reference(x, **kw)
     try:
         from colt5_attention import coor_descent as up_torch
         from colt5_attention.triton_coor_descent import triton_coor_descent as up_triton
 
-        variants["upstream colt5-attention triton"] = lambda x=None: up_triton(
+        variants["upstream colt5-attention triton"] = lambda x: up_triton(
             x, **kw, checkpoint_segments=SEGMENTS
         )
-        variants["upstream colt5-attention pytorch"] = lambda x=None: up_torch(x, **kw)
+        variants["upstream colt5-attention pytorch"] = lambda x: up_torch(x, **kw)
     except Exception as exc:
         notes.append(f"upstream colt5-attention not importable ({exc!r}): no upstream rows")
 
@@ -77,25 +73,27 @@ def coor_rows(quick: bool) -> tuple[list[dict], list[str]]:
         row: dict = {"variant": name}
         try:
             x = s.clone().requires_grad_()
-            out = fn(x=x)
+            out = fn(x)
             (gx,) = torch.autograd.grad(out, x, g)
             row["max_abs_err_fwd"] = (out.double() - ref.detach()).abs().max().item()
             row["max_rel_err_grad"] = (
                 (gx.double() - gref).abs().max() / gref.abs().max().clamp(min=1e-30)
             ).item()
+            # peaks while timing: everything allocated, inputs and do_bench's buffers included
             with torch.no_grad():
-                row["fwd_ms"], row["fwd_mib"] = bench(lambda: fn(x=s), quick)
+                row["fwd_ms"], row["fwd_mib"] = median_ms_and_peak_mib(
+                    lambda fn=fn: fn(s), **timing(quick)
+                )
 
-            def fwd_bwd():
+            def fwd_bwd(fn=fn):
                 xx = s.detach().requires_grad_()
-                torch.autograd.grad(fn(x=xx), xx, g)
+                torch.autograd.grad(fn(xx), xx, g)
 
-            row["fwd_bwd_ms"], row["fwd_bwd_mib"] = bench(fwd_bwd, quick)
+            row["fwd_bwd_ms"], row["fwd_bwd_mib"] = median_ms_and_peak_mib(fwd_bwd, **timing(quick))
         except Exception as exc:
             row["error"] = repr(exc)[:300]
         rows.append(row)
         print(row, flush=True)
-    ours.CONFIG.update(shipped)
     return rows, notes
 
 
@@ -132,6 +130,8 @@ def block_rows(quick: bool) -> list[dict]:
 
     dense = Dense().cuda()
     rows = []
+    # the routed block's coordinate descent runs with the shipped launch settings (CONFIG): the
+    # sweep above passed its settings per call and changed nothing here
     for name, mod in [("routed attention (ours)", routed), ("dense SDPA attention", dense)]:
 
         def step(m=mod):
@@ -139,20 +139,20 @@ def block_rows(quick: bool) -> list[dict]:
                 y = m(x)
             y.float().square().mean().backward()
 
-        ms, mib = bench(step, quick)
+        ms, mib = median_ms_and_peak_mib(step, **timing(quick))
         rows.append({"variant": name, "tokens": n, "dim": dim, "fwd_bwd_ms": ms, "peak_mib": mib})
         print(rows[-1], flush=True)
     return rows
 
 
-def table(rows: list[dict], cols: list[str], base: str | None = None, key: str = "") -> str:
-    lines = table_header(*cols, *([f"x vs {base}"] if base else []))
-    ref = next((r.get(key) for r in rows if r["variant"] == base), None)
-    for r in rows:
+def table(rows: list[dict], cols: list[str], base: str, key: str) -> str:
+    """``cols`` of ``rows`` and the speed-up over the ``base`` variant (its ``key`` over the
+    row's: above 1 is faster than ``base``)."""
+    lines = table_header(*cols, f"x vs {base}")
+    is_base = lambda r: r["variant"] == base
+    for r, ratio in zip(rows, ratios_to_baseline(rows, key=key, is_baseline=is_base)):
         cells = [f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
-        if base:
-            v = r.get(key)
-            cells.append(f"{ref / v:.2f}" if ref and v else "-")
+        cells.append(f"{1 / ratio:.2f}" if ratio else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -165,11 +165,14 @@ def main() -> int:
         return 1
     coor, notes = coor_rows(args.quick)
     blocks = block_rows(args.quick)
+    from colt5_routing.coor_descent_triton import CONFIG
+
     meta = metadata(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         shape={"rows": ROWS, "n": N, "k": K, "n_iters": ITERS, "segments": SEGMENTS, **EPS},
         quick=args.quick,
         notes=notes,
+        launch_defaults=dict(CONFIG),  # what the routed block ran with
     )
     base = "upstream colt5-attention triton"
     cols = ["variant", "fwd_ms", "fwd_bwd_ms", "fwd_bwd_mib", "max_abs_err_fwd", "max_rel_err_grad"]

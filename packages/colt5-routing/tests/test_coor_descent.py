@@ -99,7 +99,8 @@ def test_topk_straight_through_gates():
     assert nd.gates is None and torch.equal(nd.values, x.topk(3).values)
 
 
-def _compare(device, rows, n, masked, k, dtype=torch.float32, full_mask_row=False, **kw):
+def _compare(device, rows, n, masked, k, dtype=torch.float32, full_mask_row=False, launch=None,
+             **kw):  # fmt: skip
     torch.manual_seed(rows * 1000 + n)
     # the float64 reference sees the same (rounded) scores as the kernel: the iteration is
     # discontinuous near the threshold, so rounding the inputs moves outputs by more than the
@@ -114,7 +115,7 @@ def _compare(device, rows, n, masked, k, dtype=torch.float32, full_mask_row=Fals
     s64.requires_grad_()
     ref = coor_descent_reference(s64, k=k, mask=mask, **kw)
     s = s64.detach().to(dtype).requires_grad_()
-    out = triton_coor_descent(s, k=k, mask=mask, **kw)
+    out = triton_coor_descent(s, k=k, mask=mask, **kw, **(launch or {}))
     assert out.dtype == dtype and out.shape == s.shape
     tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out.double(), ref.detach(), **tol)
@@ -136,13 +137,8 @@ CASES = [
 
 @pytest.mark.interpret
 @pytest.mark.parametrize(("rows", "n", "masked", "k"), CASES)
-def test_triton_matches_reference_interpret(rows, n, masked, k, monkeypatch):
-    import importlib
-
-    tcd = importlib.import_module("colt5_routing.coor_descent_triton")
-
-    monkeypatch.setattr(tcd, "_block", lambda n: 64)  # several blocks per row on small rows
-    _compare("cpu", rows, n, masked, k)
+def test_triton_matches_reference_interpret(rows, n, masked, k):
+    _compare("cpu", rows, n, masked, k, launch=dict(max_block=64))  # several blocks per row
 
 
 @pytest.mark.interpret
@@ -155,6 +151,57 @@ def test_triton_matches_reference_interpret(rows, n, masked, k, monkeypatch):
 )
 def test_triton_fuzz_interpret(rows, n, masked, k_frac):
     _compare("cpu", rows, n, masked, max(k_frac * n, 0.5))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("max_block", "num_warps"), [(16, 1), (32, 2), (64, 32), (1024, 4)])
+def test_triton_launch_settings_keep_the_result_interpret(max_block, num_warps, dtype, monkeypatch):
+    """Other launch caps than CONFIG's: the same forward and gradient (up to the order of the
+    float32 row sums), the caps reaching the forward's and the backward's launches."""
+    import importlib
+
+    tcd = importlib.import_module("colt5_routing.coor_descent_triton")
+    launches = []
+    real_launch = tcd._launch
+    monkeypatch.setattr(
+        tcd, "_launch", lambda *args: launches.append(args[1:]) or real_launch(*args)
+    )
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(3, 150, generator=g) * 2).to(dtype)
+    mask = torch.rand(3, 150, generator=g) > 0.2
+    grad = torch.randn(3, 150, generator=g).to(dtype)
+    results = []
+    for launch in ({}, dict(max_block=max_block, num_warps=num_warps)):
+        x = s.clone().requires_grad_()
+        out = triton_coor_descent(x, k=9.0, mask=mask, **KW, **launch)
+        (gx,) = torch.autograd.grad(out, x, grad)
+        results.append((out, gx))
+    (out0, g0), (out1, g1) = results
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out1, out0, **tol)
+    torch.testing.assert_close(g1, g0, **tol)
+    assert launches == [(None, None)] * 2 + [(max_block, num_warps)] * 2  # forward, backward
+
+
+@pytest.mark.parametrize(
+    ("launch", "error", "match"),
+    [
+        (dict(max_block=1000), ValueError, "max_block must be a power of two >= 16, got 1000"),
+        (dict(max_block=8), ValueError, "max_block must be a power of two"),
+        (dict(max_block=0), ValueError, "max_block must be a power of two"),
+        (dict(num_warps=0), ValueError, "num_warps must be a power of two from 1 to 32, got 0"),
+        (dict(num_warps=3), ValueError, "num_warps must be a power of two"),
+        (dict(num_warps=64), ValueError, "num_warps must be a power of two"),
+        (dict(max_block=64.0), TypeError, "max_block must be an int or None"),
+        (dict(num_warps=True), TypeError, "num_warps must be an int or None"),
+    ],
+)
+def test_triton_bad_launch_settings_raise_before_any_kernel(launch, error, match):
+    # checked before the device, so also on CPU without the interpreter, and on meta tensors
+    for s in (torch.randn(2, 8), torch.empty(2, 8, device="meta")):
+        with pytest.raises(error, match=match):
+            triton_coor_descent(s, k=2.0, n_iters=3, **launch)
 
 
 @pytest.mark.skipif(

@@ -147,54 +147,90 @@ if HAS_TRITON:
 
 # launch configuration: a row is streamed in blocks of up to max_block elements, with up to
 # num_warps warps (fewer for short rows: 256 elements per warp). Tuned on the H100 by the
-# benchmark (16 x 32768: 4096/16 was the fastest of 2048/8 .. 16384/32).
+# benchmark (16 x 32768: 4096/16 was the fastest of 2048/8 .. 16384/32). The shipped defaults:
+# a call passes others as triton_coor_descent(..., max_block=, num_warps=).
 CONFIG = {"max_block": 4096, "num_warps": 16}
 
 
-def _block(n: int) -> int:
-    return max(16, min(CONFIG["max_block"], triton.next_power_of_2(n)))
+def _launch(n: int, max_block: int | None, num_warps: int | None) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of the kernels for rows of ``n`` elements, under the caps
+    ``max_block`` and ``num_warps`` (None: ``CONFIG``'s)."""
+    cap = CONFIG["max_block"] if max_block is None else max_block
+    block = max(16, min(cap, triton.next_power_of_2(n)))
+    warps = CONFIG["num_warps"] if num_warps is None else num_warps
+    return block, max(1, min(warps, block // 256))
 
 
-def _warps(block: int) -> int:
-    return max(1, min(CONFIG["num_warps"], block // 256))
+def _check_launch(max_block: int | None, num_warps: int | None) -> None:
+    """The launch caps of :func:`triton_coor_descent`, checked before anything runs."""
+    for name, value, low, high in (
+        ("max_block", max_block, 16, None),
+        ("num_warps", num_warps, 1, 32),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or None, got {value!r}")
+        if value < low or (high is not None and value > high) or value & (value - 1):
+            bounds = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise ValueError(f"{name} must be a power of two {bounds}, got {value}")
 
 
-def _forward_impl(s: Tensor, mask: Tensor | None, logk: Tensor, eps: Tensor, n_iters: int):
+def _forward_impl(
+    s: Tensor,
+    mask: Tensor | None,
+    logk: Tensor,
+    eps: Tensor,
+    n_iters: int,
+    max_block: int | None = None,
+    num_warps: int | None = None,
+):
     rows, n = s.shape
     out = torch.empty_like(s)
     a_hist = torch.empty((n_iters, rows), device=s.device, dtype=torch.float32)
     lse_hist = torch.empty_like(a_hist)
     if rows > 0:
         m = mask if mask is not None else s  # dummy pointer when HAS_MASK is False
+        block, warps = _launch(n, max_block, num_warps)
         _coor_fwd_kernel[(rows,)](
             s, m, logk, eps, out, a_hist, lse_hist, n, rows, n_iters,
-            HAS_MASK=mask is not None, BLOCK=_block(n), num_warps=_warps(_block(n)),
+            HAS_MASK=mask is not None, BLOCK=block, num_warps=warps,
         )  # fmt: skip
     return out, a_hist, lse_hist
 
 
-def _backward_impl(s, mask, eps, a_hist, lse_hist, grad_out, n_iters: int) -> Tensor:
+def _backward_impl(
+    s, mask, eps, a_hist, lse_hist, grad_out, n_iters: int, max_block=None, num_warps=None
+) -> Tensor:
     rows, n = s.shape
     gs = torch.empty((rows, n), device=s.device, dtype=torch.float32)
     if rows > 0:
         m = mask if mask is not None else s
+        block, warps = _launch(n, max_block, num_warps)
         _coor_bwd_kernel[(rows,)](
             s, m, eps, a_hist, lse_hist, grad_out.contiguous(), gs, n, rows, n_iters,
-            HAS_MASK=mask is not None, BLOCK=_block(n), num_warps=_warps(_block(n)),
+            HAS_MASK=mask is not None, BLOCK=block, num_warps=warps,
         )  # fmt: skip
     return gs.to(s.dtype)
 
 
-# custom ops: torch.compile(fullgraph=True) traces through them; autograd is registered below
+# custom ops: torch.compile(fullgraph=True) traces through them; autograd is registered below.
+# max_block, num_warps: the launch caps (None: CONFIG's), kept for the backward.
 @torch.library.custom_op("colt5_routing::coor_descent_fwd", mutates_args=())
 def _coor_fwd_op(
-    s: Tensor, mask: Tensor | None, logk: Tensor, eps: Tensor, n_iters: int
+    s: Tensor,
+    mask: Tensor | None,
+    logk: Tensor,
+    eps: Tensor,
+    n_iters: int,
+    max_block: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward_impl(s, mask, logk, eps, n_iters)
+    return _forward_impl(s, mask, logk, eps, n_iters, max_block, num_warps)
 
 
 @_coor_fwd_op.register_fake
-def _(s, mask, logk, eps, n_iters):
+def _(s, mask, logk, eps, n_iters, max_block=None, num_warps=None):
     hist = s.new_empty((n_iters, s.shape[0]), dtype=torch.float32)
     return torch.empty_like(s), hist, torch.empty_like(hist)
 
@@ -208,26 +244,28 @@ def _coor_bwd_op(
     lse_hist: Tensor,
     grad_out: Tensor,
     n_iters: int,
+    max_block: int | None = None,
+    num_warps: int | None = None,
 ) -> Tensor:
-    return _backward_impl(s, mask, eps, a_hist, lse_hist, grad_out, n_iters)
+    return _backward_impl(s, mask, eps, a_hist, lse_hist, grad_out, n_iters, max_block, num_warps)
 
 
 @_coor_bwd_op.register_fake
-def _(s, mask, eps, a_hist, lse_hist, grad_out, n_iters):
+def _(s, mask, eps, a_hist, lse_hist, grad_out, n_iters, max_block=None, num_warps=None):
     return torch.empty_like(s)
 
 
 def _setup_context(ctx, inputs, output):
-    s, mask, _, eps, n_iters = inputs
+    s, mask, _, eps, n_iters, max_block, num_warps = inputs
     _, a_hist, lse_hist = output
     ctx.save_for_backward(s, mask, eps, a_hist, lse_hist)
-    ctx.n_iters = n_iters
+    ctx.settings = (n_iters, max_block, num_warps)
 
 
 def _op_backward(ctx, grad_out, _grad_a, _grad_lse):
     s, mask, eps, a_hist, lse_hist = ctx.saved_tensors
-    gs = _coor_bwd_op(s, mask, eps, a_hist, lse_hist, grad_out, ctx.n_iters)
-    return gs, None, None, None, None
+    gs = _coor_bwd_op(s, mask, eps, a_hist, lse_hist, grad_out, *ctx.settings)
+    return gs, None, None, None, None, None, None
 
 
 _coor_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -268,6 +306,8 @@ def triton_coor_descent(
     eps_decay: float = 1.0,
     mask: Tensor | None = None,
     checkpoint_segments: int = 1,
+    max_block: int | None = None,
+    num_warps: int | None = None,
 ) -> Tensor:
     """Coordinate descent with Triton kernels; same contract as ``coor_descent_reference``.
 
@@ -277,6 +317,12 @@ def triton_coor_descent(
     is widened to fp32 for the kernels before Ampere and under the interpreter. Meta tensors get
     the reference's (shape-only) result. ``checkpoint_segments`` (>= 1) is accepted for
     compatibility with upstream; memory is already ``O(rows * n_iters)`` scalars beyond the input.
+
+    ``max_block`` and ``num_warps``: the launch settings of this call's forward and backward
+    kernels, caps on the elements a row is streamed by (a power of two >= 16) and on the warps
+    per row (a power of two up to 32; fewer for short rows, 256 elements per warp); None: the
+    shipped ``CONFIG`` (4096 and 16). The result does not depend on them beyond float32 rounding
+    (the order of the row sums); ``benchmarks/bench_coor_descent.py`` sweeps them.
     """
     if not HAS_TRITON:
         raise RuntimeError("triton is not installed; use backend='reference'")
@@ -284,6 +330,7 @@ def triton_coor_descent(
         raise TypeError(f"checkpoint_segments must be an int, got {checkpoint_segments!r}")
     if checkpoint_segments < 1:
         raise ValueError(f"checkpoint_segments must be >= 1, got {checkpoint_segments}")
+    _check_launch(max_block, num_warps)
     epsilons = eps_schedule(n_iters, eps, eps_init, eps_decay)
     check_scores(s)
     if s.dtype not in KERNEL_DTYPES:
@@ -307,7 +354,7 @@ def triton_coor_descent(
     if _bf16_in_fp32(s):
         return triton_coor_descent(
             s.float(), n_iters=n_iters, k=k, eps=eps, eps_init=eps_init,
-            eps_decay=eps_decay, mask=mask,
+            eps_decay=eps_decay, mask=mask, max_block=max_block, num_warps=num_warps,
         ).to(s.dtype)  # fmt: skip
     shape = s.shape
     n = shape[-1]
@@ -315,5 +362,5 @@ def triton_coor_descent(
     m2 = None if mask is None else mask.reshape(-1, n).contiguous().view(torch.int8)
     logk = kt.reshape(-1).log().contiguous()
     eps_t = torch.tensor(epsilons, dtype=torch.float32, device=s.device)
-    out = _coor_fwd_op(s2, m2, logk, eps_t, n_iters)[0]
+    out = _coor_fwd_op(s2, m2, logk, eps_t, n_iters, max_block, num_warps)[0]
     return out.reshape(shape)
