@@ -4,10 +4,12 @@ r"""A/B of moe_mlp's internal schedule switches, forward + backward, CUDA-graph 
         python3 packages/cvmm-kernel/benchmarks/ab_moe_variants.py [shape ...]
 
 One process, one shape at a time: the dense matmuls of equal FLOPs, then moe_mlp with each
-combination of ``moe_ops.BACKWARD_SCHEDULE["overlap"]`` (dx on a side stream) and tile height
-``moe_ops.BLOCK_M`` (128, 64 or 256 rows; ``AB_BLOCK_M=64,128`` picks some). Every variant's
-output and gradients are compared with the first variant's. Writes ``ab_moe_variants.json`` and
-``.md`` to ``$OUT`` (else ``benchmarks/results``).
+combination of the backward's overlap (dx on a side stream or not: the private
+``moe_mlp(..., _backward_overlap=)``, shipped ``moe_ops.BACKWARD_SCHEDULE["overlap"]``) and tile
+height (``block_m=`` 128, 64 or 256 rows; ``AB_BLOCK_M=64,128`` picks some; other than 128 with
+the 8-warp GEMM settings of ``_tall_tiles`` as ``gemm_configs=``), all passed per call. Every
+variant's output and gradients are compared with the first variant's. Writes
+``ab_moe_variants.json`` and ``.md`` to ``$OUT`` (else ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ if os.environ.get("AB_BLOCK_M"):
 
 
 def _tall_tiles(configs: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """The GEMM settings with 8 warps (a 256-row accumulator does not fit 4 warps' registers)."""
+    """The GEMM settings with 8 warps (a 256-row accumulator does not fit 4 warps' registers);
+    the weight gradients' are left out (they keep theirs)."""
     tall = {}
     for role, cfg in configs.items():
         if role.startswith("grad_w"):
@@ -67,14 +70,11 @@ def main() -> int:
         dense = median_ms(dense_step, warmup=10, rep=100, cuda_graph=True)
         rows = [{"variant": "dense (equal FLOPs)", "ms": dense, "pct_dense": 100.0}]
 
-        step = fwd_bwd_step(lambda: ours_fused(s, t, True), params, grad)
         first = None
-        defaults = dict(moe_ops.GEMM_CONFIGS)
         for overlap, block_m in VARIANTS:
-            moe_ops.BACKWARD_SCHEDULE.update(overlap=overlap)
-            moe_ops.BLOCK_M = block_m
-            moe_ops.GEMM_CONFIGS.update(defaults if block_m == 128 else _tall_tiles(defaults))
-            out = ours_fused(s, t, True)
+            tall = None if block_m == 128 else _tall_tiles(moe_ops.GEMM_CONFIGS)
+            launch = dict(_backward_overlap=overlap, block_m=block_m, gemm_configs=tall)
+            out = ours_fused(s, t, True, **launch)
             out.backward(grad)
             got = [out.detach().float(), *[p.grad.float() for p in params]]
             for p in params:
@@ -82,12 +82,12 @@ def main() -> int:
             del out  # its autograd graph would tie the captured backward to the default stream
             first = first or got
             err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(got, first))
+            step = fwd_bwd_step(
+                lambda launch=launch: ours_fused(s, t, True, **launch), params, grad
+            )
             ms = median_ms(step, warmup=10, rep=100, cuda_graph=True)
             label = f"overlap={int(overlap)} block_m={block_m}"
             rows.append({"variant": label, "ms": ms, "pct_dense": 100 * dense / ms, "err": err})
-        moe_ops.BACKWARD_SCHEDULE.update(overlap=True)
-        moe_ops.BLOCK_M = 128
-        moe_ops.GEMM_CONFIGS.update(defaults)
         results[name] = rows
         lines += [
             f"== {name} ({flops(s) / 1e9:.0f} GFLOP)",

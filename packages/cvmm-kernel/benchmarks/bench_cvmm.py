@@ -89,27 +89,31 @@ def make_inputs(s: Shape, device: str):
     return dict(x=rows, index=index, gate=gate.to(dt), w=w)
 
 
-def ours(s: Shape, t: dict, backend: str | None = None):
+def ours(s: Shape, t: dict, backend: str | None = None, config: tuple[int, ...] | None = None):
+    """The shape's layer on ``cvmm`` (``config``: its launch settings, default per size)."""
     bound = s.n_experts * s.heads  # top-k indices: in range without a read-back
     if s.kind == "ffn":
         sel = cvmm_prepare_sel2(t["index"], index_bound=bound)
-        h = torch.relu(cvmm(t["x"], sel, t["up"], backend=backend))
+        h = torch.relu(cvmm(t["x"], sel, t["up"], backend=backend, config=config))
         sel = cvmm_prepare_sel2(t["index"], t["gate"], index_bound=bound)
-        return cvmm(h, sel.with_input_rows_per_group(1), t["down"], backend=backend)
+        return cvmm(h, sel.with_input_rows_per_group(1), t["down"], backend=backend,
+                    config=config)  # fmt: skip
     flat = t["index"].flatten(-2)
     sel = cvmm_prepare_sel2(flat, t["gate"], index_bound=bound)
     if s.kind == "o":
         sel = sel.with_input_rows_per_group(s.k)
         sel.reduction_weight = t["gate"].flatten(-2)
-    return cvmm(t["x"], sel, t["w"], backend=backend)
+    return cvmm(t["x"], sel, t["w"], backend=backend, config=config)
 
 
-def ours_fused(s: Shape, t: dict, deterministic: bool):
-    """The shape's fused op: ``moe_mlp`` (feedforward) or ``moe_linear`` (SwitchHead V / O)."""
+def ours_fused(s: Shape, t: dict, deterministic: bool, **launch):
+    """The shape's fused op: ``moe_mlp`` (feedforward) or ``moe_linear`` (SwitchHead V / O);
+    ``launch``: the op's launch-setting keywords (``block_m=``, ``gemm_configs=``, ...), none
+    for the shipped settings."""
     if s.kind != "ffn":
         x, bound = t["x"], s.n_experts * s.heads
         return moe_linear(x, t["index"], t["gate"], t["w"], reduce_groups=s.kind == "o",
-                          deterministic=deterministic, index_bound=bound)  # fmt: skip
+                          deterministic=deterministic, index_bound=bound, **launch)  # fmt: skip
     return moe_mlp(
         t["x"],
         t["index"],
@@ -119,6 +123,7 @@ def ours_fused(s: Shape, t: dict, deterministic: bool):
         "relu",
         deterministic,
         index_bound=s.n_experts,
+        **launch,
     )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import cvmm_kernel.triton_kernels as kernels
 import torch
 from bench_cvmm import SHAPES, make_inputs, ours, trained_tensors
 from bench_harness import median_ms, require_cuda
@@ -33,10 +32,9 @@ def main() -> int:
         params = trained_tensors(t)
         results = []
         for cfg in CONFIGS:
-            kernels.BLOCK_OVERRIDE = cfg
 
-            def fwd():
-                return ours(s, t)
+            def fwd(cfg=cfg):
+                return ours(s, t, config=cfg)  # every launch of the call and its backward
 
             def step():
                 out = fwd()
@@ -51,7 +49,6 @@ def main() -> int:
                 results.append((cfg, None, None, str(exc)[:80]))
                 continue
             results.append((cfg, f_ms, fb_ms, ""))
-        kernels.BLOCK_OVERRIDE = None
         print(f"\n{s.name}: config (BM, BN, BK, warps, stages) -> fwd ms, fwd+bwd ms")
         for cfg, f_ms, fb_ms, err in results:
             print(

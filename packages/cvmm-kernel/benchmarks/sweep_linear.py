@@ -4,7 +4,8 @@ r"""Launch-setting sweep of moe_linear on SwitchHead's V and O shapes, whole for
         python3 packages/cvmm-kernel/benchmarks/sweep_linear.py
 
 For each shape of bench_cvmm.py that moe_linear serves, each role's candidate settings are tried
-one role at a time (the others at their defaults, ``moe_ops.GEMM_CONFIGS``): a forward + backward
+one role at a time, passed per call as ``moe_linear(..., gemm_configs={role: setting})`` (the
+other roles at their shipped settings, ``moe_ops.GEMM_CONFIGS``): a forward + backward
 captured in a CUDA graph, its replays timed with ``triton.testing.do_bench`` (median), the output
 and gradients compared with the defaults'. Dense matmuls of equal FLOPs are timed in the same
 process. Prints the best settings per role and shape; writes ``sweep_linear.json`` to ``$OUT``
@@ -25,7 +26,6 @@ from bench_cvmm import (
     trained_tensors,
 )
 from bench_harness import median_ms, metadata, require_cuda, write_results
-from cvmm_kernel import moe_ops
 
 GEMM = [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4),
         (128, 32, 8, 4), (64, 128, 4, 3), (128, 64, 8, 3, True)]  # fmt: skip
@@ -43,15 +43,17 @@ CANDIDATES = {
 }
 
 
-def time_step(s, t, params, grad, deterministic=True):
-    step = fwd_bwd_step(lambda: ours_fused(s, t, deterministic), params, grad)
+def time_step(s, t, params, grad, deterministic=True, gemm_configs=None):
+    step = fwd_bwd_step(
+        lambda: ours_fused(s, t, deterministic, gemm_configs=gemm_configs), params, grad
+    )
     return median_ms(step, warmup=25, rep=100, cuda_graph=True)
 
 
-def outputs(s, t, params, grad):
+def outputs(s, t, params, grad, gemm_configs=None):
     for p in params:
         p.grad = None
-    out = ours_fused(s, t, True)
+    out = ours_fused(s, t, True, gemm_configs=gemm_configs)
     out.backward(grad)
     return [out.detach().float()] + [p.grad.float() for p in params]
 
@@ -59,7 +61,6 @@ def outputs(s, t, params, grad):
 def main() -> int:
     if not require_cuda(__file__):
         return 2
-    defaults = dict(moe_ops.GEMM_CONFIGS)
     rows = []
     for s in [s for s in SHAPES if s.kind in ("v", "o")]:
         t = make_inputs(s, "cuda")
@@ -75,18 +76,16 @@ def main() -> int:
               f"({100 * dense_ms / base_ms:.0f}%), atomic {atomic_ms:.3f}")  # fmt: skip
         for role, candidates in CANDIDATES.items():
             for cfg in candidates:
-                moe_ops.GEMM_CONFIGS.update(defaults)
-                moe_ops.GEMM_CONFIGS[role] = cfg
+                configs = {role: cfg}  # this call's setting of the role, the others shipped
                 try:
-                    ms = time_step(s, t, params, grad)
-                    got = outputs(s, t, params, grad)
+                    ms = time_step(s, t, params, grad, gemm_configs=configs)
+                    got = outputs(s, t, params, grad, gemm_configs=configs)
                     diff = max(float((a - b).norm() / b.norm()) for a, b in zip(got, base))
-                except Exception as exc:  # e.g. out of shared memory
+                except Exception as exc:  # e.g. out of shared memory, a refused setting
                     ms, diff = None, f"{type(exc).__name__}: {exc}"[:200]
                 rows.append({"shape": s.name, "role": role, "config": list(cfg), "ms": ms,
                              "rel_diff_vs_defaults": diff, "defaults_ms": base_ms,
                              "dense_ms": dense_ms, "atomic_ms": atomic_ms})  # fmt: skip
-            moe_ops.GEMM_CONFIGS.update(defaults)
             timed = [r for r in rows if r["shape"] == s.name and r["role"] == role and r["ms"]]
             best = min(timed, key=lambda r: r["ms"])
             print(f"  {role}: best {tuple(best['config'])} {best['ms']:.3f} ms "

@@ -45,7 +45,8 @@ def make_inputs(batch, k, n_experts, d, hid, d_out, *, dtype, device, seed, expe
     ]
 
 
-def check(backend, device, inputs, activation, dtype, deterministic=True):
+def check(backend, device, inputs, activation, dtype, deterministic=True, **launch):
+    """``launch``: moe_mlp's launch-setting keywords (``block_m=``, ``gemm_configs=``)."""
     x, index, gate, w_up, w_down = (t.detach() for t in inputs)
     leaves = [t.clone().requires_grad_() for t in (x, gate, w_up, w_down)]
     out = moe_mlp(
@@ -57,6 +58,7 @@ def check(backend, device, inputs, activation, dtype, deterministic=True):
         activation,
         deterministic,
         backend=backend,
+        **launch,
     )
     ref_leaves = [t.detach().cpu().double().requires_grad_() for t in (x, gate, w_up, w_down)]
     expected = oracle(ref_leaves[0], index.cpu(), *ref_leaves[1:], activation)
@@ -99,22 +101,17 @@ def test_float64_reference_is_exact(backend, device):
 @pytest.mark.parametrize(
     "case", ["one-expert", "idle-experts", "odd-rows", "atomic", "persistent", "wide-hidden"]
 )
-def test_edge_layouts(backend, device, case, monkeypatch):
+def test_edge_layouts(backend, device, case):
     """One expert with every row, experts with no rows, row counts no tile size divides; the
     atomic k-sum; the persistent kernel (one program per SM walking the tiles); an expert size
     above ROWS_MAX_K (the down projection and the input gradient on the general kernel)."""
     dtype = torch.float32
+    launch = {}
     if case == "persistent":
-        from cvmm_kernel import moe_ops
-
         small = (16, 16, 1, 1, True) if device == "cpu" else (64, 64, 4, 3, True)
-        config = moe_ops._config
-
-        def persistent_config(role, k, n):
-            # the row-tile and weight-gradient kernels have no persistent form
-            return config(role, k, n) if role.endswith("_rows") or "grad_w" in role else small
-
-        monkeypatch.setattr(moe_ops, "_config", persistent_config)
+        # the row-tile and weight-gradient kernels have no persistent form
+        roles = ("up", "down", "grad_hidden", "grad_input")
+        launch = dict(gemm_configs=dict.fromkeys(roles, small))
     if case == "one-expert":
         inputs = make_inputs(
             (37,), 1, 6, 16, 16, 16, dtype=dtype, device=device, seed=3, experts_used=1
@@ -127,7 +124,7 @@ def test_edge_layouts(backend, device, case, monkeypatch):
         inputs = make_inputs((9,), 2, 3, 8, 136, 8, dtype=dtype, device=device, seed=6)
     else:
         inputs = make_inputs((67,), 3, 5, 40, 24, 18, dtype=dtype, device=device, seed=5)
-    check(backend, device, inputs, "relu", dtype, deterministic=case != "atomic")
+    check(backend, device, inputs, "relu", dtype, deterministic=case != "atomic", **launch)
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)

@@ -20,9 +20,16 @@ deterministic; otherwise it is accumulated with ``index_put_(accumulate=True)``.
 The backward of ``gather_mm`` is another ``gather_mm`` with the transposed matrices (for ``x``)
 and ``expert_weight_grad`` (for ``weight``), so both backends share one autograd formula and
 ``torch.compile(fullgraph=True)`` sees opaque ops with known output shapes.
+
+Each op takes a last, optional ``config``: the Triton launch settings
+``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` of the call (``cvmm(..., config=)``, checked
+there), kept for the backward's launches; None chooses them per problem size, the reference
+ignores them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -63,17 +70,18 @@ def gather_mm(
     n_out: int,
     group: int,
     backend: str,
+    config: Sequence[int] | None = None,
 ) -> torch.Tensor:
     weight = weight.to(x.dtype)  # no copy when the dtypes agree
     if backend == "triton":
         from .triton_kernels import gather_mm as triton_gather_mm
 
-        return triton_gather_mm(x, weight, expert, in_row, out_row, bounds, n_out)
+        return triton_gather_mm(x, weight, expert, in_row, out_row, bounds, n_out, config=config)
     return _reference_gather_mm(x, weight, expert, in_row, out_row, bounds, n_out)
 
 
 @gather_mm.register_fake
-def _(x, weight, expert, in_row, out_row, bounds, n_out, group, backend):
+def _(x, weight, expert, in_row, out_row, bounds, n_out, group, backend, config=None):
     return x.new_empty(n_out, weight.shape[2])
 
 
@@ -87,24 +95,28 @@ def expert_weight_grad(
     bounds: torch.Tensor,
     out_dtype: torch.dtype,
     backend: str,
+    config: Sequence[int] | None = None,
 ) -> torch.Tensor:
     if backend == "triton":
         from .triton_kernels import expert_weight_grad as triton_expert_weight_grad
 
-        return triton_expert_weight_grad(x, grad, expert, in_row, out_row, bounds, out_dtype)
+        return triton_expert_weight_grad(
+            x, grad, expert, in_row, out_row, bounds, out_dtype, config=config
+        )
     return _reference_expert_weight_grad(x, grad, expert, in_row, out_row, bounds, out_dtype)
 
 
 @expert_weight_grad.register_fake
-def _(x, grad, expert, in_row, out_row, bounds, out_dtype, backend):
+def _(x, grad, expert, in_row, out_row, bounds, out_dtype, backend, config=None):
     return x.new_empty(bounds.shape[0] - 1, x.shape[1], grad.shape[1], dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, expert, in_row, out_row, bounds, _n_out, group, backend = inputs
+    x, weight, expert, in_row, out_row, bounds, _n_out, group, backend, config = inputs
     ctx.save_for_backward(x, weight, expert, in_row, out_row, bounds)
     ctx.group = group
     ctx.backend = backend
+    ctx.config = config
 
 
 def _backward(ctx, grad_out):
@@ -117,20 +129,20 @@ def _backward(ctx, grad_out):
         if ctx.group > 0:
             # in_row == out_row // group: write each position's row at out_row, sum the groups.
             per_position = gather_mm(
-                grad_out, w_t, expert, out_row, out_row, bounds, n, 0, ctx.backend
+                grad_out, w_t, expert, out_row, out_row, bounds, n, 0, ctx.backend, ctx.config
             )
             grad_x = per_position.view(x.shape[0], ctx.group, x.shape[1]).sum(1)
         else:
             positions = torch.arange(n, device=expert.device)
             per_position = gather_mm(
-                grad_out, w_t, expert, out_row, positions, bounds, n, 0, ctx.backend
+                grad_out, w_t, expert, out_row, positions, bounds, n, 0, ctx.backend, ctx.config
             )
             grad_x = x.new_zeros(x.shape).index_put_((in_row,), per_position, accumulate=True)
     if ctx.needs_input_grad[1]:
         grad_w = expert_weight_grad(
-            x, grad_out, expert, in_row, out_row, bounds, weight.dtype, ctx.backend
+            x, grad_out, expert, in_row, out_row, bounds, weight.dtype, ctx.backend, ctx.config
         )
-    return grad_x, grad_w, None, None, None, None, None, None, None
+    return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
 gather_mm.register_autograd(_backward, setup_context=_setup_context)
@@ -160,24 +172,26 @@ def gather_mm_reduce(
     n_groups: int,
     group: int,
     backend: str,
+    config: Sequence[int] | None = None,
 ) -> torch.Tensor:
     n = expert.numel()
-    products = gather_mm(x, weight, expert, in_row, out_row, bounds, n, group, backend)
+    products = gather_mm(x, weight, expert, in_row, out_row, bounds, n, group, backend, config)
     k = n // n_groups if n_groups else 0
     rw = reduction_weight.reshape(n_groups, 1, k).to(products.dtype)
     return torch.bmm(rw, products.view(n_groups, k, weight.shape[2])).squeeze(1)
 
 
 @gather_mm_reduce.register_fake
-def _(x, weight, expert, in_row, out_row, bounds, reduction_weight, n_groups, group, backend):
+def _(x, weight, expert, in_row, out_row, bounds, reduction_weight, n_groups, group, backend,
+      config=None):  # fmt: skip
     return x.new_empty(n_groups, weight.shape[2])
 
 
 def _setup_reduce_context(ctx, inputs, output):
-    x, weight, expert, in_row, out_row, bounds, rw, n_groups, group, backend = inputs
+    x, weight, expert, in_row, out_row, bounds, rw, n_groups, group, backend, config = inputs
     k = max(expert.numel() // n_groups, 1) if n_groups else 1
     ctx.save_for_backward(x, weight, expert, in_row, out_row, bounds, rw)
-    ctx.k, ctx.group, ctx.backend = k, group, backend
+    ctx.k, ctx.group, ctx.backend, ctx.config = k, group, backend, config
 
 
 def _reduce_backward(ctx, grad_out):
@@ -192,9 +206,8 @@ def _reduce_backward(ctx, grad_out):
     grad_x = grad_w = grad_rw = None
     rw_flat = rw.reshape(n)
     # z[q] = grad[q // k] @ weight[e]^T, rows in output-position order
-    z = gather_mm(
-        grad_out, weight.transpose(1, 2), expert, out_row // k, out_row, bounds, n, 0, ctx.backend
-    )
+    z = gather_mm(grad_out, weight.transpose(1, 2), expert, out_row // k, out_row, bounds, n, 0,
+                  ctx.backend, ctx.config)  # fmt: skip
     if group > 0:  # in_row == out_row // group: x's row of output position q is q // group
         x_of_q = x.repeat_interleave(group, dim=0) if need_rw else None
     else:
@@ -211,10 +224,9 @@ def _reduce_backward(ctx, grad_out):
     if need_w:
         x_scaled = x[in_row] * rw_flat[out_row].to(x.dtype).unsqueeze(-1)  # [N, d_in], sorted
         positions = torch.arange(n, device=expert.device)
-        grad_w = expert_weight_grad(
-            x_scaled, grad_out, expert, positions, out_row // k, bounds, weight.dtype, ctx.backend
-        )
-    return grad_x, grad_w, None, None, None, None, grad_rw, None, None, None
+        grad_w = expert_weight_grad(x_scaled, grad_out, expert, positions, out_row // k, bounds,
+                                    weight.dtype, ctx.backend, ctx.config)  # fmt: skip
+    return grad_x, grad_w, None, None, None, None, grad_rw, None, None, None, None
 
 
 gather_mm_reduce.register_autograd(_reduce_backward, setup_context=_setup_reduce_context)

@@ -21,9 +21,19 @@ atomics.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from .moe_ops import Routing, _config, _per_expert, _per_expert_outer, _weight_grad, routing_impl
+from .moe_ops import (
+    Routing,
+    _config,
+    _per_expert,
+    _per_expert_outer,
+    _weight_grad,
+    decode_gemm_configs,
+    routing_impl,
+)
 from .shared_grads import settle
 from .weight_cache import cast_weight
 
@@ -61,10 +71,12 @@ def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div, shared=None)
 # ----- the Triton path -----
 
 
-def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, role, h=None):
+def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, role, h=None,
+               configs=None):  # fmt: skip
     """``out[s // out_div] += g_s * a[s // a_div] @ w[e_s]`` for every slot: per-slot products
     then a sum (deterministic), or fp32 atomic adds. Returns ``([n_out, N]`` in ``a``'s dtype,
-    the gate gradient ``<a[s // a_div] @ w[e_s], h[s // out_div]>`` where ``h`` is given)."""
+    the gate gradient ``<a[s // a_div] @ w[e_s], h[s // out_div]>`` where ``h`` is given).
+    ``configs``: the call's launch settings per role (None: ``GEMM_CONFIGS``)."""
     from . import moe_triton as kt
 
     k, n = a.shape[1], w.shape[2]
@@ -80,9 +92,9 @@ def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, rol
             dgate = torch.empty(n_slots, dtype=torch.float32, device=a.device)
         kt.moe_gemm_rows(a, w, out, r, a_div, a_gather=True, out_mode=out_mode, gate=gate,
                          out_div=out_div, h=h, h_div=out_div, dgate=dgate,
-                         config=_config(f"{role}_rows", k, n))  # fmt: skip
+                         config=_config(f"{role}_rows", k, n, configs))  # fmt: skip
     else:
-        cfg = _config(role, k, n)
+        cfg = _config(role, k, n, configs)
         epilogue = kt.EPI_GATE if gate is not None else kt.EPI_NONE
         if h is not None:  # the gate gradient, in parts per column block
             dgate = torch.empty(-(-n // cfg[0]), n_slots, dtype=torch.float32, device=a.device)
@@ -102,7 +114,7 @@ def saves_products(d_in: int, d_out: int, deterministic: bool, backend: str) -> 
     return backend == "triton" and deterministic and d_out <= d_in
 
 
-def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic):
+def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic, configs=None):
     """``(out, y)``: ``y`` the per-slot products where :func:`saves_products`, else empty."""
     from . import moe_triton as kt
 
@@ -110,17 +122,18 @@ def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic):
     n_slots, d_out = r.sorted_to_slot.numel(), w.shape[2]
     if not saves_products(x.shape[1], d_out, deterministic, "triton"):
         out = _slot_sums(x, wc, r, a_div, out_div, n_slots // out_div, deterministic, gate,
-                         "linear")[0]  # fmt: skip
+                         "linear", configs=configs)[0]  # fmt: skip
         return out, x.new_empty(0, d_out)
     # ungated per-slot products (kept), then each output row's gate-weighted sum
-    y = _slot_sums(x, wc, r, a_div, 1, n_slots, True, None, "linear")[0]
+    y = _slot_sums(x, wc, r, a_div, 1, n_slots, True, None, "linear", configs=configs)[0]
     return kt.gated_group_sum(y, gate, out_div), y
 
 
 def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministic,
-                     need=(True, True, True), shared=None):  # fmt: skip
+                     need=(True, True, True), shared=None, configs=None):  # fmt: skip
     """``(dx, dgate, dW)``, each ``None`` where ``need`` (for ``x``, ``gate``, ``w``) says no
-    gradient is wanted (a frozen weight, an input that needs none): no kernel runs for it."""
+    gradient is wanted (a frozen weight, an input that needs none): no kernel runs for it.
+    ``configs``: the call's launch settings per role."""
     from . import moe_triton as kt
 
     need_x, need_gate, need_w = need
@@ -132,7 +145,8 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
     if need_x or (need_gate and not saved):
         dx, dgate = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0],
                                deterministic, gate, "linear_grad_input",
-                               h=x if need_gate and not saved else None)  # fmt: skip
+                               h=x if need_gate and not saved else None,
+                               configs=configs)  # fmt: skip
     if need_gate:
         if saved:
             dgate = kt.group_dot(y, dy, out_div)
@@ -152,23 +166,25 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
         b_gather=True,
         gate=gate,
         b_div=out_div,
+        configs=configs,
     )
     return dx if need_x else None, dgate, dw
 
 
-def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend):
+def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend, configs=None):
     """``(out, y)``, ``y`` the saved per-slot products or an empty ``[0, d_out]``."""
     if backend == "triton":
-        return _triton_forward(x, gate, w, r, a_div, out_div, deterministic)
+        return _triton_forward(x, gate, w, r, a_div, out_div, deterministic, configs)
     return _reference_forward(x, gate, w, r, a_div, out_div), x.new_empty(0, w.shape[2])
 
 
 def _gradients(grad_out, x, gate, w, y, r: Routing, a_div, out_div, deterministic, backend,
-               need=(True, True, True), shared=None):  # fmt: skip
+               need=(True, True, True), shared=None, configs=None):  # fmt: skip
     """``(dx, dgate, dW)``; ``dW`` is None where ``shared`` (a SharedGrad) sums it instead."""
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
-        return _triton_backward(dy, x, gate, w, y, r, a_div, out_div, deterministic, need, shared)
+        return _triton_backward(dy, x, gate, w, y, r, a_div, out_div, deterministic, need, shared,
+                                configs)  # fmt: skip
     return _reference_backward(dy, x, gate, w, r, a_div, out_div, shared)
 
 
@@ -191,11 +207,15 @@ def moe_linear_forward(
     block_m: int,
     deterministic: bool,
     backend: str,
+    gemm_configs: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [N // a_div, d_in]``, ``gate [N]`` -> ``(out [N // out_div, d_out], y)`` with ``y``
-    the per-slot products ``[N, d_out]`` where the backward uses them, else ``[0, d_out]``."""
+    the per-slot products ``[N, d_out]`` where the backward uses them, else ``[0, d_out]``.
+    ``gemm_configs``: the call's launch settings (``moe_ops.encode_gemm_configs``), kept for the
+    backward (None: the shipped ones)."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
-    return _forward(x, gate, w, r, a_div, out_div, deterministic, backend)
+    configs = decode_gemm_configs(gemm_configs)
+    return _forward(x, gate, w, r, a_div, out_div, deterministic, backend, configs)
 
 
 @moe_linear_forward.register_fake
@@ -224,10 +244,13 @@ def moe_linear_backward(
     block_m: int,
     deterministic: bool,
     backend: str,
+    gemm_configs: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dgate, dW)``; ``dW`` in the weight's own dtype."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
-    return _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend)
+    configs = decode_gemm_configs(gemm_configs)
+    return _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend,
+                      configs=configs)  # fmt: skip
 
 
 @moe_linear_backward.register_fake
@@ -236,16 +259,17 @@ def _(grad_out, x, gate, w, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    x, gate, w, *routing, a_div, out_div, block_m, deterministic, backend = inputs
+    x, gate, w, *routing = inputs[:9]
     ctx.save_for_backward(x, gate, w, output[1], *routing)
-    ctx.settings = (a_div, out_div, block_m, deterministic, backend)
+    ctx.settings = inputs[9:]  # a_div, out_div, block_m, deterministic, backend, gemm_configs
 
 
 def _backward(ctx, grad_out, _grad_y):
     x, gate, w, y, *routing = ctx.saved_tensors
     dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, y, *routing, *ctx.settings)
     need = ctx.needs_input_grad
-    return (*[g if need[i] else None for i, g in enumerate((dx, dgate, dw))], *[None] * 11)
+    grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw))]
+    return (*grads, *[None] * (6 + len(ctx.settings)))
 
 
 moe_linear_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -257,14 +281,16 @@ class MoELinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate, w, index, n_experts, a_div, out_div, block_m, deterministic,
-                backend, shared=None):  # fmt: skip
-        """``shared``: a SharedGrad that sums the weight's gradient over its uses, or None."""
+                backend, shared=None, configs=None):  # fmt: skip
+        """``shared``: a SharedGrad that sums the weight's gradient over its uses, or None.
+        ``configs``: the call's launch settings per role (checked), or None."""
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
-        out, y = _forward(x, gate, w, r, a_div, out_div, deterministic, backend)
+        out, y = _forward(x, gate, w, r, a_div, out_div, deterministic, backend, configs)
         ctx.save_for_backward(x, gate, w, y, *routing)
         ctx.settings = (a_div, out_div, block_m, deterministic, backend)
         ctx.shared = shared
+        ctx.configs = configs
         return out
 
     @staticmethod
@@ -274,5 +300,5 @@ class MoELinearFunction(torch.autograd.Function):
         r = Routing(*routing, block_m)
         need = ctx.needs_input_grad
         grads = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend,
-                           need[:3], ctx.shared)  # fmt: skip
-        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 8)
+                           need[:3], ctx.shared, ctx.configs)  # fmt: skip
+        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 9)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 from .linear_ops import MoELinearFunction, moe_linear_forward
@@ -11,7 +13,13 @@ from .moe_inputs import (
     check_routing_tensors,
     compute_dtype_and_backend,
 )
-from .moe_ops import block_m_for, moe_routing
+from .moe_ops import (
+    block_m_for,
+    check_block_m,
+    check_gemm_configs,
+    encode_gemm_configs,
+    moe_routing,
+)
 from .ops import Backend
 from .shared_grads import shared_use
 
@@ -65,6 +73,8 @@ def moe_linear(
     deterministic: bool = True,
     index_bound: int | None = None,
     backend: Backend | None = None,
+    block_m: int | None = None,
+    gemm_configs: Mapping[str, Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """Gated sums of expert linear maps: for every group ``g`` (e.g. an attention head),
     ``out[..., g, :] = sum_j gate[..., g, j] * x_g @ weight[index[..., g, j]]`` where ``x_g`` is
@@ -91,12 +101,18 @@ def moe_linear(
             checked.
         backend: ``"reference"`` (PyTorch, any device) or ``"triton"``; by default Triton on
             CUDA and the reference elsewhere.
+        block_m, gemm_configs: this call's launch settings, as in ``moe_mlp`` (the roles
+            ``moe_linear`` launches: ``linear``, ``linear_rows``, ``linear_grad_input``,
+            ``linear_grad_input_rows``, ``grad_w_linear``; ``benchmarks/sweep_linear.py`` sweeps
+            them).
 
     Returns:
         ``[..., G, d_out]`` (or ``[..., d_out]`` with ``reduce_groups``) in ``x``'s dtype (the
         autocast dtype under autocast, where fp32 weights are cast once per weight version).
         Gradients flow to ``x``, ``gate`` and ``weight`` (its gradient in its own dtype).
     """
+    block_m = check_block_m(block_m)
+    configs = check_gemm_configs(gemm_configs)
     shared, groups, k = _divisors(x, index, weight, reduce_groups)
     check_routing_tensors(index, gate)
     check_one_device("moe_linear", x, index, gate, weight)
@@ -107,7 +123,7 @@ def moe_linear(
     out_div = groups * k if reduce_groups else k
     if index.numel() == 0 or x.shape[-1] == 0 or weight.shape[2] == 0:
         return _empty_case(x, index, gate, weight, shared, reduce_groups)
-    block_m = block_m_for(chosen)
+    block_m = block_m_for(chosen) if block_m is None else block_m
     flat_index = index.reshape(-1).long()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     flat_gate = gate.reshape(-1).contiguous()
@@ -115,10 +131,11 @@ def moe_linear(
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)
-            out = moe_linear_forward(x2, flat_gate, weight, *routing, *settings)[0]
+            launch = encode_gemm_configs(configs)
+            out = moe_linear_forward(x2, flat_gate, weight, *routing, *settings, launch)[0]
         else:  # the same implementations with less host time per call
             weight, shared = shared_use(weight)
             out = MoELinearFunction.apply(
-                x2, flat_gate, weight, flat_index, weight.shape[0], *settings, shared
+                x2, flat_gate, weight, flat_index, weight.shape[0], *settings, shared, configs
             )
     return out.view(out_shape)

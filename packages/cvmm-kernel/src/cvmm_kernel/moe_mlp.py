@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -12,7 +13,16 @@ from .moe_inputs import (
     check_routing_tensors,
     compute_dtype_and_backend,
 )
-from .moe_ops import ACTIVATION_NAMES, MoEMLPFunction, block_m_for, moe_mlp_forward, moe_routing
+from .moe_ops import (
+    ACTIVATION_NAMES,
+    MoEMLPFunction,
+    block_m_for,
+    check_block_m,
+    check_gemm_configs,
+    encode_gemm_configs,
+    moe_mlp_forward,
+    moe_routing,
+)
 from .ops import Backend
 from .shared_grads import shared_use
 
@@ -77,6 +87,9 @@ def moe_mlp(
     *,
     index_bound: int | None = None,
     backend: Backend | None = None,
+    block_m: int | None = None,
+    gemm_configs: Mapping[str, Sequence[int]] | None = None,
+    _backward_overlap: bool | None = None,
 ) -> torch.Tensor:
     """The sigma-MoE feedforward: ``out = sum_j gate[..., j] * act(x @ w_up[e_j]) @ w_down[e_j]``
     with ``e_j = index[..., j]``.
@@ -95,16 +108,31 @@ def moe_mlp(
             and the call can be captured in a CUDA graph. Without it the range is checked.
         backend: ``"reference"`` (PyTorch, any device) or ``"triton"``; by default Triton on
             CUDA and the reference elsewhere.
+        block_m: the Triton kernels' tile height (rows of one expert per tile, a power of two
+            >= 16) for this call; by default ``moe_ops.BLOCK_M`` (16 under the interpreter).
+        gemm_configs: launch settings of this call's Triton kernels (forward and backward) by
+            role, replacing those of ``moe_ops.GEMM_CONFIGS`` (its keys, its tuples' forms:
+            e.g. ``{"up": (BLOCK_N, BLOCK_K, num_warps, num_stages)}``); roles left out keep
+            theirs. Blocks powers of two >= 16, warps a power of two up to 32. For tuning sweeps
+            (``benchmarks/sweep_linear.py``, ``ab_moe_variants.py``); the result does not depend
+            on ``block_m`` or ``gemm_configs`` beyond rounding, and the reference ignores them.
+            A bad value raises ``ValueError`` before anything runs.
+        _backward_overlap: private, for ``benchmarks/ab_moe_variants.py``: whether the backward
+            computes the input gradient on a side stream (default ``moe_ops.BACKWARD_SCHEDULE``).
 
     Returns:
         ``[..., d_out]`` in ``x``'s dtype (the autocast dtype under autocast, where fp32 weights
         are cast once per weight version, not per call). Gradients flow to ``x``, ``gate``,
         ``w_up`` and ``w_down`` (weight gradients in the weights' dtype).
     """
+    block_m = check_block_m(block_m)  # host checks first: _check may read the indices back
+    configs = check_gemm_configs(gemm_configs)
+    if _backward_overlap is not None and not isinstance(_backward_overlap, bool):
+        raise TypeError(f"_backward_overlap must be a bool or None, got {_backward_overlap!r}")
     _check(x, index, gate, w_up, w_down, activation, index_bound)
     x, chosen = compute_dtype_and_backend(x, w_up.dtype, backend)
     lead, top_k = x.shape[:-1], index.shape[-1]
-    block_m = block_m_for(chosen)
+    block_m = block_m_for(chosen) if block_m is None else block_m
     flat_index = index.reshape(-1).long()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     flat_gate = gate.reshape(-1).contiguous()
@@ -113,11 +141,12 @@ def moe_mlp(
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, n_experts, block_m, chosen)
-            out = moe_mlp_forward(x2, flat_gate, w_up, w_down, *routing, *settings)[0]
+            launch = (encode_gemm_configs(configs), _backward_overlap)
+            out = moe_mlp_forward(x2, flat_gate, w_up, w_down, *routing, *settings, *launch)[0]
         else:  # the same implementations with less host time per call
             (w_up, up_shared), (w_down, down_shared) = shared_use(w_up), shared_use(w_down)
             out = MoEMLPFunction.apply(
                 x2, flat_gate, w_up, w_down, flat_index, n_experts, *settings,
-                (up_shared, down_shared),
+                (up_shared, down_shared), configs, _backward_overlap,
             )  # fmt: skip
     return out.view(*lead, w_down.shape[2])

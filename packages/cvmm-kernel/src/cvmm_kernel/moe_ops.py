@@ -23,6 +23,7 @@ Triton path adds them with fp32 atomics instead.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from .host_math import next_power_of_2
 from .interpreter import interpreting
 from .shared_grads import grad_buffer, settle
+from .validation import check_launch_config
 from .weight_cache import cast_weight
 
 ACTIVATION_NAMES = ("identity", "relu", "gelu", "silu")
@@ -77,17 +79,90 @@ def block_m_for(backend: str) -> int:
     return 16 if backend == "triton" and interpreting() else BLOCK_M
 
 
+# ----- launch settings passed per call (moe_mlp / moe_linear: block_m=, gemm_configs=) -----
+
+_ROLES = tuple(GEMM_CONFIGS)
+
+
+def role_fields(role: str) -> tuple[tuple[str, ...], int]:
+    """The fields of ``role``'s launch settings (as in ``GEMM_CONFIGS``) and how many trailing
+    ones may be left out."""
+    if role.endswith("_rows"):
+        return ("BLOCK_N", "num_warps", "num_stages"), 0
+    if role.startswith("grad_w"):
+        return ("BLOCK_M", "BLOCK_K", "BLOCK_N", "num_warps", "num_stages"), 0
+    return ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent"), 1
+
+
+def check_block_m(block_m: object) -> int | None:
+    """``block_m=`` of ``moe_mlp``/``moe_linear``: None or a power of two >= 16."""
+    if block_m is None:
+        return None
+    if isinstance(block_m, bool) or not isinstance(block_m, int):
+        raise TypeError(f"block_m must be an int or None, got {block_m!r}")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    return block_m
+
+
+def check_gemm_configs(gemm_configs: object) -> dict[str, tuple[int, ...]] | None:
+    """``gemm_configs=`` of ``moe_mlp``/``moe_linear``: None or a mapping from roles of
+    ``GEMM_CONFIGS`` to settings of their form (see ``validation.check_launch_config``);
+    ``ValueError`` for an unknown role or a bad setting. An empty mapping is None."""
+    if gemm_configs is None:
+        return None
+    if not isinstance(gemm_configs, Mapping):
+        raise TypeError(f"gemm_configs must be a mapping role -> settings, got {gemm_configs!r}")
+    checked = {}
+    for role, cfg in gemm_configs.items():
+        if role not in GEMM_CONFIGS:
+            raise ValueError(f"gemm_configs: unknown role {role!r}; the roles: {', '.join(_ROLES)}")
+        fields, optional = role_fields(role)
+        checked[role] = check_launch_config(
+            f"gemm_configs[{role!r}]", cfg, fields, optional=optional
+        )
+    return checked or None
+
+
+def encode_gemm_configs(configs: Mapping[str, Sequence[int]] | None) -> list[int] | None:
+    """Checked ``gemm_configs`` as the custom ops take them (a schema has no mappings): per role
+    its position in ``GEMM_CONFIGS``, its length, its values."""
+    if not configs:
+        return None
+    flat = []
+    for role, cfg in configs.items():
+        flat += [_ROLES.index(role), len(cfg), *cfg]
+    return flat
+
+
+def decode_gemm_configs(flat: Sequence[int] | None) -> dict[str, tuple[int, ...]] | None:
+    """The inverse of :func:`encode_gemm_configs`."""
+    if not flat:
+        return None
+    configs, i = {}, 0
+    while i < len(flat):
+        size = flat[i + 1]
+        configs[_ROLES[flat[i]]] = tuple(flat[i + 2 : i + 2 + size])
+        i += 2 + size
+    return configs
+
+
 _CONFIGS: dict[tuple, tuple[int, ...]] = {}  # (role, k, n, tuned settings) -> fitted settings
 
 
-def _config(role: str, k: int, n: int) -> tuple[int, ...]:
-    """Launch settings of ``role`` for a GEMM of inner size ``k`` and width ``n`` (remembered:
-    called several times per op; keyed on the tuned entry too, which sweeps replace)."""
-    if interpreting():
-        if role.endswith("_rows"):
-            return (16, 1, 1)
-        return (16, 16, 16, 1, 1) if role.startswith("grad_w") else (16, 16, 1, 1)
-    cfg = GEMM_CONFIGS[role]
+def _config(
+    role: str, k: int, n: int, configs: Mapping[str, tuple[int, ...]] | None = None
+) -> tuple[int, ...]:
+    """Launch settings of ``role`` for a GEMM of inner size ``k`` and width ``n``: the call's
+    ``configs[role]`` where given (also under the interpreter), else ``GEMM_CONFIGS[role]``,
+    fitted to the sizes (remembered: called several times per op)."""
+    cfg = configs.get(role) if configs else None
+    if cfg is None:
+        if interpreting():
+            if role.endswith("_rows"):
+                return (16, 1, 1)
+            return (16, 16, 16, 1, 1) if role.startswith("grad_w") else (16, 16, 1, 1)
+        cfg = GEMM_CONFIGS[role]
     key = (role, k, n, cfg)
     fitted = _CONFIGS.get(key)
     if fitted is None:
@@ -246,7 +321,8 @@ def _reference_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, acti
 # ----- the Triton path -----
 
 
-def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic):
+def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic,
+                    configs=None):  # fmt: skip
     from . import moe_triton as kt
 
     wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
@@ -265,17 +341,18 @@ def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, determ
         epilogue=kt.EPI_ACTIVATION,
         activation=activation,
         aux=u if u.numel() else None,
-        config=_config("up", d_in, hid),
+        config=_config("up", d_in, hid, configs),
     )
-    out = _token_sums(h, wd, r, top_k, tokens, "down", deterministic, gate)
+    out = _token_sums(h, wd, r, top_k, tokens, "down", deterministic, gate, configs)
     return out, h, u
 
 
-def _token_sums(a, w, r: Routing, top_k, tokens, role, deterministic, gate=None):
+def _token_sums(a, w, r: Routing, top_k, tokens, role, deterministic, gate=None, configs=None):
     """``out[t] = sum_j g_s * (a[p(s)] @ w[expert(s)])`` over each token's slots ``s = t*k + j``,
     for rows ``a [N, K]`` in sorted order (the down projection and the input gradient): per-slot
     products then a sum (deterministic), or fp32 atomic adds. Small ``K`` goes to the row-tile
-    kernel. Returns ``[tokens, N]`` in ``a``'s dtype."""
+    kernel (``configs``: the call's launch settings per role). Returns ``[tokens, N]`` in ``a``'s
+    dtype."""
     from . import moe_triton as kt
 
     k, n = a.shape[1], w.shape[2]
@@ -285,18 +362,18 @@ def _token_sums(a, w, r: Routing, top_k, tokens, role, deterministic, gate=None)
         out = torch.zeros(tokens, n, dtype=torch.float32, device=a.device)
         out_mode = kt.OUT_TOKEN_ATOMIC
     if k <= kt.ROWS_MAX_K:
-        config = _config(f"{role}_rows", k, n)
+        config = _config(f"{role}_rows", k, n, configs)
         kt.moe_gemm_rows(a, w, out, r, top_k, a_gather=False, out_mode=out_mode, gate=gate,
                          config=config)  # fmt: skip
     else:
         kt.moe_gemm(a, w, out, r, top_k, a_gather=False, out_mode=out_mode,
                     epilogue=kt.EPI_GATE if gate is not None else kt.EPI_NONE, gate=gate,
-                    config=_config(role, k, n))  # fmt: skip
+                    config=_config(role, k, n, configs))  # fmt: skip
     return out.view(tokens, top_k, n).sum(1) if deterministic else out.to(a.dtype)
 
 
 def _weight_grad(a, b, w, shared, r: Routing, top_k, role, *, a_gather, b_gather, gate=None,
-                 b_div=None):  # fmt: skip
+                 b_div=None, configs=None):  # fmt: skip
     """The gradient of the expert weights ``w [E, K, N]`` from the rows ``a [., K]`` and
     ``b [., N]`` (:func:`~cvmm_kernel.moe_triton.moe_weight_grad` with the settings of ``role``),
     computed into ``shared``'s buffer where that sums the weight's gradient over its uses.
@@ -315,13 +392,14 @@ def _weight_grad(a, b, w, shared, r: Routing, top_k, role, *, a_gather, b_gather
         gate=gate,
         b_div=b_div,
         accumulate=accumulate,
-        config=_config(role, w.shape[1], w.shape[2]),
+        config=_config(role, w.shape[1], w.shape[2], configs),
     )
     return settle(shared, dw, True)
 
 
 # ``overlap``: run the input gradient's products and k-sum on a side stream while the weight
-# gradients run (benchmarks/ab_moe_variants.py times it both ways).
+# gradients run (benchmarks/ab_moe_variants.py times it both ways, passing
+# moe_mlp(..., _backward_overlap=)). The shipped default.
 BACKWARD_SCHEDULE = {"overlap": True}
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
@@ -334,13 +412,15 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation, deterministic,
-                     shared=(None, None)):  # fmt: skip
+                     shared=(None, None), configs=None, overlap=None):  # fmt: skip
+    """``configs``: the call's launch settings per role; ``overlap``: the input gradient on a side
+    stream (None: ``BACKWARD_SCHEDULE``'s)."""
     from . import moe_triton as kt
 
     wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
     tokens = x.shape[0]
     n, hid, d_out = tokens * top_k, w_up.shape[2], w_down.shape[2]
-    cfg = _config("grad_hidden", d_out, hid)
+    cfg = _config("grad_hidden", d_out, hid, configs)
     dgate_parts = torch.empty(-(-hid // cfg[0]), n, dtype=torch.float32, device=x.device)
     du = x.new_empty(n, hid)
     kt.moe_gemm(
@@ -364,19 +444,28 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
     # gradients (latency-bound GEMMs) are independent: on a side stream the first fills what the
     # second leaves idle. Wider experts make dx a compute-bound GEMM that competes with them
     # (64 x 4096 at k=2: 2.76 ms in order, 2.82 overlapped; ab_moe_block_m64.md).
-    overlap = (
-        BACKWARD_SCHEDULE["overlap"] and x.is_cuda and not interpreting() and hid <= kt.ROWS_MAX_K
-    )
+    if overlap is None:
+        overlap = BACKWARD_SCHEDULE["overlap"]
+    overlap = overlap and x.is_cuda and not interpreting() and hid <= kt.ROWS_MAX_K
     if overlap:
         main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
         side.wait_stream(main)
     with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
-        dx = _token_sums(du, wu.transpose(1, 2), r, top_k, tokens, "grad_input", deterministic)
-    dw_down = _weight_grad(
-        h, dy, w_down, shared[1], r, top_k, "grad_w_down", a_gather=False, b_gather=True, gate=gate
-    )
+        dx = _token_sums(du, wu.transpose(1, 2), r, top_k, tokens, "grad_input", deterministic,
+                         configs=configs)  # fmt: skip
+    dw_down = _weight_grad(h, dy, w_down, shared[1], r, top_k, "grad_w_down", a_gather=False,
+                           b_gather=True, gate=gate, configs=configs)  # fmt: skip
     dw_up = _weight_grad(
-        x, du, w_up, shared[0], r, top_k, "grad_w_up", a_gather=True, b_gather=False
+        x,
+        du,
+        w_up,
+        shared[0],
+        r,
+        top_k,
+        "grad_w_up",
+        a_gather=True,
+        b_gather=False,
+        configs=configs,
     )
     if overlap:
         main.wait_stream(side)
@@ -387,21 +476,23 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
 # ----- dispatch to a backend (shared by the custom ops and the eager Function) -----
 
 
-def _forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic, backend):
+def _forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic, backend,
+             configs=None):  # fmt: skip
     if backend == "triton":
-        return _triton_forward(x, gate, w_up, w_down, r, top_k, activation, deterministic)
+        return _triton_forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, configs)
     return _reference_forward(x, gate, w_up, w_down, r, top_k, activation)
 
 
 def _gradients(grad_out, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation,
-               deterministic, backend, shared=(None, None)):  # fmt: skip
+               deterministic, backend, shared=(None, None), configs=None,
+               overlap=None):  # fmt: skip
     """``(dx, dgate, dw_up, dw_down)``; a weight's gradient is None where ``shared`` (one
-    :class:`~cvmm_kernel.shared_grads.SharedGrad` or None per weight) sums it instead."""
+    :class:`~cvmm_kernel.shared_grads.SharedGrad` or None per weight) sums it instead.
+    ``configs``, ``overlap``: the call's launch settings (see :func:`_triton_backward`)."""
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
-        return _triton_backward(
-            dy, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic, shared
-        )
+        return _triton_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation,
+                                deterministic, shared, configs, overlap)  # fmt: skip
     return _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation, shared)
 
 
@@ -425,11 +516,16 @@ def moe_mlp_forward(
     activation: str,
     deterministic: bool,
     backend: str,
+    gemm_configs: Sequence[int] | None = None,
+    backward_overlap: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x [T, d]``, ``gate [T * k]`` -> ``(out [T, d_out], h [T * k, H] sorted, u)`` with ``u``
-    the pre-activation where the activation's derivative needs it (else ``[0, H]``)."""
+    the pre-activation where the activation's derivative needs it (else ``[0, H]``).
+    ``gemm_configs`` (:func:`encode_gemm_configs`) and ``backward_overlap``: the call's launch
+    settings, kept for the backward (None: the shipped ones)."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
-    return _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend)
+    configs = decode_gemm_configs(gemm_configs)
+    return _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend, configs)
 
 
 @moe_mlp_forward.register_fake
@@ -460,13 +556,15 @@ def moe_mlp_backward(
     activation: str,
     deterministic: bool,
     backend: str,
+    gemm_configs: Sequence[int] | None = None,
+    backward_overlap: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx [T, d], dgate [T * k], dW_up, dW_down)``; weight gradients in the
     weights' own dtype (the master dtype under autocast: no cast follows)."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
-    return _gradients(
-        grad_out, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic, backend
-    )
+    configs = decode_gemm_configs(gemm_configs)
+    return _gradients(grad_out, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic,
+                      backend, (None, None), configs, backward_overlap)  # fmt: skip
 
 
 @moe_mlp_backward.register_fake
@@ -480,10 +578,10 @@ def _(grad_out, x, gate, w_up, w_down, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    x, gate, w_up, w_down, *routing, top_k, block_m, activation, deterministic, backend = inputs
+    x, gate, w_up, w_down, *routing = inputs[:10]
     _, h, u = output
     ctx.save_for_backward(x, gate, w_up, w_down, h, u, *routing)
-    ctx.settings = (top_k, block_m, activation, deterministic, backend)
+    ctx.settings = inputs[10:]  # top_k, block_m, activation, deterministic, backend, launch
 
 
 def _backward(ctx, grad_out, _grad_h, _grad_u):
@@ -493,7 +591,7 @@ def _backward(ctx, grad_out, _grad_h, _grad_u):
     )
     need = ctx.needs_input_grad
     grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw_up, dw_down))]
-    return (*grads, *[None] * 11)
+    return (*grads, *[None] * (6 + len(ctx.settings)))
 
 
 moe_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -509,14 +607,19 @@ moe_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
 class MoEMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, w_up, w_down, index, n_experts, top_k, block_m, activation,
-                deterministic, backend, shared=(None, None)):  # fmt: skip
-        """``shared``: per weight a SharedGrad that sums its gradient over uses, or None."""
+                deterministic, backend, shared=(None, None), configs=None,
+                overlap=None):  # fmt: skip
+        """``shared``: per weight a SharedGrad that sums its gradient over uses, or None.
+        ``configs`` (checked, per role) and ``overlap``: the call's launch settings (None: the
+        shipped ones)."""
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
-        out, h, u = _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend)
+        out, h, u = _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend,
+                             configs)  # fmt: skip
         ctx.save_for_backward(x, gate, w_up, w_down, h, u, *routing)
         ctx.settings = (top_k, block_m, activation, deterministic, backend)
         ctx.shared = shared
+        ctx.launch = (configs, overlap)
         return out
 
     @staticmethod
@@ -525,6 +628,6 @@ class MoEMLPFunction(torch.autograd.Function):
         top_k, block_m, activation, deterministic, backend = ctx.settings
         r = Routing(*routing, block_m)
         grads = _gradients(grad_out, x, gate, w_up, w_down, h, u, r, top_k, activation,
-                           deterministic, backend, ctx.shared)  # fmt: skip
+                           deterministic, backend, ctx.shared, *ctx.launch)  # fmt: skip
         need = ctx.needs_input_grad
-        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 8)
+        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 10)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -10,7 +11,7 @@ from .custom_ops import gather_mm, gather_mm_reduce
 from .interpreter import interpreting
 from .layout import MAX_EXPERTS_TRITON, expert_bounds
 from .selection import CVMMSel, cvmm_prepare_sel
-from .validation import check_cvmm_inputs
+from .validation import CVMM_CONFIG_FIELDS, check_cvmm_inputs, check_launch_config
 
 Backend = Literal["reference", "triton"]
 
@@ -54,6 +55,7 @@ def cvmm(
     weights: torch.Tensor,
     *,
     backend: Backend | None = None,
+    config: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-row expert matrix multiply: ``out[i] = x[row(i)] @ weights[sel[i]]``.
 
@@ -64,12 +66,21 @@ def cvmm(
         weights: ``[n_matrices, d_in, d_out]``.
         backend: ``"reference"`` (PyTorch, any device) or ``"triton"`` (CUDA, or CPU under
             ``TRITON_INTERPRET=1``); by default Triton on CUDA and the reference elsewhere.
+        config: the Triton launch settings ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps,
+            num_stages)`` of every kernel of this call and of its backward (``BLOCK_M``: rows
+            per tile, also the rows the weight gradient sums per step; blocks powers of two
+            >= 16, warps a power of two up to 32; ``ValueError`` otherwise, before anything
+            runs); by default chosen from the sizes. For block-size sweeps
+            (``benchmarks/sweep_blocks.py``); the result does not depend on it beyond rounding
+            and the reference ignores it.
 
     Returns:
         ``[*sel.shape, d_out]``, or ``[*reduction_weight.shape[:-1], d_out]`` when the selection
         carries a reduction weight. Under autocast the inputs are cast to the autocast dtype,
         as for a matmul; otherwise ``x`` and ``weights`` must have the same dtype.
     """
+    if config is not None:
+        config = check_launch_config("config", config, CVMM_CONFIG_FIELDS)
     if not isinstance(sel, CVMMSel):
         sel = cvmm_prepare_sel(sel, weights.shape[0] if weights.dim() == 3 else None)
     if not isinstance(x, torch.Tensor):
@@ -100,7 +111,9 @@ def cvmm(
     w = sel.reduction_weight
     x2 = x.reshape(-1, d_in)
     if w is None:
-        products = gather_mm(x2, weights, expert, sel.sel_index, out_row, bounds, n, group, backend)
+        products = gather_mm(
+            x2, weights, expert, sel.sel_index, out_row, bounds, n, group, backend, config
+        )
         return products.view(*sel.sel.shape, d_out)
     n_groups = w.shape[:-1].numel()
     # Autocast would run the reduction in float32; the result keeps the matmul's dtype instead.
@@ -112,7 +125,7 @@ def cvmm(
             # attention, cuBLAS being slow at tiny batched matrices: 11% of the training step,
             # moeut/benchmarks/results/profile_MoEUT_244M.txt.)
             products = gather_mm(
-                x2, weights, expert, sel.sel_index, out_row, bounds, n, group, backend
+                x2, weights, expert, sel.sel_index, out_row, bounds, n, group, backend, config
             )
             rows = products.view(n_groups, w.shape[-1], d_out)
             weighted = rows * w.reshape(n_groups, w.shape[-1], 1).to(rows.dtype)
@@ -121,7 +134,6 @@ def cvmm(
         else:
             # Wide products (down/output projections): the fused op never keeps or
             # back-propagates through [N, d_out]; its backward works on [N, d_in].
-            out = gather_mm_reduce(
-                x2, weights, expert, sel.sel_index, out_row, bounds, w, n_groups, group, backend
-            )
+            out = gather_mm_reduce(x2, weights, expert, sel.sel_index, out_row, bounds, w,
+                                   n_groups, group, backend, config)  # fmt: skip
     return out.view(*w.shape[:-1], d_out)

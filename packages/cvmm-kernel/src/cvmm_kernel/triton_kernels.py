@@ -16,6 +16,8 @@ experts, so at most ``layout.MAX_EXPERTS_TRITON`` matrices), which keeps a call 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -153,21 +155,17 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) forced for every launch; for block-size
-# sweeps in benchmarks/sweep_blocks.py only.
-BLOCK_OVERRIDE: tuple[int, int, int, int, int] | None = None
-
-
-def _block_sizes(k: int, n: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a problem size.
+def _block_sizes(k: int, n: int, config: Sequence[int] | None = None) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for a problem size: ``config`` where
+    given (checked by the caller), else chosen here.
 
     Rows per expert are the variable part; widths are fixed by the model. Small blocks under the
     interpreter keep the CPU tests fast.
     """
+    if config is not None:
+        return tuple(config)
     if not torch.cuda.is_available() or interpreting():
         return 16, 16, 16, 1, 1
-    if BLOCK_OVERRIDE is not None:
-        return BLOCK_OVERRIDE
     block_n = 128 if n >= 128 else max(16, next_power_of_2(n))
     block_k = 64 if k >= 64 else max(16, next_power_of_2(k))
     return 64, block_n, block_k, 4, 3
@@ -181,6 +179,8 @@ def gather_mm(
     out_row: torch.Tensor,
     bounds: torch.Tensor,
     n_out: int,
+    *,
+    config: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``out[out_row[p]] = x[in_row[p]] @ weight[expert_sorted[p]]`` for all sorted positions p.
 
@@ -191,6 +191,8 @@ def gather_mm(
         expert_sorted, in_row, out_row: ``[P]`` each, ``expert_sorted`` ascending.
         bounds: ``[E + 1]`` expert run boundaries from ``layout.expert_bounds``.
         n_out: rows of the output; rows that no position writes are zero.
+        config: ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` for this launch (see
+            ``validation.check_launch_config``); by default chosen from the problem size.
 
     Returns:
         ``[n_out, N]`` in ``x.dtype``.
@@ -202,7 +204,7 @@ def gather_mm(
         return out
     if m_k == 0:
         return out.zero_()
-    block_m, block_n, block_k, warps, stages = _block_sizes(m_k, n)
+    block_m, block_n, block_k, warps, stages = _block_sizes(m_k, n, config)
     n_experts = bounds.numel() - 1
     grid = (cdiv(p, block_m) + n_experts, cdiv(n, block_n))
     _gather_mm_kernel[grid](
@@ -237,18 +239,20 @@ def expert_weight_grad(
     out_row: torch.Tensor,
     bounds: torch.Tensor,
     out_dtype: torch.dtype | None = None,
+    *,
+    config: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """``dW[e] = sum_{p: expert p == e} x[in_row[p]]^T grad[out_row[p]]``, shape ``[E, K, N]``,
-    accumulated in fp32 and stored in ``out_dtype`` (default ``x.dtype``)."""
+    accumulated in fp32 and stored in ``out_dtype`` (default ``x.dtype``). ``config`` as in
+    :func:`gather_mm` (its ``BLOCK_M``: the rows summed per step)."""
     k, n = x.shape[1], grad.shape[1]
     n_experts = bounds.numel() - 1
     dw = torch.empty(n_experts, k, n, dtype=out_dtype or x.dtype, device=x.device)
     if n_experts == 0 or k == 0 or n == 0:
         return dw.zero_()
-    _, block_n, block_k, warps, stages = _block_sizes(k, n)
-    block_m = 64 if block_k >= 64 and not interpreting() else 16
-    if BLOCK_OVERRIDE is not None:
-        block_m = BLOCK_OVERRIDE[0]
+    block_m, block_n, block_k, warps, stages = _block_sizes(k, n, config)
+    if config is None:
+        block_m = 64 if block_k >= 64 and not interpreting() else 16
     grid = (n_experts, cdiv(k, block_k), cdiv(n, block_n))
     _expert_weight_grad_kernel[grid](
         x,

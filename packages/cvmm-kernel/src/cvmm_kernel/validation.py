@@ -12,6 +12,7 @@ constructors ``cvmm_prepare_sel*`` always make them ``int64``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -248,3 +249,46 @@ def _check_index_values(sel: CVMMSel, n: int, n_rows: int, n_matrices: int) -> i
 def _check_range(what: str, lo: int, hi: int, size: int) -> None:
     if lo < 0 or hi >= size:
         raise IndexError(f"{what} out of range: values in [{lo}, {hi}], valid range [0, {size})")
+
+
+# The launch settings of cvmm's kernels, passed per call as cvmm(..., config=).
+CVMM_CONFIG_FIELDS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+
+
+def check_launch_config(
+    what: str, config: object, fields: Sequence[str], *, optional: int = 0
+) -> tuple[int, ...]:
+    """Launch settings passed per call (e.g. ``cvmm(..., config=)``), checked on the host before
+    any kernel runs; returns them as a tuple of ints.
+
+    ``config``: a sequence with one value per name of ``fields``, of which the last ``optional``
+    may be left out. By name: ``BLOCK_*`` a power of two >= 16 (``tl.dot``'s smallest tile),
+    ``num_warps`` a power of two from 1 to 32, ``num_stages`` >= 1, ``persistent`` a bool (or 0,
+    1). ``TypeError`` for something else than a sequence of ints, ``ValueError`` for a wrong
+    length or value; both name ``what`` and the field.
+    """
+    if isinstance(config, (str, bytes)) or not isinstance(config, Sequence):
+        raise TypeError(f"{what} must be a tuple of ints {tuple(fields)}, got {config!r}")
+    if not len(fields) - optional <= len(config) <= len(fields):
+        raise ValueError(
+            f"{what} must have {len(fields) - optional}"
+            f"{f' or {len(fields)}' if optional else ''} values {tuple(fields)}, got {config!r}"
+        )
+    values = []
+    for name, value in zip(fields, config):
+        flag = name == "persistent"
+        if not isinstance(value, int) or (isinstance(value, bool) and not flag):
+            raise TypeError(f"{what}: {name} must be an int, got {value!r}")
+        power_of_2 = value > 0 and not value & (value - 1)
+        if name.startswith("BLOCK_"):
+            ok, rule = power_of_2 and value >= 16, "a power of two >= 16"
+        elif name == "num_warps":
+            ok, rule = power_of_2 and value <= 32, "a power of two from 1 to 32"
+        elif name == "num_stages":
+            ok, rule = value >= 1, ">= 1"
+        else:
+            ok, rule = value in (0, 1), "a bool"
+        if not ok:
+            raise ValueError(f"{what}: {name} must be {rule}, got {value!r}")
+        values.append(int(value))
+    return tuple(values)
