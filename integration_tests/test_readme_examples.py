@@ -11,12 +11,14 @@ marker with the reason on the line before its opening fence::
     <!-- no-test: needs CUDA -->
     ```python
 
-Such a block is only compiled (a syntax check) and reported as skipped with its reason. Nothing
-else is left out: a block without the marker that raises fails the test, except that a block
-needing an optional dependency which is not installed (``OPTIONAL``; the locked environment has
-them all, the ``matrix`` and ``gpu`` sessions may not) makes the README's test report it as
-skipped after running the rest. A marker without a reason, or not right before a python block,
-fails ``test_no_test_markers_are_well_formed``.
+Such a block is only compiled (a syntax check) and reported as skipped with its reason; on a
+machine with CUDA (the ``gpu`` marker) a block whose reason starts with "needs CUDA" also runs,
+after the README's runnable blocks above it. Nothing else is left out: a block without the
+marker that raises fails the test, except that a block needing an optional dependency which is
+not installed (``OPTIONAL``; the locked environment has them all, the ``matrix`` and ``gpu``
+sessions may not) makes the README's test report it as skipped after running the rest. A
+marker without a reason, or not right before a python block, fails
+``test_no_test_markers_are_well_formed``.
 """
 
 from __future__ import annotations
@@ -135,6 +137,23 @@ def test_readme_examples_run(readme: Path, tmp_path: Path, monkeypatch) -> None:
 def test_marked_example_compiles(block: Block) -> None:
     block.compiled()
     pytest.skip(f"{block.where}: not run here: {block.no_test}")
+
+
+CUDA_ONLY = [b for b in MARKED if (b.no_test or "").startswith("needs CUDA")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block", CUDA_ONLY, ids=[b.where for b in CUDA_ONLY])
+def test_cuda_example_runs(block: Block, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "packages").symlink_to(ROOT / "packages", target_is_directory=True)
+    torch.manual_seed(0)
+    namespace = {"__name__": "readme_example"}
+    for earlier in RUN.get(block.readme, []):
+        if earlier.line < block.line:  # the names the block may use
+            exec(earlier.compiled(), namespace)
+    exec(block.compiled(), namespace)
+    torch.cuda.synchronize()
 
 
 def test_no_test_markers_are_well_formed() -> None:
