@@ -297,3 +297,22 @@ def test_generate_refuses_bad_arguments(tiny_lm):
             m.generate(prompt, **kwargs)
     seq = m.generate(prompt, 0)
     assert torch.equal(seq, prompt) and seq.data_ptr() != prompt.data_ptr()
+
+
+@pytest.mark.gpu
+def test_deferred_weight_grads_give_the_same_gradients(tiny_lm):
+    """``deferred_weight_grads``: one weight-gradient GEMM per shared expert weight over all its
+    applications (cvmm's deferred mode, Triton on CUDA) gives the default path's gradients."""
+    model = tiny_lm().cuda()
+    tokens = torch.randint(0, model.embedding.num_embeddings, (2, 24), device="cuda")
+    grads = []
+    for deferred in (False, True):
+        model.transformer.deferred_weight_grads = deferred
+        model.zero_grad(set_to_none=True)
+        out = model(tokens)
+        (out.outputs.square().mean() + out.reg_loss).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, want in grads[0].items():
+        err = float((grads[1][name] - want).norm() / want.norm().clamp_min(1e-30))
+        assert err < 1e-4, (name, err)

@@ -372,14 +372,37 @@ def _token_sums(a, w, r: Routing, top_k, tokens, role, deterministic, gate=None,
     return out.view(tokens, top_k, n).sum(1) if deterministic else out.to(a.dtype)
 
 
+class PendingWeightGrad(NamedTuple):
+    """One use's weight-gradient GEMM, kept to run with the weight's other uses."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    sorted_to_slot: torch.Tensor
+    offsets: torch.Tensor
+    gate: torch.Tensor | None
+    top_k: int
+    b_div: int | None
+    a_gather: bool
+    b_gather: bool
+    config: tuple[int, ...]
+    like: torch.Tensor  # the weight: shape and dtype of the gradient
+
+
 def _weight_grad(a, b, w, shared, r: Routing, top_k, role, *, a_gather, b_gather, gate=None,
                  b_div=None, configs=None):  # fmt: skip
     """The gradient of the expert weights ``w [E, K, N]`` from the rows ``a [., K]`` and
     ``b [., N]`` (:func:`~cvmm_kernel.moe_triton.moe_weight_grad` with the settings of ``role``),
-    computed into ``shared``'s buffer where that sums the weight's gradient over its uses.
-    Returns what the backward gives autograd for ``w`` (:func:`~.shared_grads.settle`)."""
+    computed into ``shared``'s buffer where that sums the weight's gradient over its uses, or
+    kept for one GEMM over all of them where it defers them. Returns what the backward gives
+    autograd for ``w`` (:func:`~.shared_grads.settle`)."""
     from . import moe_triton as kt
 
+    config = _config(role, w.shape[1], w.shape[2], configs)
+    if shared is not None and shared.deferred:
+        shared.pending.append(PendingWeightGrad(
+            a, b, r.sorted_to_slot, r.offsets, gate, top_k, b_div, a_gather, b_gather, config, w
+        ))  # fmt: skip
+        return None
     dw, accumulate = grad_buffer(shared, w)
     kt.moe_weight_grad(
         a,
@@ -392,9 +415,84 @@ def _weight_grad(a, b, w, shared, r: Routing, top_k, role, *, a_gather, b_gather
         gate=gate,
         b_div=b_div,
         accumulate=accumulate,
-        config=_config(role, w.shape[1], w.shape[2], configs),
+        config=config,
     )
     return settle(shared, dw, True)
+
+
+class _Rows(NamedTuple):
+    """The two routing tensors the weight-gradient kernel reads."""
+
+    sorted_to_slot: torch.Tensor
+    offsets: torch.Tensor
+
+
+def combined_weight_grad(uses: list[PendingWeightGrad]) -> torch.Tensor:
+    """The sum of the uses' weight gradients as ONE weight-gradient GEMM (float32 ``[E, K, N]``
+    in the weight's dtype): the uses' slots renumbered after each other, every expert's rows of
+    all uses in one sorted range (those of earlier uses first), gathered operands concatenated
+    and sorted ones permuted into that order. No sort and no host sync: positions follow from
+    the per-use expert offsets. Uses with other settings run one by one, adding."""
+    from . import moe_triton as kt
+
+    first = uses[0]
+    settings = lambda u: (u.top_k, u.b_div, u.a_gather, u.b_gather, u.gate is None, u.config,
+                          u.a.dtype, u.b.dtype)  # fmt: skip
+
+    def renumbers(u: PendingWeightGrad) -> bool:  # gathered rows follow the renumbered slots
+        n = u.sorted_to_slot.numel()
+        b_div = u.top_k if u.b_div is None else u.b_div
+        return (not u.a_gather or u.a.shape[0] * u.top_k == n) and (
+            not u.b_gather or u.b.shape[0] * b_div == n
+        )
+
+    alike = all(settings(u) == settings(first) and renumbers(u) for u in uses)
+    if len(uses) > 1 and not alike:
+        dw = torch.empty_like(first.like)
+        for i, u in enumerate(uses):
+            kt.moe_weight_grad(u.a, u.b, dw, _Rows(u.sorted_to_slot, u.offsets), u.top_k,
+                               a_gather=u.a_gather, b_gather=u.b_gather, gate=u.gate,
+                               b_div=u.b_div, accumulate=i > 0, config=u.config)  # fmt: skip
+        return dw
+    device, n_experts = first.a.device, first.like.shape[0]
+    counts = torch.stack([u.offsets[1:] - u.offsets[:-1] for u in uses]).long()  # [U, E]
+    earlier = counts.cumsum(0) - counts  # rows of the earlier uses, per expert
+    offsets = torch.zeros(n_experts + 1, dtype=torch.long, device=device)
+    offsets[1:] = counts.sum(0).cumsum(0)
+    total = sum(u.sorted_to_slot.numel() for u in uses)
+    sorted_to_slot = torch.empty(total, dtype=torch.int32, device=device)
+    a = first.a.new_empty(total, first.a.shape[1]) if not first.a_gather else None
+    b = first.b.new_empty(total, first.b.shape[1]) if not first.b_gather else None
+    experts = torch.arange(n_experts, device=device)
+    slot_base = 0
+    for i, u in enumerate(uses):
+        n = u.sorted_to_slot.numel()
+        expert = torch.repeat_interleave(experts, counts[i], output_size=n)
+        rank = torch.arange(n, device=device) - u.offsets.long()[expert]
+        position = offsets[expert] + earlier[i, expert] + rank
+        sorted_to_slot[position] = u.sorted_to_slot + slot_base
+        if a is not None:
+            a[position] = u.a[:n]
+        if b is not None:
+            b[position] = u.b[:n]
+        slot_base += n
+    dw = torch.empty_like(first.like)
+    kt.moe_weight_grad(
+        torch.cat([u.a for u in uses]) if a is None else a,
+        torch.cat([u.b for u in uses]) if b is None else b,
+        dw,
+        _Rows(sorted_to_slot, offsets.to(torch.int32)),
+        first.top_k,
+        a_gather=first.a_gather,
+        b_gather=first.b_gather,
+        gate=None
+        if first.gate is None
+        else torch.cat([u.gate for u in uses if u.gate is not None]),
+        b_div=first.b_div,
+        accumulate=False,
+        config=first.config,
+    )
+    return dw
 
 
 # ``overlap``: run the input gradient's products and k-sum on a side stream while the weight

@@ -14,6 +14,15 @@ runs are reproducible), also for partial backward passes (a use outside the pass
 and for several backward passes through a retained graph (each starts a new sum). Inactive while
 ``torch.compile`` traces (the custom ops return every gradient) and outside a grad-enabled
 forward.
+
+``deferred=True`` (opt-in) goes further: each use's backward keeps the operands of its
+weight-gradient GEMM instead of running it, and the node in front of the uses runs ONE GEMM over
+all of them (:func:`cvmm_kernel.moe_ops.combined_weight_grad`): every expert's rows of every use
+in one reduction, so the float32 sum is written once instead of read and written per use, and
+the GEMM's reduction is as many times longer as there are uses (with few rows per expert and use,
+these GEMMs are latency-bound). The kept operands (the gradient rows of each use, and its inputs
+that autograd would otherwise free after that use's backward) stay alive until the last use's
+backward; the sum is the same up to float32 rounding (one reduction instead of one per use).
 """
 
 from __future__ import annotations
@@ -26,12 +35,15 @@ import torch
 
 
 class SharedGrad:
-    """The running gradient sum of one weight over its uses in one forward."""
+    """The running gradient sum of one weight over its uses in one forward; with ``deferred``,
+    also the weight-gradient GEMMs its uses left to run together (``pending``)."""
 
-    __slots__ = ("total",)
+    __slots__ = ("deferred", "pending", "total")
 
-    def __init__(self) -> None:
+    def __init__(self, deferred: bool = False) -> None:
         self.total: torch.Tensor | None = None
+        self.deferred = deferred
+        self.pending: list = []
 
     def target(self, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """``(buffer, accumulate)`` for a weight-gradient kernel: a new buffer to write for the
@@ -76,6 +88,12 @@ class _Collect(torch.autograd.Function):
     def backward(ctx, grad):
         shared = ctx.shared
         total, shared.total = shared.total, None
+        if shared.pending:
+            from .moe_ops import combined_weight_grad
+
+            pending, shared.pending = shared.pending, []
+            combined = combined_weight_grad(pending)
+            total = combined if total is None else total.add_(combined)
         if grad is not None:
             total = grad if total is None else total + grad
         return total, None
@@ -91,17 +109,23 @@ def _registry() -> dict[int, tuple[torch.Tensor, torch.Tensor, SharedGrad]]:
 
 
 @contextlib.contextmanager
-def accumulate_weight_grads(weights: Iterable[torch.Tensor]) -> Iterator[None]:
+def accumulate_weight_grads(
+    weights: Iterable[torch.Tensor], *, deferred: bool = False
+) -> Iterator[None]:
     """Within the block, eager ``moe_mlp``/``moe_linear`` calls on ``weights`` (leaf tensors
     that require grad) sum their gradients into one buffer per weight in the kernels; see the
     module docstring. A no-op for weights that need no gradient, with gradients disabled and
-    while compiling. Not for activation checkpointing (recomputed uses would add again)."""
+    while compiling. Not for activation checkpointing (recomputed uses would add again).
+
+    ``deferred``: on the Triton path, run one weight-gradient GEMM per weight over all its uses
+    after the last use's backward, instead of one per use adding to the sum (more memory held
+    during the backward: each use's gradient rows)."""
     registry = _registry()
     added = []
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         for weight in weights:
             if weight.requires_grad and id(weight) not in registry:
-                shared = SharedGrad()
+                shared = SharedGrad(deferred)
                 registry[id(weight)] = (weight, _Collect.apply(weight, shared), shared)
                 added.append(id(weight))
     try:

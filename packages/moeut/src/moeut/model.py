@@ -11,6 +11,11 @@ application in the backward pass instead of keeping its activations (``torch.uti
 non-reentrant): a shared layer applied ``n_layers // group_size`` times is checkpointed once per
 application. The regularisers and the layers' recorded selection logits see each application
 once; the recomputation records nothing (see ``MoEUT.forward``).
+
+The shared layers' expert-weight gradients are summed in cvmm-kernel's weight-gradient kernels
+(``cvmm_kernel.accumulate_weight_grads``); setting ``MoEUT.deferred_weight_grads = True`` (an
+attribute, off by default, not in the state dict) runs one weight-gradient GEMM per shared weight
+over all its applications instead (its ``deferred`` mode: more memory held during the backward).
 """
 
 from __future__ import annotations
@@ -126,6 +131,9 @@ class MoEUT(torch.nn.Module):
         self.reg_process_group = reg_process_group
         # True: each layer application is recomputed in the backward pass (see ``forward``).
         self.activation_checkpointing = activation_checkpointing
+        # True: one weight-gradient GEMM per shared expert weight over all its applications
+        # (cvmm_kernel.accumulate_weight_grads(..., deferred=True); see the module docstring).
+        self.deferred_weight_grads = False
         if group_size < 1 or n_layers % group_size:
             raise ValueError(
                 f"n_layers ({n_layers}) must be a multiple of group_size ({group_size})"
@@ -236,7 +244,7 @@ class MoEUT(torch.nn.Module):
         new_cache: dict[int, KVCache] = {}
         # the shared layers' expert weights: each use's gradient added in the kernels
         shared = self._expert_weights() if self.n_repeats > 1 and not checkpointing else []
-        with accumulate_weight_grads(shared):
+        with accumulate_weight_grads(shared, deferred=self.deferred_weight_grads):
             for r in range(self.n_repeats):
                 for i, layer in enumerate(self.layers):
                     index = r * len(self.layers) + i
