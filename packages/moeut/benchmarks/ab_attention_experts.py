@@ -30,18 +30,18 @@ def moeut_with(expert_impl: str) -> MoEUTLM:
     return model
 
 
-def main() -> int:
-    if not require_cuda(__file__):
-        return 2
+def run_ab(variants: dict, title: str, stem: str) -> int:
+    """Each step mode (eager, CUDA graph): the dense model, then every variant of ``variants``
+    (name -> model factory) twice, alternating; the table of times, ratios to the dense step of
+    the same mode and peak memory, written as ``stem``.json/.md (the caller checks for CUDA)."""
     rows = []
     for mode in ("eager", "graph"):
         rows.append({"model": "dense-243M", "mode": mode, **time_step(DenseLM(), mode)})
-        for impl in ("cvmm", "dense", "cvmm", "dense"):
-            rows.append({"model": f"MoEUT_244M, {impl} attention experts", "mode": mode,
-                         **time_step(moeut_with(impl), mode)})  # fmt: skip
+        for name, make in [*variants.items(), *variants.items()]:
+            rows.append({"model": name, "mode": mode, **time_step(make(), mode)})
     meta = metadata(setup="LM forward+backward, bf16 autocast, B=8, T=1024, vocab 8000")
     lines = [
-        f"MoEUT-244M attention experts A/B, {environment_line(meta)} ({meta['setup']})",
+        f"{title}, {environment_line(meta)} ({meta['setup']})",
         "",
         "| model | mode | ms | x dense (same mode) | peak GiB |",
         "|---|---|---|---|---|",
@@ -53,9 +53,18 @@ def main() -> int:
                      f" {r['peak_gib']:.1f} |")  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    write_results("ab_attention_experts", {"meta": meta, "rows": rows}, table,
-                  script_file=__file__)  # fmt: skip
+    write_results(stem, {"meta": meta, "rows": rows}, table, script_file=__file__)
     return 0
+
+
+def main() -> int:
+    if not require_cuda(__file__):
+        return 2
+    variants = {
+        f"MoEUT_244M, {impl} attention experts": lambda impl=impl: moeut_with(impl)
+        for impl in ("cvmm", "dense")
+    }
+    return run_ab(variants, "MoEUT-244M attention experts A/B", "ab_attention_experts")
 
 
 if __name__ == "__main__":
