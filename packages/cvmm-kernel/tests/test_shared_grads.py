@@ -113,3 +113,50 @@ def test_deferred_gradients_are_one_gemm_per_weight(backend, device, monkeypatch
         assert len(gemms) == (4 * passes if backend == "triton" else 0)  # one GEMM per weight
         for k, v in w.items():
             assert rel_error(v.grad, passes * want[k]) < 1e-5, (k, passes)
+
+
+def _pending(g, n_experts, tokens, top_k, k, n, a_gather, b_gather, with_gate, device):
+    """One use's weight-gradient GEMM with a random expert per slot, and its float64 oracle
+    ``dW[e] = sum over the slots s of e of (gate_s *) a[row_a(s)]^T b[row_b(s)]``."""
+    from cvmm_kernel.moe_ops import PendingWeightGrad
+
+    slots = tokens * top_k
+    expert = torch.randint(0, n_experts, (slots,), generator=g)
+    sorted_to_slot = torch.sort(expert, stable=True).indices
+    offsets = torch.zeros(n_experts + 1, dtype=torch.long)
+    offsets[1:] = torch.bincount(expert, minlength=n_experts).cumsum(0)
+    a = torch.randn(tokens if a_gather else slots, k, generator=g)
+    b = torch.randn(tokens if b_gather else slots, n, generator=g)
+    gate = torch.rand(slots, generator=g) if with_gate else None
+    rows_a = sorted_to_slot // top_k if a_gather else torch.arange(slots)
+    rows_b = sorted_to_slot // top_k if b_gather else torch.arange(slots)
+    scale = gate[sorted_to_slot].double() if gate is not None else torch.ones(slots).double()
+    want = torch.zeros(n_experts, k, n, dtype=torch.float64)
+    want.index_add_(0, expert[sorted_to_slot],
+                    torch.einsum("pk,pn->pkn", a[rows_a].double() * scale[:, None],
+                                 b[rows_b].double()))  # fmt: skip
+    like = torch.empty(n_experts, k, n, device=device)
+    use = PendingWeightGrad(
+        a.to(device), b.to(device), sorted_to_slot.int().to(device), offsets.int().to(device),
+        None if gate is None else gate.to(device), top_k, None, a_gather, b_gather,
+        (16, 16, 16, 1, 1), like,
+    )  # fmt: skip
+    return use, want
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(("a_gather", "b_gather"), [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("alike", [True, False], ids=["one GEMM", "one by one"])
+def test_combined_weight_grad_matches_its_oracle(a_gather, b_gather, alike):
+    """The combined GEMM of uses with other expert counts (some experts empty in a use) equals
+    the sum of their gradients; uses whose settings differ (a gate in one only) run one by one."""
+    from cvmm_kernel.moe_ops import combined_weight_grad
+
+    g = torch.Generator().manual_seed(4)
+    uses, want = [], 0
+    for i, tokens in enumerate((5, 9, 3)):
+        gate = alike or i == 1  # alike: a gate in every use; else in the second only
+        use, oracle = _pending(g, 6, tokens, 2, 24, 20, a_gather, b_gather, gate, "cpu")
+        uses.append(use)
+        want = want + oracle
+    assert rel_error(combined_weight_grad(uses), want) < 1e-5
