@@ -51,6 +51,18 @@ def _grads(out, inputs, seed):
     return grad, torch.autograd.grad(out, inputs, grad)
 
 
+def _assert_matches_oracle(out, inputs, oracle, names, seed, dtype):
+    """``out`` of ``inputs`` (rows, gate) and both gradients against ``oracle`` on float64 CPU
+    copies of the inputs, within the dtype's tolerance."""
+    grad, grads = _grads(out, inputs, seed)
+    ref_in = [t.detach().cpu().double().requires_grad_() for t in inputs]
+    ref = oracle(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.cpu().double())
+    tol = tolerance(dtype)
+    for name, mine, want in zip(("out", *names), (out, *grads), (ref, *ref_grads)):
+        assert_rel_close(mine.cpu(), want, tol, msg=name)
+
+
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize("case", CASES)
 def test_mix_matches_oracle(backend, device, case):
@@ -61,14 +73,8 @@ def test_mix_matches_oracle(backend, device, case):
     index, gate = _choice(lead, n_experts, k, device, g, repeat, dtype)
     out = mix_experts(values, index, gate, backend=backend)
     assert out.dtype == dtype and out.shape == (*lead, width)
-    grad, (dvalues, dgate) = _grads(out, (values, gate), 1)
-    ref_in = [t.detach().cpu().double().requires_grad_() for t in (values, gate)]
-    ref = oracle_mix(ref_in[0], index.cpu(), ref_in[1])
-    ref_dvalues, ref_dgate = torch.autograd.grad(ref, ref_in, grad.cpu().double())
-    tol = tolerance(dtype)
-    assert_rel_close(out.cpu(), ref, tol, msg="out")
-    assert_rel_close(dvalues.cpu(), ref_dvalues, tol, msg="dvalues")
-    assert_rel_close(dgate.cpu(), ref_dgate, tol, msg="dgate")
+    oracle = lambda v, gt: oracle_mix(v, index.cpu(), gt)
+    _assert_matches_oracle(out, (values, gate), oracle, ("dvalues", "dgate"), 1, dtype)
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
@@ -84,14 +90,8 @@ def test_spread_matches_oracle(backend, device, case):
     index, gate = _choice(lead, n_experts, k, device, g, repeat, dtype)
     out = spread_experts(x, index, gate, n_experts, backend=backend)
     assert out.dtype == dtype and out.shape == (*lead, n_experts, width)
-    grad, (dx, dgate) = _grads(out, (x, gate), 2)
-    ref_in = [t.detach().cpu().double().requires_grad_() for t in (x, gate)]
-    ref = oracle_spread(ref_in[0], index.cpu(), ref_in[1], n_experts)
-    ref_dx, ref_dgate = torch.autograd.grad(ref, ref_in, grad.cpu().double())
-    tol = tolerance(dtype)
-    assert_rel_close(out.cpu(), ref, tol, msg="out")
-    assert_rel_close(dx.cpu(), ref_dx, tol, msg="dx")
-    assert_rel_close(dgate.cpu(), ref_dgate, tol, msg="dgate")
+    oracle = lambda xx, gt: oracle_spread(xx, index.cpu(), gt, n_experts)
+    _assert_matches_oracle(out, (x, gate), oracle, ("dx", "dgate"), 2, dtype)
 
 
 @pytest.mark.gpu

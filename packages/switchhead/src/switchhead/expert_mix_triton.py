@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_support import row_alignment
+
 # (rows per program, warps); ``config=`` of the launchers overrides it (benchmarks). On an H100
 # at T=4096 (benchmarks/results/sweep_row_kernels_T4096.md) 16 rows and 4 warps were within 3 us
 # of the best setting of every kernel.
@@ -122,18 +124,6 @@ def _lead3(t: torch.Tensor, trailing: int) -> torch.Tensor:
         return t.reshape(merged, *t.shape[lead - 2 :])
 
 
-def _alignment(c: int, *tensors: torch.Tensor) -> int:
-    """The largest of 8, 4, 2, 1 elements that divides ``c`` and every row stride and base
-    offset of ``tensors`` (three leading dims each): what the kernels may assume of row starts."""
-    for align in (8, 4, 2, 1):
-        if c % align == 0 and all(
-            t.storage_offset() % align == 0 and all(s % align == 0 for s in t.stride()[:3])
-            for t in tensors
-        ):
-            return align
-    return 1
-
-
 def _block_c(c: int) -> int:
     return max(16, triton.next_power_of_2(c))
 
@@ -162,7 +152,7 @@ def gather(
         rows, a3.shape[1], a3.shape[2],
         *a3.stride()[:3],
         *b3.stride()[:3],
-        C=c, K=k, HAS_B=b is not None, ALIGN=_alignment(c, a3, b3),
+        C=c, K=k, HAS_B=b is not None, ALIGN=row_alignment(c, a3, b3),
         BLOCK_R=block_r, BLOCK_C=_block_c(c), num_warps=warps,
     )  # fmt: skip
     return out, None if dgate is None else dgate.view(index.shape)
@@ -193,7 +183,7 @@ def spread(
         rows, x3.shape[1], x3.shape[2], n_experts,
         *x3.stride()[:3],
         *a3.stride()[:3],
-        C=c, K=k, HAS_A=a is not None, ALIGN=_alignment(c, x3, a3),
+        C=c, K=k, HAS_A=a is not None, ALIGN=row_alignment(c, x3, a3),
         BLOCK_R=block_r, BLOCK_C=_block_c(c), BLOCK_K=max(2, triton.next_power_of_2(k)),
         num_warps=warps,
     )  # fmt: skip

@@ -26,7 +26,6 @@ from .masks import causal_keep_mask
 from .triton_support import KERNEL_DTYPES, kernels_can_run
 
 BACKENDS = ("reference", "triton")
-_KERNEL_DTYPES = KERNEL_DTYPES
 MAX_HEAD_DIM = 256
 
 
@@ -142,7 +141,7 @@ triton_relative_attention_fwd.register_autograd(_backward, setup_context=_setup_
 
 def _kernels_take(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernels handle these dtypes and head dims."""
-    return q.dtype in _KERNEL_DTYPES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
+    return q.dtype in KERNEL_DTYPES and max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM
 
 
 def kernel_supports(q: torch.Tensor, v: torch.Tensor | None = None) -> bool:

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_support import row_alignment
+
 # (rows per program, warps): the fastest on an H100 at T=4096, 57 against 68 us for (16, 4)
 # (benchmarks/results/sweep_row_kernels_T4096.md)
 CONFIG = (8, 2)
@@ -61,17 +63,12 @@ def rotate(
     rows = outer * n * inner
     if rows == 0:
         return y
-    align = next(
-        a
-        for a in (8, 4, 2, 1)
-        if hs % a == 0 and x.storage_offset() % a == 0 and all(s % a == 0 for s in x.stride()[:3])
-    )
     block_r, warps = config or CONFIG
     _rope_kernel[(triton.cdiv(rows, block_r),)](
         x, cos, sin, y,
         rows, n, inner, offset,
         *x.stride()[:3],
-        HS=hs, N_ROT=n_rotate, SIGN=-1.0 if inverse else 1.0, ALIGN=align,
+        HS=hs, N_ROT=n_rotate, SIGN=-1.0 if inverse else 1.0, ALIGN=row_alignment(hs, x),
         BLOCK_R=block_r, BLOCK_C=max(16, triton.next_power_of_2(hs)), num_warps=warps,
     )  # fmt: skip
     return y

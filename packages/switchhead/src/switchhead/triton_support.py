@@ -26,3 +26,16 @@ def kernels_can_run(t: torch.Tensor) -> bool:
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
     return t.dtype in KERNEL_DTYPES and _triton_imports()
+
+
+def row_alignment(channels: int, *tensors: torch.Tensor) -> int:
+    """The largest of 8, 4, 2, 1 elements that divides ``channels`` and every tensor's base
+    offset and first three strides (its leading, row-addressing dims): what a row kernel may
+    assume of its row starts (``tl.multiple_of``), so that aligned rows move in vectors."""
+    for align in (8, 4, 2, 1):
+        if channels % align == 0 and all(
+            t.storage_offset() % align == 0 and all(s % align == 0 for s in t.stride()[:3])
+            for t in tensors
+        ):
+            return align
+    return 1
