@@ -16,14 +16,11 @@ Python with cProfile over a few steps (the functions that cost host time, by own
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import sys
 
 import torch
 import torch.nn.functional as F
-from bench_harness import profile_steps, require_cuda, write_text
+from bench_harness import profile_steps, python_profile, require_cuda, write_text
 from moeut import MoEUTLM, profiles
 from torch.profiler import ProfilerActivity, profile
 
@@ -75,26 +72,11 @@ def main() -> int:
         )
         text += "\n\nBy input shape:\n" + table
     if args.python:
-        text += "\n\nHost Python (cProfile over 5 steps, by own time):\n" + _python_profile(step)
+        text += "\n\nHost Python (cProfile over 5 steps, by own time):\n" + python_profile(step)
     print(text)
     suffix = "_compiled" if args.compile else ""
     write_text(f"profile_{args.profile}{suffix}.txt", text, script_file=__file__)
     return 0
-
-
-def _python_profile(step, steps: int = 5) -> str:
-    torch.cuda.synchronize()
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    profiler.disable()
-    stream = io.StringIO()
-    stats = pstats.Stats(profiler, stream=stream)
-    stats.sort_stats("tottime").print_stats(45)
-    stats.sort_stats("cumulative").print_stats(45)
-    return stream.getvalue()
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@ r"""Benchmark one SwitchHead attention layer against parameter-matched dense att
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
         python3 packages/switchhead/benchmarks/bench_switchhead.py [--quick] [--compile] \
-        [--cuda-graph]
+        [--cuda-graph] [--variants "rope-4x4-d100,xl-4x4-d100"]
 
 Forward + backward, bf16 autocast, B=8, d_model=1024, causal. In the same process: dense
 multi-head attention with 16 heads x 64 (q/k/v/o linear layers + SDPA ``is_causal=True``).
-Writes JSON and a markdown table to ``$OUT`` if set, else to ``benchmarks/results/``.
+Ratios are like for like: each row against the dense layer run the same way (eager, compiled or
+replayed from a CUDA graph). ``--variants`` times only the named variants (and the dense one).
+Writes JSON and a markdown table (``switchhead[_quick][_subset]``) to ``$OUT`` if set, else to
+``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from bench_harness import (
 from switchhead import SwitchHeadRope, SwitchHeadXL
 
 UPSTREAM_MS_T1024 = {"rope-4x4-d100": 8.46, "xl-4x4-d100": 8.73}  # PERF.md, H100
+DENSE = "dense-mha-16x64"
+MODE_LABELS = {"eager": "", "compiled": " (compiled)", "graph": " (CUDA graph)"}
 
 
 class DenseMHA(torch.nn.Module):
@@ -107,25 +112,44 @@ def main() -> int:
     parser.add_argument(
         "--cuda-graph", action="store_true", help="also time steps replayed from a CUDA graph"
     )
+    parser.add_argument("--variants", help="comma-separated variant names (default: all)")
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
-    is_dense = lambda row: row["variant"] == "dense-mha-16x64"
+    names = [name for name, _ in variants()]
+    chosen = names if args.variants is None else [*args.variants.split(","), DENSE]
+    unknown = sorted(set(chosen) - set(names))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {names}")
+    modes = [
+        "eager",
+        *(["compiled"] if args.compile else []),
+        *(["graph"] if args.cuda_graph else []),
+    ]
     rows = []
     for seq in [1024] if args.quick else [1024, 4096]:
-        results = {}
+        group = []
         for name, make in variants():
-            results[name] = time_layer(make, 8, seq)
-            if args.compile and not name.endswith("reference"):
-                results[name + " (compiled)"] = time_layer(make, 8, seq, "compiled")
-            if args.cuda_graph:
+            if name not in chosen:
+                continue
+            for mode in modes:
+                if mode == "compiled" and name.endswith("reference"):
+                    continue
                 try:
-                    results[name + " (CUDA graph)"] = time_layer(make, 8, seq, "graph")
+                    result = time_layer(make, 8, seq, mode)
                 except Exception as exc:  # report a variant that cannot be captured
+                    if mode != "graph":
+                        raise
                     print(f"{name} CUDA graph: {exc!r}"[:300], file=sys.stderr)
-        group = [{"variant": name, "T": seq, **r} for name, r in results.items()]
-        for row, ratio in zip(group, ratios_to_baseline(group, key="ms", is_baseline=is_dense)):
-            row["ratio_to_dense"] = ratio
+                    continue
+                label = name + MODE_LABELS[mode]
+                group.append({"variant": label, "T": seq, "mode": mode, **result})
+        for mode in modes:  # like for like: against the dense layer run the same way
+            same = [row for row in group if row["mode"] == mode]
+            is_dense = lambda row, mode=mode: row["variant"] == DENSE + MODE_LABELS[mode]
+            for row, ratio in zip(same, ratios_to_baseline(same, key="ms", is_baseline=is_dense)):
+                row["ratio_to_dense"] = ratio
+        for row in group:
             if seq == 1024 and row["variant"] in UPSTREAM_MS_T1024:
                 row["upstream_ms_perf_md"] = UPSTREAM_MS_T1024[row["variant"]]
         rows += group
@@ -137,7 +161,13 @@ def main() -> int:
         f"SwitchHead layer, {environment_line(meta)} ({meta['setup']})",
         "",
         *table_header(
-            "variant", "T", "params", "ms", "x dense time", "peak MiB", "upstream ms (PERF.md)"
+            "variant",
+            "T",
+            "params",
+            "ms",
+            "x dense (same mode)",
+            "peak MiB",
+            "upstream ms (PERF.md)",
         ),
     ]
     for r in rows:
@@ -149,6 +179,7 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     stem = "switchhead_quick" if args.quick else "switchhead"
+    stem += "" if args.variants is None else "_subset"
     write_results(stem, {"meta": meta, "rows": rows}, table, script_file=__file__)
     return 0
 

@@ -33,6 +33,7 @@ __all__ = [
     "metadata",
     "peak_mib",
     "profile_steps",
+    "python_profile",
     "ratios_to_baseline",
     "require_cuda",
     "results_dir",
@@ -183,6 +184,28 @@ def profile_steps(
     events = prof.key_averages()
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA")
     return wall_ms, kernel_us / 1e3, events
+
+
+def python_profile(step: Callable[[], object], *, steps: int = 5, rows: int = 45) -> str:
+    """The host's Python over ``steps`` calls of ``step`` (synchronised before and after) under
+    ``cProfile``: two ``pstats`` tables of ``rows`` functions, by own time and by cumulative
+    time. Where the host time of a host-bound step goes."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    stream = io.StringIO()
+    stats = pstats.Stats(profiler, stream=stream)
+    stats.sort_stats("tottime").print_stats(rows)
+    stats.sort_stats("cumulative").print_stats(rows)
+    return stream.getvalue()
 
 
 def peak_mib(fn: Callable[[], object], *, baseline_bytes: int | None = None) -> float:
