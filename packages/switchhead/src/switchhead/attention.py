@@ -198,6 +198,11 @@ class SwitchHeadCore(torch.nn.Module):
         dense_v = self.experts.fuses_values
         sels = [self.sel_o, self.sel_v] if e > 1 else [self.sel_o]
         v_rows = [self._v_rows()] if dense_v else []
+        # Under torch.compile the value experts get a matmul of their own: fused into this one,
+        # Inductor turned the backward of the split (RoPE, the q/k stack and every part's
+        # gradient concatenated) into one kernel 4-5x slower than its traffic (0.66-0.82 ms at
+        # T=4096; the layer 3.87 vs 3.51 ms: benchmarks/results/ab_compiled_values_apart.md).
+        v_apart = torch.compiler.is_compiling()
         if q_src is k_src and (k_src is v_src or not dense_v):
             # Head-sized blocks first and the row width padded to a multiple of 8 columns, so
             # that the q/k/v views handed to the attention kernel are 16-byte aligned (PyTorch's
@@ -205,15 +210,18 @@ class SwitchHeadCore(torch.nn.Module):
             n_sel = len(sels) * h * e
             sel_pad = -n_sel % 8
             pad_rows = [self.sel_o.new_zeros(sel_pad, self.input_size)] if sel_pad else []
-            w = torch.cat(self._qk_rows() + v_rows + sels + pad_rows)
-            sizes = [2 * h * hs] + [r.shape[0] for r in v_rows] + [n_sel + sel_pad]
+            fused_v = [] if v_apart else v_rows
+            w = torch.cat(self._qk_rows() + fused_v + sels + pad_rows)
+            sizes = [2 * h * hs] + [r.shape[0] for r in fused_v] + [n_sel + sel_pad]
             parts = torch.split(F.linear(q_src, w), sizes, dim=-1)
             bt = q_src.shape[:-1]
             qk = parts[0].view(*bt, 2, h, hs)
             q, k = qk.unbind(-3)
             sel = _float(parts[-1][..., :n_sel]).view(*bt, len(sels), h, e).unbind(-3)
             logits = dict(zip(("o", "v"), sel))
-            v_all = parts[1].view(*bt, h, e, hs) if dense_v else None
+            v_all = None
+            if dense_v:
+                v_all = (F.linear(q_src, v_rows[0]) if v_apart else parts[1]).view(*bt, h, e, hs)
             return q, k, qk, logits, v_all
         q_rows, k_rows = self._qk_rows()
         logits = {"o": _float(F.linear(q_src, self.sel_o)).view(*q_src.shape[:-1], h, e)}

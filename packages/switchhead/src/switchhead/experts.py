@@ -7,8 +7,9 @@ head (ties to the lower index; with ``expert_dropout`` in training, dropped expe
 - :class:`DenseGatedExperts` (``expert_impl="dense"``): every expert's projection as one dense
   matmul, the unchosen ones weighted by 0: the same function and gradients at ``E / moe_k``
   times the expert FLOPs, in large cuBLAS matmuls (the value experts ride in the layer's fused
-  input projection); the choice is ``sigmoid_topk``'s and the gated mixing one Triton pass each
-  way (:mod:`switchhead.expert_mix`).
+  input projection, or have one of their own under ``torch.compile``); the choice is
+  ``sigmoid_topk``'s and the gated mixing one Triton pass each way
+  (:mod:`switchhead.expert_mix`).
 - :class:`SparseExperts` (``expert_impl="cvmm"``): only the chosen experts, through
   ``cvmm_kernel.moe_linear`` (gathered grouped GEMMs sorted by expert on CUDA, no host sync).
 
