@@ -77,3 +77,21 @@ def test_cpu_falls_back_to_torch_topk():
 def test_bad_inputs(scores, k, error):
     with pytest.raises(error):
         topk_indices(scores, k)
+
+
+@pytest.mark.gpu
+def test_compiled_matches_eager_at_router_scale():
+    """Compiled, the op's kernel is launched from the compiled graph itself (a triton_op,
+    ``cvmm_kernel.traced_ops``) between Inductor's own kernels: the same indices as eagerly at
+    MoEUT-244M's router shape (8192 rows of 387, k = 16) and at SwitchHead's (rows of 10, k = 2)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    scores = torch.randn(8192, 387, device="cuda", generator=g)
+    heads = torch.randn(8, 1024, 4, 10, device="cuda", generator=g)
+
+    def choose(s, h):
+        return topk_indices(s.sigmoid(), 16), topk_indices(h * 2, 2), topk_indices(-s, 3)
+
+    eager = choose(scores, heads)
+    compiled = torch.compile(choose, fullgraph=True)(scores, heads)
+    for mine, want in zip(compiled, eager):
+        assert torch.equal(mine, want)

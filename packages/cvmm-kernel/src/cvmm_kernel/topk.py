@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .interpreter import interpreting
+from .traced_ops import triton_custom_op
 
 # Rows wider than this go to torch.topk (the kernel holds a row block in registers).
 MAX_WIDTH = 4096
@@ -35,7 +36,7 @@ def _topk_indices_triton(scores: torch.Tensor, k: int) -> torch.Tensor:
     return out.view(*scores.shape[:-1], k)
 
 
-@torch.library.custom_op("cvmm_kernel::topk_indices", mutates_args=())
+@triton_custom_op("cvmm_kernel::topk_indices")
 def _topk_indices_op(scores: torch.Tensor, k: int) -> torch.Tensor:
     return _topk_indices_triton(scores, k)
 

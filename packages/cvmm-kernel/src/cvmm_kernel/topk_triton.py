@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .host_math import cdiv, next_power_of_2
+from .traced_ops import is_traced, launch_traced
 
 
 @triton.jit
@@ -56,7 +57,10 @@ def launch_topk(rows: torch.Tensor, out: torch.Tensor) -> None:
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     block_r, block_e = row_blocks(width)
-    _topk_indices_kernel[(cdiv(n_rows, block_r),)](
-        rows, out, n_rows, width, rows.stride(0), K=k, BLOCK_R=block_r, BLOCK_E=block_e,
-        num_warps=4,
-    )  # fmt: skip
+    grid = (cdiv(n_rows, block_r),)
+    args = (rows, out, n_rows, width, rows.stride(0))
+    settings = {"K": k, "BLOCK_R": block_r, "BLOCK_E": block_e, "num_warps": 4}
+    if is_traced(rows):  # the custom op's body traced for torch.compile
+        launch_traced(_topk_indices_kernel, grid, *args, **settings)
+    else:
+        _topk_indices_kernel[grid](*args, **settings)
