@@ -11,10 +11,12 @@ compiled graph's own wrapper; eagerly it runs the body as a custom op would. On 
 
 A body registered here must be traceable with fake tensors: decisions on shapes, dtypes and
 Python values only (no data-dependent Python, no host sync), every kernel launched through
-:func:`launch_traced` when :func:`is_traced`. Only ``topk_indices`` is registered so: the
-routing op's four kernels, registered the same way, made MoEUT-244M's compiled step fault with
-an illegal address (2026-11-26, torch 2.11; their small-shape tests passed), so it stays a
-custom op until that is understood.
+:func:`launch_traced` when :func:`is_traced`, and no two arguments of a kernel views of one
+buffer (the routing's scratch as views of one allocation made MoEUT-244M's compiled step fault
+with an illegal address under torch 2.11). Registered so: ``topk_indices``. The routing op
+stays a custom op: as a triton_op (separate allocations) it matched eager but did not make the
+compiled MoEUT step faster, which is GPU-bound on a quiet host (moeut's
+``ab_compiled_routing.md``).
 """
 
 from __future__ import annotations
