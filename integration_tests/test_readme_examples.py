@@ -53,8 +53,10 @@ class Block:
         return f"{self.name}:{self.line}"
 
     def compiled(self):
-        # padded so that tracebacks name the README's own line numbers
-        return compile("\n" * self.line + self.code, str(self.readme), "exec")
+        # padded so that tracebacks name the README's own line numbers; the file name in angle
+        # brackets marks the code as not read from a Python file (torch 2.5's dynamo otherwise
+        # tokenizes the README itself around a traced function and fails)
+        return compile("\n" * self.line + self.code, f"<{self.readme}>", "exec")
 
 
 def _closing_fence(lines: list[str], start: int, fence: str) -> int:
