@@ -108,10 +108,9 @@ def _registry() -> dict[int, tuple[torch.Tensor, torch.Tensor, SharedGrad]]:
     return _ACTIVE.weights
 
 
-@contextlib.contextmanager
 def accumulate_weight_grads(
     weights: Iterable[torch.Tensor], *, deferred: bool = False
-) -> Iterator[None]:
+) -> contextlib.AbstractContextManager[None]:
     """Within the block, eager ``moe_mlp``/``moe_linear`` calls on ``weights`` (leaf tensors
     that require grad) sum their gradients into one buffer per weight in the kernels; see the
     module docstring. A no-op for weights that need no gradient, with gradients disabled and
@@ -120,9 +119,16 @@ def accumulate_weight_grads(
     ``deferred``: on the Triton path, run one weight-gradient GEMM per weight over all its uses
     after the last use's backward, instead of one per use adding to the sum (more memory held
     during the backward: each use's gradient rows)."""
+    if torch.compiler.is_compiling():  # (torch 2.5's dynamo cannot trace the generator below)
+        return contextlib.nullcontext()
+    return _accumulating(weights, deferred)
+
+
+@contextlib.contextmanager
+def _accumulating(weights: Iterable[torch.Tensor], deferred: bool) -> Iterator[None]:
     registry = _registry()
     added = []
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if torch.is_grad_enabled():
         for weight in weights:
             if weight.requires_grad and id(weight) not in registry:
                 shared = SharedGrad(deferred)

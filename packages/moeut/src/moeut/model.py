@@ -244,13 +244,7 @@ class MoEUT(torch.nn.Module):
         new_cache: dict[int, KVCache] = {}
         # the shared layers' expert weights: each use's gradient added in the kernels
         shared = self._expert_weights() if self.n_repeats > 1 and not checkpointing else []
-        # inactive while compiling, and torch 2.5's dynamo cannot trace the context manager
-        accumulating = (
-            contextlib.nullcontext()
-            if torch.compiler.is_compiling()
-            else accumulate_weight_grads(shared, deferred=self.deferred_weight_grads)
-        )
-        with accumulating:
+        with accumulate_weight_grads(shared, deferred=self.deferred_weight_grads):
             for r in range(self.n_repeats):
                 for i, layer in enumerate(self.layers):
                     index = r * len(self.layers) + i
