@@ -23,6 +23,7 @@ from bench_harness import (
     median_ms,
     metadata,
     peak_mib,
+    ratios_to_baseline,
     require_cuda,
     table_header,
     write_results,
@@ -98,6 +99,10 @@ def time_step(model: torch.nn.Module, mode: str) -> dict:
     }
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MoEUT_244M and dense only")
@@ -130,9 +135,11 @@ def main() -> int:
             if name in UPSTREAM_MS and mode == "eager":
                 row["upstream_ms_perf_md"] = UPSTREAM_MS[name]
             rows.append(row)
-    for r in rows:  # like for like: against the dense model run the same way
-        dense = [d["ms"] for d in rows if d["model"] == "dense-243M" + suffix[r["mode"]]]
-        r["ratio_to_dense"] = r["ms"] / dense[0] if dense else float("nan")
+    # like for like: against the dense model run the same way (None if that one failed)
+    is_dense = lambda r: r["model"] == "dense-243M" + suffix[r["mode"]]
+    for r, ratio in zip(rows, ratios_to_baseline(rows, key="ms", is_baseline=is_dense,
+                                                 match=("mode",))):  # fmt: skip
+        r["ratio_to_dense"] = ratio
     meta = metadata(setup=f"LM forward+backward, bf16 autocast, B={BATCH}, T={SEQ}, vocab {VOCAB}")
     lines = [
         f"MoEUT training step, {environment_line(meta)} ({meta['setup']})",
@@ -151,7 +158,7 @@ def main() -> int:
         up = r.get("upstream_ms_perf_md")
         lines.append(
             f"| {r['model']} | {r['params_m']:.1f}M | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r['ratio_to_dense']:.2f} | {r['peak_gib']:.1f} | {'' if up is None else up} |"
+            f"{_ratio(r['ratio_to_dense'])} | {r['peak_gib']:.1f} | {'' if up is None else up} |"
         )
     table = "\n".join(lines)
     print(table)

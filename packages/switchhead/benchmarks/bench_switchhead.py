@@ -144,11 +144,11 @@ def main() -> int:
                     continue
                 label = name + MODE_LABELS[mode]
                 group.append({"variant": label, "T": seq, "mode": mode, **result})
-        for mode in modes:  # like for like: against the dense layer run the same way
-            same = [row for row in group if row["mode"] == mode]
-            is_dense = lambda row, mode=mode: row["variant"] == DENSE + MODE_LABELS[mode]
-            for row, ratio in zip(same, ratios_to_baseline(same, key="ms", is_baseline=is_dense)):
-                row["ratio_to_dense"] = ratio
+        # like for like: against the dense layer run the same way
+        is_dense = lambda row: row["variant"] == DENSE + MODE_LABELS[row["mode"]]
+        ratios = ratios_to_baseline(group, key="ms", is_baseline=is_dense, match=("mode",))
+        for row, ratio in zip(group, ratios):
+            row["ratio_to_dense"] = ratio
         for row in group:
             if seq == 1024 and row["variant"] in UPSTREAM_MS_T1024:
                 row["upstream_ms_perf_md"] = UPSTREAM_MS_T1024[row["variant"]]
