@@ -8,7 +8,7 @@ Forward + backward, bf16 autocast, B=8, d_model=1024, causal. In the same proces
 multi-head attention with 16 heads x 64 (q/k/v/o linear layers + SDPA ``is_causal=True``).
 Ratios are like for like: each row against the dense layer run the same way (eager, compiled or
 replayed from a CUDA graph). ``--variants`` times only the named variants (and the dense one).
-Writes JSON and a markdown table (``switchhead[_quick][_subset]``) to ``$OUT`` if set, else to
+Writes JSON and a markdown table (``switchhead[_quick][_subset][_TAG]``) to ``$OUT`` if set, else to
 ``benchmarks/results/``.
 """
 
@@ -113,6 +113,7 @@ def main() -> int:
         "--cuda-graph", action="store_true", help="also time steps replayed from a CUDA graph"
     )
     parser.add_argument("--variants", help="comma-separated variant names (default: all)")
+    parser.add_argument("--tag", help="suffix of the result files' names")
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
@@ -180,6 +181,7 @@ def main() -> int:
     print(table)
     stem = "switchhead_quick" if args.quick else "switchhead"
     stem += "" if args.variants is None else "_subset"
+    stem += f"_{args.tag}" if args.tag else ""
     write_results(stem, {"meta": meta, "rows": rows}, table, script_file=__file__)
     return 0
 

@@ -106,6 +106,29 @@ def test_empty_queries_interpreter():
     assert float(dr.abs().sum()) == 0.0
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2]])
+def test_block_shapes_interpreter(case, blocks):
+    """Query and key blocks of different sizes, every kernel (``BLOCK_M`` != ``BLOCK_N`` moves
+    the tile diagonals, the scratch bands and the unmasked ranges)."""
+    from switchhead import relative_attention_triton as kt
+
+    b, h, n_q, n_k, d, dv, causal = case
+    q, k, v, r = (x.detach() for x in make(b, h, n_q, n_k, d, dv, torch.float32, "cpu", seed=3))
+    cfg = (*blocks, 1, 1, 2)
+    out, lse = kt.relative_attention_fwd(q, k, v, r, None, causal, 0.3, cfg)
+    grad = torch.randn_like(out)
+    grads = kt.relative_attention_bwd(
+        grad, q, k, v, r, None, out, lse, causal, 0.3, {"dq": cfg, "dkdv": cfg}
+    )
+    ref_in = [x.double().requires_grad_() for x in (q, k, v, r)]
+    ref = oracle(*ref_in, None, causal, 0.3)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.double())
+    for name, mine, want in zip(("out", "dq", "dk", "dv", "dr"), (out, *grads), (ref, *ref_grads)):
+        assert_rel_close(mine, want, 1e-5, msg=name)
+
+
 @pytest.mark.parametrize("case", CASES[:3])
 def test_reference_matches_oracle(case):
     b, h, n_q, n_k, d, dv, causal = case
@@ -208,6 +231,22 @@ def test_long_sequence_gpu():
     keep = None
     check(2, 2, 300, 300, 64, 64, True, keep, torch.bfloat16, "cuda", tol=3e-2)
     check(1, 2, 200, 330, 128, 128, True, keep, torch.float32, "cuda", tol=1e-5)
+    # SwitchHead's padded head (256-byte rows: the largest blocks), KV cache offset
+    check(1, 2, 390, 520, 104, 104, True, keep, torch.bfloat16, "cuda", tol=3e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_qkv_gradients_reproducible_gpu():
+    """dq, dk and dv are written without atomics: equal bit for bit run to run (dr is added
+    atomically, so it may differ in the last bits)."""
+    q, k, v, r = make(2, 4, 700, 700, 104, 104, torch.bfloat16, "cuda", seed=5)
+    out = relative_attention(q, k, v, r, None, True, 0.1, backend="triton")
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (q, k, v), grad)
+    for name, a, b in zip("qkv", first, second):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.gpu

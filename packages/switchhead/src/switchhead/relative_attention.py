@@ -13,8 +13,9 @@ order.
   ops with fake and autograd implementations so ``torch.compile(fullgraph=True)`` traces them.
 
 ``backend=None`` picks ``"triton"`` for CUDA tensors in float16, bfloat16 or float32 with head
-dims up to 256 when deterministic algorithms are not requested (the backward adds the gradients
-of ``k``, ``v`` and ``r`` with atomics); otherwise ``"reference"``.
+dims up to 256 when deterministic algorithms are not requested (the backward adds the gradient
+of ``r`` with atomics; those of ``q``, ``k`` and ``v`` are reproducible); otherwise
+``"reference"``.
 """
 
 from __future__ import annotations
