@@ -234,7 +234,10 @@ def relative_attention(
         backend = "triton" if kernel_supports(q, v) else "reference"
     if backend == "reference":
         return reference_relative_attention(q, k, v, r, keep, is_causal, scale)
-    out, _lse = triton_relative_attention_fwd(q, k, v, r.to(q.dtype), keep, is_causal, float(scale))
+    # contiguous here, so that the tensor the op saves for its backward is too (the kernels would
+    # otherwise copy a transposed r, as SwitchHeadXL's, once each way)
+    r = r.to(q.dtype).contiguous()
+    out, _lse = triton_relative_attention_fwd(q, k, v, r, keep, is_causal, float(scale))
     return out
 
 

@@ -404,6 +404,8 @@ def _dkdv_tile(
     tl.store(slot + rows[:, None] * BLOCK_N + j2, _dot(q, tl.trans(band_up), IEEE).to(
         slot.dtype.element_ty), mask=j2 < BLOCK_N)  # fmt: skip
     tl.debug_barrier()
+    # volatile: a precaution so that no software pipelining issues this load ahead of the barrier
+    # (the slot is rewritten every second tile)
     pos = tl.load(slot + rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], volatile=True)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale + pos.to(tl.float32) * 1.4426950408889634
     p = tl.exp2(s - lse[:, None])
@@ -669,7 +671,7 @@ def relative_attention_bwd(
     b, h, n_q, d = q.shape
     n_k, d_v = k.shape[2], v.shape[-1]
     configs = configs or {}
-    r = r.contiguous()
+    r = r.contiguous()  # as in the forward
     dr = torch.zeros(h, n_q + n_k - 1 if n_q + n_k else 0, d, device=q.device, dtype=torch.float32)
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dr
