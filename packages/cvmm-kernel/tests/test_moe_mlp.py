@@ -99,14 +99,20 @@ def test_float64_reference_is_exact(backend, device):
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize(
-    "case", ["one-expert", "idle-experts", "odd-rows", "atomic", "persistent", "wide-hidden"]
+    "case",
+    ["one-expert", "idle-experts", "odd-rows", "atomic", "persistent", "wide-hidden", "int64"],
 )
-def test_edge_layouts(backend, device, case):
+def test_edge_layouts(backend, device, case, monkeypatch):
     """One expert with every row, experts with no rows, row counts no tile size divides; the
     atomic k-sum; the persistent kernel (one program per SM walking the tiles); an expert size
-    above ROWS_MAX_K (the down projection and the input gradient on the general kernel)."""
+    above ROWS_MAX_K (the down projection and the input gradient on the general kernel); the
+    weight gradients' 64-bit offsets (taken for tensors beyond int32 offsets)."""
     dtype = torch.float32
     launch = {}
+    if case == "int64":
+        from cvmm_kernel import moe_triton
+
+        monkeypatch.setattr(moe_triton, "fits_int32", lambda t: False)
     if case == "persistent":
         small = (16, 16, 1, 1, True) if device == "cpu" else (64, 64, 4, 3, True)
         # the row-tile and weight-gradient kernels have no persistent form

@@ -104,7 +104,11 @@ def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, rol
                     else None, config=cfg)  # fmt: skip
         if dgate is not None:
             dgate = dgate[0] if dgate.shape[0] == 1 else dgate.sum(0)
-    return (_sum_groups(out, out_div) if deterministic else out.to(a.dtype)), dgate
+    if not deterministic:
+        return out.to(a.dtype), dgate
+    if out_div == 1:
+        return out, dgate
+    return kt.gated_group_sum(out, None, out_div), dgate
 
 
 def saves_products(d_in: int, d_out: int, deterministic: bool, backend: str) -> bool:

@@ -16,8 +16,8 @@ Three ops: ``moe_routing`` (the sorted layout of the slots, built once per call 
 forward and the backward), ``moe_mlp_forward`` and ``moe_mlp_backward``. ``backend`` picks the
 Triton kernels (:mod:`cvmm_kernel.moe_triton`) or the PyTorch reference below, which follows the
 same decomposition one expert at a time. The k-sums over a token's slots are deterministic
-(products written per slot, then summed in fp32 by ``sum``); with ``deterministic=False`` the
-Triton path adds them with fp32 atomics instead.
+(products written per slot, then summed in fp32 by a group-sum kernel); with
+``deterministic=False`` the Triton path adds them with fp32 atomics instead.
 """
 
 from __future__ import annotations
@@ -369,7 +369,9 @@ def _token_sums(a, w, r: Routing, top_k, tokens, role, deterministic, gate=None,
         kt.moe_gemm(a, w, out, r, top_k, a_gather=False, out_mode=out_mode,
                     epilogue=kt.EPI_GATE if gate is not None else kt.EPI_NONE, gate=gate,
                     config=_config(role, k, n, configs))  # fmt: skip
-    return out.view(tokens, top_k, n).sum(1) if deterministic else out.to(a.dtype)
+    if not deterministic:
+        return out.to(a.dtype)
+    return kt.gated_group_sum(out, None, top_k) if top_k else out.new_zeros(tokens, n)
 
 
 class PendingWeightGrad(NamedTuple):

@@ -465,8 +465,6 @@ def _moe_weight_grad_kernel(
     gate_ptr,
     K,
     N,
-    A_DIV,
-    B_DIV,
     stride_am,
     stride_ak,
     stride_bm,
@@ -474,17 +472,26 @@ def _moe_weight_grad_kernel(
     stride_de,
     stride_dk,
     stride_dn,
+    A_DIV: tl.constexpr,
+    B_DIV: tl.constexpr,
     A_GATHER: tl.constexpr,
     B_GATHER: tl.constexpr,
     A_GATE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
+    OFFSETS_I32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """``dw[e] (+)= sum_{p in e} a[row_a(p)]^T b[row_b(p)]``, one ``BLOCK_K x BLOCK_N`` tile of
-    one expert per program; ``ACCUMULATE`` adds to ``dw`` (in fp32) instead of overwriting."""
+    one expert per program; ``ACCUMULATE`` adds to ``dw`` (in fp32) instead of overwriting.
+
+    The rows are the loop here, so their index arithmetic runs every step, and with 2-3 programs
+    per SM its latency is not hidden (Nsight Compute: integer instructions took most stall
+    samples). Hence divisors known at compile time (a multiply and a shift, not a division) and,
+    with ``OFFSETS_I32`` (every element of ``a`` and ``b`` within int32 offsets), 32-bit offsets:
+    10-20% faster at the benchmark shapes (benchmarks/results/ab_wgrad_index_math.md)."""
     pid = tl.program_id(0)
     k_blocks = tl.cdiv(K, BLOCK_K)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -505,13 +512,16 @@ def _moe_weight_grad_kernel(
         mask_m = offs_m < end
         slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
         if A_GATHER:  # noqa: SIM108 (constexpr branch inside a Triton kernel)
-            a_row = (slot // A_DIV).to(tl.int64)
+            a_row = (slot.to(tl.uint32) // A_DIV).to(tl.int32)  # slots are >= 0
         else:
-            a_row = offs_m.to(tl.int64)
+            a_row = offs_m
         if B_GATHER:  # noqa: SIM108
-            b_row = (slot // B_DIV).to(tl.int64)
+            b_row = (slot.to(tl.uint32) // B_DIV).to(tl.int32)
         else:
-            b_row = offs_m.to(tl.int64)
+            b_row = offs_m
+        if not OFFSETS_I32:
+            a_row = a_row.to(tl.int64)
+            b_row = b_row.to(tl.int64)
         a = tl.load(
             a_ptr + a_row[None, :] * stride_am + offs_k[:, None] * stride_ak,
             mask=mask_k[:, None] & mask_m[None, :],
@@ -924,6 +934,11 @@ def moe_gemm_rows(
     )
 
 
+def fits_int32(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` lies within an int32 offset of its first."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) < 2**31
+
+
 def moe_weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -967,15 +982,16 @@ def moe_weight_grad(
         gate if gate is not None else routing.offsets,
         k,
         n,
-        top_k,
-        top_k if b_div is None else b_div,
         *a.stride(),
         *b.stride(),
         *dw.stride(),
+        top_k,
+        top_k if b_div is None else b_div,
         a_gather,
         b_gather,
         gate is not None,
         accumulate,
+        fits_int32(a) and fits_int32(b),
         block_m,
         block_n,
         block_k,
@@ -990,10 +1006,11 @@ def moe_weight_grad(
 
 @triton.jit
 def _gated_group_sum_kernel(
-    y_ptr, gate_ptr, out_ptr, n_groups, N, K: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    y_ptr, gate_ptr, out_ptr, n_groups, N, K: tl.constexpr, GATED: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """``out[g] = sum_j gate[g*K + j] * y[g*K + j]`` in fp32 (``y``, ``out``: ``N`` wide)."""
+    """``out[g] = sum_j gate[g*K + j] * y[g*K + j]`` in fp32 (``y``, ``out``: ``N`` wide); the
+    plain sum without ``GATED``. The ``K`` loads of a row are unrolled, so all are in flight."""
     offs_g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_g = offs_g < n_groups
@@ -1001,9 +1018,12 @@ def _gated_group_sum_kernel(
     acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
     for j in tl.static_range(K):
         slot = offs_g.to(tl.int64) * K + j
-        g = tl.load(gate_ptr + slot, mask=mask_g, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + slot[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-        acc += g[:, None] * y.to(tl.float32)
+        if GATED:
+            g = tl.load(gate_ptr + slot, mask=mask_g, other=0.0).to(tl.float32)
+            acc += g[:, None] * y.to(tl.float32)
+        else:
+            acc += y.to(tl.float32)
     out_ptrs = out_ptr + offs_g.to(tl.int64)[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -1027,16 +1047,19 @@ def _group_dot_kernel(
     tl.store(out_ptr + offs_s, acc, mask=mask_s)
 
 
-def gated_group_sum(y: torch.Tensor, gate: torch.Tensor, k: int) -> torch.Tensor:
+def gated_group_sum(y: torch.Tensor, gate: torch.Tensor | None, k: int) -> torch.Tensor:
     """``y [G*k, N]`` (contiguous), ``gate [G*k]`` -> ``[G, N]`` in ``y``'s dtype: each group's
-    gate-weighted sum of its ``k`` consecutive rows, in fp32, in a fixed order."""
+    gate-weighted sum of its ``k`` consecutive rows, in fp32, in a fixed order (``gate=None``:
+    the plain sum; for small ``k`` about twice as fast as ``torch.sum`` over the middle dim of
+    ``[G, k, N]`` on an H100, equal at k=16: benchmarks/results/ab_ksum.md)."""
     n_slots, n = y.shape
     out = y.new_empty(n_slots // k, n)
     if out.numel() == 0:
         return out.zero_()
     block_g, block_n = (16, 16) if interpreting() else (32, min(128, next_power_of_2(n)))
     grid = (cdiv(out.shape[0], block_g), cdiv(n, block_n))
-    launch(_gated_group_sum_kernel, grid, y, gate, out, out.shape[0], n, k, block_g, block_n)
+    launch(_gated_group_sum_kernel, grid, y, y if gate is None else gate, out, out.shape[0], n,
+           k, gate is not None, block_g, block_n)  # fmt: skip
     return out
 
 
