@@ -95,11 +95,20 @@ def test_matches_oracle(backend, device, shared, reduce_groups, k):
 @pytest.mark.parametrize(
     ("case", "shared", "reduce_groups"),
     [("one-expert", True, False), ("idle-experts", False, True)]
-    + [(case, *layout) for case in ("odd-rows", "atomic", "wide") for layout in LAYOUTS[:2]],
+    + [
+        (case, *layout)
+        for case in ("odd-rows", "atomic", "wide", "row-split")
+        for layout in LAYOUTS[:2]
+    ],
 )
-def test_edge_layouts(backend, device, shared, reduce_groups, case):
+def test_edge_layouts(backend, device, shared, reduce_groups, case, monkeypatch):
     """One expert with every slot, experts with no slots, slot counts no tile size divides, the
-    atomic sums, and widths above the row-tile kernel's inner size (the general kernel)."""
+    atomic sums, widths above the row-tile kernel's inner size (the general kernel), and the
+    weight gradient's rows cut into ranges summed after the kernel."""
+    from cvmm_kernel import moe_triton
+
+    if case == "row-split":
+        monkeypatch.setattr(moe_triton, "row_split", lambda *sizes: 3)
     dtype = torch.float32
     sizes = dict(
         {"one-expert": ((37,), 2, 1, 6, 16, 16), "idle-experts": ((11,), 2, 2, 40, 16, 8)}

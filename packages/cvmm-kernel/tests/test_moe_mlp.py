@@ -100,19 +100,31 @@ def test_float64_reference_is_exact(backend, device):
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize(
     "case",
-    ["one-expert", "idle-experts", "odd-rows", "atomic", "persistent", "wide-hidden", "int64"],
+    [
+        "one-expert",
+        "idle-experts",
+        "odd-rows",
+        "atomic",
+        "persistent",
+        "wide-hidden",
+        "int64",
+        "row-split",
+    ],
 )
 def test_edge_layouts(backend, device, case, monkeypatch):
     """One expert with every row, experts with no rows, row counts no tile size divides; the
     atomic k-sum; the persistent kernel (one program per SM walking the tiles); an expert size
     above ROWS_MAX_K (the down projection and the input gradient on the general kernel); the
-    weight gradients' 64-bit offsets (taken for tensors beyond int32 offsets)."""
+    weight gradients' 64-bit offsets (taken for tensors beyond int32 offsets) and their rows cut
+    into ranges summed after the kernel (taken for few experts with many rows)."""
+    from cvmm_kernel import moe_triton
+
     dtype = torch.float32
     launch = {}
     if case == "int64":
-        from cvmm_kernel import moe_triton
-
         monkeypatch.setattr(moe_triton, "fits_int32", lambda t: False)
+    if case == "row-split":  # 3 ranges: some empty, some shorter than the others
+        monkeypatch.setattr(moe_triton, "row_split", lambda *sizes: 3)
     if case == "persistent":
         small = (16, 16, 1, 1, True) if device == "cpu" else (64, 64, 4, 3, True)
         # the row-tile and weight-gradient kernels have no persistent form

@@ -38,8 +38,13 @@ def forward(x, w, backend, repeats=3):
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
-def test_same_gradients_as_autograd_sums(backend, device, monkeypatch):
+@pytest.mark.parametrize("split", [None, 2], ids=["rows whole", "rows split"])
+def test_same_gradients_as_autograd_sums(backend, device, split, monkeypatch):
     import cvmm_kernel.shared_grads as shared_grads
+    from cvmm_kernel import moe_triton
+
+    if split is not None:  # the weight-gradient kernel's ranges, summed into the shared buffer
+        monkeypatch.setattr(moe_triton, "row_split", lambda *sizes: split)
 
     sums = []  # each use's gradient reaching a shared sum: in the kernel (target) or added
     for name in ("target", "add"):

@@ -469,9 +469,11 @@ def _moe_weight_grad_kernel(
     stride_ak,
     stride_bm,
     stride_bn,
+    stride_ds,
     stride_de,
     stride_dk,
     stride_dn,
+    SPLIT: tl.constexpr,
     A_DIV: tl.constexpr,
     B_DIV: tl.constexpr,
     A_GATHER: tl.constexpr,
@@ -491,17 +493,27 @@ def _moe_weight_grad_kernel(
     per SM its latency is not hidden (Nsight Compute: integer instructions took most stall
     samples). Hence divisors known at compile time (a multiply and a shift, not a division) and,
     with ``OFFSETS_I32`` (every element of ``a`` and ``b`` within int32 offsets), 32-bit offsets:
-    10-20% faster at the benchmark shapes (benchmarks/results/ab_wgrad_index_math.md)."""
+    10-20% faster at the benchmark shapes (benchmarks/results/ab_wgrad_index_math.md).
+
+    ``SPLIT > 1`` (few experts with many rows: too few programs to fill the GPU): each expert's
+    rows are cut into ``SPLIT`` ranges of whole ``BLOCK_M`` blocks, and program ``s`` of a tile
+    writes its range's sum to ``dw[s]`` (``stride_ds``), a float32 buffer the caller sums."""
     pid = tl.program_id(0)
     k_blocks = tl.cdiv(K, BLOCK_K)
     n_blocks = tl.cdiv(N, BLOCK_N)
     # Expert-major order: the programs of one expert run together and share its rows in L2.
-    expert = pid // (k_blocks * n_blocks)
-    rest = pid % (k_blocks * n_blocks)
+    expert = pid // (k_blocks * n_blocks * SPLIT)
+    rest = pid % (k_blocks * n_blocks * SPLIT)
+    part = rest // (k_blocks * n_blocks)
+    rest = rest % (k_blocks * n_blocks)
     pid_k = rest // n_blocks
     pid_n = rest % n_blocks
     start = tl.load(offsets_ptr + expert)
     end = tl.load(offsets_ptr + expert + 1)
+    if SPLIT > 1:
+        chunk = tl.cdiv(tl.cdiv(end - start, SPLIT), BLOCK_M) * BLOCK_M
+        start = tl.minimum(end, start + part * chunk)
+        end = tl.minimum(end, start + chunk)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
@@ -538,6 +550,7 @@ def _moe_weight_grad_kernel(
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     dw_ptrs = (
         dw_ptr
+        + part.to(tl.int64) * stride_ds
         + expert.to(tl.int64) * stride_de
         + offs_k[:, None] * stride_dk
         + offs_n[None, :] * stride_dn
@@ -952,6 +965,7 @@ def moe_weight_grad(
     b_div: int | None = None,
     accumulate: bool = False,
     config: tuple[int, ...] = (64, 128, 128, 8, 3),
+    split: int | None = None,
 ) -> None:
     """Launch ``_moe_weight_grad_kernel``: ``dw[e] = sum_{p in e} a[row_a(p)]^T b[row_b(p)]``
     (``a``'s rows scaled by the slot's gate when ``gate`` is given; ``accumulate``: ``+=``).
@@ -962,21 +976,27 @@ def moe_weight_grad(
         top_k, b_div: slots per row of ``a`` and of ``b`` where gathered (``b_div`` defaults to
             ``top_k``).
         config: ``(BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages)``.
+        split: ranges each expert's rows are cut into (None: :func:`row_split`'s choice); above
+            1 the ranges' float32 sums go to a buffer that one ``sum`` over it adds up, in a
+            fixed order (deterministic).
     """
     n_experts, k, n = dw.shape
     block_m, block_k, block_n, warps, stages = config
     es = a.element_size()
     stages, block_m = _fit(stages, block_m, lambda st, bm: st * (block_k * bm + bm * block_n) * es,
                            _shared_memory_budget(a.device), min_shrink=16)  # fmt: skip
-    grid = (n_experts * cdiv(k, block_k) * cdiv(n, block_n),)
-    if grid[0] == 0:
+    tiles = n_experts * cdiv(k, block_k) * cdiv(n, block_n)
+    if tiles == 0:
         return
+    if split is None:
+        split = row_split(tiles, routing.sorted_to_slot.numel(), n_experts, block_m, a.device)
+    out = dw if split == 1 else dw.new_empty((split, *dw.shape), dtype=torch.float32)
     launch(
         _moe_weight_grad_kernel,
-        grid,
+        (tiles * split,),
         a,
         b,
-        dw,
+        out,
         routing.sorted_to_slot,
         routing.offsets,
         gate if gate is not None else routing.offsets,
@@ -984,13 +1004,15 @@ def moe_weight_grad(
         n,
         *a.stride(),
         *b.stride(),
-        *dw.stride(),
+        out.stride(0) if split > 1 else 0,
+        *out.stride()[-3:],
+        split,
         top_k,
         top_k if b_div is None else b_div,
         a_gather,
         b_gather,
         gate is not None,
-        accumulate,
+        accumulate and split == 1,
         fits_int32(a) and fits_int32(b),
         block_m,
         block_n,
@@ -999,6 +1021,34 @@ def moe_weight_grad(
         num_warps=warps,
         num_stages=stages,
     )
+    if split > 1:
+        total = out.sum(0)
+        if accumulate:
+            dw.add_(total)
+        else:
+            dw.copy_(total)
+
+
+# Weight gradients cut each expert's rows into ranges while fewer tiles than two per SM would
+# run (each range keeps at least ROW_SPLIT_MIN_BLOCKS blocks of rows). Measured on an H100
+# (benchmarks/results/ab_wgrad_row_split.md): SwitchHead's 4 x 4 experts (128 tiles) 0.74x the
+# time in two ranges, slower in 3-8 (waves that end part-full, and the float32 buffer's sum);
+# 4 x 8 experts (256 tiles) slower in any number of ranges.
+ROW_SPLIT_PROGRAMS_PER_SM = 2
+ROW_SPLIT_MIN_BLOCKS = 4
+ROW_SPLIT_MAX = 4
+
+
+def row_split(tiles: int, rows: int, n_experts: int, block_m: int, device: torch.device) -> int:
+    """How many row ranges the weight-gradient kernel cuts each expert's rows into: more than
+    one only where the tiles leave most of the GPU idle (a few experts with thousands of rows
+    each), never under the interpreter. Decided from sizes only (the per-expert counts stay on
+    the GPU)."""
+    if device.type != "cuda" or interpreting():
+        return 1
+    wanted = ROW_SPLIT_PROGRAMS_PER_SM * _num_sms(device) // tiles
+    blocks_per_expert = rows // max(n_experts, 1) // block_m
+    return max(1, min(wanted, ROW_SPLIT_MAX, blocks_per_expert // ROW_SPLIT_MIN_BLOCKS))
 
 
 # ----- gated sums and gate gradients over groups of consecutive slots -----
