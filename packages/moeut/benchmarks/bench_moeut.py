@@ -2,11 +2,13 @@ r"""Benchmark an LM training step (forward + backward) of MoEUT against a dense 
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
         python3 packages/moeut/benchmarks/bench_moeut.py [--quick] [--compile] [--cuda-graph] \
-        [--no-eager]
+        [--compiled-graph] [--no-eager]
 
 bf16 autocast, B=8, T=1024, vocabulary 8000. In the same process: a dense pre-norm transformer of
 matched parameter count (d 1024, 18 layers, 16 heads, FFN 4096, SDPA causal). Ratios are like for
-like: each row against the dense model run the same way (eager, compiled, CUDA graph). Writes
+like: each row against the dense model run the same way (eager, compiled, CUDA graph, or compiled
+and replayed from a CUDA graph as ``torch.compile(mode="reduce-overhead")`` would: the GPU-bound
+compiled step). Writes
 JSON and a markdown table to ``$OUT`` if set, else to ``benchmarks/results/``.
 """
 
@@ -69,27 +71,29 @@ class DenseLM(torch.nn.Module):
 
 
 def time_step(model: torch.nn.Module, mode: str) -> dict:
-    """``mode``: "eager", "compiled" (torch.compile) or "graph" (the whole step in a CUDA graph)."""
+    """``mode``: "eager", "compiled" (torch.compile), "graph" (the whole step in a CUDA graph) or
+    "compiled-graph" (both)."""
     gc.collect()  # a previous step's CUDA graph pool must not count towards this model's peak
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated()
     model = model.cuda().train()
-    run = torch.compile(model) if mode == "compiled" else model
+    run = torch.compile(model) if mode.startswith("compiled") else model
+    graph = mode.endswith("graph")
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
 
     def step():
         # the autocast weight cache must be off while a CUDA graph is captured
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=mode != "graph"):
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graph):
             out = run(tokens[:, :-1])
             logits, reg = (out, 0.0) if torch.is_tensor(out) else (out.outputs, out.reg_loss)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) + reg
         loss.backward()
-        model.zero_grad(set_to_none=mode != "graph")
+        model.zero_grad(set_to_none=not graph)
 
     step()
     step()
     peak = peak_mib(step, baseline_bytes=base) / 1024  # GiB: the model's weights included
-    ms = median_ms(step, warmup=300, rep=1500, cuda_graph=mode == "graph")
+    ms = median_ms(step, warmup=300, rep=1500, cuda_graph=graph)
     params = sum(p.numel() for p in model.parameters())
     return {
         "ms": ms,
@@ -110,6 +114,11 @@ def main() -> int:
     parser.add_argument(
         "--cuda-graph", action="store_true", help="also time each step replayed from a CUDA graph"
     )
+    parser.add_argument(
+        "--compiled-graph",
+        action="store_true",
+        help="also time compiled steps replayed from a CUDA graph",
+    )
     parser.add_argument("--no-eager", action="store_true", help="skip the eager steps")
     args = parser.parse_args()
     if not require_cuda(__file__):
@@ -119,10 +128,15 @@ def main() -> int:
     models += [(n, lambda n=n: MoEUTLM(VOCAB, **profiles.PROFILES[n])) for n in names]
     rows = []
     modes = ["eager"] * (not args.no_eager) + ["compiled"] * args.compile
-    modes += ["graph"] * args.cuda_graph
+    modes += ["graph"] * args.cuda_graph + ["compiled-graph"] * args.compiled_graph
     if not modes:
-        parser.error("--no-eager needs --compile or --cuda-graph")
-    suffix = {"eager": "", "compiled": " (compiled)", "graph": " (CUDA graph)"}
+        parser.error("--no-eager needs --compile, --cuda-graph or --compiled-graph")
+    suffix = {
+        "eager": "",
+        "compiled": " (compiled)",
+        "graph": " (CUDA graph)",
+        "compiled-graph": " (compiled, CUDA graph)",
+    }
     for name, make in models:
         for mode in modes:
             torch.manual_seed(0)
