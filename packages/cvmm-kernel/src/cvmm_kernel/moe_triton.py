@@ -1031,8 +1031,8 @@ def moe_weight_grad(
 
 # Weight gradients cut each expert's rows into ranges while fewer tiles than two per SM would
 # run (each range keeps at least ROW_SPLIT_MIN_BLOCKS blocks of rows). Measured on an H100
-# (benchmarks/results/ab_wgrad_row_split.md): SwitchHead's 4 x 4 experts (128 tiles) 0.74x the
-# time in two ranges, slower in 3-8 (waves that end part-full, and the float32 buffer's sum);
+# (benchmarks/results/ab_wgrad_row_split.md): SwitchHead's 4 x 4 experts (128 tiles) 0.75x the
+# time in two ranges, 0.86-1.05x in 3-8 (waves that end part-full, the float32 buffer's sum);
 # 4 x 8 experts (256 tiles) slower in any number of ranges.
 ROW_SPLIT_PROGRAMS_PER_SM = 2
 ROW_SPLIT_MIN_BLOCKS = 4
