@@ -22,7 +22,7 @@ import triton.language as tl
 from bench_harness import median_ms, metadata, require_cuda, write_results
 from cvmm_kernel import moe_ops
 from cvmm_kernel import moe_triton as kt
-from cvmm_kernel.moe_triton import launch
+from cvmm_kernel.moe_triton import _tile_rows, launch
 
 
 @triton.jit
@@ -50,18 +50,15 @@ def _rows_v(
     tile = tl.program_id(0)
     if tile >= tl.load(n_valid_ptr):
         return
-    expert = tl.load(tile_expert_ptr + tile)
-    start = tl.load(tile_start_ptr + tile)
-    end = tl.load(offsets_ptr + expert + 1)
-    offs_m = start + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < end
-    slot = tl.load(sorted_to_slot_ptr + offs_m, mask=mask_m, other=0)
-    rows = offs_m if SORTED_OUT else slot
-    if not I32:
-        rows = rows.to(tl.int64)
+    # the shipped kernel's rows: sorted positions in, slot rows (or sorted ones) out
+    expert, _positions, mask_m, slot, a_rows, rows = _tile_rows(
+        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, 1, 1, False,
+        0 if SORTED_OUT else 1, BLOCK_M,
+    )  # fmt: skip
+    if I32:
+        a_rows, rows = a_rows.to(tl.int32), rows.to(tl.int32)
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    a_rows = offs_m if I32 else offs_m.to(tl.int64)
     a = tl.load(a_ptr + a_rows[:, None] * stride_am + offs_k[None, :],
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
     g = tl.zeros((BLOCK_M,), dtype=tl.float32)
