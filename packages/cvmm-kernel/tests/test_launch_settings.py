@@ -331,3 +331,29 @@ class _MoELayers(torch.nn.Module):
 def test_moe_launch_settings_under_compile(device):
     torch.manual_seed(0)
     assert_compiled_matches_eager(_MoELayers().to(device), torch.randn(10, 24, device=device))
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.interpret, id="interpret"),
+        pytest.param("cuda", marks=pytest.mark.gpu, id="cuda"),
+    ],
+)
+def test_weight_operand_descriptor_choice(device, monkeypatch):
+    """Expert matrices go to the kernels as a tensor descriptor of themselves (code 1) or of
+    their transpose (code 2) where TMA can load them, else as themselves (code 0)."""
+    from cvmm_kernel import moe_triton as kt
+
+    if not kt.TENSOR_DESCRIPTORS[0] or not kt._has_tma(torch.device(device)):
+        pytest.skip("this Triton or device has no tensor descriptors")
+    w = torch.randn(3, 32, 64, device=device, dtype=torch.bfloat16)
+    arg, code = kt.weight_operand(w, 16, 32)
+    assert code == 1 and arg.base is w and list(arg.block_shape) == [1, 16, 32]
+    arg, code = kt.weight_operand(w.transpose(1, 2), 16, 32)
+    assert code == 2 and list(arg.shape) == [3, 32, 64] and list(arg.block_shape) == [1, 32, 16]
+    odd = torch.randn(3, 32, 63, device=device, dtype=torch.bfloat16)  # rows not 16-byte aligned
+    assert kt.weight_operand(odd, 16, 32) == (odd, 0)
+    assert kt.weight_operand(w[:, :, 1:], 16, 32)[1] == 0  # base not 16-byte aligned
+    monkeypatch.setattr(kt, "TENSOR_DESCRIPTORS", [False])
+    assert kt.weight_operand(w, 16, 32) == (w, 0)

@@ -109,6 +109,7 @@ def test_float64_reference_is_exact(backend, device):
         "wide-hidden",
         "int64",
         "row-split",
+        "pointer-weights",
     ],
 )
 def test_edge_layouts(backend, device, case, monkeypatch):
@@ -116,7 +117,8 @@ def test_edge_layouts(backend, device, case, monkeypatch):
     atomic k-sum; the persistent kernel (one program per SM walking the tiles); an expert size
     above ROWS_MAX_K (the down projection and the input gradient on the general kernel); the
     weight gradients' 64-bit offsets (taken for tensors beyond int32 offsets) and their rows cut
-    into ranges summed after the kernel (taken for few experts with many rows)."""
+    into ranges summed after the kernel (taken for few experts with many rows); the expert
+    matrices loaded through pointers instead of tensor descriptors."""
     from cvmm_kernel import moe_triton
 
     dtype = torch.float32
@@ -125,6 +127,8 @@ def test_edge_layouts(backend, device, case, monkeypatch):
         monkeypatch.setattr(moe_triton, "fits_int32", lambda t: False)
     if case == "row-split":  # 3 ranges: some empty, some shorter than the others
         monkeypatch.setattr(moe_triton, "row_split", lambda *sizes: 3)
+    if case == "pointer-weights":
+        monkeypatch.setattr(moe_triton, "TENSOR_DESCRIPTORS", [False])
     if case == "persistent":
         small = (16, 16, 1, 1, True) if device == "cpu" else (64, 64, 4, 3, True)
         # the row-tile and weight-gradient kernels have no persistent form

@@ -205,6 +205,32 @@ def _tile_rows(
 
 
 @triton.jit
+def _weight_block(
+    w, expert, k0, n0, K, N, stride_we, stride_wk, stride_wn,
+    W_DESC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``w[expert, k0:k0 + BLOCK_K, n0:n0 + BLOCK_N]`` (zeros outside ``[K, N]``). ``W_DESC``: 0
+    ``w`` is a pointer with the given strides; 1 a tensor descriptor of ``[E, K, N]`` (a TMA
+    load); 2 a descriptor of ``[E, N, K]`` (``w`` is the transpose of a contiguous matrix)."""
+    if W_DESC == 1:
+        b = w.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    elif W_DESC == 2:
+        b = tl.trans(w.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        b = tl.load(
+            w
+            + expert.to(tl.int64) * stride_we
+            + offs_k[:, None] * stride_wk
+            + offs_n[None, :] * stride_wn,
+            mask=(offs_k < K)[:, None] & (offs_n < N)[None, :],
+            other=0.0,
+        )
+    return b
+
+
+@triton.jit
 def _moe_gemm_tile(
     work,
     a_ptr,
@@ -242,6 +268,7 @@ def _moe_gemm_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    W_DESC: tl.constexpr,
 ):
     """One work item: a (valid) tile of one expert times one column block of its matrix."""
     n_col_blocks = tl.cdiv(N, BLOCK_N)
@@ -253,7 +280,6 @@ def _moe_gemm_tile(
     )  # fmt: skip
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -263,11 +289,10 @@ def _moe_gemm_tile(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        b = tl.load(
-            w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
-        )
+        b = _weight_block(
+            w_ptr, expert, k0, pid_n * BLOCK_N, K, N, stride_we, stride_wk, stride_wn, W_DESC,
+            BLOCK_K, BLOCK_N,
+        )  # fmt: skip
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
     mask_mn = mask_m[:, None] & mask_n[None, :]
@@ -340,6 +365,7 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    W_DESC: tl.constexpr,
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
 ):
@@ -355,7 +381,7 @@ def _moe_gemm_kernel(
                 tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, A_DIV, OUT_DIV, H_DIV,
                 stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
                 stride_hm, stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, H_GATHER,
-                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, W_DESC,
             )  # fmt: skip
     else:
         work = tl.program_id(0)
@@ -365,7 +391,7 @@ def _moe_gemm_kernel(
                 tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, A_DIV, OUT_DIV, H_DIV,
                 stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
                 stride_hm, stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, H_GATHER,
-                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, W_DESC,
             )  # fmt: skip
 
 
@@ -403,6 +429,7 @@ def _moe_gemm_rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    W_DESC: tl.constexpr,
     N_STAGES: tl.constexpr,
 ):
     """For inner sizes that fit one block (``K <= BLOCK_K``): one program per tile loads the
@@ -430,15 +457,12 @@ def _moe_gemm_rows_kernel(
     if GATE_GRAD:
         h_row = (slot // H_DIV).to(tl.int64) * stride_hm
         dg = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
     for n0 in tl.range(0, N, BLOCK_N, num_stages=N_STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask_mn = mask_m[:, None] & mask_n[None, :]
-        b = tl.load(
-            w_base + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0.0,
+        b = _weight_block(
+            w_ptr, expert, 0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
         )
         acc = tl.dot(a, b, input_precision=INPUT_PRECISION)
         if GATE_GRAD:
@@ -581,14 +605,68 @@ _TENSOR = torch.Tensor
 
 
 def _signature(kernel, device_index, args, options) -> tuple:
-    """Key of a launch: per tensor its dtype and 16-byte alignment, every other argument as is,
-    and the device. Called on every launch, so one comprehension over the arguments."""
+    """Key of a launch: per tensor its dtype and 16-byte alignment, per tensor descriptor its
+    dtype and block shape (what the kernel is compiled for; its sizes and strides are passed at
+    run time), every other argument as is, and the device. Called on every launch, so one
+    comprehension over the arguments."""
     return (
         id(kernel),
         options,
         device_index,
-        *[(a.dtype, not a.data_ptr() & 15) if isinstance(a, _TENSOR) else a for a in args],
+        *[
+            (a.dtype, not a.data_ptr() & 15)
+            if isinstance(a, _TENSOR)
+            else (a.base.dtype, *a.block_shape)
+            if isinstance(a, _DESCRIPTOR)
+            else a
+            for a in args
+        ],
     )
+
+
+# ----- tensor descriptors (TMA loads of the expert matrices on Hopper and later) -----
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _DESCRIPTOR
+
+    _DESCRIPTORS_AVAILABLE = hasattr(tl, "tensor_descriptor")
+except ImportError:  # Triton before 3.3
+
+    class _DESCRIPTOR:  # type: ignore[no-redef]  # never made: isinstance is always false
+        pass
+
+    _DESCRIPTORS_AVAILABLE = False
+
+# Set TENSOR_DESCRIPTORS[0] = False to load the expert matrices through pointers everywhere
+# (benchmarks/ab_tensor_descriptors.py compares the two in one process).
+TENSOR_DESCRIPTORS = [_DESCRIPTORS_AVAILABLE]
+_TMA_DEVICES: dict[int, bool] = {}
+
+
+def _has_tma(device: torch.device) -> bool:
+    """The device loads tensor descriptors with TMA (compute capability 9.0 or later); the
+    interpreter runs them too."""
+    if device.type != "cuda":
+        return interpreting()
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _TMA_DEVICES:
+        _TMA_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _TMA_DEVICES[index]
+
+
+def weight_operand(w: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, int]:
+    """The expert matrices ``w`` (``[E, K, N]``, any strides) as a kernel argument and its
+    ``W_DESC`` code: a tensor descriptor of ``w`` (1) or of its transpose ``[E, N, K]`` (2) where
+    one of the two is contiguous along its last dimension with 16-byte aligned rows and the
+    device has TMA, else ``w`` itself (0), loaded through pointers."""
+    if not TENSOR_DESCRIPTORS[0] or not _has_tma(w.device) or w.data_ptr() % 16:
+        return w, 0
+    es = w.element_size()
+    for view, block, mode in ((w, [1, block_k, block_n], 1),
+                              (w.transpose(1, 2), [1, block_n, block_k], 2)):  # fmt: skip
+        if view.stride(2) == 1 and view.stride(0) * es % 16 == 0 and view.stride(1) * es % 16 == 0:
+            return _DESCRIPTOR(view, list(view.shape), list(view.stride()), block), mode
+    return w, 0
 
 
 def _launch_hooks():
@@ -832,11 +910,12 @@ def moe_gemm(
         return
     programs = min(n_work, _num_sms(a.device)) if persistent else n_work
     dummy = routing.offsets
+    w_arg, w_desc = weight_operand(w, block_k, block_n)
     launch(
         _moe_gemm_kernel,
         (programs,),
         a,
-        w,
+        w_arg,
         out,
         aux if aux is not None else dummy,
         routing.sorted_to_slot,
@@ -867,6 +946,7 @@ def moe_gemm(
         block_n,
         block_k,
         input_precision(a.dtype),
+        w_desc,
         bool(persistent),
         programs,
         num_warps=warps,
@@ -910,11 +990,12 @@ def moe_gemm_rows(
     per_stage = lambda bn: bk * bn * es + (bm * bn * es if h is not None else 0)
     stages, block_n = _fit(stages, block_n, lambda st, bn: bm * bk * es + st * per_stage(bn),
                            _shared_memory_budget(a.device))  # fmt: skip
+    w_arg, w_desc = weight_operand(w, bk, block_n)
     launch(
         _moe_gemm_rows_kernel,
         (n_tiles,),
         a,
-        w,
+        w_arg,
         out,
         routing.sorted_to_slot,
         routing.tile_expert,
@@ -939,8 +1020,9 @@ def moe_gemm_rows(
         dgate is not None,
         routing.block_m,
         block_n,
-        max(16, next_power_of_2(k)),
+        bk,
         input_precision(a.dtype),
+        w_desc,
         stages,
         num_warps=warps,
         num_stages=stages,
