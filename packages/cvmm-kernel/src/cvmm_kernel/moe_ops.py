@@ -42,22 +42,26 @@ _NEEDS_PREACTIVATION = ("gelu", "silu")
 BLOCK_M = 128
 # Launch settings per role. GEMMs: (BLOCK_N, BLOCK_K, num_warps, num_stages); weight gradients:
 # (BLOCK_M, BLOCK_K, BLOCK_N, num_warps, num_stages). The fastest of benchmarks/sweep_moe.py on
-# an H100 at the MoEUT-244M shape (benchmarks/results/sweep_moe.json).
+# an H100 at the MoEUT-244M shape (benchmarks/results/sweep_moe.json); with the expert matrices
+# by TMA, grad_hidden and grad_input_rows again at all three FFN shapes, down and grad_input at
+# the 64 x 4096 one, the only one that runs them (sweep_moe_tma.json).
 GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
     "up": (128, 64, 8, 3),
-    "down": (128, 64, 8, 3),
-    "grad_hidden": (128, 64, 8, 4),
-    "grad_input": (128, 64, 4, 3),
+    # down and grad_input run on this kernel for expert sizes above ROWS_MAX_K only
+    "down": (256, 64, 8, 4),
+    "grad_hidden": (128, 64, 8, 5),
+    "grad_input": (256, 64, 8, 4),
     "grad_w_up": (64, 128, 128, 4, 4),
     "grad_w_down": (128, 128, 128, 4, 3),
     # Row-tile kernel (small inner size): (BLOCK_N, num_warps, num_stages).
     "down_rows": (128, 8, 4),
-    "grad_input_rows": (128, 4, 4),
+    "grad_input_rows": (128, 8, 4),
     # moe_linear (cvmm_kernel.linear_ops): forward, input gradient (with the gate gradient),
-    # weight gradient, on the general or the row-tile kernel.
+    # weight gradient, on the general or the row-tile kernel (benchmarks/sweep_linear.py; the
+    # general kernel's input gradient, O's, from sweep_linear_tma.json).
     "linear": (128, 64, 8, 3),
     "linear_rows": (128, 8, 4),
-    "linear_grad_input": (128, 64, 8, 4),
+    "linear_grad_input": (128, 64, 8, 3),
     "linear_grad_input_rows": (64, 4, 4),  # also stages x's columns: 128 wide is too much
     "grad_w_linear": (64, 128, 128, 4, 4),
 }
