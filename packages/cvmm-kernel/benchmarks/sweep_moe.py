@@ -25,7 +25,9 @@ from bench_harness import median_ms, metadata, require_cuda, write_results
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, persistent)
 GEMM_CANDIDATES = [
     (bn, bk, w, s, p)
-    for bn, bk, w, s, p in itertools.product((128, 256), (64, 128), (4, 8), (3, 4, 5), (False, True))
+    for bn, bk, w, s, p in itertools.product(
+        (128, 256), (64, 128), (4, 8), (3, 4, 5), (False, True)
+    )
     if not (bn == 256 and w == 4)
 ]
 # Row-tile kernel (small inner size): (BLOCK_N, num_warps, num_stages)

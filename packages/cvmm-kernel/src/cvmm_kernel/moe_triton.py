@@ -280,6 +280,21 @@ def _moe_gemm_tile(
     )  # fmt: skip
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    sorted_rows = offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+    # The epilogue's operands are loaded before the K loop, so their latency hides behind it
+    # (loaded after it, the backward's epilogue took 34 of the hidden gradient's 145 us at the
+    # 244M shape, now 19 of 130: benchmarks/results/ab_kernel_parts.json).
+    if EPILOGUE == 1 or EPILOGUE == 3:
+        g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0)
+    if EPILOGUE == 3:
+        if H_GATHER:  # h is the layer's input: row slot // H_DIV (a linear layer's backward)
+            h_rows = (slot // H_DIV).to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
+        else:
+            h_rows = sorted_rows
+        h = tl.load(h_ptr + h_rows, mask=mask_mn, other=0.0)
+        if ACT >= 2:
+            u = tl.load(u_ptr + sorted_rows, mask=mask_mn, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -295,30 +310,21 @@ def _moe_gemm_tile(
         )  # fmt: skip
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    sorted_rows = offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
     if EPILOGUE == 1:  # y = g * (h @ W_down)
-        g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
-        acc = acc * g[:, None]
+        acc = acc * g.to(tl.float32)[:, None]
     elif EPILOGUE == 2:  # h = act(x @ W_up), keeping u = x @ W_up where act' needs it
         if STORE_PREACT:
             tl.store(aux_ptr + sorted_rows, acc.to(aux_ptr.dtype.element_ty), mask=mask_mn)
         acc = _activate(acc, ACT)
     elif EPILOGUE == 3:  # z = dy @ W_down^T: dg = <z, h>, du = g * z * act'(u)
-        if H_GATHER:  # h is the layer's input: row slot // H_DIV (a linear layer's backward)
-            h_rows = (slot // H_DIV).to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
-        else:
-            h_rows = sorted_rows
-        h = tl.load(h_ptr + h_rows, mask=mask_mn, other=0.0).to(tl.float32)
-        dg = tl.sum(acc * h, axis=1)
+        h32 = h.to(tl.float32)
+        dg = tl.sum(acc * h32, axis=1)
         tl.store(aux_ptr + pid_n * stride_aux + slot, dg, mask=mask_m)
-        g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
-        acc = acc * g[:, None]
+        acc = acc * g.to(tl.float32)[:, None]
         if ACT == 1:
-            acc = tl.where(h > 0.0, acc, 0.0)
+            acc = tl.where(h32 > 0.0, acc, 0.0)
         elif ACT >= 2:
-            u = tl.load(u_ptr + sorted_rows, mask=mask_mn, other=0.0).to(tl.float32)
-            acc = acc * _activation_grad(u, ACT)
+            acc = acc * _activation_grad(u.to(tl.float32), ACT)
 
     out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
     if OUT_MODE == 2:
