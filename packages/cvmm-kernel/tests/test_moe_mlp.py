@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,6 +112,7 @@ def test_float64_reference_is_exact(backend, device):
         "int64",
         "row-split",
         "pointer-weights",
+        "two-kernel-forward",
     ],
 )
 def test_edge_layouts(backend, device, case, monkeypatch):
@@ -118,7 +121,8 @@ def test_edge_layouts(backend, device, case, monkeypatch):
     above ROWS_MAX_K (the down projection and the input gradient on the general kernel); the
     weight gradients' 64-bit offsets (taken for tensors beyond int32 offsets) and their rows cut
     into ranges summed after the kernel (taken for few experts with many rows); the expert
-    matrices loaded through pointers instead of tensor descriptors."""
+    matrices loaded through pointers instead of tensor descriptors; the forward's two kernels
+    instead of the fused one."""
     from cvmm_kernel import moe_triton
 
     dtype = torch.float32
@@ -129,6 +133,9 @@ def test_edge_layouts(backend, device, case, monkeypatch):
         monkeypatch.setattr(moe_triton, "row_split", lambda *sizes: 3)
     if case == "pointer-weights":
         monkeypatch.setattr(moe_triton, "TENSOR_DESCRIPTORS", [False])
+    if case == "two-kernel-forward":  # the up projection and the row-tile kernel, not fused
+        moe_ops = importlib.import_module("cvmm_kernel.moe_ops")
+        monkeypatch.setattr(moe_ops, "FUSED_FORWARD", [False])
     if case == "persistent":
         small = (16, 16, 1, 1, True) if device == "cpu" else (64, 64, 4, 3, True)
         # the row-tile and weight-gradient kernels have no persistent form

@@ -56,6 +56,10 @@ GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
     # Row-tile kernel (small inner size): (BLOCK_N, num_warps, num_stages).
     "down_rows": (128, 8, 4),
     "grad_input_rows": (128, 8, 4),
+    # The whole forward per tile for expert sizes up to ROWS_MAX_K (moe_triton.moe_mlp_rows, in
+    # place of "up" and "down_rows"): (BLOCK_K, BLOCK_N, num_warps, up stages, down stages)
+    # (benchmarks/results/ab_fused_forward.json).
+    "fused_forward": (64, 128, 4, 3, 3),
     # moe_linear (cvmm_kernel.linear_ops): forward, input gradient (with the gate gradient),
     # weight gradient, on the general or the row-tile kernel (benchmarks/sweep_linear.py; the
     # general kernel's input gradient, O's, from sweep_linear_tma.json).
@@ -93,6 +97,8 @@ def role_fields(role: str) -> tuple[tuple[str, ...], int]:
     ones may be left out."""
     if role.endswith("_rows"):
         return ("BLOCK_N", "num_warps", "num_stages"), 0
+    if role == "fused_forward":
+        return ("BLOCK_K", "BLOCK_N", "num_warps", "num_stages", "num_stages"), 0
     if role.startswith("grad_w"):
         return ("BLOCK_M", "BLOCK_K", "BLOCK_N", "num_warps", "num_stages"), 0
     return ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent"), 1
@@ -165,6 +171,8 @@ def _config(
         if interpreting():
             if role.endswith("_rows"):
                 return (16, 1, 1)
+            if role == "fused_forward":
+                return (16, 16, 1, 1, 1)
             return (16, 16, 16, 1, 1) if role.startswith("grad_w") else (16, 16, 1, 1)
         cfg = GEMM_CONFIGS[role]
     key = (role, k, n, cfg)
@@ -182,6 +190,9 @@ def _fit_config(role: str, k: int, n: int, cfg: tuple[int, ...]) -> tuple[int, .
     if role.startswith("grad_w"):
         bm, bk, bn, *rest = cfg
         return (bm, fit(bk, k), fit(bn, n), *rest)
+    if role == "fused_forward":
+        bk, bn, *rest = cfg
+        return (fit(bk, k), fit(bn, n), *rest)
     bn, bk, *rest = cfg
     return (fit(bn, n), fit(bk, k), *rest)
 
@@ -325,6 +336,14 @@ def _reference_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, acti
 # ----- the Triton path -----
 
 
+# The deterministic forward of expert sizes up to ROWS_MAX_K in one kernel per tile
+# (moe_triton.moe_mlp_rows) instead of the up projection's GEMM and the row-tile kernel: the same
+# bits, 1% faster forward + backward at the 244M shape on an H100, equal at 128 x 128
+# (ab_fused_forward.json; with fp32 atomics instead of the products it was slower). Set
+# FUSED_FORWARD[0] = False for the two kernels (benchmarks/ab_fused_forward.py, tests).
+FUSED_FORWARD = [True]
+
+
 def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic,
                     configs=None):  # fmt: skip
     from . import moe_triton as kt
@@ -334,6 +353,12 @@ def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, determ
     n, hid = tokens * top_k, w_up.shape[2]
     h = x.new_empty(n, hid)
     u = x.new_empty(n if activation in _NEEDS_PREACTIVATION else 0, hid)
+    if FUSED_FORWARD[0] and deterministic and 0 < hid <= kt.ROWS_MAX_K and d_in > 0 and top_k:
+        products = x.new_empty(n, w_down.shape[2])
+        cfg = _config("fused_forward", d_in, w_down.shape[2], configs)
+        kt.moe_mlp_rows(x, wu, wd, h, u if u.numel() else None, products, r, top_k,
+                        activation=activation, gate=gate, config=cfg)  # fmt: skip
+        return kt.gated_group_sum(products, None, top_k), h, u
     kt.moe_gemm(
         x,
         wu,

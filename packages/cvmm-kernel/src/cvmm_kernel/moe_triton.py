@@ -18,6 +18,9 @@ Kernels:
   tile's expert matrix with fp32 accumulation, then an epilogue (gate, activation, or the
   backward through both with the gate gradient) and a store to sorted rows, slot rows, or an
   atomic add into token rows.
+- ``_moe_mlp_rows_kernel``: the whole feedforward forward per tile for expert sizes that fit
+  one block: the up projection and activation (``h`` stored for the backward), then ``h``'s
+  products with the down projection's column blocks from the registers.
 - ``_moe_weight_grad_kernel``: ``dW[e] = A_e^T B_e`` over expert ``e``'s positions, one program per
   (expert, output tile), no atomics: deterministic. Stored in the master weight's dtype.
 """
@@ -483,6 +486,61 @@ def _moe_gemm_rows_kernel(
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
     if GATE_GRAD:
         tl.store(dgate_ptr + slot, dg, mask=mask_m)
+
+
+@triton.jit
+def _moe_mlp_rows_kernel(
+    x_ptr, w_up, w_down, h_ptr, u_ptr, out_ptr, sorted_to_slot_ptr, tile_expert_ptr,
+    tile_start_ptr, offsets_ptr, n_valid_ptr, gate_ptr, D, H, N, TOP_K, OUT_DIV, stride_xm,
+    stride_xk, stride_ue, stride_uk, stride_un, stride_de, stride_dk, stride_dn, stride_om,
+    stride_on, ACT: tl.constexpr, STORE_PREACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UP_DESC: tl.constexpr, DOWN_DESC: tl.constexpr,
+    UP_STAGES: tl.constexpr, DOWN_STAGES: tl.constexpr,
+):  # fmt: skip
+    """The forward of a whole sigma-MoE feedforward per tile, for hidden sizes that fit one
+    block (``H <= BLOCK_H``): ``h = act(x[token] @ w_up[e])`` (stored in sorted order for the
+    backward, with ``u`` before the activation where ``STORE_PREACT``), then, from the
+    registers, ``g * (h @ w_down[e])`` block by block of the output's columns, stored to the
+    slot's row. One launch instead of the up projection's and the row-tile kernel's, and ``h``
+    is not read back."""
+    tile = tl.program_id(0)
+    if tile >= tl.load(n_valid_ptr):
+        return
+    expert, offs_m, mask_m, slot, a_row, rows = _tile_rows(
+        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, TOP_K, OUT_DIV,
+        True, 1, BLOCK_M,
+    )  # fmt: skip
+    g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask_mh = mask_m[:, None] & (offs_h < H)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_H), dtype=tl.float32)
+    for k0 in tl.range(0, D, BLOCK_K, num_stages=UP_STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            x_ptr + a_row[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & (offs_k < D)[None, :],
+            other=0.0,
+        )
+        b = _weight_block(
+            w_up, expert, k0, 0, D, H, stride_ue, stride_uk, stride_un, UP_DESC, BLOCK_K, BLOCK_H
+        )
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    h_rows = offs_m.to(tl.int64)[:, None] * H + offs_h[None, :]  # sorted h, u: [P, H]
+    if STORE_PREACT:
+        tl.store(u_ptr + h_rows, acc.to(u_ptr.dtype.element_ty), mask=mask_mh)
+    h = _activate(acc, ACT).to(h_ptr.dtype.element_ty)  # rows past the tile: act(0) = 0
+    tl.store(h_ptr + h_rows, h, mask=mask_mh)
+    for n0 in tl.range(0, N, BLOCK_N, num_stages=DOWN_STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_mn = mask_m[:, None] & (offs_n < N)[None, :]
+        w = _weight_block(
+            w_down, expert, 0, n0, H, N, stride_de, stride_dk, stride_dn, DOWN_DESC, BLOCK_H,
+            BLOCK_N,
+        )  # fmt: skip
+        y = tl.dot(h, w, input_precision=INPUT_PRECISION) * g[:, None]
+        out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
 @triton.jit
@@ -1033,6 +1091,45 @@ def moe_gemm_rows(
         num_warps=warps,
         num_stages=stages,
     )
+
+
+def moe_mlp_rows(
+    x: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    h: torch.Tensor,
+    u: torch.Tensor | None,
+    out: torch.Tensor,
+    routing,
+    top_k: int,
+    *,
+    activation: str,
+    gate: torch.Tensor,
+    config: tuple = (64, 128, 4, 3, 3),
+) -> None:
+    """Launch ``_moe_mlp_rows_kernel``: ``h = act(x[token] @ w_up[e])`` into ``h [N, H]``
+    (sorted; ``u`` the pre-activation where given) and ``out[slot] = g * (h @ w_down[e])``
+    (``out [N, d_out]``), for ``H <= ROWS_MAX_K``. ``config``: ``(BLOCK_K, BLOCK_N, num_warps,
+    up stages, down stages)``."""
+    n_tiles = routing.tile_expert.numel()
+    d, hid, n_cols = w_up.shape[1], w_up.shape[2], w_down.shape[2]
+    if n_tiles == 0 or n_cols == 0:
+        return
+    if hid > ROWS_MAX_K or hid == 0 or d == 0:
+        raise ValueError(f"moe_mlp_rows takes hidden sizes from 1 to {ROWS_MAX_K}, got {hid}")
+    block_k, block_n, warps, up_stages, down_stages = config
+    bh = max(16, next_power_of_2(hid))
+    up_arg, up_desc = weight_operand(w_up, block_k, bh)
+    down_arg, down_desc = weight_operand(w_down, bh, block_n)
+    launch(
+        _moe_mlp_rows_kernel, (n_tiles,),
+        x, up_arg, down_arg, h, u if u is not None else h, out, routing.sorted_to_slot,
+        routing.tile_expert, routing.tile_start, routing.offsets, routing.n_valid, gate,
+        d, hid, n_cols, top_k, top_k, *x.stride(), *w_up.stride(), *w_down.stride(),
+        *out.stride(), ACTIVATIONS[activation], u is not None, routing.block_m, block_k,
+        bh, block_n, input_precision(x.dtype), up_desc, down_desc, up_stages, down_stages,
+        num_warps=warps, num_stages=max(up_stages, down_stages),
+    )  # fmt: skip
 
 
 def fits_int32(t: torch.Tensor) -> bool:
