@@ -36,6 +36,7 @@ import triton.language as tl
 from .host_math import cdiv, next_power_of_2
 from .interpreter import interpreting
 from .triton_kernels import _input_precision as input_precision
+from .validation import _capability
 
 # Activation codes shared with the Python side.
 ACTIVATIONS = {"identity": 0, "relu": 1, "gelu": 2, "silu": 3}
@@ -491,7 +492,7 @@ def _moe_gemm_rows_kernel(
 @triton.jit
 def _moe_mlp_rows_kernel(
     x_ptr, w_up, w_down, h_ptr, u_ptr, out_ptr, sorted_to_slot_ptr, tile_expert_ptr,
-    tile_start_ptr, offsets_ptr, n_valid_ptr, gate_ptr, D, H, N, TOP_K, OUT_DIV, stride_xm,
+    tile_start_ptr, offsets_ptr, n_valid_ptr, gate_ptr, D, H, N, TOP_K, stride_xm,
     stride_xk, stride_ue, stride_uk, stride_un, stride_de, stride_dk, stride_dn, stride_om,
     stride_on, ACT: tl.constexpr, STORE_PREACT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -508,8 +509,8 @@ def _moe_mlp_rows_kernel(
     if tile >= tl.load(n_valid_ptr):
         return
     expert, offs_m, mask_m, slot, a_row, rows = _tile_rows(
-        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, TOP_K, OUT_DIV,
-        True, 1, BLOCK_M,
+        tile, sorted_to_slot_ptr, tile_expert_ptr, tile_start_ptr, offsets_ptr, TOP_K, 1, True,
+        1, BLOCK_M,  # rows of x: slot // TOP_K; of out: the slot
     )  # fmt: skip
     g = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
     offs_h = tl.arange(0, BLOCK_H)
@@ -704,7 +705,6 @@ except ImportError:  # Triton before 3.3
 # Set TENSOR_DESCRIPTORS[0] = False to load the expert matrices through pointers everywhere
 # (benchmarks/ab_tensor_descriptors.py compares the two in one process).
 TENSOR_DESCRIPTORS = [_DESCRIPTORS_AVAILABLE]
-_TMA_DEVICES: dict[int, bool] = {}
 
 
 def _has_tma(device: torch.device) -> bool:
@@ -712,10 +712,7 @@ def _has_tma(device: torch.device) -> bool:
     interpreter runs them too."""
     if device.type != "cuda":
         return interpreting()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _TMA_DEVICES:
-        _TMA_DEVICES[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _TMA_DEVICES[index]
+    return _capability(device) >= (9, 0)
 
 
 def weight_operand(w: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, int]:
@@ -1125,7 +1122,7 @@ def moe_mlp_rows(
         _moe_mlp_rows_kernel, (n_tiles,),
         x, up_arg, down_arg, h, u if u is not None else h, out, routing.sorted_to_slot,
         routing.tile_expert, routing.tile_start, routing.offsets, routing.n_valid, gate,
-        d, hid, n_cols, top_k, top_k, *x.stride(), *w_up.stride(), *w_down.stride(),
+        d, hid, n_cols, top_k, *x.stride(), *w_up.stride(), *w_down.stride(),
         *out.stride(), ACTIVATIONS[activation], u is not None, routing.block_m, block_k,
         bh, block_n, input_precision(x.dtype), up_desc, down_desc, up_stages, down_stages,
         num_warps=warps, num_stages=max(up_stages, down_stages),
