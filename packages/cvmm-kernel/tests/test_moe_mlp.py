@@ -113,6 +113,8 @@ def test_float64_reference_is_exact(backend, device):
         "row-split",
         "pointer-weights",
         "two-kernel-forward",
+        "pointer-stores",
+        "gated-w-down",
     ],
 )
 def test_edge_layouts(backend, device, case, monkeypatch):
@@ -121,8 +123,9 @@ def test_edge_layouts(backend, device, case, monkeypatch):
     above ROWS_MAX_K (the down projection and the input gradient on the general kernel); the
     weight gradients' 64-bit offsets (taken for tensors beyond int32 offsets) and their rows cut
     into ranges summed after the kernel (taken for few experts with many rows); the expert
-    matrices loaded through pointers instead of tensor descriptors; the forward's two kernels
-    instead of the fused one."""
+    matrices loaded through pointers instead of tensor descriptors, and the weight gradients
+    stored through pointers; dW_down with the gate applied in its loop instead of from the
+    stored ``g * h``; the forward's two kernels instead of the fused one."""
     from cvmm_kernel import moe_triton
 
     dtype = torch.float32
@@ -133,6 +136,11 @@ def test_edge_layouts(backend, device, case, monkeypatch):
         monkeypatch.setattr(moe_triton, "row_split", lambda *sizes: 3)
     if case == "pointer-weights":
         monkeypatch.setattr(moe_triton, "TENSOR_DESCRIPTORS", [False])
+    if case == "pointer-stores":  # weight-gradient tiles through pointers, not TMA
+        monkeypatch.setattr(moe_triton, "DESCRIPTOR_STORES", [False])
+    if case == "gated-w-down":  # dW_down = (g * h)^T dy[token], the gate applied in the loop
+        moe_ops = importlib.import_module("cvmm_kernel.moe_ops")
+        monkeypatch.setattr(moe_ops, "W_DOWN_FROM_GATED_H", [False])
     if case == "two-kernel-forward":  # the up projection and the row-tile kernel, not fused
         moe_ops = importlib.import_module("cvmm_kernel.moe_ops")
         monkeypatch.setattr(moe_ops, "FUSED_FORWARD", [False])

@@ -52,7 +52,7 @@ GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
     "grad_hidden": (128, 64, 8, 5),
     "grad_input": (256, 64, 8, 4),
     "grad_w_up": (64, 128, 128, 4, 4),
-    "grad_w_down": (128, 128, 128, 4, 3),
+    "grad_w_down": (64, 128, 128, 4, 4),  # of dW_down^T = dy[token]^T (g * h) (ab_wgrad_down)
     # Row-tile kernel (small inner size): (BLOCK_N, num_warps, num_stages).
     "down_rows": (128, 8, 4),
     "grad_input_rows": (128, 8, 4),
@@ -417,28 +417,32 @@ class PendingWeightGrad(NamedTuple):
     b_gather: bool
     config: tuple[int, ...]
     like: torch.Tensor  # the weight: shape and dtype of the gradient
+    transposed: bool = False  # the GEMM gives the gradient's transpose ([E, N, K])
 
 
 def _weight_grad(a, b, w, shared, r: Routing, top_k, role, *, a_gather, b_gather, gate=None,
-                 b_div=None, configs=None):  # fmt: skip
+                 b_div=None, transposed=False, configs=None):  # fmt: skip
     """The gradient of the expert weights ``w [E, K, N]`` from the rows ``a [., K]`` and
-    ``b [., N]`` (:func:`~cvmm_kernel.moe_triton.moe_weight_grad` with the settings of ``role``),
+    ``b [., N]`` (``transposed``: its transpose from ``a [., N]`` and ``b [., K]``;
+    :func:`~cvmm_kernel.moe_triton.moe_weight_grad` with the settings of ``role``),
     computed into ``shared``'s buffer where that sums the weight's gradient over its uses, or
     kept for one GEMM over all of them where it defers them. Returns what the backward gives
     autograd for ``w`` (:func:`~.shared_grads.settle`)."""
     from . import moe_triton as kt
 
-    config = _config(role, w.shape[1], w.shape[2], configs)
+    k, n = (w.shape[2], w.shape[1]) if transposed else (w.shape[1], w.shape[2])
+    config = _config(role, k, n, configs)
     if shared is not None and shared.deferred:
         shared.pending.append(PendingWeightGrad(
-            a, b, r.sorted_to_slot, r.offsets, gate, top_k, b_div, a_gather, b_gather, config, w
+            a, b, r.sorted_to_slot, r.offsets, gate, top_k, b_div, a_gather, b_gather, config, w,
+            transposed,
         ))  # fmt: skip
         return None
     dw, accumulate = grad_buffer(shared, w)
     kt.moe_weight_grad(
         a,
         b,
-        dw,
+        dw.transpose(1, 2) if transposed else dw,
         r,
         top_k,
         a_gather=a_gather,
@@ -468,7 +472,8 @@ def combined_weight_grad(uses: list[PendingWeightGrad]) -> torch.Tensor:
 
     first = uses[0]
     settings = lambda u: (u.top_k, u.b_div, u.a_gather, u.b_gather, u.gate is None, u.config,
-                          u.a.dtype, u.b.dtype)  # fmt: skip
+                          u.a.dtype, u.b.dtype, u.transposed)  # fmt: skip
+    target = lambda dw, u: dw.transpose(1, 2) if u.transposed else dw
 
     def renumbers(u: PendingWeightGrad) -> bool:  # gathered rows follow the renumbered slots
         n = u.sorted_to_slot.numel()
@@ -481,8 +486,8 @@ def combined_weight_grad(uses: list[PendingWeightGrad]) -> torch.Tensor:
     if len(uses) > 1 and not alike:
         dw = torch.empty_like(first.like)
         for i, u in enumerate(uses):
-            kt.moe_weight_grad(u.a, u.b, dw, _Rows(u.sorted_to_slot, u.offsets), u.top_k,
-                               a_gather=u.a_gather, b_gather=u.b_gather, gate=u.gate,
+            kt.moe_weight_grad(u.a, u.b, target(dw, u), _Rows(u.sorted_to_slot, u.offsets),
+                               u.top_k, a_gather=u.a_gather, b_gather=u.b_gather, gate=u.gate,
                                b_div=u.b_div, accumulate=i > 0, config=u.config)  # fmt: skip
         return dw
     device, n_experts = first.a.device, first.like.shape[0]
@@ -511,7 +516,7 @@ def combined_weight_grad(uses: list[PendingWeightGrad]) -> torch.Tensor:
     kt.moe_weight_grad(
         torch.cat([u.a for u in uses]) if a is None else a,
         torch.cat([u.b for u in uses]) if b is None else b,
-        dw,
+        target(dw, first),
         _Rows(sorted_to_slot, offsets.to(torch.int32)),
         first.top_k,
         a_gather=first.a_gather,
@@ -524,6 +529,16 @@ def combined_weight_grad(uses: list[PendingWeightGrad]) -> torch.Tensor:
         config=first.config,
     )
     return dw
+
+
+# dW_down as its transpose, ``dy[token]^T (g * h)`` with ``g * h`` stored by the hidden gradient's
+# epilogue: the gathered rows as the first operand and no gate in the loop, as in dW_up. On an
+# H100 at the MoEUT-244M shape (benchmarks/results/ab_wgrad_down.json) the kernel takes 111 us
+# against 176 for ``(g * h)^T dy[token]`` with the gate in the loop (the gathered rows as the
+# second operand: 175 us even without the gate; the gate in the loop of the new form: 191), and
+# forward + backward 0.976 ms against 1.017 (128 x 128 k=4: 0.322 against 0.329; 64 x 4096
+# k=2: 2.29 against 2.44). Set W_DOWN_FROM_GATED_H[0] = False for the old form.
+W_DOWN_FROM_GATED_H = [True]
 
 
 # ``overlap``: run the input gradient's products and k-sum on a side stream while the weight
@@ -550,8 +565,11 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
     tokens = x.shape[0]
     n, hid, d_out = tokens * top_k, w_up.shape[2], w_down.shape[2]
     cfg = _config("grad_hidden", d_out, hid, configs)
-    dgate_parts = torch.empty(-(-hid // cfg[0]), n, dtype=torch.float32, device=x.device)
+    parts = -(-hid // cfg[0])  # column blocks, each with its part of the gate gradient
+    part_dtype = gate.dtype if parts == 1 else torch.float32  # one: stored in the gate's dtype
+    dgate_parts = torch.empty(parts, n, dtype=part_dtype, device=x.device)
     du = x.new_empty(n, hid)
+    gh = x.new_empty(n, hid) if W_DOWN_FROM_GATED_H[0] else None
     kt.moe_gemm(
         dy,
         wd.transpose(1, 2),
@@ -566,9 +584,10 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         aux=dgate_parts,
         h=h,
         u=u if u.numel() else None,
+        gated_h=gh,
         config=cfg,
     )
-    dgate = (dgate_parts[0] if dgate_parts.shape[0] == 1 else dgate_parts.sum(0)).to(gate.dtype)
+    dgate = dgate_parts[0] if parts == 1 else dgate_parts.sum(0).to(gate.dtype)
     # dx (memory-bound products and sum, for expert sizes on the row-tile kernel) and the weight
     # gradients (latency-bound GEMMs) are independent: on a side stream the first fills what the
     # second leaves idle. Wider experts make dx a compute-bound GEMM that competes with them
@@ -582,8 +601,12 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
     with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
         dx = _token_sums(du, wu.transpose(1, 2), r, top_k, tokens, "grad_input", deterministic,
                          configs=configs)  # fmt: skip
-    dw_down = _weight_grad(h, dy, w_down, shared[1], r, top_k, "grad_w_down", a_gather=False,
-                           b_gather=True, gate=gate, configs=configs)  # fmt: skip
+    if gh is not None:  # dW_down^T = dy[token]^T (g * h)
+        dw_down = _weight_grad(dy, gh, w_down, shared[1], r, top_k, "grad_w_down", a_gather=True,
+                               b_gather=False, transposed=True, configs=configs)  # fmt: skip
+    else:
+        dw_down = _weight_grad(h, dy, w_down, shared[1], r, top_k, "grad_w_down", a_gather=False,
+                               b_gather=True, gate=gate, configs=configs)  # fmt: skip
     dw_up = _weight_grad(
         x,
         du,

@@ -248,6 +248,7 @@ def _moe_gemm_tile(
     gate_ptr,
     h_ptr,
     u_ptr,
+    gh_ptr,
     K,
     N,
     A_DIV,
@@ -268,6 +269,7 @@ def _moe_gemm_tile(
     ACT: tl.constexpr,
     STORE_PREACT: tl.constexpr,
     H_GATHER: tl.constexpr,
+    STORE_GATED_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -322,9 +324,12 @@ def _moe_gemm_tile(
         acc = _activate(acc, ACT)
     elif EPILOGUE == 3:  # z = dy @ W_down^T: dg = <z, h>, du = g * z * act'(u)
         h32 = h.to(tl.float32)
+        g32 = g.to(tl.float32)[:, None]
         dg = tl.sum(acc * h32, axis=1)
-        tl.store(aux_ptr + pid_n * stride_aux + slot, dg, mask=mask_m)
-        acc = acc * g.to(tl.float32)[:, None]
+        tl.store(aux_ptr + pid_n * stride_aux + slot, dg.to(aux_ptr.dtype.element_ty), mask=mask_m)
+        if STORE_GATED_H:  # g * h (sorted), dW_down's operand
+            tl.store(gh_ptr + sorted_rows, (h32 * g32).to(gh_ptr.dtype.element_ty), mask=mask_mn)
+        acc = acc * g32
         if ACT == 1:
             acc = tl.where(h32 > 0.0, acc, 0.0)
         elif ACT >= 2:
@@ -351,6 +356,7 @@ def _moe_gemm_kernel(
     gate_ptr,
     h_ptr,
     u_ptr,
+    gh_ptr,
     K,
     N,
     A_DIV,
@@ -371,6 +377,7 @@ def _moe_gemm_kernel(
     ACT: tl.constexpr,
     STORE_PREACT: tl.constexpr,
     H_GATHER: tl.constexpr,
+    STORE_GATED_H: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -388,20 +395,20 @@ def _moe_gemm_kernel(
         for work in tl.range(tl.program_id(0), n_work, NUM_PROGRAMS, flatten=True):
             _moe_gemm_tile(
                 work, a_ptr, w_ptr, out_ptr, aux_ptr, sorted_to_slot_ptr, tile_expert_ptr,
-                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, A_DIV, OUT_DIV, H_DIV,
-                stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, gh_ptr, K, N, A_DIV, OUT_DIV,
+                H_DIV, stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
                 stride_hm, stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, H_GATHER,
-                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, W_DESC,
+                STORE_GATED_H, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, W_DESC,
             )  # fmt: skip
     else:
         work = tl.program_id(0)
         if work < n_work:
             _moe_gemm_tile(
                 work, a_ptr, w_ptr, out_ptr, aux_ptr, sorted_to_slot_ptr, tile_expert_ptr,
-                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, K, N, A_DIV, OUT_DIV, H_DIV,
-                stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+                tile_start_ptr, offsets_ptr, gate_ptr, h_ptr, u_ptr, gh_ptr, K, N, A_DIV, OUT_DIV,
+                H_DIV, stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
                 stride_hm, stride_aux, A_GATHER, OUT_MODE, EPILOGUE, ACT, STORE_PREACT, H_GATHER,
-                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, W_DESC,
+                STORE_GATED_H, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, W_DESC,
             )  # fmt: skip
 
 
@@ -570,6 +577,8 @@ def _moe_weight_grad_kernel(
     A_GATE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     OFFSETS_I32: tl.constexpr,
+    OUT_LAYOUT: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -583,6 +592,10 @@ def _moe_weight_grad_kernel(
     samples). Hence divisors known at compile time (a multiply and a shift, not a division) and,
     with ``OFFSETS_I32`` (every element of ``a`` and ``b`` within int32 offsets), 32-bit offsets:
     10-20% faster at the benchmark shapes (benchmarks/results/ab_wgrad_index_math.md).
+
+    ``OUT_LAYOUT``: how the tile is stored: 0 through pointers, 1 its transpose through pointers
+    (``dw`` contiguous along K), 2 a tensor descriptor of ``dw`` (a TMA store), 3 a descriptor of
+    its transpose (``OUT_DTYPE``: the descriptor's element type).
 
     ``SPLIT > 1`` (few experts with many rows: too few programs to fill the GPU): each expert's
     rows are cut into ``SPLIT`` ranges of whole ``BLOCK_M`` blocks, and program ``s`` of a tile
@@ -637,17 +650,29 @@ def _moe_weight_grad_kernel(
             other=0.0,
         )
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    dw_ptrs = (
-        dw_ptr
-        + part.to(tl.int64) * stride_ds
-        + expert.to(tl.int64) * stride_de
-        + offs_k[:, None] * stride_dk
-        + offs_n[None, :] * stride_dn
-    )
-    mask_dw = mask_k[:, None] & mask_n[None, :]
-    if ACCUMULATE:
-        acc += tl.load(dw_ptrs, mask=mask_dw, other=0.0).to(tl.float32)
-    tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_dw)
+    if OUT_LAYOUT == 2:  # dw: a descriptor of [E, K, N], a TMA store (clipped at the edges)
+        where = [expert, pid_k * BLOCK_K, pid_n * BLOCK_N]
+        if ACCUMULATE:
+            acc += dw_ptr.load(where).reshape(BLOCK_K, BLOCK_N).to(tl.float32)
+        dw_ptr.store(where, acc.to(OUT_DTYPE).reshape(1, BLOCK_K, BLOCK_N))
+    elif OUT_LAYOUT == 3:  # a descriptor of the transpose [E, N, K]
+        where = [expert, pid_n * BLOCK_N, pid_k * BLOCK_K]
+        acc_t = tl.trans(acc)
+        if ACCUMULATE:
+            acc_t += dw_ptr.load(where).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
+        dw_ptr.store(where, acc_t.to(OUT_DTYPE).reshape(1, BLOCK_N, BLOCK_K))
+    else:
+        base = dw_ptr + part.to(tl.int64) * stride_ds + expert.to(tl.int64) * stride_de
+        if OUT_LAYOUT == 1:  # dw is contiguous along K (a transposed view): store the transpose
+            acc = tl.trans(acc)
+            dw_ptrs = base + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk
+            mask_dw = mask_n[:, None] & mask_k[None, :]
+        else:
+            dw_ptrs = base + offs_k[:, None] * stride_dk + offs_n[None, :] * stride_dn
+            mask_dw = mask_k[:, None] & mask_n[None, :]
+        if ACCUMULATE:
+            acc += tl.load(dw_ptrs, mask=mask_dw, other=0.0).to(tl.float32)
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_dw)
 
 
 # ----- launching -----
@@ -800,6 +825,10 @@ ROUTING_BLOCK = 128
 # of MoEUT-244M's 131072 slots over 387 experts from 57 to 37 us on an H100, the same elsewhere
 # (benchmarks/results/sweep_routing.json).
 ROUTING_WARPS = 1
+# The scan kernel's (blocks per step, experts per program, num_warps): the routing of
+# MoEUT-244M's slots 25.4 us against 29.0 with (256, 16, 4), the others within 0.5 us
+# (CUDA-graph replays on an H100, benchmarks/results/sweep_routing.json "scan_rows").
+ROUTING_SCAN = (512, 4, 4)
 # Up to this many experts (+1, as a power of two) the rank kernel writes whole rows of counts
 # from a histogram (no memset launch before it); more experts: the counts of the experts present.
 HISTOGRAM_MAX_BINS = 1024
@@ -825,13 +854,15 @@ def build_routing(
     *,
     block: int | None = None,
     warps: int | None = None,
+    scan: tuple[int, int, int] | None = None,
 ):
     """The routing layout of ``flat_index`` (``[N]``, values in ``[0, n_experts)``), int32:
     ``(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid_tiles)``.
 
     Five launches, no sort and no host sync (the sizes depend on ``N`` and ``n_experts`` only).
     ``block`` and ``warps``: slots per program and warps of the rank kernel (default
-    ``ROUTING_BLOCK`` and ``ROUTING_WARPS``; ``benchmarks/sweep_routing.py`` passes others).
+    ``ROUTING_BLOCK`` and ``ROUTING_WARPS``), ``scan`` the scan kernel's settings (default
+    ``ROUTING_SCAN``); ``benchmarks/sweep_routing.py`` passes others.
     """
     n = flat_index.numel()
     device = flat_index.device
@@ -862,10 +893,11 @@ def build_routing(
             _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block,
             bins, num_warps=warps,
         )  # fmt: skip
-        scan_e = 16
+        scan_b, scan_e, scan_warps = ROUTING_SCAN if scan is None else scan
         launch(
             _routing_scan_kernel, (cdiv(n_experts, scan_e),),
-            block_counts, block_start, counts, n_blocks, n_experts, 256, scan_e,
+            block_counts, block_start, counts, n_blocks, n_experts, scan_b, scan_e,
+            num_warps=scan_warps,
         )  # fmt: skip
     block_e = next_power_of_2(n_experts)
     block_t = max(1, min(64, 16384 // block_e))
@@ -943,6 +975,7 @@ def moe_gemm(
     aux: torch.Tensor | None = None,
     h: torch.Tensor | None = None,
     u: torch.Tensor | None = None,
+    gated_h: torch.Tensor | None = None,
     out_div: int | None = None,
     h_div: int | None = None,
     config: tuple = (128, 64, 4, 3),
@@ -956,6 +989,8 @@ def moe_gemm(
         out_div: slots per output row for ``OUT_TOKEN_ATOMIC`` (default ``top_k``).
         h_div: the gate-gradient epilogue reads ``h``'s row ``slot // h_div`` (the input rows of
             a linear layer) instead of the sorted position (default).
+        gated_h: the gate-gradient epilogue also stores ``g * h`` there (``[P, N]``, sorted as
+            ``h``; not with ``h_div``).
         config: ``(BLOCK_N, BLOCK_K, num_warps, num_stages[, persistent])``; persistent
             launches one program per SM (where the installed Triton can flatten loops).
     """
@@ -969,6 +1004,8 @@ def moe_gemm(
     n_work = n_tiles * cdiv(n_cols, block_n)
     if n_work == 0 or a.shape[1] == 0:
         return
+    if gated_h is not None and (h_div is not None or epilogue != EPI_ACTIVATION_BACKWARD):
+        raise ValueError("gated_h goes with the gate-gradient epilogue on sorted h only")
     programs = min(n_work, _num_sms(a.device)) if persistent else n_work
     dummy = routing.offsets
     w_arg, w_desc = weight_operand(w, block_k, block_n)
@@ -987,6 +1024,7 @@ def moe_gemm(
         gate if gate is not None else dummy,
         h if h is not None else dummy,
         u if u is not None else dummy,
+        gated_h if gated_h is not None else dummy,
         a.shape[1],
         n_cols,
         top_k,
@@ -1003,6 +1041,7 @@ def moe_gemm(
         ACTIVATIONS[activation],
         epilogue == EPI_ACTIVATION and aux is not None,
         h_div is not None,
+        gated_h is not None,
         routing.block_m,
         block_n,
         block_k,
@@ -1134,6 +1173,39 @@ def fits_int32(t: torch.Tensor) -> bool:
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) < 2**31
 
 
+# Weight-gradient tiles are stored by TMA where the destination allows (at the MoEUT-244M shape
+# on an H100: dW_up 113 us against 116 through pointers, dW_down in its transposed form 111
+# against 138; benchmarks/results/ab_wgrad_down.json). Set DESCRIPTOR_STORES[0] = False to store
+# through pointers, TRANSPOSED_STORES[0] = False to store a transposed destination's tiles as
+# they are (the compiler then picks the layout).
+TRANSPOSED_STORES = [True]
+DESCRIPTOR_STORES = [True]
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _weight_grad_destination(out: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, int]:
+    """``out`` (``[E, K, N]``, or ``[S, E, K, N]`` split by rows) as the weight-gradient
+    kernel's destination and its ``OUT_LAYOUT``: a tensor descriptor of ``out`` (2) or of its
+    transpose (3) where it is ``[E, K, N]``, contiguous along N or K with 16-byte aligned rows,
+    and the device has TMA; else ``out`` itself, stored through pointers as it is (0) or as the
+    tile's transpose where ``out`` is contiguous along K (1)."""
+    transposed = TRANSPOSED_STORES[0] and out.stride(-2) == 1 and out.stride(-1) != 1
+    if (
+        DESCRIPTOR_STORES[0]
+        and TENSOR_DESCRIPTORS[0]
+        and out.dim() == 3
+        and _has_tma(out.device)
+        and out.data_ptr() % 16 == 0
+    ):
+        es = out.element_size()
+        view = out.transpose(1, 2) if transposed else out
+        block = [1, block_n, block_k] if transposed else [1, block_k, block_n]
+        if view.stride(2) == 1 and view.stride(0) * es % 16 == 0 and view.stride(1) * es % 16 == 0:
+            layout = 3 if transposed else 2
+            return _DESCRIPTOR(view, list(view.shape), list(view.stride()), block), layout
+    return out, int(transposed)
+
+
 def moe_weight_grad(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -1173,12 +1245,13 @@ def moe_weight_grad(
     if split is None:
         split = row_split(tiles, routing.sorted_to_slot.numel(), n_experts, block_m, a.device)
     out = dw if split == 1 else dw.new_empty((split, *dw.shape), dtype=torch.float32)
+    out_arg, out_layout = _weight_grad_destination(out, block_k, block_n)
     launch(
         _moe_weight_grad_kernel,
         (tiles * split,),
         a,
         b,
-        out,
+        out_arg,
         routing.sorted_to_slot,
         routing.offsets,
         gate if gate is not None else routing.offsets,
@@ -1196,6 +1269,8 @@ def moe_weight_grad(
         gate is not None,
         accumulate and split == 1,
         fits_int32(a) and fits_int32(b),
+        out_layout,
+        _TL_DTYPES[out.dtype],
         block_m,
         block_n,
         block_k,
