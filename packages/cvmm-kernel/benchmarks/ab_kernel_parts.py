@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_harness import median_ms, metadata, require_cuda, write_results
+from bench_harness import kernel_us_twice, metadata, require_cuda, write_results
 
 
 def main() -> int:
@@ -59,7 +59,8 @@ def main() -> int:
     def wgrad(role, gated, swapped=None):
         dw_shape = (n_exp, d, hid) if role == "grad_w_up" else (n_exp, hid, d)
         dw = torch.empty(dw_shape, device="cuda", dtype=dt)
-        cfg = moe_ops._config(role, *dw_shape[1:])
+        # dW_down in this form: the settings it shipped with before (ab_wgrad_down.py)
+        cfg = moe_ops._config(role, *dw_shape[1:]) if role == "grad_w_up" else (128, 128, 128, 4, 3)
         if role == "grad_w_up":
             return lambda: kt.moe_weight_grad(x, out, dw, r, k, a_gather=True, b_gather=False,
                                               config=cfg)  # fmt: skip
@@ -91,19 +92,12 @@ def main() -> int:
     ref = torch.empty(n_exp, hid, d, device="cuda", dtype=torch.float32)
     swapped = torch.empty_like(ref)
     kt.moe_weight_grad(h, dy, ref, r, k, a_gather=False, b_gather=True, gate=gate,
-                       config=moe_ops._config("grad_w_down", hid, d))  # fmt: skip
+                       config=(128, 128, 128, 4, 3))  # fmt: skip
     kt.moe_weight_grad(dy, h, swapped.transpose(1, 2), r, k, a_gather=True, b_gather=False,
                        gate=gate, config=(64, 128, 128, 4, 4))  # fmt: skip
     swap_diff = float((swapped - ref).norm() / ref.norm())
     print(f"grad_w_down swapped vs shipped (float32 out): rel. diff {swap_diff:.1e}")
-    rows = []
-    for rep in range(2):
-        for name, fn in cases:
-            fn()
-            us = median_ms(fn, warmup=20, rep=100) * 1e3
-            if rep:
-                rows.append({"case": name, "us": us})
-                print(f"{name:48s} {us:7.1f} us")
+    rows = kernel_us_twice(cases, label_width=48)
     write_results("ab_kernel_parts", {"meta": metadata(), "rows": rows,
                   "grad_w_down_swapped_rel_diff": swap_diff}, script_file=__file__,
                   indent=1)  # fmt: skip

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from bench_harness import median_ms, metadata, require_cuda, write_results
+from bench_harness import kernel_us_twice, metadata, require_cuda, write_results
 
 # dW_down = (g * h)^T dy[token], the gate applied in the loop (the shipped setting before)
 OLD = (128, 128, 128, 4, 3)
@@ -97,14 +97,7 @@ def main() -> int:
         (f"new {GATED_H[0]}, untransposed buffer",
          kernel(dy, gh, dw_flat, GATED_H[0], a_gather=True, tma=False)),
     ]  # fmt: skip
-    rows = []
-    for rep in range(2):
-        for name, fn in cases:
-            fn()
-            us = median_ms(fn, warmup=20, rep=100) * 1e3
-            if rep:
-                rows.append({"case": name, "us": us})
-                print(f"{name:58s} {us:7.1f} us")
+    rows = kernel_us_twice(cases, label_width=58)
 
     steps = []
     for s in B.SHAPES:

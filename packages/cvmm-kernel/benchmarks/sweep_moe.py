@@ -253,17 +253,20 @@ def main() -> int:
                     ),
                     (n_exp, d, hid),
                 ),
+                # as moe_mlp computes it: dW_down^T = dy[token]^T (g * h), g * h sorted as h
                 "grad_w_down": (
                     lambda cfg, dw: kt.moe_weight_grad(
-                        h, dy, dw, r, k, a_gather=False, b_gather=True, gate=gate, config=cfg
+                        dy, gh, dw.transpose(1, 2), r, k, a_gather=True, b_gather=False, config=cfg
                     ),
                     (n_exp, hid, d),
                 ),
             }
+            gh = (h.float() * gate.float()[r.sorted_to_slot.long(), None]).to(dt)
             for role, (fn, shape) in wg_cases.items():
                 # Weight gradients in the weights' dtype, as moe_mlp writes them.
                 ref = torch.empty(shape, device="cuda", dtype=dt)
-                fn(moe_ops._config(role, shape[1], shape[2]), ref)
+                k_n = shape[1:] if role == "grad_w_up" else shape[:0:-1]  # the GEMM's K, N
+                fn(moe_ops._config(role, *k_n), ref)
                 for cfg in WGRAD_CANDIDATES:
                     out = torch.full_like(ref, float("nan"))
                     try:

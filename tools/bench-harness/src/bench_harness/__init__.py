@@ -120,6 +120,23 @@ def median_ms(
     return float(triton.testing.do_bench(timed, warmup=warmup, rep=rep, return_mode="median"))
 
 
+def kernel_us_twice(
+    cases: Sequence[tuple[str, Callable[[], object]]], *, label_width: int = 48
+) -> list[dict[str, Any]]:
+    """Median microseconds of each ``(name, fn)`` of ``cases`` (:func:`median_ms`, eager), all
+    timed once in turn and then again; returns and prints the second round, ``{"case", "us"}``
+    per case (the first warms caches and clocks, so the cases are compared alike)."""
+    rows = []
+    for rep in range(2):
+        for name, fn in cases:
+            fn()
+            us = median_ms(fn, warmup=20, rep=100) * 1e3
+            if rep:
+                rows.append({"case": name, "us": us})
+                print(f"{name:{label_width}s} {us:7.1f} us")
+    return rows
+
+
 def median_ms_and_peak_mib(
     fn: Callable[[], object], *, warmup: int, rep: int, cuda_graph: bool = False
 ) -> tuple[float, float]:
