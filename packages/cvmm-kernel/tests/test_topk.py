@@ -52,6 +52,25 @@ def test_nan_ranks_first_and_indices_stay_in_range(backend, device):
 
 
 @pytest.mark.parametrize(("backend", "device"), TRITON)
+def test_signed_zeros_tie_and_sigmoid_topk_agrees(backend, device):
+    """Ties among signed zeros go to the lower index (-0.0 == +0.0), with -inf, NaN, a width
+    and a k that are no powers of two; sigmoid_topk picks the same and gates them."""
+    from cvmm_kernel import sigmoid_topk
+
+    g = torch.Generator().manual_seed(3)
+    scores = (torch.randint(-2, 1, (33, 45), generator=g) / 2).to(device)  # zeros win
+    scores[::3, ::4] = -0.0
+    scores[:, ::9] = float("-inf")
+    scores[5, 7] = scores[6, 40] = float("nan")
+    expected = oracle(scores.cpu(), 6)
+    assert torch.equal(topk_indices(scores, 6).cpu(), expected)
+    index, gate = sigmoid_topk(scores[:, None], 6, backend="triton")
+    assert torch.equal(index.cpu().view(33, 6), expected)
+    chosen = scores.cpu().gather(1, expected).sigmoid()
+    torch.testing.assert_close(gate.cpu().view(33, 6), chosen, rtol=1e-6, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(("backend", "device"), TRITON)
 def test_strided_rows_and_empty(backend, device):
     wide = torch.rand(20, 392, generator=torch.Generator().manual_seed(1)).to(device)
     view = wide[:, :387]  # the padded selection logits' view in moeut
