@@ -577,7 +577,7 @@ def _moe_weight_grad_kernel(
     A_GATE: tl.constexpr,
     ACCUMULATE: tl.constexpr,
     OFFSETS_I32: tl.constexpr,
-    OUT_LAYOUT: tl.constexpr,
+    OUT_DESC: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -593,8 +593,8 @@ def _moe_weight_grad_kernel(
     with ``OFFSETS_I32`` (every element of ``a`` and ``b`` within int32 offsets), 32-bit offsets:
     10-20% faster at the benchmark shapes (benchmarks/results/ab_wgrad_index_math.md).
 
-    ``OUT_LAYOUT``: how the tile is stored: 0 through pointers, 1 its transpose through pointers
-    (``dw`` contiguous along K), 2 a tensor descriptor of ``dw`` (a TMA store), 3 a descriptor of
+    ``OUT_DESC``: how the tile is stored, coded as ``W_DESC`` is for the expert matrices: 0
+    through pointers, 1 ``dw`` is a tensor descriptor of ``[E, K, N]`` (a TMA store), 2 one of
     its transpose (``OUT_DTYPE``: the descriptor's element type).
 
     ``SPLIT > 1`` (few experts with many rows: too few programs to fill the GPU): each expert's
@@ -650,26 +650,26 @@ def _moe_weight_grad_kernel(
             other=0.0,
         )
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    if OUT_LAYOUT == 2:  # dw: a descriptor of [E, K, N], a TMA store (clipped at the edges)
+    if OUT_DESC == 1:  # dw: a descriptor of [E, K, N], a TMA store (clipped at the edges)
         where = [expert, pid_k * BLOCK_K, pid_n * BLOCK_N]
         if ACCUMULATE:
             acc += dw_ptr.load(where).reshape(BLOCK_K, BLOCK_N).to(tl.float32)
         dw_ptr.store(where, acc.to(OUT_DTYPE).reshape(1, BLOCK_K, BLOCK_N))
-    elif OUT_LAYOUT == 3:  # a descriptor of the transpose [E, N, K]
+    elif OUT_DESC == 2:  # a descriptor of the transpose [E, N, K]
         where = [expert, pid_n * BLOCK_N, pid_k * BLOCK_K]
         acc_t = tl.trans(acc)
         if ACCUMULATE:
             acc_t += dw_ptr.load(where).reshape(BLOCK_N, BLOCK_K).to(tl.float32)
         dw_ptr.store(where, acc_t.to(OUT_DTYPE).reshape(1, BLOCK_N, BLOCK_K))
     else:
-        base = dw_ptr + part.to(tl.int64) * stride_ds + expert.to(tl.int64) * stride_de
-        if OUT_LAYOUT == 1:  # dw is contiguous along K (a transposed view): store the transpose
-            acc = tl.trans(acc)
-            dw_ptrs = base + offs_n[:, None] * stride_dn + offs_k[None, :] * stride_dk
-            mask_dw = mask_n[:, None] & mask_k[None, :]
-        else:
-            dw_ptrs = base + offs_k[:, None] * stride_dk + offs_n[None, :] * stride_dn
-            mask_dw = mask_k[:, None] & mask_n[None, :]
+        dw_ptrs = (
+            dw_ptr
+            + part.to(tl.int64) * stride_ds
+            + expert.to(tl.int64) * stride_de
+            + offs_k[:, None] * stride_dk
+            + offs_n[None, :] * stride_dn
+        )
+        mask_dw = mask_k[:, None] & mask_n[None, :]
         if ACCUMULATE:
             acc += tl.load(dw_ptrs, mask=mask_dw, other=0.0).to(tl.float32)
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_dw)
@@ -1175,35 +1175,20 @@ def fits_int32(t: torch.Tensor) -> bool:
 
 # Weight-gradient tiles are stored by TMA where the destination allows (at the MoEUT-244M shape
 # on an H100: dW_up 113 us against 116 through pointers, dW_down in its transposed form 111
-# against 138; benchmarks/results/ab_wgrad_down.json). Set DESCRIPTOR_STORES[0] = False to store
-# through pointers, TRANSPOSED_STORES[0] = False to store a transposed destination's tiles as
-# they are (the compiler then picks the layout).
-TRANSPOSED_STORES = [True]
+# against 137; benchmarks/results/ab_wgrad_down.json). Set DESCRIPTOR_STORES[0] = False to store
+# through pointers.
 DESCRIPTOR_STORES = [True]
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _weight_grad_destination(out: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, int]:
     """``out`` (``[E, K, N]``, or ``[S, E, K, N]`` split by rows) as the weight-gradient
-    kernel's destination and its ``OUT_LAYOUT``: a tensor descriptor of ``out`` (2) or of its
-    transpose (3) where it is ``[E, K, N]``, contiguous along N or K with 16-byte aligned rows,
-    and the device has TMA; else ``out`` itself, stored through pointers as it is (0) or as the
-    tile's transpose where ``out`` is contiguous along K (1)."""
-    transposed = TRANSPOSED_STORES[0] and out.stride(-2) == 1 and out.stride(-1) != 1
-    if (
-        DESCRIPTOR_STORES[0]
-        and TENSOR_DESCRIPTORS[0]
-        and out.dim() == 3
-        and _has_tma(out.device)
-        and out.data_ptr() % 16 == 0
-    ):
-        es = out.element_size()
-        view = out.transpose(1, 2) if transposed else out
-        block = [1, block_n, block_k] if transposed else [1, block_k, block_n]
-        if view.stride(2) == 1 and view.stride(0) * es % 16 == 0 and view.stride(1) * es % 16 == 0:
-            layout = 3 if transposed else 2
-            return _DESCRIPTOR(view, list(view.shape), list(view.stride()), block), layout
-    return out, int(transposed)
+    kernel's destination and its ``OUT_DESC`` code: a tensor descriptor of ``out`` or of its
+    transpose as :func:`weight_operand` makes them, for an ``[E, K, N]`` destination, else
+    ``out`` itself (0), stored through pointers."""
+    if DESCRIPTOR_STORES[0] and out.dim() == 3:
+        return weight_operand(out, block_k, block_n)
+    return out, 0
 
 
 def moe_weight_grad(
@@ -1245,7 +1230,7 @@ def moe_weight_grad(
     if split is None:
         split = row_split(tiles, routing.sorted_to_slot.numel(), n_experts, block_m, a.device)
     out = dw if split == 1 else dw.new_empty((split, *dw.shape), dtype=torch.float32)
-    out_arg, out_layout = _weight_grad_destination(out, block_k, block_n)
+    out_arg, out_desc = _weight_grad_destination(out, block_k, block_n)
     launch(
         _moe_weight_grad_kernel,
         (tiles * split,),
@@ -1269,7 +1254,7 @@ def moe_weight_grad(
         gate is not None,
         accumulate and split == 1,
         fits_int32(a) and fits_int32(b),
-        out_layout,
+        out_desc,
         _TL_DTYPES[out.dtype],
         block_m,
         block_n,
