@@ -1,6 +1,6 @@
 r"""What each part of the 244M shape's GEMM and weight-gradient kernels costs (bf16, medians).
 
-    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':')packages/cvmm-kernel/benchmarks \
         python3 packages/cvmm-kernel/benchmarks/ab_kernel_parts.py
 
 One process, MoEUT-244M's FFN shape (T=8192, d=1024, 387 experts of 128, k=16), each kernel
@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from bench_cvmm import routed_rows
 from bench_harness import kernel_us_twice, metadata, require_cuda, write_results
 
 
@@ -28,17 +29,12 @@ def main() -> int:
     from cvmm_kernel import moe_ops
     from cvmm_kernel import moe_triton as kt
 
-    torch.manual_seed(0)
     tokens, d, n_exp, hid, k = 8192, 1024, 387, 128, 16
     dt = torch.bfloat16
-    x = torch.randn(tokens, d, device="cuda", dtype=dt)
-    dy = torch.randn(tokens, d, device="cuda", dtype=dt)
-    gate, index = torch.randn(tokens, n_exp, device="cuda").sigmoid().topk(k, dim=-1)
-    gate = gate.reshape(-1).to(dt).contiguous()
+    x, dy, gate, r = routed_rows(tokens, d, n_exp, k)
     w_up = torch.randn(n_exp, d, hid, device="cuda", dtype=dt) / 32
     w_down = torch.randn(n_exp, hid, d, device="cuda", dtype=dt) / 11
     w_down_t = w_down.transpose(1, 2).contiguous()  # [E, d, hid]: grad_hidden's B, contiguous
-    r = moe_ops.Routing(*moe_ops.moe_routing(index.reshape(-1), n_exp, 128, "triton"), 128)
     n = tokens * k
     h = torch.empty(n, hid, device="cuda", dtype=dt)
     out = torch.empty(n, hid, device="cuda", dtype=dt)

@@ -43,16 +43,9 @@ def main() -> int:
         moe_ops.W_DOWN_FROM_GATED_H[0] = gated_h
         kt.DESCRIPTOR_STORES[0] = tma
 
-    torch.manual_seed(0)
     tokens, d, n_exp, hid, k = 8192, 1024, 387, 128, 16
     dt = torch.bfloat16
-    x = torch.randn(tokens, d, device="cuda", dtype=dt)
-    dy = torch.randn(tokens, d, device="cuda", dtype=dt)
-    gate, index = torch.randn(tokens, n_exp, device="cuda").sigmoid().topk(k, dim=-1)
-    gate = gate.reshape(-1).to(dt).contiguous()
-    flat = index.reshape(-1)
-    r = moe_ops.Routing(*moe_ops.moe_routing(flat, n_exp, moe_ops.BLOCK_M, "triton"),
-                        moe_ops.BLOCK_M)  # fmt: skip
+    x, dy, gate, r = B.routed_rows(tokens, d, n_exp, k)
     h = torch.randn(tokens * k, hid, device="cuda", dtype=dt).relu()
     gh = (h.float() * gate.float()[r.sorted_to_slot.long(), None]).to(dt)  # sorted, as h
     du = torch.randn(tokens * k, hid, device="cuda", dtype=dt)

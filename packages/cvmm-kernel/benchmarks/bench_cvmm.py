@@ -194,6 +194,21 @@ def dense_equal_flops(s: Shape, device: str):
     return lambda: torch.relu(x @ a) @ b, [a, b, x]
 
 
+def routed_rows(tokens: int, d: int, n_experts: int, k: int, device: str = "cuda"):
+    """The kernel labs' operands (``ab_kernel_parts.py``, ``ab_wgrad_down.py``), seeded: bf16
+    token rows ``x`` and output gradients ``dy`` ``[tokens, d]``, a sigmoid router's top-``k``
+    gates per slot (flat, bf16) and the routing of its experts for tiles of ``BLOCK_M`` rows."""
+    from cvmm_kernel import moe_ops
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
+    dy = torch.randn(tokens, d, device=device, dtype=torch.bfloat16)
+    gate, index = torch.randn(tokens, n_experts, device=device).sigmoid().topk(k, dim=-1)
+    gate = gate.reshape(-1).to(torch.bfloat16).contiguous()
+    routing = moe_ops.moe_routing(index.reshape(-1), n_experts, moe_ops.BLOCK_M, "triton")
+    return x, dy, gate, moe_ops.Routing(*routing, moe_ops.BLOCK_M)
+
+
 def trained_tensors(t: dict) -> list[torch.Tensor]:
     """The tensors a training step differentiates: the expert weights and the input rows (the
     gates are differentiated by the ops whether asked or not)."""
