@@ -22,7 +22,7 @@ def oracle(scores: torch.Tensor, k: int) -> torch.Tensor:
     ("shape", "k"),
     [((64, 10), 2), ((37, 387), 16), ((3, 5, 40), 40), ((9, 1), 1), ((20, 600), 7)],
 )
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_matches_stable_sort(backend, device, shape, k, dtype):
     g = torch.Generator().manual_seed(k)
     # few distinct values: many ties, which must go to the lower index
@@ -52,13 +52,14 @@ def test_nan_ranks_first_and_indices_stay_in_range(backend, device):
 
 
 @pytest.mark.parametrize(("backend", "device"), TRITON)
-def test_signed_zeros_tie_and_sigmoid_topk_agrees(backend, device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_signed_zeros_tie_and_sigmoid_topk_agrees(backend, device, dtype):
     """Ties among signed zeros go to the lower index (-0.0 == +0.0), with -inf, NaN, a width
     and a k that are no powers of two; sigmoid_topk picks the same and gates them."""
     from cvmm_kernel import sigmoid_topk
 
     g = torch.Generator().manual_seed(3)
-    scores = (torch.randint(-2, 1, (33, 45), generator=g) / 2).to(device)  # zeros win
+    scores = (torch.randint(-2, 1, (33, 45), generator=g) / 2).to(device, dtype)  # zeros win
     scores[::3, ::4] = -0.0
     scores[:, ::9] = float("-inf")
     scores[5, 7] = scores[6, 40] = float("nan")
@@ -66,7 +67,7 @@ def test_signed_zeros_tie_and_sigmoid_topk_agrees(backend, device):
     assert torch.equal(topk_indices(scores, 6).cpu(), expected)
     index, gate = sigmoid_topk(scores[:, None], 6, backend="triton")
     assert torch.equal(index.cpu().view(33, 6), expected)
-    chosen = scores.cpu().gather(1, expected).sigmoid()
+    chosen = scores.cpu().gather(1, expected).float().sigmoid().to(dtype)
     torch.testing.assert_close(gate.cpu().view(33, 6), chosen, rtol=1e-6, atol=0, equal_nan=True)
 
 

@@ -10,14 +10,14 @@ import triton.language as tl
 
 from .host_math import cdiv
 from .moe_triton import launch
-from .topk_triton import row_blocks
+from .topk_triton import key_bits, key_column, rank_keys, row_blocks
 
 
 @triton.jit
 def _sigmoid_topk_kernel(
     logits_ptr, drop_ptr, index_ptr, gate_ptr, R, E, G, stride_o, stride_g,
-    K: tl.constexpr, HAS_DROP: tl.constexpr, GLOBAL_INDEX: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    K: tl.constexpr, HAS_DROP: tl.constexpr, GLOBAL_INDEX: tl.constexpr, KEY_BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     """Rows ``r = o * G + g`` at ``o * stride_o + g * stride_g`` (columns contiguous), ``BLOCK_R``
     per program, each whole in registers. ``K`` times: the largest logit not yet taken (NaN
@@ -29,24 +29,56 @@ def _sigmoid_topk_kernel(
     valid = row_ok[:, None] & (cols[None, :] < E)
     offs = (rows // G).to(tl.int64) * stride_o + (rows % G).to(tl.int64) * stride_g
     x = tl.load(logits_ptr + offs[:, None] + cols[None, :], mask=valid, other=float("-inf"))
-    x = x.to(tl.float32)
-    key = tl.where(x != x, float("inf"), x)  # NaN ranks first, as in torch.topk
     if HAS_DROP:
         dropped = tl.load(drop_ptr + rows[:, None].to(tl.int64) * E + cols[None, :], mask=valid)
-        key = tl.where(dropped != 0, float("-inf"), key)
-    taken = ~valid  # padding is never a candidate
+        x = tl.where(dropped != 0, float("-inf"), x).to(x.dtype)
     base = (rows % G).to(tl.int64) * E if GLOBAL_INDEX else tl.zeros_like(rows).to(tl.int64)
     out = rows.to(tl.int64) * K
+    if KEY_BITS == 0:
+        _sigmoid_top_scores(x, cols, valid, logits_ptr, offs, base, out, row_ok, index_ptr,
+                            gate_ptr, K, BLOCK_E)  # fmt: skip
+    else:
+        keys = rank_keys(x, cols[None, :], valid, KEY_BITS)
+        _sigmoid_top_keys(keys, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr, K,
+                          KEY_BITS)  # fmt: skip
+
+
+@triton.jit
+def _store_choice(index, j, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr):
+    """Round ``j``'s choice ``index`` and its gate: the chosen logit itself (NaN stays NaN),
+    one cached load per row rather than a reduction."""
+    logit = tl.load(logits_ptr + offs + index, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(index_ptr + out + j, index.to(tl.int64) + base, mask=row_ok)
+    gate = tl.sigmoid(logit)
+    tl.store(gate_ptr + out + j, gate.to(gate_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _sigmoid_top_keys(keys, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr,
+                      K: tl.constexpr, KEY_BITS: tl.constexpr):  # fmt: skip
+    """One max-reduction of the ranking keys per round (``topk_triton.rank_keys``)."""
+    floor = tl.min(keys, axis=1)  # the padding's or lower: never chosen while a logit remains
+    for j in range(K):
+        best = tl.max(keys, axis=1)
+        index = key_column(best, KEY_BITS)
+        keys = tl.where(keys == best[:, None], floor[:, None], keys)
+        _store_choice(index, j, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr)
+
+
+@triton.jit
+def _sigmoid_top_scores(x, cols, valid, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr,
+                        K: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    """Two reductions per round: the largest logit not yet taken, the lowest column holding it."""
+    if x.dtype != tl.float64:
+        x = x.to(tl.float32)
+    key = tl.where(x != x, float("inf"), x)  # NaN ranks first, as in torch.topk
+    taken = ~valid  # padding is never a candidate
     for j in range(K):
         best = tl.max(tl.where(taken, float("-inf"), key), axis=1)
         hit = (key == best[:, None]) & ~taken
         index = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
         taken = taken | (cols[None, :] == index[:, None])
-        # the chosen logit itself (NaN stays NaN): one cached load per row, not a reduction
-        logit = tl.load(logits_ptr + offs + index, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(index_ptr + out + j, index.to(tl.int64) + base, mask=row_ok)
-        gate = tl.sigmoid(logit)
-        tl.store(gate_ptr + out + j, gate.to(gate_ptr.dtype.element_ty), mask=row_ok)
+        _store_choice(index, j, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr)
 
 
 @triton.jit
@@ -85,7 +117,8 @@ def sigmoid_topk_forward(
     launch(
         _sigmoid_topk_kernel, (cdiv(n_rows, block_r),),
         logits, drop if drop is not None else logits, index, gate, n_rows, width, groups,
-        logits.stride(0), logits.stride(1), k, drop is not None, global_index, block_r, block_e,
+        logits.stride(0), logits.stride(1), k, drop is not None, global_index,
+        key_bits(logits.dtype, width), block_r, block_e,
     )  # fmt: skip
     return index, gate
 
