@@ -337,6 +337,58 @@ def test_compiled_matches_eager_at_moeut_scale():
         assert rel_error(p.grad, g) < 1e-5
 
 
+def _uses_grads(backend, device, compute_dtype_grads, uses=(0, 1), *, compiled=False,
+                shared=False):  # fmt: skip
+    """fp32 weights applied to the input rows ``uses`` of a batch under autocast (bf16; fp16
+    in the interpreter, which has no bf16): the weights' gradients of the outputs' summed
+    squares."""
+    from cvmm_kernel import accumulate_weight_grads
+
+    x, index, gate, w_up, w_down = make_inputs(
+        (2, 24), 4, 7, 32, 16, 32, dtype=torch.float32, device=device, seed=21
+    )
+    weights = [w.clone().requires_grad_() for w in (w_up, w_down)]
+    compute = torch.float16 if backend == "triton" and device == "cpu" else torch.bfloat16
+
+    def loss(rows):
+        total = 0
+        for i in uses:
+            with torch.autocast(device, dtype=compute):
+                out = moe_mlp(rows[i], index[i], gate[i], *weights, "gelu", backend=backend,
+                              weight_grads_in_compute_dtype=compute_dtype_grads)  # fmt: skip
+            total = total + out.float().square().sum()
+        return total
+
+    step = torch.compile(loss, fullgraph=True) if compiled else loss
+    with accumulate_weight_grads(weights if shared else []):
+        step(x).backward()
+    return [w.grad for w in weights]
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_weight_grads_in_compute_dtype_round_each_use(backend, device):
+    """Each use's weight gradients rounded to the compute dtype, then summed in fp32 (the
+    weights' dtype); summed by accumulate_weight_grads in the kernels, they are not rounded."""
+    compute = torch.float16 if backend == "triton" and device == "cpu" else torch.bfloat16
+    per_use = [_uses_grads(backend, device, False, (i,)) for i in (0, 1)]
+    rounded = _uses_grads(backend, device, True)
+    for w, got in enumerate(rounded):
+        want = sum(grads[w].to(compute).float() for grads in per_use)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    in_kernels = _uses_grads(backend, device, True, shared=True)
+    for got, want in zip(in_kernels, _uses_grads(backend, device, False, shared=True)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_weight_grads_in_compute_dtype_compiled():
+    """Compiled, the graph casts and sums the rounded per-use gradients: as eager."""
+    eager = _uses_grads("triton", "cuda", True)
+    compiled = _uses_grads("triton", "cuda", True, compiled=True)
+    for got, want in zip(compiled, eager):
+        assert got.dtype == torch.float32 and rel_error(got, want) < 1e-5
+
+
 def test_weight_cast_cache_follows_in_place_updates():
     """Under autocast the bf16 copy of an fp32 weight is reused until the weight changes."""
     from cvmm_kernel.weight_cache import cast_weight

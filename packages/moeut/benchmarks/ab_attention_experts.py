@@ -30,12 +30,15 @@ def moeut_with(expert_impl: str) -> MoEUTLM:
     return model
 
 
-def run_ab(variants: dict, title: str, stem: str) -> int:
-    """Each step mode (eager, CUDA graph): the dense model, then every variant of ``variants``
-    (name -> model factory) twice, alternating; the table of times, ratios to the dense step of
-    the same mode and peak memory, written as ``stem``.json/.md (the caller checks for CUDA)."""
+def run_ab(
+    variants: dict, title: str, stem: str, modes: tuple[str, ...] = ("eager", "graph")
+) -> int:
+    """Each step mode of ``modes`` (``bench_moeut.time_step``'s): the dense model, then every
+    variant of ``variants`` (name -> model factory) twice, alternating; the table of times,
+    ratios to the dense step of the same mode and peak memory, written as ``stem``.json/.md (the
+    caller checks for CUDA)."""
     rows = []
-    for mode in ("eager", "graph"):
+    for mode in modes:
         rows.append({"model": "dense-243M", "mode": mode, **time_step(DenseLM(), mode)})
         for name, make in [*variants.items(), *variants.items()]:
             rows.append({"model": name, "mode": mode, **time_step(make(), mode)})

@@ -316,3 +316,37 @@ def test_deferred_weight_grads_give_the_same_gradients(tiny_lm):
     for name, want in grads[0].items():
         err = float((grads[1][name] - want).norm() / want.norm().clamp_min(1e-30))
         assert err < 1e-4, (name, err)
+
+
+def test_repeated_layers_round_their_expert_weight_grads_per_use(tiny_lm):
+    """Only layers applied several times per step give each use's expert-weight gradients in
+    the compute dtype (``SigmaMoE.weight_grads_in_compute_dtype``)."""
+    assert all(layer.ffn.weight_grads_in_compute_dtype for layer in tiny_lm().transformer.layers)
+    once = tiny_lm(group_size=4).transformer.layers
+    assert not any(layer.ffn.weight_grads_in_compute_dtype for layer in once)
+
+
+@pytest.mark.gpu
+def test_compiled_training_step_matches_eager(tiny_lm):
+    """Compiled, each use of a shared layer gives bf16-rounded expert-weight gradients that the
+    graph sums in fp32; eager sums them unrounded in the kernels: equal to bf16's precision,
+    float32 either way."""
+    from testing_support import rel_error
+
+    m = tiny_lm().cuda()
+    x = torch.randint(0, 40, (2, 16), device="cuda")
+
+    def expert_grads(run):
+        m.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(x)
+        (out.outputs.float().square().mean() + out.reg_loss).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if ".ffn.keys" in n or
+                ".ffn.values" in n}  # fmt: skip
+
+    eager = expert_grads(m)
+    compiled = expert_grads(torch.compile(m, fullgraph=True))
+    assert eager.keys() == compiled.keys() and len(eager) == 4
+    for name, want in eager.items():
+        assert compiled[name].dtype == torch.float32, name
+        assert rel_error(compiled[name], want) < 1e-2, name

@@ -89,6 +89,7 @@ def moe_mlp(
     backend: Backend | None = None,
     block_m: int | None = None,
     gemm_configs: Mapping[str, Sequence[int]] | None = None,
+    weight_grads_in_compute_dtype: bool = False,
     _backward_overlap: bool | None = None,
 ) -> torch.Tensor:
     """The sigma-MoE feedforward: ``out = sum_j gate[..., j] * act(x @ w_up[e_j]) @ w_down[e_j]``
@@ -117,6 +118,13 @@ def moe_mlp(
             (``benchmarks/sweep_linear.py``, ``ab_moe_variants.py``); the result does not depend
             on ``block_m`` or ``gemm_configs`` beyond rounding, and the reference ignores them.
             A bad value raises ``ValueError`` before anything runs.
+        weight_grads_in_compute_dtype: round this call's weight gradients to the compute dtype
+            (``x``'s, the autocast dtype under autocast) before they reach autograd in the
+            weights' dtype, as autocast's matmuls do. For weights applied several times in a
+            ``torch.compile``'d step (MoEUT's shared layers): the compiled graph sums the uses'
+            gradients in one kernel, which then reads half the bytes, and each use's
+            weight-gradient GEMM writes half. Inside :func:`accumulate_weight_grads` (eager)
+            the kernels sum the uses in the weights' dtype and this is not used.
         _backward_overlap: private, for ``benchmarks/ab_moe_variants.py``: whether the backward
             computes the input gradient on a side stream (default ``moe_ops.BACKWARD_SCHEDULE``).
 
@@ -127,6 +135,10 @@ def moe_mlp(
     """
     block_m = check_block_m(block_m)  # host checks first: _check may read the indices back
     configs = check_gemm_configs(gemm_configs)
+    if not isinstance(weight_grads_in_compute_dtype, bool):
+        raise TypeError(
+            f"weight_grads_in_compute_dtype must be a bool, got {weight_grads_in_compute_dtype!r}"
+        )
     if _backward_overlap is not None and not isinstance(_backward_overlap, bool):
         raise TypeError(f"_backward_overlap must be a bool or None, got {_backward_overlap!r}")
     _check(x, index, gate, w_up, w_down, activation, index_bound)
@@ -138,15 +150,16 @@ def moe_mlp(
     flat_gate = gate.reshape(-1).contiguous()
     n_experts = w_up.shape[0]
     settings = (top_k, block_m, activation, deterministic, chosen)
+    grad_dtype = x.dtype if weight_grads_in_compute_dtype and x.dtype != w_up.dtype else None
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, n_experts, block_m, chosen)
-            launch = (encode_gemm_configs(configs), _backward_overlap)
+            launch = (encode_gemm_configs(configs), _backward_overlap, grad_dtype)
             out = moe_mlp_forward(x2, flat_gate, w_up, w_down, *routing, *settings, *launch)[0]
         else:  # the same implementations with less host time per call
             (w_up, up_shared), (w_down, down_shared) = shared_use(w_up), shared_use(w_down)
             out = MoEMLPFunction.apply(
                 x2, flat_gate, w_up, w_down, flat_index, n_experts, *settings,
-                (up_shared, down_shared), configs, _backward_overlap,
+                (up_shared, down_shared), configs, _backward_overlap, grad_dtype,
             )  # fmt: skip
     return out.view(*lead, w_down.shape[2])

@@ -312,7 +312,7 @@ def _reference_forward(x, gate, w_up, w_down, r: Routing, top_k, activation):
 
 
 def _reference_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation,
-                        shared=(None, None)):  # fmt: skip
+                        shared=(None, None), grad_dtype=None):  # fmt: skip
     s2s = r.sorted_to_slot.long()
     token = s2s // top_k
     g = gate[s2s].to(x.dtype).unsqueeze(-1)
@@ -328,8 +328,9 @@ def _reference_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, acti
     dx = _sum_slots(
         _per_expert(du, w_up.to(x.dtype).transpose(1, 2), r.offsets), s2s, top_k, x.shape[0]
     )
-    dw_down = _per_expert_outer(h * g, dy[token], r.offsets, torch.empty_like(w_down))
-    dw_up = _per_expert_outer(x[token], du, r.offsets, torch.empty_like(w_up))
+    own = lambda i, w: torch.empty_like(w, dtype=grad_dtype if shared[i] is None else None)
+    dw_down = _per_expert_outer(h * g, dy[token], r.offsets, own(1, w_down))
+    dw_up = _per_expert_outer(x[token], du, r.offsets, own(0, w_up))
     return dx, dgate, settle(shared[0], dw_up, False), settle(shared[1], dw_down, False)
 
 
@@ -421,13 +422,14 @@ class PendingWeightGrad(NamedTuple):
 
 
 def _weight_grad(a, b, w, shared, r: Routing, top_k, role, *, a_gather, b_gather, gate=None,
-                 b_div=None, transposed=False, configs=None):  # fmt: skip
+                 b_div=None, transposed=False, configs=None, grad_dtype=None):  # fmt: skip
     """The gradient of the expert weights ``w [E, K, N]`` from the rows ``a [., K]`` and
     ``b [., N]`` (``transposed``: its transpose from ``a [., N]`` and ``b [., K]``;
     :func:`~cvmm_kernel.moe_triton.moe_weight_grad` with the settings of ``role``),
     computed into ``shared``'s buffer where that sums the weight's gradient over its uses, or
-    kept for one GEMM over all of them where it defers them. Returns what the backward gives
-    autograd for ``w`` (:func:`~.shared_grads.settle`)."""
+    kept for one GEMM over all of them where it defers them, else into a new tensor of
+    ``grad_dtype`` (None: ``w``'s). Returns what the backward gives autograd for ``w``
+    (:func:`~.shared_grads.settle`)."""
     from . import moe_triton as kt
 
     k, n = (w.shape[2], w.shape[1]) if transposed else (w.shape[1], w.shape[2])
@@ -438,7 +440,7 @@ def _weight_grad(a, b, w, shared, r: Routing, top_k, role, *, a_gather, b_gather
             transposed,
         ))  # fmt: skip
         return None
-    dw, accumulate = grad_buffer(shared, w)
+    dw, accumulate = grad_buffer(shared, w, grad_dtype)
     kt.moe_weight_grad(
         a,
         b,
@@ -556,9 +558,11 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation, deterministic,
-                     shared=(None, None), configs=None, overlap=None):  # fmt: skip
+                     shared=(None, None), configs=None, overlap=None,
+                     grad_dtype=None):  # fmt: skip
     """``configs``: the call's launch settings per role; ``overlap``: the input gradient on a side
-    stream (None: ``BACKWARD_SCHEDULE``'s)."""
+    stream (None: ``BACKWARD_SCHEDULE``'s); ``grad_dtype``: of the weight gradients not summed
+    by ``shared`` (None: the weights')."""
     from . import moe_triton as kt
 
     wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
@@ -603,10 +607,12 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
                          configs=configs)  # fmt: skip
     if gh is not None:  # dW_down^T = dy[token]^T (g * h)
         dw_down = _weight_grad(dy, gh, w_down, shared[1], r, top_k, "grad_w_down", a_gather=True,
-                               b_gather=False, transposed=True, configs=configs)  # fmt: skip
+                               b_gather=False, transposed=True, configs=configs,
+                               grad_dtype=grad_dtype)  # fmt: skip
     else:
         dw_down = _weight_grad(h, dy, w_down, shared[1], r, top_k, "grad_w_down", a_gather=False,
-                               b_gather=True, gate=gate, configs=configs)  # fmt: skip
+                               b_gather=True, gate=gate, configs=configs,
+                               grad_dtype=grad_dtype)  # fmt: skip
     dw_up = _weight_grad(
         x,
         du,
@@ -618,6 +624,7 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         a_gather=True,
         b_gather=False,
         configs=configs,
+        grad_dtype=grad_dtype,
     )
     if overlap:
         main.wait_stream(side)
@@ -637,15 +644,17 @@ def _forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic
 
 def _gradients(grad_out, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation,
                deterministic, backend, shared=(None, None), configs=None,
-               overlap=None):  # fmt: skip
+               overlap=None, grad_dtype=None):  # fmt: skip
     """``(dx, dgate, dw_up, dw_down)``; a weight's gradient is None where ``shared`` (one
-    :class:`~cvmm_kernel.shared_grads.SharedGrad` or None per weight) sums it instead.
-    ``configs``, ``overlap``: the call's launch settings (see :func:`_triton_backward`)."""
+    :class:`~cvmm_kernel.shared_grads.SharedGrad` or None per weight) sums it instead, else in
+    ``grad_dtype`` (None: the weights'). ``configs``, ``overlap``: the call's launch settings
+    (see :func:`_triton_backward`)."""
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
         return _triton_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation,
-                                deterministic, shared, configs, overlap)  # fmt: skip
-    return _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation, shared)
+                                deterministic, shared, configs, overlap, grad_dtype)  # fmt: skip
+    return _reference_backward(dy, x, gate, w_up, w_down, h, u, r, top_k, activation, shared,
+                               grad_dtype)  # fmt: skip
 
 
 # ----- the custom ops -----
@@ -670,11 +679,13 @@ def moe_mlp_forward(
     backend: str,
     gemm_configs: Sequence[int] | None = None,
     backward_overlap: bool | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``x [T, d]``, ``gate [T * k]`` -> ``(out [T, d_out], h [T * k, H] sorted, u)`` with ``u``
     the pre-activation where the activation's derivative needs it (else ``[0, H]``).
     ``gemm_configs`` (:func:`encode_gemm_configs`) and ``backward_overlap``: the call's launch
-    settings, kept for the backward (None: the shipped ones)."""
+    settings, kept for the backward (None: the shipped ones); ``weight_grad_dtype``: the
+    backward's, see :func:`moe_mlp_backward`."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
     configs = decode_gemm_configs(gemm_configs)
     return _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend, configs)
@@ -710,22 +721,27 @@ def moe_mlp_backward(
     backend: str,
     gemm_configs: Sequence[int] | None = None,
     backward_overlap: bool | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx [T, d], dgate [T * k], dW_up, dW_down)``; weight gradients in the
-    weights' own dtype (the master dtype under autocast: no cast follows)."""
+    """Gradients ``(dx [T, d], dgate [T * k], dW_up, dW_down)``; weight gradients in
+    ``weight_grad_dtype``, by default the weights' own (the master dtype under autocast: no cast
+    follows)."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
     configs = decode_gemm_configs(gemm_configs)
     return _gradients(grad_out, x, gate, w_up, w_down, h, u, r, top_k, activation, deterministic,
-                      backend, (None, None), configs, backward_overlap)  # fmt: skip
+                      backend, (None, None), configs, backward_overlap,
+                      weight_grad_dtype)  # fmt: skip
 
 
 @moe_mlp_backward.register_fake
-def _(grad_out, x, gate, w_up, w_down, *rest):
+def _(grad_out, x, gate, w_up, w_down, h, u, sorted_to_slot, slot_to_sorted, offsets, tile_expert,
+      tile_start, n_valid, top_k, block_m, activation, deterministic, backend, gemm_configs=None,
+      backward_overlap=None, weight_grad_dtype=None):  # fmt: skip
     return (
         torch.empty_like(x),
         torch.empty_like(gate),
-        torch.empty_like(w_up),
-        torch.empty_like(w_down),
+        torch.empty_like(w_up, dtype=weight_grad_dtype),
+        torch.empty_like(w_down, dtype=weight_grad_dtype),
     )
 
 
@@ -741,6 +757,10 @@ def _backward(ctx, grad_out, _grad_h, _grad_u):
     dx, dgate, dw_up, dw_down = moe_mlp_backward(
         grad_out, x, gate, w_up, w_down, h, u, *routing, *ctx.settings
     )
+    # weight gradients rounded to another dtype (the call's weight_grad_dtype) reach autograd in
+    # the weights': compiled, the cast fuses into what consumes them (the sum over a shared
+    # weight's uses)
+    dw_up, dw_down = dw_up.to(w_up.dtype), dw_down.to(w_down.dtype)
     need = ctx.needs_input_grad
     grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw_up, dw_down))]
     return (*grads, *[None] * (6 + len(ctx.settings)))
@@ -760,10 +780,10 @@ class MoEMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gate, w_up, w_down, index, n_experts, top_k, block_m, activation,
                 deterministic, backend, shared=(None, None), configs=None,
-                overlap=None):  # fmt: skip
+                overlap=None, grad_dtype=None):  # fmt: skip
         """``shared``: per weight a SharedGrad that sums its gradient over uses, or None.
         ``configs`` (checked, per role) and ``overlap``: the call's launch settings (None: the
-        shipped ones)."""
+        shipped ones); ``grad_dtype``: the weight gradients' rounding (None: none)."""
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
         out, h, u = _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend,
@@ -771,7 +791,7 @@ class MoEMLPFunction(torch.autograd.Function):
         ctx.save_for_backward(x, gate, w_up, w_down, h, u, *routing)
         ctx.settings = (top_k, block_m, activation, deterministic, backend)
         ctx.shared = shared
-        ctx.launch = (configs, overlap)
+        ctx.launch = (configs, overlap, grad_dtype)
         return out
 
     @staticmethod
@@ -779,7 +799,13 @@ class MoEMLPFunction(torch.autograd.Function):
         x, gate, w_up, w_down, h, u, *routing = ctx.saved_tensors
         top_k, block_m, activation, deterministic, backend = ctx.settings
         r = Routing(*routing, block_m)
-        grads = _gradients(grad_out, x, gate, w_up, w_down, h, u, r, top_k, activation,
-                           deterministic, backend, ctx.shared, *ctx.launch)  # fmt: skip
+        dx, dgate, dw_up, dw_down = _gradients(grad_out, x, gate, w_up, w_down, h, u, r, top_k,
+                                               activation, deterministic, backend, ctx.shared,
+                                               *ctx.launch)  # fmt: skip
+        grads = (dx, dgate, _as(dw_up, w_up), _as(dw_down, w_down))
         need = ctx.needs_input_grad
-        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 10)
+        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 11)
+
+
+def _as(grad: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    return None if grad is None else grad.to(weight.dtype)

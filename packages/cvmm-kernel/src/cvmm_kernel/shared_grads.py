@@ -58,10 +58,14 @@ class SharedGrad:
         self.total = grad if self.total is None else self.total.add_(grad)
 
 
-def grad_buffer(shared: SharedGrad | None, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``(buffer, accumulate)`` for one use's weight gradient: ``shared``'s buffer, or a fresh
-    one to write."""
-    return shared.target(like) if shared is not None else (torch.empty_like(like), False)
+def grad_buffer(
+    shared: SharedGrad | None, like: torch.Tensor, dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, bool]:
+    """``(buffer, accumulate)`` for one use's weight gradient: ``shared``'s buffer (in ``like``'s
+    dtype), or a fresh one to write, in ``dtype`` (None: ``like``'s)."""
+    if shared is not None:
+        return shared.target(like)
+    return torch.empty_like(like, dtype=dtype), False
 
 
 def settle(shared: SharedGrad | None, grad: torch.Tensor | None, in_buffer: bool):

@@ -82,6 +82,10 @@ class SigmaMoE(torch.nn.Module):
         # False: the k expert outputs of a token are added with fp32 atomics (faster on some
         # shapes, not bitwise reproducible); see cvmm_kernel.moe_mlp.
         self.deterministic = True
+        # True: each call's expert-weight gradients are rounded to the compute dtype before
+        # autograd sums them (cvmm_kernel.moe_mlp's weight_grads_in_compute_dtype); MoEUT sets it
+        # on layers applied several times per step.
+        self.weight_grads_in_compute_dtype = False
         self.last_selection_logits: torch.Tensor | None = None
         self.record_selection_index = False
         self.last_selection_index: torch.Tensor | None = None
@@ -128,6 +132,7 @@ class SigmaMoE(torch.nn.Module):
             return moe_mlp(
                 input, index, gate, self.keys, self.values, fused, self.deterministic,
                 index_bound=self.n_experts,  # top-k indices: in range by construction, no sync
+                weight_grads_in_compute_dtype=self.weight_grads_in_compute_dtype,
             )  # fmt: skip
         sel = cvmm_prepare_sel2(index, index_bound=self.n_experts)  # top-k: in range, no sync
         hidden = self.activation(cvmm(input, sel, self.keys))  # [..., k, expert_size]
