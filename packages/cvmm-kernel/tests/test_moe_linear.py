@@ -305,6 +305,44 @@ def _good(**over):
     return args
 
 
+def _uses_grads(backend, device, compute_dtype_grads, uses=(0, 1), *, compiled=False):
+    """An fp32 weight applied (SwitchHead's value form) to the inputs ``uses`` of a batch under
+    autocast (fp16 in the interpreter, bf16 elsewhere): its gradient."""
+    x, index, gate, weight = make_inputs(
+        (2, 12), 3, 2, 6, 32, 16, shared=True, dtype=torch.float32, device=device, seed=5
+    )
+    weight.requires_grad_()
+    compute = torch.float16 if backend == "triton" and device == "cpu" else torch.bfloat16
+
+    def loss(rows):
+        total = 0
+        for i in uses:
+            with torch.autocast(device, dtype=compute):
+                out = moe_linear(rows[i], index[i], gate[i], weight, backend=backend,
+                                 weight_grads_in_compute_dtype=compute_dtype_grads)  # fmt: skip
+            total = total + out.float().square().sum()
+        return total
+
+    (torch.compile(loss, fullgraph=True) if compiled else loss)(x).backward()
+    return weight.grad, compute
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_weight_grads_in_compute_dtype_round_each_use(backend, device):
+    """Each use's weight gradient rounded to the compute dtype, summed in fp32."""
+    per_use = [_uses_grads(backend, device, False, (i,))[0] for i in (0, 1)]
+    got, compute = _uses_grads(backend, device, True)
+    want = sum(g.to(compute).float() for g in per_use)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_weight_grads_in_compute_dtype_compiled():
+    got = _uses_grads("triton", "cuda", True, compiled=True)[0]
+    want = _uses_grads("triton", "cuda", True)[0]
+    assert got.dtype == torch.float32 and rel_error(got, want) < 1e-5
+
+
 @pytest.mark.parametrize(
     ("over", "error", "match"),
     [

@@ -55,7 +55,7 @@ def _reference_forward(x, gate, w, r: Routing, a_div, out_div):
     return _sum_groups(per_slot, out_div)
 
 
-def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div, shared=None):
+def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div, shared=None, grad_dtype=None):
     s2s = r.sorted_to_slot.long()
     rows, dy_rows = x[s2s // a_div], dy[s2s // out_div]
     z = _per_expert(dy_rows, w.to(x.dtype).transpose(1, 2), r.offsets)
@@ -64,7 +64,8 @@ def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div, shared=None)
     dgate = torch.empty_like(dgate_sorted).index_copy_(0, s2s, dgate_sorted).to(gate.dtype)
     g = gate[s2s].to(x.dtype)[:, None]
     dx = _sum_groups(torch.empty_like(z).index_copy_(0, s2s, z * g), a_div)
-    dw = _per_expert_outer(rows * g, dy_rows, r.offsets, torch.empty_like(w))
+    dw_dtype = grad_dtype if shared is None else None
+    dw = _per_expert_outer(rows * g, dy_rows, r.offsets, torch.empty_like(w, dtype=dw_dtype))
     return dx, dgate, settle(shared, dw, False)
 
 
@@ -134,10 +135,12 @@ def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic, confi
 
 
 def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministic,
-                     need=(True, True, True), shared=None, configs=None):  # fmt: skip
+                     need=(True, True, True), shared=None, configs=None,
+                     grad_dtype=None):  # fmt: skip
     """``(dx, dgate, dW)``, each ``None`` where ``need`` (for ``x``, ``gate``, ``w``) says no
     gradient is wanted (a frozen weight, an input that needs none): no kernel runs for it.
-    ``configs``: the call's launch settings per role."""
+    ``configs``: the call's launch settings per role; ``grad_dtype``: ``dW``'s where ``shared``
+    does not sum it (None: the weight's)."""
     from . import moe_triton as kt
 
     need_x, need_gate, need_w = need
@@ -171,6 +174,7 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
         gate=gate,
         b_div=out_div,
         configs=configs,
+        grad_dtype=grad_dtype,
     )
     return dx if need_x else None, dgate, dw
 
@@ -183,13 +187,15 @@ def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend, con
 
 
 def _gradients(grad_out, x, gate, w, y, r: Routing, a_div, out_div, deterministic, backend,
-               need=(True, True, True), shared=None, configs=None):  # fmt: skip
-    """``(dx, dgate, dW)``; ``dW`` is None where ``shared`` (a SharedGrad) sums it instead."""
+               need=(True, True, True), shared=None, configs=None,
+               grad_dtype=None):  # fmt: skip
+    """``(dx, dgate, dW)``; ``dW`` is None where ``shared`` (a SharedGrad) sums it instead, else
+    in ``grad_dtype`` (None: the weight's)."""
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
         return _triton_backward(dy, x, gate, w, y, r, a_div, out_div, deterministic, need, shared,
-                                configs)  # fmt: skip
-    return _reference_backward(dy, x, gate, w, r, a_div, out_div, shared)
+                                configs, grad_dtype)  # fmt: skip
+    return _reference_backward(dy, x, gate, w, r, a_div, out_div, shared, grad_dtype)
 
 
 # ----- the custom ops -----
@@ -212,11 +218,13 @@ def moe_linear_forward(
     deterministic: bool,
     backend: str,
     gemm_configs: Sequence[int] | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [N // a_div, d_in]``, ``gate [N]`` -> ``(out [N // out_div, d_out], y)`` with ``y``
     the per-slot products ``[N, d_out]`` where the backward uses them, else ``[0, d_out]``.
     ``gemm_configs``: the call's launch settings (``moe_ops.encode_gemm_configs``), kept for the
-    backward (None: the shipped ones)."""
+    backward (None: the shipped ones); ``weight_grad_dtype``: the backward's, see
+    :func:`moe_linear_backward`."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
     configs = decode_gemm_configs(gemm_configs)
     return _forward(x, gate, w, r, a_div, out_div, deterministic, backend, configs)
@@ -249,28 +257,33 @@ def moe_linear_backward(
     deterministic: bool,
     backend: str,
     gemm_configs: Sequence[int] | None = None,
+    weight_grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients ``(dx, dgate, dW)``; ``dW`` in the weight's own dtype."""
+    """Gradients ``(dx, dgate, dW)``; ``dW`` in ``weight_grad_dtype``, by default the weight's
+    own."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
     configs = decode_gemm_configs(gemm_configs)
     return _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend,
-                      configs=configs)  # fmt: skip
+                      configs=configs, grad_dtype=weight_grad_dtype)  # fmt: skip
 
 
 @moe_linear_backward.register_fake
-def _(grad_out, x, gate, w, *rest):
-    return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w)
+def _(grad_out, x, gate, w, y, sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start,
+      n_valid, a_div, out_div, block_m, deterministic, backend, gemm_configs=None,
+      weight_grad_dtype=None):  # fmt: skip
+    return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w, dtype=weight_grad_dtype)
 
 
 def _setup_context(ctx, inputs, output):
     x, gate, w, *routing = inputs[:9]
     ctx.save_for_backward(x, gate, w, output[1], *routing)
-    ctx.settings = inputs[9:]  # a_div, out_div, block_m, deterministic, backend, gemm_configs
+    ctx.settings = inputs[9:]  # a_div, out_div, block_m, deterministic, backend, launch
 
 
 def _backward(ctx, grad_out, _grad_y):
     x, gate, w, y, *routing = ctx.saved_tensors
     dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, y, *routing, *ctx.settings)
+    dw = dw.to(w.dtype)  # from the call's weight_grad_dtype (see moe_ops' _backward)
     need = ctx.needs_input_grad
     grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw))]
     return (*grads, *[None] * (6 + len(ctx.settings)))
@@ -285,16 +298,17 @@ class MoELinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate, w, index, n_experts, a_div, out_div, block_m, deterministic,
-                backend, shared=None, configs=None):  # fmt: skip
+                backend, shared=None, configs=None, grad_dtype=None):  # fmt: skip
         """``shared``: a SharedGrad that sums the weight's gradient over its uses, or None.
-        ``configs``: the call's launch settings per role (checked), or None."""
+        ``configs``: the call's launch settings per role (checked), or None; ``grad_dtype``:
+        the weight gradient's rounding (None: none)."""
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
         out, y = _forward(x, gate, w, r, a_div, out_div, deterministic, backend, configs)
         ctx.save_for_backward(x, gate, w, y, *routing)
         ctx.settings = (a_div, out_div, block_m, deterministic, backend)
         ctx.shared = shared
-        ctx.configs = configs
+        ctx.launch = (configs, grad_dtype)
         return out
 
     @staticmethod
@@ -303,6 +317,7 @@ class MoELinearFunction(torch.autograd.Function):
         a_div, out_div, block_m, deterministic, backend = ctx.settings
         r = Routing(*routing, block_m)
         need = ctx.needs_input_grad
-        grads = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend,
-                           need[:3], ctx.shared, ctx.configs)  # fmt: skip
-        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 9)
+        dx, dgate, dw = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic,
+                                   backend, need[:3], ctx.shared, *ctx.launch)  # fmt: skip
+        grads = (dx, dgate, None if dw is None else dw.to(w.dtype))
+        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 10)

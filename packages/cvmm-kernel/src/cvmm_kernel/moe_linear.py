@@ -75,6 +75,7 @@ def moe_linear(
     backend: Backend | None = None,
     block_m: int | None = None,
     gemm_configs: Mapping[str, Sequence[int]] | None = None,
+    weight_grads_in_compute_dtype: bool = False,
 ) -> torch.Tensor:
     """Gated sums of expert linear maps: for every group ``g`` (e.g. an attention head),
     ``out[..., g, :] = sum_j gate[..., g, j] * x_g @ weight[index[..., g, j]]`` where ``x_g`` is
@@ -105,6 +106,9 @@ def moe_linear(
             ``moe_linear`` launches: ``linear``, ``linear_rows``, ``linear_grad_input``,
             ``linear_grad_input_rows``, ``grad_w_linear``; ``benchmarks/sweep_linear.py`` sweeps
             them).
+        weight_grads_in_compute_dtype: as in ``moe_mlp``: the call's weight gradient rounded
+            to the compute dtype before autograd gets it in the weight's dtype (for weights
+            applied several times in a compiled step).
 
     Returns:
         ``[..., G, d_out]`` (or ``[..., d_out]`` with ``reduce_groups``) in ``x``'s dtype (the
@@ -113,6 +117,10 @@ def moe_linear(
     """
     block_m = check_block_m(block_m)
     configs = check_gemm_configs(gemm_configs)
+    if not isinstance(weight_grads_in_compute_dtype, bool):
+        raise TypeError(
+            f"weight_grads_in_compute_dtype must be a bool, got {weight_grads_in_compute_dtype!r}"
+        )
     shared, groups, k = _divisors(x, index, weight, reduce_groups)
     check_routing_tensors(index, gate)
     check_one_device("moe_linear", x, index, gate, weight)
@@ -128,14 +136,16 @@ def moe_linear(
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     flat_gate = gate.reshape(-1).contiguous()
     settings = (a_div, out_div, block_m, deterministic, chosen)
+    grad_dtype = x.dtype if weight_grads_in_compute_dtype and x.dtype != weight.dtype else None
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)
-            launch = encode_gemm_configs(configs)
-            out = moe_linear_forward(x2, flat_gate, weight, *routing, *settings, launch)[0]
+            launch = (encode_gemm_configs(configs), grad_dtype)
+            out = moe_linear_forward(x2, flat_gate, weight, *routing, *settings, *launch)[0]
         else:  # the same implementations with less host time per call
             weight, shared = shared_use(weight)
             out = MoELinearFunction.apply(
-                x2, flat_gate, weight, flat_index, weight.shape[0], *settings, shared, configs
-            )
+                x2, flat_gate, weight, flat_index, weight.shape[0], *settings, shared, configs,
+                grad_dtype,
+            )  # fmt: skip
     return out.view(out_shape)

@@ -160,8 +160,9 @@ class MoEUT(torch.nn.Module):
             )
             for _ in range(group_size)
         )
-        for layer in self.layers:  # applied n_repeats times: see SigmaMoE's attribute
+        for layer in self.layers:  # applied n_repeats times: see the modules' attribute
             layer.ffn.weight_grads_in_compute_dtype = self.n_repeats > 1
+            layer.attention.weight_grads_in_compute_dtype = self.n_repeats > 1
         self.reset_parameters()
 
     @torch.no_grad()

@@ -120,6 +120,10 @@ class SwitchHeadCore(torch.nn.Module):
         self.last_selection_logits: dict[str, torch.Tensor] | None = None
         self.record_selection_index = False
         self.last_selection_index: dict[str, torch.Tensor] | None = None
+        # True: the cvmm experts' weight gradients come rounded to the compute dtype from each
+        # call (cvmm_kernel.moe_linear's weight_grads_in_compute_dtype; for layers applied
+        # several times in a compiled step, as MoEUT's)
+        self.weight_grads_in_compute_dtype = False
 
         hd = self.projection_size * n_heads
         self.q = torch.nn.Linear(d_model, hd, bias=False)

@@ -158,7 +158,9 @@ class SparseExperts(ExpertPath):
         index, gate = chosen_experts(core, logits)
         _record(core, "v", index)
         # top-k indices are in range by construction: index_bound skips reading them back
-        v = moe_linear(v_src, index, gate, core.v, index_bound=core.v.shape[0])
+        rounded = core.weight_grads_in_compute_dtype
+        v = moe_linear(v_src, index, gate, core.v, index_bound=core.v.shape[0],
+                       weight_grads_in_compute_dtype=rounded)  # fmt: skip
         pad = core.head_size - core.projection_size
         return F.pad(v, (0, pad)) if pad else v
 
@@ -167,8 +169,9 @@ class SparseExperts(ExpertPath):
         _record(core, "o", index)
         rows = res[..., : core.projection_size]  # each head's row through its experts, summed
         return moe_linear(
-            rows, index, gate, core.o, reduce_groups=True, index_bound=core.o.shape[0]
-        )
+            rows, index, gate, core.o, reduce_groups=True, index_bound=core.o.shape[0],
+            weight_grads_in_compute_dtype=core.weight_grads_in_compute_dtype,
+        )  # fmt: skip
 
 
 EXPERT_PATHS: dict[str, ExpertPath] = {"dense": DenseGatedExperts(), "cvmm": SparseExperts()}
