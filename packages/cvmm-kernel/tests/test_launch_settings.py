@@ -9,6 +9,7 @@ interpreter runs the kernels with them, which the tests check at the launches), 
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -201,7 +202,12 @@ def _mlp_inputs(hidden, device):
 def test_moe_mlp_launch_settings_keep_the_result(backend, device, hidden, launch, monkeypatch):
     leaves, index = _mlp_inputs(hidden, device)
     overlaps: list = []
-    _record(monkeypatch, moe_ops, "_triton_backward", lambda a, kw: overlaps.append(a[-1]))
+    signature = inspect.signature(moe_ops._triton_backward)
+
+    def record_overlap(args, kwargs):
+        overlaps.append(signature.bind(*args, **kwargs).arguments.get("overlap"))
+
+    _record(monkeypatch, moe_ops, "_triton_backward", record_overlap)
 
     def layer(**kw):
         return lambda x, gate, w_up, w_down: moe_mlp(
