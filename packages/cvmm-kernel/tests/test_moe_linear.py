@@ -97,24 +97,27 @@ def test_matches_oracle(backend, device, shared, reduce_groups, k):
     [("one-expert", True, False), ("idle-experts", False, True)]
     + [
         (case, *layout)
-        for case in ("odd-rows", "atomic", "wide", "row-split")
+        for case in ("odd-rows", "atomic", "wide", "row-split", "wide-split")
         for layout in LAYOUTS[:2]
-    ],
+    ]
+    + [("wide-both", *layout) for layout in LAYOUTS[:2]],
 )
 def test_edge_layouts(backend, device, shared, reduce_groups, case, monkeypatch):
     """One expert with every slot, experts with no slots, slot counts no tile size divides, the
-    atomic sums, widths above the row-tile kernel's inner size (the general kernel), and the
-    weight gradient's rows cut into ranges summed after the kernel."""
+    atomic sums, widths above the row-tile kernel's inner size (the general kernel) on either
+    side or both, and the weight gradient's rows cut into ranges summed after the kernel."""
     from cvmm_kernel import moe_triton
 
-    if case == "row-split":
+    if case in ("row-split", "wide-split"):
         monkeypatch.setattr(moe_triton, "row_split", lambda *sizes: 3)
     dtype = torch.float32
     sizes = dict(
         {"one-expert": ((37,), 2, 1, 6, 16, 16), "idle-experts": ((11,), 2, 2, 40, 16, 8)}
     ).get(case, ((23,), 3, 3, 5, 40, 18))
-    if case == "wide":  # inner sizes above ROWS_MAX_K in the forward and the backward
+    if case in ("wide", "wide-split"):  # inner sizes above ROWS_MAX_K forward and backward
         sizes = ((5,), 2, 2, 3, 136, 20) if shared else ((5,), 2, 2, 3, 20, 136)
+    if case == "wide-both":
+        sizes = ((3,), 2, 2, 3, 136, 144)
     lead, groups, k, n_experts, d_in, d_out = sizes
     used = {"one-expert": 1, "idle-experts": 3}.get(case)
     inputs = make_inputs(lead, groups, k, n_experts, d_in, d_out, shared=shared, dtype=dtype,
