@@ -10,7 +10,14 @@ import triton.language as tl
 
 from .host_math import cdiv
 from .moe_triton import launch
-from .topk_triton import key_bits, key_column, rank_keys, row_blocks
+from .topk_triton import (
+    key_bits,
+    rank_keys,
+    ranking_scores,
+    row_blocks,
+    take_best_key,
+    take_best_score,
+)
 
 
 @triton.jit
@@ -57,11 +64,9 @@ def _store_choice(index, j, logits_ptr, offs, base, out, row_ok, index_ptr, gate
 def _sigmoid_top_keys(keys, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr,
                       K: tl.constexpr, KEY_BITS: tl.constexpr):  # fmt: skip
     """One max-reduction of the ranking keys per round (``topk_triton.rank_keys``)."""
-    floor = tl.min(keys, axis=1)  # the padding's or lower: never chosen while a logit remains
+    floor = tl.min(keys, axis=1)
     for j in range(K):
-        best = tl.max(keys, axis=1)
-        index = key_column(best, KEY_BITS)
-        keys = tl.where(keys == best[:, None], floor[:, None], keys)
+        index, keys = take_best_key(keys, floor, KEY_BITS)
         _store_choice(index, j, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr)
 
 
@@ -69,15 +74,10 @@ def _sigmoid_top_keys(keys, logits_ptr, offs, base, out, row_ok, index_ptr, gate
 def _sigmoid_top_scores(x, cols, valid, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr,
                         K: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
     """Two reductions per round: the largest logit not yet taken, the lowest column holding it."""
-    if x.dtype != tl.float64:
-        x = x.to(tl.float32)
-    key = tl.where(x != x, float("inf"), x)  # NaN ranks first, as in torch.topk
+    key = ranking_scores(x)
     taken = ~valid  # padding is never a candidate
     for j in range(K):
-        best = tl.max(tl.where(taken, float("-inf"), key), axis=1)
-        hit = (key == best[:, None]) & ~taken
-        index = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
-        taken = taken | (cols[None, :] == index[:, None])
+        index, taken = take_best_score(key, taken, cols, BLOCK_E)
         _store_choice(index, j, logits_ptr, offs, base, out, row_ok, index_ptr, gate_ptr)
 
 

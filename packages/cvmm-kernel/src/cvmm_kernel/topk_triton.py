@@ -65,33 +65,49 @@ def key_column(best, KEY_BITS: tl.constexpr):
 
 
 @triton.jit
+def take_best_key(keys, floor, KEY_BITS: tl.constexpr):
+    """One round over distinct ``keys``: ``(column of each row's largest key, the keys with that
+    one lowered to the row's ``floor``)`` (``floor``: the padding's key or lower, never chosen
+    while a score remains)."""
+    best = tl.max(keys, axis=1)
+    return key_column(best, KEY_BITS), tl.where(keys == best[:, None], floor[:, None], keys)
+
+
+@triton.jit
+def ranking_scores(x):
+    """Scores as the two-reduction rounds compare them: float32 (float64 kept), NaN as +inf (it
+    ranks first, as in torch.topk)."""
+    if x.dtype != tl.float64:
+        x = x.to(tl.float32)
+    return tl.where(x != x, float("inf"), x)
+
+
+@triton.jit
+def take_best_score(x, taken, cols, BLOCK_E: tl.constexpr):
+    """One round of two reductions: ``(column of the largest score not yet taken, the lowest
+    among equals (possibly -inf), the taken mask with it added)``."""
+    best = tl.max(tl.where(taken, float("-inf"), x), axis=1)
+    hit = (x == best[:, None]) & ~taken
+    index = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
+    return index, taken | (cols[None, :] == index[:, None])
+
+
+@triton.jit
 def _top_keys_rounds(keys, rows, row_ok, out_ptr, K: tl.constexpr, KEY_BITS: tl.constexpr):
-    """``K`` rounds of one max-reduction: the largest key's column written out, the key then
-    lowered to the padding's."""
-    floor = tl.min(keys, axis=1)  # padding's or lower: never chosen while a score remains
+    floor = tl.min(keys, axis=1)
     for j in range(K):
-        best = tl.max(keys, axis=1)
-        index = key_column(best, KEY_BITS)
+        index, keys = take_best_key(keys, floor, KEY_BITS)
         tl.store(out_ptr + rows.to(tl.int64) * K + j, index.to(tl.int64), mask=row_ok)
-        keys = tl.where(keys == best[:, None], floor[:, None], keys)
 
 
 @triton.jit
 def _top_scores_rounds(x, cols, valid, rows, row_ok, out_ptr, K: tl.constexpr,
                        BLOCK_E: tl.constexpr):  # fmt: skip
-    """``K`` rounds of two reductions: the largest score not yet taken, then the lowest column
-    holding it (any float dtype)."""
-    if x.dtype != tl.float64:
-        x = x.to(tl.float32)
-    x = tl.where(x != x, float("inf"), x)  # NaN ranks first, as in torch.topk
+    x = ranking_scores(x)
     taken = ~valid  # padding is never a candidate
     for j in range(K):
-        best = tl.max(tl.where(taken, float("-inf"), x), axis=1)
-        # among the untaken entries equal to the best (possibly -inf), the lowest index
-        hit = (x == best[:, None]) & ~taken
-        index = tl.min(tl.where(hit, cols[None, :], BLOCK_E), axis=1)
+        index, taken = take_best_score(x, taken, cols, BLOCK_E)
         tl.store(out_ptr + rows.to(tl.int64) * K + j, index.to(tl.int64), mask=row_ok)
-        taken = taken | (cols[None, :] == index[:, None])
 
 
 @triton.jit
