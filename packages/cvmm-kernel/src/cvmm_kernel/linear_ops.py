@@ -32,6 +32,7 @@ from .moe_ops import (
     _per_expert_outer,
     _weight_grad,
     decode_gemm_configs,
+    in_weight_dtype,
     routing_impl,
 )
 from .shared_grads import settle
@@ -283,7 +284,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_y):
     x, gate, w, y, *routing = ctx.saved_tensors
     dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, y, *routing, *ctx.settings)
-    dw = dw.to(w.dtype)  # from the call's weight_grad_dtype (see moe_ops' _backward)
+    dw = in_weight_dtype(dw, w)
     need = ctx.needs_input_grad
     grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw))]
     return (*grads, *[None] * (6 + len(ctx.settings)))
@@ -319,5 +320,5 @@ class MoELinearFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx, dgate, dw = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic,
                                    backend, need[:3], ctx.shared, *ctx.launch)  # fmt: skip
-        grads = (dx, dgate, None if dw is None else dw.to(w.dtype))
+        grads = (dx, dgate, in_weight_dtype(dw, w))
         return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 10)

@@ -17,8 +17,10 @@ from .moe_ops import (
     block_m_for,
     check_block_m,
     check_gemm_configs,
+    check_weight_grad_rounding,
     encode_gemm_configs,
     moe_routing,
+    weight_grad_dtype,
 )
 from .ops import Backend
 from .shared_grads import shared_use
@@ -117,10 +119,7 @@ def moe_linear(
     """
     block_m = check_block_m(block_m)
     configs = check_gemm_configs(gemm_configs)
-    if not isinstance(weight_grads_in_compute_dtype, bool):
-        raise TypeError(
-            f"weight_grads_in_compute_dtype must be a bool, got {weight_grads_in_compute_dtype!r}"
-        )
+    rounded = check_weight_grad_rounding(weight_grads_in_compute_dtype)
     shared, groups, k = _divisors(x, index, weight, reduce_groups)
     check_routing_tensors(index, gate)
     check_one_device("moe_linear", x, index, gate, weight)
@@ -136,7 +135,7 @@ def moe_linear(
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     flat_gate = gate.reshape(-1).contiguous()
     settings = (a_div, out_div, block_m, deterministic, chosen)
-    grad_dtype = x.dtype if weight_grads_in_compute_dtype and x.dtype != weight.dtype else None
+    grad_dtype = weight_grad_dtype(rounded, x.dtype, weight.dtype)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)

@@ -19,9 +19,11 @@ from .moe_ops import (
     block_m_for,
     check_block_m,
     check_gemm_configs,
+    check_weight_grad_rounding,
     encode_gemm_configs,
     moe_mlp_forward,
     moe_routing,
+    weight_grad_dtype,
 )
 from .ops import Backend
 from .shared_grads import shared_use
@@ -135,10 +137,7 @@ def moe_mlp(
     """
     block_m = check_block_m(block_m)  # host checks first: _check may read the indices back
     configs = check_gemm_configs(gemm_configs)
-    if not isinstance(weight_grads_in_compute_dtype, bool):
-        raise TypeError(
-            f"weight_grads_in_compute_dtype must be a bool, got {weight_grads_in_compute_dtype!r}"
-        )
+    rounded = check_weight_grad_rounding(weight_grads_in_compute_dtype)
     if _backward_overlap is not None and not isinstance(_backward_overlap, bool):
         raise TypeError(f"_backward_overlap must be a bool or None, got {_backward_overlap!r}")
     _check(x, index, gate, w_up, w_down, activation, index_bound)
@@ -150,7 +149,7 @@ def moe_mlp(
     flat_gate = gate.reshape(-1).contiguous()
     n_experts = w_up.shape[0]
     settings = (top_k, block_m, activation, deterministic, chosen)
-    grad_dtype = x.dtype if weight_grads_in_compute_dtype and x.dtype != w_up.dtype else None
+    grad_dtype = weight_grad_dtype(rounded, x.dtype, w_up.dtype)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, n_experts, block_m, chosen)

@@ -134,6 +134,27 @@ def check_gemm_configs(gemm_configs: object) -> dict[str, tuple[int, ...]] | Non
     return checked or None
 
 
+def check_weight_grad_rounding(in_compute_dtype: object) -> bool:
+    """``weight_grads_in_compute_dtype=`` of ``moe_mlp``/``moe_linear``: a bool."""
+    if not isinstance(in_compute_dtype, bool):
+        raise TypeError(f"weight_grads_in_compute_dtype must be a bool, got {in_compute_dtype!r}")
+    return in_compute_dtype
+
+
+def weight_grad_dtype(
+    in_compute_dtype: bool, compute: torch.dtype, weight: torch.dtype
+) -> torch.dtype | None:
+    """The dtype a call rounds its weight gradients to: the compute dtype where
+    ``weight_grads_in_compute_dtype`` asks for it and it differs from the weights', else None."""
+    return compute if in_compute_dtype and compute != weight else None
+
+
+def in_weight_dtype(grad: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """A weight gradient as autograd gets it: in the weight's dtype (from the call's rounding
+    dtype, if any; compiled, the cast fuses into what consumes it)."""
+    return None if grad is None else grad.to(weight.dtype)
+
+
 def encode_gemm_configs(configs: Mapping[str, Sequence[int]] | None) -> list[int] | None:
     """Checked ``gemm_configs`` as the custom ops take them (a schema has no mappings): per role
     its position in ``GEMM_CONFIGS``, its length, its values."""
@@ -757,10 +778,7 @@ def _backward(ctx, grad_out, _grad_h, _grad_u):
     dx, dgate, dw_up, dw_down = moe_mlp_backward(
         grad_out, x, gate, w_up, w_down, h, u, *routing, *ctx.settings
     )
-    # weight gradients rounded to another dtype (the call's weight_grad_dtype) reach autograd in
-    # the weights': compiled, the cast fuses into what consumes them (the sum over a shared
-    # weight's uses)
-    dw_up, dw_down = dw_up.to(w_up.dtype), dw_down.to(w_down.dtype)
+    dw_up, dw_down = in_weight_dtype(dw_up, w_up), in_weight_dtype(dw_down, w_down)
     need = ctx.needs_input_grad
     grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw_up, dw_down))]
     return (*grads, *[None] * (6 + len(ctx.settings)))
@@ -802,10 +820,6 @@ class MoEMLPFunction(torch.autograd.Function):
         dx, dgate, dw_up, dw_down = _gradients(grad_out, x, gate, w_up, w_down, h, u, r, top_k,
                                                activation, deterministic, backend, ctx.shared,
                                                *ctx.launch)  # fmt: skip
-        grads = (dx, dgate, _as(dw_up, w_up), _as(dw_down, w_down))
+        grads = (dx, dgate, in_weight_dtype(dw_up, w_up), in_weight_dtype(dw_down, w_down))
         need = ctx.needs_input_grad
         return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 11)
-
-
-def _as(grad: torch.Tensor | None, weight: torch.Tensor) -> torch.Tensor | None:
-    return None if grad is None else grad.to(weight.dtype)
