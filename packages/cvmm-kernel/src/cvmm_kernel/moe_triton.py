@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .host_math import cdiv, next_power_of_2
 from .interpreter import interpreting
+from .launcher import _DESCRIPTOR, DESCRIPTORS_AVAILABLE, launch
 from .triton_kernels import _input_precision as input_precision
 from .validation import _capability
 
@@ -675,57 +676,9 @@ def _moe_weight_grad_kernel(
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask_dw)
 
 
-# ----- launching -----
-#
-# ``kernel[grid](...)`` binds and specialises every argument on each call (about 60 us per
-# launch of the GEMM kernel on the H100 host, measured: benchmarks/results/profile_moe.txt),
-# which made an eager forward + backward host-bound. ``launch`` keeps the compiled kernel of
-# each argument signature and calls it directly. The signature is what Triton specialises on:
-# each tensor's dtype and 16-byte alignment, and the exact value of every other argument (ints
-# are specialised on value ranges and divisibility; keying on the value is stricter). The first
-# call of a signature goes through ``kernel[grid]`` (compiling if needed) and returns its
-# compiled kernel, which later calls reuse.
-
-_COMPILED: dict[tuple, tuple[Any, tuple | None]] = {}  # compiled kernels, their launchers
-# Set _FAST_LAUNCH[0] = False to launch through kernel[grid] every time (for debugging).
-_FAST_LAUNCH = [True]
-
-
-_TENSOR = torch.Tensor
-
-
-def _signature(kernel, device_index, args, options) -> tuple:
-    """Key of a launch: per tensor its dtype and 16-byte alignment, per tensor descriptor its
-    dtype and block shape (what the kernel is compiled for; its sizes and strides are passed at
-    run time), every other argument as is, and the device. Called on every launch, so one
-    comprehension over the arguments."""
-    return (
-        id(kernel),
-        options,
-        device_index,
-        *[
-            (a.dtype, not a.data_ptr() & 15)
-            if isinstance(a, _TENSOR)
-            else (a.base.dtype, *a.block_shape)
-            if isinstance(a, _DESCRIPTOR)
-            else a
-            for a in args
-        ],
-    )
-
-
 # ----- tensor descriptors (TMA loads of the expert matrices on Hopper and later) -----
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor as _DESCRIPTOR
-
-    _DESCRIPTORS_AVAILABLE = hasattr(tl, "tensor_descriptor")
-except ImportError:  # Triton before 3.3
-
-    class _DESCRIPTOR:  # type: ignore[no-redef]  # never made: isinstance is always false
-        pass
-
-    _DESCRIPTORS_AVAILABLE = False
+_DESCRIPTORS_AVAILABLE = DESCRIPTORS_AVAILABLE and hasattr(tl, "tensor_descriptor")
 
 # Set TENSOR_DESCRIPTORS[0] = False to load the expert matrices through pointers everywhere
 # (benchmarks/ab_tensor_descriptors.py compares the two in one process).
@@ -753,70 +706,6 @@ def weight_operand(w: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, in
         if view.stride(2) == 1 and view.stride(0) * es % 16 == 0 and view.stride(1) * es % 16 == 0:
             return _DESCRIPTOR(view, list(view.shape), list(view.stride()), block), mode
     return w, 0
-
-
-def _launch_hooks():
-    """Where this Triton keeps its launch hooks (``knobs.runtime`` from 3.4 on, the compiled
-    kernel class before)."""
-    try:
-        from triton import knobs
-
-        return knobs.runtime
-    except ImportError:
-        from triton.compiler.compiler import CompiledKernel
-
-        return CompiledKernel
-
-
-_HOOKS = _launch_hooks()
-
-
-def _hooked() -> bool:
-    """A launch hook is set (e.g. a Triton profiler): launch through Triton's own runner."""
-    for hook in (_HOOKS.launch_enter_hook, _HOOKS.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):  # an empty hook chain: none
-            return True
-    return False
-
-
-def _direct(compiled) -> tuple | None:
-    """``(run, function, packed_metadata)`` of a compiled kernel whose handles are loaded: what
-    Triton's runner passes to the launcher (``run(gx, gy, gz, stream, function, packed
-    metadata, launch metadata, enter hook, exit hook, *args)`` in Triton 3.1-3.6), or None."""
-    parts = tuple(getattr(compiled, name, None) for name in ("run", "function", "packed_metadata"))
-    return parts if None not in parts else None
-
-
-def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages: int = 3) -> None:
-    """``kernel[grid](*args, num_warps=..., num_stages=...)`` with the argument binding cached
-    (``args``: every kernel argument, constexprs included, in the kernel's order; the first
-    one a tensor on the launch's device).
-
-    Later launches of a signature call the compiled kernel's launcher directly on the current
-    stream, skipping the Python of Triton's runner (device and stream lookups, launch metadata,
-    empty hook chains: about a third of a launch's host time); with a launch hook set they go
-    through the runner."""
-    device = args[0].device
-    if not _FAST_LAUNCH[0] or device.type != "cuda":
-        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
-        return
-    key = _signature(kernel, device.index, args, (num_warps, num_stages))
-    entry = _COMPILED.get(key)
-    if entry is None:
-        compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
-        if len(_COMPILED) > 4096:
-            _COMPILED.clear()
-        if compiled is not None and hasattr(compiled, "__getitem__"):
-            _COMPILED[key] = (compiled, _direct(compiled))
-        return
-    compiled, direct = entry
-    g0, g1, g2 = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
-    if direct is None or _hooked():
-        compiled[(g0, g1, g2)](*args)
-        return
-    run, function, packed = direct
-    stream = torch._C._cuda_getCurrentRawStream(device.index)
-    run(g0, g1, g2, stream, function, packed, None, None, None, *args)
 
 
 # Slots per program of the routing kernels; the per-block counts are [cdiv(N, B), E] int32.

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .host_math import cdiv
-from .moe_triton import launch
+from .launcher import launch
 from .topk_triton import (
     key_bits,
     rank_keys,

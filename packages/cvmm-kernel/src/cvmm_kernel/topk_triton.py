@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .host_math import cdiv, next_power_of_2
+from .launcher import launch
 from .traced_ops import is_traced, launch_traced
 
 # Lab switch (benchmarks/ab_topk_keys.py): False ranks every dtype by two reductions per round.
@@ -161,4 +162,4 @@ def launch_topk(rows: torch.Tensor, out: torch.Tensor) -> None:
     if is_traced(rows):  # the custom op's body traced for torch.compile
         launch_traced(_topk_indices_kernel, grid, *args, **settings)
     else:
-        _topk_indices_kernel[grid](*args, **settings)
+        launch(_topk_indices_kernel, grid, *args, k, keys, block_r, block_e, num_warps=4)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from cvmm_kernel.launcher import launch
 
 from .triton_support import row_alignment
 
@@ -147,13 +148,14 @@ def gather(
     b3 = _lead3(b, 1) if b is not None else out.view(*a3.shape[:3], c)
     block_r, warps = config or CONFIG
     grid = (triton.cdiv(rows, block_r),)
-    _gather_kernel[grid](
+    launch(
+        _gather_kernel, grid,
         a3, idx, g, b3, out, dgate if dgate is not None else g,
         rows, a3.shape[1], a3.shape[2],
         *a3.stride()[:3],
         *b3.stride()[:3],
-        C=c, K=k, HAS_B=b is not None, ALIGN=row_alignment(c, a3, b3),
-        BLOCK_R=block_r, BLOCK_C=_block_c(c), num_warps=warps,
+        c, k, b is not None, row_alignment(c, a3, b3),
+        block_r, _block_c(c), num_warps=warps,
     )  # fmt: skip
     return out, None if dgate is None else dgate.view(index.shape)
 
@@ -178,13 +180,13 @@ def spread(
     a3 = _lead3(a, 2) if a is not None else out.view(*x3.shape[:3], n_experts, c)
     block_r, warps = config or CONFIG
     grid = (triton.cdiv(rows, block_r),)
-    _spread_kernel[grid](
+    launch(
+        _spread_kernel, grid,
         x3, idx, g, a3, out, dgate if dgate is not None else g,
         rows, x3.shape[1], x3.shape[2], n_experts,
         *x3.stride()[:3],
         *a3.stride()[:3],
-        C=c, K=k, HAS_A=a is not None, ALIGN=row_alignment(c, x3, a3),
-        BLOCK_R=block_r, BLOCK_C=_block_c(c), BLOCK_K=max(2, triton.next_power_of_2(k)),
-        num_warps=warps,
+        c, k, a is not None, row_alignment(c, x3, a3),
+        block_r, _block_c(c), max(2, triton.next_power_of_2(k)), num_warps=warps,
     )  # fmt: skip
     return out, None if dgate is None else dgate.view(index.shape)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from cvmm_kernel.launcher import launch
 
 from .triton_support import row_alignment
 
@@ -64,11 +65,12 @@ def rotate(
     if rows == 0:
         return y
     block_r, warps = config or CONFIG
-    _rope_kernel[(triton.cdiv(rows, block_r),)](
+    launch(
+        _rope_kernel, (triton.cdiv(rows, block_r),),
         x, cos, sin, y,
         rows, n, inner, offset,
         *x.stride()[:3],
-        HS=hs, N_ROT=n_rotate, SIGN=-1.0 if inverse else 1.0, ALIGN=row_alignment(hs, x),
-        BLOCK_R=block_r, BLOCK_C=max(16, triton.next_power_of_2(hs)), num_warps=warps,
+        hs, n_rotate, -1.0 if inverse else 1.0, row_alignment(hs, x),
+        block_r, max(16, triton.next_power_of_2(hs)), num_warps=warps,
     )  # fmt: skip
     return y

@@ -1,0 +1,76 @@
+r"""Where the host time of the eager MoE pieces goes (CUDA): launches, ATen ops and Python.
+
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/moeut/benchmarks/host_profile.py [--case SwitchHead] [--calls 100]
+
+For each case of ``host_overhead.py`` (tiny widths, so that the host's time is what is measured)
+whose name contains a ``--case`` string: the host time per call, the driver calls per call
+(kernel launches, memsets, copies) and ATen ops per call from the torch profiler, and cProfile
+tables of the Python over ``--calls`` calls (own time and cumulative time). Writes the text to
+``$OUT/host_profile.txt`` if ``$OUT`` is set, else to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from collections.abc import Callable
+
+import torch
+from bench_harness import host_us, python_profile, require_cuda, write_text
+from host_overhead import op_cases
+from torch.profiler import ProfilerActivity, profile
+
+_DRIVER_CALLS = ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel", "cudaMemsetAsync",
+                 "cudaMemcpyAsync")  # fmt: skip
+
+
+def call_counts(fn: Callable[[], object], calls: int = 10) -> str:
+    """Driver calls and ATen ops per call of ``fn`` (torch profiler over ``calls`` calls)."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    counts: Counter[str] = Counter()
+    for event in prof.key_averages():
+        counts[event.key] += event.count
+    driver = {name: counts[name] / calls for name in _DRIVER_CALLS if counts[name]}
+    aten = {k: v / calls for k, v in counts.items() if k.startswith("aten::")}
+    top = sorted(aten.items(), key=lambda kv: -kv[1])[:25]
+    lines = [
+        "driver calls per call: "
+        + ", ".join(f"{k} {v:g}" for k, v in driver.items())
+        + f" (total {sum(driver.values()):g})",
+        f"ATen ops per call (nested ones included): {sum(aten.values()):g}; most frequent: "
+        + ", ".join(f"{k[6:]} {v:g}" for k, v in top),
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", action="append", help="profile the cases containing this")
+    parser.add_argument("--calls", type=int, default=100, help="calls under cProfile")
+    parser.add_argument("--rows", type=int, default=40, help="functions per cProfile table")
+    args = parser.parse_args()
+    if not require_cuda(__file__):
+        return 2
+    torch.manual_seed(0)
+    parts = [f"Host profile on {torch.cuda.get_device_name()}, torch {torch.__version__}"]
+    for name, fn in op_cases():
+        if args.case and not any(c.lower() in name.lower() for c in args.case):
+            continue
+        head = f"== {name}: host {host_us(fn):.0f} us per call"
+        profiled = python_profile(fn, steps=args.calls, rows=args.rows)
+        parts.append(f"{head}\n{call_counts(fn)}\ncProfile over {args.calls} calls:\n{profiled}")
+        print(parts[-1].splitlines()[0], flush=True)
+    text = "\n\n".join(parts)
+    write_text("host_profile.txt", text, script_file=__file__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
