@@ -72,3 +72,45 @@ def test_launch_hook_goes_through_triton(monkeypatch):
     got = moe_linear(x, index, gate, w, index_bound=4)
     assert seen
     assert torch.equal(got, expected)
+
+
+class _Descriptor(launcher._DESCRIPTOR):
+    """A stand-in tensor descriptor (only what the kept encodings read)."""
+
+    def __init__(self, base, shape, strides, block_shape=(16, 16), padding="zero"):
+        self.base, self.shape, self.strides = base, list(shape), list(strides)
+        self.block_shape, self.padding = list(block_shape), padding
+
+
+@pytest.mark.skipif(not launcher.DESCRIPTORS_AVAILABLE, reason="needs Triton >= 3.3")
+def test_kept_encodings_splice_and_key_on_what_is_encoded():
+    """Each descriptor argument is replaced by its encoded arguments in place, the others kept in
+    order; an encoding is made once per (position, address, shape, strides, padding)."""
+    calls = []
+
+    def encode(d, meta):
+        calls.append((d.base.data_ptr(), tuple(d.shape), meta))
+        return [f"map{len(calls)}", *d.shape, *d.strides]
+
+    kept = launcher._KeptDescriptors("entry", (), [1, 3], ["m1", "m3"], encode)
+    a, b = torch.zeros(4, 8), torch.zeros(4, 8)
+    args = (7, _Descriptor(a, (4, 8), (8, 1)), "x", _Descriptor(b, (4, 8), (8, 1)), 9)
+    assert kept.args(args) == [7, "map1", 4, 8, 8, 1, "x", "map2", 4, 8, 8, 1, 9]
+    assert kept.args(args) == [7, "map1", 4, 8, 8, 1, "x", "map2", 4, 8, 8, 1, 9]  # kept
+    assert len(calls) == 2 and [c[2] for c in calls] == ["m1", "m3"]
+    other = (7, _Descriptor(a, (2, 8), (8, 1)), "x", _Descriptor(b, (4, 8), (1, 4)), 9)
+    assert kept.args(other)[1] == "map3" and kept.args(other)[7] == "map4"
+    assert len(calls) == 4
+
+
+def test_unknown_launcher_layouts_keep_the_per_launch_encoding():
+    """A launcher without the layout the module knows gives no kept encodings (the plain path)."""
+
+    class Launcher:
+        def launch(self, *args):
+            return None
+
+    args = (torch.zeros(2), _Descriptor(torch.zeros(4), (4,), (1,)), 3)
+    if launcher.DESCRIPTORS_AVAILABLE:
+        assert launcher._kept_descriptors(Launcher(), args) is None
+    assert launcher._kept_descriptors(Launcher(), (torch.zeros(2), 3)) is None
