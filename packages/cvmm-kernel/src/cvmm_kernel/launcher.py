@@ -11,11 +11,12 @@ which later calls reuse.
 
 Tensor descriptors (TMA) are encoded on the host at every launch by Triton's launcher (a driver
 call and a pass over the arguments in Python: 9 us of the row-tile GEMM's 46 us per launch on
-the H100 host in benchmarks/results/host_breakdown.md, 31 us in an earlier run). Where the installed Triton's launcher has the layout this
-module knows (Triton 3.6's: checked, else the plain path), the encoded form of each descriptor is
-kept, keyed on everything the encoding reads (the base address, shape, strides and padding, and
-the kernel's block shape and swizzle through the compiled kernel), and the launch goes to the
-compiled launcher's C entry point with the encoded arguments.
+the H100 host in benchmarks/results/host_breakdown.md, 31 us in an earlier run). Where the
+installed Triton's launcher has the layout this module knows (Triton 3.6's: checked, else the
+plain path), the encoded form of each descriptor is kept, keyed on everything the encoding reads
+(the base address, shape, strides and padding, and the kernel's block shape and swizzle through
+the compiled kernel), and the launch goes to the compiled launcher's C entry point with the
+encoded arguments.
 
 Used by this package's kernels and by its sibling packages' (``switchhead``); not public API.
 """
