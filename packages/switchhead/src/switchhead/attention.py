@@ -60,7 +60,6 @@ import torch.nn.functional as F
 from .experts import EXPERT_PATHS, ExpertPath
 from .inputs import check_layer_inputs
 from .masks import AttentionMask, check_mask, sdpa_mask
-from .prepared_weights import Block, prepared_matrix
 from .rope import RotaryEmbedding
 
 KVCache = dict[str, torch.Tensor] | None
@@ -125,8 +124,6 @@ class SwitchHeadCore(torch.nn.Module):
         # call (cvmm_kernel.moe_linear's weight_grads_in_compute_dtype; for layers applied
         # several times in a compiled step, as MoEUT's)
         self.weight_grads_in_compute_dtype = False
-        # fused projection matrices kept per weight version (switchhead.prepared_weights)
-        self._prepared: dict[str, tuple[tuple, torch.Tensor]] = {}
 
         hd = self.projection_size * n_heads
         self.q = torch.nn.Linear(d_model, hd, bias=False)
@@ -169,74 +166,22 @@ class SwitchHeadCore(torch.nn.Module):
             return w
         return F.pad(w.view(-1, self.projection_size, w.shape[-1]), (0, 0, 0, pad)).flatten(0, 1)
 
-    def _unpad_rows(self, g: torch.Tensor) -> torch.Tensor:
-        """The adjoint of :meth:`_pad_rows`: ``[G * head_size, n]`` -> ``[G * d_head, n]``."""
-        p, hs = self.projection_size, self.head_size
-        if p == hs:
-            return g
-        return g.view(-1, hs, g.shape[-1])[:, :p].reshape(-1, g.shape[-1])
-
-    def _head_block(self, w: torch.Tensor) -> Block:
-        """``w [G * d_head, d_model]`` as padded head rows."""
-        rows = w.shape[0] // self.projection_size * self.head_size
-        return Block(w, rows, self._pad_rows, self._unpad_rows)
-
-    def _expert_block(self, w: torch.Tensor, transposed: bool) -> Block:
-        """Per-expert matrices ``w [G, d_head, n]`` (``[G, n, d_head]`` if ``transposed``) as
-        ``[G * head_size, n]`` rows, heads padded."""
-        p, hs = self.projection_size, self.head_size
-
-        def layout(w: torch.Tensor) -> torch.Tensor:
-            m = w.transpose(1, 2) if transposed else w
-            return (F.pad(m, (0, 0, 0, hs - p)) if hs > p else m).reshape(-1, m.shape[-1])
-
-        def inverse(g: torch.Tensor) -> torch.Tensor:
-            m = g.view(-1, hs, g.shape[-1])[:, :p]
-            return m.transpose(1, 2) if transposed else m
-
-        return Block(w, w.shape[0] * hs, layout, inverse)
-
     def _qk_rows(self) -> list[torch.Tensor]:
         return [self._pad_rows(self.q.weight), self._pad_rows(self.k.weight)]
 
-    def _v_block(self) -> Block:
+    def _v_rows(self) -> torch.Tensor:
         """Value projection rows ``[H * E * head_size, d_model]`` (head-major, then expert)."""
         if self.n_experts == 1:
-            return self._head_block(self.v)
-        return self._expert_block(self.v, transposed=True)  # v: [H*E, d_model, d_head]
-
-    def _v_rows(self) -> torch.Tensor:
-        return self._v_block().layout(self.v)
-
-    def _o_block(self) -> Block:
-        """Output projection ``[H * E * head_size, d_model]`` for ``A @ W``."""
-        if self.n_experts > 1:
-            return self._expert_block(self.o, transposed=False)  # o: [H*E, d_head, d_model]
-        rows = self._head_block(self.o.t()).rows  # o: [d_model, H * d_head]
-        return Block(
-            self.o, rows, lambda o: self._pad_rows(o.t()), lambda g: self._unpad_rows(g).t()
-        )
+            return self._pad_rows(self.v)
+        pad = self.head_size - self.projection_size
+        v = self.v.transpose(1, 2)  # [H*E, d_head, d_model]
+        return (F.pad(v, (0, 0, 0, pad)) if pad else v).reshape(-1, self.input_size)
 
     def _o_cols(self) -> torch.Tensor:
-        """Output projection ``[H * E * head_size, d_model]`` for ``A @ W``: kept per weight
-        version in eager mode (:mod:`switchhead.prepared_weights`)."""
-        block = self._o_block()
-        if torch.compiler.is_compiling():
-            return block.layout(self.o)
-        return prepared_matrix(self._prepared, "o", [block])
-
-    def _input_rows(self, sels: list[torch.Tensor], fused_v: bool, pad: int) -> torch.Tensor:
-        """The fused input projection's rows: q, k, (the value experts,) the selections and
-        ``pad`` zero rows; kept per weight version in eager mode."""
-        blocks = [self._head_block(self.q.weight), self._head_block(self.k.weight)]
-        blocks += [self._v_block()] if fused_v else []
-        blocks += [Block(w, w.shape[0], _identity, _identity) for w in sels]
-        blocks += [Block(None, pad, _identity, _identity)] if pad else []
-        if torch.compiler.is_compiling():
-            rows = [b.layout(b.param) for b in blocks if b.param is not None]
-            zeros = [self.q.weight.new_zeros(pad, self.input_size)] if pad else []
-            return torch.cat(rows + zeros)
-        return prepared_matrix(self._prepared, "in", blocks)
+        """Output projection ``[H * E * head_size, d_model]`` for ``A @ W``."""
+        pad = self.head_size - self.projection_size
+        o = self.o if self.n_experts > 1 else self.o.t().view(self.n_heads, -1, self.output_size)
+        return (F.pad(o, (0, 0, 0, pad)) if pad else o).reshape(-1, self.output_size)
 
     @property
     def experts(self) -> ExpertPath:
@@ -256,6 +201,7 @@ class SwitchHeadCore(torch.nn.Module):
         h, e, hs = self.n_heads, self.n_experts, self.head_size
         dense_v = self.experts.fuses_values
         sels = [self.sel_o, self.sel_v] if e > 1 else [self.sel_o]
+        v_rows = [self._v_rows()] if dense_v else []
         # Under torch.compile the value experts get a matmul of their own: fused into this one,
         # Inductor turned the backward of the split (RoPE, the q/k stack and every part's
         # gradient concatenated) into one kernel 4-5x slower than its traffic (0.66-0.82 ms at
@@ -267,9 +213,10 @@ class SwitchHeadCore(torch.nn.Module):
             # memory-efficient kernel faults on misaligned views instead of rejecting them).
             n_sel = len(sels) * h * e
             sel_pad = -n_sel % 8
-            fused_v = dense_v and not v_apart
-            w = self._input_rows(sels, fused_v, sel_pad)
-            sizes = [2 * h * hs] + [h * e * hs] * fused_v + [n_sel + sel_pad]
+            pad_rows = [self.sel_o.new_zeros(sel_pad, self.input_size)] if sel_pad else []
+            fused_v = [] if v_apart else v_rows
+            w = torch.cat(self._qk_rows() + fused_v + sels + pad_rows)
+            sizes = [2 * h * hs] + [r.shape[0] for r in fused_v] + [n_sel + sel_pad]
             parts = torch.split(F.linear(q_src, w), sizes, dim=-1)
             bt = q_src.shape[:-1]
             qk = parts[0].view(*bt, 2, h, hs)
@@ -278,9 +225,7 @@ class SwitchHeadCore(torch.nn.Module):
             logits = dict(zip(("o", "v"), sel))
             v_all = None
             if dense_v:
-                v_all = (parts[1] if fused_v else F.linear(q_src, self._v_rows())).view(
-                    *bt, h, e, hs
-                )
+                v_all = (F.linear(q_src, v_rows[0]) if v_apart else parts[1]).view(*bt, h, e, hs)
             return q, k, qk, logits, v_all
         q_rows, k_rows = self._qk_rows()
         logits = {"o": _float(F.linear(q_src, self.sel_o)).view(*q_src.shape[:-1], h, e)}
@@ -290,7 +235,7 @@ class SwitchHeadCore(torch.nn.Module):
             logits["v"] = _float(F.linear(k_src, self.sel_v)).view(*k_src.shape[:-1], h, e)
         v_all = None
         if dense_v:
-            v_all = F.linear(v_src, self._v_rows()).view(*v_src.shape[:-1], h, e, hs)
+            v_all = F.linear(v_src, v_rows[0]).view(*v_src.shape[:-1], h, e, hs)
         return q, k, None, logits, v_all
 
     def _values(self, v_src, v_all, logits) -> torch.Tensor:
@@ -440,10 +385,6 @@ class SwitchHeadCore(torch.nn.Module):
             gate = logits["o"].sigmoid().to(res.dtype)  # [B, Tq, H, 1]
             return torch.matmul((res * gate).flatten(-2), self._o_cols()), kv_cache
         return self._output(res, logits["o"]), kv_cache
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def _autocast_enabled(device: torch.device) -> bool:
