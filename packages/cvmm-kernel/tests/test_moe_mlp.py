@@ -403,6 +403,74 @@ def test_weight_cast_cache_follows_in_place_updates():
     torch.testing.assert_close(second.float(), w.detach(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replays_read_the_current_weights():
+    """Under autocast, a forward + backward captured after warm-up (the bf16 weight copies
+    already kept) and replayed after an in-place weight update gives what an eager call on the
+    updated weights gives: the capture casts the weights itself instead of baking in a copy."""
+    from testing_support import capture_cuda_graph
+
+    x, index, gate, w_up, w_down = make_inputs(
+        (64,), 4, 16, 32, 24, 32, dtype=torch.float32, device="cuda", seed=5
+    )
+    leaves = [w_up, w_down]
+    for t in leaves:
+        t.requires_grad_()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = moe_mlp(x, index, gate, w_up, w_down, "relu", index_bound=16)
+        out.float().sum().backward()
+        return out
+
+    graph, out = capture_cuda_graph(step, leaves)
+    with torch.no_grad():
+        w_up.mul_(-2.0)  # an optimizer step between replays
+        w_down.add_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    got = [out.clone(), w_up.grad.clone(), w_down.grad.clone()]
+    for t in leaves:
+        t.grad = None
+    want = [step().detach(), w_up.grad, w_down.grad]
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_weight_cast_cache_renews_after_a_backward():
+    """A weight refilled in place without a new version (as FSDP2 does between steps) is cast
+    again by the first forward after a backward; the backward itself reuses the forward's copy,
+    and the calls of one forward share it."""
+    from cvmm_kernel.weight_cache import cast_weight
+
+    w = torch.randn(3, 4, 5, requires_grad=True)
+    seen = {}
+
+    class Use(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen["forward"] = cast_weight(w, torch.bfloat16)
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen["backward"] = cast_weight(w, torch.bfloat16)
+            return g * 2
+
+    x = torch.ones(2, requires_grad=True)
+    Use.apply(x).sum().backward()
+    assert seen["backward"] is seen["forward"]
+    assert cast_weight(w, torch.bfloat16) is not seen["forward"]  # after the backward: new copy
+    first = cast_weight(w, torch.bfloat16)
+    assert cast_weight(w, torch.bfloat16) is first  # no backward since: shared
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(w):
+        w.mul_(-1.0)  # refilled, same version (FSDP2's unshard)
+    Use.apply(x).sum().backward()
+    fresh = cast_weight(w, torch.bfloat16)
+    torch.testing.assert_close(fresh.float(), w.detach(), rtol=1e-2, atol=1e-2)
+
+
 def _good(**over):
     x, index, gate, w_up, w_down = make_inputs(
         (4,), 2, 5, 8, 6, 8, dtype=torch.float32, device="cpu", seed=12

@@ -4,8 +4,13 @@ Under autocast the MoE ops run their matmuls on bf16/fp16 copies of fp32 weights
 every call costs a full read and write of the weights each time; MoEUT applies each shared layer
 several times per step (and again in the backward), so the copies are kept here, keyed on the
 weight's identity and its ``_version`` counter: an optimizer step updates the weight in place,
-which bumps the version, so the next call casts again. The cache holds the weight only weakly
-and drops the copy when the weight is freed.
+which bumps the version, so the next call casts again. Not every update bumps it: FSDP2 refills
+its unsharded parameters under ``torch.autograd._unsafe_preserve_version_counter``, and writes
+through ``.data`` are invisible to it. So a copy also serves forward calls only until a backward
+pass has used the cache (a training step's weights change after its backward): the calls of one
+forward share a copy, and the backward reuses it, but the next forward casts again. The cache
+holds the weight only weakly and drops the copy when the weight is freed. It is not used while a
+CUDA graph is captured: the graph then casts at every replay, from the weights as they are then.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ import weakref
 
 import torch
 
-_CACHE: dict[int, tuple[weakref.ref, int, torch.dtype, torch.Tensor]] = {}
+# id(weight) -> (weak ref, version, dtype, copy, the backward count when it was made)
+_CACHE: dict[int, tuple[weakref.ref, int, torch.dtype, torch.Tensor, int]] = {}
+# Calls made inside a backward pass so far: a copy made before the last one no longer serves
+# a forward call (its weight may have changed without a new version since).
+_BACKWARD_CALLS = [0]
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -33,16 +42,29 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         torch.compiler.is_compiling()
         or weight.is_inference()  # no version counter to key on
         or isinstance(weight, torch._subclasses.FakeTensor)
+        # a copy made before a CUDA graph's capture would be read by every replay, stale once
+        # the weight changes (autocast's own cache has the same rule: cache_enabled=False for
+        # graphs): while capturing, the cast is made, and captured, at every call
+        or (weight.is_cuda and torch.cuda.is_current_stream_capturing())
     ):
         return weight.detach().to(dtype)
     key = id(weight)
     entry = _CACHE.get(key)
     version = weight._version
-    if entry is not None and entry[0]() is weight and entry[1] == version and entry[2] == dtype:
+    in_backward = torch._C._current_graph_task_id() != -1
+    if in_backward:
+        _BACKWARD_CALLS[0] += 1
+    if (
+        entry is not None
+        and entry[0]() is weight
+        and entry[1] == version
+        and entry[2] == dtype
+        and (in_backward or entry[4] == _BACKWARD_CALLS[0])
+    ):
         return entry[3]
     copy = weight.detach().to(dtype)
     ref = weakref.ref(weight, functools.partial(_forget, key))
-    _CACHE[key] = (ref, version, dtype, copy)
+    _CACHE[key] = (ref, version, dtype, copy, _BACKWARD_CALLS[0])
     return copy
 
 
