@@ -9,8 +9,11 @@ its unsharded parameters under ``torch.autograd._unsafe_preserve_version_counter
 through ``.data`` are invisible to it. So a copy also serves forward calls only until a backward
 pass has used the cache (a training step's weights change after its backward): the calls of one
 forward share a copy, and the backward reuses it, but the next forward casts again. The cache
-holds the weight only weakly and drops the copy when the weight is freed. It is not used while a
-CUDA graph is captured: the graph then casts at every replay, from the weights as they are then.
+holds the weight only weakly and drops the copy when the weight is freed. While a CUDA graph is
+captured, copies are kept apart and serve only that capture: the graph casts at every replay,
+from the weights as they are then (one cast per weight per graph, as per step in eager mode).
+Two graphs captured back to back with no call outside a capture between them share those copies
+(as ``make_graphed_callables``' forward and backward graphs should: they replay in order).
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ _CACHE: dict[int, tuple[weakref.ref, int, torch.dtype, torch.Tensor, int]] = {}
 # Calls made inside a backward pass so far: a copy made before the last one no longer serves
 # a forward call (its weight may have changed without a new version since).
 _BACKWARD_CALLS = [0]
+# The copies made while a CUDA graph is captured (its memory pool's), for that capture only.
+_CAPTURE_CACHE: dict[int, tuple[weakref.ref, int, torch.dtype, torch.Tensor, int]] = {}
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
-    entry = _CACHE.get(key)
-    if entry is not None and entry[0] is ref:
-        del _CACHE[key]
+    for cache in (_CACHE, _CAPTURE_CACHE):
+        entry = cache.get(key)
+        if entry is not None and entry[0] is ref:
+            del cache[key]
 
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -42,14 +48,17 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         torch.compiler.is_compiling()
         or weight.is_inference()  # no version counter to key on
         or isinstance(weight, torch._subclasses.FakeTensor)
-        # a copy made before a CUDA graph's capture would be read by every replay, stale once
-        # the weight changes (autocast's own cache has the same rule: cache_enabled=False for
-        # graphs): while capturing, the cast is made, and captured, at every call
-        or (weight.is_cuda and torch.cuda.is_current_stream_capturing())
     ):
         return weight.detach().to(dtype)
+    # A copy made before a CUDA graph's capture would be read by every replay, stale once the
+    # weight changes: while capturing, copies are made (and captured) apart from the others and
+    # serve only that capture, so each replay casts the weights as they are then.
+    capturing = weight.is_cuda and torch.cuda.is_current_stream_capturing()
+    cache = _CAPTURE_CACHE if capturing else _CACHE
+    if not capturing and _CAPTURE_CACHE:
+        _CAPTURE_CACHE.clear()  # the capture has ended
     key = id(weight)
-    entry = _CACHE.get(key)
+    entry = cache.get(key)
     version = weight._version
     in_backward = torch._C._current_graph_task_id() != -1
     if in_backward:
@@ -64,10 +73,11 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return entry[3]
     copy = weight.detach().to(dtype)
     ref = weakref.ref(weight, functools.partial(_forget, key))
-    _CACHE[key] = (ref, version, dtype, copy, _BACKWARD_CALLS[0])
+    cache[key] = (ref, version, dtype, copy, _BACKWARD_CALLS[0])
     return copy
 
 
 def clear_weight_cache() -> None:
     """Drop every cached low-precision weight copy (they are rebuilt on the next call)."""
     _CACHE.clear()
+    _CAPTURE_CACHE.clear()
