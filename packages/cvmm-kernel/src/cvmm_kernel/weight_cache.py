@@ -20,28 +20,40 @@ from __future__ import annotations
 
 import functools
 import weakref
+from typing import NamedTuple
 
 import torch
 
-# id(weight) -> (weak ref, version, dtype, copy, the backward count when it was made)
-_CACHE: dict[int, tuple[weakref.ref, int, torch.dtype, torch.Tensor, int]] = {}
+
+class _Copy(NamedTuple):
+    """A kept copy and what it was made from."""
+
+    ref: weakref.ref  # the weight, weakly
+    version: int  # the weight's version then
+    dtype: torch.dtype
+    copy: torch.Tensor
+    backward_calls: int  # _BACKWARD_CALLS then
+
+
+_CACHE: dict[int, _Copy] = {}  # by id(weight)
 # Calls made inside a backward pass so far: a copy made before the last one no longer serves
 # a forward call (its weight may have changed without a new version since).
 _BACKWARD_CALLS = [0]
 # The copies made while a CUDA graph is captured (its memory pool's), for that capture only.
-_CAPTURE_CACHE: dict[int, tuple[weakref.ref, int, torch.dtype, torch.Tensor, int]] = {}
+_CAPTURE_CACHE: dict[int, _Copy] = {}
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
     for cache in (_CACHE, _CAPTURE_CACHE):
         entry = cache.get(key)
-        if entry is not None and entry[0] is ref:
+        if entry is not None and entry.ref is ref:
             del cache[key]
 
 
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``weight`` in ``dtype``: the weight itself if it already is, else a cached detached copy
-    (refreshed whenever the weight changed in place since the copy was made)."""
+    (made again when the weight changed in place since, and in a forward call after a backward
+    has used the cache; see the module docstring)."""
     if weight.dtype == dtype:
         return weight
     if (
@@ -65,15 +77,15 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         _BACKWARD_CALLS[0] += 1
     if (
         entry is not None
-        and entry[0]() is weight
-        and entry[1] == version
-        and entry[2] == dtype
-        and (in_backward or entry[4] == _BACKWARD_CALLS[0])
+        and entry.ref() is weight
+        and entry.version == version
+        and entry.dtype == dtype
+        and (in_backward or entry.backward_calls == _BACKWARD_CALLS[0])
     ):
-        return entry[3]
+        return entry.copy
     copy = weight.detach().to(dtype)
     ref = weakref.ref(weight, functools.partial(_forget, key))
-    cache[key] = (ref, version, dtype, copy, _BACKWARD_CALLS[0])
+    cache[key] = _Copy(ref, version, dtype, copy, _BACKWARD_CALLS[0])
     return copy
 
 
