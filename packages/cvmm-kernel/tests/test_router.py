@@ -109,3 +109,31 @@ def test_reference_path_and_empty_inputs():
 def test_bad_inputs(args, kwargs, error):
     with pytest.raises(error):
         sigmoid_topk(*args, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("shape", "k", "global_index"), [((96, 387), 16, False),
+                                                          ((2, 48, 4, 10), 2, True)])  # fmt: skip
+def test_compiled_graph_uses_the_kernels(shape, k, global_index):
+    """Under ``torch.compile(fullgraph=True)`` the Triton kernels as ops of the graph: the
+    eager indices and logits' gradient bitwise, the gates' weighted sum to float32 rounding
+    (Inductor sums in its own order), expert dropout included."""
+    g = torch.Generator(device="cuda").manual_seed(k)
+    logits = torch.randn(shape, device="cuda", generator=g)
+    drop = torch.rand(shape, device="cuda", generator=g) < 0.1
+    weights = torch.rand(k, device="cuda", generator=g)
+
+    def route(x):
+        index, gate = sigmoid_topk(x, k, drop=drop, global_index=global_index)
+        return index, (gate * weights).sum()
+
+    results = []
+    for fn in (route, torch.compile(route, fullgraph=True)):
+        x = logits.clone().requires_grad_()
+        index, total = fn(x)
+        total.backward()
+        results.append((index, total.detach(), x.grad))
+    (index, total, grad), (c_index, c_total, c_grad) = results
+    assert torch.equal(c_index, index) and torch.equal(c_grad, grad)
+    torch.testing.assert_close(c_total, total, rtol=1e-6, atol=1e-6)

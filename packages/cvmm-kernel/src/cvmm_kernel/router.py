@@ -20,6 +20,7 @@ import torch
 
 from .ops import Backend, resolve_backend
 from .topk import MAX_WIDTH, topk_indices
+from .traced_ops import triton_custom_op
 
 
 def _reference(logits, k, drop, global_index):
@@ -47,29 +48,93 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
         return view.contiguous().view(-1, *view.shape[-2:])
 
 
+def _forward(logits, drop, k, global_index):
+    """The Triton forward: ``(index, gate)`` as ``[..., k]``."""
+    from .router_triton import sigmoid_topk_forward
+
+    rows = _rows(logits)
+    flat_drop = None if drop is None else drop.reshape(-1, logits.shape[-1]).contiguous()
+    index, gate = sigmoid_topk_forward(rows, flat_drop, k, global_index)
+    shape = (*logits.shape[:-1], k)
+    return index.view(shape), gate.view(shape)
+
+
+def _backward(index, gate, grad_gate, shape, global_index):
+    """The Triton backward: the logits' gradient, ``shape``."""
+    from .router_triton import sigmoid_topk_backward
+
+    k = index.shape[-1]
+    flat_index, flat_gate = index.reshape(-1, k), gate.reshape(-1, k)
+    dgate = grad_gate.reshape(flat_index.shape).to(gate.dtype).contiguous()
+    groups = shape[-2] if len(shape) > 1 else 1
+    dlogits = sigmoid_topk_backward(flat_index, flat_gate, dgate, shape[-1], groups, global_index)
+    return dlogits.view(shape)
+
+
 class _SigmoidTopK(torch.autograd.Function):
+    """Eager: the kernels with the least host time per call."""
+
     @staticmethod
     def forward(ctx, logits, drop, k, global_index):
-        from .router_triton import sigmoid_topk_forward
-
-        rows = _rows(logits)
-        flat_drop = None if drop is None else drop.reshape(-1, logits.shape[-1]).contiguous()
-        index, gate = sigmoid_topk_forward(rows, flat_drop, k, global_index)
+        index, gate = _forward(logits, drop, k, global_index)
         ctx.save_for_backward(index, gate)
-        ctx.settings = (logits.shape, rows.shape[1], global_index)
+        ctx.settings = (logits.shape, global_index)
         ctx.mark_non_differentiable(index)
-        shape = (*logits.shape[:-1], k)
-        return index.view(shape), gate.view(shape)
+        return index, gate
 
     @staticmethod
     def backward(ctx, _grad_index, grad_gate):
-        from .router_triton import sigmoid_topk_backward
-
         index, gate = ctx.saved_tensors
-        shape, groups, global_index = ctx.settings
-        dgate = grad_gate.reshape(index.shape).to(gate.dtype).contiguous()
-        dlogits = sigmoid_topk_backward(index, gate, dgate, shape[-1], groups, global_index)
-        return dlogits.view(shape), None, None, None
+        return _backward(index, gate, grad_gate, *ctx.settings), None, None, None
+
+
+# Compiled graphs: the same kernels as ops that Inductor launches from the graph, so that the
+# backward keeps the k gates per row (the PyTorch expression keeps sigmoid(logits) or the
+# logits, E per row: MoEUT-244M's 18 routers, 12.7 MB each at its benchmark shape).
+
+
+@triton_custom_op("cvmm_kernel::sigmoid_topk")
+def _sigmoid_topk_op(
+    logits: torch.Tensor, drop: torch.Tensor | None, k: int, global_index: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    index, gate = _forward(logits, drop, k, global_index)
+    return index, gate
+
+
+@_sigmoid_topk_op.register_fake
+def _(logits, drop, k, global_index):
+    shape = (*logits.shape[:-1], k)
+    return logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape)
+
+
+@triton_custom_op("cvmm_kernel::sigmoid_topk_backward")
+def _sigmoid_topk_backward_op(
+    index: torch.Tensor, gate: torch.Tensor, grad_gate: torch.Tensor, width: int,
+    global_index: bool,
+) -> torch.Tensor:  # fmt: skip
+    return _backward(index, gate, grad_gate, (*index.shape[:-1], width), global_index)
+
+
+@_sigmoid_topk_backward_op.register_fake
+def _(index, gate, grad_gate, width, global_index):
+    return gate.new_empty(*index.shape[:-1], width)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, _, _, global_index = inputs
+    index, gate = output
+    ctx.save_for_backward(index, gate)
+    ctx.settings = (logits.shape[-1], global_index)
+    ctx.mark_non_differentiable(index)
+
+
+def _op_backward(ctx, _grad_index, grad_gate):
+    index, gate = ctx.saved_tensors
+    width, global_index = ctx.settings
+    return _sigmoid_topk_backward_op(index, gate, grad_gate, width, global_index), None, None, None
+
+
+_sigmoid_topk_op.register_autograd(_op_backward, setup_context=_setup_context)
 
 
 def sigmoid_topk(
@@ -116,6 +181,10 @@ def sigmoid_topk(
         raise ValueError("global_index needs logits [..., G, E] (a group dim before the experts)")
     chosen = resolve_backend(logits.device, backend)
     trivial = k == 0 or logits.numel() == 0 or logits.shape[-1] > MAX_WIDTH
-    if chosen == "reference" or trivial or torch.compiler.is_compiling():
+    if chosen == "reference" or trivial:
         return _reference(logits, k, drop, global_index)
+    if torch.compiler.is_compiling():
+        if not logits.is_cuda:  # the interpreter's kernels are not traced into graphs
+            return _reference(logits, k, drop, global_index)
+        return _sigmoid_topk_op(logits, drop, k, global_index)
     return _SigmoidTopK.apply(logits, drop, k, global_index)

@@ -18,6 +18,7 @@ from .topk_triton import (
     take_best_key,
     take_best_score,
 )
+from .traced_ops import is_traced, launch_traced
 
 
 @triton.jit
@@ -114,7 +115,7 @@ def sigmoid_topk_forward(
     index = torch.empty(n_rows, k, dtype=torch.int64, device=logits.device)
     gate = torch.empty(n_rows, k, dtype=logits.dtype, device=logits.device)
     block_r, block_e = row_blocks(width)
-    launch(
+    (launch_traced if is_traced(logits) else launch)(
         _sigmoid_topk_kernel, (cdiv(n_rows, block_r),),
         logits, drop if drop is not None else logits, index, gate, n_rows, width, groups,
         logits.stride(0), logits.stride(1), k, drop is not None, global_index,
@@ -132,7 +133,7 @@ def sigmoid_topk_backward(
     n_rows, k = index.shape
     dlogits = torch.empty(n_rows, width, dtype=gate.dtype, device=gate.device)
     block_r, block_e = row_blocks(width)
-    launch(
+    (launch_traced if is_traced(gate) else launch)(
         _gate_grad_rows_kernel, (cdiv(n_rows, block_r),),
         index, gate, dgate, dlogits, n_rows, width, groups, k, global_index, block_r, block_e,
     )  # fmt: skip

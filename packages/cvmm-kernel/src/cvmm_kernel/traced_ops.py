@@ -13,7 +13,10 @@ A body registered here must be traceable with fake tensors: decisions on shapes,
 Python values only (no data-dependent Python, no host sync), every kernel launched through
 :func:`launch_traced` when :func:`is_traced`, and no two arguments of a kernel views of one
 buffer (the routing's scratch as views of one allocation made MoEUT-244M's compiled step fault
-with an illegal address under torch 2.11). Registered so: ``topk_indices``. The routing op
+with an illegal address under torch 2.11). Registered so: ``topk_indices`` and ``sigmoid_topk``
+(forward and backward; its compiled backward then keeps the chosen indices and gates instead of
+the PyTorch expression's ``sigmoid(logits)``: MoEUT-244M's compiled peak 7.47 -> 6.21 GiB, moeut's
+``ab_compiled_sigmoid_topk.md``). The routing op
 stays a custom op: as a triton_op (separate allocations) it matched eager but did not make the
 compiled MoEUT step faster, which is GPU-bound on a quiet host (moeut's
 ``ab_compiled_routing.md``).
