@@ -11,20 +11,73 @@ most GPU time; writes the same text to ``$OUT/profile_<profile>.txt`` if ``$OUT`
 (launch overhead), not by the GPU. ``--by-shape`` also lists the ops per input shape (which
 tensors the casts, copies and gradient additions are of). ``--python`` also profiles the host's
 Python with cProfile over a few steps (the functions that cost host time, by own time).
+``--idle`` also attributes the GPU's idle time in one profiled step to the host ops that
+launched the kernel after each idle gap (see :func:`idle_table`): where a host-bound step makes
+the GPU wait.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from bench_harness import profile_steps, python_profile, require_cuda, write_text
 from moeut import MoEUTLM, profiles
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 VOCAB, BATCH, SEQ = 8000, 8, 1024
+
+
+def idle_table(prof, rows: int = 40) -> str:
+    """The GPU's idle time in a step profiled with ``torch.profiler``, attributed like a
+    cumulative profile: each idle gap before a kernel counts towards every host op on the stack
+    that launched that kernel (ops, autograd nodes, ``torch.autograd.Function`` and custom-op
+    calls, compiled graphs: an outer one includes what it calls). A gap is the host's time
+    between issuing the kernel before and this one, beyond the GPU's work in between: what made
+    the GPU wait."""
+    host = {e.id: e for e in prof.events() if e.device_type == DeviceType.CPU}
+    # (start us, end us, id of the host op that launched it) per kernel, from the raw events
+    # (the FunctionEvents of torch 2.11 do not keep the link)
+    kernels = sorted(
+        (e.start_ns() / 1e3, (e.start_ns() + e.duration_ns()) / 1e3, e.linked_correlation_id())
+        for e in prof.profiler.kineto_results.events()
+        if e.device_type() == DeviceType.CUDA
+    )
+    if not kernels:
+        return "no kernels"
+    idle: Counter[str] = Counter()
+    gaps: Counter[str] = Counter()
+    total = 0.0
+    busy_until = kernels[0][1]
+    for start, end, launched_by in kernels[1:]:
+        gap = start - busy_until
+        busy_until = max(busy_until, end)
+        if gap <= 0:
+            continue
+        total += gap
+        labels = set()
+        op = host.get(launched_by)
+        while op is not None:
+            labels.add(op.name)
+            op = op.cpu_parent
+        for label in labels or {"(launch not matched to a host op)"}:
+            idle[label] += gap
+            gaps[label] += 1
+    span = busy_until - kernels[0][0]
+    lines = [
+        f"GPU idle {total / 1e3:.1f} ms of the {span / 1e3:.1f} ms from the step's first kernel "
+        "to its last (under the profiler, whose own host time counts in the gaps)",
+        "",
+        "| idle ms | gaps | host op (inclusive) |",
+        "|---|---|---|",
+    ]
+    for label, us in idle.most_common(rows):
+        lines.append(f"| {us / 1e3:.2f} | {gaps[label]} | {label} |")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -33,6 +86,7 @@ def main() -> int:
     parser.add_argument("--by-shape", action="store_true", help="also a table per input shape")
     parser.add_argument("--python", action="store_true", help="also a cProfile host table")
     parser.add_argument("--compile", action="store_true", help="profile the torch.compile'd model")
+    parser.add_argument("--idle", action="store_true", help="also where the GPU waits on the host")
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
@@ -71,6 +125,12 @@ def main() -> int:
             sort_by="self_device_time_total", row_limit=30, max_name_column_width=40
         )
         text += "\n\nBy input shape:\n" + table
+    if args.idle:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=activities) as traced:
+            step()
+            torch.cuda.synchronize()
+        text += "\n\nWhere the GPU waits on the host:\n" + idle_table(traced)
     if args.python:
         text += "\n\nHost Python (cProfile over 5 steps, by own time):\n" + python_profile(step)
     print(text)
