@@ -97,8 +97,7 @@ class _SigmoidTopK(torch.autograd.Function):
 def _sigmoid_topk_op(
     logits: torch.Tensor, drop: torch.Tensor | None, k: int, global_index: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    index, gate = _forward(logits, drop, k, global_index)
-    return index, gate
+    return _forward(logits, drop, k, global_index)
 
 
 @_sigmoid_topk_op.register_fake

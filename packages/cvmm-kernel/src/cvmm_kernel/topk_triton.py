@@ -155,11 +155,9 @@ def launch_topk(rows: torch.Tensor, out: torch.Tensor) -> None:
     if rows.stride(1) != 1:
         rows = rows.contiguous()
     block_r, block_e = row_blocks(width)
-    grid = (cdiv(n_rows, block_r),)
-    args = (rows, out, n_rows, width, rows.stride(0))
-    keys = key_bits(rows.dtype, width)
-    settings = {"K": k, "KEY_BITS": keys, "BLOCK_R": block_r, "BLOCK_E": block_e, "num_warps": 4}
-    if is_traced(rows):  # the custom op's body traced for torch.compile
-        launch_traced(_topk_indices_kernel, grid, *args, **settings)
-    else:
-        launch(_topk_indices_kernel, grid, *args, k, keys, block_r, block_e, num_warps=4)
+    # traced: the custom op's body traced for torch.compile
+    (launch_traced if is_traced(rows) else launch)(
+        _topk_indices_kernel, (cdiv(n_rows, block_r),),
+        rows, out, n_rows, width, rows.stride(0), k, key_bits(rows.dtype, width), block_r,
+        block_e, num_warps=4,
+    )  # fmt: skip
