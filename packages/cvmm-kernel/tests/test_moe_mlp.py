@@ -182,20 +182,35 @@ def test_empty(backend, device, shape):
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
-@pytest.mark.parametrize("n_experts", [13, 1023, 1500])  # counts by histogram, or by stores
-def test_routing_is_a_stable_sort(backend, device, n_experts):
+@pytest.mark.parametrize(
+    ("n_experts", "n_slots", "sorted_by"),
+    [
+        (13, 300, "kernels"),  # counts by histogram
+        (1023, 300, "kernels"),
+        (1500, 300, "kernels"),  # counts by stores
+        (13, 3000, "kernels"),  # several blocks of slots, several programs of tiles
+        (70, 300, "sort"),  # too many per-block counts: torch.sort, then the tile table
+    ],
+)
+def test_routing_is_a_stable_sort(backend, device, n_experts, n_slots, sorted_by, monkeypatch):
+    from cvmm_kernel import moe_triton
+
+    if sorted_by == "sort":
+        monkeypatch.setattr(moe_triton, "MAX_BLOCK_COUNTS", 16)
     g = torch.Generator().manual_seed(8)
-    index = torch.randint(0, n_experts, (300,), generator=g).to(device)
+    index = torch.randint(0, n_experts, (n_slots,), generator=g).to(device)
+    index[: n_slots // 4] = 3  # one crowded expert: tiles of it in several tile programs
     s2s, slot_to_sorted, offsets, tile_expert, tile_start, n_valid = moe_routing(
         index, n_experts, 16, backend
     )
     order = torch.sort(index.cpu(), stable=True).indices
     assert torch.equal(s2s.cpu().long(), order)
-    assert torch.equal(slot_to_sorted.cpu().long()[order], torch.arange(300))
+    assert torch.equal(slot_to_sorted.cpu().long()[order], torch.arange(n_slots))
     counts = torch.bincount(index.cpu(), minlength=n_experts)
     assert torch.equal(torch.diff(offsets.cpu()).long(), counts)
+    assert int(offsets[0]) == 0
     # every position in exactly one tile, tiles never straddle experts
-    covered = torch.zeros(300, dtype=torch.long)
+    covered = torch.zeros(n_slots, dtype=torch.long)
     for e, start in zip(tile_expert.cpu().tolist(), tile_start.cpu().tolist()):
         if e < n_experts:
             end = min(start + 16, int(offsets[e + 1]))

@@ -9,7 +9,8 @@ the MoEUT-244M layer structure (18 layers in groups of 2, 4 heads x 10 attention
 k=2, 387 feedforward experts with k=16) at tiny widths and 64 tokens, so that every kernel is
 short and the time per call is the host's. Rows: the forward and the backward of the LM step, the
 same for the dense baseline of ``bench_moeut.py`` at the same tiny width, and per call the MoE
-pieces (routing, top-k, ``moe_linear``, ``moe_mlp``, a SwitchHead and a SigmaMoE layer). Writes
+pieces (routing, top-k, ``moe_linear``, ``moe_mlp``, a SwitchHead and a SigmaMoE layer, forward
+alone and with the backward, and a whole MoEUT layer's forward). Writes
 JSON and markdown to ``$OUT`` if set, else to ``benchmarks/results/``.
 """
 
@@ -92,15 +93,23 @@ def op_cases() -> list[tuple[str, Callable[[], object]]]:
     layer = model.transformer.layers[0]
     h = torch.randn(BATCH, SEQ, 128, device=dev, requires_grad=True)
 
-    def attention_step():
+    def attention_fwd():
         with torch.autocast("cuda", dtype=bf16):
-            out = layer.attention(h, h, h)[0]  # (output, kv cache)
-        out.float().sum().backward()
+            return layer.attention(h, h, h)[0]  # (output, kv cache)
+
+    def attention_step():
+        attention_fwd().float().sum().backward()
+
+    def ffn_fwd():
+        with torch.autocast("cuda", dtype=bf16):
+            return layer.ffn(h)
 
     def ffn_step():
+        ffn_fwd().float().sum().backward()
+
+    def layer_fwd():
         with torch.autocast("cuda", dtype=bf16):
-            out = layer.ffn(h)
-        out.float().sum().backward()
+            return layer(h)
 
     return [
         ("build_routing (387 experts)", lambda: build_routing(flat, ff_e, 128, 64)),
@@ -109,8 +118,11 @@ def op_cases() -> list[tuple[str, Callable[[], object]]]:
         ("moe_linear forward + backward (V)", linear_step),
         ("moe_mlp forward", mlp_fwd),
         ("moe_mlp forward + backward", mlp_step),
+        ("SwitchHead layer forward", attention_fwd),
         ("SwitchHead layer forward + backward", attention_step),
+        ("SigmaMoE layer forward", ffn_fwd),
         ("SigmaMoE layer forward + backward", ffn_step),
+        ("MoEUT layer forward (attention + feedforward)", layer_fwd),
     ]
 
 

@@ -27,7 +27,8 @@ _DRIVER_CALLS = ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel", "cuda
 
 
 def call_counts(fn: Callable[[], object], calls: int = 10) -> str:
-    """Driver calls and ATen ops per call of ``fn`` (torch profiler over ``calls`` calls)."""
+    """Driver calls and ATen ops per call of ``fn``, and the ops with the most host time of
+    their own (torch profiler over ``calls`` calls)."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -35,8 +36,10 @@ def call_counts(fn: Callable[[], object], calls: int = 10) -> str:
             fn()
         torch.cuda.synchronize()
     counts: Counter[str] = Counter()
+    self_us: Counter[str] = Counter()
     for event in prof.key_averages():
         counts[event.key] += event.count
+        self_us[event.key] += event.self_cpu_time_total
     driver = {name: counts[name] / calls for name in _DRIVER_CALLS if counts[name]}
     aten = {k: v / calls for k, v in counts.items() if k.startswith("aten::")}
     top = sorted(aten.items(), key=lambda kv: -kv[1])[:25]
@@ -46,6 +49,8 @@ def call_counts(fn: Callable[[], object], calls: int = 10) -> str:
         + f" (total {sum(driver.values()):g})",
         f"ATen ops per call (nested ones included): {sum(aten.values()):g}; most frequent: "
         + ", ".join(f"{k[6:]} {v:g}" for k, v in top),
+        "own host us per call under the profiler (all ops): "
+        + ", ".join(f"{k} {v / calls:.0f}" for k, v in self_us.most_common(20)),
     ]
     return "\n".join(lines)
 

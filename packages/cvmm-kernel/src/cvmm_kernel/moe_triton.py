@@ -11,8 +11,9 @@ fixed on the host (``cdiv(N, BLOCK_M) + min(E, N)``), so nothing is read back.
 Kernels:
 
 - routing: ``_routing_rank_kernel`` (rank of each slot among the equal experts of its block of
-  slots, and per-block expert counts) and ``_routing_scatter_kernel`` (position = expert offset +
-  earlier blocks' count + rank). Integer work only: the same maps on every run.
+  slots, and per-block expert counts), ``_routing_scan_kernel`` (each expert's count before each
+  block, and its total) and ``_routing_place_kernel`` (position = expert offset + earlier
+  blocks' count + rank; and the tile table). Integer work only: the same maps on every run.
 - ``_moe_gemm_kernel``: one program per (tile, column block); the tile's rows are gathered from
   ``a`` (``A_GATHER``: row ``slot // k``, the token) or read in sorted order, multiplied by the
   tile's expert matrix with fp32 accumulation, then an epilogue (gate, activation, or the
@@ -101,29 +102,6 @@ def _routing_rank_kernel(
 
 
 @triton.jit
-def _routing_scatter_kernel(
-    expert_ptr,
-    rank_ptr,
-    block_start_ptr,
-    offsets_ptr,
-    sorted_to_slot_ptr,
-    slot_to_sorted_ptr,
-    N,
-    E,
-    BLOCK: tl.constexpr,
-):
-    block = tl.program_id(0)
-    offs = block * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    e = tl.load(expert_ptr + offs, mask=mask, other=0).to(tl.int32)
-    rank = tl.load(rank_ptr + offs, mask=mask, other=0)
-    position = tl.load(block_start_ptr + block.to(tl.int64) * E + e, mask=mask, other=0) + rank
-    position += tl.load(offsets_ptr + e, mask=mask, other=0)
-    tl.store(slot_to_sorted_ptr + offs, position, mask=mask)
-    tl.store(sorted_to_slot_ptr + position, offs, mask=mask)
-
-
-@triton.jit
 def _routing_scan_kernel(
     block_counts_ptr,
     block_start_ptr,
@@ -148,38 +126,65 @@ def _routing_scan_kernel(
 
 
 @triton.jit
-def _routing_tiles_kernel(
+def _routing_place_kernel(
+    expert_ptr,
+    rank_ptr,
+    block_start_ptr,
     counts_ptr,
+    sorted_to_slot_ptr,
+    slot_to_sorted_ptr,
     offsets_ptr,
     tile_expert_ptr,
     tile_start_ptr,
     n_valid_ptr,
+    N,
     E,
+    n_blocks,
     n_tiles,
+    BLOCK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    """Expert offsets and the tile table (each program: BLOCK_T tiles); padding tiles get E."""
+    """The last routing step, two jobs in one launch. Programs ``0 .. n_blocks - 1`` place the
+    slots of their block: position = the expert's offset (an exclusive prefix sum of ``counts``
+    that each program takes itself and adds to its row of ``block_start``, the earlier blocks'
+    count of each expert) + the slot's rank. The programs after them write the expert offsets
+    and the tile table, ``BLOCK_T`` tiles each (padding tiles get ``E``)."""
+    pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     c = tl.load(counts_ptr + offs_e, mask=mask_e, other=0)
     end = tl.cumsum(c, axis=0)
-    tiles = (c + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, axis=0)
-    if tl.program_id(0) == 0:
-        tl.store(offsets_ptr + offs_e + 1, end, mask=mask_e)
-        tl.store(offsets_ptr + offs_e, end - c, mask=offs_e == 0)
-        tl.store(n_valid_ptr, tl.sum(tiles, axis=0))
-    ids = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    done = (tile_end[None, :] <= ids[:, None]) & mask_e[None, :]
-    expert = tl.sum(done.to(tl.int32), axis=1)
-    mine = offs_e[None, :] == expert[:, None]
-    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=1)
-    first_row = tl.sum(tl.where(mine, end - c, 0), axis=1)
-    mask_t = ids < n_tiles
-    tl.store(tile_expert_ptr + ids, expert, mask=mask_t)
-    tl.store(tile_start_ptr + ids, first_row + (ids - first_tile) * BLOCK_M, mask=mask_t)
+    if pid < n_blocks:
+        row = block_start_ptr + pid.to(tl.int64) * E
+        before = tl.load(row + offs_e, mask=mask_e, other=0)
+        tl.store(row + offs_e, before + end - c, mask=mask_e)
+        tl.debug_barrier()  # the row as stored, for the gather below
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < N
+        e = tl.load(expert_ptr + offs, mask=mask, other=0).to(tl.int32)
+        rank = tl.load(rank_ptr + offs, mask=mask, other=0)
+        position = tl.load(row + e, mask=mask, other=0) + rank
+        tl.store(slot_to_sorted_ptr + offs, position, mask=mask)
+        tl.store(sorted_to_slot_ptr + position, offs, mask=mask)
+    else:
+        program = pid - n_blocks
+        tiles = (c + BLOCK_M - 1) // BLOCK_M
+        tile_end = tl.cumsum(tiles, axis=0)
+        if program == 0:
+            tl.store(offsets_ptr + offs_e + 1, end, mask=mask_e)
+            tl.store(offsets_ptr + offs_e, end - c, mask=offs_e == 0)
+            tl.store(n_valid_ptr, tl.sum(tiles, axis=0))
+        ids = program * BLOCK_T + tl.arange(0, BLOCK_T)
+        done = (tile_end[None, :] <= ids[:, None]) & mask_e[None, :]
+        expert = tl.sum(done.to(tl.int32), axis=1)
+        mine = offs_e[None, :] == expert[:, None]
+        first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=1)
+        first_row = tl.sum(tl.where(mine, end - c, 0), axis=1)
+        mask_t = ids < n_tiles
+        tl.store(tile_expert_ptr + ids, expert, mask=mask_t)
+        tl.store(tile_start_ptr + ids, first_row + (ids - first_tile) * BLOCK_M, mask=mask_t)
 
 
 @triton.jit
@@ -748,7 +753,7 @@ def build_routing(
     """The routing layout of ``flat_index`` (``[N]``, values in ``[0, n_experts)``), int32:
     ``(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid_tiles)``.
 
-    Five launches, no sort and no host sync (the sizes depend on ``N`` and ``n_experts`` only).
+    Three launches, no sort and no host sync (the sizes depend on ``N`` and ``n_experts`` only).
     ``block`` and ``warps``: slots per program and warps of the rank kernel (default
     ``ROUTING_BLOCK`` and ``ROUTING_WARPS``), ``scan`` the scan kernel's settings (default
     ``ROUTING_SCAN``); ``benchmarks/sweep_routing.py`` passes others.
@@ -776,6 +781,7 @@ def build_routing(
         sorted_to_slot.copy_(order)
         slot_to_sorted.scatter_(0, order, torch.arange(n, dtype=torch.int32, device=device))
         counts.copy_(torch.bincount(flat_index, minlength=n_experts))
+        rank = block_start = counts  # unread: the place kernel has no slot to place
     else:
         rank, block_counts, block_start = rest
         launch(
@@ -790,17 +796,13 @@ def build_routing(
         )  # fmt: skip
     block_e = next_power_of_2(n_experts)
     block_t = max(1, min(64, 16384 // block_e))
+    place_blocks = 0 if fallback else n_blocks  # the fallback's sort has placed the slots
     launch(
-        _routing_tiles_kernel, (max(1, cdiv(n_tiles, block_t)),),
-        counts, offsets, tile_expert, tile_start, n_valid, n_experts, n_tiles, block_m, block_e,
-        block_t,
+        _routing_place_kernel, (place_blocks + max(1, cdiv(n_tiles, block_t)),),
+        flat_index, rank, block_start, counts, sorted_to_slot, slot_to_sorted, offsets,
+        tile_expert, tile_start, n_valid, n, n_experts, place_blocks, n_tiles, block, block_m,
+        block_e, block_t,
     )  # fmt: skip
-    if not fallback:
-        launch(
-            _routing_scatter_kernel, (n_blocks,),
-            flat_index, rank, block_start, offsets, sorted_to_slot, slot_to_sorted, n, n_experts,
-            block,
-        )  # fmt: skip
     return sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid
 
 
