@@ -31,6 +31,7 @@ import torch.utils.checkpoint
 from cvmm_kernel import accumulate_weight_grads
 from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope, check_mask
 
+from .norm_cast import norm_and_cast
 from .regularization import entropy_reg
 from .sampling import sample_next_token
 from .sigma_moe import SigmaMoE
@@ -94,10 +95,12 @@ class MoEUTLayer(torch.nn.Module):
         self, x: torch.Tensor, mask: AttentionMask | None = None, kv_cache: KVCache = None
     ) -> tuple[torch.Tensor, KVCache]:
         """``x [B, T, d_model]`` -> same shape, and the layer's KV cache."""
-        normed = self.ln1(x)
-        att, kv_cache = self.attention(normed, normed, x, mask, kv_cache=kv_cache)
+        # the residual and its norm, each in the autocast dtype where that applies (one kernel)
+        values, normed = norm_and_cast(x, self.ln1)
+        att, kv_cache = self.attention(normed, normed, values, mask, kv_cache=kv_cache)
         x = x + self.drop(att)
-        return x + self.ffn(x, self.ln2(x)), kv_cache
+        ffn_input, normed = norm_and_cast(x, self.ln2)
+        return x + self.ffn(ffn_input, normed), kv_cache
 
 
 class MoEUT(torch.nn.Module):

@@ -1,0 +1,140 @@
+"""Triton kernels of :func:`moeut.norm_cast.norm_and_cast`: a layer norm that also writes its
+input, both in the autocast dtype, in one pass each way.
+
+Forward, per row of ``D`` channels: ``xc = x``, ``n = (x - mean) * rstd * w + b`` (statistics and
+products in float32), both stored in the output dtype, with ``mean`` and ``rstd`` kept for the
+backward. Backward, per program a range of rows: ``dx = rstd * (w dn - xhat <w dn, xhat> / D -
+<w dn, 1> / D) + dxc`` in float32, and the program's partial sums of ``dn * xhat`` and ``dn``
+over its rows (the weight and bias gradients), which one ``sum`` adds up.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from cvmm_kernel.launcher import launch
+
+# (rows per program, warps) of the forward; the backward's rows per step and warps
+FORWARD_CONFIG = (4, 4)
+BACKWARD_CONFIG = (4, 4)
+
+
+@triton.jit
+def _norm_cast_forward_kernel(
+    X, W, B, XC, N, MEAN, RSTD,
+    R, D, stride_x, eps,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < R
+    ok = row_ok[:, None] & (cols < D)[None, :]
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / D
+    xm = tl.where(ok, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xm * xm, axis=1) / D + eps)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=cols < D, other=0.0).to(tl.float32)
+    n = xm * rstd[:, None] * w[None, :] + b[None, :]
+    out = rows[:, None] * D + cols[None, :]
+    tl.store(XC + out, x.to(XC.dtype.element_ty), mask=ok)
+    tl.store(N + out, n.to(N.dtype.element_ty), mask=ok)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _norm_cast_backward_kernel(
+    X, W, MEAN, RSTD, DN, DXC, DX, PARTS,
+    R, D, stride_x, rows_per_program,
+    HAS_DXC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    start = program.to(tl.int64) * rows_per_program
+    for r0 in range(0, rows_per_program, BLOCK_R):
+        rows = start + r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        at = rows[:, None] * D + cols[None, :]
+        dn = tl.load(DN + at, mask=ok, other=0.0).to(tl.float32)
+        xhat = tl.where(ok, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+        wdn = w[None, :] * dn
+        c1 = tl.sum(xhat * wdn, axis=1) / D
+        c2 = tl.sum(wdn, axis=1) / D
+        dx = (wdn - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+        if HAS_DXC:
+            dx += tl.load(DXC + at, mask=ok, other=0.0).to(tl.float32)
+        tl.store(DX + at, dx.to(DX.dtype.element_ty), mask=ok)
+        dw += tl.sum(dn * xhat, axis=0)
+        db += tl.sum(dn, axis=0)
+    part = PARTS + program.to(tl.int64) * 2 * D
+    tl.store(part + cols, dw, mask=col_ok)
+    tl.store(part + D + cols, db, mask=col_ok)
+
+
+def forward(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [R, D]`` (rows of contiguous channels) -> ``(xc, n, mean, rstd)``: ``xc`` and ``n``
+    ``[R, D]`` contiguous in ``dtype``, ``mean`` and ``rstd`` ``[R]`` float32."""
+    r, d = x.shape
+    xc = torch.empty(r, d, device=x.device, dtype=dtype)
+    n = torch.empty_like(xc)
+    mean = torch.empty(r, device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    block_r, warps = FORWARD_CONFIG
+    launch(
+        _norm_cast_forward_kernel, (triton.cdiv(r, block_r),),
+        x, weight, bias, xc, n, mean, rstd, r, d, x.stride(0), eps,
+        block_r, triton.next_power_of_2(d), num_warps=warps,
+    )  # fmt: skip
+    return xc, n, mean, rstd
+
+
+def backward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dn: torch.Tensor,
+    dxc: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx [R, D]`` in ``x``'s dtype, ``dweight, dbias [D]`` float32); ``dn`` and ``dxc``
+    ``[R, D]`` contiguous (``dxc`` None: no gradient reached the cast copy)."""
+    r, d = x.shape
+    dx = torch.empty(r, d, device=x.device, dtype=x.dtype)
+    block_r, warps = BACKWARD_CONFIG
+    programs = _programs(x.device)
+    rows_per_program = triton.cdiv(triton.cdiv(r, programs), block_r) * block_r
+    programs = triton.cdiv(r, rows_per_program)
+    parts = torch.empty(programs, 2, d, device=x.device, dtype=torch.float32)
+    launch(
+        _norm_cast_backward_kernel, (programs,),
+        x, weight, mean, rstd, dn, dxc if dxc is not None else dn, dx, parts,
+        r, d, x.stride(0), rows_per_program,
+        dxc is not None, block_r, triton.next_power_of_2(d), num_warps=warps,
+    )  # fmt: skip
+    dw, db = parts.sum(0).unbind(0)
+    return dx, dw, db
+
+
+_PROGRAMS: dict[int, int] = {}
+
+
+def _programs(device: torch.device) -> int:
+    """Backward programs: two per SM (a few on the interpreter)."""
+    if device.type != "cuda":
+        return 3
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PROGRAMS:
+        _PROGRAMS[index] = 2 * torch.cuda.get_device_properties(index).multi_processor_count
+    return _PROGRAMS[index]

@@ -1,0 +1,119 @@
+"""norm_and_cast: the layer's input and its layer norm in the autocast dtype, from one kernel
+(interpreter, GPU), against a float64 oracle written out per row; the plain path elsewhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from moeut.norm_cast import norm_and_cast
+
+from testing_support import assert_rel_close
+
+# (device, autocast dtype): the interpreter rounds float32 to bfloat16 by truncation, unlike
+# torch and the GPU (round to nearest even), so it runs float16
+CASTS = [
+    pytest.param("cpu", torch.float16, marks=pytest.mark.interpret, id="interpret-fp16"),
+    pytest.param("cuda", torch.float16, marks=pytest.mark.gpu, id="cuda-fp16"),
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu, id="cuda-bf16"),
+]
+
+
+def oracle(x, weight, bias, eps):
+    """float64 layer norm over the last dimension, written out."""
+    x = x.double()
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * weight.double() + bias.double()
+
+
+def _inputs(device, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = shape[-1]
+    norm = torch.nn.LayerNorm(d, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g))
+        norm.bias.copy_(torch.randn(d, generator=g))
+    x = (torch.randn(*shape, generator=g) * 3 + 1).to(device).requires_grad_()
+    return x, norm.to(device), g
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASTS)
+@pytest.mark.parametrize("shape", [(2, 5, 24), (7, 100), (3, 1, 1024)])
+@pytest.mark.parametrize("used", ["both", "normed only", "copy only"])
+def test_kernels_match_the_oracle(device, dtype, shape, used):
+    """The copy equal to torch's cast, the norm within one rounding of the oracle's; gradients
+    of x, weight and bias (the copy's gradient added to the norm's) to float32 rounding."""
+    x, norm, g = _inputs(device, shape, 0)
+    with torch.autocast(x.device.type, dtype=dtype):
+        xc, n = norm_and_cast(x, norm)
+    assert xc.dtype == n.dtype == dtype and xc.shape == n.shape == x.shape
+    assert torch.equal(xc, x.detach().to(dtype))
+    x64 = x.detach().cpu().double().requires_grad_()
+    w64 = norm.weight.detach().cpu().double().requires_grad_()
+    b64 = norm.bias.detach().cpu().double().requires_grad_()
+    ref = oracle(x64, w64, b64, norm.eps)
+    assert_rel_close(n.float().cpu(), ref, 2**-8, msg="normed")
+    dn = torch.randn(shape, generator=g)
+    dxc = torch.randn(shape, generator=g)
+    outs, grads, ref_loss = [], [], 0.0
+    if used != "copy only":
+        outs.append(n)
+        grads.append(dn.to(device, dtype))
+        ref_loss = ref_loss + (ref * dn.to(dtype).double()).sum()
+    if used != "normed only":
+        outs.append(xc)
+        grads.append(dxc.to(device, dtype))
+        ref_loss = ref_loss + (x64 * dxc.to(dtype).double()).sum()
+    got = torch.autograd.grad(outs, [x, norm.weight, norm.bias], grads, allow_unused=True)
+    want = torch.autograd.grad(ref_loss, [x64, w64, b64], allow_unused=True)
+    for name, a, b in zip(("dx", "dweight", "dbias"), got, want, strict=True):
+        if b is None or not b.any():  # the copy alone: no gradient for the norm's parameters
+            assert a is None or not a.any(), name
+            continue
+        assert a.dtype == torch.float32, name
+        assert_rel_close(a.cpu(), b, 1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "case", ["no autocast", "float64 input", "no affine", "cpu without interpreter"]
+)
+def test_plain_path_elsewhere(case, monkeypatch):
+    """Outside what the kernels take, the plain (x, norm(x)): the same tensors autograd gives."""
+    x, norm, _ = _inputs("cpu", (3, 8), 1)
+    if case == "float64 input":
+        x, norm = x.detach().double().requires_grad_(), norm.double()
+    if case == "no affine":
+        norm = torch.nn.LayerNorm(8, elementwise_affine=False)
+    if case == "cpu without interpreter":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "no autocast"):
+        xc, n = norm_and_cast(x, norm)
+        want = norm(x)
+    assert xc is x
+    assert torch.equal(n, want) and n.dtype == want.dtype
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASTS)
+def test_moeut_lm_under_autocast_matches_the_plain_path(device, dtype, monkeypatch):
+    """The MoEUT LM under autocast gives the outputs and gradients of its layers written with
+    plain norms (autocast casting each consumer's input): the same up to float32 sum order."""
+    from moeut import MoEUTLM, norm_cast
+
+    from testing_support import TINY_MOEUT, TINY_VOCAB
+
+    torch.manual_seed(0)
+    model = MoEUTLM(TINY_VOCAB, **TINY_MOEUT).to(device)
+    tokens = torch.randint(0, TINY_VOCAB, (2, 9), device=device)
+
+    def run():
+        model.zero_grad()
+        with torch.autocast(tokens.device.type, dtype=dtype):
+            out = model(tokens)
+        (out.outputs.float().square().mean() + out.reg_loss).backward()
+        return [out.outputs.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    fused = run()
+    monkeypatch.setattr(norm_cast, "_fused_dtype", lambda x, norm: None)
+    plain = run()
+    for a, b in zip(fused, plain, strict=True):
+        assert_rel_close(a.float(), b.float(), 2e-2)
