@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moeut.norm_cast import norm_and_cast
+from moeut.norm_cast import add_norm_and_cast, norm_and_cast
 
 from testing_support import assert_rel_close
 
@@ -74,6 +74,45 @@ def test_kernels_match_the_oracle(device, dtype, shape, used):
         assert_rel_close(a.cpu(), b, 1e-5, msg=name)
 
 
+@pytest.mark.parametrize(("device", "dtype"), CASTS)
+@pytest.mark.parametrize("shape", [(2, 5, 24), (3, 1, 1024)])
+@pytest.mark.parametrize("used", ["all", "sum and normed", "copy only"])
+def test_add_kernels_match_the_oracle(device, dtype, shape, used):
+    """``x + delta`` (a branch in the autocast dtype) exactly as torch adds them, its copy and
+    norm as above; gradients of x, delta (the same values in its dtype), weight and bias."""
+    x, norm, g = _inputs(device, shape, 2)
+    delta = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
+    with torch.autocast(x.device.type, dtype=dtype):
+        s, sc, n = add_norm_and_cast(x, delta, norm)
+    assert s.dtype == torch.float32 and sc.dtype == n.dtype == dtype
+    assert torch.equal(s, x.detach() + delta.detach())
+    assert torch.equal(sc, s.detach().to(dtype))
+    x64 = x.detach().cpu().double().requires_grad_()
+    d64 = delta.detach().cpu().double().requires_grad_()
+    w64 = norm.weight.detach().cpu().double().requires_grad_()
+    b64 = norm.bias.detach().cpu().double().requires_grad_()
+    s64 = x64 + d64
+    ref = oracle(s64, w64, b64, norm.eps)
+    assert_rel_close(n.float().cpu(), ref, 2**-8, msg="normed")
+    picked = {"all": (0, 1, 2), "sum and normed": (0, 2), "copy only": (1,)}[used]
+    outs, grads, ref_loss = [], [], 0.0
+    for i in picked:
+        grad = torch.randn(shape, generator=g).to(dtype if i else torch.float32)
+        outs.append((s, sc, n)[i])
+        grads.append(grad.to(device))
+        ref_loss = ref_loss + ((s64, s64, ref)[i] * grad.double()).sum()
+    inputs = [x, delta, norm.weight, norm.bias]
+    got = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+    want = torch.autograd.grad(ref_loss, [x64, d64, w64, b64], allow_unused=True)
+    assert got[1].dtype == dtype
+    assert torch.equal(got[1], got[0].to(dtype))  # the branch's gradient: the sum's, cast
+    for name, a, b in zip(("dx", "ddelta", "dweight", "dbias"), got, want, strict=True):
+        if b is None or not b.any():
+            assert a is None or not a.any(), name
+            continue
+        assert_rel_close(a.float().cpu(), b, 1e-5 if name != "ddelta" else 2**-8, msg=name)
+
+
 @pytest.mark.parametrize(
     "case", ["no autocast", "float64 input", "no affine", "cpu without interpreter"]
 )
@@ -90,6 +129,12 @@ def test_plain_path_elsewhere(case, monkeypatch):
         xc, n = norm_and_cast(x, norm)
         want = norm(x)
     assert xc is x
+    assert torch.equal(n, want) and n.dtype == want.dtype
+    delta = torch.randn_like(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "no autocast"):
+        s, sc, n = add_norm_and_cast(x, delta, norm)
+        want = norm(x + delta)
+    assert sc is s and torch.equal(s, x + delta)
     assert torch.equal(n, want) and n.dtype == want.dtype
 
 

@@ -1,4 +1,5 @@
-"""``norm_and_cast``: a layer's input and its layer norm, both in the autocast dtype, in one pass.
+"""``norm_and_cast``: a layer's input and its layer norm, both in the autocast dtype, in one pass
+(``add_norm_and_cast``: after adding a residual branch).
 
 Under autocast, a MoEUT layer feeds its float32 residual ``x`` to two places: through a layer
 norm (which autocast runs in float32) to the selections, queries and keys, and as it is to the
@@ -7,7 +8,9 @@ application runs a norm kernel and two casts forward, and the norm's backward, t
 their sum backward. On CUDA :func:`norm_and_cast` does it in one kernel each way (both outputs
 rounded from the same float32 values as before, so the results are the same up to the order of
 float32 sums); elsewhere, outside autocast and under ``torch.compile`` (Inductor fuses the plain
-ops itself) it is the plain ``(x, norm(x))``.
+ops itself) it is the plain ``(x, norm(x))``. :func:`add_norm_and_cast` also takes the residual
+addition before the norm into its kernel (and the cast of the branch's gradient into its backward
+kernel).
 """
 
 from __future__ import annotations
@@ -28,30 +31,45 @@ def _kernels():
     return norm_cast_triton
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[..., D]`` as ``[R, D]`` rows of contiguous channels (a view where it can be)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 class _NormCast(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, dtype):
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1])
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
-        xc, n, mean, rstd = _kernels().forward(rows, weight, bias, eps, dtype)
-        ctx.save_for_backward(rows, weight, mean, rstd)
-        ctx.set_materialize_grads(False)
-        ctx.x_dtype = x.dtype
-        return xc.view(shape), n.view(shape)
+    """``(x, norm(x))`` in ``dtype``; with a ``delta``, ``(x + delta, the same in dtype, its
+    norm in dtype)``."""
 
     @staticmethod
-    def backward(ctx, dxc, dn):
-        rows, weight, mean, rstd = ctx.saved_tensors
-        shape = (dn if dn is not None else dxc).shape
-        if dn is None:  # only the cast copy was used
-            return dxc.to(ctx.x_dtype), None, None, None, None
-        flat = lambda t: t.reshape(-1, shape[-1]).contiguous()
-        dx, dw, db = _kernels().backward(
-            rows, weight, mean, rstd, flat(dn), None if dxc is None else flat(dxc)
+    def forward(ctx, x, delta, weight, bias, eps, dtype):
+        shape = x.shape
+        rows = _rows(x)
+        s, xc, n, mean, rstd = _kernels().forward(
+            rows, None if delta is None else _rows(delta), weight, bias, eps, dtype
         )
-        return dx.view(shape), dw.to(weight.dtype), db.to(weight.dtype), None, None
+        ctx.save_for_backward(rows if s is None else s, weight, mean, rstd)
+        ctx.set_materialize_grads(False)
+        ctx.dtypes = (x.dtype, None if delta is None else delta.dtype)
+        outputs = (xc.view(shape), n.view(shape))
+        return outputs if s is None else (s.view(shape), *outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        normed, weight, mean, rstd = ctx.saved_tensors
+        x_dtype, delta_dtype = ctx.dtypes
+        ds, dxc, dn = grads if delta_dtype is not None else (None, *grads)
+        shape = next(g for g in grads if g is not None).shape
+        if dn is None:  # the norm unused: the copies' gradients only
+            dx = sum(g.to(x_dtype) for g in (ds, dxc) if g is not None)
+            ddelta = None if delta_dtype is None else dx.to(delta_dtype)
+            return dx, ddelta, None, None, None, None
+        flat = lambda t: None if t is None else t.reshape(-1, shape[-1]).contiguous()
+        dx, ddelta, dw, db = _kernels().backward(
+            normed, weight, mean, rstd, flat(dn), flat(dxc), flat(ds), delta_dtype
+        )
+        ddelta = None if ddelta is None else ddelta.view(shape)
+        return dx.view(shape), ddelta, dw.to(weight.dtype), db.to(weight.dtype), None, None
 
 
 def _fused_dtype(x: torch.Tensor, norm: torch.nn.Module) -> torch.dtype | None:
@@ -92,4 +110,20 @@ def norm_and_cast(x: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor,
     if dtype is None:
         return x, norm(x)
     assert isinstance(norm, torch.nn.LayerNorm)  # _fused_dtype checked it
-    return _NormCast.apply(x, norm.weight, norm.bias, norm.eps, dtype)
+    return _NormCast.apply(x, None, norm.weight, norm.bias, norm.eps, dtype)
+
+
+def add_norm_and_cast(
+    x: torch.Tensor, delta: torch.Tensor, norm: torch.nn.Module
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A residual step and what :func:`norm_and_cast` gives of its result: ``(s, s, norm(s))``
+    for ``s = x + delta`` (``delta [..., d]`` of ``x``'s shape, e.g. a bf16 branch output),
+    the first ``s`` in ``x``'s dtype (the residual stream), the other two as in
+    :func:`norm_and_cast`. Where the kernels apply, one kernel each way (the backward writes the
+    gradients of ``x`` and of ``delta``, in their dtypes); otherwise the plain ops."""
+    dtype = _fused_dtype(x, norm)
+    if dtype is None or delta.shape != x.shape or delta.device != x.device:
+        s = x + delta
+        return (s, *norm_and_cast(s, norm))
+    assert isinstance(norm, torch.nn.LayerNorm)  # _fused_dtype checked it
+    return _NormCast.apply(x, delta, norm.weight, norm.bias, norm.eps, dtype)

@@ -1,11 +1,13 @@
-"""Triton kernels of :func:`moeut.norm_cast.norm_and_cast`: a layer norm that also writes its
-input, both in the autocast dtype, in one pass each way.
+"""Triton kernels of :mod:`moeut.norm_cast`: a layer norm that also writes its input, both in
+the autocast dtype, optionally after adding a residual branch, in one pass each way.
 
-Forward, per row of ``D`` channels: ``xc = x``, ``n = (x - mean) * rstd * w + b`` (statistics and
-products in float32), both stored in the output dtype, with ``mean`` and ``rstd`` kept for the
-backward. Backward, per program a range of rows: ``dx = rstd * (w dn - xhat <w dn, xhat> / D -
-<w dn, 1> / D) + dxc`` in float32, and the program's partial sums of ``dn * xhat`` and ``dn``
-over its rows (the weight and bias gradients), which one ``sum`` adds up.
+Forward, per row of ``D`` channels: ``x = x + delta`` (in float32, stored, with a ``delta``),
+``xc = x``, ``n = (x - mean) * rstd * w + b`` (statistics and products in float32), ``xc`` and
+``n`` stored in the output dtype, ``mean`` and ``rstd`` kept for the backward. Backward, per
+program a range of rows: ``dx = rstd * (w dn - xhat <w dn, xhat> / D - <w dn, 1> / D) + dxc +
+ds`` in float32 (also stored in ``delta``'s dtype as its gradient), and the program's partial sums
+of ``dn * xhat`` and ``dn`` over its rows (the weight and bias gradients), which one ``sum`` adds
+up.
 """
 
 from __future__ import annotations
@@ -22,22 +24,26 @@ BACKWARD_CONFIG = (4, 4)
 
 @triton.jit
 def _norm_cast_forward_kernel(
-    X, W, B, XC, N, MEAN, RSTD,
-    R, D, stride_x, eps,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    X, DELTA, S, W, B, XC, N, MEAN, RSTD,
+    R, D, stride_x, stride_delta, eps,
+    HAS_DELTA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     row_ok = rows < R
     ok = row_ok[:, None] & (cols < D)[None, :]
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    out = rows[:, None] * D + cols[None, :]
+    if HAS_DELTA:  # the residual sum first, kept in float32
+        delta = tl.load(DELTA + rows[:, None] * stride_delta + cols[None, :], mask=ok, other=0.0)
+        x += delta.to(tl.float32)
+        tl.store(S + out, x, mask=ok)
     mean = tl.sum(x, axis=1) / D
     xm = tl.where(ok, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(xm * xm, axis=1) / D + eps)
     w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=cols < D, other=0.0).to(tl.float32)
     n = xm * rstd[:, None] * w[None, :] + b[None, :]
-    out = rows[:, None] * D + cols[None, :]
     tl.store(XC + out, x.to(XC.dtype.element_ty), mask=ok)
     tl.store(N + out, n.to(N.dtype.element_ty), mask=ok)
     tl.store(MEAN + rows, mean, mask=row_ok)
@@ -46,9 +52,10 @@ def _norm_cast_forward_kernel(
 
 @triton.jit
 def _norm_cast_backward_kernel(
-    X, W, MEAN, RSTD, DN, DXC, DX, PARTS,
+    X, W, MEAN, RSTD, DN, DXC, DS, DX, DDELTA, PARTS,
     R, D, stride_x, rows_per_program,
-    HAS_DXC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_DXC: tl.constexpr, HAS_DS: tl.constexpr, HAS_DDELTA: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
@@ -73,7 +80,11 @@ def _norm_cast_backward_kernel(
         dx = (wdn - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DXC:
             dx += tl.load(DXC + at, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DS:
+            dx += tl.load(DS + at, mask=ok, other=0.0).to(tl.float32)
         tl.store(DX + at, dx.to(DX.dtype.element_ty), mask=ok)
+        if HAS_DDELTA:
+            tl.store(DDELTA + at, dx.to(DDELTA.dtype.element_ty), mask=ok)
         dw += tl.sum(dn * xhat, axis=0)
         db += tl.sum(dn, axis=0)
     part = PARTS + program.to(tl.int64) * 2 * D
@@ -82,11 +93,19 @@ def _norm_cast_backward_kernel(
 
 
 def forward(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``x [R, D]`` (rows of contiguous channels) -> ``(xc, n, mean, rstd)``: ``xc`` and ``n``
-    ``[R, D]`` contiguous in ``dtype``, ``mean`` and ``rstd`` ``[R]`` float32."""
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x [R, D]`` (and ``delta [R, D]``; rows of contiguous channels) -> ``(s, xc, n, mean,
+    rstd)``: ``s = x + delta`` ``[R, D]`` float32 contiguous (None without ``delta``), ``xc``
+    (``s`` or ``x``) and its norm ``n`` ``[R, D]`` contiguous in ``dtype``, ``mean`` and
+    ``rstd`` ``[R]`` float32."""
     r, d = x.shape
+    s = None if delta is None else torch.empty(r, d, device=x.device, dtype=torch.float32)
     xc = torch.empty(r, d, device=x.device, dtype=dtype)
     n = torch.empty_like(xc)
     mean = torch.empty(r, device=x.device, dtype=torch.float32)
@@ -94,10 +113,11 @@ def forward(
     block_r, warps = FORWARD_CONFIG
     launch(
         _norm_cast_forward_kernel, (triton.cdiv(r, block_r),),
-        x, weight, bias, xc, n, mean, rstd, r, d, x.stride(0), eps,
-        block_r, triton.next_power_of_2(d), num_warps=warps,
+        x, x if delta is None else delta, xc if s is None else s, weight, bias, xc, n, mean,
+        rstd, r, d, x.stride(0), 0 if delta is None else delta.stride(0), eps,
+        delta is not None, block_r, triton.next_power_of_2(d), num_warps=warps,
     )  # fmt: skip
-    return xc, n, mean, rstd
+    return s, xc, n, mean, rstd
 
 
 def backward(
@@ -107,11 +127,16 @@ def backward(
     rstd: torch.Tensor,
     dn: torch.Tensor,
     dxc: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx [R, D]`` in ``x``'s dtype, ``dweight, dbias [D]`` float32); ``dn`` and ``dxc``
-    ``[R, D]`` contiguous (``dxc`` None: no gradient reached the cast copy)."""
+    ds: torch.Tensor | None = None,
+    delta_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """``(dx [R, D]`` in ``x``'s dtype, ``ddelta`` (the same values in ``delta_dtype``, None
+    without it), ``dweight, dbias [D]`` float32)``; ``x`` the normalised rows (the sum, with a
+    ``delta``), the gradients ``dn``, ``dxc`` (of the cast copy) and ``ds`` (of the float32
+    sum) ``[R, D]`` contiguous or None where none reached that output (``dn`` always given)."""
     r, d = x.shape
     dx = torch.empty(r, d, device=x.device, dtype=x.dtype)
+    ddelta = None if delta_dtype is None else torch.empty(r, d, device=x.device, dtype=delta_dtype)
     block_r, warps = BACKWARD_CONFIG
     programs = _programs(x.device)
     rows_per_program = triton.cdiv(triton.cdiv(r, programs), block_r) * block_r
@@ -119,12 +144,13 @@ def backward(
     parts = torch.empty(programs, 2, d, device=x.device, dtype=torch.float32)
     launch(
         _norm_cast_backward_kernel, (programs,),
-        x, weight, mean, rstd, dn, dxc if dxc is not None else dn, dx, parts,
-        r, d, x.stride(0), rows_per_program,
-        dxc is not None, block_r, triton.next_power_of_2(d), num_warps=warps,
+        x, weight, mean, rstd, dn, dn if dxc is None else dxc, dn if ds is None else ds, dx,
+        dx if ddelta is None else ddelta, parts, r, d, x.stride(0), rows_per_program,
+        dxc is not None, ds is not None, ddelta is not None, block_r, triton.next_power_of_2(d),
+        num_warps=warps,
     )  # fmt: skip
     dw, db = parts.sum(0).unbind(0)
-    return dx, dw, db
+    return dx, ddelta, dw, db
 
 
 _PROGRAMS: dict[int, int] = {}
