@@ -377,3 +377,30 @@ def test_reduce_groups_needs_a_group_dimension():
     with pytest.raises(ValueError, match="reduce_groups needs"):
         moe_linear(torch.randn(8), torch.zeros(2, dtype=torch.long), torch.rand(2),
                    torch.randn(3, 8, 4), reduce_groups=True)  # fmt: skip
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_second_derivatives_raise_on_the_triton_path(backend, device):
+    """The Triton backward records no graph, so ``create_graph=True`` raises there instead of
+    giving a wrong second derivative; the reference path's backward is differentiable."""
+    from cvmm_kernel import moe_mlp, sigmoid_topk
+
+    x, index, gate, weight = make_inputs(
+        (5,), 2, 2, 4, 8, 6, shared=False, dtype=torch.float32, device=device, seed=30
+    )
+    x.requires_grad_()
+    w_down = weight.transpose(1, 2)
+    calls = {
+        "moe_linear": lambda: moe_linear(x, index, gate, weight, backend=backend),
+        "moe_mlp": lambda: moe_mlp(x, index, gate, weight, w_down, "relu", backend=backend),
+    }
+    if backend == "triton":  # sigmoid_topk's Triton path (its reference is PyTorch ops)
+        calls["sigmoid_topk"] = lambda: sigmoid_topk(x, 2, backend=backend)[1]
+    for name, call in calls.items():
+        if backend == "triton":  # raised by the first backward or by the second
+            with pytest.raises(RuntimeError):
+                (dx,) = torch.autograd.grad(call().square().sum(), x, create_graph=True)
+                torch.autograd.grad(dx.sum(), x)
+        else:
+            (dx,) = torch.autograd.grad(call().square().sum(), x, create_graph=True)
+            assert torch.autograd.grad(dx.sum(), x)[0].shape == x.shape, name

@@ -162,3 +162,15 @@ def test_moeut_lm_under_autocast_matches_the_plain_path(device, dtype, monkeypat
     plain = run()
     for a, b in zip(fused, plain, strict=True):
         assert_rel_close(a.float(), b.float(), 2e-2)
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASTS[:2])
+def test_second_derivatives_raise(device, dtype):
+    """The backward kernels record no graph: asking for a second derivative raises instead of
+    returning a wrong one."""
+    x, norm, _ = _inputs(device, (3, 16), 4)
+    with torch.autocast(x.device.type, dtype=dtype):
+        _, n = norm_and_cast(x, norm)
+    (dx,) = torch.autograd.grad(n.float().square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        dx.sum().backward()

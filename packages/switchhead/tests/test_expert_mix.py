@@ -148,3 +148,25 @@ def test_triton_backend_off_cuda_raises(monkeypatch):
     values = torch.randn(3, 4, 8)
     with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
         mix_experts(values, torch.zeros(3, 1, dtype=torch.long), torch.rand(3, 1), backend="triton")
+
+
+@pytest.mark.parametrize(("backend", "device"), [b for b in BACKENDS if b.values[0] == "triton"])
+def test_second_derivatives_raise_on_the_triton_path(backend, device):
+    """The kernels' backward records no graph: ``create_graph=True`` raises instead of giving a
+    wrong second derivative (mixing, spreading and the RoPE rotation)."""
+    from switchhead import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(4, 3, 5, 8, generator=g).to(device).requires_grad_()
+    index = torch.randint(0, 5, (4, 3, 2), generator=g).to(device)
+    gate = torch.rand(4, 3, 2, generator=g).to(device)
+    rope = RotaryEmbedding(8, head_size=8, backend=backend).to(device)
+    calls = {
+        "mix": lambda: mix_experts(values, index, gate, backend=backend),
+        "spread": lambda: spread_experts(values[..., 0, :], index, gate, 5, backend=backend),
+        "rope": lambda: rope(values, seq_dim=1),
+    }
+    for call in calls.values():
+        (dx,) = torch.autograd.grad(call().square().sum(), values, create_graph=True)
+        with pytest.raises(RuntimeError):
+            torch.autograd.grad(dx.sum(), values)

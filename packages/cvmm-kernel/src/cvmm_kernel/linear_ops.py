@@ -33,6 +33,7 @@ from .moe_ops import (
     _weight_grad,
     decode_gemm_configs,
     in_weight_dtype,
+    no_second_derivative,
     routing_impl,
 )
 from .shared_grads import settle
@@ -316,6 +317,7 @@ class MoELinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, gate, w, y, *routing = ctx.saved_tensors
         a_div, out_div, block_m, deterministic, backend = ctx.settings
+        no_second_derivative(backend)
         r = Routing(*routing, block_m)
         need = ctx.needs_input_grad
         dx, dgate, dw = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic,

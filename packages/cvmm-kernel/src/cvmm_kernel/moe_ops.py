@@ -141,6 +141,17 @@ def check_weight_grad_rounding(in_compute_dtype: object) -> bool:
     return in_compute_dtype
 
 
+def no_second_derivative(backend: str) -> None:
+    """Raise in an eager op's backward asked to build a graph (``create_graph=True``) on the
+    Triton path: its kernels record none, so a second derivative would come out wrong without a
+    word. The reference path's backward is PyTorch ops, which autograd records."""
+    if backend == "triton" and torch.is_grad_enabled():
+        raise RuntimeError(
+            "moe_mlp and moe_linear have no second derivatives on the Triton path "
+            "(create_graph=True); use backend='reference' for them"
+        )
+
+
 def weight_grad_dtype(
     in_compute_dtype: bool, compute: torch.dtype, weight: torch.dtype
 ) -> torch.dtype | None:
@@ -816,6 +827,7 @@ class MoEMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, gate, w_up, w_down, h, u, *routing = ctx.saved_tensors
         top_k, block_m, activation, deterministic, backend = ctx.settings
+        no_second_derivative(backend)
         r = Routing(*routing, block_m)
         dx, dgate, dw_up, dw_down = _gradients(grad_out, x, gate, w_up, w_down, h, u, r, top_k,
                                                activation, deterministic, backend, ctx.shared,

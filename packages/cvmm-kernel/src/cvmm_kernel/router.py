@@ -17,6 +17,7 @@ PyTorch expression with ``topk_indices``.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .ops import Backend, resolve_backend
 from .topk import MAX_WIDTH, topk_indices
@@ -80,10 +81,15 @@ class _SigmoidTopK(torch.autograd.Function):
         ctx.save_for_backward(index, gate)
         ctx.settings = (logits.shape, global_index)
         ctx.mark_non_differentiable(index)
+        # no zeros made for the index's gradient (a fill launch per call in an eager backward)
+        ctx.set_materialize_grads(False)
         return index, gate
 
     @staticmethod
+    @once_differentiable  # the backward kernel records no graph: no silent second derivative
     def backward(ctx, _grad_index, grad_gate):
+        if grad_gate is None:
+            return None, None, None, None
         index, gate = ctx.saved_tensors
         return _backward(index, gate, grad_gate, *ctx.settings), None, None, None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 from switchhead.triton_support import kernels_can_run
+from torch.autograd.function import once_differentiable
 
 # Widest rows the kernels take (one row per block of registers).
 MAX_WIDTH = 8192
@@ -55,6 +56,7 @@ class _NormCast(torch.autograd.Function):
         return outputs if s is None else (s.view(shape), *outputs)
 
     @staticmethod
+    @once_differentiable  # the backward's kernels record no graph: no silent second derivative
     def backward(ctx, *grads):
         normed, weight, mean, rstd = ctx.saved_tensors
         x_dtype, delta_dtype = ctx.dtypes

@@ -221,7 +221,10 @@ class SwitchHeadCore(torch.nn.Module):
             bt = q_src.shape[:-1]
             qk = parts[0].view(*bt, 2, h, hs)
             q, k = qk.unbind(-3)
-            sel = _float(parts[-1][..., :n_sel]).view(*bt, len(sels), h, e).unbind(-3)
+            sel_rows = (
+                parts[-1][..., :n_sel] if sel_pad else parts[-1]
+            )  # (a slice's backward copies)
+            sel = _float(sel_rows).view(*bt, len(sels), h, e).unbind(-3)
             logits = dict(zip(("o", "v"), sel))
             v_all = None
             if dense_v:

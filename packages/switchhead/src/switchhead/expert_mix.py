@@ -22,6 +22,7 @@ the kernels do not check them. Internal to the layer; not part of the package's 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .triton_support import kernels_can_run
 
@@ -77,6 +78,7 @@ class _GatedRows(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward kernels record no graph: no silent second derivative
     def backward(ctx, grad):
         rows, index, gate = ctx.saved_tensors
         other = rows if ctx.needs_input_grad[2] else None  # the gate's gradient only if asked

@@ -11,6 +11,7 @@ inverse rotation (three kernels), not autograd's slice/cat bookkeeping. On CUDA 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .triton_support import kernels_can_run
 
@@ -42,6 +43,7 @@ class _RotateTriton(torch.autograd.Function):
         return rotate(x, cos, sin, offset, n_rotate, inverse=False)
 
     @staticmethod
+    @once_differentiable  # the backward kernel records no graph: no silent second derivative
     def backward(ctx, grad):
         from .rope_triton import rotate
 
