@@ -38,7 +38,7 @@ def _inputs(device, shape, seed):
 
 
 @pytest.mark.parametrize(("device", "dtype"), CASTS)
-@pytest.mark.parametrize("shape", [(2, 5, 24), (7, 100), (3, 1, 1024)])
+@pytest.mark.parametrize("shape", [(2, 5, 24), (7, 100), (3, 1, 1024), (3, 2500)])  # 2500: wide
 @pytest.mark.parametrize("used", ["both", "normed only", "copy only"])
 def test_kernels_match_the_oracle(device, dtype, shape, used):
     """The copy equal to torch's cast, the norm within one rounding of the oracle's; gradients

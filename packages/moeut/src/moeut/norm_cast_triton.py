@@ -17,9 +17,15 @@ import triton
 import triton.language as tl
 from cvmm_kernel.launcher import launch
 
-# (rows per program, warps) of the forward; the backward's rows per step and warps
-FORWARD_CONFIG = (4, 4)
-BACKWARD_CONFIG = (4, 4)
+# Elements of a [rows, D] block per program (or per step of the backward): 4 rows of MoEUT's
+# d_model 1024, fewer of wider rows (1 from 4096 channels on), with 8 warps from 2048 channels.
+BLOCK_ELEMENTS = 4096
+
+
+def _block(d: int) -> tuple[int, int, int]:
+    """``(rows, BLOCK_D, warps)`` of a block of rows of ``d`` channels."""
+    block_d = triton.next_power_of_2(d)
+    return max(1, BLOCK_ELEMENTS // block_d), block_d, 4 if block_d <= 1024 else 8
 
 
 @triton.jit
@@ -110,12 +116,12 @@ def forward(
     n = torch.empty_like(xc)
     mean = torch.empty(r, device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    block_r, warps = FORWARD_CONFIG
+    block_r, block_d, warps = _block(d)
     launch(
         _norm_cast_forward_kernel, (triton.cdiv(r, block_r),),
         x, x if delta is None else delta, xc if s is None else s, weight, bias, xc, n, mean,
         rstd, r, d, x.stride(0), 0 if delta is None else delta.stride(0), eps,
-        delta is not None, block_r, triton.next_power_of_2(d), num_warps=warps,
+        delta is not None, block_r, block_d, num_warps=warps,
     )  # fmt: skip
     return s, xc, n, mean, rstd
 
@@ -137,7 +143,7 @@ def backward(
     r, d = x.shape
     dx = torch.empty(r, d, device=x.device, dtype=x.dtype)
     ddelta = None if delta_dtype is None else torch.empty(r, d, device=x.device, dtype=delta_dtype)
-    block_r, warps = BACKWARD_CONFIG
+    block_r, block_d, warps = _block(d)
     programs = _programs(x.device)
     rows_per_program = triton.cdiv(triton.cdiv(r, programs), block_r) * block_r
     programs = triton.cdiv(r, rows_per_program)
@@ -146,8 +152,7 @@ def backward(
         _norm_cast_backward_kernel, (programs,),
         x, weight, mean, rstd, dn, dn if dxc is None else dxc, dn if ds is None else ds, dx,
         dx if ddelta is None else ddelta, parts, r, d, x.stride(0), rows_per_program,
-        dxc is not None, ds is not None, ddelta is not None, block_r, triton.next_power_of_2(d),
-        num_warps=warps,
+        dxc is not None, ds is not None, ddelta is not None, block_r, block_d, num_warps=warps,
     )  # fmt: skip
     dw, db = parts.sum(0).unbind(0)
     return dx, ddelta, dw, db
