@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moeut.norm_cast import add_norm_and_cast, norm_and_cast
+from moeut.norm_cast import norm_and_cast
 
 from testing_support import assert_rel_close
 
@@ -39,35 +39,34 @@ def _inputs(device, shape, seed):
 
 @pytest.mark.parametrize(("device", "dtype"), CASTS)
 @pytest.mark.parametrize("shape", [(2, 5, 24), (7, 100), (3, 1, 1024), (3, 2500)])  # 2500: wide
-@pytest.mark.parametrize("used", ["both", "normed only", "copy only"])
+@pytest.mark.parametrize("used", ["all", "stream and normed", "normed only", "copy only"])
 def test_kernels_match_the_oracle(device, dtype, shape, used):
-    """The copy equal to torch's cast, the norm within one rounding of the oracle's; gradients
-    of x, weight and bias (the copy's gradient added to the norm's) to float32 rounding."""
+    """The stream passed through, the copy equal to torch's cast, the norm within one rounding
+    of the oracle's; gradients of x, weight and bias (the stream's and the copy's gradients
+    added to the norm's) to float32 rounding."""
     x, norm, g = _inputs(device, shape, 0)
     with torch.autocast(x.device.type, dtype=dtype):
-        xc, n = norm_and_cast(x, norm)
-    assert xc.dtype == n.dtype == dtype and xc.shape == n.shape == x.shape
-    assert torch.equal(xc, x.detach().to(dtype))
+        s, xc, n = norm_and_cast(x, norm)
+    assert xc.dtype == n.dtype == dtype and s.dtype == torch.float32
+    assert torch.equal(s, x) and torch.equal(xc, x.detach().to(dtype))
     x64 = x.detach().cpu().double().requires_grad_()
     w64 = norm.weight.detach().cpu().double().requires_grad_()
     b64 = norm.bias.detach().cpu().double().requires_grad_()
     ref = oracle(x64, w64, b64, norm.eps)
     assert_rel_close(n.float().cpu(), ref, 2**-8, msg="normed")
-    dn = torch.randn(shape, generator=g)
-    dxc = torch.randn(shape, generator=g)
+    picked = {
+        "all": (0, 1, 2), "stream and normed": (0, 2), "normed only": (2,), "copy only": (1,)
+    }[used]  # fmt: skip
     outs, grads, ref_loss = [], [], 0.0
-    if used != "copy only":
-        outs.append(n)
-        grads.append(dn.to(device, dtype))
-        ref_loss = ref_loss + (ref * dn.to(dtype).double()).sum()
-    if used != "normed only":
-        outs.append(xc)
-        grads.append(dxc.to(device, dtype))
-        ref_loss = ref_loss + (x64 * dxc.to(dtype).double()).sum()
+    for i in picked:
+        grad = torch.randn(shape, generator=g).to(dtype if i else torch.float32)
+        outs.append((s, xc, n)[i])
+        grads.append(grad.to(device))
+        ref_loss = ref_loss + ((x64, x64, ref)[i] * grad.double()).sum()
     got = torch.autograd.grad(outs, [x, norm.weight, norm.bias], grads, allow_unused=True)
     want = torch.autograd.grad(ref_loss, [x64, w64, b64], allow_unused=True)
     for name, a, b in zip(("dx", "dweight", "dbias"), got, want, strict=True):
-        if b is None or not b.any():  # the copy alone: no gradient for the norm's parameters
+        if b is None or not b.any():  # the copies alone: no gradient for the norm's parameters
             assert a is None or not a.any(), name
             continue
         assert a.dtype == torch.float32, name
@@ -77,13 +76,13 @@ def test_kernels_match_the_oracle(device, dtype, shape, used):
 @pytest.mark.parametrize(("device", "dtype"), CASTS)
 @pytest.mark.parametrize("shape", [(2, 5, 24), (3, 1, 1024)])
 @pytest.mark.parametrize("used", ["all", "sum and normed", "copy only"])
-def test_add_kernels_match_the_oracle(device, dtype, shape, used):
+def test_with_a_branch_kernels_match_the_oracle(device, dtype, shape, used):
     """``x + delta`` (a branch in the autocast dtype) exactly as torch adds them, its copy and
     norm as above; gradients of x, delta (the same values in its dtype), weight and bias."""
     x, norm, g = _inputs(device, shape, 2)
     delta = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
     with torch.autocast(x.device.type, dtype=dtype):
-        s, sc, n = add_norm_and_cast(x, delta, norm)
+        s, sc, n = norm_and_cast(x, norm, delta=delta)
     assert s.dtype == torch.float32 and sc.dtype == n.dtype == dtype
     assert torch.equal(s, x.detach() + delta.detach())
     assert torch.equal(sc, s.detach().to(dtype))
@@ -126,13 +125,13 @@ def test_plain_path_elsewhere(case, monkeypatch):
     if case == "cpu without interpreter":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "no autocast"):
-        xc, n = norm_and_cast(x, norm)
+        s, xc, n = norm_and_cast(x, norm)
         want = norm(x)
-    assert xc is x
+    assert s is x and xc is x
     assert torch.equal(n, want) and n.dtype == want.dtype
     delta = torch.randn_like(x)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "no autocast"):
-        s, sc, n = add_norm_and_cast(x, delta, norm)
+        s, sc, n = norm_and_cast(x, norm, delta=delta)
         want = norm(x + delta)
     assert sc is s and torch.equal(s, x + delta)
     assert torch.equal(n, want) and n.dtype == want.dtype
@@ -170,7 +169,7 @@ def test_second_derivatives_raise(device, dtype):
     returning a wrong one."""
     x, norm, _ = _inputs(device, (3, 16), 4)
     with torch.autocast(x.device.type, dtype=dtype):
-        _, n = norm_and_cast(x, norm)
+        _, _, n = norm_and_cast(x, norm)
     (dx,) = torch.autograd.grad(n.float().square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         dx.sum().backward()

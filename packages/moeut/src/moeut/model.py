@@ -31,7 +31,7 @@ import torch.utils.checkpoint
 from cvmm_kernel import accumulate_weight_grads
 from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope, check_mask
 
-from .norm_cast import add_norm_and_cast, norm_and_cast
+from .norm_cast import norm_and_cast
 from .regularization import entropy_reg
 from .sampling import sample_next_token
 from .sigma_moe import SigmaMoE
@@ -96,9 +96,9 @@ class MoEUTLayer(torch.nn.Module):
     ) -> tuple[torch.Tensor, KVCache]:
         """``x [B, T, d_model]`` -> same shape, and the layer's KV cache."""
         # the residual and its norm, each in the autocast dtype where that applies (one kernel)
-        values, normed = norm_and_cast(x, self.ln1)
+        x, values, normed = norm_and_cast(x, self.ln1)
         att, kv_cache = self.attention(normed, normed, values, mask, kv_cache=kv_cache)
-        x, ffn_input, normed = add_norm_and_cast(x, self.drop(att), self.ln2)
+        x, ffn_input, normed = norm_and_cast(x, self.ln2, delta=self.drop(att))
         return x + self.ffn(ffn_input, normed), kv_cache
 
 

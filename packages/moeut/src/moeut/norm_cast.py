@@ -1,5 +1,5 @@
 """``norm_and_cast``: a layer's input and its layer norm, both in the autocast dtype, in one pass
-(``add_norm_and_cast``: after adding a residual branch).
+(optionally after adding a residual branch).
 
 Under autocast, a MoEUT layer feeds its float32 residual ``x`` to two places: through a layer
 norm (which autocast runs in float32) to the selections, queries and keys, and as it is to the
@@ -8,9 +8,10 @@ application runs a norm kernel and two casts forward, and the norm's backward, t
 their sum backward. On CUDA :func:`norm_and_cast` does it in one kernel each way (both outputs
 rounded from the same float32 values as before, so the results are the same up to the order of
 float32 sums); elsewhere, outside autocast and under ``torch.compile`` (Inductor fuses the plain
-ops itself) it is the plain ``(x, norm(x))``. :func:`add_norm_and_cast` also takes the residual
-addition before the norm into its kernel (and the cast of the branch's gradient into its backward
-kernel).
+ops itself) it is the plain ``(x, x, norm(x))``. It also takes a residual addition before the
+norm into its kernel (and the cast of the branch's gradient into its backward kernel), and passes
+the residual stream through, so that the stream's gradient from later layers is added in its
+backward kernel instead of by autograd.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 class _NormCast(torch.autograd.Function):
-    """``(x, norm(x))`` in ``dtype``; with a ``delta``, ``(x + delta, the same in dtype, its
-    norm in dtype)``."""
+    """``(s, s in dtype, norm(s) in dtype)`` for ``s = x`` (a view: the residual stream passes
+    through, so its later gradient joins the backward kernel) or ``s = x + delta``."""
 
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps, dtype):
@@ -52,16 +53,15 @@ class _NormCast(torch.autograd.Function):
         ctx.save_for_backward(rows if s is None else s, weight, mean, rstd)
         ctx.set_materialize_grads(False)
         ctx.dtypes = (x.dtype, None if delta is None else delta.dtype)
-        outputs = (xc.view(shape), n.view(shape))
-        return outputs if s is None else (s.view(shape), *outputs)
+        stream = x.view_as(x) if s is None else s.view(shape)
+        return stream, xc.view(shape), n.view(shape)
 
     @staticmethod
     @once_differentiable  # the backward's kernels record no graph: no silent second derivative
-    def backward(ctx, *grads):
+    def backward(ctx, ds, dxc, dn):
         normed, weight, mean, rstd = ctx.saved_tensors
         x_dtype, delta_dtype = ctx.dtypes
-        ds, dxc, dn = grads if delta_dtype is not None else (None, *grads)
-        shape = next(g for g in grads if g is not None).shape
+        shape = next(g for g in (ds, dxc, dn) if g is not None).shape
         if dn is None:  # the norm unused: the copies' gradients only
             dx = sum(g.to(x_dtype) for g in (ds, dxc) if g is not None)
             ddelta = None if delta_dtype is None else dx.to(delta_dtype)
@@ -98,34 +98,28 @@ def _fused_dtype(x: torch.Tensor, norm: torch.nn.Module) -> torch.dtype | None:
     return torch.get_autocast_dtype(device)
 
 
-def norm_and_cast(x: torch.Tensor, norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, norm(x))`` for a consumer under autocast: ``x [..., d]`` and its layer norm, both in
-    the autocast dtype (the norm computed in float32, as autocast would).
+def norm_and_cast(
+    x: torch.Tensor, norm: torch.nn.Module, delta: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A residual stream's step for consumers under autocast: ``(s, s, norm(s))`` for ``s = x``
+    or, with a branch ``delta`` (``x``'s shape, e.g. a bf16 attention output), ``s = x +
+    delta``. The first ``s`` is the stream in ``x``'s dtype (use it onwards); the second and the
+    layer norm over the last dimension come in the autocast dtype (the norm computed in
+    float32, as autocast would).
 
     On CUDA (or under the Triton interpreter) for a float32 ``x`` and an affine
-    ``torch.nn.LayerNorm`` over the last dimension, both come from one kernel (one backward
-    kernel and a sum over its per-program weight gradients); otherwise the plain
-    ``(x, norm(x))``, which autocast's consumers cast themselves. Gradients flow to ``x`` and
-    to the norm's weight and bias either way.
+    ``torch.nn.LayerNorm``, all three come from one kernel, and the backward is one kernel (the
+    gradients of ``x`` and ``delta`` in their dtypes, the stream's later gradient included) and
+    a sum over its per-program weight gradients; otherwise the plain ops, whose consumers
+    autocast casts. Gradients flow to ``x``, ``delta`` and the norm's weight and bias either
+    way.
     """
     dtype = _fused_dtype(x, norm)
-    if dtype is None:
-        return x, norm(x)
-    assert isinstance(norm, torch.nn.LayerNorm)  # _fused_dtype checked it
-    return _NormCast.apply(x, None, norm.weight, norm.bias, norm.eps, dtype)
-
-
-def add_norm_and_cast(
-    x: torch.Tensor, delta: torch.Tensor, norm: torch.nn.Module
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A residual step and what :func:`norm_and_cast` gives of its result: ``(s, s, norm(s))``
-    for ``s = x + delta`` (``delta [..., d]`` of ``x``'s shape, e.g. a bf16 branch output),
-    the first ``s`` in ``x``'s dtype (the residual stream), the other two as in
-    :func:`norm_and_cast`. Where the kernels apply, one kernel each way (the backward writes the
-    gradients of ``x`` and of ``delta``, in their dtypes); otherwise the plain ops."""
-    dtype = _fused_dtype(x, norm)
-    if dtype is None or delta.shape != x.shape or delta.device != x.device:
-        s = x + delta
-        return (s, *norm_and_cast(s, norm))
+    fused = dtype is not None and (
+        delta is None or (delta.shape == x.shape and delta.device == x.device)
+    )
+    if not fused:
+        s = x if delta is None else x + delta
+        return s, s, norm(s)
     assert isinstance(norm, torch.nn.LayerNorm)  # _fused_dtype checked it
     return _NormCast.apply(x, delta, norm.weight, norm.bias, norm.eps, dtype)
