@@ -40,19 +40,24 @@ def _inputs(device, shape, seed):
 @pytest.mark.parametrize(("device", "dtype"), CASTS)
 @pytest.mark.parametrize("shape", [(2, 5, 24), (7, 100), (3, 1, 1024), (3, 2500)])  # 2500: wide
 @pytest.mark.parametrize("used", ["all", "stream and normed", "normed only", "copy only"])
-def test_kernels_match_the_oracle(device, dtype, shape, used):
-    """The stream passed through, the copy equal to torch's cast, the norm within one rounding
-    of the oracle's; gradients of x, weight and bias (the stream's and the copy's gradients
-    added to the norm's) to float32 rounding."""
+@pytest.mark.parametrize("branch", [False, True], ids=["x", "x+delta"])
+def test_kernels_match_the_oracle(device, dtype, shape, used, branch):
+    """``s = x`` (passed through) or ``x + delta`` (a branch in the autocast dtype) exactly as
+    torch adds them, its copy equal to torch's cast, its norm within one rounding of the
+    oracle's; gradients of x, delta (the same values in its dtype), weight and bias (the
+    stream's and the copy's gradients added to the norm's) to float32 rounding."""
     x, norm, g = _inputs(device, shape, 0)
+    delta = torch.randn(shape, generator=g).to(device, dtype).requires_grad_() if branch else None
     with torch.autocast(x.device.type, dtype=dtype):
-        s, xc, n = norm_and_cast(x, norm)
-    assert xc.dtype == n.dtype == dtype and s.dtype == torch.float32
-    assert torch.equal(s, x) and torch.equal(xc, x.detach().to(dtype))
-    x64 = x.detach().cpu().double().requires_grad_()
-    w64 = norm.weight.detach().cpu().double().requires_grad_()
-    b64 = norm.bias.detach().cpu().double().requires_grad_()
-    ref = oracle(x64, w64, b64, norm.eps)
+        s, sc, n = norm_and_cast(x, norm, delta=delta)
+    want_s = x.detach() + delta.detach() if branch else x.detach()
+    assert s.dtype == torch.float32 and sc.dtype == n.dtype == dtype
+    assert torch.equal(s, want_s) and torch.equal(sc, want_s.to(dtype))
+    leaves = [t for t in (x, delta, norm.weight, norm.bias) if t is not None]
+    refs = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    x64, w64, b64 = refs[0], refs[-2], refs[-1]
+    s64 = x64 + refs[1] if branch else x64
+    ref = oracle(s64, w64, b64, norm.eps)
     assert_rel_close(n.float().cpu(), ref, 2**-8, msg="normed")
     picked = {
         "all": (0, 1, 2), "stream and normed": (0, 2), "normed only": (2,), "copy only": (1,)
@@ -60,56 +65,20 @@ def test_kernels_match_the_oracle(device, dtype, shape, used):
     outs, grads, ref_loss = [], [], 0.0
     for i in picked:
         grad = torch.randn(shape, generator=g).to(dtype if i else torch.float32)
-        outs.append((s, xc, n)[i])
-        grads.append(grad.to(device))
-        ref_loss = ref_loss + ((x64, x64, ref)[i] * grad.double()).sum()
-    got = torch.autograd.grad(outs, [x, norm.weight, norm.bias], grads, allow_unused=True)
-    want = torch.autograd.grad(ref_loss, [x64, w64, b64], allow_unused=True)
-    for name, a, b in zip(("dx", "dweight", "dbias"), got, want, strict=True):
-        if b is None or not b.any():  # the copies alone: no gradient for the norm's parameters
-            assert a is None or not a.any(), name
-            continue
-        assert a.dtype == torch.float32, name
-        assert_rel_close(a.cpu(), b, 1e-5, msg=name)
-
-
-@pytest.mark.parametrize(("device", "dtype"), CASTS)
-@pytest.mark.parametrize("shape", [(2, 5, 24), (3, 1, 1024)])
-@pytest.mark.parametrize("used", ["all", "sum and normed", "copy only"])
-def test_with_a_branch_kernels_match_the_oracle(device, dtype, shape, used):
-    """``x + delta`` (a branch in the autocast dtype) exactly as torch adds them, its copy and
-    norm as above; gradients of x, delta (the same values in its dtype), weight and bias."""
-    x, norm, g = _inputs(device, shape, 2)
-    delta = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
-    with torch.autocast(x.device.type, dtype=dtype):
-        s, sc, n = norm_and_cast(x, norm, delta=delta)
-    assert s.dtype == torch.float32 and sc.dtype == n.dtype == dtype
-    assert torch.equal(s, x.detach() + delta.detach())
-    assert torch.equal(sc, s.detach().to(dtype))
-    x64 = x.detach().cpu().double().requires_grad_()
-    d64 = delta.detach().cpu().double().requires_grad_()
-    w64 = norm.weight.detach().cpu().double().requires_grad_()
-    b64 = norm.bias.detach().cpu().double().requires_grad_()
-    s64 = x64 + d64
-    ref = oracle(s64, w64, b64, norm.eps)
-    assert_rel_close(n.float().cpu(), ref, 2**-8, msg="normed")
-    picked = {"all": (0, 1, 2), "sum and normed": (0, 2), "copy only": (1,)}[used]
-    outs, grads, ref_loss = [], [], 0.0
-    for i in picked:
-        grad = torch.randn(shape, generator=g).to(dtype if i else torch.float32)
         outs.append((s, sc, n)[i])
         grads.append(grad.to(device))
         ref_loss = ref_loss + ((s64, s64, ref)[i] * grad.double()).sum()
-    inputs = [x, delta, norm.weight, norm.bias]
-    got = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
-    want = torch.autograd.grad(ref_loss, [x64, d64, w64, b64], allow_unused=True)
-    assert got[1].dtype == dtype
-    assert torch.equal(got[1], got[0].to(dtype))  # the branch's gradient: the sum's, cast
-    for name, a, b in zip(("dx", "ddelta", "dweight", "dbias"), got, want, strict=True):
-        if b is None or not b.any():
+    got = torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+    want = torch.autograd.grad(ref_loss, refs, allow_unused=True)
+    assert got[0].dtype == torch.float32  # the stream's dtype
+    names = ["dx", "ddelta", "dweight", "dbias"] if branch else ["dx", "dweight", "dbias"]
+    if branch:  # the branch's gradient: the sum's, cast
+        assert got[1].dtype == dtype and torch.equal(got[1], got[0].to(dtype))
+    for name, a, b in zip(names, got, want, strict=True):
+        if b is None or not b.any():  # the copies alone: no gradient for the norm's parameters
             assert a is None or not a.any(), name
             continue
-        assert_rel_close(a.float().cpu(), b, 1e-5 if name != "ddelta" else 2**-8, msg=name)
+        assert_rel_close(a.float().cpu(), b, 2**-8 if name == "ddelta" else 1e-5, msg=name)
 
 
 @pytest.mark.parametrize(
