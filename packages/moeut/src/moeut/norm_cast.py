@@ -22,6 +22,8 @@ from torch.autograd.function import once_differentiable
 
 # Widest rows the kernels take (one row per block of registers).
 MAX_WIDTH = 8192
+# Branch dtypes the kernel adds as torch would (in float32: float64 would promote the sum).
+_BRANCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Set FUSED[0] = False for the plain (x, norm(x)) everywhere (benchmarks/ab_norm_cast.py
 # compares the two in one process).
 FUSED = [True]
@@ -116,7 +118,8 @@ def norm_and_cast(
     """
     dtype = _fused_dtype(x, norm)
     fused = dtype is not None and (
-        delta is None or (delta.shape == x.shape and delta.device == x.device)
+        delta is None
+        or (delta.shape == x.shape and delta.device == x.device and delta.dtype in _BRANCH_DTYPES)
     )
     if not fused:
         s = x if delta is None else x + delta
