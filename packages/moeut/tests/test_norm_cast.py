@@ -82,7 +82,7 @@ def test_kernels_match_the_oracle(device, dtype, shape, used, branch):
 
 
 @pytest.mark.parametrize(
-    "case", ["no autocast", "float64 input", "no affine", "cpu without interpreter"]
+    "case", ["no autocast", "float64 input", "no affine", "cpu without interpreter", "hooked"]
 )
 def test_plain_path_elsewhere(case, monkeypatch):
     """Outside what the kernels take, the plain (x, norm(x)): the same tensors autograd gives."""
@@ -93,6 +93,8 @@ def test_plain_path_elsewhere(case, monkeypatch):
         norm = torch.nn.LayerNorm(8, elementwise_affine=False)
     if case == "cpu without interpreter":
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if case == "hooked":  # a forward hook on the norm: it must see the norm called
+        norm.register_forward_hook(lambda *_: None)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "no autocast"):
         s, xc, n = norm_and_cast(x, norm)
         want = norm(x)
@@ -142,3 +144,24 @@ def test_second_derivatives_raise(device, dtype):
     (dx,) = torch.autograd.grad(n.float().square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         dx.sum().backward()
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASTS[:2])
+def test_hooks_on_a_layers_norms_still_fire(device, dtype):
+    """A forward hook on a MoEUT layer's norm is called under autocast (the layer then takes
+    the plain ops for that norm), with the same outputs as without the hook."""
+    from moeut import MoEUTLM
+
+    from testing_support import TINY_MOEUT, TINY_VOCAB
+
+    torch.manual_seed(0)
+    model = MoEUTLM(TINY_VOCAB, **TINY_MOEUT).to(device)
+    tokens = torch.randint(0, TINY_VOCAB, (2, 5), device=device)
+    with torch.autocast(tokens.device.type, dtype=dtype):
+        want = model(tokens).outputs
+        calls = []
+        handle = model.transformer.layers[0].ln1.register_forward_hook(lambda *_: calls.append(1))
+        got = model(tokens).outputs
+        handle.remove()
+    assert len(calls) == TINY_MOEUT["n_layers"] // 2  # each application of the shared layer
+    assert_rel_close(got.float(), want.float(), 2e-2)

@@ -8,7 +8,8 @@ application runs a norm kernel and two casts forward, and the norm's backward, t
 their sum backward. On CUDA :func:`norm_and_cast` does it in one kernel each way (both outputs
 rounded from the same float32 values as before, so the results are the same up to the order of
 float32 sums); elsewhere, outside autocast and under ``torch.compile`` (Inductor fuses the plain
-ops itself) it is the plain ``(x, x, norm(x))``. It also takes a residual addition before the
+ops itself), and where forward hooks would see the norm called, it is the plain
+``(x, x, norm(x))``. It also takes a residual addition before the
 norm into its kernel (and the cast of the branch's gradient into its backward kernel), and passes
 the residual stream through, so that the stream's gradient from later layers is added in its
 backward kernel instead of by autograd.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 from switchhead.triton_support import kernels_can_run
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _nn_module
 
 # Widest rows the kernels take (one row per block of registers).
 MAX_WIDTH = 8192
@@ -94,10 +96,22 @@ def _fused_dtype(x: torch.Tensor, norm: torch.nn.Module) -> torch.dtype | None:
         or x.shape[-1] != norm.normalized_shape[0]
         or not 0 < x.shape[-1] <= MAX_WIDTH
         or x.numel() == 0
+        or _hooked(norm)
         or not kernels_can_run(x)
     ):
         return None
     return torch.get_autocast_dtype(device)
+
+
+def _hooked(norm: torch.nn.Module) -> bool:
+    """Forward hooks would see the norm called (its own or global ones): the plain ops call it,
+    the kernels only read its parameters."""
+    return bool(
+        norm._forward_hooks
+        or norm._forward_pre_hooks
+        or getattr(_nn_module, "_global_forward_hooks", None)
+        or getattr(_nn_module, "_global_forward_pre_hooks", None)
+    )
 
 
 def norm_and_cast(
