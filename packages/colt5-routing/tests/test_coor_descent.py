@@ -123,7 +123,18 @@ def _compare(device, rows, n, masked, k, dtype=torch.float32, full_mask_row=Fals
     (gr,) = torch.autograd.grad(ref, s64, g)
     (gt,) = torch.autograd.grad(out, s, g.to(dtype))
     scale = gr.abs().max().clamp(min=1.0)
-    torch.testing.assert_close(gt.double() / scale, gr / scale, **tol)
+    grad_tol = tol
+    if dtype == torch.float32:
+        # The gradient runs back through every iteration: near a threshold the float32 PyTorch
+        # reference is itself this far from float64 (2e-5 of the scale in a case hypothesis
+        # found), so the kernel may be twice as far. (bfloat16 keeps its fixed, looser bound:
+        # the kernel computes in float32, a bfloat16 reference would be far worse.)
+        s_same = s.detach().clone().requires_grad_()
+        same = coor_descent_reference(s_same, k=k, mask=mask, **kw)
+        (g_same,) = torch.autograd.grad(same, s_same, g.to(dtype))
+        own = float((g_same.double() - gr).abs().max() / scale)
+        grad_tol = dict(rtol=tol["rtol"], atol=max(tol["atol"], 2 * own))
+    torch.testing.assert_close(gt.double() / scale, gr / scale, **grad_tol)
     if mask is not None:
         assert (out[~mask] == 0).all() and (gt[~mask] == 0).all()
 
@@ -149,6 +160,7 @@ def test_triton_matches_reference_interpret(rows, n, masked, k):
     masked=st.booleans(),
     k_frac=st.floats(0.05, 0.9),
 )
+@example(rows=3, n=7, masked=False, k_frac=0.125)  # its float32 gradient: 2e-5 off float64
 def test_triton_fuzz_interpret(rows, n, masked, k_frac):
     _compare("cpu", rows, n, masked, max(k_frac * n, 0.5))
 
