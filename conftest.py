@@ -7,6 +7,9 @@
 - ``testing_support`` (next to this file: relative error, the tolerance table, backend parameter
   sets) is importable from every test: this directory goes on ``sys.path`` here, because
   ``--import-mode=importlib`` puts nothing there.
+- Hypothesis profile ``derandomized`` (what the nox sessions load, through
+  ``HYPOTHESIS_PROFILE``): every run draws the same examples, so a CI result is reproducible and
+  no fresh random draw turns it red; plain ``pytest`` keeps drawing new ones.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("derandomized", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -46,8 +46,13 @@ nox.options.sessions = ["lint", "tests", "interpret"]
 PARALLEL = ["-n", "auto"]
 
 
-def _one_thread() -> dict[str, str]:
-    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def _test_env() -> dict[str, str]:
+    """One CPU thread per worker, and Hypothesis' ``derandomized`` profile (conftest.py: the
+    same examples on every run; ``HYPOTHESIS_PROFILE=default`` draws new ones)."""
+    return {
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "derandomized"),
+    }
 
 
 def _sync_locked(session: nox.Session) -> None:
@@ -66,14 +71,14 @@ def _sync_locked(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     """CPU tests of every package and the integration tests (locked environment)."""
     _sync_locked(session)
-    session.run("pytest", *PARALLEL, "-m", "not interpret", *session.posargs, env=_one_thread())
+    session.run("pytest", *PARALLEL, "-m", "not interpret", *session.posargs, env=_test_env())
 
 
 @nox.session
 def interpret(session: nox.Session) -> None:
     """Triton kernels on CPU tensors through the Triton interpreter."""
     _sync_locked(session)
-    env = {**_one_thread(), "TRITON_INTERPRET": "1"}
+    env = {**_test_env(), "TRITON_INTERPRET": "1"}
     session.run("pytest", *PARALLEL, "-m", "interpret", *session.posargs, env=env)
 
 
@@ -115,7 +120,8 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
         "-c",
         "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)",
     )
-    session.run("pytest", "-m", "not interpret and not slow", *session.posargs)
+    profile = {"HYPOTHESIS_PROFILE": _test_env()["HYPOTHESIS_PROFILE"]}  # torch's own threads
+    session.run("pytest", "-m", "not interpret and not slow", *session.posargs, env=profile)
 
 
 @nox.session
