@@ -46,13 +46,15 @@ nox.options.sessions = ["lint", "tests", "interpret"]
 PARALLEL = ["-n", "auto"]
 
 
+def _hypothesis_profile() -> dict[str, str]:
+    """Hypothesis' ``derandomized`` profile (conftest.py: the same examples on every run;
+    ``HYPOTHESIS_PROFILE=default`` draws new ones)."""
+    return {"HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "derandomized")}
+
+
 def _test_env() -> dict[str, str]:
-    """One CPU thread per worker, and Hypothesis' ``derandomized`` profile (conftest.py: the
-    same examples on every run; ``HYPOTHESIS_PROFILE=default`` draws new ones)."""
-    return {
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-        "HYPOTHESIS_PROFILE": os.environ.get("HYPOTHESIS_PROFILE", "derandomized"),
-    }
+    """One CPU thread per worker, and :func:`_hypothesis_profile`."""
+    return {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **_hypothesis_profile()}
 
 
 def _sync_locked(session: nox.Session) -> None:
@@ -120,8 +122,10 @@ def matrix(session: nox.Session, torch_version: str, triton_version: str) -> Non
         "-c",
         "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)",
     )
-    profile = {"HYPOTHESIS_PROFILE": _test_env()["HYPOTHESIS_PROFILE"]}  # torch's own threads
-    session.run("pytest", "-m", "not interpret and not slow", *session.posargs, env=profile)
+    # torch's own threads (one process, no workers)
+    session.run(
+        "pytest", "-m", "not interpret and not slow", *session.posargs, env=_hypothesis_profile()
+    )
 
 
 @nox.session

@@ -7,12 +7,12 @@ values or the feedforward experts. Each consumer casts its input to bf16 itself,
 application runs a norm kernel and two casts forward, and the norm's backward, two casts and
 their sum backward. On CUDA :func:`norm_and_cast` does it in one kernel each way (both outputs
 rounded from the same float32 values as before, so the results are the same up to the order of
-float32 sums); elsewhere, outside autocast and under ``torch.compile`` (Inductor fuses the plain
-ops itself), and where forward hooks would see the norm called, it is the plain
-``(x, x, norm(x))``. It also takes a residual addition before the
-norm into its kernel (and the cast of the branch's gradient into its backward kernel), and passes
-the residual stream through, so that the stream's gradient from later layers is added in its
-backward kernel instead of by autograd.
+float32 sums); elsewhere, outside autocast, under ``torch.compile`` (Inductor fuses the plain
+ops itself) and where forward hooks would see the norm called, it is the plain
+``(x, x, norm(x))``. It also takes a residual addition before the norm into its kernel (and the
+cast of the branch's gradient into its backward kernel), and passes the residual stream
+through, so that the gradient from the stream's later uses is added in its backward kernel
+instead of by autograd.
 """
 
 from __future__ import annotations

@@ -221,9 +221,8 @@ class SwitchHeadCore(torch.nn.Module):
             bt = q_src.shape[:-1]
             qk = parts[0].view(*bt, 2, h, hs)
             q, k = qk.unbind(-3)
-            sel_rows = (
-                parts[-1][..., :n_sel] if sel_pad else parts[-1]
-            )  # (a slice's backward copies)
+            # sliced only past padding columns: a slice's backward copies even a full-width one
+            sel_rows = parts[-1][..., :n_sel] if sel_pad else parts[-1]
             sel = _float(sel_rows).view(*bt, len(sels), h, e).unbind(-3)
             logits = dict(zip(("o", "v"), sel))
             v_all = None
