@@ -9,6 +9,8 @@ from cvmm_kernel import moe_linear
 from testing_support import (
     BACKENDS,
     DEVICES,
+    TRITON_CUDA,
+    TRITON_INTERPRET,
     assert_compiled_matches_eager,
     capture_cuda_graph,
     rel_error,
@@ -126,6 +128,116 @@ def test_edge_layouts(backend, device, shared, reduce_groups, case, monkeypatch)
           deterministic=case != "atomic")  # fmt: skip
 
 
+DENSE_CASES = [
+    # (layout, groups, k, experts, d_in, d_out, the dense layout at MAX_RATIO 2)
+    (LAYOUTS[0], 4, 2, 16, 24, 12, "input"),  # SwitchHead's value projection, 4 x 4
+    (LAYOUTS[1], 4, 2, 16, 12, 24, "output"),  # its output projection
+    (LAYOUTS[0], 4, 2, 32, 24, 12, None),  # 4 x 8: four times the FLOPs, sparse
+    (LAYOUTS[2], 3, 2, 4, 20, 20, "input"),  # a plain MoE layer of 4 experts, top-2
+    (LAYOUTS[3], 2, 3, 6, 8, 40, "output"),  # wider products: not kept, by output row
+]
+
+
+@pytest.mark.parametrize(("backend", "device"), [TRITON_INTERPRET, TRITON_CUDA])
+@pytest.mark.parametrize("case", DENSE_CASES)
+@pytest.mark.parametrize("frozen", [None, "x", "weight"])
+def test_dense_layouts_match_oracle(backend, device, case, frozen, monkeypatch):
+    """Few experts per slot: the dense matmuls over every expert (dense_slots) give the
+    oracle's forward and gradients, the gate's included, in the layout their FLOPs pick, and
+    the sparse kernels where the FLOPs are too many; with frozen inputs too."""
+    from cvmm_kernel import dense_slots
+
+    (shared, reduce_groups), groups, k, n_experts, d_in, d_out, expected_side = case
+    taken = []
+    for name in ("input_rows_backward", "output_rows_forward", "output_rows_weight_grad"):
+        original = getattr(dense_slots, name)
+        monkeypatch.setattr(dense_slots, name, lambda *a, _f=original, _n=name, **kw: (
+            taken.append(_n), _f(*a, **kw))[1])  # fmt: skip
+    inputs = make_inputs((3, 7), groups, k, n_experts, d_in, d_out, shared=shared,
+                         dtype=torch.float32, device=device, seed=n_experts + d_out)  # fmt: skip
+    if frozen is None:
+        check(backend, inputs, torch.float32, shared=shared, reduce_groups=reduce_groups)
+    else:
+        x, index, gate, weight = inputs
+        leaves = [t.clone().requires_grad_(name != frozen) for name, t in
+                  (("x", x), ("gate", gate), ("weight", weight))]  # fmt: skip
+        out = moe_linear(leaves[0], index, leaves[1], leaves[2], reduce_groups=reduce_groups,
+                         backend=backend)  # fmt: skip
+        ref = [t.detach().double().cpu().requires_grad_() for t in (x, gate, weight)]
+        expected = oracle(ref[0], index.cpu(), ref[1], ref[2], shared, reduce_groups)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        out.backward(grad.to(out))
+        expected.backward(grad.double())
+        for name, mine, r in zip(("x", "gate", "weight"), leaves, ref):
+            if name == frozen:
+                assert mine.grad is None, name
+            else:
+                assert rel_error(mine.grad.cpu(), r.grad) < 2 * TOLERANCE[torch.float32], name
+    if expected_side == "input":
+        assert set(taken) == {"input_rows_backward"}
+    elif expected_side == "output":
+        weight_grad = [] if frozen == "weight" else ["output_rows_weight_grad"]
+        assert taken == ["output_rows_forward", *weight_grad]
+    else:
+        assert taken == []
+
+
+@pytest.mark.parametrize(("backend", "device"), [TRITON_INTERPRET, TRITON_CUDA])
+def test_dense_layouts_off_by_ratio(backend, device, monkeypatch):
+    """MAX_RATIO 0 keeps every call on the sparse kernels, with the same results up to
+    rounding."""
+    from cvmm_kernel import dense_slots
+
+    inputs = make_inputs((5, 6), 4, 2, 16, 24, 12, shared=True, dtype=torch.float32,
+                         device=device, seed=2)  # fmt: skip
+    results = []
+    for ratio in (2.0, 0.0):
+        monkeypatch.setattr(dense_slots, "MAX_RATIO", [ratio])
+        x, index, gate, weight = (t.detach().clone() for t in inputs)
+        leaves = [t.requires_grad_() for t in (x, gate, weight)]
+        out = moe_linear(leaves[0], index, *leaves[1:], backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    assert dense_slots.side(16, 8, 2, True) is None  # (the patched ratio)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("backend", "device"), [TRITON_INTERPRET, TRITON_CUDA])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_spread_kernel_matches_reference(backend, device, dtype):
+    """The spread kernel against its reference, with an expert chosen twice in a row (the
+    gated rows add) and expert blocks over several programs."""
+    from cvmm_kernel import dense_slots, moe_triton
+
+    g = torch.Generator().manual_seed(4)
+    n_rows, div, src_div, n_experts, width = 9, 3, 2, 70, 20
+    index = torch.randint(0, n_experts, (n_rows * div,), generator=g)
+    index[4] = index[3]  # row 1 chooses one expert twice
+    gate = torch.rand(n_rows * div, generator=g)
+    src = torch.randn(n_rows * div // src_div + 1, width, generator=g)
+    src, gate, index = src.to(device, dtype), gate.to(device), index.to(device)
+    out = moe_triton.spread_slots(src, index, gate, n_experts, div, src_div)
+    expected = dense_slots.reference_spread(src, index, gate, n_experts, div, src_div)
+    assert out.shape == (n_rows, n_experts * width) and out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=1e-3 if dtype == torch.float16 else 1e-6,
+                               atol=1e-3 if dtype == torch.float16 else 1e-6)  # fmt: skip
+    chosen = out.view(n_rows, n_experts, width)[1, index[3]]
+    row = src[4 // src_div].float() * gate[4] + src[3 // src_div].float() * gate[3]
+    torch.testing.assert_close(chosen.float(), row, rtol=2e-3, atol=2e-3)
+
+
+def test_dense_layout_choice():
+    """The layout by FLOPs ratio: SwitchHead's 4 x 4 projections dense, 4 x 8 sparse."""
+    from cvmm_kernel import dense_slots
+
+    assert dense_slots.side(16, 8, 2, True) == "input"  # values: 16 experts, 8 slots a row
+    assert dense_slots.side(16, 2, 8, False) == "output"  # output: 8 slots per token
+    assert dense_slots.side(32, 8, 2, True) is None
+    assert dense_slots.side(32, 2, 8, False) is None
+    assert dense_slots.side(16, 2, 8, True) == "output"  # kept products, too few per input row
+
+
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize(
     ("shared", "reduce_groups", "frozen"),
@@ -134,8 +246,12 @@ def test_edge_layouts(backend, device, shared, reduce_groups, case, monkeypatch)
 )  # fmt: skip
 def test_frozen_inputs(backend, device, shared, reduce_groups, frozen, monkeypatch):
     """Gradients only for the inputs that want one, equal to the full backward's; a frozen
-    weight's gradient kernel does not run."""
+    weight's gradient kernel does not run (on the sparse kernels; test_dense_layouts_match_oracle
+    freezes inputs of the dense layouts)."""
+    from cvmm_kernel import dense_slots
     from cvmm_kernel import moe_triton as kt
+
+    monkeypatch.setattr(dense_slots, "MAX_RATIO", [0.0])
 
     d_in, d_out = (24, 12) if shared else (12, 24)
     inputs = make_inputs((9,), 2, 2, 6, d_in, d_out, shared=shared, dtype=torch.float32,

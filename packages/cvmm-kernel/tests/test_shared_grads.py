@@ -82,12 +82,20 @@ def test_partial_backward_and_no_grad(backend, device):
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
-def test_deferred_gradients_are_one_gemm_per_weight(backend, device, monkeypatch):
+@pytest.mark.parametrize("dense_slots", [False, True])
+def test_deferred_gradients_are_one_gemm_per_weight(backend, device, dense_slots, monkeypatch):
     """``deferred=True``: the Triton path keeps every use's weight-gradient GEMM and runs one per
     weight over all uses (renumbered slots, both gather modes, the gate); the same gradients as
-    autograd's sum, for one and for two backward passes through a retained graph."""
+    autograd's sum, for one and for two backward passes through a retained graph. With
+    ``dense_slots`` the value and output experts (3 per head, 2 chosen) take moe_linear's dense
+    layouts, whose matmuls add each use's gradient to the sum at once: only the feedforward's
+    weights are deferred."""
+    import cvmm_kernel.dense_slots
     import cvmm_kernel.moe_ops as moe_ops
     import cvmm_kernel.moe_triton as moe_triton
+
+    monkeypatch.setattr(cvmm_kernel.dense_slots, "MAX_RATIO", [2.0 if dense_slots else 0.0])
+    deferred_weights = 2 if dense_slots else 4
 
     combined, gemms = [], []
     original = moe_ops.combined_weight_grad
@@ -109,8 +117,9 @@ def test_deferred_gradients_are_one_gemm_per_weight(backend, device, monkeypatch
     for passes in (1, 2):  # a second pass through the retained graph adds a second sum
         out.square().sum().backward(retain_graph=passes == 1)
         # the reference path has no GEMM to defer: it adds each use's gradient as before
-        assert combined == ([3] * 4 * passes if backend == "triton" else [])
-        assert len(gemms) == (4 * passes if backend == "triton" else 0)  # one GEMM per weight
+        triton = backend == "triton"
+        assert combined == ([3] * deferred_weights * passes if triton else [])
+        assert len(gemms) == (deferred_weights * passes if triton else 0)  # one per weight
         for k, v in w.items():
             assert rel_error(v.grad, passes * want[k]) < 1e-5, (k, passes)
 

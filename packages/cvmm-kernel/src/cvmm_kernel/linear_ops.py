@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import dense_slots
 from .moe_ops import (
     Routing,
     _config,
@@ -114,20 +115,32 @@ def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, rol
     return kt.gated_group_sum(out, None, out_div), dgate
 
 
-def saves_products(d_in: int, d_out: int, deterministic: bool, backend: str) -> bool:
-    """Whether the forward keeps the per-slot products ``y_s = x[a(s)] @ W[e_s]`` for the
-    backward, whose gate gradient is then ``<dout[o(s)], y_s>``: where the products are no
-    wider than the inputs (the other way, ``<z_s, x[a(s)]>``, reads the wider inputs)."""
-    return backend == "triton" and deterministic and d_out <= d_in
+def plan(w_shape, a_div: int, out_div: int, deterministic: bool, backend: str):
+    """``(keeps, dense)`` for a weight ``[E, d_in, d_out]``: whether the forward keeps the
+    per-slot products ``y_s = x[a(s)] @ W[e_s]`` for the backward, whose gate gradient is then
+    ``<dout[o(s)], y_s>`` (where the products are no wider than the inputs: the other way,
+    ``<z_s, x[a(s)]>``, reads the wider inputs); and the dense layout of
+    :mod:`cvmm_kernel.dense_slots` the call takes, or None. The output-row layout keeps its
+    spread input instead of products."""
+    n_experts, d_in, d_out = w_shape
+    if backend != "triton" or not deterministic:
+        return False, None
+    keeps = d_out <= d_in
+    dense = dense_slots.side(n_experts, a_div, out_div, keeps)
+    return keeps and dense != dense_slots.OUTPUT_ROWS, dense
 
 
-def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic, configs=None):
-    """``(out, y)``: ``y`` the per-slot products where :func:`saves_products`, else empty."""
+def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic, configs=None):
+    """``(out, y)``: ``y`` what the backward reads (:func:`plan`): the per-slot products, the
+    output-row layout's spread input, or empty."""
     from . import moe_triton as kt
 
     wc = cast_weight(w, x.dtype)
     n_slots, d_out = r.sorted_to_slot.numel(), w.shape[2]
-    if not saves_products(x.shape[1], d_out, deterministic, "triton"):
+    keeps, dense = plan(w.shape, a_div, out_div, deterministic, "triton")
+    if dense == dense_slots.OUTPUT_ROWS:
+        return dense_slots.output_rows_forward(x, gate, wc, index, a_div, out_div)
+    if not keeps:
         out = _slot_sums(x, wc, r, a_div, out_div, n_slots // out_div, deterministic, gate,
                          "linear", configs=configs)[0]  # fmt: skip
         return out, x.new_empty(0, d_out)
@@ -136,7 +149,7 @@ def _triton_forward(x, gate, w, r: Routing, a_div, out_div, deterministic, confi
     return kt.gated_group_sum(y, gate, out_div), y
 
 
-def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministic,
+def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deterministic,
                      need=(True, True, True), shared=None, configs=None,
                      grad_dtype=None):  # fmt: skip
     """``(dx, dgate, dW)``, each ``None`` where ``need`` (for ``x``, ``gate``, ``w``) says no
@@ -147,9 +160,15 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
 
     need_x, need_gate, need_w = need
     wc = cast_weight(w, x.dtype)
+    dense = plan(w.shape, a_div, out_div, deterministic, "triton")[1]
+    if dense == dense_slots.INPUT_ROWS:  # (the forward kept the products: the gate from them)
+        dx, dw = dense_slots.input_rows_backward(dy, x, gate, wc, index, a_div, out_div, need_x,
+                                                 need_w)  # fmt: skip
+        dgate = kt.group_dot(y, dy, out_div).to(gate.dtype) if need_gate else None
+        return dx, dgate, _dense_weight_grad(dw, w, shared, grad_dtype)
     # z = dy[o(s)] @ W^T: g * z summed into the input row's gradient; the gate's gradient from
     # the saved products, or <z, x[a(s)]> in the same kernel
-    saved = y.shape[0] > 0
+    saved = y.shape[0] > 0 and dense is None
     dx = dgate = dw = None
     if need_x or (need_gate and not saved):
         dx, dgate = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0],
@@ -163,6 +182,9 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
         dgate = dgate.to(gate.dtype)
     if not need_w:
         return dx if need_x else None, dgate, None
+    if dense == dense_slots.OUTPUT_ROWS:  # from the spread input the forward kept
+        dw = dense_slots.output_rows_weight_grad(dy, y, w.shape)
+        return dx if need_x else None, dgate, _dense_weight_grad(dw, w, shared, grad_dtype)
     dw = _weight_grad(
         x,
         dy,
@@ -181,22 +203,34 @@ def _triton_backward(dy, x, gate, w, y, r: Routing, a_div, out_div, deterministi
     return dx if need_x else None, dgate, dw
 
 
-def _forward(x, gate, w, r: Routing, a_div, out_div, deterministic, backend, configs=None):
-    """``(out, y)``, ``y`` the saved per-slot products or an empty ``[0, d_out]``."""
+def _dense_weight_grad(dw, w, shared, grad_dtype):
+    """What a dense layout's float32 weight gradient gives autograd (see :func:`_weight_grad`):
+    None where ``shared`` sums it, else ``dw`` in ``grad_dtype`` (None: the weight's)."""
+    if dw is None:
+        return None
+    if shared is not None:
+        return settle(shared, dw.to(w.dtype), False)
+    return dw.to(w.dtype if grad_dtype is None else grad_dtype)
+
+
+def _forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic, backend,
+             configs=None):  # fmt: skip
+    """``(out, y)``, ``y`` what the backward reads: the per-slot products, the output-row
+    layout's spread input, or an empty ``[0, d_out]``."""
     if backend == "triton":
-        return _triton_forward(x, gate, w, r, a_div, out_div, deterministic, configs)
+        return _triton_forward(x, gate, w, index, r, a_div, out_div, deterministic, configs)
     return _reference_forward(x, gate, w, r, a_div, out_div), x.new_empty(0, w.shape[2])
 
 
-def _gradients(grad_out, x, gate, w, y, r: Routing, a_div, out_div, deterministic, backend,
-               need=(True, True, True), shared=None, configs=None,
+def _gradients(grad_out, x, gate, w, index, y, r: Routing, a_div, out_div, deterministic,
+               backend, need=(True, True, True), shared=None, configs=None,
                grad_dtype=None):  # fmt: skip
     """``(dx, dgate, dW)``; ``dW`` is None where ``shared`` (a SharedGrad) sums it instead, else
     in ``grad_dtype`` (None: the weight's)."""
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
-        return _triton_backward(dy, x, gate, w, y, r, a_div, out_div, deterministic, need, shared,
-                                configs, grad_dtype)  # fmt: skip
+        return _triton_backward(dy, x, gate, w, index, y, r, a_div, out_div, deterministic, need,
+                                shared, configs, grad_dtype)  # fmt: skip
     return _reference_backward(dy, x, gate, w, r, a_div, out_div, shared, grad_dtype)
 
 
@@ -208,6 +242,7 @@ def moe_linear_forward(
     x: torch.Tensor,
     gate: torch.Tensor,
     w: torch.Tensor,
+    index: torch.Tensor,
     sorted_to_slot: torch.Tensor,
     slot_to_sorted: torch.Tensor,
     offsets: torch.Tensor,
@@ -222,22 +257,27 @@ def moe_linear_forward(
     gemm_configs: Sequence[int] | None = None,
     weight_grad_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [N // a_div, d_in]``, ``gate [N]`` -> ``(out [N // out_div, d_out], y)`` with ``y``
-    the per-slot products ``[N, d_out]`` where the backward uses them, else ``[0, d_out]``.
+    """``x [N // a_div, d_in]``, ``gate``, ``index [N]`` -> ``(out [N // out_div, d_out], y)``
+    with ``y`` the per-slot products ``[N, d_out]`` where the backward uses them, the spread
+    input ``[N // out_div, E * d_in]`` of the output-row dense layout, else ``[0, d_out]``.
     ``gemm_configs``: the call's launch settings (``moe_ops.encode_gemm_configs``), kept for the
     backward (None: the shipped ones); ``weight_grad_dtype``: the backward's, see
     :func:`moe_linear_backward`."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
     configs = decode_gemm_configs(gemm_configs)
-    return _forward(x, gate, w, r, a_div, out_div, deterministic, backend, configs)
+    return _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs)
 
 
 @moe_linear_forward.register_fake
-def _(x, gate, w, sorted_to_slot, *rest):
-    out_div, _block_m, deterministic, backend = rest[6:10]
-    n, d_out = gate.shape[0], w.shape[2]
-    y_rows = n if saves_products(x.shape[1], d_out, deterministic, backend) else 0
-    return x.new_empty(n // out_div, d_out), x.new_empty(y_rows, d_out)
+def _(x, gate, w, index, sorted_to_slot, *rest):
+    a_div, out_div, _block_m, deterministic, backend = rest[5:10]
+    n, (n_experts, d_in, d_out) = gate.shape[0], w.shape
+    keeps, dense = plan(w.shape, a_div, out_div, deterministic, backend)
+    if dense == dense_slots.OUTPUT_ROWS:
+        y = x.new_empty(n // out_div, n_experts * d_in)
+    else:
+        y = x.new_empty(n if keeps else 0, d_out)
+    return x.new_empty(n // out_div, d_out), y
 
 
 @torch.library.custom_op("cvmm_kernel::moe_linear_backward", mutates_args=())
@@ -246,6 +286,7 @@ def moe_linear_backward(
     x: torch.Tensor,
     gate: torch.Tensor,
     w: torch.Tensor,
+    index: torch.Tensor,
     y: torch.Tensor,
     sorted_to_slot: torch.Tensor,
     slot_to_sorted: torch.Tensor,
@@ -265,30 +306,30 @@ def moe_linear_backward(
     own."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
     configs = decode_gemm_configs(gemm_configs)
-    return _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic, backend,
+    return _gradients(grad_out, x, gate, w, index, y, r, a_div, out_div, deterministic, backend,
                       configs=configs, grad_dtype=weight_grad_dtype)  # fmt: skip
 
 
 @moe_linear_backward.register_fake
-def _(grad_out, x, gate, w, y, sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start,
-      n_valid, a_div, out_div, block_m, deterministic, backend, gemm_configs=None,
+def _(grad_out, x, gate, w, index, y, sorted_to_slot, slot_to_sorted, offsets, tile_expert,
+      tile_start, n_valid, a_div, out_div, block_m, deterministic, backend, gemm_configs=None,
       weight_grad_dtype=None):  # fmt: skip
     return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w, dtype=weight_grad_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    x, gate, w, *routing = inputs[:9]
-    ctx.save_for_backward(x, gate, w, output[1], *routing)
-    ctx.settings = inputs[9:]  # a_div, out_div, block_m, deterministic, backend, launch
+    x, gate, w, index, *routing = inputs[:10]
+    ctx.save_for_backward(x, gate, w, index, output[1], *routing)
+    ctx.settings = inputs[10:]  # a_div, out_div, block_m, deterministic, backend, launch
 
 
 def _backward(ctx, grad_out, _grad_y):
-    x, gate, w, y, *routing = ctx.saved_tensors
-    dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, y, *routing, *ctx.settings)
+    x, gate, w, index, y, *routing = ctx.saved_tensors
+    dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, index, y, *routing, *ctx.settings)
     dw = in_weight_dtype(dw, w)
     need = ctx.needs_input_grad
     grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw))]
-    return (*grads, *[None] * (6 + len(ctx.settings)))
+    return (*grads, *[None] * (7 + len(ctx.settings)))
 
 
 moe_linear_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -306,8 +347,8 @@ class MoELinearFunction(torch.autograd.Function):
         the weight gradient's rounding (None: none)."""
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
-        out, y = _forward(x, gate, w, r, a_div, out_div, deterministic, backend, configs)
-        ctx.save_for_backward(x, gate, w, y, *routing)
+        out, y = _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs)
+        ctx.save_for_backward(x, gate, w, index, y, *routing)
         ctx.settings = (a_div, out_div, block_m, deterministic, backend)
         ctx.shared = shared
         ctx.launch = (configs, grad_dtype)
@@ -315,12 +356,13 @@ class MoELinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, gate, w, y, *routing = ctx.saved_tensors
+        x, gate, w, index, y, *routing = ctx.saved_tensors
         a_div, out_div, block_m, deterministic, backend = ctx.settings
         no_second_derivative(backend)
         r = Routing(*routing, block_m)
         need = ctx.needs_input_grad
-        dx, dgate, dw = _gradients(grad_out, x, gate, w, y, r, a_div, out_div, deterministic,
-                                   backend, need[:3], ctx.shared, *ctx.launch)  # fmt: skip
+        dx, dgate, dw = _gradients(grad_out, x, gate, w, index, y, r, a_div, out_div,
+                                   deterministic, backend, need[:3], ctx.shared,
+                                   *ctx.launch)  # fmt: skip
         grads = (dx, dgate, in_weight_dtype(dw, w))
         return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 10)

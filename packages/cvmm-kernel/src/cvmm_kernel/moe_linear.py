@@ -140,7 +140,8 @@ def moe_linear(
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)
             launch = (encode_gemm_configs(configs), grad_dtype)
-            out = moe_linear_forward(x2, flat_gate, weight, *routing, *settings, *launch)[0]
+            out = moe_linear_forward(x2, flat_gate, weight, flat_index, *routing, *settings,
+                                     *launch)[0]  # fmt: skip
         else:  # the same implementations with less host time per call
             weight, shared = shared_use(weight)
             out = MoELinearFunction.apply(

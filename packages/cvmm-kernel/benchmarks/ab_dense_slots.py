@@ -1,0 +1,123 @@
+r"""A/B of ``moe_linear``'s dense layouts (``cvmm_kernel.dense_slots``) at SwitchHead's V and O
+shapes (bf16, forward + backward, CUDA-graph replays, medians).
+
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
+        python3 packages/cvmm-kernel/benchmarks/ab_dense_slots.py
+
+Each shape of ``bench_cvmm.py`` with ``dense_slots.MAX_RATIO`` at 0 (the sparse kernels only),
+2 (the shipped bound: dense at 4 x 4) and 4 (dense at 4 x 8 too), two passes alternating, in one
+process, against dense matmuls of equal FLOPs; the outputs and gradients of each setting
+compared with the sparse kernels'. Then the kernel times of one step per layout at 4 x 4 (torch
+profiler). Writes ``ab_dense_slots.{json,md}`` and ``profile_dense_slots.txt`` to ``$OUT`` (else
+``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from bench_cvmm import SHAPES, dense_equal_flops, make_inputs, ours_fused, time_fwd_bwd
+from bench_harness import environment_line, metadata, require_cuda, table_header, write_results
+
+# (label, MAX_RATIO)
+VARIANTS = [("sparse", 0.0), ("dense <= 2", 2.0), ("dense <= 4", 4.0)]
+
+
+def _step_results(s, t, params):
+    out = ours_fused(s, t, True)
+    gen = torch.Generator(out.device).manual_seed(1)
+    out.backward(torch.randn(out.shape, device=out.device, generator=gen).to(out.dtype))
+    grads = [p.grad.float() for p in params] + [t["gate"].grad.float()]
+    for p in [*params, t["gate"]]:
+        p.grad = None
+    return [out.detach().float(), *grads]
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def main() -> int:
+    if not require_cuda(__file__):
+        return 2
+    from cvmm_kernel import dense_slots
+
+    rows = []
+    profiles = []
+    for s in SHAPES:
+        if s.kind == "ffn":
+            continue
+        t = make_inputs(s, "cuda")
+        params = [t[k].requires_grad_() for k in ("w", "x")]
+        t["gate"].requires_grad_()
+        dense_fn, dense_params = dense_equal_flops(s, "cuda")
+        dense_ms = time_fwd_bwd(dense_fn, dense_params)[0]
+        results = {}
+        for label, ratio in VARIANTS:
+            dense_slots.MAX_RATIO[0] = ratio
+            results[label] = _step_results(s, t, params)
+        times: dict[str, list[float]] = {v[0]: [] for v in VARIANTS}
+        peaks: dict[str, float] = {}
+        for _ in range(2):
+            for label, ratio in VARIANTS:
+                dense_slots.MAX_RATIO[0] = ratio
+                ms, peaks[label] = time_fwd_bwd(lambda: ours_fused(s, t, True), params)
+                times[label].append(ms)
+        for label, ratio in VARIANTS:
+            ms = min(times[label])
+            errors = [_rel(a, b) for a, b in zip(results[label], results["sparse"])]
+            rows.append({
+                "shape": s.name, "variant": label, "max_ratio": ratio, "ms_passes": times[label],
+                "ms": ms, "dense_ms": dense_ms, "pct_of_dense": 100 * dense_ms / ms,
+                "peak_mib": peaks[label],
+                "rel_diff_vs_sparse": dict(zip(("out", "w", "x", "gate"), errors)),
+            })  # fmt: skip
+        if s.name.endswith("4x4"):
+            for label, ratio in VARIANTS[:2]:
+                dense_slots.MAX_RATIO[0] = ratio
+                profiles.append(f"== {s.name}, {label}\n" + _profile(s, t, params))
+        dense_slots.MAX_RATIO[0] = 2.0
+        torch.cuda.empty_cache()
+    meta = metadata(dtype="bfloat16", timing="do_bench median of CUDA-graph replays, best of 2")
+    header = ("shape", "variant", "ms (two passes)", "% of dense TFLOP/s", "peak MiB",
+              "max rel. diff vs sparse (out, grads)")  # fmt: skip
+    lines = [f"moe_linear dense layouts A/B, {environment_line(meta)}", "", *table_header(*header)]
+    for r in rows:
+        passes = ", ".join(f"{v:.3f}" for v in r["ms_passes"])
+        diff = max(r["rel_diff_vs_sparse"].values())
+        lines.append(f"| {r['shape']} | {r['variant']} | {passes} | {r['pct_of_dense']:.0f}% "
+                     f"| {r['peak_mib']:.0f} | {diff:.1e} |")  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
+    write_results("ab_dense_slots", {"meta": meta, "rows": rows}, table, script_file=__file__)
+    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+    with open(os.path.join(out_dir, "profile_dense_slots.txt"), "w") as f:
+        f.write(f"moe_linear kernels per step, {environment_line(meta)}\n\n" + "\n".join(profiles))
+    print("\n".join(profiles))
+    return 0
+
+
+def _profile(s, t, params) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    def step():
+        out = ours_fused(s, t, True)
+        out.backward(torch.ones_like(out))
+        for p in [*params, t["gate"]]:
+            p.grad = None
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14,
+                                     max_name_column_width=60)  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
