@@ -408,10 +408,12 @@ class TinyExpertProjections(torch.nn.Module):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_matches_eager(device):
-    """torch.compile(fullgraph=True) sees the custom ops (no graph break); same outputs/grads."""
+@pytest.mark.parametrize("n_experts", [3, 8])
+def test_compile_fullgraph_matches_eager(device, n_experts):
+    """torch.compile(fullgraph=True) sees the custom ops (no graph break); same outputs/grads.
+    3 experts per head take the dense slot layouts on CUDA, 8 the sparse kernels."""
     torch.manual_seed(0)
-    model = TinyExpertProjections().to(device)
+    model = TinyExpertProjections(n_experts=n_experts).to(device)
     x = torch.randn(3, 5, 16, device=device)
     assert_compiled_matches_eager(model, x, loss=lambda out: out.square().sum())
 

@@ -1,13 +1,16 @@
 r"""Where the host time of the eager MoE pieces goes (CUDA): launches, ATen ops and Python.
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
-        python3 packages/moeut/benchmarks/host_profile.py [--case SwitchHead] [--calls 100]
+        python3 packages/moeut/benchmarks/host_profile.py [--case SwitchHead] [--calls 100] \
+        [--compiled]
 
 For each case of ``host_overhead.py`` (tiny widths, so that the host's time is what is measured)
 whose name contains a ``--case`` string: the host time per call, the driver calls per call
 (kernel launches, memsets, copies) and ATen ops per call from the torch profiler, and cProfile
-tables of the Python over ``--calls`` calls (own time and cumulative time). Writes the text to
-``$OUT/host_profile.txt`` if ``$OUT`` is set, else to ``benchmarks/results/``.
+tables of the Python over ``--calls`` calls (own time and cumulative time). ``--compiled``
+profiles ``moe_linear`` and ``moe_mlp`` forward + backward under ``torch.compile`` instead (their
+custom ops called from the compiled graphs). Writes the text to ``$OUT/host_profile.txt``
+(``host_profile_compiled.txt``) if ``$OUT`` is set, else to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -55,17 +58,45 @@ def call_counts(fn: Callable[[], object], calls: int = 10) -> str:
     return "\n".join(lines)
 
 
+def compiled_cases() -> list[tuple[str, Callable[[], object]]]:
+    """``moe_linear`` (V) and ``moe_mlp`` forward + backward of ``op_cases``' sizes, each
+    compiled (``fullgraph=True``): the host time of their custom ops."""
+    from cvmm_kernel import moe_linear, moe_mlp, topk_indices
+
+    dev, bf16 = "cuda", torch.bfloat16
+    tokens, heads, att_e, att_k, ff_e, ff_k = 64, 4, 10, 2, 387, 16
+    x = torch.randn(tokens, 128, device=dev, dtype=bf16, requires_grad=True)
+    index = topk_indices(torch.randn(tokens, heads, att_e, device=dev), att_k)
+    index = index + torch.arange(heads, device=dev)[:, None] * att_e
+    gate = torch.rand(tokens, heads, att_k, device=dev, dtype=bf16, requires_grad=True)
+    w_v = torch.randn(heads * att_e, 128, 32, device=dev, dtype=bf16, requires_grad=True)
+    ff_index = topk_indices(torch.randn(tokens, ff_e, device=dev), ff_k)
+    ff_gate = torch.rand(tokens, ff_k, device=dev, dtype=bf16, requires_grad=True)
+    w_up = torch.randn(ff_e, 128, 16, device=dev, dtype=bf16, requires_grad=True)
+    w_down = torch.randn(ff_e, 16, 128, device=dev, dtype=bf16, requires_grad=True)
+    linear = torch.compile(lambda *a: moe_linear(*a, index_bound=heads * att_e), fullgraph=True)
+    mlp = torch.compile(lambda *a: moe_mlp(*a, "relu", index_bound=ff_e), fullgraph=True)
+    return [
+        ("moe_linear forward + backward (V), compiled",
+         lambda: linear(x, index, gate, w_v).sum().backward()),
+        ("moe_mlp forward + backward, compiled",
+         lambda: mlp(x, ff_index, ff_gate, w_up, w_down).sum().backward()),
+    ]  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", action="append", help="profile the cases containing this")
     parser.add_argument("--calls", type=int, default=100, help="calls under cProfile")
     parser.add_argument("--rows", type=int, default=40, help="functions per cProfile table")
+    parser.add_argument("--compiled", action="store_true", help="the ops under torch.compile")
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
     torch.manual_seed(0)
     parts = [f"Host profile on {torch.cuda.get_device_name()}, torch {torch.__version__}"]
-    for name, fn in op_cases():
+    cases = compiled_cases() if args.compiled else op_cases()
+    for name, fn in cases:
         if args.case and not any(c.lower() in name.lower() for c in args.case):
             continue
         head = f"== {name}: host {host_us(fn):.0f} us per call"
@@ -73,7 +104,8 @@ def main() -> int:
         parts.append(f"{head}\n{call_counts(fn)}\ncProfile over {args.calls} calls:\n{profiled}")
         print(parts[-1].splitlines()[0], flush=True)
     text = "\n\n".join(parts)
-    write_text("host_profile.txt", text, script_file=__file__)
+    name = "host_profile_compiled.txt" if args.compiled else "host_profile.txt"
+    write_text(name, text, script_file=__file__)
     return 0
 
 

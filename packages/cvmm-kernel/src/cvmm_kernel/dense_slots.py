@@ -26,7 +26,8 @@ import torch
 INPUT_ROWS, OUTPUT_ROWS = "input", "output"
 
 # The largest FLOPs ratio (experts per spread row, E / a_div or E / out_div) taken dense: see
-# benchmarks/results/ab_dense_slots.md. 0 turns the dense layouts off.
+# benchmarks/results/ab_dense_slots.md. 0 turns the dense layouts off. Read by every forward and
+# backward call (a backward must see the value its forward saw: change it between steps).
 MAX_RATIO = [2.0]
 
 
