@@ -2,24 +2,34 @@ r"""A/B of ``moe_linear``'s dense layouts (``cvmm_kernel.dense_slots``) at Switc
 shapes (bf16, forward + backward, CUDA-graph replays, medians).
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
-        python3 packages/cvmm-kernel/benchmarks/ab_dense_slots.py
+        python3 packages/cvmm-kernel/benchmarks/ab_dense_slots.py [--host]
 
 Each shape of ``bench_cvmm.py`` with ``dense_slots.MAX_RATIO`` at 0 (the sparse kernels only),
 2 (the shipped bound: dense at 4 x 4) and 4 (dense at 4 x 8 too), two passes alternating, in one
 process, against dense matmuls of equal FLOPs; the outputs and gradients of each setting
 compared with the sparse kernels'. Then the kernel times of one step per layout at 4 x 4 (torch
 profiler). Writes ``ab_dense_slots.{json,md}`` and ``profile_dense_slots.txt`` to ``$OUT`` (else
-``benchmarks/results``).
+``benchmarks/results``). ``--host`` instead times the host per eager forward + backward call at
+64 tokens (the GPU idle), the settings alternating over three rounds
+(``ab_dense_slots_host.{json,md}``).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
 import torch
 from bench_cvmm import SHAPES, dense_equal_flops, make_inputs, ours_fused, time_fwd_bwd
-from bench_harness import environment_line, metadata, require_cuda, table_header, write_results
+from bench_harness import (
+    environment_line,
+    host_us,
+    metadata,
+    require_cuda,
+    table_header,
+    write_results,
+)
 
 # (label, MAX_RATIO)
 VARIANTS = [("sparse", 0.0), ("dense <= 2", 2.0), ("dense <= 4", 4.0)]
@@ -39,10 +49,51 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def host_times(dense_slots) -> int:
+    """Host us per eager forward + backward at 64 tokens, sparse and dense alternating."""
+    from dataclasses import replace
+
+    rows = []
+    for s in SHAPES:
+        if s.kind == "ffn" or not s.name.endswith("4x4"):
+            continue
+        t = make_inputs(replace(s, tokens=64), "cuda")
+        params = [t[k].requires_grad_() for k in ("w", "x")]
+
+        def step():
+            ours_fused(s, t, True).sum().backward()
+            for p in params:
+                p.grad = None
+
+        for round_ in range(3):
+            for label, ratio in VARIANTS[:2]:
+                dense_slots.MAX_RATIO[0] = ratio
+                rows.append({"shape": s.name, "variant": label, "round": round_,
+                             "host_us": host_us(step)})  # fmt: skip
+        dense_slots.MAX_RATIO[0] = 2.0
+    meta = metadata(dtype="bfloat16", timing="host_us: median of 5 rounds of 50 calls")
+    lines = [f"moe_linear host time per forward + backward, 64 tokens, {environment_line(meta)}",
+             "", *table_header("shape", "variant", "host us (three rounds)")]  # fmt: skip
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        for label, _ in VARIANTS[:2]:
+            us = [r["host_us"] for r in rows if r["shape"] == shape and r["variant"] == label]
+            lines.append(f"| {shape} | {label} | {', '.join(f'{v:.0f}' for v in us)} |")
+    table = "\n".join(lines)
+    print(table)
+    write_results("ab_dense_slots_host", {"meta": meta, "rows": rows}, table, script_file=__file__)
+    return 0
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", action="store_true", help="host time per call instead")
+    args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
     from cvmm_kernel import dense_slots
+
+    if args.host:
+        return host_times(dense_slots)
 
     rows = []
     profiles = []

@@ -68,7 +68,9 @@ AttentionFn = Callable[..., torch.Tensor]
 # "auto" computes all experts densely while they are at most this many times the chosen ones.
 # Measured on an H100 (benchmarks/results/switchhead_quick.md, T=1024, d_head 128): from CUDA
 # graphs the sparse path (moe_linear) wins at 4 and 5 times (4x8: 1.43 vs 2.21 ms; 4x10: 1.57 vs
-# 2.62), eager the dense path does (host-bound: 3.15 vs 4.04 ms at 4x8); at 2 times dense wins both.
+# 2.62), eager the dense path does (host-bound: 3.15 vs 4.04 ms at 4x8); at 2 times dense wins both,
+# also against moe_linear's dense slot layouts (4x4 d_head 100 from CUDA graphs: 0.82 vs 1.20 ms at
+# T=1024, 3.30 vs 5.06 at T=4096; benchmarks/results/ab_dense_slots_layer.md).
 DENSE_EXPERT_RATIO = 4
 
 
