@@ -61,20 +61,40 @@ def step_parts(model: torch.nn.Module) -> tuple[float, float]:
     return sorted(fwd)[len(fwd) // 2], sorted(bwd)[len(bwd) // 2]
 
 
+# The MoE ops' sizes per call: 4 heads x 10 attention experts (k=2), 387 feedforward experts
+# (k=16), at tiny widths.
+HEADS, ATT_E, ATT_K, FF_E, FF_K = 4, 10, 2, 387, 16
+
+
+def op_inputs(tokens: int = BATCH * SEQ) -> dict[str, torch.Tensor]:
+    """The operands of ``moe_linear`` (V: ``x, index, gate, w_v``) and ``moe_mlp`` (``x,
+    ff_index, ff_gate, w_up, w_down``) at the sizes above, bf16 on CUDA, and the attention
+    router's ``logits``."""
+    dev, bf16 = "cuda", torch.bfloat16
+    logits = torch.randn(tokens, HEADS, ATT_E, device=dev)
+    index = topk_indices(logits, ATT_K) + torch.arange(HEADS, device=dev)[:, None] * ATT_E
+    grad = dict(device=dev, dtype=bf16, requires_grad=True)
+    return dict(
+        x=torch.randn(tokens, 128, **grad),
+        logits=logits,
+        index=index,
+        gate=torch.rand(tokens, HEADS, ATT_K, **grad),
+        w_v=torch.randn(HEADS * ATT_E, 128, 32, **grad),
+        ff_index=topk_indices(torch.randn(tokens, FF_E, device=dev), FF_K),
+        ff_gate=torch.rand(tokens, FF_K, **grad),
+        w_up=torch.randn(FF_E, 128, 16, **grad),
+        w_down=torch.randn(FF_E, 16, 128, **grad),
+    )
+
+
 def op_cases() -> list[tuple[str, Callable[[], object]]]:
     """(name, call) of the MoE pieces timed per call: routing, top-k, ``moe_linear``,
     ``moe_mlp``, a SwitchHead and a SigmaMoE layer of the MoEUT-244M structure at tiny widths."""
     dev, bf16 = "cuda", torch.bfloat16
-    tokens, heads, att_e, att_k, ff_e, ff_k = BATCH * SEQ, 4, 10, 2, 387, 16
-    x = torch.randn(tokens, 128, device=dev, dtype=bf16, requires_grad=True)
-    logits = torch.randn(tokens, heads, att_e, device=dev)
-    index = topk_indices(logits, att_k) + torch.arange(heads, device=dev)[:, None] * att_e
-    gate = torch.rand(tokens, heads, att_k, device=dev, dtype=bf16, requires_grad=True)
-    w_v = torch.randn(heads * att_e, 128, 32, device=dev, dtype=bf16, requires_grad=True)
-    ff_index = topk_indices(torch.randn(tokens, ff_e, device=dev), ff_k)
-    ff_gate = torch.rand(tokens, ff_k, device=dev, dtype=bf16, requires_grad=True)
-    w_up = torch.randn(ff_e, 128, 16, device=dev, dtype=bf16, requires_grad=True)
-    w_down = torch.randn(ff_e, 16, 128, device=dev, dtype=bf16, requires_grad=True)
+    t = op_inputs()
+    x, logits, index, gate, w_v = (t[k] for k in ("x", "logits", "index", "gate", "w_v"))
+    ff_index, ff_gate, w_up, w_down = (t[k] for k in ("ff_index", "ff_gate", "w_up", "w_down"))
+    tokens, ff_e = x.shape[0], FF_E
     flat = ff_index.flatten().int()
 
     def linear_fwd():

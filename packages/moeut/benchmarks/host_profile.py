@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 from bench_harness import host_us, python_profile, require_cuda, write_text
-from host_overhead import op_cases
+from host_overhead import ATT_E, FF_E, HEADS, op_cases, op_inputs
 from torch.profiler import ProfilerActivity, profile
 
 _DRIVER_CALLS = ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel", "cudaMemsetAsync",
@@ -59,28 +59,19 @@ def call_counts(fn: Callable[[], object], calls: int = 10) -> str:
 
 
 def compiled_cases() -> list[tuple[str, Callable[[], object]]]:
-    """``moe_linear`` (V) and ``moe_mlp`` forward + backward of ``op_cases``' sizes, each
-    compiled (``fullgraph=True``): the host time of their custom ops."""
-    from cvmm_kernel import moe_linear, moe_mlp, topk_indices
+    """``moe_linear`` (V) and ``moe_mlp`` forward + backward of ``op_cases``' sizes (64 tokens),
+    each compiled (``fullgraph=True``): the host time of their custom ops."""
+    from cvmm_kernel import moe_linear, moe_mlp
 
-    dev, bf16 = "cuda", torch.bfloat16
-    tokens, heads, att_e, att_k, ff_e, ff_k = 64, 4, 10, 2, 387, 16
-    x = torch.randn(tokens, 128, device=dev, dtype=bf16, requires_grad=True)
-    index = topk_indices(torch.randn(tokens, heads, att_e, device=dev), att_k)
-    index = index + torch.arange(heads, device=dev)[:, None] * att_e
-    gate = torch.rand(tokens, heads, att_k, device=dev, dtype=bf16, requires_grad=True)
-    w_v = torch.randn(heads * att_e, 128, 32, device=dev, dtype=bf16, requires_grad=True)
-    ff_index = topk_indices(torch.randn(tokens, ff_e, device=dev), ff_k)
-    ff_gate = torch.rand(tokens, ff_k, device=dev, dtype=bf16, requires_grad=True)
-    w_up = torch.randn(ff_e, 128, 16, device=dev, dtype=bf16, requires_grad=True)
-    w_down = torch.randn(ff_e, 16, 128, device=dev, dtype=bf16, requires_grad=True)
-    linear = torch.compile(lambda *a: moe_linear(*a, index_bound=heads * att_e), fullgraph=True)
-    mlp = torch.compile(lambda *a: moe_mlp(*a, "relu", index_bound=ff_e), fullgraph=True)
+    t = op_inputs(64)
+    linear_args = [t[k] for k in ("x", "index", "gate", "w_v")]
+    mlp_args = [t[k] for k in ("x", "ff_index", "ff_gate", "w_up", "w_down")]
+    linear = torch.compile(lambda *a: moe_linear(*a, index_bound=HEADS * ATT_E), fullgraph=True)
+    mlp = torch.compile(lambda *a: moe_mlp(*a, "relu", index_bound=FF_E), fullgraph=True)
     return [
         ("moe_linear forward + backward (V), compiled",
-         lambda: linear(x, index, gate, w_v).sum().backward()),
-        ("moe_mlp forward + backward, compiled",
-         lambda: mlp(x, ff_index, ff_gate, w_up, w_down).sum().backward()),
+         lambda: linear(*linear_args).sum().backward()),
+        ("moe_mlp forward + backward, compiled", lambda: mlp(*mlp_args).sum().backward()),
     ]  # fmt: skip
 
 
