@@ -107,8 +107,12 @@ def test_matches_oracle(backend, device, shared, reduce_groups, k):
 def test_edge_layouts(backend, device, shared, reduce_groups, case, monkeypatch):
     """One expert with every slot, experts with no slots, slot counts no tile size divides, the
     atomic sums, widths above the row-tile kernel's inner size (the general kernel) on either
-    side or both, and the weight gradient's rows cut into ranges summed after the kernel."""
-    from cvmm_kernel import moe_triton
+    side or both, and the weight gradient's rows cut into ranges summed after the kernel: the
+    sparse kernels' edge cases (the dense slot layouts, which these few experts would take, are
+    off here; test_dense_layouts_match_oracle covers them)."""
+    from cvmm_kernel import dense_slots, moe_triton
+
+    monkeypatch.setattr(dense_slots, "MAX_RATIO", [0.0])
 
     if case in ("row-split", "wide-split"):
         monkeypatch.setattr(moe_triton, "row_split", lambda *sizes: 3)
@@ -140,11 +144,13 @@ DENSE_CASES = [
 
 @pytest.mark.parametrize(("backend", "device"), [TRITON_INTERPRET, TRITON_CUDA])
 @pytest.mark.parametrize("case", DENSE_CASES)
-@pytest.mark.parametrize("frozen", [None, "x", "weight"])
-def test_dense_layouts_match_oracle(backend, device, case, frozen, monkeypatch):
+@pytest.mark.parametrize(("frozen", "deterministic"),
+                         [(None, True), ("x", True), ("weight", True), (None, False)])  # fmt: skip
+def test_dense_layouts_match_oracle(backend, device, case, frozen, deterministic, monkeypatch):
     """Few experts per slot: the dense matmuls over every expert (dense_slots) give the
     oracle's forward and gradients, the gate's included, in the layout their FLOPs pick, and
-    the sparse kernels where the FLOPs are too many; with frozen inputs too."""
+    the sparse kernels where the FLOPs are too many; with frozen inputs too, and in the atomic
+    mode (which takes the same layouts)."""
     from cvmm_kernel import dense_slots
 
     (shared, reduce_groups), groups, k, n_experts, d_in, d_out, expected_side = case
@@ -156,7 +162,8 @@ def test_dense_layouts_match_oracle(backend, device, case, frozen, monkeypatch):
     inputs = make_inputs((3, 7), groups, k, n_experts, d_in, d_out, shared=shared,
                          dtype=torch.float32, device=device, seed=n_experts + d_out)  # fmt: skip
     if frozen is None:
-        check(backend, inputs, torch.float32, shared=shared, reduce_groups=reduce_groups)
+        check(backend, inputs, torch.float32, shared=shared, reduce_groups=reduce_groups,
+              deterministic=deterministic)  # fmt: skip
     else:
         x, index, gate, weight = inputs
         leaves = [t.clone().requires_grad_(name != frozen) for name, t in
@@ -309,7 +316,16 @@ def test_empty(backend, device, lead, k, d_in):
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize(("shared", "reduce_groups"), LAYOUTS[:2])
-def test_deterministic_is_bitwise_reproducible(backend, device, shared, reduce_groups):
+@pytest.mark.parametrize(("dense_slots", "deterministic"),
+                         [(False, True), (True, True), (True, False)])  # fmt: skip
+def test_deterministic_is_bitwise_reproducible(
+    backend, device, shared, reduce_groups, dense_slots, deterministic, monkeypatch
+):
+    """Two runs give the same bits, on the sparse kernels and on the dense slot layouts (9
+    experts for 8 slots per row), which ``deterministic=False`` takes too."""
+    import cvmm_kernel.dense_slots
+
+    monkeypatch.setattr(cvmm_kernel.dense_slots, "MAX_RATIO", [2.0 if dense_slots else 0.0])
     inputs = make_inputs((50,), 4, 2, 9, 32, 16, shared=shared, dtype=torch.float32,
                          device=device, seed=9)  # fmt: skip
     results = []
@@ -317,7 +333,7 @@ def test_deterministic_is_bitwise_reproducible(backend, device, shared, reduce_g
         x, index, gate, weight = (t.detach().clone() for t in inputs)
         leaves = [t.requires_grad_() for t in (x, gate, weight)]
         out = moe_linear(leaves[0], index, *leaves[1:], reduce_groups=reduce_groups,
-                         backend=backend)  # fmt: skip
+                         deterministic=deterministic, backend=backend)  # fmt: skip
         out.backward(torch.ones_like(out))
         results.append([out.detach()] + [t.grad for t in leaves])
     for a, b in zip(*results):
@@ -355,9 +371,13 @@ def test_cuda_bf16_autocast(deterministic, shared, reduce_groups):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(("shared", "reduce_groups"), LAYOUTS[:2])
-def test_cuda_float32_at_tuned_sizes(shared, reduce_groups):
+def test_cuda_float32_at_tuned_sizes(shared, reduce_groups, monkeypatch):
     """float32 at SwitchHead's sizes (1024-wide rows, 128-wide heads), where the bf16-tuned
-    launch settings would overflow shared memory."""
+    launch settings would overflow shared memory (the sparse kernels': the dense slot layouts
+    that 4 x 4 experts take are off)."""
+    from cvmm_kernel import dense_slots
+
+    monkeypatch.setattr(dense_slots, "MAX_RATIO", [0.0])
     d_in, d_out = (1024, 128) if shared else (128, 1024)
     inputs = make_inputs((64,), 4, 2, 16, d_in, d_out, shared=shared, dtype=torch.float32,
                          device="cuda", seed=14)  # fmt: skip

@@ -32,7 +32,7 @@ MAX_RATIO = [2.0]
 
 
 def side(n_experts: int, a_div: int, out_div: int, keeps_products: bool) -> str | None:
-    """The dense layout of a deterministic Triton call, or None (the sparse kernels): by input
+    """The dense layout of a Triton call, or None (the sparse kernels): by input
     row where the forward keeps its per-slot products (the gate gradient reads them; that
     layout makes no ``x[a(s)] @ W[e_s]`` of its own), else by output row (whose forward makes
     no products either: the gate gradient then comes with the sparse input gradient)."""

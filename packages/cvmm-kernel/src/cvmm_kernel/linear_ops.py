@@ -121,12 +121,16 @@ def plan(w_shape, a_div: int, out_div: int, deterministic: bool, backend: str):
     ``<dout[o(s)], y_s>`` (where the products are no wider than the inputs: the other way,
     ``<z_s, x[a(s)]>``, reads the wider inputs); and the dense layout of
     :mod:`cvmm_kernel.dense_slots` the call takes, or None. The output-row layout keeps its
-    spread input instead of products."""
+    spread input instead of products. A dense layout serves ``deterministic=False`` too (its
+    matmuls are faster than the atomic sums they replace, and deterministic anyway); without
+    one, that mode keeps nothing (its sums are atomic adds, no per-slot products)."""
     n_experts, d_in, d_out = w_shape
-    if backend != "triton" or not deterministic:
+    if backend != "triton":
         return False, None
     keeps = d_out <= d_in
     dense = dense_slots.side(n_experts, a_div, out_div, keeps)
+    if dense is None and not deterministic:
+        return False, None
     return keeps and dense != dense_slots.OUTPUT_ROWS, dense
 
 
@@ -161,6 +165,9 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     need_x, need_gate, need_w = need
     wc = cast_weight(w, x.dtype)
     dense = plan(w.shape, a_div, out_div, deterministic, "triton")[1]
+    # a call on a dense layout is deterministic throughout: its sparse input gradient (output
+    # rows) too, where the sum is faster than atomic adds
+    deterministic = deterministic or dense is not None
     if dense == dense_slots.INPUT_ROWS:  # (the forward kept the products: the gate from them)
         dx, dw = dense_slots.input_rows_backward(dy, x, gate, wc, index, a_div, out_div, need_x,
                                                  need_w)  # fmt: skip

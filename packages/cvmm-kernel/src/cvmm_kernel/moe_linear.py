@@ -98,7 +98,9 @@ def moe_linear(
         reduce_groups: also sum over the groups: ``[..., d_out]`` instead of ``[..., G, d_out]``.
         deterministic: ``True`` (default) sums the expert outputs (and input gradients) in a
             fixed order: bitwise reproducible. ``False`` adds them with fp32 atomics on the
-            Triton path, which skips writing the per-expert products.
+            Triton path, which skips writing the per-expert products, except where the experts
+            are few per row: there both modes take the dense slot layouts
+            (:mod:`cvmm_kernel.dense_slots`, faster) and are deterministic.
         index_bound: a promise that ``0 <= index < index_bound``: no read-back of the indices
             (no host sync; the call can be captured in a CUDA graph). Without it the range is
             checked.
