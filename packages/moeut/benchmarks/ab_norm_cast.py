@@ -1,7 +1,7 @@
 r"""A/B: MoEUT's layer norms and casts under autocast as plain ops or one kernel each way (CUDA).
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
-        python3 packages/moeut/benchmarks/ab_norm_cast.py
+        python3 packages/moeut/benchmarks/ab_norm_cast.py [--shared-grads]
 
 ``moeut.norm_cast.FUSED`` off: each layer application runs ``LayerNorm`` in float32 and its
 consumers cast the norm and the residual to bf16 themselves; on: ``norm_and_cast``'s kernel
@@ -10,10 +10,14 @@ gradients). In one process, alternating: the host time of the tiny-width MoEUT-2
 LM step (``host_overhead.step_parts``, six rounds), then the benchmark's training step eager and
 from a CUDA graph beside the dense transformer (``bench_moeut.time_step``, twice each). Writes
 ``ab_norm_cast.json`` and ``.md`` to ``$OUT`` if set, else to ``benchmarks/results/``.
+``--shared-grads`` compares ``norm_cast.SHARED_WEIGHT_GRADS`` off and on instead (the shared
+norms' weight and bias gradients summed over the repeats by autograd, or in the backward kernel;
+``norm_and_cast`` on both sides): ``ab_norm_shared_grads.{json,md}``.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -22,19 +26,28 @@ from bench_moeut import VOCAB, DenseLM, time_step
 from host_overhead import TINY, step_parts
 from moeut import MoEUTLM, norm_cast, profiles
 
-NAMES = {False: "plain norms and casts", True: "norm_and_cast"}
 ROUNDS = 6
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shared-grads", action="store_true",
+                        help="A/B of SHARED_WEIGHT_GRADS instead of FUSED")  # fmt: skip
+    args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
+    switch = norm_cast.SHARED_WEIGHT_GRADS if args.shared_grads else norm_cast.FUSED
+    shipped = switch[0]
+    if args.shared_grads:
+        NAMES = {False: "norm gradients summed by autograd", True: "norm gradients in-kernel"}
+    else:
+        NAMES = {False: "plain norms and casts", True: "norm_and_cast"}
     torch.manual_seed(0)
     tiny = MoEUTLM(VOCAB, **TINY).cuda().train()
     host = []
     for _ in range(ROUNDS):
         for fused in (False, True):
-            norm_cast.FUSED[0] = fused
+            switch[0] = fused
             fwd, bwd = step_parts(tiny)
             host.append({"norms": NAMES[fused], "forward_ms": fwd, "backward_ms": bwd})
     del tiny
@@ -43,14 +56,14 @@ def main() -> int:
         steps.append({"model": "dense-243M", "mode": mode, **time_step(DenseLM(), mode)})
         for _ in range(2):
             for fused in (False, True):
-                norm_cast.FUSED[0] = fused
+                switch[0] = fused
                 torch.manual_seed(0)
                 timing = time_step(MoEUTLM(VOCAB, **profiles.MoEUT_244M), mode)
                 steps.append({"model": f"MoEUT_244M, {NAMES[fused]}", "mode": mode, **timing})
-    norm_cast.FUSED[0] = True
+    switch[0] = shipped
     meta = metadata(setup="bf16 autocast; host: tiny widths, B=1, T=64; step: B=8, T=1024")
     lines = [
-        f"Norms and casts A/B, {environment_line(meta)} ({meta['setup']})",
+        f"{NAMES[False]} / {NAMES[True]} A/B, {environment_line(meta)} ({meta['setup']})",
         "",
         "Host time of the tiny-width MoEUT-244M structure's LM step (medians of 20 steps):",
         "",
@@ -79,7 +92,8 @@ def main() -> int:
         )
     table = "\n".join(lines)
     print(table)
-    write_results("ab_norm_cast", {"meta": meta, "host": host, "steps": steps}, table,
+    stem = "ab_norm_shared_grads" if args.shared_grads else "ab_norm_cast"
+    write_results(stem, {"meta": meta, "host": host, "steps": steps}, table,
                   script_file=__file__)  # fmt: skip
     return 0
 

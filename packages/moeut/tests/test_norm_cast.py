@@ -134,6 +134,72 @@ def test_moeut_lm_under_autocast_matches_the_plain_path(device, dtype, monkeypat
         assert_rel_close(a.float(), b.float(), 2e-2)
 
 
+@pytest.mark.parametrize(("device", "dtype"), CASTS)
+@pytest.mark.parametrize("deferred", [False, True])
+def test_shared_norm_gradients_summed_in_the_kernel(device, dtype, deferred, monkeypatch):
+    """SHARED_WEIGHT_GRADS: a norm applied three times inside accumulate_weight_grads adds each
+    use's weight and bias gradients to one running sum in its backward kernel: the same
+    gradients as autograd's sums (to float32 sum order), twice through a retained graph, and
+    one sum launch per use instead of the per-use gradients."""
+    from cvmm_kernel import accumulate_weight_grads
+    from moeut import norm_cast
+
+    x, norm, g = _inputs(device, (3, 5, 48), seed=8)
+    deltas = [torch.randn(3, 5, 48, generator=g).to(device) for _ in range(2)]
+
+    def run(shared: bool, passes: int = 1):
+        monkeypatch.setattr(norm_cast, "SHARED_WEIGHT_GRADS", [shared])
+        norm.zero_grad(set_to_none=True)
+        x.grad = None
+        params = [norm.weight, norm.bias]
+        registered = accumulate_weight_grads(params if shared else [], deferred=deferred)
+        with registered, torch.autocast(x.device.type, dtype=dtype):
+            s, total = x, 0.0
+            for delta in [None, *deltas]:
+                s, copy, normed = norm_and_cast(s, norm, delta=delta)
+                total = total + (normed.float() * copy.float().sin()).sum()
+        for p in range(passes):
+            total.backward(retain_graph=p + 1 < passes)
+        return [x.grad.clone(), norm.weight.grad.clone(), norm.bias.grad.clone()]
+
+    kernels = norm_cast._kernels()
+    launched = []
+    launch = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda kernel, *a, **kw: (
+        launched.append(kernel), launch(kernel, *a, **kw)))  # fmt: skip
+    summed = run(True)
+    assert launched.count(kernels._sum_parts_kernel) == 3  # one running-sum launch per use
+    expected = run(False)
+    for a, b in zip(summed, expected, strict=True):
+        assert_rel_close(a, b, 1e-5)
+    for a, b in zip(run(True, passes=2), expected, strict=True):
+        assert_rel_close(a, 2 * b, 1e-5)  # a second pass adds a second sum
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASTS)
+def test_moeut_lm_with_shared_norm_gradients(device, dtype, monkeypatch):
+    """The MoEUT LM (shared layers applied twice) with SHARED_WEIGHT_GRADS on gives the
+    gradients it gives with it off."""
+    from moeut import MoEUTLM, norm_cast
+
+    from testing_support import TINY_MOEUT, TINY_VOCAB
+
+    torch.manual_seed(0)
+    model = MoEUTLM(TINY_VOCAB, **{**TINY_MOEUT, "n_layers": 4, "group_size": 2}).to(device)
+    tokens = torch.randint(0, TINY_VOCAB, (2, 9), device=device)
+
+    def run(shared: bool):
+        monkeypatch.setattr(norm_cast, "SHARED_WEIGHT_GRADS", [shared])
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(tokens.device.type, dtype=dtype):
+            out = model(tokens)
+        (out.outputs.float().square().mean() + out.reg_loss).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert_rel_close(a, b, 1e-5)
+
+
 @pytest.mark.parametrize(("device", "dtype"), CASTS[:2])
 def test_second_derivatives_raise(device, dtype):
     """The backward kernels record no graph: asking for a second derivative raises instead of

@@ -31,6 +31,7 @@ import torch.utils.checkpoint
 from cvmm_kernel import accumulate_weight_grads
 from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope, check_mask
 
+from . import norm_cast
 from .norm_cast import norm_and_cast
 from .regularization import entropy_reg
 from .sampling import sample_next_token
@@ -215,6 +216,15 @@ class MoEUT(torch.nn.Module):
                 weights += [layer.attention.v, layer.attention.o]
         return weights
 
+    def _norm_params(self) -> list[torch.Tensor]:
+        """The shared layers' layer-norm weights and biases, whose gradients
+        :func:`moeut.norm_cast.norm_and_cast` sums over the repeats where
+        ``norm_cast.SHARED_WEIGHT_GRADS`` is on."""
+        if not norm_cast.SHARED_WEIGHT_GRADS[0]:
+            return []
+        return [p for layer in self.layers for ln in (layer.ln1, layer.ln2)
+                for p in (ln.weight, ln.bias) if p is not None]  # fmt: skip
+
     def forward(
         self,
         x: torch.Tensor,
@@ -248,7 +258,9 @@ class MoEUT(torch.nn.Module):
         att_logits: list[list[dict[str, torch.Tensor]]] = [[] for _ in self.layers]
         new_cache: dict[int, KVCache] = {}
         # the shared layers' expert weights: each use's gradient added in the kernels
-        shared = self._expert_weights() if self.n_repeats > 1 and not checkpointing else []
+        shared = []
+        if self.n_repeats > 1 and not checkpointing:
+            shared = self._expert_weights() + self._norm_params()
         with accumulate_weight_grads(shared, deferred=self.deferred_weight_grads):
             for r in range(self.n_repeats):
                 for i, layer in enumerate(self.layers):
