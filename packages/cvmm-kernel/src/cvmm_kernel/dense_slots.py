@@ -70,15 +70,13 @@ def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cuBLAS writes float32 from 16-bit inputs directly where this torch can (``out_dtype=``),
     else the inputs are widened first."""
     mm = torch.mm if a.dim() == 2 else torch.bmm
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE[0]:
-        try:
-            return mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):
-            _MM_OUT_DTYPE[0] = False
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
+        return mm(a, b, out_dtype=torch.float32)
     return mm(a.float(), b.float())
 
 
-_MM_OUT_DTYPE = [True]  # False once this torch has no mm(..., out_dtype=)
+# torch >= 2.8: mm and bmm take out_dtype (float32 from 16-bit inputs, on CUDA)
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.bmm, "dtype")
 
 
 def all_experts(w: torch.Tensor) -> torch.Tensor:
