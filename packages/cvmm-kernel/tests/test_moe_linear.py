@@ -343,17 +343,19 @@ def test_deterministic_is_bitwise_reproducible(
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize(("shared", "reduce_groups"), LAYOUTS[:2])
-def test_cuda_bf16_autocast(deterministic, shared, reduce_groups):
+@pytest.mark.parametrize("n_experts", [32, 16])
+def test_cuda_bf16_autocast(deterministic, shared, reduce_groups, n_experts):
     """bf16 under autocast, fp32 master weight: bf16 output, fp32 gradients, within the error
-    of the same computation in plain PyTorch under autocast (with a margin)."""
-    inputs = make_inputs((4, 256), 4, 2, 32, 256, 128, shared=shared, dtype=torch.float32,
-                         device="cuda", seed=10)  # fmt: skip
+    of the same computation in plain PyTorch under autocast (with a margin); 32 experts (8 per
+    group) on the sparse kernels, 16 (4 per group, 2 chosen) on the dense slot layouts."""
+    inputs = make_inputs((4, 256), 4, 2, n_experts, 256, 128, shared=shared,
+                         dtype=torch.float32, device="cuda", seed=10)  # fmt: skip
     x, index, gate, weight = inputs
     leaves = [t.clone().requires_grad_() for t in (x, gate, weight)]
     plain = [t.clone().requires_grad_() for t in (x, gate, weight)]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = moe_linear(leaves[0], index, *leaves[1:], reduce_groups=reduce_groups,
-                         deterministic=deterministic, index_bound=32)  # fmt: skip
+                         deterministic=deterministic, index_bound=n_experts)  # fmt: skip
         rows = plain[0].unsqueeze(-2) if shared else plain[0]
         plain_out = torch.einsum("...gi,...gkio,...gk->...go", rows, plain[2][index], plain[1])
         plain_out = plain_out.sum(-2) if reduce_groups else plain_out
