@@ -96,7 +96,10 @@ def test_write_text(monkeypatch: pytest.MonkeyPatch, script: Path, tmp_path: Pat
 
 def test_metadata_keys_and_order() -> None:
     meta = metadata(setup="B=8", dtype="bfloat16")
-    assert list(meta) == ["gpu", "torch", "triton", "date", "setup", "dtype"]
+    host = ["host_us_per_launch"] if torch.cuda.is_available() else []
+    assert list(meta) == ["gpu", "torch", "triton", "date", *host, "setup", "dtype"]
+    if host:
+        assert meta["host_us_per_launch"] > 0
     assert meta["torch"] == torch.__version__
     assert meta["date"] == datetime.date.today().isoformat()
     assert meta["setup"] == "B=8"
@@ -122,6 +125,10 @@ def test_metadata_without_cuda_and_a_replaced_date() -> None:
 def test_environment_line() -> None:
     meta = {"gpu": "GPU X", "torch": "2.9", "triton": "3.5", "date": "2026-01-01", "setup": "-"}
     assert environment_line(meta) == "GPU X, torch 2.9, triton 3.5, 2026-01-01"
+    meta["host_us_per_launch"] = 7.84
+    assert environment_line(meta) == (
+        "GPU X, torch 2.9, triton 3.5, 2026-01-01, host 7.8 us per launch"
+    )
 
 
 def test_require_cuda_says_whether_cuda_is_there(capsys: pytest.CaptureFixture[str]) -> None:

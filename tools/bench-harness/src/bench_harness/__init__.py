@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "environment_line",
     "graph_replay",
+    "host_launch_us",
     "host_us",
     "median_ms",
     "median_ms_and_peak_mib",
@@ -59,9 +60,10 @@ def require_cuda(script: str | os.PathLike[str]) -> bool:
 
 def metadata(**extra: Any) -> dict[str, Any]:
     """The run's environment: ``gpu`` (CUDA device name; None without CUDA), ``torch`` and
-    ``triton`` versions (``triton`` None when it does not import) and ``date`` (today, ISO
-    ``YYYY-MM-DD``), followed by ``extra`` (setup, dtype, ...). A key of ``extra`` that names one
-    of the four replaces its value in place (e.g. ``date=`` a UTC timestamp)."""
+    ``triton`` versions (``triton`` None when it does not import), ``date`` (today, ISO
+    ``YYYY-MM-DD``) and, with CUDA, ``host_us_per_launch`` (:func:`host_launch_us`: how fast
+    this run's host issues work), followed by ``extra`` (setup, dtype, ...). A key of ``extra``
+    that names one of these replaces its value in place (e.g. ``date=`` a UTC timestamp)."""
     try:
         import triton
 
@@ -74,14 +76,31 @@ def metadata(**extra: Any) -> dict[str, Any]:
         "triton": triton_version,
         "date": datetime.date.today().isoformat(),
     }
+    launch_us = host_launch_us()
+    if launch_us is not None:
+        meta["host_us_per_launch"] = round(launch_us, 2)
     meta.update(extra)
     return meta
 
 
+def host_launch_us() -> float | None:
+    """Host microseconds per launch of a tiny CUDA kernel (``add_`` on one element;
+    :func:`host_us`), None without CUDA. Eager and compiled steps that are host-bound run
+    slower on a slower host; this number, recorded with every result, tells runs on a fast and
+    a slow host apart."""
+    if not torch.cuda.is_available():
+        return None
+    one = torch.zeros(1, device="cuda")
+    return host_us(lambda: one.add_(1), calls=200, rounds=5)
+
+
 def environment_line(meta: Mapping[str, Any]) -> str:
     """``"<gpu>, torch <version>, triton <version>, <date>"``: the part of a results title that
-    names where and when it was measured (``meta`` from :func:`metadata`)."""
-    return f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}"
+    names where and when it was measured (``meta`` from :func:`metadata`), and the host's speed
+    where it was recorded (``", host <us> us per launch"``)."""
+    line = f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}"
+    launch_us = meta.get("host_us_per_launch")
+    return line if launch_us is None else f"{line}, host {launch_us:.1f} us per launch"
 
 
 def graph_replay(step: Callable[[], object], *, warmup_steps: int = 3) -> Callable[[], None]:
