@@ -1,7 +1,7 @@
 r"""A/B: MoEUT's layer norms and casts under autocast as plain ops or one kernel each way (CUDA).
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
-        python3 packages/moeut/benchmarks/ab_norm_cast.py [--shared-grads]
+        python3 packages/moeut/benchmarks/ab_norm_cast.py [--switch SWITCH]
 
 ``moeut.norm_cast.FUSED`` off: each layer application runs ``LayerNorm`` in float32 and its
 consumers cast the norm and the residual to bf16 themselves; on: ``norm_and_cast``'s kernel
@@ -10,9 +10,12 @@ gradients). In one process, alternating: the host time of the tiny-width MoEUT-2
 LM step (``host_overhead.step_parts``, six rounds), then the benchmark's training step eager and
 from a CUDA graph beside the dense transformer (``bench_moeut.time_step``, twice each). Writes
 ``ab_norm_cast.json`` and ``.md`` to ``$OUT`` if set, else to ``benchmarks/results/``.
-``--shared-grads`` compares ``norm_cast.SHARED_WEIGHT_GRADS`` off and on instead (the shared
-norms' weight and bias gradients summed over the repeats by autograd, or in the backward kernel;
-``norm_and_cast`` on both sides): ``ab_norm_shared_grads.{json,md}``.
+``--switch shared-grads`` compares ``norm_cast.SHARED_WEIGHT_GRADS`` off and on instead (the
+shared norms' weight and bias gradients summed over the repeats by autograd, or in the backward
+kernel; ``norm_and_cast`` on both sides): ``ab_norm_shared_grads.{json,md}``; ``--switch
+shared-projection`` ``switchhead.shared_projection.ENABLED`` (each application's fused input
+projection weight made and its gradient added by autograd, or one weight per forward and one
+float32 gradient sum): ``ab_shared_projection.{json,md}``.
 """
 
 from __future__ import annotations
@@ -25,23 +28,29 @@ from bench_harness import environment_line, metadata, require_cuda, write_result
 from bench_moeut import VOCAB, DenseLM, time_step
 from host_overhead import TINY, step_parts
 from moeut import MoEUTLM, norm_cast, profiles
+from switchhead import shared_projection
 
 ROUNDS = 6
+# --switch: (the switch, names of its off and on states, results file stem)
+SWITCHES = {
+    "fused": (norm_cast.FUSED, {False: "plain norms and casts", True: "norm_and_cast"},
+              "ab_norm_cast"),
+    "shared-grads": (norm_cast.SHARED_WEIGHT_GRADS, {False: "norm gradients summed by autograd",
+                     True: "norm gradients in-kernel"}, "ab_norm_shared_grads"),
+    "shared-projection": (shared_projection.ENABLED, {False: "projection per application",
+                          True: "projection shared"}, "ab_shared_projection"),
+}  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shared-grads", action="store_true",
-                        help="A/B of SHARED_WEIGHT_GRADS instead of FUSED")  # fmt: skip
+    parser.add_argument("--switch", choices=list(SWITCHES), default="fused",
+                        help="the switch turned off and on")  # fmt: skip
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
-    switch = norm_cast.SHARED_WEIGHT_GRADS if args.shared_grads else norm_cast.FUSED
+    switch, NAMES, stem = SWITCHES[args.switch]
     shipped = switch[0]
-    if args.shared_grads:
-        NAMES = {False: "norm gradients summed by autograd", True: "norm gradients in-kernel"}
-    else:
-        NAMES = {False: "plain norms and casts", True: "norm_and_cast"}
     torch.manual_seed(0)
     tiny = MoEUTLM(VOCAB, **TINY).cuda().train()
     host = []
@@ -92,7 +101,6 @@ def main() -> int:
         )
     table = "\n".join(lines)
     print(table)
-    stem = "ab_norm_shared_grads" if args.shared_grads else "ab_norm_cast"
     write_results(stem, {"meta": meta, "host": host, "steps": steps}, table,
                   script_file=__file__)  # fmt: skip
     return 0

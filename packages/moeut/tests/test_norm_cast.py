@@ -231,3 +231,26 @@ def test_hooks_on_a_layers_norms_still_fire(device, dtype):
         handle.remove()
     assert len(calls) == TINY_MOEUT["n_layers"] // 2  # each application of the shared layer
     assert_rel_close(got.float(), want.float(), 2e-2)
+
+
+def test_moeut_lm_with_shared_input_projections(monkeypatch):
+    """MoEUT's shared layers (applied twice) with the projections shared: the gradients of the
+    LM as without."""
+    from moeut import MoEUTLM
+    from switchhead import shared_projection
+
+    from testing_support import TINY_MOEUT, TINY_VOCAB
+
+    torch.manual_seed(0)
+    model = MoEUTLM(TINY_VOCAB, **{**TINY_MOEUT, "n_layers": 4, "group_size": 2})
+    tokens = torch.randint(0, TINY_VOCAB, (2, 9))
+
+    def run(enabled):
+        monkeypatch.setattr(shared_projection, "ENABLED", [enabled])
+        model.zero_grad(set_to_none=True)
+        out = model(tokens)
+        (out.outputs.float().square().mean() + out.reg_loss).backward()
+        return [p.grad for p in model.parameters()]
+
+    for a, b in zip(run(True), run(False), strict=True):
+        assert_rel_close(a, b, 1e-5)

@@ -30,6 +30,7 @@ import torch
 import torch.utils.checkpoint
 from cvmm_kernel import accumulate_weight_grads
 from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope, check_mask
+from switchhead.shared_projection import share_input_projections
 
 from . import norm_cast
 from .norm_cast import norm_and_cast
@@ -258,10 +259,14 @@ class MoEUT(torch.nn.Module):
         att_logits: list[list[dict[str, torch.Tensor]]] = [[] for _ in self.layers]
         new_cache: dict[int, KVCache] = {}
         # the shared layers' expert weights: each use's gradient added in the kernels
-        shared = []
+        shared, attention = [], []
         if self.n_repeats > 1 and not checkpointing:
             shared = self._expert_weights() + self._norm_params()
-        with accumulate_weight_grads(shared, deferred=self.deferred_weight_grads):
+            attention = [layer.attention for layer in self.layers]
+        with (
+            accumulate_weight_grads(shared, deferred=self.deferred_weight_grads),
+            share_input_projections(attention),
+        ):
             for r in range(self.n_repeats):
                 for i, layer in enumerate(self.layers):
                     index = r * len(self.layers) + i

@@ -57,6 +57,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from . import shared_projection
 from .experts import EXPERT_PATHS, ExpertPath
 from .inputs import check_layer_inputs
 from .masks import AttentionMask, check_mask, sdpa_mask
@@ -64,6 +65,13 @@ from .rope import RotaryEmbedding
 
 KVCache = dict[str, torch.Tensor] | None
 AttentionFn = Callable[..., torch.Tensor]
+# How the fused projection reads a parameter (itself, or a stand-in: switchhead.shared_projection)
+ParamLookup = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _itself(p: torch.Tensor) -> torch.Tensor:
+    return p
+
 
 # "auto" computes all experts densely while they are at most this many times the chosen ones.
 # Measured on an H100 (benchmarks/results/switchhead_quick.md, T=1024, d_head 128): from CUDA
@@ -168,16 +176,45 @@ class SwitchHeadCore(torch.nn.Module):
             return w
         return F.pad(w.view(-1, self.projection_size, w.shape[-1]), (0, 0, 0, pad)).flatten(0, 1)
 
-    def _qk_rows(self) -> list[torch.Tensor]:
-        return [self._pad_rows(self.q.weight), self._pad_rows(self.k.weight)]
+    def _qk_rows(self, param: ParamLookup = _itself) -> list[torch.Tensor]:
+        return [self._pad_rows(param(self.q.weight)), self._pad_rows(param(self.k.weight))]
 
-    def _v_rows(self) -> torch.Tensor:
+    def _v_rows(self, param: ParamLookup = _itself) -> torch.Tensor:
         """Value projection rows ``[H * E * head_size, d_model]`` (head-major, then expert)."""
         if self.n_experts == 1:
-            return self._pad_rows(self.v)
+            return self._pad_rows(param(self.v))
         pad = self.head_size - self.projection_size
-        v = self.v.transpose(1, 2)  # [H*E, d_head, d_model]
+        v = param(self.v).transpose(1, 2)  # [H*E, d_head, d_model]
         return (F.pad(v, (0, 0, 0, pad)) if pad else v).reshape(-1, self.input_size)
+
+    def _fused_rows(self, with_values: bool, param: ParamLookup = _itself):
+        """The self-attention input projection's fused weight ``[rows, d_model]`` (q and k rows,
+        the value experts' where ``with_values``, the selections', zero rows up to a multiple of
+        8: head-sized blocks first, so that the q/k/v views handed to the attention kernel are
+        16-byte aligned) and the part sizes ``[q and k, values?, selections]`` (the last with
+        its padding), with each parameter ``p`` read as ``param(p)``."""
+        sels = [param(self.sel_o), param(self.sel_v)] if self.n_experts > 1 else [param(self.sel_o)]
+        v_rows = [self._v_rows(param)] if with_values else []
+        sizes = self._fused_sizes(with_values)
+        sel_pad = sizes[-1] - sum(r.shape[0] for r in sels)
+        pad_rows = [sels[0].new_zeros(sel_pad, self.input_size)] if sel_pad else []
+        return torch.cat(self._qk_rows(param) + v_rows + sels + pad_rows), sizes
+
+    def _fused_sizes(self, with_values: bool) -> list[int]:
+        """The fused input projection's part sizes (see :meth:`_fused_rows`)."""
+        h, e, hs = self.n_heads, self.n_experts, self.head_size
+        n_sel = (2 if e > 1 else 1) * h * e
+        return [2 * h * hs] + ([h * e * hs] if with_values else []) + [n_sel + -n_sel % 8]
+
+    def _shared_fusion(self):
+        """``(parameters, fusion)`` of the fused input projection for
+        :mod:`switchhead.shared_projection` (the eager fusion: value experts included where
+        the expert path fuses them)."""
+        params = [self.q.weight, self.k.weight, self.sel_o]
+        params += [self.sel_v] if self.n_experts > 1 else []
+        params += [self.v] if self.experts.fuses_values else []
+        fuses_values = self.experts.fuses_values
+        return params, lambda param: self._fused_rows(fuses_values, param)[0]
 
     def _o_cols(self) -> torch.Tensor:
         """Output projection ``[H * E * head_size, d_model]`` for ``A @ W``."""
@@ -203,7 +240,6 @@ class SwitchHeadCore(torch.nn.Module):
         h, e, hs = self.n_heads, self.n_experts, self.head_size
         dense_v = self.experts.fuses_values
         sels = [self.sel_o, self.sel_v] if e > 1 else [self.sel_o]
-        v_rows = [self._v_rows()] if dense_v else []
         # Under torch.compile the value experts get a matmul of their own: fused into this one,
         # Inductor turned the backward of the split (RoPE, the q/k stack and every part's
         # gradient concatenated) into one kernel 4-5x slower than its traffic (0.66-0.82 ms at
@@ -215,11 +251,14 @@ class SwitchHeadCore(torch.nn.Module):
             # memory-efficient kernel faults on misaligned views instead of rejecting them).
             n_sel = len(sels) * h * e
             sel_pad = -n_sel % 8
-            pad_rows = [self.sel_o.new_zeros(sel_pad, self.input_size)] if sel_pad else []
-            fused_v = [] if v_apart else v_rows
-            w = torch.cat(self._qk_rows() + fused_v + sels + pad_rows)
-            sizes = [2 * h * hs] + [r.shape[0] for r in fused_v] + [n_sel + sel_pad]
-            parts = torch.split(F.linear(q_src, w), sizes, dim=-1)
+            rows = shared_projection.rows_of(self)
+            if rows is not None and not v_apart:  # the weight and its gradient's sum shared
+                sizes = self._fused_sizes(dense_v)
+                projected = shared_projection.shared_linear(rows, q_src)
+            else:
+                w, sizes = self._fused_rows(dense_v and not v_apart)
+                projected = F.linear(q_src, w)
+            parts = torch.split(projected, sizes, dim=-1)
             bt = q_src.shape[:-1]
             qk = parts[0].view(*bt, 2, h, hs)
             q, k = qk.unbind(-3)
@@ -229,7 +268,9 @@ class SwitchHeadCore(torch.nn.Module):
             logits = dict(zip(("o", "v"), sel))
             v_all = None
             if dense_v:
-                v_all = (F.linear(q_src, v_rows[0]) if v_apart else parts[1]).view(*bt, h, e, hs)
+                v_all = (F.linear(q_src, self._v_rows()) if v_apart else parts[1]).view(
+                    *bt, h, e, hs
+                )
             return q, k, qk, logits, v_all
         q_rows, k_rows = self._qk_rows()
         logits = {"o": _float(F.linear(q_src, self.sel_o)).view(*q_src.shape[:-1], h, e)}
@@ -239,7 +280,7 @@ class SwitchHeadCore(torch.nn.Module):
             logits["v"] = _float(F.linear(k_src, self.sel_v)).view(*k_src.shape[:-1], h, e)
         v_all = None
         if dense_v:
-            v_all = F.linear(v_src, v_rows[0]).view(*v_src.shape[:-1], h, e, hs)
+            v_all = F.linear(v_src, self._v_rows()).view(*v_src.shape[:-1], h, e, hs)
         return q, k, None, logits, v_all
 
     def _values(self, v_src, v_all, logits) -> torch.Tensor:
