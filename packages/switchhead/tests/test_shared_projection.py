@@ -9,7 +9,7 @@ import torch
 from switchhead import SwitchHeadRope, SwitchHeadXL, shared_projection
 from switchhead.shared_projection import share_input_projections
 
-from testing_support import assert_rel_close
+from testing_support import DEVICES, assert_rel_close
 
 LAYERS = {
     "rope, cvmm experts": lambda: SwitchHeadRope(32, 2, 4, d_head=8, expert_impl="cvmm"),
@@ -29,13 +29,13 @@ def _run(layer, x, enabled, monkeypatch, *, passes=1, autocast=False, cross=Fals
     x = x.detach().clone().requires_grad_()
     with (
         share_input_projections([layer]),
-        torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
+        torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast),
     ):
         h = x
         for i in range(3):
             source = x if cross and i == 1 else h
             h = h + layer(h, source, source)[0].float()
-    loss = (h.square() * torch.linspace(0.5, 1.5, h.shape[-1])).sum()
+    loss = (h.square() * torch.linspace(0.5, 1.5, h.shape[-1], device=h.device)).sum()
     for p in range(passes):
         loss.backward(retain_graph=p + 1 < passes)
     return [h.detach(), x.grad] + [p.grad for p in layer.parameters()]
@@ -76,12 +76,14 @@ def test_fused_weight_made_once_and_gradient_summed_once(monkeypatch):
         assert_rel_close(a, b, 1e-5)
 
 
-def test_under_cpu_autocast(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_under_bf16_autocast(device, monkeypatch):
     """bf16 autocast: the shared weight is the per-application cast's values; its gradient sum
-    stays in float32 (the plain path rounds each application's to bf16), so within bf16."""
+    stays in float32 (the plain path rounds each application's to bf16), so within bf16. On
+    CUDA the sum is cuBLAS' float32-output mm / addmm."""
     torch.manual_seed(2)
-    layer = LAYERS["rope, cvmm experts"]()
-    x = torch.randn(2, 6, 32)
+    layer = LAYERS["rope, cvmm experts"]().to(device)
+    x = torch.randn(2, 6, 32, device=device)
     shared = _run(layer, x, True, monkeypatch, autocast=True)
     plain = _run(layer, x, False, monkeypatch, autocast=True)
     for a, b in zip(shared, plain, strict=True):

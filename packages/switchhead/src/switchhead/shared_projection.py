@@ -10,7 +10,7 @@ per application where one matmul each way does the work.
 Inside :func:`share_input_projections`, with ``ENABLED[0]``, a layer's self-attention input
 projection instead takes its fused weight in the compute dtype from a per-forward cache (made at
 the first application), and every application's backward adds ``dy^T x`` to one float32 running
-sum of the fused weight's gradient (``addmm`` with a float32 output, in place); one autograd node
+sum of the fused weight's gradient (one ``addmm`` with a float32 output); one autograd node
 in front of all applications splits the sum into the parameters' gradients once (through the
 fusion's own backward: padding and transposes undone by autograd). The same function and
 gradients, up to the order of float32 sums. Not while ``torch.compile`` traces, nor with
@@ -67,14 +67,14 @@ class SharedRows:
             if self.grad is None:
                 self.grad = torch.mm(a, b, out_dtype=torch.float32)
             else:
-                torch.addmm(self.grad, a, b, out_dtype=torch.float32, out=self.grad)
+                self.grad = torch.addmm(self.grad, a, b, out_dtype=torch.float32)
             return
         part = a.float() @ b.float()
         self.grad = part if self.grad is None else self.grad.add_(part)
 
 
 # torch >= 2.8: mm and addmm write float32 from 16-bit inputs (on CUDA)
-_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype_out")
+_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
 
 
 class _Collect(torch.autograd.Function):
