@@ -21,7 +21,14 @@ import os
 import sys
 
 import torch
-from bench_cvmm import SHAPES, dense_equal_flops, make_inputs, ours_fused, time_fwd_bwd
+from bench_cvmm import (
+    SHAPES,
+    dense_equal_flops,
+    fwd_bwd_step,
+    make_inputs,
+    ours_fused,
+    time_fwd_bwd,
+)
 from bench_harness import (
     environment_line,
     host_us,
@@ -153,12 +160,7 @@ def main() -> int:
 def _profile(s, t, params) -> str:
     from torch.profiler import ProfilerActivity, profile
 
-    def step():
-        out = ours_fused(s, t, True)
-        out.backward(torch.ones_like(out))
-        for p in [*params, t["gate"]]:
-            p.grad = None
-
+    step = fwd_bwd_step(lambda: ours_fused(s, t, True), [*params, t["gate"]])
     for _ in range(3):
         step()
     torch.cuda.synchronize()

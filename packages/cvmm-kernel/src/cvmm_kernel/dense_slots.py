@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .shared_grads import matmul_f32
+
 INPUT_ROWS, OUTPUT_ROWS = "input", "output"
 
 # The largest FLOPs ratio (experts per spread row, E / a_div or E / out_div) taken dense: see
@@ -65,20 +67,6 @@ def spread(src, index, gate, n_experts: int, div: int, src_div: int) -> torch.Te
     return kt.spread_slots(src, index, gate, n_experts, div, src_div)
 
 
-def _matmul_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` (2-D, or batched 3-D) accumulated and returned in float32 (a weight gradient):
-    cuBLAS writes float32 from 16-bit inputs directly where this torch can (``out_dtype=``),
-    else the inputs are widened first."""
-    mm = torch.mm if a.dim() == 2 else torch.bmm
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _MM_OUT_DTYPE:
-        return mm(a, b, out_dtype=torch.float32)
-    return mm(a.float(), b.float())
-
-
-# torch >= 2.8: mm and bmm take out_dtype (float32 from 16-bit inputs, on CUDA)
-_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.bmm, "dtype")
-
-
 def all_experts(w: torch.Tensor) -> torch.Tensor:
     """``[E, d_in, d_out]`` -> ``[E * d_in, d_out]`` (a view): every expert's rows stacked."""
     return w.reshape(-1, w.shape[2])
@@ -96,7 +84,7 @@ def input_rows_backward(dy, x, gate, w, index, a_div, out_div, need_x, need_w):
     # one batched matmul writes [E, d_in, d_out] (one matmul [d_in, E * d_out] and a transposing
     # copy took 6 us more at SwitchHead's 4 x 4 values: results/ab_dense_slots_dw_layout.md)
     per_expert = m.view(-1, n_experts, d_out).transpose(0, 1)  # [E, rows, d_out]
-    return dx, _matmul_f32(x.t().expand(n_experts, d_in, x.shape[0]), per_expert)
+    return dx, matmul_f32(x.t().expand(n_experts, d_in, x.shape[0]), per_expert)
 
 
 def output_rows_forward(x, gate, w, index, a_div, out_div):
@@ -108,4 +96,4 @@ def output_rows_forward(x, gate, w, index, a_div, out_div):
 
 def output_rows_weight_grad(dy: torch.Tensor, spread_x: torch.Tensor, w_shape) -> torch.Tensor:
     """``dW`` float32 ``[E, d_in, d_out]`` from the forward's spread input."""
-    return _matmul_f32(spread_x.t(), dy).view(w_shape)
+    return matmul_f32(spread_x.t(), dy).view(w_shape)

@@ -38,6 +38,29 @@ from collections.abc import Iterable, Iterator
 import torch
 
 
+def matmul_f32(
+    a: torch.Tensor, b: torch.Tensor, add_to: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``a @ b`` (2-D, or batched 3-D) accumulated and returned in float32, for a weight
+    gradient; with ``add_to`` (float32, 2-D) the sum ``add_to + a @ b``. cuBLAS writes float32
+    from 16-bit inputs directly where this torch can (``out_dtype=``: one kernel, the sum
+    included), else the inputs are widened first (and the product added to ``add_to`` in
+    place)."""
+    op = "mm" if a.dim() == 2 else "bmm"
+    if add_to is not None:
+        op = "addmm"
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _OUT_DTYPE[op]:
+        if add_to is not None:
+            return torch.addmm(add_to, a, b, out_dtype=torch.float32)
+        return (torch.mm if op == "mm" else torch.bmm)(a, b, out_dtype=torch.float32)
+    product = (torch.mm if a.dim() == 2 else torch.bmm)(a.float(), b.float())
+    return product if add_to is None else add_to.add_(product)
+
+
+# torch >= 2.8: mm, bmm and addmm write float32 from 16-bit inputs (on CUDA)
+_OUT_DTYPE = {op: hasattr(getattr(torch.ops.aten, op), "dtype") for op in ("mm", "bmm", "addmm")}
+
+
 class SharedGrad:
     """The running gradient sum of one weight over its uses in one forward; with ``deferred``,
     also the weight-gradient GEMMs its uses left to run together (``pending``)."""

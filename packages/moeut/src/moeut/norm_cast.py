@@ -94,9 +94,10 @@ def _running_sums(
     shared: tuple[SharedGrad | None, SharedGrad | None], weight: torch.Tensor
 ) -> tuple[torch.Tensor, bool, torch.Tensor, bool] | None:
     """``(weight sum, add to it, bias sum, add to it)`` where the weight's and bias' gradients
-    are summed over their uses (float32 running sums: the first use writes them), else None."""
+    are summed over their uses (float32 running sums: the first use writes them; norm_and_cast
+    shares only float32 parameters), else None."""
     shared_w, shared_b = shared
-    if shared_w is None or shared_b is None or weight.dtype != torch.float32:
+    if shared_w is None or shared_b is None:
         return None
     dw, acc_w = shared_w.target(weight)
     db, acc_b = shared_b.target(weight)  # the bias: the weight's shape and dtype (checked)

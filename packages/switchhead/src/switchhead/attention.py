@@ -246,11 +246,9 @@ class SwitchHeadCore(torch.nn.Module):
         # T=4096; the layer 3.87 vs 3.51 ms: benchmarks/results/ab_compiled_values_apart.md).
         v_apart = torch.compiler.is_compiling()
         if q_src is k_src and (k_src is v_src or not dense_v):
-            # Head-sized blocks first and the row width padded to a multiple of 8 columns, so
-            # that the q/k/v views handed to the attention kernel are 16-byte aligned (PyTorch's
-            # memory-efficient kernel faults on misaligned views instead of rejecting them).
-            n_sel = len(sels) * h * e
-            sel_pad = -n_sel % 8
+            # the fused layout of _fused_rows: 16-byte aligned q/k/v views for the attention
+            # kernel (PyTorch's memory-efficient kernel faults on misaligned views instead of
+            # rejecting them)
             rows = shared_projection.rows_of(self)
             if rows is not None and not v_apart:  # the weight and its gradient's sum shared
                 sizes = self._fused_sizes(dense_v)
@@ -259,6 +257,8 @@ class SwitchHeadCore(torch.nn.Module):
                 w, sizes = self._fused_rows(dense_v and not v_apart)
                 projected = F.linear(q_src, w)
             parts = torch.split(projected, sizes, dim=-1)
+            n_sel = len(sels) * h * e
+            sel_pad = sizes[-1] - n_sel
             bt = q_src.shape[:-1]
             qk = parts[0].view(*bt, 2, h, hs)
             q, k = qk.unbind(-3)

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from cvmm_kernel.shared_grads import matmul_f32
 
 # A layer's fusion: its fused weight, each parameter p read as param(p).
 Fusion = Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
@@ -62,19 +63,7 @@ class SharedRows:
                 "a parameter of a shared input projection was modified in place between the "
                 "forward and the backward"
             )
-        a, b = dy.t(), x
-        if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and _OUT_DTYPE:
-            if self.grad is None:
-                self.grad = torch.mm(a, b, out_dtype=torch.float32)
-            else:
-                self.grad = torch.addmm(self.grad, a, b, out_dtype=torch.float32)
-            return
-        part = a.float() @ b.float()
-        self.grad = part if self.grad is None else self.grad.add_(part)
-
-
-# torch >= 2.8: mm and addmm write float32 from 16-bit inputs (on CUDA)
-_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype")
+        self.grad = matmul_f32(dy.t(), x, add_to=self.grad)
 
 
 class _Collect(torch.autograd.Function):
