@@ -8,7 +8,7 @@ import pytest
 import torch
 from bench_harness import graph_replay  # the benchmarks' warm-up-then-capture
 from moeut import MoEUTLM
-from switchhead import SwitchHeadRope, SwitchHeadXL
+from switchhead import SwitchHeadRope, SwitchHeadXL, shared_projection
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA")]
 
@@ -43,8 +43,19 @@ def _graph_matches_eager(model: torch.nn.Module, static_in: torch.Tensor, loss_o
             torch.testing.assert_close(g, p.grad, rtol=2e-2, atol=1e-4)
 
 
+@pytest.fixture(params=[False, True], ids=["projection-per-application", "projection-shared"])
+def shared_projections(request):
+    """``switchhead.shared_projection.ENABLED`` off and on."""
+    shipped = shared_projection.ENABLED[0]
+    shared_projection.ENABLED[0] = request.param
+    yield
+    shared_projection.ENABLED[0] = shipped
+
+
+# an autograd graph kept alive from an earlier step (a reference cycle) breaks the capture
+@pytest.mark.filterwarnings("error:The AccumulateGrad node's stream")
 @pytest.mark.parametrize("attention", [SwitchHeadRope, SwitchHeadXL])
-def test_moeut_lm_step_replays_from_a_cuda_graph(attention):
+def test_moeut_lm_step_replays_from_a_cuda_graph(attention, shared_projections):
     torch.manual_seed(0)
     model = MoEUTLM(
         n_tokens=64,

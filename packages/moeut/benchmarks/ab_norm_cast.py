@@ -58,7 +58,7 @@ def main() -> int:
         for fused in (False, True):
             switch[0] = fused
             fwd, bwd = step_parts(tiny)
-            host.append({"norms": NAMES[fused], "forward_ms": fwd, "backward_ms": bwd})
+            host.append({"variant": NAMES[fused], "forward_ms": fwd, "backward_ms": bwd})
     del tiny
     steps = []
     for mode in ("eager", "graph"):
@@ -76,15 +76,15 @@ def main() -> int:
         "",
         "Host time of the tiny-width MoEUT-244M structure's LM step (medians of 20 steps):",
         "",
-        "| round | norms | forward host ms | backward host ms |",
+        "| round | variant | forward host ms | backward host ms |",
         "|---|---|---|---|",
     ]
     lines += [
-        f"| {i // 2 + 1} | {r['norms']} | {r['forward_ms']:.1f} | {r['backward_ms']:.1f} |"
+        f"| {i // 2 + 1} | {r['variant']} | {r['forward_ms']:.1f} | {r['backward_ms']:.1f} |"
         for i, r in enumerate(host)
     ]
     for fused in (False, True):
-        mine = [r for r in host if r["norms"] == NAMES[fused]]
+        mine = [r for r in host if r["variant"] == NAMES[fused]]
         lines.append(
             f"| min | {NAMES[fused]} | {min(r['forward_ms'] for r in mine):.1f} | "
             f"{min(r['backward_ms'] for r in mine):.1f} |"

@@ -114,3 +114,27 @@ def test_inactive_without_gradients_or_when_disabled(monkeypatch):
     with share_input_projections([layer]):
         assert shared_projection.rows_of(layer) is not None
     assert shared_projection.rows_of(layer) is None  # after the block
+
+
+def test_forward_graph_freed_without_the_garbage_collector(monkeypatch):
+    """No reference cycle through the shared rows: once the loss is gone, the forward's graph
+    (and the rows) go with it at once. A cycle would keep an old step's AccumulateGrad nodes
+    alive, which breaks a later CUDA-graph capture."""
+    import gc
+    import weakref
+
+    monkeypatch.setattr(shared_projection, "ENABLED", [True])
+    layer = LAYERS["rope, cvmm experts"]()
+    x = torch.randn(2, 5, 32)
+    gc.collect()
+    gc.disable()
+    try:
+        with share_input_projections([layer]):
+            rows = weakref.ref(shared_projection.rows_of(layer))
+            out = layer(layer(x, x, x)[0], x, x)[0]
+        out.square().sum().backward()
+        assert rows() is not None  # (out's graph is still referenced)
+        del out
+        assert rows() is None
+    finally:
+        gc.enable()

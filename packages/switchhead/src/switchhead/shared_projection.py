@@ -30,9 +30,9 @@ from cvmm_kernel.shared_grads import matmul_f32
 # A layer's fusion: its fused weight, each parameter p read as param(p).
 Fusion = Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
 
-# Set ENABLED[0] = True to share the fused projections (off until timed on a GPU: moeut's
-# benchmarks/ab_norm_cast.py --switch shared-projection).
-ENABLED = [False]
+# ENABLED[0] = False: every application makes its own fused weight (moeut's
+# benchmarks/ab_norm_cast.py --switch shared-projection compares the two).
+ENABLED = [True]
 
 
 class SharedRows:
@@ -47,7 +47,8 @@ class SharedRows:
         self.versions = [p._version for p in params]
         self.weights: dict[torch.dtype, torch.Tensor] = {}
         self.grad: torch.Tensor | None = None
-        self.token = _Collect.apply(self, *params)  # in front of every application
+        # in front of every application; dropped when the sharing block ends
+        self.token: torch.Tensor | None = _Collect.apply(self, *params)
 
     def weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The fused weight in ``dtype`` (made at the first call)."""
@@ -163,4 +164,6 @@ def _sharing(modules: list[torch.nn.Module]) -> Iterator[None]:
         yield
     finally:
         for key in added:
-            active.pop(key, None)
+            rows = active.pop(key, None)
+            if rows is not None:  # the applications hold the token; rows must not (a cycle
+                rows.token = None  # through _Collect's ctx would keep old graphs alive)
