@@ -10,12 +10,11 @@ gradients). In one process, alternating: the host time of the tiny-width MoEUT-2
 LM step (``host_overhead.step_parts``, six rounds), then the benchmark's training step eager and
 from a CUDA graph beside the dense transformer (``bench_moeut.time_step``, twice each). Writes
 ``ab_norm_cast.json`` and ``.md`` to ``$OUT`` if set, else to ``benchmarks/results/``.
-``--switch shared-grads`` compares ``norm_cast.SHARED_WEIGHT_GRADS`` off and on instead (the
-shared norms' weight and bias gradients summed over the repeats by autograd, or in the backward
-kernel; ``norm_and_cast`` on both sides): ``ab_norm_shared_grads.{json,md}``; ``--switch
-shared-projection`` ``switchhead.shared_projection.ENABLED`` (each application's fused input
-projection weight made and its gradient added by autograd, or one weight per forward and one
-float32 gradient sum): ``ab_shared_projection.{json,md}``.
+``--switch shared-projection`` compares ``switchhead.shared_projection.ENABLED`` off and on
+instead (each application's fused input projection weight made and its gradient added by
+autograd, or one weight per forward and one float32 gradient sum):
+``ab_shared_projection.{json,md}``. (``ab_norm_shared_grads.md`` measured a removed switch that
+summed the shared norms' weight gradients over the repeats in a kernel: slower on the GPU.)
 """
 
 from __future__ import annotations
@@ -35,8 +34,6 @@ ROUNDS = 6
 SWITCHES = {
     "fused": (norm_cast.FUSED, {False: "plain norms and casts", True: "norm_and_cast"},
               "ab_norm_cast"),
-    "shared-grads": (norm_cast.SHARED_WEIGHT_GRADS, {False: "norm gradients summed by autograd",
-                     True: "norm gradients in-kernel"}, "ab_norm_shared_grads"),
     "shared-projection": (shared_projection.ENABLED, {False: "projection per application",
                           True: "projection shared"}, "ab_shared_projection"),
 }  # fmt: skip

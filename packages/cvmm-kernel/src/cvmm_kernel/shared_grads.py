@@ -23,10 +23,6 @@ the GEMM's reduction is as many times longer as there are uses (with few rows pe
 these GEMMs are latency-bound). The kept operands (the gradient rows of each use, and its inputs
 that autograd would otherwise free after that use's backward) stay alive until the last use's
 backward; the sum is the same up to float32 rounding (one reduction instead of one per use).
-
-Other ops can take part (not public API; moeut's ``norm_and_cast`` does, for layer norms): a
-forward calls :func:`shared_use` on a weight and uses the alias it returns; its backward adds the
-use's gradient to :meth:`SharedGrad.target`'s buffer and returns None for the weight.
 """
 
 from __future__ import annotations

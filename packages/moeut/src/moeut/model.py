@@ -32,7 +32,6 @@ from cvmm_kernel import accumulate_weight_grads
 from switchhead import AttentionMask, SwitchHeadCore, SwitchHeadRope, check_mask
 from switchhead.shared_projection import share_input_projections
 
-from . import norm_cast
 from .norm_cast import norm_and_cast
 from .regularization import entropy_reg
 from .sampling import sample_next_token
@@ -217,15 +216,6 @@ class MoEUT(torch.nn.Module):
                 weights += [layer.attention.v, layer.attention.o]
         return weights
 
-    def _norm_params(self) -> list[torch.Tensor]:
-        """The shared layers' layer-norm weights and biases, whose gradients
-        :func:`moeut.norm_cast.norm_and_cast` sums over the repeats where
-        ``norm_cast.SHARED_WEIGHT_GRADS`` is on."""
-        if not norm_cast.SHARED_WEIGHT_GRADS[0]:
-            return []
-        return [p for layer in self.layers for ln in (layer.ln1, layer.ln2)
-                for p in (ln.weight, ln.bias) if p is not None]  # fmt: skip
-
     def forward(
         self,
         x: torch.Tensor,
@@ -261,7 +251,7 @@ class MoEUT(torch.nn.Module):
         # the shared layers' expert weights: each use's gradient added in the kernels
         shared, attention = [], []
         if self.n_repeats > 1 and not checkpointing:
-            shared = self._expert_weights() + self._norm_params()
+            shared = self._expert_weights()
             attention = [layer.attention for layer in self.layers]
         with (
             accumulate_weight_grads(shared, deferred=self.deferred_weight_grads),

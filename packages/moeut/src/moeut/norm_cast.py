@@ -18,7 +18,6 @@ instead of by autograd.
 from __future__ import annotations
 
 import torch
-from cvmm_kernel.shared_grads import SharedGrad, shared_use
 from switchhead.triton_support import kernels_can_run
 from torch.autograd.function import once_differentiable
 from torch.nn.modules import module as _nn_module
@@ -30,11 +29,6 @@ _BRANCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Set FUSED[0] = False for the plain (x, norm(x)) everywhere (benchmarks/ab_norm_cast.py
 # compares the two in one process).
 FUSED = [True]
-# True: inside cvmm_kernel.accumulate_weight_grads over the norm's weight and bias (MoEUT's shared
-# layers), the backward adds each use's weight and bias gradients to one running sum in a kernel
-# and autograd gets the sums once (one launch per use instead of a sum and two gradient
-# additions). Off until timed on a GPU (benchmarks/ab_norm_cast.py).
-SHARED_WEIGHT_GRADS = [False]
 
 
 def _kernels():
@@ -54,10 +48,7 @@ class _NormCast(torch.autograd.Function):
     through, so its later gradient joins the backward kernel) or ``s = x + delta``."""
 
     @staticmethod
-    def forward(ctx, x, delta, weight, bias, eps, dtype, shared=(None, None)):
-        """``shared``: the SharedGrads that sum ``weight``'s and ``bias``'s gradients over their
-        uses (both or neither), or ``(None, None)``."""
-        ctx.shared = shared
+    def forward(ctx, x, delta, weight, bias, eps, dtype):
         shape = x.shape
         rows = _rows(x)
         s, xc, n, mean, rstd = _kernels().forward(
@@ -78,30 +69,13 @@ class _NormCast(torch.autograd.Function):
         if dn is None:  # the norm unused: the copies' gradients only
             dx = sum(g.to(x_dtype) for g in (ds, dxc) if g is not None)
             ddelta = None if delta_dtype is None else dx.to(delta_dtype)
-            return dx, ddelta, None, None, None, None, None
+            return dx, ddelta, None, None, None, None
         flat = lambda t: None if t is None else t.reshape(-1, shape[-1]).contiguous()
-        sums = _running_sums(ctx.shared, weight)
         dx, ddelta, dw, db = _kernels().backward(
-            normed, weight, mean, rstd, flat(dn), flat(dxc), flat(ds), delta_dtype, sums
+            normed, weight, mean, rstd, flat(dn), flat(dxc), flat(ds), delta_dtype
         )
         ddelta = None if ddelta is None else ddelta.view(shape)
-        if sums is not None:  # summed over the uses: autograd gets the sums once
-            return dx.view(shape), ddelta, None, None, None, None, None
-        return dx.view(shape), ddelta, dw.to(weight.dtype), db.to(weight.dtype), None, None, None
-
-
-def _running_sums(
-    shared: tuple[SharedGrad | None, SharedGrad | None], weight: torch.Tensor
-) -> tuple[torch.Tensor, bool, torch.Tensor, bool] | None:
-    """``(weight sum, add to it, bias sum, add to it)`` where the weight's and bias' gradients
-    are summed over their uses (float32 running sums: the first use writes them; norm_and_cast
-    shares only float32 parameters), else None."""
-    shared_w, shared_b = shared
-    if shared_w is None or shared_b is None:
-        return None
-    dw, acc_w = shared_w.target(weight)
-    db, acc_b = shared_b.target(weight)  # the bias: the weight's shape and dtype (checked)
-    return dw, acc_w, db, acc_b
+        return dx.view(shape), ddelta, dw.to(weight.dtype), db.to(weight.dtype), None, None
 
 
 def _fused_dtype(x: torch.Tensor, norm: torch.nn.Module) -> torch.dtype | None:
@@ -165,13 +139,4 @@ def norm_and_cast(
         s = x if delta is None else x + delta
         return s, s, norm(s)
     assert isinstance(norm, torch.nn.LayerNorm)  # _fused_dtype checked it
-    weight: torch.Tensor = norm.weight
-    bias: torch.Tensor = norm.bias
-    shared: tuple[SharedGrad | None, SharedGrad | None] = (None, None)
-    if SHARED_WEIGHT_GRADS[0] and weight.dtype == bias.dtype == torch.float32:
-        (weight, shared_w), (bias, shared_b) = shared_use(weight), shared_use(bias)
-        if shared_w is not None and shared_b is not None:
-            shared = (shared_w, shared_b)
-        else:  # one of the two unregistered: autograd sums both
-            weight, bias = norm.weight, norm.bias
-    return _NormCast.apply(x, delta, weight, bias, norm.eps, dtype, shared)
+    return _NormCast.apply(x, delta, norm.weight, norm.bias, norm.eps, dtype)

@@ -7,8 +7,7 @@ Forward, per row of ``D`` channels: ``x = x + delta`` (in float32, stored, with 
 program a range of rows: ``dx = rstd * (w dn - xhat <w dn, xhat> / D - <w dn, 1> / D) + dxc +
 ds`` in float32 (also stored in ``delta``'s dtype as its gradient), and the program's partial sums
 of ``dn * xhat`` and ``dn`` over its rows (the weight and bias gradients), which one ``sum`` adds
-up, or, where the gradients are summed over a shared norm's uses, ``_sum_parts_kernel`` adds
-into the running sums (in a fixed order: deterministic).
+up.
 """
 
 from __future__ import annotations
@@ -99,28 +98,6 @@ def _norm_cast_backward_kernel(
     tl.store(part + D + cols, db, mask=col_ok)
 
 
-@triton.jit
-def _sum_parts_kernel(
-    PARTS, DW, DB, P, D, ACC_W: tl.constexpr, ACC_B: tl.constexpr, BLOCK_D: tl.constexpr
-):  # fmt: skip
-    """``DW (+)= sum_p PARTS[p, 0]``, ``DB (+)= sum_p PARTS[p, 1]`` (float32 ``[D]``; added to
-    where ``ACC_*``, else written), the parts summed in order."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    ok = cols < D
-    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for p in range(P):
-        part = PARTS + p * 2 * D  # (P * 2 * D: the parts' size, an int32 offset)
-        dw += tl.load(part + cols, mask=ok, other=0.0)
-        db += tl.load(part + D + cols, mask=ok, other=0.0)
-    if ACC_W:
-        dw += tl.load(DW + cols, mask=ok, other=0.0)
-    if ACC_B:
-        db += tl.load(DB + cols, mask=ok, other=0.0)
-    tl.store(DW + cols, dw, mask=ok)
-    tl.store(DB + cols, db, mask=ok)
-
-
 def forward(
     x: torch.Tensor,
     delta: torch.Tensor | None,
@@ -158,14 +135,11 @@ def backward(
     dxc: torch.Tensor | None,
     ds: torch.Tensor | None = None,
     delta_dtype: torch.dtype | None = None,
-    sums: tuple[torch.Tensor, bool, torch.Tensor, bool] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """``(dx [R, D]`` in ``x``'s dtype, ``ddelta`` (the same values in ``delta_dtype``, None
     without it), ``dweight, dbias [D]`` float32)``; ``x`` the normalised rows (the sum, with a
     ``delta``), the gradients ``dn``, ``dxc`` (of the cast copy) and ``ds`` (of the float32
-    sum) ``[R, D]`` contiguous or None where none reached that output (``dn`` always given).
-    ``sums``: ``(dweight buffer, add to it, dbias buffer, add to it)`` (float32 ``[D]``
-    contiguous), where the weight and bias gradients go instead (then returned as None)."""
+    sum) ``[R, D]`` contiguous or None where none reached that output (``dn`` always given)."""
     r, d = x.shape
     dx = torch.empty(r, d, device=x.device, dtype=x.dtype)
     ddelta = None if delta_dtype is None else torch.empty(r, d, device=x.device, dtype=delta_dtype)
@@ -180,12 +154,6 @@ def backward(
         dx if ddelta is None else ddelta, parts, r, d, x.stride(0), rows_per_program,
         dxc is not None, ds is not None, ddelta is not None, block_r, block_d, num_warps=warps,
     )  # fmt: skip
-    if sums is not None:
-        dw_sum, acc_w, db_sum, acc_b = sums
-        block = min(1024, triton.next_power_of_2(d))
-        launch(_sum_parts_kernel, (triton.cdiv(d, block),), parts, dw_sum, db_sum, programs, d,
-               acc_w, acc_b, block)  # fmt: skip
-        return dx, ddelta, None, None
     dw, db = parts.sum(0).unbind(0)
     return dx, ddelta, dw, db
 
