@@ -6,7 +6,8 @@ shapes (bf16, forward + backward, CUDA-graph replays, medians).
 
 Each shape of ``bench_cvmm.py`` with ``dense_slots.MAX_RATIO`` at 0 (the sparse kernels only),
 2 (the shipped bound: dense at 4 x 4) and 4 (dense at 4 x 8 too), two passes alternating, in one
-process, against dense matmuls of equal FLOPs; the outputs and gradients of each setting
+process, against dense matmuls of equal FLOPs (the gate's gradient computed too, as in the
+layer; ``bench_cvmm.py`` leaves the gate frozen); the outputs and gradients of each setting
 compared with the sparse kernels'. Then the kernel times of one step per layout at 4 x 4 (torch
 profiler). Writes ``ab_dense_slots.{json,md}`` and ``profile_dense_slots.txt`` to ``$OUT`` (else
 ``benchmarks/results``). ``--host`` instead times the host per eager forward + backward call at
@@ -121,7 +122,9 @@ def main() -> int:
         for _ in range(2):
             for label, ratio in VARIANTS:
                 dense_slots.MAX_RATIO[0] = ratio
-                ms, peaks[label] = time_fwd_bwd(lambda: ours_fused(s, t, True), params)
+                # the gate's gradient too (as in the layer), cleared each step like the others
+                ms, peaks[label] = time_fwd_bwd(lambda: ours_fused(s, t, True),
+                                                [*params, t["gate"]])  # fmt: skip
                 times[label].append(ms)
         for label, ratio in VARIANTS:
             ms = min(times[label])
