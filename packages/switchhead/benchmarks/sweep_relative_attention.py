@@ -1,7 +1,7 @@
 r"""Launch settings of the Transformer-XL relative-attention kernels, and their cost against SDPA.
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
-        python3 packages/switchhead/benchmarks/sweep_relative_attention.py
+        python3 packages/switchhead/benchmarks/sweep_relative_attention.py [--seq 1024 4096]
 
 The attention core of the SwitchHead XL benchmark layer (B=8, 4 heads, head size 104, causal,
 bf16) at T=1024 and 4096: the forward, and the backward with one of its two kernels (``dq`` or
@@ -43,6 +43,8 @@ CANDIDATES = {
         (128, 64, 8, 3, 1),
         (128, 32, 8, 2, 1),
         (128, 128, 8, 2, 1),
+        (64, 64, 8, 2, 1),
+        (64, 32, 8, 2, 1),
     ],
     "dq": [
         (64, 64, 4, 2, 2),
@@ -51,6 +53,10 @@ CANDIDATES = {
         (64, 32, 4, 2, 2),
         (128, 64, 8, 2, 1),
         (128, 64, 8, 3, 1),
+        (64, 64, 8, 2, 1),
+        (64, 32, 8, 2, 1),
+        (128, 32, 8, 3, 1),
+        (32, 64, 4, 2, 2),
     ],
     "dkdv": [
         (16, 64, 4, 2, 2),
@@ -60,6 +66,13 @@ CANDIDATES = {
         (16, 128, 8, 2, 1),
         (32, 128, 8, 2, 1),
         (16, 128, 8, 3, 1),
+        # fewer accumulator registers per thread (Nsight Compute found every kernel at 255
+        # registers with local-memory spills: ncu_relative_attention.txt)
+        (64, 32, 4, 2, 2),
+        (32, 32, 4, 2, 2),
+        (64, 64, 8, 2, 1),
+        (32, 64, 8, 2, 1),
+        (64, 32, 8, 2, 1),
     ],
 }
 
@@ -82,6 +95,7 @@ def load_baseline(path: str):
 def main() -> int:  # noqa: C901 (one flat script)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="an older relative_attention_triton.py to A/B against")
+    parser.add_argument("--seq", type=int, nargs="+", default=[1024, 4096], help="lengths T")
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
@@ -92,7 +106,7 @@ def main() -> int:  # noqa: C901 (one flat script)
     bench = lambda fn: median_ms(fn, warmup=10, rep=60)
     scale = 100**-0.5
     rows = []
-    for t in (1024, 4096):
+    for t in args.seq:
         q, k, v, r, grad = inputs(8, 4, t, 104)
         out, lse = kt.relative_attention_fwd(q, k, v, r, None, True, scale)
         dq, dk, dv, dr = kt.relative_attention_bwd(grad, q, k, v, r, None, out, lse, True, scale)
