@@ -92,3 +92,37 @@ def test_switchhead_layer_step_replays_from_a_cuda_graph(attention, expert_impl)
         return out.float().square().mean()
 
     _graph_matches_eager(layer, xs[0].clone(), loss_of, xs[1:])
+
+
+def test_moeut_lm_trains_under_reduce_overhead_compile():
+    """``torch.compile(mode="reduce-overhead")`` (Inductor's CUDA-graph trees) takes a whole
+    MoEUTLM training step: no step is skipped from the graphs (no host sync, CPU tensor or input
+    mutation in the way), and the replayed steps give the eager losses and gradients."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = MoEUTLM(n_tokens=64, d_model=64, n_layers=4, n_heads=2, ff_n_experts=16,
+                    att_n_experts=4, d_head=16, ff_k=4, ff_expert_size=32).cuda()  # fmt: skip
+    params = list(model.parameters())
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    batches = [torch.randint(0, 64, (2, 33), device="cuda", generator=gen) for _ in range(4)]
+
+    def step(run, seq):
+        for p in params:
+            p.grad = None
+        logits = run(seq[:, :-1]).outputs  # float32: the same expert choices compiled and eager
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), seq[:, 1:].flatten())
+        loss.backward()
+        return loss.detach().clone(), [p.grad.clone() for p in params]
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for seq in batches:
+        torch.compiler.cudagraph_mark_step_begin()
+        loss_c, grads_c = step(compiled, seq)
+        loss_e, grads_e = step(model, seq)
+        torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
+        for g_c, g_e in zip(grads_c, grads_e, strict=True):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-3, atol=1e-4)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
