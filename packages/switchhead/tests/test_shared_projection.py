@@ -138,3 +138,16 @@ def test_forward_graph_freed_without_the_garbage_collector(monkeypatch):
         assert rows() is None
     finally:
         gc.enable()
+
+
+def test_second_derivative_raises(monkeypatch):
+    """The shared weight is made without a graph: differentiating the backward again raises
+    instead of leaving out the parameters' terms."""
+    monkeypatch.setattr(shared_projection, "ENABLED", [True])
+    layer = LAYERS["rope, dense experts, padded heads"]()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    with share_input_projections([layer]):
+        out = layer(layer(x, x, x)[0], x, x)[0]
+    (gx,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()

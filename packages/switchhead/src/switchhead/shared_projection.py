@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from cvmm_kernel.shared_grads import matmul_f32
+from torch.autograd.function import once_differentiable
 
 # A layer's fusion: its fused weight, each parameter p read as param(p).
 Fusion = Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
@@ -103,6 +104,7 @@ class _Linear(torch.autograd.Function):
         return x @ w.t()
 
     @staticmethod
+    @once_differentiable  # the cached weight records no graph: no silent second derivative
     def backward(ctx: Any, dy: torch.Tensor):
         (x,) = ctx.saved_tensors
         rows: SharedRows = ctx.rows
