@@ -106,9 +106,18 @@ def test_empty_queries_interpreter():
     assert float(dr.abs().sum()) == 0.0
 
 
+# several key blocks per query block at the interpreter's block sizes, and a scratch band wider
+# than a few blocks
+LONG_CASES = [
+    (1, 2, 130, 130, 16, 16, True),
+    (1, 1, 40, 150, 16, 8, True),  # KV cache: 40 queries after 110 cached keys
+    (1, 1, 70, 140, 16, 16, False),
+]
+
+
 @pytest.mark.interpret
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2]])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], *LONG_CASES])
 def test_block_shapes_interpreter(case, blocks):
     """Query and key blocks of different sizes, every kernel (``BLOCK_M`` != ``BLOCK_N`` moves
     the tile diagonals, the scratch bands and the unmasked ranges)."""
