@@ -799,17 +799,24 @@ def relative_attention_bwd(
     return dq, dk, dv, dr
 
 
-def _tile_starts(block_m: int, block_n: int, n_q: int, n_k: int, causal: bool) -> list[int]:
-    """Per query block, the index of its first tile among a head's packed tiles, and the total
-    after the last: query block ``m`` has a tile for every key block below its ``hi`` (as the
-    kernels' ``_query_block``)."""
-    starts = [0]
-    for m in range(triton.cdiv(n_q, block_m)):
-        hi = n_k
-        if causal:
-            hi = max(min(n_k, m * block_m + block_m + n_k - n_q), 0)
-        starts.append(starts[-1] + triton.cdiv(hi, block_n))
-    return starts
+def _tile_starts(
+    block_m: int, block_n: int, n_q: int, n_k: int, causal: bool, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """``(starts [n_m] int32, total)``: each query block's first tile among a head's packed
+    tiles, and their number. Query block ``m`` has a tile for every key block below its ``hi``
+    (as the kernels' ``_query_block``). Made on the device (no host copy: CUDA graphs)."""
+    n_m = triton.cdiv(n_q, block_m)
+    m = torch.arange(n_m, device=device, dtype=torch.int64)
+    hi = torch.full_like(m, n_k)
+    total = n_m * triton.cdiv(n_k, block_n)
+    if causal:
+        hi = (m * block_m + block_m + n_k - n_q).clamp(0, n_k)
+        total = sum(
+            triton.cdiv(max(min(n_k, i * block_m + block_m + n_k - n_q), 0), block_n)
+            for i in range(n_m)
+        )
+    per_block = (hi + block_n - 1) // block_n
+    return (torch.cumsum(per_block, 0) - per_block).to(torch.int32), total
 
 
 def _stored_probs_backward(q, v, r, grad, delta, lse, keep_arg, keep_strides, dq, dk, dv, dr,
@@ -819,9 +826,7 @@ def _stored_probs_backward(q, v, r, grad, delta, lse, keep_arg, keep_strides, dq
     b, h, n_q, _d = q.shape
     n_k = k.shape[2]
     block_m, block_n = cfg[0], cfg[1]
-    starts = _tile_starts(block_m, block_n, n_q, n_k, is_causal)
-    n_tiles = starts[-1]
-    tile_start = torch.tensor(starts[:-1], dtype=torch.int32, device=q.device)
+    tile_start, n_tiles = _tile_starts(block_m, block_n, n_q, n_k, is_causal, q.device)
     head_bytes = max(1, n_tiles) * 2 * block_m * block_n * q.element_size()
     heads = max(1, min(b * h, STORED_PROBS_BYTES // head_bytes))
     tiles = torch.empty(heads * max(1, n_tiles) * 2 * block_m * block_n, device=q.device,
