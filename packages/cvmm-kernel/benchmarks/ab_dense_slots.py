@@ -18,7 +18,6 @@ profiler). Writes ``ab_dense_slots.{json,md}`` and ``profile_dense_slots.txt`` t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -34,9 +33,11 @@ from bench_harness import (
     environment_line,
     host_us,
     metadata,
+    profile_steps,
     require_cuda,
     table_header,
     write_results,
+    write_text,
 )
 
 # (label, MAX_RATIO)
@@ -153,26 +154,18 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     write_results("ab_dense_slots", {"meta": meta, "rows": rows}, table, script_file=__file__)
-    out_dir = os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
-    with open(os.path.join(out_dir, "profile_dense_slots.txt"), "w") as f:
-        f.write(f"moe_linear kernels per step, {environment_line(meta)}\n\n" + "\n".join(profiles))
+    text = f"moe_linear kernels per step, {environment_line(meta)}\n\n" + "\n".join(profiles)
+    write_text("profile_dense_slots.txt", text, script_file=__file__)
     print("\n".join(profiles))
     return 0
 
 
 def _profile(s, t, params) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
+    """The kernel table of one profiled step (``bench_harness.profile_steps``)."""
     step = fwd_bwd_step(lambda: ours_fused(s, t, True), [*params, t["gate"]])
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            step()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14,
-                                     max_name_column_width=60)  # fmt: skip
+    events = profile_steps(step)[2]
+    return events.table(sort_by="self_cuda_time_total", row_limit=14,
+                        max_name_column_width=60)  # fmt: skip
 
 
 if __name__ == "__main__":
