@@ -210,10 +210,10 @@ class SwitchHeadCore(torch.nn.Module):
         """``(parameters, fusion)`` of the fused input projection for
         :mod:`switchhead.shared_projection` (the eager fusion: value experts included where
         the expert path fuses them)."""
+        fuses_values = self.experts.fuses_values
         params = [self.q.weight, self.k.weight, self.sel_o]
         params += [self.sel_v] if self.n_experts > 1 else []
-        params += [self.v] if self.experts.fuses_values else []
-        fuses_values = self.experts.fuses_values
+        params += [self.v] if fuses_values else []
         return params, lambda param: self._fused_rows(fuses_values, param)[0]
 
     def _o_cols(self) -> torch.Tensor:
