@@ -773,8 +773,8 @@ def relative_attention_bwd(
     pos = torch.empty(programs, cfg[0], width, device=q.device, dtype=q.dtype)
     ds = torch.empty_like(pos)
     if STORED_PROBS[0]:
-        _stored_probs_backward(q, v, r, grad, delta, lse, keep_arg, keep_strides, dq, dk, dv, dr,
-                               pos, ds, strides, cfg, constexprs, is_causal, scale, k)  # fmt: skip
+        _stored_probs_backward(q, k, v, r, grad, delta, lse, keep_arg, keep_strides, dq, dk, dv,
+                               dr, pos, ds, strides, cfg, constexprs, is_causal, scale)  # fmt: skip
         return dq, dk, dv, dr
     _bwd_dq_kernel[(programs,)](
         q, k, v, r, keep_arg, grad, lse, delta, dq, dr, pos, ds, lse, lse,
@@ -819,8 +819,8 @@ def _tile_starts(
     return (torch.cumsum(per_block, 0) - per_block).to(torch.int32), total
 
 
-def _stored_probs_backward(q, v, r, grad, delta, lse, keep_arg, keep_strides, dq, dk, dv, dr,
-                           pos, ds, strides, cfg, constexprs, is_causal, scale, k):  # fmt: skip
+def _stored_probs_backward(q, k, v, r, grad, delta, lse, keep_arg, keep_strides, dq, dk, dv, dr,
+                           pos, ds, strides, cfg, constexprs, is_causal, scale):  # fmt: skip
     """:data:`STORED_PROBS`' backward: for a few heads at a time, the ``dq`` kernel storing its
     tiles' ``P`` and ``dS``, then dk/dv from them."""
     b, h, n_q, _d = q.shape
