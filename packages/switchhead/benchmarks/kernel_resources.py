@@ -34,7 +34,7 @@ HEAD = dict(D=104, D_V=104, CAUSAL=True, HAS_KEEP=False, IEEE=False, BLOCK_D=128
 POINTERS = {  # every pointer argument of the kernels, by name
     "Q": BF16, "K": BF16, "V": BF16, "R": BF16, "KEEP": F32, "DO": BF16, "LSE": F32,
     "DELTA": F32, "DQ": BF16, "DR": F32, "POS": BF16, "DS": BF16, "DK": BF16, "DV": BF16,
-    "SLOTS": BF16, "OUT": BF16, "SCRATCH": BF16, "TILES": BF16, "TILE_START": I32,
+    "SLOTS": BF16, "OUT": BF16, "SCRATCH": BF16,
 }  # fmt: skip
 FLOATS = {"qk_scale", "sm_scale"}
 
@@ -77,16 +77,12 @@ def main() -> int:
     settings = [
         ("fwd", kt._fwd_kernel, {}, 128, 64, 8, 3),
         ("fwd", kt._fwd_kernel, {}, 64, 64, 4, 2),
-        ("dq", kt._bwd_dq_kernel, {"STORE_P": False}, 128, 64, 8, 3),
-        ("dq", kt._bwd_dq_kernel, {"STORE_P": False}, 128, 32, 8, 3),
-        ("dq", kt._bwd_dq_kernel, {"STORE_P": False}, 64, 64, 4, 2),
-        ("dq, storing P and dS", kt._bwd_dq_kernel, {"STORE_P": True}, 128, 64, 8, 3),
+        ("dq", kt._bwd_dq_kernel, {}, 128, 64, 8, 3),
+        ("dq", kt._bwd_dq_kernel, {}, 128, 32, 8, 3),
+        ("dq", kt._bwd_dq_kernel, {}, 64, 64, 4, 2),
         ("dkdv", kt._bwd_dkdv_kernel, {}, 64, 64, 4, 2),
         ("dkdv", kt._bwd_dkdv_kernel, {}, 64, 32, 4, 2),
         ("dkdv", kt._bwd_dkdv_kernel, {}, 64, 64, 8, 2),
-        ("dkdv from stored tiles", kt._bwd_dkdv_stored_kernel, {}, 128, 64, 8, 2),
-        ("dkdv from stored tiles", kt._bwd_dkdv_stored_kernel, {}, 128, 64, 8, 1),
-        ("dkdv from stored tiles", kt._bwd_dkdv_stored_kernel, {}, 128, 64, 4, 2),
     ]
     rows = []
     for name, kernel, extra, block_m, block_n, warps, stages in settings:

@@ -8,8 +8,7 @@ bf16) at T=1024 and 4096: the forward, and the backward with one of its two kern
 ``dkdv``) set, for every candidate ``(BLOCK_M, BLOCK_N, num_warps, num_stages, programs per
 SM)`` (median of ``triton.testing.do_bench``), checked against the defaults' outputs; then
 forward + backward of the default settings, of the reference path (positional bias + SDPA) and
-of SDPA without the positional term, in the same process; the kernels' forward + backward also
-with ``STORED_PROBS`` on (dk/dv from stored tiles). ``--baseline FILE``: also forward +
+of SDPA without the positional term, in the same process. ``--baseline FILE``: also forward +
 backward of the kernels of an older ``relative_attention_triton.py`` (same launcher functions),
 for an A/B in one process. Writes ``sweep_relative_attention.json`` / ``.md`` to ``$OUT`` (else
 ``benchmarks/results``).
@@ -150,12 +149,9 @@ def main() -> int:  # noqa: C901 (one flat script)
 
         kernels = lambda q, k, v, r: relative_attention(q, k, v, r, None, True, scale, "triton")
         reference = lambda q, k, v, r: reference_relative_attention(q, k, v, r, None, True, scale)
-        variants = [("kernels", kt, False), ("kernels, stored probabilities", kt, True),
-                    ("baseline kernels", baseline, False)]  # fmt: skip
-        for name, mod, stored in variants:
+        for name, mod in (("kernels", kt), ("baseline kernels", baseline)):
             if mod is None:
                 continue
-            kt.STORED_PROBS[0] = stored
 
             def direct(mod=mod):
                 o, lse_ = mod.relative_attention_fwd(q, k, v, r, None, True, scale)
@@ -171,7 +167,6 @@ def main() -> int:  # noqa: C901 (one flat script)
                              q, k, v, r, None, True, scale)), "peak_mib": peak_mib(direct),
                          "err": err})  # fmt: skip
             print(rows[-1], flush=True)
-        kt.STORED_PROBS[0] = False
         for name, fn in (("kernels", kernels), ("reference", reference), ("sdpa", sdpa)):
             try:
                 peak = peak_mib(step(fn))

@@ -69,26 +69,15 @@ CASES = [  # b, h, n_q, n_k, d, dv, causal
 ]
 
 
-@pytest.fixture(params=[False, True], ids=["recomputed", "stored-probs"])
-def stored_probs(request, monkeypatch):
-    """The backward's dk/dv from recomputed scores (shipped) or from the tiles the dq kernel
-    stored (``STORED_PROBS``; a budget of one head per pass, so several passes run)."""
-    from switchhead import relative_attention_triton as kt
-
-    monkeypatch.setattr(kt, "STORED_PROBS", [request.param])
-    monkeypatch.setattr(kt, "STORED_PROBS_BYTES", 1)
-    return request.param
-
-
 @pytest.mark.interpret
 @pytest.mark.parametrize("case", CASES)
-def test_kernels_match_oracle_interpreter(case, stored_probs):
+def test_kernels_match_oracle_interpreter(case):
     check(*case[:6], case[6], None, torch.float32, "cpu", tol=1e-5)
 
 
 @pytest.mark.interpret
 @pytest.mark.parametrize("keep_shape", [(2, 1, 30, 30), (30, 30), (1, 2, 1, 30)])
-def test_keep_mask_interpreter(keep_shape, stored_probs):
+def test_keep_mask_interpreter(keep_shape):
     g = torch.Generator().manual_seed(1)
     keep = torch.rand(keep_shape, generator=g) > 0.3
     keep[..., 0] = True  # every row sees a key (the oracle's empty rows are 0, as the kernel's)
@@ -96,7 +85,7 @@ def test_keep_mask_interpreter(keep_shape, stored_probs):
 
 
 @pytest.mark.interpret
-def test_row_without_keys_is_zero_interpreter(stored_probs):
+def test_row_without_keys_is_zero_interpreter():
     q, k, v, r = make(1, 1, 20, 20, 16, 16, torch.float32, "cpu")
     keep = torch.ones(20, 20, dtype=torch.bool)
     keep[3] = False
@@ -129,7 +118,7 @@ LONG_CASES = [
 @pytest.mark.interpret
 @pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[2], *LONG_CASES])
-def test_block_shapes_interpreter(case, blocks, stored_probs):
+def test_block_shapes_interpreter(case, blocks):
     """Query and key blocks of different sizes, every kernel (``BLOCK_M`` != ``BLOCK_N`` moves
     the tile diagonals, the scratch bands and the unmasked ranges)."""
     from switchhead import relative_attention_triton as kt
@@ -239,7 +228,7 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs CUDA")]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_kernels_match_oracle_gpu(case, dtype, stored_probs):
+def test_kernels_match_oracle_gpu(case, dtype):
     # bf16 inputs: products are exact in fp32, the softmax weights and dS are rounded to bf16
     # for the MMAs (as in FlashAttention), so ~1e-2 relative error is the dtype's own.
     check(*case[:6], case[6], None, dtype, "cuda", tol=1e-5 if dtype == torch.float32 else 3e-2)
@@ -247,7 +236,7 @@ def test_kernels_match_oracle_gpu(case, dtype, stored_probs):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_long_sequence_gpu(stored_probs):
+def test_long_sequence_gpu():
     keep = None
     check(2, 2, 300, 300, 64, 64, True, keep, torch.bfloat16, "cuda", tol=3e-2)
     check(1, 2, 200, 330, 128, 128, True, keep, torch.float32, "cuda", tol=1e-5)

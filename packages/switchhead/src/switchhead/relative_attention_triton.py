@@ -26,10 +26,6 @@ the program never waits on), and reads it back in key order with plain aligned v
   BLOCK_M + BLOCK_N - 1]^T`` written shifted to a ``[BLOCK_M, BLOCK_N]`` scratch tile (two of them,
   alternating by iteration, so one barrier per tile orders them) and read back. ``dk`` and ``dv``
   are accumulated in registers and written once, in the inputs' dtype: no atomics.
-- Or, with ``STORED_PROBS`` (off by default until timed on a GPU), the ``dq`` kernel also stores
-  each tile it visits, ``P`` and ``dS * scale`` in the inputs' dtype (the values the ``dk``/``dv``
-  kernel would recompute and round alike), packed per head (only the visited tiles), a few heads
-  per pass within ``STORED_PROBS_BYTES``; ``dk``, ``dv`` then take two products per tile.
 
 Layouts: ``q [B, H, L, D]``, ``k [B, H, S, D]``, ``v [B, H, S, Dv]``, ``r [H, P, D]`` (any
 strides), ``keep`` an optional ``uint8`` mask viewed as ``[B, H, L, S]`` (broadcast dimensions
@@ -50,14 +46,6 @@ import triton.language as tl
 from .triton_support import row_alignment
 
 LOG2E = 1.4426950408889634  # host side only; the kernels write their constants as literals
-
-# STORED_PROBS[0] = True: the dq kernel also stores each visited tile's P and dS (packed, a few
-# heads at a time within STORED_PROBS_BYTES) and dk/dv come from them by two products per tile
-# instead of recomputing the scores and their positional band (off until timed on a GPU:
-# Nsight Compute found the recomputing kernel spilling at 255 registers,
-# benchmarks/results/ncu_relative_attention.txt).
-STORED_PROBS = [False]
-STORED_PROBS_BYTES = 160 * 2**20
 
 
 def _interpreting() -> bool:
@@ -257,9 +245,9 @@ def _fwd_kernel(
 def _dq_tile(
     dq, q, do, lse, delta, K, V, k_off, v_off, KEEP, pos_s, ds_s, b, h, start_n, offs_m, m_ok,
     rows, width, S, shift, skn, skd, svn, svd, smb, smh, smm, smn, offs_d, d_ok, offs_dv, dv_ok,
-    qk_scale, sm_scale, tiles,
+    qk_scale, sm_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, STORE_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
 ):  # fmt: skip
     cols = tl.multiple_of(start_n, BLOCK_N) + tl.arange(0, BLOCK_N)
     n_ok = cols < S
@@ -285,13 +273,7 @@ def _dq_tile(
     if MASKED:
         p = tl.where(keep, p, 0.0)
     ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-    ds_scaled = (ds * sm_scale).to(q.dtype)
-    dq += _dot(ds_scaled, k, IEEE)
-    if STORE_P:  # the tile's P and scaled dS for the stored-probabilities dk/dv kernel
-        tile = tiles + (start_n // BLOCK_N) * (2 * BLOCK_M * BLOCK_N)
-        at = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-        tl.store(tile + at, p.to(tiles.dtype.element_ty))
-        tl.store(tile + BLOCK_M * BLOCK_N + at, ds_scaled.to(tiles.dtype.element_ty))
+    dq += _dot((ds * sm_scale).to(q.dtype), k, IEEE)
     # dS by relative position: row a, column j - a + BLOCK_M - 1
     tl.store(ds_s + rows[:, None] * width + cols[None, :] - rows[:, None] + (BLOCK_M - 1),
              ds.to(ds_s.dtype.element_ty))  # fmt: skip
@@ -300,7 +282,7 @@ def _dq_tile(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, R, KEEP, DO, LSE, DELTA, DQ, DR, POS, DS, TILES, TILE_START,
+    Q, K, V, R, KEEP, DO, LSE, DELTA, DQ, DR, POS, DS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
@@ -308,18 +290,14 @@ def _bwd_dq_kernel(
     smb, smh, smm, smn,
     sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
-    H, L, S, n_work, width, qk_scale, sm_scale, bh0, n_tiles,
+    H, L, S, n_work, width, qk_scale, sm_scale,
     D: tl.constexpr, D_V: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ALIGN: tl.constexpr, STORE_P: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):  # fmt: skip
     """``DQ`` in q's dtype; ``DR [H, P, D]`` float32, contiguous and zeroed (added to
-    atomically); ``POS``, ``DS`` one ``[BLOCK_M, width]`` scratch block per program each. The
-    work items are the query blocks of heads ``bh0 ..`` (``bh = b * H + h``). With ``STORE_P``
-    every visited tile's ``P`` and ``dS * scale`` go to ``TILES`` (packed: head ``bh - bh0``
-    owns ``n_tiles`` tiles of ``2 * BLOCK_M * BLOCK_N``, query block ``m`` starts at tile
-    ``TILE_START[m]``, key block ``n`` is the ``n``-th after it)."""
+    atomically); ``POS``, ``DS`` one ``[BLOCK_M, width]`` scratch block per program each."""
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)
     w = tl.arange(0, BLOCK_N)
@@ -333,11 +311,7 @@ def _bwd_dq_kernel(
     shift = S - L
     n_m = tl.cdiv(L, BLOCK_M)
     for work in range(pid, n_work, tl.num_programs(0)):
-        b, h, bh, start_m, hi = _query_block(work + bh0 * n_m, n_m, H, L, S, CAUSAL, BLOCK_M)
-        tiles = TILES
-        if STORE_P:
-            first = tl.load(TILE_START + start_m // BLOCK_M).to(tl.int64)
-            tiles = TILES + ((bh - bh0) * n_tiles + first) * (2 * BLOCK_M * BLOCK_N)
+        b, h, bh, start_m, hi = _query_block(work, n_m, H, L, S, CAUSAL, BLOCK_M)
         offs_m = start_m + rows
         m_ok = offs_m < L
         q_mask = m_ok[:, None] & d_ok[None, :]
@@ -363,15 +337,15 @@ def _bwd_dq_kernel(
             dq = _dq_tile(
                 dq, q, do, lse, delta, K, V, k_off, v_off, KEEP, pos_s, ds_s, b, h, start_n, offs_m,
                 m_ok, rows, width, S, shift, skn, skd, svn, svd, smb, smh, smm, smn, offs_d, d_ok,
-                offs_dv, dv_ok, qk_scale, sm_scale, tiles, False, CAUSAL, HAS_KEEP, IEEE,
-                BLOCK_M, BLOCK_N, ALIGN, STORE_P,
+                offs_dv, dv_ok, qk_scale, sm_scale, False, CAUSAL, HAS_KEEP, IEEE, BLOCK_M,
+                BLOCK_N, ALIGN,
             )  # fmt: skip
         for start_n in range(whole, hi, BLOCK_N):
             dq = _dq_tile(
                 dq, q, do, lse, delta, K, V, k_off, v_off, KEEP, pos_s, ds_s, b, h, start_n, offs_m,
                 m_ok, rows, width, S, shift, skn, skd, svn, svd, smb, smh, smm, smn, offs_d, d_ok,
-                offs_dv, dv_ok, qk_scale, sm_scale, tiles, True, CAUSAL, HAS_KEEP, IEEE,
-                BLOCK_M, BLOCK_N, ALIGN, STORE_P,
+                offs_dv, dv_ok, qk_scale, sm_scale, True, CAUSAL, HAS_KEEP, IEEE, BLOCK_M,
+                BLOCK_N, ALIGN,
             )  # fmt: skip
         tl.debug_barrier()
         # dS by relative position: column u of row a is key u + a - (BLOCK_M - 1); the columns
@@ -529,64 +503,6 @@ def _bwd_dkdv_kernel(
                 offs_d, d_ok, offs_dv, dv_ok, qk_scale, sm_scale, True, CAUSAL, HAS_KEEP, IEEE,
                 BLOCK_M, BLOCK_N, ALIGN,
             )  # fmt: skip
-        tl.store(DK + (bh * S + cols64) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                 mask=n_ok[:, None] & d_ok[None, :])  # fmt: skip
-        tl.store(DV + (bh * S + cols64) * D_V + offs_dv[None, :], dv.to(DV.dtype.element_ty),
-                 mask=n_ok[:, None] & dv_ok[None, :])  # fmt: skip
-
-
-@triton.jit
-def _bwd_dkdv_stored_kernel(
-    Q, DO, DK, DV, TILES, TILE_START,
-    sqb, sqh, sqm, sqd,
-    sdob, sdoh, sdom, sdod,
-    H, L, S, n_work, bh0, n_tiles,
-    D: tl.constexpr, D_V: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ALIGN: tl.constexpr,
-):  # fmt: skip
-    """``dv = P^T dO``, ``dk = (dS * scale)^T q`` per key block from the tiles the ``dq`` kernel
-    stored (``STORE_P``, the same blocks): two products per tile, no scores recomputed."""
-    pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
-    w = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
-    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
-    d_ok = offs_d < D
-    dv_ok = offs_dv < D_V
-    shift = S - L
-    n_n = tl.cdiv(S, BLOCK_N)
-    for work in range(pid, n_work, tl.num_programs(0)):
-        bh = bh0 + (work // n_n).to(tl.int64)
-        start_n = (work % n_n) * BLOCK_N
-        b = bh // H
-        h = bh % H
-        cols = start_n + w
-        n_ok = cols < S
-        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-        lo = 0
-        if CAUSAL:  # the query blocks that see a key of this block (the dq kernel's tiles)
-            lo = tl.maximum(start_n - shift, 0) // BLOCK_M * BLOCK_M
-        head_tiles = TILES + (bh - bh0) * n_tiles * (2 * BLOCK_M * BLOCK_N)
-        for start_m in range(lo, L, BLOCK_M):
-            offs_m = start_m + rows
-            m_ok = offs_m < L
-            first = tl.load(TILE_START + start_m // BLOCK_M).to(tl.int64)
-            tile = head_tiles + (first + start_n // BLOCK_N) * (2 * BLOCK_M * BLOCK_N)
-            at = rows[:, None] * BLOCK_N + w[None, :]
-            p = tl.load(tile + at, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            ds = tl.load(tile + BLOCK_M * BLOCK_N + at, mask=m_ok[:, None] & n_ok[None, :],
-                         other=0.0)  # fmt: skip
-            q = tl.load(Q + _rows(b * sqb + h * sqh, offs_m, sqm, ALIGN)[:, None]
-                        + offs_d[None, :] * sqd, mask=m_ok[:, None] & d_ok[None, :],
-                        other=0.0)  # fmt: skip
-            do = tl.load(DO + _rows(b * sdob + h * sdoh, offs_m, sdom, ALIGN)[:, None]
-                         + offs_dv[None, :] * sdod, mask=m_ok[:, None] & dv_ok[None, :],
-                         other=0.0)  # fmt: skip
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-            dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
-        cols64 = cols[:, None].to(tl.int64)
         tl.store(DK + (bh * S + cols64) * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
                  mask=n_ok[:, None] & d_ok[None, :])  # fmt: skip
         tl.store(DV + (bh * S + cols64) * D_V + offs_dv[None, :], dv.to(DV.dtype.element_ty),
@@ -772,15 +688,10 @@ def relative_attention_bwd(
     n_work, programs, width = _query_plan(cfg, q, n_k)
     pos = torch.empty(programs, cfg[0], width, device=q.device, dtype=q.dtype)
     ds = torch.empty_like(pos)
-    if STORED_PROBS[0]:
-        _stored_probs_backward(q, k, v, r, grad, delta, lse, keep_arg, keep_strides, dq, dk, dv,
-                               dr, pos, ds, strides, cfg, constexprs, is_causal, scale)  # fmt: skip
-        return dq, dk, dv, dr
     _bwd_dq_kernel[(programs,)](
-        q, k, v, r, keep_arg, grad, lse, delta, dq, dr, pos, ds, lse, lse,
+        q, k, v, r, keep_arg, grad, lse, delta, dq, dr, pos, ds,
         *strides, *keep_strides, *_strides(grad), *_strides(dq),
-        h, n_q, n_k, n_work, width, scale * LOG2E, scale, 0, 0, CAUSAL=is_causal,
-        STORE_P=False, **constexprs,
+        h, n_q, n_k, n_work, width, scale * LOG2E, scale, CAUSAL=is_causal, **constexprs,
     )  # fmt: skip
     del pos, ds
 
@@ -797,58 +708,6 @@ def relative_attention_bwd(
         h, n_q, n_k, n_work, scale * LOG2E, scale, CAUSAL=is_causal, **constexprs,
     )  # fmt: skip
     return dq, dk, dv, dr
-
-
-def _tile_starts(
-    block_m: int, block_n: int, n_q: int, n_k: int, causal: bool, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """``(starts [n_m] int32, total)``: each query block's first tile among a head's packed
-    tiles, and their number. Query block ``m`` has a tile for every key block below its ``hi``
-    (as the kernels' ``_query_block``). Made on the device (no host copy: CUDA graphs)."""
-    n_m = triton.cdiv(n_q, block_m)
-    m = torch.arange(n_m, device=device, dtype=torch.int64)
-    hi = torch.full_like(m, n_k)
-    total = n_m * triton.cdiv(n_k, block_n)
-    if causal:
-        hi = (m * block_m + block_m + n_k - n_q).clamp(0, n_k)
-        total = sum(
-            triton.cdiv(max(min(n_k, i * block_m + block_m + n_k - n_q), 0), block_n)
-            for i in range(n_m)
-        )
-    per_block = (hi + block_n - 1) // block_n
-    return (torch.cumsum(per_block, 0) - per_block).to(torch.int32), total
-
-
-def _stored_probs_backward(q, k, v, r, grad, delta, lse, keep_arg, keep_strides, dq, dk, dv, dr,
-                           pos, ds, strides, cfg, constexprs, is_causal, scale):  # fmt: skip
-    """:data:`STORED_PROBS`' backward: for a few heads at a time, the ``dq`` kernel storing its
-    tiles' ``P`` and ``dS``, then dk/dv from them."""
-    b, h, n_q, _d = q.shape
-    n_k = k.shape[2]
-    block_m, block_n = cfg[0], cfg[1]
-    tile_start, n_tiles = _tile_starts(block_m, block_n, n_q, n_k, is_causal, q.device)
-    head_bytes = max(1, n_tiles) * 2 * block_m * block_n * q.element_size()
-    heads = max(1, min(b * h, STORED_PROBS_BYTES // head_bytes))
-    tiles = torch.empty(heads * max(1, n_tiles) * 2 * block_m * block_n, device=q.device,
-                        dtype=q.dtype)  # fmt: skip
-    n_m, n_n = triton.cdiv(n_q, block_m), triton.cdiv(n_k, block_n)
-    width = pos.shape[-1]
-    stored = dict(num_warps=4 if _interpreting() else 8, num_stages=1 if _interpreting() else 2)
-    for bh0 in range(0, b * h, heads):
-        group = min(heads, b * h - bh0)
-        _bwd_dq_kernel[(_grid(group * n_m, cfg[4], q.device),)](
-            q, k, v, r, keep_arg, grad, lse, delta, dq, dr, pos, ds, tiles, tile_start,
-            *strides, *keep_strides, *_strides(grad), *_strides(dq),
-            h, n_q, n_k, group * n_m, width, scale * LOG2E, scale, bh0, n_tiles,
-            CAUSAL=is_causal, STORE_P=True, **constexprs,
-        )  # fmt: skip
-        _bwd_dkdv_stored_kernel[(_grid(group * n_n, 1, q.device),)](
-            q, grad, dk, dv, tiles, tile_start, *_strides(q), *_strides(grad),
-            h, n_q, n_k, group * n_n, bh0, n_tiles,
-            D=constexprs["D"], D_V=constexprs["D_V"], CAUSAL=is_causal, IEEE=constexprs["IEEE"],
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=constexprs["BLOCK_D"],
-            BLOCK_DV=constexprs["BLOCK_DV"], ALIGN=constexprs["ALIGN"], **stored,
-        )  # fmt: skip
 
 
 __all__ = ["relative_attention_bwd", "relative_attention_fwd"]
