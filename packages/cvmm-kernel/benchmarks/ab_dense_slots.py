@@ -44,8 +44,8 @@ from bench_harness import (
 VARIANTS = [("sparse", 0.0), ("dense <= 2", 2.0), ("dense <= 4", 4.0)]
 
 
-def _step_results(s, t, params):
-    out = ours_fused(s, t, True)
+def _step_results(s, t, params, **launch):
+    out = ours_fused(s, t, True, **launch)
     gen = torch.Generator(out.device).manual_seed(1)
     out.backward(torch.randn(out.shape, device=out.device, generator=gen).to(out.dtype))
     grads = [p.grad.float() for p in params] + [t["gate"].grad.float()]

@@ -74,6 +74,16 @@ def check(backend, inputs, dtype, *, shared, reduce_groups, deterministic=True):
             assert torch.all(mine.grad == 0), name
 
 
+@pytest.fixture(params=["pairs", "slots"])
+def slot_sums(request, monkeypatch):
+    """The Triton path's slot sums by pairs of experts where a group chose two (the default,
+    ``cvmm_kernel.pair_slots``) or per slot."""
+    from cvmm_kernel import pair_slots
+
+    monkeypatch.setattr(pair_slots, "ENABLED", [request.param == "pairs"])
+    return request.param
+
+
 # (shared rows, reduce over groups): SwitchHead's value projection, its output projection, a
 # plain MoE linear layer with rows per group, a shared row summed over everything.
 LAYOUTS = [(True, False), (False, True), (False, False), (True, True)]
@@ -85,7 +95,7 @@ LAYOUTS = [(True, False), (False, True), (False, False), (True, True)]
     [(*layout, 2) for layout in LAYOUTS]
     + [(*layout, k) for layout in LAYOUTS[:2] for k in (1, 16)],
 )
-def test_matches_oracle(backend, device, shared, reduce_groups, k):
+def test_matches_oracle(backend, device, shared, reduce_groups, k, slot_sums):
     # products narrower than the inputs (kept for the gate gradient) and wider (not kept)
     d_in, d_out = (24, 12) if shared else (12, 24)
     inputs = make_inputs((2, 3), 2, k, 20, d_in, d_out, shared=shared, dtype=torch.float32,
@@ -104,7 +114,7 @@ def test_matches_oracle(backend, device, shared, reduce_groups, k):
     ]
     + [("wide-both", *layout) for layout in LAYOUTS[:2]],
 )
-def test_edge_layouts(backend, device, shared, reduce_groups, case, monkeypatch):
+def test_edge_layouts(backend, device, shared, reduce_groups, case, monkeypatch, slot_sums):
     """One expert with every slot, experts with no slots, slot counts no tile size divides, the
     atomic sums, widths above the row-tile kernel's inner size (the general kernel) on either
     side or both, and the weight gradient's rows cut into ranges summed after the kernel: the
@@ -130,6 +140,24 @@ def test_edge_layouts(backend, device, shared, reduce_groups, case, monkeypatch)
                          device=device, seed=5, experts_used=used)  # fmt: skip
     check(backend, inputs, dtype, shared=shared, reduce_groups=reduce_groups,
           deterministic=case != "atomic")  # fmt: skip
+
+
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(("shared", "reduce_groups"), LAYOUTS[:3])
+def test_pair_sums_edge_cases(backend, device, shared, reduce_groups, monkeypatch):
+    """Slot sums by pairs of experts: one pair in either order over several tiles of items,
+    beside pairs of one item, and groups that chose one expert twice (``lo == hi``)."""
+    from cvmm_kernel import dense_slots
+
+    monkeypatch.setattr(dense_slots, "MAX_RATIO", [0.0])
+    d_in, d_out = (24, 12) if shared else (12, 24)
+    inputs = make_inputs((41,), 3, 2, 6, d_in, d_out, shared=shared, dtype=torch.float32,
+                         device=device, seed=3)  # fmt: skip
+    index = inputs[1]
+    index[:30, 0] = torch.tensor([1, 4])
+    index[:15, 0] = torch.tensor([4, 1])
+    index[30:33] = 2
+    check(backend, inputs, torch.float32, shared=shared, reduce_groups=reduce_groups)
 
 
 DENSE_CASES = [

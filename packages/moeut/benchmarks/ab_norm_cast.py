@@ -15,6 +15,9 @@ instead (each application's fused input projection weight made and its gradient 
 autograd, or one weight per forward and one float32 gradient sum):
 ``ab_shared_projection.{json,md}``. (``ab_norm_shared_grads.md`` measured a removed switch that
 summed the shared norms' weight gradients over the repeats in a kernel: slower on the GPU.)
+``--switch pair-slots`` compares ``cvmm_kernel.pair_slots.ENABLED`` off and on (the attention's
+value and output projections summing per-slot products, or products of each head's pair of
+experts): ``ab_pair_slots_moeut.{json,md}``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import sys
 import torch
 from bench_harness import environment_line, metadata, require_cuda, write_results
 from bench_moeut import VOCAB, DenseLM, time_step
+from cvmm_kernel import pair_slots
 from host_overhead import TINY, step_parts
 from moeut import MoEUTLM, norm_cast, profiles
 from switchhead import shared_projection
@@ -36,6 +40,8 @@ SWITCHES = {
               "ab_norm_cast"),
     "shared-projection": (shared_projection.ENABLED, {False: "projection per application",
                           True: "projection shared"}, "ab_shared_projection"),
+    "pair-slots": (pair_slots.ENABLED, {False: "per-slot products", True: "pairs of experts"},
+                   "ab_pair_slots_moeut"),
 }  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import dense_slots
+from . import dense_slots, pair_slots
 from .moe_ops import (
     Routing,
     _config,
@@ -76,14 +76,19 @@ def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div, shared=None,
 
 
 def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, role, h=None,
-               configs=None):  # fmt: skip
+               configs=None, index=None, pairs=False):  # fmt: skip
     """``out[s // out_div] += g_s * a[s // a_div] @ w[e_s]`` for every slot: per-slot products
     then a sum (deterministic), or fp32 atomic adds. Returns ``([n_out, N]`` in ``a``'s dtype,
     the gate gradient ``<a[s // a_div] @ w[e_s], h[s // out_div]>`` where ``h`` is given).
-    ``configs``: the call's launch settings per role (None: ``GEMM_CONFIGS``)."""
+    ``configs``: the call's launch settings per role (None: ``GEMM_CONFIGS``); ``pairs``: by
+    pairs of slots (:mod:`cvmm_kernel.pair_slots`, which needs ``index``) where the sum allows."""
     from . import moe_triton as kt
 
     k, n = a.shape[1], w.shape[2]
+    if (pairs and deterministic and gate is not None and h is None
+            and pair_slots.fits(a_div, out_div, k)):  # fmt: skip
+        config = _config("linear_pairs", k, n, configs)
+        return pair_slots.pair_sums(a, w, index, gate, a_div, out_div, config), None
     n_slots = r.sorted_to_slot.numel()
     if deterministic:
         out, out_mode = a.new_empty(n_slots, n), kt.OUT_SLOT
@@ -134,7 +139,8 @@ def plan(w_shape, a_div: int, out_div: int, deterministic: bool, backend: str):
     return keeps and dense != dense_slots.OUTPUT_ROWS, dense
 
 
-def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic, configs=None):
+def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic, configs=None,
+                    pairs=False):  # fmt: skip
     """``(out, y)``: ``y`` what the backward reads (:func:`plan`): the per-slot products, the
     output-row layout's spread input, or empty."""
     from . import moe_triton as kt
@@ -146,7 +152,7 @@ def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic
         return dense_slots.output_rows_forward(x, gate, wc, index, a_div, out_div)
     if not keeps:
         out = _slot_sums(x, wc, r, a_div, out_div, n_slots // out_div, deterministic, gate,
-                         "linear", configs=configs)[0]  # fmt: skip
+                         "linear", configs=configs, index=index, pairs=pairs)[0]  # fmt: skip
         return out, x.new_empty(0, d_out)
     # ungated per-slot products (kept), then each output row's gate-weighted sum
     y = _slot_sums(x, wc, r, a_div, 1, n_slots, True, None, "linear", configs=configs)[0]
@@ -155,11 +161,11 @@ def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic
 
 def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deterministic,
                      need=(True, True, True), shared=None, configs=None,
-                     grad_dtype=None):  # fmt: skip
+                     grad_dtype=None, pairs=False):  # fmt: skip
     """``(dx, dgate, dW)``, each ``None`` where ``need`` (for ``x``, ``gate``, ``w``) says no
     gradient is wanted (a frozen weight, an input that needs none): no kernel runs for it.
     ``configs``: the call's launch settings per role; ``grad_dtype``: ``dW``'s where ``shared``
-    does not sum it (None: the weight's)."""
+    does not sum it (None: the weight's); ``pairs``: as in :func:`_slot_sums`."""
     from . import moe_triton as kt
 
     need_x, need_gate, need_w = need
@@ -181,7 +187,7 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
         dx, dgate = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0],
                                deterministic, gate, "linear_grad_input",
                                h=x if need_gate and not saved else None,
-                               configs=configs)  # fmt: skip
+                               configs=configs, index=index, pairs=pairs)  # fmt: skip
     if need_gate:
         if saved:
             dgate = kt.group_dot(y, dy, out_div)
@@ -221,23 +227,24 @@ def _dense_weight_grad(dw, w, shared, grad_dtype):
 
 
 def _forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic, backend,
-             configs=None):  # fmt: skip
+             configs=None, pairs=False):  # fmt: skip
     """``(out, y)``, ``y`` what the backward reads: the per-slot products, the output-row
     layout's spread input, or an empty ``[0, d_out]``."""
     if backend == "triton":
-        return _triton_forward(x, gate, w, index, r, a_div, out_div, deterministic, configs)
+        return _triton_forward(x, gate, w, index, r, a_div, out_div, deterministic, configs,
+                               pairs)  # fmt: skip
     return _reference_forward(x, gate, w, r, a_div, out_div), x.new_empty(0, w.shape[2])
 
 
 def _gradients(grad_out, x, gate, w, index, y, r: Routing, a_div, out_div, deterministic,
                backend, need=(True, True, True), shared=None, configs=None,
-               grad_dtype=None):  # fmt: skip
+               grad_dtype=None, pairs=False):  # fmt: skip
     """``(dx, dgate, dW)``; ``dW`` is None where ``shared`` (a SharedGrad) sums it instead, else
     in ``grad_dtype`` (None: the weight's)."""
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
         return _triton_backward(dy, x, gate, w, index, y, r, a_div, out_div, deterministic, need,
-                                shared, configs, grad_dtype)  # fmt: skip
+                                shared, configs, grad_dtype, pairs)  # fmt: skip
     return _reference_backward(dy, x, gate, w, r, a_div, out_div, shared, grad_dtype)
 
 
@@ -263,16 +270,18 @@ def moe_linear_forward(
     backend: str,
     gemm_configs: Sequence[int] | None = None,
     weight_grad_dtype: torch.dtype | None = None,
+    pairs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [N // a_div, d_in]``, ``gate``, ``index [N]`` -> ``(out [N // out_div, d_out], y)``
     with ``y`` the per-slot products ``[N, d_out]`` where the backward uses them, the spread
     input ``[N // out_div, E * d_in]`` of the output-row dense layout, else ``[0, d_out]``.
     ``gemm_configs``: the call's launch settings (``moe_ops.encode_gemm_configs``), kept for the
     backward (None: the shipped ones); ``weight_grad_dtype``: the backward's, see
-    :func:`moe_linear_backward`."""
+    :func:`moe_linear_backward`; ``pairs``: the slot sums by pairs of experts where they allow
+    (:mod:`cvmm_kernel.pair_slots`)."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
     configs = decode_gemm_configs(gemm_configs)
-    return _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs)
+    return _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs, pairs)
 
 
 @moe_linear_forward.register_fake
@@ -308,19 +317,20 @@ def moe_linear_backward(
     backend: str,
     gemm_configs: Sequence[int] | None = None,
     weight_grad_dtype: torch.dtype | None = None,
+    pairs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dgate, dW)``; ``dW`` in ``weight_grad_dtype``, by default the weight's
-    own."""
+    own; ``pairs`` as the forward's."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
     configs = decode_gemm_configs(gemm_configs)
     return _gradients(grad_out, x, gate, w, index, y, r, a_div, out_div, deterministic, backend,
-                      configs=configs, grad_dtype=weight_grad_dtype)  # fmt: skip
+                      configs=configs, grad_dtype=weight_grad_dtype, pairs=pairs)  # fmt: skip
 
 
 @moe_linear_backward.register_fake
 def _(grad_out, x, gate, w, index, y, sorted_to_slot, slot_to_sorted, offsets, tile_expert,
       tile_start, n_valid, a_div, out_div, block_m, deterministic, backend, gemm_configs=None,
-      weight_grad_dtype=None):  # fmt: skip
+      weight_grad_dtype=None, pairs=False):  # fmt: skip
     return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w, dtype=weight_grad_dtype)
 
 
@@ -348,17 +358,19 @@ class MoELinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate, w, index, n_experts, a_div, out_div, block_m, deterministic,
-                backend, shared=None, configs=None, grad_dtype=None):  # fmt: skip
+                backend, shared=None, configs=None, grad_dtype=None, pairs=False):  # fmt: skip
         """``shared``: a SharedGrad that sums the weight's gradient over its uses, or None.
         ``configs``: the call's launch settings per role (checked), or None; ``grad_dtype``:
-        the weight gradient's rounding (None: none)."""
+        the weight gradient's rounding (None: none); ``pairs``: the slot sums by pairs of
+        experts where they allow."""
         routing = routing_impl(index, n_experts, block_m, backend)
         r = Routing(*routing, block_m)
-        out, y = _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs)
+        out, y = _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs,
+                          pairs)  # fmt: skip
         ctx.save_for_backward(x, gate, w, index, y, *routing)
         ctx.settings = (a_div, out_div, block_m, deterministic, backend)
         ctx.shared = shared
-        ctx.launch = (configs, grad_dtype)
+        ctx.launch = (configs, grad_dtype, pairs)
         return out
 
     @staticmethod
@@ -372,4 +384,4 @@ class MoELinearFunction(torch.autograd.Function):
                                    deterministic, backend, need[:3], ctx.shared,
                                    *ctx.launch)  # fmt: skip
         grads = (dx, dgate, in_weight_dtype(dw, w))
-        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 10)
+        return (*[g if need[i] else None for i, g in enumerate(grads)], *[None] * 11)

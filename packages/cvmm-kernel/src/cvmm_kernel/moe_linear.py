@@ -23,6 +23,7 @@ from .moe_ops import (
     weight_grad_dtype,
 )
 from .ops import Backend
+from .pair_slots import wanted as pairs_wanted
 from .shared_grads import shared_use
 
 
@@ -138,16 +139,17 @@ def moe_linear(
     flat_gate = gate.reshape(-1).contiguous()
     settings = (a_div, out_div, block_m, deterministic, chosen)
     grad_dtype = weight_grad_dtype(rounded, x.dtype, weight.dtype)
+    pairs = pairs_wanted(weight.shape[0], k)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)
-            launch = (encode_gemm_configs(configs), grad_dtype)
+            launch = (encode_gemm_configs(configs), grad_dtype, pairs)
             out = moe_linear_forward(x2, flat_gate, weight, flat_index, *routing, *settings,
                                      *launch)[0]  # fmt: skip
         else:  # the same implementations with less host time per call
             weight, shared = shared_use(weight)
             out = MoELinearFunction.apply(
                 x2, flat_gate, weight, flat_index, weight.shape[0], *settings, shared, configs,
-                grad_dtype,
+                grad_dtype, pairs,
             )  # fmt: skip
     return out.view(out_shape)

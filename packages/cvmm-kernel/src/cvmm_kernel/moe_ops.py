@@ -67,6 +67,9 @@ GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
     "linear_rows": (128, 8, 4),
     "linear_grad_input": (128, 64, 8, 3),
     "linear_grad_input_rows": (64, 4, 4),  # also stages x's columns: 128 wide is too much
+    # products by pairs of experts (cvmm_kernel.pair_slots): (BLOCK_N, BLOCK_M, num_warps,
+    # num_stages)
+    "linear_pairs": (128, 64, 4, 3),
     "grad_w_linear": (64, 128, 128, 4, 4),
 }
 
@@ -99,6 +102,8 @@ def role_fields(role: str) -> tuple[tuple[str, ...], int]:
         return ("BLOCK_N", "num_warps", "num_stages"), 0
     if role == "fused_forward":
         return ("BLOCK_K", "BLOCK_N", "num_warps", "num_stages", "num_stages"), 0
+    if role == "linear_pairs":
+        return ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages"), 0
     if role.startswith("grad_w"):
         return ("BLOCK_M", "BLOCK_K", "BLOCK_N", "num_warps", "num_stages"), 0
     return ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent"), 1
@@ -225,6 +230,9 @@ def _fit_config(role: str, k: int, n: int, cfg: tuple[int, ...]) -> tuple[int, .
     if role == "fused_forward":
         bk, bn, *rest = cfg
         return (fit(bk, k), fit(bn, n), *rest)
+    if role == "linear_pairs":
+        bn, *rest = cfg
+        return (fit(bn, n), *rest)
     bn, bk, *rest = cfg
     return (fit(bn, n), fit(bk, k), *rest)
 

@@ -19,6 +19,9 @@ Kernels:
   tile's expert matrix with fp32 accumulation, then an epilogue (gate, activation, or the
   backward through both with the gate gradient) and a store to sorted rows, slot rows, or an
   atomic add into token rows.
+- ``_pair_rows_kernel``: products for items of two slots grouped by their pair of experts
+  (:mod:`cvmm_kernel.pair_slots`), one program per (pair, column block): both gated products
+  summed before the store.
 - ``_moe_mlp_rows_kernel``: the whole feedforward forward per tile for expert sizes that fit
   one block: the up projection and activation (``h`` stored for the backward), then ``h``'s
   products with the down projection's column blocks from the registers.
@@ -500,6 +503,76 @@ def _moe_gemm_rows_kernel(
             tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
     if GATE_GRAD:
         tl.store(dgate_ptr + slot, dg, mask=mask_m)
+
+
+@triton.jit
+def _pair_numbers_kernel(index_ptr, out_ptr, n_items, BLOCK: tl.constexpr):
+    """``out[i] = hi * (hi + 1) / 2 + lo`` of item ``i``'s experts ``index[2i], index[2i + 1]``
+    (``lo <= hi``): a number per unordered pair."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_items
+    e0 = tl.load(index_ptr + offs.to(tl.int64) * 2, mask=mask, other=0).to(tl.int32)
+    e1 = tl.load(index_ptr + offs.to(tl.int64) * 2 + 1, mask=mask, other=0).to(tl.int32)
+    hi = tl.maximum(e0, e1)
+    tl.store(out_ptr + offs, hi * (hi + 1) // 2 + tl.minimum(e0, e1), mask=mask)
+
+
+@triton.jit
+def _pair_rows_kernel(
+    a_ptr, w_ptr, out_ptr, index_ptr, gate_ptr, sorted_to_item_ptr, offsets_ptr, K, N, A_DIV,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, W_DESC: tl.constexpr, N_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Products of items of two slots (``cvmm_kernel.pair_slots``), one program per (pair of
+    experts, column block): item ``i`` (slots ``2i``, ``2i + 1``) reads row ``i // A_DIV`` of
+    ``a`` and stores ``out[i] = g_lo * a @ W[lo] + g_hi * a @ W[hi]`` (fp32 sum of the two gated
+    products), each slot's gate with its own expert. The program loads its two weight blocks
+    once and walks the pair's items ``BLOCK_M`` at a time (a pair has a few hundred items: the
+    weights, not the rows, are the traffic to save)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pair = pid // n_blocks
+    n0 = (pid - pair * n_blocks) * BLOCK_N
+    start = tl.load(offsets_ptr + pair)
+    end = tl.load(offsets_ptr + pair + 1)
+    if start == end:
+        return
+    first = tl.load(sorted_to_item_ptr + start).to(tl.int64) * 2
+    e0 = tl.load(index_ptr + first).to(tl.int32)
+    e1 = tl.load(index_ptr + first + 1).to(tl.int32)
+    lo = tl.minimum(e0, e1)
+    hi = tl.maximum(e0, e1)
+    b_lo = _weight_block(
+        w_ptr, lo, 0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
+    )
+    b_hi = _weight_block(
+        w_ptr, hi, 0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
+    )
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    for m0 in tl.range(start, end, BLOCK_M, num_stages=N_STAGES):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        item = tl.load(sorted_to_item_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        a = tl.load(
+            a_ptr + (item // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & (offs_k < K)[None, :],
+            other=0.0,
+        )
+        first_is_lo = tl.load(index_ptr + item * 2, mask=mask_m, other=0) == lo
+        g0 = tl.load(gate_ptr + item * 2, mask=mask_m, other=0.0).to(tl.float32)
+        g1 = tl.load(gate_ptr + item * 2 + 1, mask=mask_m, other=0.0).to(tl.float32)
+        g_lo = tl.where(first_is_lo, g0, g1)
+        g_hi = tl.where(first_is_lo, g1, g0)
+        acc = tl.dot(a, b_lo, input_precision=INPUT_PRECISION) * g_lo[:, None]
+        acc += tl.dot(a, b_hi, input_precision=INPUT_PRECISION) * g_hi[:, None]
+        tl.store(
+            out_ptr + item[:, None] * stride_om + offs_n[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
 
 
 @triton.jit
@@ -1018,6 +1091,54 @@ def moe_gemm_rows(
         num_warps=warps,
         num_stages=stages,
     )
+
+
+def pair_numbers(index: torch.Tensor) -> torch.Tensor:
+    """``index [2 * I]`` -> ``[I]`` int32: ``hi * (hi + 1) / 2 + lo`` of each item's two experts
+    ``lo <= hi`` (``E * (E + 1) / 2`` numbers; one launch)."""
+    n_items = index.numel() // 2
+    out = torch.empty(n_items, dtype=torch.int32, device=index.device)
+    if n_items:
+        block = 128 if interpreting() else 1024
+        launch(_pair_numbers_kernel, (cdiv(n_items, block),), index, out, n_items, block)
+    return out
+
+
+def pair_rows(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    index: torch.Tensor,
+    gate: torch.Tensor,
+    sorted_to_item: torch.Tensor,
+    offsets: torch.Tensor,
+    a_div: int,
+    config: tuple = (128, 64, 4, 3),
+) -> None:
+    """Launch ``_pair_rows_kernel``: ``out[i] = sum_{j < 2} gate[2i + j] * a[i // a_div] @
+    w[index[2i + j]]`` for the items sorted by pair of experts (``sorted_to_item``, each pair's
+    ``offsets[p]:offsets[p + 1]``; see :mod:`cvmm_kernel.pair_slots`), ``K = a.shape[1] <=
+    ROWS_MAX_K``; ``config``: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)``."""
+    k, n_cols = a.shape[1], w.shape[2]
+    if sorted_to_item.numel() == 0 or k == 0 or n_cols == 0:
+        return
+    if k > ROWS_MAX_K:
+        raise ValueError(f"pair_rows takes inner sizes up to {ROWS_MAX_K}, got {k}")
+    block_n, block_m, warps, stages = config
+    es, bk = a.element_size(), max(16, next_power_of_2(k))
+    stages, block_m = _fit(stages, block_m, lambda st, bm: 2 * bk * block_n * es
+                           + st * bm * bk * es, _shared_memory_budget(a.device),
+                           min_shrink=16)  # fmt: skip
+    w_arg, w_desc = weight_operand(w, bk, block_n)
+    launch(
+        _pair_rows_kernel,
+        ((offsets.numel() - 1) * cdiv(n_cols, block_n),),
+        a, w_arg, out, index, gate, sorted_to_item, offsets, k, n_cols, a_div,
+        *a.stride(), *w.stride(), *out.stride(),
+        block_m, block_n, bk, input_precision(a.dtype), w_desc, stages,
+        num_warps=warps,
+        num_stages=stages,
+    )  # fmt: skip
 
 
 def moe_mlp_rows(

@@ -1,0 +1,111 @@
+r"""A/B of ``moe_linear``'s slot sums by pairs of experts (``cvmm_kernel.pair_slots``) against
+per-slot products, at SwitchHead's V and O shapes with 8 experts per head (bf16, forward +
+backward, CUDA-graph replays, medians).
+
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
+        python3 packages/cvmm-kernel/benchmarks/ab_pair_slots.py
+
+For each 4 x 8 shape of ``bench_cvmm.py``: per-slot products (``pair_slots.ENABLED`` off), and
+pairs with several launch settings of their kernel (``linear_pairs``: ``BLOCK_N``, ``BLOCK_M``,
+warps, stages), two passes alternating, in one process,
+against dense matmuls of equal FLOPs (the gate's gradient computed too, as in the layer); the
+outputs and gradients of each compared with the per-slot path's. Then the kernel times of one
+step per path (torch profiler). Writes ``ab_pair_slots.{json,md}`` and
+``profile_pair_slots.txt`` to ``$OUT`` (else ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from ab_dense_slots import _profile, _rel, _step_results
+from bench_cvmm import SHAPES, dense_equal_flops, make_inputs, ours_fused, time_fwd_bwd
+from bench_harness import (
+    environment_line,
+    metadata,
+    require_cuda,
+    table_header,
+    write_results,
+    write_text,
+)
+
+# (label, pairs on, linear_pairs setting (BLOCK_N, BLOCK_M, warps, stages) or None: shipped)
+VARIANTS = [
+    ("slots", False, None),
+    ("pairs", True, None),
+    ("pairs (128, 128, 8, 2)", True, (128, 128, 8, 2)),
+    ("pairs (128, 32, 4, 3)", True, (128, 32, 4, 3)),
+    ("pairs (64, 64, 4, 3)", True, (64, 64, 4, 3)),
+    ("pairs (64, 128, 4, 3)", True, (64, 128, 4, 3)),
+    ("pairs (256, 64, 8, 2)", True, (256, 64, 8, 2)),
+    ("pairs (128, 64, 8, 3)", True, (128, 64, 8, 3)),
+    ("pairs (128, 64, 4, 2)", True, (128, 64, 4, 2)),
+]
+
+
+def _use(pair_slots, on: bool, config) -> dict:
+    """Sets the variant; returns the ``gemm_configs`` keyword for ``moe_linear``."""
+    pair_slots.ENABLED[0] = on
+    return {} if config is None else {"gemm_configs": {"linear_pairs": config}}
+
+
+def main() -> int:
+    if not require_cuda(__file__):
+        return 2
+    from cvmm_kernel import pair_slots
+
+    rows, profiles = [], []
+    for s in SHAPES:
+        if s.kind == "ffn" or not s.name.endswith("4x8"):
+            continue
+        t = make_inputs(s, "cuda")
+        params = [t[k].requires_grad_() for k in ("w", "x")]
+        t["gate"].requires_grad_()
+        dense_fn, dense_params = dense_equal_flops(s, "cuda")
+        dense_ms = time_fwd_bwd(dense_fn, dense_params)[0]
+        results, times, peaks = {}, {v[0]: [] for v in VARIANTS}, {}
+        for label, on, config in VARIANTS:
+            launch = _use(pair_slots, on, config)
+            results[label] = _step_results(s, t, params, **launch)
+        for _ in range(2):
+            for label, on, config in VARIANTS:
+                launch = _use(pair_slots, on, config)
+                ms, peaks[label] = time_fwd_bwd(lambda launch=launch: ours_fused(s, t, True,
+                                                **launch), [*params, t["gate"]])  # fmt: skip
+                times[label].append(ms)
+        for label, _on, config in VARIANTS:
+            ms = min(times[label])
+            errors = [_rel(a, b) for a, b in zip(results[label], results["slots"])]
+            rows.append({
+                "shape": s.name, "variant": label, "config": config,
+                "ms_passes": times[label], "ms": ms, "dense_ms": dense_ms,
+                "pct_of_dense": 100 * dense_ms / ms, "peak_mib": peaks[label],
+                "rel_diff_vs_slots": dict(zip(("out", "w", "x", "gate"), errors)),
+            })  # fmt: skip
+        for label, on, config in VARIANTS[:2]:
+            _use(pair_slots, on, config)
+            profiles.append(f"== {s.name}, {label}\n" + _profile(s, t, params))
+        _use(pair_slots, True, None)
+        torch.cuda.empty_cache()
+    meta = metadata(dtype="bfloat16", timing="do_bench median of CUDA-graph replays, best of 2")
+    header = ("shape", "variant", "ms (two passes)", "% of dense TFLOP/s", "peak MiB",
+              "max rel. diff vs slots (out, grads)")  # fmt: skip
+    lines = [f"moe_linear pairs of experts A/B, {environment_line(meta)}", "",
+             *table_header(*header)]  # fmt: skip
+    for r in rows:
+        passes = ", ".join(f"{v:.3f}" for v in r["ms_passes"])
+        diff = max(r["rel_diff_vs_slots"].values())
+        lines.append(f"| {r['shape']} | {r['variant']} | {passes} | {r['pct_of_dense']:.0f}% "
+                     f"| {r['peak_mib']:.0f} | {diff:.1e} |")  # fmt: skip
+    table = "\n".join(lines)
+    print(table)
+    write_results("ab_pair_slots", {"meta": meta, "rows": rows}, table, script_file=__file__)
+    text = f"moe_linear kernels per step, {environment_line(meta)}\n\n" + "\n".join(profiles)
+    write_text("profile_pair_slots.txt", text, script_file=__file__)
+    print("\n".join(profiles))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
