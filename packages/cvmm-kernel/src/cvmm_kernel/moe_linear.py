@@ -109,8 +109,8 @@ def moe_linear(
             CUDA and the reference elsewhere.
         block_m, gemm_configs: this call's launch settings, as in ``moe_mlp`` (the roles
             ``moe_linear`` launches: ``linear``, ``linear_rows``, ``linear_grad_input``,
-            ``linear_grad_input_rows``, ``grad_w_linear``; ``benchmarks/sweep_linear.py`` sweeps
-            them).
+            ``linear_grad_input_rows``, ``grad_w_linear``, ``linear_pairs``;
+            ``benchmarks/sweep_linear.py`` and ``ab_pair_slots.py`` sweep them).
         weight_grads_in_compute_dtype: as in ``moe_mlp``: the call's weight gradient rounded
             to the compute dtype before autograd gets it in the weight's dtype (for weights
             applied several times in a compiled step).
