@@ -109,11 +109,7 @@ def main() -> int:
     for s in SHAPES:
         if s.kind == "ffn":
             continue
-        t = make_inputs(s, "cuda")
-        params = [t[k].requires_grad_() for k in ("w", "x")]
-        t["gate"].requires_grad_()
-        dense_fn, dense_params = dense_equal_flops(s, "cuda")
-        dense_ms = time_fwd_bwd(dense_fn, dense_params)[0]
+        t, params, dense_ms = shape_setup(s)
         results = {}
         for label, ratio in VARIANTS:
             dense_slots.MAX_RATIO[0] = ratio
@@ -142,22 +138,41 @@ def main() -> int:
                 profiles.append(f"== {s.name}, {label}\n" + _profile(s, t, params))
         dense_slots.MAX_RATIO[0] = 2.0
         torch.cuda.empty_cache()
+    write_ab("moe_linear dense layouts A/B", "dense_slots", rows, profiles, "sparse", __file__)
+    return 0
+
+
+def shape_setup(s):
+    """``(inputs, the parameters with gradients, dense ms)`` of a V or O shape: the weight and
+    the input take gradients, the gate too (as in the layer; ``bench_cvmm.py`` leaves it
+    frozen); the dense matmuls of equal FLOPs timed."""
+    t = make_inputs(s, "cuda")
+    params = [t[k].requires_grad_() for k in ("w", "x")]
+    t["gate"].requires_grad_()
+    dense_fn, dense_params = dense_equal_flops(s, "cuda")
+    return t, params, time_fwd_bwd(dense_fn, dense_params)[0]
+
+
+def write_ab(title: str, name: str, rows: list, profiles: list, baseline: str,
+             script_file: str) -> None:  # fmt: skip
+    """Prints and writes an A/B's table (``ab_{name}.{json,md}``: each row's passes, share of the
+    dense TFLOP/s, peak memory and largest difference from ``baseline``'s results, row key
+    ``rel_diff_vs_{baseline}``) and its kernel profiles (``profile_{name}.txt``)."""
     meta = metadata(dtype="bfloat16", timing="do_bench median of CUDA-graph replays, best of 2")
     header = ("shape", "variant", "ms (two passes)", "% of dense TFLOP/s", "peak MiB",
-              "max rel. diff vs sparse (out, grads)")  # fmt: skip
-    lines = [f"moe_linear dense layouts A/B, {environment_line(meta)}", "", *table_header(*header)]
+              f"max rel. diff vs {baseline} (out, grads)")  # fmt: skip
+    lines = [f"{title}, {environment_line(meta)}", "", *table_header(*header)]
     for r in rows:
         passes = ", ".join(f"{v:.3f}" for v in r["ms_passes"])
-        diff = max(r["rel_diff_vs_sparse"].values())
+        diff = max(r[f"rel_diff_vs_{baseline}"].values())
         lines.append(f"| {r['shape']} | {r['variant']} | {passes} | {r['pct_of_dense']:.0f}% "
                      f"| {r['peak_mib']:.0f} | {diff:.1e} |")  # fmt: skip
     table = "\n".join(lines)
     print(table)
-    write_results("ab_dense_slots", {"meta": meta, "rows": rows}, table, script_file=__file__)
+    write_results(f"ab_{name}", {"meta": meta, "rows": rows}, table, script_file=script_file)
     text = f"moe_linear kernels per step, {environment_line(meta)}\n\n" + "\n".join(profiles)
-    write_text("profile_dense_slots.txt", text, script_file=__file__)
+    write_text(f"profile_{name}.txt", text, script_file=script_file)
     print("\n".join(profiles))
-    return 0
 
 
 def _profile(s, t, params) -> str:

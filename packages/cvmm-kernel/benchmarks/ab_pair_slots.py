@@ -19,16 +19,9 @@ from __future__ import annotations
 import sys
 
 import torch
-from ab_dense_slots import _profile, _rel, _step_results
-from bench_cvmm import SHAPES, dense_equal_flops, make_inputs, ours_fused, time_fwd_bwd
-from bench_harness import (
-    environment_line,
-    metadata,
-    require_cuda,
-    table_header,
-    write_results,
-    write_text,
-)
+from ab_dense_slots import _profile, _rel, _step_results, shape_setup, write_ab
+from bench_cvmm import SHAPES, ours_fused, time_fwd_bwd
+from bench_harness import require_cuda
 
 # (label, pairs on, linear_pairs setting (BLOCK_N, BLOCK_M, warps, stages) or None: shipped)
 VARIANTS = [
@@ -59,11 +52,7 @@ def main() -> int:
     for s in SHAPES:
         if s.kind == "ffn" or not s.name.endswith("4x8"):
             continue
-        t = make_inputs(s, "cuda")
-        params = [t[k].requires_grad_() for k in ("w", "x")]
-        t["gate"].requires_grad_()
-        dense_fn, dense_params = dense_equal_flops(s, "cuda")
-        dense_ms = time_fwd_bwd(dense_fn, dense_params)[0]
+        t, params, dense_ms = shape_setup(s)
         results, times, peaks = {}, {v[0]: [] for v in VARIANTS}, {}
         for label, on, config in VARIANTS:
             launch = _use(pair_slots, on, config)
@@ -88,22 +77,7 @@ def main() -> int:
             profiles.append(f"== {s.name}, {label}\n" + _profile(s, t, params))
         _use(pair_slots, True, None)
         torch.cuda.empty_cache()
-    meta = metadata(dtype="bfloat16", timing="do_bench median of CUDA-graph replays, best of 2")
-    header = ("shape", "variant", "ms (two passes)", "% of dense TFLOP/s", "peak MiB",
-              "max rel. diff vs slots (out, grads)")  # fmt: skip
-    lines = [f"moe_linear pairs of experts A/B, {environment_line(meta)}", "",
-             *table_header(*header)]  # fmt: skip
-    for r in rows:
-        passes = ", ".join(f"{v:.3f}" for v in r["ms_passes"])
-        diff = max(r["rel_diff_vs_slots"].values())
-        lines.append(f"| {r['shape']} | {r['variant']} | {passes} | {r['pct_of_dense']:.0f}% "
-                     f"| {r['peak_mib']:.0f} | {diff:.1e} |")  # fmt: skip
-    table = "\n".join(lines)
-    print(table)
-    write_results("ab_pair_slots", {"meta": meta, "rows": rows}, table, script_file=__file__)
-    text = f"moe_linear kernels per step, {environment_line(meta)}\n\n" + "\n".join(profiles)
-    write_text("profile_pair_slots.txt", text, script_file=__file__)
-    print("\n".join(profiles))
+    write_ab("moe_linear pairs of experts A/B", "pair_slots", rows, profiles, "slots", __file__)
     return 0
 
 
