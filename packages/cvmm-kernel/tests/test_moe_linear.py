@@ -347,12 +347,13 @@ def test_empty(backend, device, lead, k, d_in):
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize(("shared", "reduce_groups"), LAYOUTS[:2])
 @pytest.mark.parametrize(("dense_slots", "deterministic"),
-                         [(False, True), (True, True), (True, False)])  # fmt: skip
+                         [(False, True), (True, True), (True, False), (False, False)])  # fmt: skip
 def test_deterministic_is_bitwise_reproducible(
     backend, device, shared, reduce_groups, dense_slots, deterministic, monkeypatch
 ):
     """Two runs give the same bits, on the sparse kernels and on the dense slot layouts (9
-    experts for 8 slots per row), which ``deterministic=False`` takes too."""
+    experts for 8 slots per row), which ``deterministic=False`` takes too, as it takes the
+    sums by pairs of experts (two chosen per group)."""
     import cvmm_kernel.dense_slots
 
     monkeypatch.setattr(cvmm_kernel.dense_slots, "MAX_RATIO", [2.0 if dense_slots else 0.0])

@@ -101,7 +101,10 @@ def moe_linear(
             fixed order: bitwise reproducible. ``False`` adds them with fp32 atomics on the
             Triton path, which skips writing the per-expert products, except where the experts
             are few per row: there both modes take the dense slot layouts
-            (:mod:`cvmm_kernel.dense_slots`, faster) and are deterministic.
+            (:mod:`cvmm_kernel.dense_slots`, faster) and are deterministic, and where each
+            group chose two of at most 64 experts: there both take the sums by pairs of
+            experts (:mod:`cvmm_kernel.pair_slots`, faster than the atomic adds) and the rest
+            of the call is deterministic too.
         index_bound: a promise that ``0 <= index < index_bound``: no read-back of the indices
             (no host sync; the call can be captured in a CUDA graph). Without it the range is
             checked.
@@ -137,9 +140,10 @@ def moe_linear(
     flat_index = index.reshape(-1).long()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     flat_gate = gate.reshape(-1).contiguous()
-    settings = (a_div, out_div, block_m, deterministic, chosen)
-    grad_dtype = weight_grad_dtype(rounded, x.dtype, weight.dtype)
     pairs = pairs_wanted(weight.shape[0], k)
+    # a call that takes pairs is deterministic throughout (per-slot sums beat atomic adds too)
+    settings = (a_div, out_div, block_m, deterministic or pairs, chosen)
+    grad_dtype = weight_grad_dtype(rounded, x.dtype, weight.dtype)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)
