@@ -14,9 +14,10 @@ SwitchHead's value projection is ``a_div = heads * k`` (every slot of a token re
 ``out_div = k`` (a head sums its k experts); its output projection is ``a_div = k`` (a row per
 head), ``out_div = heads * k`` (a token sums over heads and experts). The routing is
 :func:`cvmm_kernel.moe_ops.moe_routing`; the kernels are those of ``moe_mlp``
-(:mod:`cvmm_kernel.moe_triton`). The sums over slots are deterministic (products per slot, then
-a fixed-order fp32 sum) unless ``deterministic=False``, where the Triton path adds them with fp32
-atomics.
+(:mod:`cvmm_kernel.moe_triton`). The sums over slots are deterministic (products per slot, or
+per pair of slots with :mod:`cvmm_kernel.pair_slots`, then a fixed-order fp32 sum) unless
+``deterministic=False``, where the Triton path adds them with fp32 atomics (except on the dense
+slot layouts and where the call takes pairs: there it stays deterministic).
 """
 
 from __future__ import annotations
