@@ -77,19 +77,20 @@ def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div, shared=None,
 
 
 def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, role, h=None,
-               configs=None, index=None, pairs=False):  # fmt: skip
+               configs=None, index=None):  # fmt: skip
     """``out[s // out_div] += g_s * a[s // a_div] @ w[e_s]`` for every slot: per-slot products
-    then a sum (deterministic), or fp32 atomic adds. Returns ``([n_out, N]`` in ``a``'s dtype,
-    the gate gradient ``<a[s // a_div] @ w[e_s], h[s // out_div]>`` where ``h`` is given).
-    ``configs``: the call's launch settings per role (None: ``GEMM_CONFIGS``); ``pairs``: by
-    pairs of slots (:mod:`cvmm_kernel.pair_slots`, which needs ``index``) where the sum allows."""
+    then a sum (deterministic), or fp32 atomic adds; by pairs of slots where ``r`` is the
+    routing of a call by pairs (:mod:`cvmm_kernel.pair_slots`, which needs ``index``). Returns
+    ``([n_out, N]`` in ``a``'s dtype, the gate gradient ``<a[s // a_div] @ w[e_s], h[s //
+    out_div]>`` where ``h`` is given). ``configs``: the call's launch settings per role (None:
+    ``GEMM_CONFIGS``)."""
     from . import moe_triton as kt
 
     k, n = a.shape[1], w.shape[2]
-    if (pairs and deterministic and gate is not None and h is None
-            and pair_slots.fits(a_div, out_div, k)):  # fmt: skip
-        config = _config("linear_pairs", k, n, configs)
-        return pair_slots.pair_sums(a, w, index, gate, a_div, out_div, config), None
+    if r.sorted_to_item is not None:
+        out, _y, dgate = pair_slots.pair_sums(a, w, r, index, gate, a_div, out_div, configs, h=h,
+                                              h_div=out_div)  # fmt: skip
+        return out, dgate
     n_slots = r.sorted_to_slot.numel()
     if deterministic:
         out, out_mode = a.new_empty(n_slots, n), kt.OUT_SLOT
@@ -140,8 +141,7 @@ def plan(w_shape, a_div: int, out_div: int, deterministic: bool, backend: str):
     return keeps and dense != dense_slots.OUTPUT_ROWS, dense
 
 
-def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic, configs=None,
-                    pairs=False):  # fmt: skip
+def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic, configs=None):
     """``(out, y)``: ``y`` what the backward reads (:func:`plan`): the per-slot products, the
     output-row layout's spread input, or empty."""
     from . import moe_triton as kt
@@ -153,8 +153,12 @@ def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic
         return dense_slots.output_rows_forward(x, gate, wc, index, a_div, out_div)
     if not keeps:
         out = _slot_sums(x, wc, r, a_div, out_div, n_slots // out_div, deterministic, gate,
-                         "linear", configs=configs, index=index, pairs=pairs)[0]  # fmt: skip
+                         "linear", configs=configs, index=index)[0]  # fmt: skip
         return out, x.new_empty(0, d_out)
+    if r.sorted_to_item is not None:  # the gated sums by pairs, keeping each slot's product
+        out, y, _ = pair_slots.pair_sums(x, wc, r, index, gate, a_div, out_div, configs,
+                                         keep_products=True)  # fmt: skip
+        return out, y
     # ungated per-slot products (kept), then each output row's gate-weighted sum
     y = _slot_sums(x, wc, r, a_div, 1, n_slots, True, None, "linear", configs=configs)[0]
     return kt.gated_group_sum(y, gate, out_div), y
@@ -162,11 +166,11 @@ def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic
 
 def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deterministic,
                      need=(True, True, True), shared=None, configs=None,
-                     grad_dtype=None, pairs=False):  # fmt: skip
+                     grad_dtype=None):  # fmt: skip
     """``(dx, dgate, dW)``, each ``None`` where ``need`` (for ``x``, ``gate``, ``w``) says no
     gradient is wanted (a frozen weight, an input that needs none): no kernel runs for it.
     ``configs``: the call's launch settings per role; ``grad_dtype``: ``dW``'s where ``shared``
-    does not sum it (None: the weight's); ``pairs``: as in :func:`_slot_sums`."""
+    does not sum it (None: the weight's)."""
     from . import moe_triton as kt
 
     need_x, need_gate, need_w = need
@@ -188,7 +192,7 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
         dx, dgate = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0],
                                deterministic, gate, "linear_grad_input",
                                h=x if need_gate and not saved else None,
-                               configs=configs, index=index, pairs=pairs)  # fmt: skip
+                               configs=configs, index=index)  # fmt: skip
     if need_gate:
         if saved:
             dgate = kt.group_dot(y, dy, out_div)
@@ -228,24 +232,23 @@ def _dense_weight_grad(dw, w, shared, grad_dtype):
 
 
 def _forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic, backend,
-             configs=None, pairs=False):  # fmt: skip
+             configs=None):  # fmt: skip
     """``(out, y)``, ``y`` what the backward reads: the per-slot products, the output-row
     layout's spread input, or an empty ``[0, d_out]``."""
     if backend == "triton":
-        return _triton_forward(x, gate, w, index, r, a_div, out_div, deterministic, configs,
-                               pairs)  # fmt: skip
+        return _triton_forward(x, gate, w, index, r, a_div, out_div, deterministic, configs)
     return _reference_forward(x, gate, w, r, a_div, out_div), x.new_empty(0, w.shape[2])
 
 
 def _gradients(grad_out, x, gate, w, index, y, r: Routing, a_div, out_div, deterministic,
                backend, need=(True, True, True), shared=None, configs=None,
-               grad_dtype=None, pairs=False):  # fmt: skip
+               grad_dtype=None):  # fmt: skip
     """``(dx, dgate, dW)``; ``dW`` is None where ``shared`` (a SharedGrad) sums it instead, else
     in ``grad_dtype`` (None: the weight's)."""
     dy = grad_out.to(x.dtype).contiguous()
     if backend == "triton":
         return _triton_backward(dy, x, gate, w, index, y, r, a_div, out_div, deterministic, need,
-                                shared, configs, grad_dtype, pairs)  # fmt: skip
+                                shared, configs, grad_dtype)  # fmt: skip
     return _reference_backward(dy, x, gate, w, r, a_div, out_div, shared, grad_dtype)
 
 
@@ -271,18 +274,20 @@ def moe_linear_forward(
     backend: str,
     gemm_configs: Sequence[int] | None = None,
     weight_grad_dtype: torch.dtype | None = None,
-    pairs: bool = False,
+    sorted_to_item: torch.Tensor | None = None,
+    pair_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [N // a_div, d_in]``, ``gate``, ``index [N]`` -> ``(out [N // out_div, d_out], y)``
     with ``y`` the per-slot products ``[N, d_out]`` where the backward uses them, the spread
     input ``[N // out_div, E * d_in]`` of the output-row dense layout, else ``[0, d_out]``.
     ``gemm_configs``: the call's launch settings (``moe_ops.encode_gemm_configs``), kept for the
     backward (None: the shipped ones); ``weight_grad_dtype``: the backward's, see
-    :func:`moe_linear_backward`; ``pairs``: the slot sums by pairs of experts where they allow
-    (:mod:`cvmm_kernel.pair_slots`)."""
-    r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
+    :func:`moe_linear_backward`; ``sorted_to_item`` and ``pair_offsets``: the routing of a call
+    by pairs of experts (:mod:`cvmm_kernel.pair_slots`; the tile table is then the pairs')."""
+    r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m,
+                sorted_to_item, pair_offsets)  # fmt: skip
     configs = decode_gemm_configs(gemm_configs)
-    return _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs, pairs)
+    return _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs)
 
 
 @moe_linear_forward.register_fake
@@ -318,36 +323,41 @@ def moe_linear_backward(
     backend: str,
     gemm_configs: Sequence[int] | None = None,
     weight_grad_dtype: torch.dtype | None = None,
-    pairs: bool = False,
+    sorted_to_item: torch.Tensor | None = None,
+    pair_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dgate, dW)``; ``dW`` in ``weight_grad_dtype``, by default the weight's
-    own; ``pairs`` as the forward's."""
-    r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m)
+    own; the pairs' routing as the forward's."""
+    r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m,
+                sorted_to_item, pair_offsets)  # fmt: skip
     configs = decode_gemm_configs(gemm_configs)
     return _gradients(grad_out, x, gate, w, index, y, r, a_div, out_div, deterministic, backend,
-                      configs=configs, grad_dtype=weight_grad_dtype, pairs=pairs)  # fmt: skip
+                      configs=configs, grad_dtype=weight_grad_dtype)  # fmt: skip
 
 
 @moe_linear_backward.register_fake
 def _(grad_out, x, gate, w, index, y, sorted_to_slot, slot_to_sorted, offsets, tile_expert,
       tile_start, n_valid, a_div, out_div, block_m, deterministic, backend, gemm_configs=None,
-      weight_grad_dtype=None, pairs=False):  # fmt: skip
+      weight_grad_dtype=None, sorted_to_item=None, pair_offsets=None):  # fmt: skip
     return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w, dtype=weight_grad_dtype)
 
 
 def _setup_context(ctx, inputs, output):
     x, gate, w, index, *routing = inputs[:10]
-    ctx.save_for_backward(x, gate, w, index, output[1], *routing)
-    ctx.settings = inputs[10:]  # a_div, out_div, block_m, deterministic, backend, launch
+    # the settings: a_div, out_div, block_m, deterministic, backend, launch; then the pairs'
+    # routing tensors (None where the call is not by pairs)
+    ctx.save_for_backward(x, gate, w, index, output[1], *routing, *inputs[17:19])
+    ctx.settings = inputs[10:17]
 
 
 def _backward(ctx, grad_out, _grad_y):
     x, gate, w, index, y, *routing = ctx.saved_tensors
-    dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, index, y, *routing, *ctx.settings)
+    dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, index, y, *routing[:6],
+                                        *ctx.settings, *routing[6:])  # fmt: skip
     dw = in_weight_dtype(dw, w)
     need = ctx.needs_input_grad
     grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw))]
-    return (*grads, *[None] * (7 + len(ctx.settings)))
+    return (*grads, *[None] * (9 + len(ctx.settings)))
 
 
 moe_linear_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -362,16 +372,18 @@ class MoELinearFunction(torch.autograd.Function):
                 backend, shared=None, configs=None, grad_dtype=None, pairs=False):  # fmt: skip
         """``shared``: a SharedGrad that sums the weight's gradient over its uses, or None.
         ``configs``: the call's launch settings per role (checked), or None; ``grad_dtype``:
-        the weight gradient's rounding (None: none); ``pairs``: the slot sums by pairs of
-        experts where they allow."""
-        routing = routing_impl(index, n_experts, block_m, backend)
-        r = Routing(*routing, block_m)
-        out, y = _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs,
-                          pairs)  # fmt: skip
+        the weight gradient's rounding (None: none); ``pairs``: the call runs by pairs of
+        experts (:func:`cvmm_kernel.pair_slots.wanted`)."""
+        if pairs:
+            routing = pair_slots.routing_impl(index, n_experts, block_m)
+        else:
+            routing = routing_impl(index, n_experts, block_m, backend)
+        r = Routing(*routing[:6], block_m, *routing[6:])
+        out, y = _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs)
         ctx.save_for_backward(x, gate, w, index, y, *routing)
         ctx.settings = (a_div, out_div, block_m, deterministic, backend)
         ctx.shared = shared
-        ctx.launch = (configs, grad_dtype, pairs)
+        ctx.launch = (configs, grad_dtype)
         return out
 
     @staticmethod
@@ -379,7 +391,7 @@ class MoELinearFunction(torch.autograd.Function):
         x, gate, w, index, y, *routing = ctx.saved_tensors
         a_div, out_div, block_m, deterministic, backend = ctx.settings
         no_second_derivative(backend)
-        r = Routing(*routing, block_m)
+        r = Routing(*routing[:6], block_m, *routing[6:])
         need = ctx.needs_input_grad
         dx, dgate, dw = _gradients(grad_out, x, gate, w, index, y, r, a_div, out_div,
                                    deterministic, backend, need[:3], ctx.shared,

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .linear_ops import MoELinearFunction, moe_linear_forward
+from .linear_ops import MoELinearFunction, moe_linear_forward, plan
 from .moe_inputs import (
     check_index_range,
     check_one_device,
@@ -23,6 +23,7 @@ from .moe_ops import (
     weight_grad_dtype,
 )
 from .ops import Backend
+from .pair_slots import moe_pair_routing
 from .pair_slots import wanted as pairs_wanted
 from .shared_grads import shared_use
 
@@ -102,9 +103,8 @@ def moe_linear(
             Triton path, which skips writing the per-expert products, except where the experts
             are few per row: there both modes take the dense slot layouts
             (:mod:`cvmm_kernel.dense_slots`, faster) and are deterministic, and where each
-            group chose two of at most 64 experts: there both take the sums by pairs of
-            experts (:mod:`cvmm_kernel.pair_slots`, faster than the atomic adds) and the rest
-            of the call is deterministic too.
+            group chose two of at most 64 experts: there both run by pairs of experts
+            (:mod:`cvmm_kernel.pair_slots`, faster than the atomic adds), deterministic.
         index_bound: a promise that ``0 <= index < index_bound``: no read-back of the indices
             (no host sync; the call can be captured in a CUDA graph). Without it the range is
             checked.
@@ -112,8 +112,9 @@ def moe_linear(
             CUDA and the reference elsewhere.
         block_m, gemm_configs: this call's launch settings, as in ``moe_mlp`` (the roles
             ``moe_linear`` launches: ``linear``, ``linear_rows``, ``linear_grad_input``,
-            ``linear_grad_input_rows``, ``grad_w_linear``, ``linear_pairs``;
-            ``benchmarks/sweep_linear.py`` and ``ab_pair_slots.py`` sweep them).
+            ``linear_grad_input_rows``, ``grad_w_linear``, ``linear_pairs``,
+            ``linear_pair_gemm``; ``benchmarks/sweep_linear.py``, ``ab_pair_slots.py`` and
+            ``ab_pair_routing.py`` sweep them).
         weight_grads_in_compute_dtype: as in ``moe_mlp``: the call's weight gradient rounded
             to the compute dtype before autograd gets it in the weight's dtype (for weights
             applied several times in a compiled step).
@@ -136,20 +137,24 @@ def moe_linear(
     out_div = groups * k if reduce_groups else k
     if index.numel() == 0 or x.shape[-1] == 0 or weight.shape[2] == 0:
         return _empty_case(x, index, gate, weight, shared, reduce_groups)
-    block_m = block_m_for(chosen) if block_m is None else block_m
     flat_index = index.reshape(-1).long()
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     flat_gate = gate.reshape(-1).contiguous()
-    pairs = pairs_wanted(weight.shape[0], k)
+    layout = plan(weight.shape, a_div, out_div, True, chosen)
+    pairs = pairs_wanted(weight.shape[0], k, flat_index.numel(), chosen, layout)
+    block_m = block_m_for(chosen) if block_m is None else block_m
     # a call that takes pairs is deterministic throughout (per-slot sums beat atomic adds too)
     settings = (a_div, out_div, block_m, deterministic or pairs, chosen)
     grad_dtype = weight_grad_dtype(rounded, x.dtype, weight.dtype)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
-            routing = moe_routing(flat_index, weight.shape[0], block_m, chosen)
-            launch = (encode_gemm_configs(configs), grad_dtype, pairs)
-            out = moe_linear_forward(x2, flat_gate, weight, flat_index, *routing, *settings,
-                                     *launch)[0]  # fmt: skip
+            if pairs:
+                routing = moe_pair_routing(flat_index, weight.shape[0], block_m)
+            else:
+                routing = (*moe_routing(flat_index, weight.shape[0], block_m, chosen), None, None)
+            launch = (encode_gemm_configs(configs), grad_dtype)
+            out = moe_linear_forward(x2, flat_gate, weight, flat_index, *routing[:6], *settings,
+                                     *launch, *routing[6:])[0]  # fmt: skip
         else:  # the same implementations with less host time per call
             weight, shared = shared_use(weight)
             out = MoELinearFunction.apply(

@@ -70,12 +70,17 @@ GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
     # products by pairs of experts (cvmm_kernel.pair_slots): (BLOCK_N, BLOCK_M, num_warps,
     # num_stages)
     "linear_pairs": (128, 64, 4, 3),
+    # tiles of a pair's items, any inner size (pair_triton._pair_gemm_kernel): (BLOCK_N,
+    # BLOCK_K, num_warps, num_stages); BLOCK_M is the call's block_m (ab_pair_routing.md)
+    "linear_pair_gemm": (128, 64, 8, 3),
     "grad_w_linear": (64, 128, 128, 4, 4),
 }
 
 
 class Routing(NamedTuple):
-    """The expert-sorted layout of the slots (see :mod:`cvmm_kernel.moe_triton`)."""
+    """The expert-sorted layout of the slots (see :mod:`cvmm_kernel.moe_triton`). A call by
+    pairs of experts (:mod:`cvmm_kernel.pair_slots`) also has its items sorted by pair, and
+    its tile table is the pairs' (tiles of items, numbered by pair)."""
 
     sorted_to_slot: torch.Tensor  # [N] int32
     slot_to_sorted: torch.Tensor  # [N] int32
@@ -84,6 +89,8 @@ class Routing(NamedTuple):
     tile_start: torch.Tensor  # [n_tiles] int32
     n_valid: torch.Tensor  # [1] int32, the number of tiles in use (they come first)
     block_m: int
+    sorted_to_item: torch.Tensor | None = None  # [N / 2] int32, by pairs only
+    pair_offsets: torch.Tensor | None = None  # [E * (E + 1) / 2 + 1] int32, by pairs only
 
 
 def block_m_for(backend: str) -> int:
@@ -104,6 +111,8 @@ def role_fields(role: str) -> tuple[tuple[str, ...], int]:
         return ("BLOCK_K", "BLOCK_N", "num_warps", "num_stages", "num_stages"), 0
     if role == "linear_pairs":
         return ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages"), 0
+    if role == "linear_pair_gemm":
+        return ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), 0
     if role.startswith("grad_w"):
         return ("BLOCK_M", "BLOCK_K", "BLOCK_N", "num_warps", "num_stages"), 0
     return ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages", "persistent"), 1

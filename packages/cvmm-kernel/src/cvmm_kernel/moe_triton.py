@@ -19,9 +19,8 @@ Kernels:
   tile's expert matrix with fp32 accumulation, then an epilogue (gate, activation, or the
   backward through both with the gate gradient) and a store to sorted rows, slot rows, or an
   atomic add into token rows.
-- ``_pair_rows_kernel``: products for items of two slots grouped by their pair of experts
-  (:mod:`cvmm_kernel.pair_slots`), one program per (pair, column block): both gated products
-  summed before the store.
+- the sums by pairs of experts (:mod:`cvmm_kernel.pair_slots`) have their kernels in
+  :mod:`cvmm_kernel.pair_triton` (their routing reuses the rank and scan kernels here).
 - ``_moe_mlp_rows_kernel``: the whole feedforward forward per tile for expert sizes that fit
   one block: the up projection and activation (``h`` stored for the backward), then ``h``'s
   products with the down projection's column blocks from the registers.
@@ -78,19 +77,37 @@ def _activation_grad(u, ACT: tl.constexpr):
 
 
 @triton.jit
+def _pair_number(index_ptr, items, mask):
+    """``(hi * (hi + 1) / 2 + lo, e0, e1)`` for the items' two experts ``e0 = index[2i]``,
+    ``e1 = index[2i + 1]`` (``lo = min``, ``hi = max``): one number per unordered pair,
+    ``E * (E + 1) / 2`` in all."""
+    first = items.to(tl.int64) * 2
+    e0 = tl.load(index_ptr + first, mask=mask, other=0).to(tl.int32)
+    e1 = tl.load(index_ptr + first + 1, mask=mask, other=0).to(tl.int32)
+    lo = tl.minimum(e0, e1)
+    hi = tl.maximum(e0, e1)
+    return hi * (hi + 1) // 2 + lo, e0, e1
+
+
+@triton.jit
 def _routing_rank_kernel(
-    expert_ptr, rank_ptr, block_counts_ptr, N, E, BLOCK: tl.constexpr, BINS: tl.constexpr
+    expert_ptr, rank_ptr, block_counts_ptr, N, E, BLOCK: tl.constexpr, BINS: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):  # fmt: skip
     """Per block of slots: each slot's rank among the block's slots of its expert, and the
     block's per-expert counts. ``BINS > E`` (a power of two): the whole row of counts from a
     histogram whose spare last bin takes the padding slots (no memset before); ``BINS = 0``
     (many experts): the last slot of each expert in the block stores its count into a row
-    zeroed before."""
+    zeroed before. ``PAIRS``: the ``N`` elements are items of two slots, binned by their pair
+    of experts (:func:`_pair_number`; ``E`` is the number of pairs)."""
     block = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     offs = block * BLOCK + i
     mask = offs < N
-    e = tl.load(expert_ptr + offs, mask=mask, other=-1).to(tl.int32)
+    if PAIRS:
+        e = tl.where(mask, _pair_number(expert_ptr, offs, mask)[0], -1)
+    else:
+        e = tl.load(expert_ptr + offs, mask=mask, other=-1).to(tl.int32)
     same = e[:, None] == e[None, :]
     rank = tl.sum((same & (i[None, :] < i[:, None])).to(tl.int32), axis=1)
     tl.store(rank_ptr + offs, rank, mask=mask)
@@ -172,22 +189,34 @@ def _routing_place_kernel(
         tl.store(slot_to_sorted_ptr + offs, position, mask=mask)
         tl.store(sorted_to_slot_ptr + position, offs, mask=mask)
     else:
-        program = pid - n_blocks
-        tiles = (c + BLOCK_M - 1) // BLOCK_M
-        tile_end = tl.cumsum(tiles, axis=0)
-        if program == 0:
-            tl.store(offsets_ptr + offs_e + 1, end, mask=mask_e)
-            tl.store(offsets_ptr + offs_e, end - c, mask=offs_e == 0)
-            tl.store(n_valid_ptr, tl.sum(tiles, axis=0))
-        ids = program * BLOCK_T + tl.arange(0, BLOCK_T)
-        done = (tile_end[None, :] <= ids[:, None]) & mask_e[None, :]
-        expert = tl.sum(done.to(tl.int32), axis=1)
-        mine = offs_e[None, :] == expert[:, None]
-        first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=1)
-        first_row = tl.sum(tl.where(mine, end - c, 0), axis=1)
-        mask_t = ids < n_tiles
-        tl.store(tile_expert_ptr + ids, expert, mask=mask_t)
-        tl.store(tile_start_ptr + ids, first_row + (ids - first_tile) * BLOCK_M, mask=mask_t)
+        _offsets_and_tiles(pid - n_blocks, c, end, offs_e, mask_e, offsets_ptr, tile_expert_ptr,
+                           tile_start_ptr, n_valid_ptr, n_tiles, BLOCK_M, BLOCK_T)  # fmt: skip
+
+
+@triton.jit
+def _offsets_and_tiles(
+    program, c, end, offs_e, mask_e, offsets_ptr, tile_expert_ptr, tile_start_ptr, n_valid_ptr,
+    n_tiles, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """A routing's offsets (bin ``e`` holds ``c[e]`` rows, ``end`` their inclusive prefix sum;
+    stored by program 0) and ``BLOCK_T`` entries of its tile table from program ``program``:
+    each bin's rows cut into ``BLOCK_M`` tiles, the bins one after the other (padding tiles get
+    the number of bins)."""
+    tiles = (c + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    if program == 0:
+        tl.store(offsets_ptr + offs_e + 1, end, mask=mask_e)
+        tl.store(offsets_ptr + offs_e, end - c, mask=offs_e == 0)
+        tl.store(n_valid_ptr, tl.sum(tiles, axis=0))
+    ids = program * BLOCK_T + tl.arange(0, BLOCK_T)
+    done = (tile_end[None, :] <= ids[:, None]) & mask_e[None, :]
+    expert = tl.sum(done.to(tl.int32), axis=1)
+    mine = offs_e[None, :] == expert[:, None]
+    first_tile = tl.sum(tl.where(mine, tile_end - tiles, 0), axis=1)
+    first_row = tl.sum(tl.where(mine, end - c, 0), axis=1)
+    mask_t = ids < n_tiles
+    tl.store(tile_expert_ptr + ids, expert, mask=mask_t)
+    tl.store(tile_start_ptr + ids, first_row + (ids - first_tile) * BLOCK_M, mask=mask_t)
 
 
 @triton.jit
@@ -506,76 +535,6 @@ def _moe_gemm_rows_kernel(
 
 
 @triton.jit
-def _pair_numbers_kernel(index_ptr, out_ptr, n_items, BLOCK: tl.constexpr):
-    """``out[i] = hi * (hi + 1) / 2 + lo`` of item ``i``'s experts ``index[2i], index[2i + 1]``
-    (``lo <= hi``): a number per unordered pair."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_items
-    e0 = tl.load(index_ptr + offs.to(tl.int64) * 2, mask=mask, other=0).to(tl.int32)
-    e1 = tl.load(index_ptr + offs.to(tl.int64) * 2 + 1, mask=mask, other=0).to(tl.int32)
-    hi = tl.maximum(e0, e1)
-    tl.store(out_ptr + offs, hi * (hi + 1) // 2 + tl.minimum(e0, e1), mask=mask)
-
-
-@triton.jit
-def _pair_rows_kernel(
-    a_ptr, w_ptr, out_ptr, index_ptr, gate_ptr, sorted_to_item_ptr, offsets_ptr, K, N, A_DIV,
-    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, W_DESC: tl.constexpr, N_STAGES: tl.constexpr,
-):  # fmt: skip
-    """Products of items of two slots (``cvmm_kernel.pair_slots``), one program per (pair of
-    experts, column block): item ``i`` (slots ``2i``, ``2i + 1``) reads row ``i // A_DIV`` of
-    ``a`` and stores ``out[i] = g_lo * a @ W[lo] + g_hi * a @ W[hi]`` (fp32 sum of the two gated
-    products), each slot's gate with its own expert. The program loads its two weight blocks
-    once and walks the pair's items ``BLOCK_M`` at a time (a pair has a few hundred items: the
-    weights, not the rows, are the traffic to save)."""
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(N, BLOCK_N)
-    pair = pid // n_blocks
-    n0 = (pid - pair * n_blocks) * BLOCK_N
-    start = tl.load(offsets_ptr + pair)
-    end = tl.load(offsets_ptr + pair + 1)
-    if start == end:
-        return
-    first = tl.load(sorted_to_item_ptr + start).to(tl.int64) * 2
-    e0 = tl.load(index_ptr + first).to(tl.int32)
-    e1 = tl.load(index_ptr + first + 1).to(tl.int32)
-    lo = tl.minimum(e0, e1)
-    hi = tl.maximum(e0, e1)
-    b_lo = _weight_block(
-        w_ptr, lo, 0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
-    )
-    b_hi = _weight_block(
-        w_ptr, hi, 0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
-    )
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    for m0 in tl.range(start, end, BLOCK_M, num_stages=N_STAGES):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < end
-        item = tl.load(sorted_to_item_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-        a = tl.load(
-            a_ptr + (item // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=mask_m[:, None] & (offs_k < K)[None, :],
-            other=0.0,
-        )
-        first_is_lo = tl.load(index_ptr + item * 2, mask=mask_m, other=0) == lo
-        g0 = tl.load(gate_ptr + item * 2, mask=mask_m, other=0.0).to(tl.float32)
-        g1 = tl.load(gate_ptr + item * 2 + 1, mask=mask_m, other=0.0).to(tl.float32)
-        g_lo = tl.where(first_is_lo, g0, g1)
-        g_hi = tl.where(first_is_lo, g1, g0)
-        acc = tl.dot(a, b_lo, input_precision=INPUT_PRECISION) * g_lo[:, None]
-        acc += tl.dot(a, b_hi, input_precision=INPUT_PRECISION) * g_hi[:, None]
-        tl.store(
-            out_ptr + item[:, None] * stride_om + offs_n[None, :] * stride_on,
-            acc.to(out_ptr.dtype.element_ty),
-            mask=mask_m[:, None] & mask_n[None, :],
-        )
-
-
-@triton.jit
 def _moe_mlp_rows_kernel(
     x_ptr, w_up, w_down, h_ptr, u_ptr, out_ptr, sorted_to_slot_ptr, tile_expert_ptr,
     tile_start_ptr, offsets_ptr, n_valid_ptr, gate_ptr, D, H, N, TOP_K, stride_xm,
@@ -859,7 +818,7 @@ def build_routing(
         rank, block_counts, block_start = rest
         launch(
             _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block,
-            bins, num_warps=warps,
+            bins, False, num_warps=warps,
         )  # fmt: skip
         scan_b, scan_e, scan_warps = ROUTING_SCAN if scan is None else scan
         launch(
@@ -1091,54 +1050,6 @@ def moe_gemm_rows(
         num_warps=warps,
         num_stages=stages,
     )
-
-
-def pair_numbers(index: torch.Tensor) -> torch.Tensor:
-    """``index [2 * I]`` -> ``[I]`` int32: ``hi * (hi + 1) / 2 + lo`` of each item's two experts
-    ``lo <= hi`` (``E * (E + 1) / 2`` numbers; one launch)."""
-    n_items = index.numel() // 2
-    out = torch.empty(n_items, dtype=torch.int32, device=index.device)
-    if n_items:
-        block = 128 if interpreting() else 1024
-        launch(_pair_numbers_kernel, (cdiv(n_items, block),), index, out, n_items, block)
-    return out
-
-
-def pair_rows(
-    a: torch.Tensor,
-    w: torch.Tensor,
-    out: torch.Tensor,
-    index: torch.Tensor,
-    gate: torch.Tensor,
-    sorted_to_item: torch.Tensor,
-    offsets: torch.Tensor,
-    a_div: int,
-    config: tuple = (128, 64, 4, 3),
-) -> None:
-    """Launch ``_pair_rows_kernel``: ``out[i] = sum_{j < 2} gate[2i + j] * a[i // a_div] @
-    w[index[2i + j]]`` for the items sorted by pair of experts (``sorted_to_item``, each pair's
-    ``offsets[p]:offsets[p + 1]``; see :mod:`cvmm_kernel.pair_slots`), ``K = a.shape[1] <=
-    ROWS_MAX_K``; ``config``: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)``."""
-    k, n_cols = a.shape[1], w.shape[2]
-    if sorted_to_item.numel() == 0 or k == 0 or n_cols == 0:
-        return
-    if k > ROWS_MAX_K:
-        raise ValueError(f"pair_rows takes inner sizes up to {ROWS_MAX_K}, got {k}")
-    block_n, block_m, warps, stages = config
-    es, bk = a.element_size(), max(16, next_power_of_2(k))
-    stages, block_m = _fit(stages, block_m, lambda st, bm: 2 * bk * block_n * es
-                           + st * bm * bk * es, _shared_memory_budget(a.device),
-                           min_shrink=16)  # fmt: skip
-    w_arg, w_desc = weight_operand(w, bk, block_n)
-    launch(
-        _pair_rows_kernel,
-        ((offsets.numel() - 1) * cdiv(n_cols, block_n),),
-        a, w_arg, out, index, gate, sorted_to_item, offsets, k, n_cols, a_div,
-        *a.stride(), *w.stride(), *out.stride(),
-        block_m, block_n, bk, input_precision(a.dtype), w_desc, stages,
-        num_warps=warps,
-        num_stages=stages,
-    )  # fmt: skip
 
 
 def moe_mlp_rows(

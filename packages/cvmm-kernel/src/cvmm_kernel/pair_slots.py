@@ -1,19 +1,27 @@
-"""``moe_linear``'s slot sums by *pairs* of experts, where each group chose two.
+"""``moe_linear``'s calls by *pairs* of experts, where each group chose two.
 
 A routed linear layer sums per-slot products ``g_s * a[s // a_div] @ W[e_s]`` into output rows
-of ``out_div`` slots (see :mod:`cvmm_kernel.linear_ops`). The sparse kernels write one product
-row per slot and sum them afterwards: a memory-bound round trip over ``[N, d_out]``. Where a
-group's ``k = 2`` slots read the same input row and land in the same output row (``a_div`` and
-``out_div`` both even), an *item* (the two slots ``2i``, ``2i + 1``) needs only
+of ``out_div`` slots (see :mod:`cvmm_kernel.linear_ops`). With ``k = 2`` a group's two slots
+(an *item*: slots ``2i``, ``2i + 1``) read one input row and add into one output row, so an
+item needs only
 
     ``y[i] = g_{2i} * a[i // (a_div / 2)] @ W[e_{2i}] + g_{2i+1} * a[...] @ W[e_{2i+1}]``,
 
-one product row per item: half the rows to write and to sum. The items are sorted by their
-pair of experts (number ``hi * (hi + 1) / 2 + lo``, ``lo <= hi``) with the slots' routing
-kernels, and one program per (pair, column block) loads its two weight blocks once and walks the
-pair's items: a pair has a few hundred items, so the weights would otherwise be read again for
-every tile of rows. SwitchHead's 4 heads x 8 experts (2 chosen per head) make 112 pairs: its value
-projection's input gradient and its output projection's forward take this path.
+one product row per item where per-slot products write two and sum them afterwards (a
+memory-bound round trip over ``[N, d_out]``). Such a call routes its items by their pair of
+experts (number ``hi * (hi + 1) / 2 + lo``, ``lo <= hi``), and, from the same three launches,
+its slots by expert for the weight gradient (:func:`cvmm_kernel.pair_triton.build_pair_routing`):
+one routing instead of the slots' and the pairs'. Every sum of the call then runs by pairs:
+
+- inner sizes up to ``ROWS_MAX_K`` without more outputs: one program per (pair, column block)
+  loads its two weight blocks once and walks the pair's items (a pair has a few hundred
+  items, so the weights would otherwise be read again for every tile of rows);
+- otherwise tiles of a pair's items accumulate both experts' products over the inner size,
+  each row block loaded once for both, and also keep each slot's ungated product (the forward
+  of a layer whose gate gradient reads them) or take the gate's gradient in the epilogue.
+
+SwitchHead's 4 heads x 8 experts (2 chosen per head) make 112 pairs: its value and output
+projections take this path forward and backward.
 """
 
 from __future__ import annotations
@@ -28,35 +36,81 @@ ENABLED = [True]
 MAX_EXPERTS = 64
 
 
-def wanted(n_experts: int, k: int) -> bool:
-    """Whether a call with ``k`` experts per group over ``n_experts`` takes pairs where its
-    sums allow (decided once per call: its backward follows its forward)."""
-    return ENABLED[0] and k == 2 and n_experts <= MAX_EXPERTS
+def wanted(n_experts: int, k: int, n_slots: int, backend: str, layout: tuple) -> bool:
+    """Whether a call of ``n_slots`` slots, ``k`` per group over ``n_experts``, runs by pairs
+    (decided once per call: its backward follows its forward). ``layout``: the call's
+    ``linear_ops.plan`` (deterministic): where the forward keeps its products and the backward
+    takes the dense input-row layout, the forward would be its one sum by pairs, and that alone
+    gains nothing (SwitchHead's V with 4 x 4 experts: 0.220 against 0.201 ms per step,
+    benchmarks/results/ab_pair_routing_old_new.md)."""
+    from .dense_slots import INPUT_ROWS
+
+    if not (ENABLED[0] and backend == "triton" and k == 2 and n_experts <= MAX_EXPERTS):
+        return False
+    if layout == (True, INPUT_ROWS):
+        return False
+    from .pair_triton import pair_routing_fits
+
+    return pair_routing_fits(n_slots, n_experts)
 
 
-def fits(a_div: int, out_div: int, width: int) -> bool:
-    """Whether a slot sum (input row ``s // a_div``, output row ``s // out_div``, inner size
-    ``width``) can run by pairs: both slots of an item in one input row and one output row, and
-    ``width`` within the row-tile kernel's inner size."""
-    from .moe_triton import ROWS_MAX_K
+def routing_impl(index: torch.Tensor, n_experts: int, block_m: int):
+    """:func:`cvmm_kernel.pair_triton.build_pair_routing` of ``index [N]`` (int64)."""
+    from .pair_triton import build_pair_routing
 
-    return a_div % 2 == 0 and out_div % 2 == 0 and width <= ROWS_MAX_K
+    return build_pair_routing(index, n_experts, block_m)
 
 
-def pair_sums(a: torch.Tensor, w: torch.Tensor, index: torch.Tensor, gate: torch.Tensor,
-              a_div: int, out_div: int, config: tuple) -> torch.Tensor:  # fmt: skip
-    """``[N // out_div, d_out]`` in ``a``'s dtype: ``out[o] = sum_{s: s // out_div = o} g_s *
-    a[s // a_div] @ w[index[s]]`` by items (products of two slots, then a fixed-order fp32 sum of
-    ``out_div / 2`` items per row: deterministic). ``config``: the kernel's ``(BLOCK_N,
-    BLOCK_M, num_warps, num_stages)``."""
-    from . import moe_triton as kt
+@torch.library.custom_op("cvmm_kernel::moe_pair_routing", mutates_args=())
+def moe_pair_routing(index: torch.Tensor, n_experts: int, block_m: int) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor, torch.Tensor,
+]:  # fmt: skip
+    """The routing of a call by pairs as a custom op (see :func:`routing_impl`)."""
+    return routing_impl(index, n_experts, block_m)
 
-    n_experts = w.shape[0]
+
+@moe_pair_routing.register_fake
+def _(index, n_experts, block_m):
+    from .pair_triton import n_pair_tiles
+
+    n = index.numel()
+    length = n_pair_tiles(n // 2, n_experts, block_m)
+    new = lambda size: index.new_empty(size, dtype=torch.int32)
     n_pairs = n_experts * (n_experts + 1) // 2
-    # the items sorted by pair and each pair's offsets (no tile table: the kernel walks pairs)
-    to_item, _to_sorted, offsets, *_tiles = kt.build_routing(kt.pair_numbers(index), n_pairs, 16, 0)
-    items = a.new_empty(index.numel() // 2, w.shape[2])
-    kt.pair_rows(a, w, items, index, gate, to_item, offsets, a_div // 2, config)
-    if out_div == 2:
-        return items
-    return kt.gated_group_sum(items, None, out_div // 2)
+    return (new(n), new(n), new(n_experts + 1), new(length), new(length), new(1), new(n // 2),
+            new(n_pairs + 1))  # fmt: skip
+
+
+def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: torch.Tensor,
+              a_div: int, out_div: int, configs=None, *, keep_products: bool = False,
+              h: torch.Tensor | None = None, h_div: int = 1):  # fmt: skip
+    """``(out, y, dgate)``: ``out [N // out_div, d_out]`` in ``a``'s dtype, ``out[o] =
+    sum_{s: s // out_div = o} g_s * a[s // a_div] @ w[index[s]]`` by items (products of two
+    slots, then a fixed-order fp32 sum of ``out_div / 2`` items per row: deterministic), over
+    the routing ``r`` of a call by pairs. ``keep_products``: ``y [N, d_out]`` the ungated
+    per-slot products (else None); ``h``: ``dgate [N]`` float32, ``<a[s // a_div] @ w[e_s],
+    h[s // h_div]>`` (else None). ``configs``: the call's launch settings per role."""
+    from . import pair_triton as pt
+    from .moe_ops import _config
+    from .moe_triton import ROWS_MAX_K, gated_group_sum
+
+    k, n = a.shape[1], w.shape[2]
+    n_slots = index.numel()
+    items = a.new_empty(n_slots // 2, n)
+    y = dgate = None
+    if k <= ROWS_MAX_K and not keep_products and h is None:
+        config = _config("linear_pairs", k, n, configs)
+        pt.pair_rows(a, w, items, index, gate, r.sorted_to_item, r.pair_offsets, a_div // 2,
+                     config)  # fmt: skip
+    else:
+        config = _config("linear_pair_gemm", k, n, configs)
+        y = a.new_empty(n_slots, n) if keep_products else None
+        if h is not None:
+            dgate = torch.empty(-(-n // config[0]), n_slots, dtype=torch.float32, device=a.device)
+        pt.pair_gemm(a, w, items, index, gate, r, a_div // 2, y=y, h=h, h_div=h_div // 2,
+                     dgate=dgate, config=config)  # fmt: skip
+        if dgate is not None:
+            dgate = dgate[0] if dgate.shape[0] == 1 else dgate.sum(0)
+    out = items if out_div == 2 else gated_group_sum(items, None, out_div // 2)
+    return out, y, dgate

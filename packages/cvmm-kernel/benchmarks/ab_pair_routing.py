@@ -1,0 +1,81 @@
+r"""A/B of ``moe_linear`` calls by pairs of experts (``cvmm_kernel.pair_slots``: one routing of
+the items by pair and the slots by expert, every sum by pairs) against per-slot products, at
+SwitchHead's V and O shapes with 8 experts per head (bf16, forward + backward, CUDA-graph
+replays, medians), with launch settings of the pairs' GEMM (``linear_pair_gemm``: ``BLOCK_N``,
+``BLOCK_K``, warps, stages) and tile heights (``block_m``), all passed explicitly.
+
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
+        python3 packages/cvmm-kernel/benchmarks/ab_pair_routing.py
+
+Two passes alternating in one process, against dense matmuls of equal FLOPs (the gate's
+gradient computed too, as in the layer); the outputs and gradients of each compared with the
+per-slot path's. Then the kernel times of one step per path (torch profiler). Writes
+``ab_pair_routing.{json,md}`` and ``profile_pair_routing.txt`` to ``$OUT`` (else
+``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from ab_dense_slots import _profile, _rel, _step_results, shape_setup, write_ab
+from bench_cvmm import SHAPES, ours_fused, time_fwd_bwd
+from bench_harness import require_cuda
+
+# (block_m, the pairs' GEMM's launch setting (BLOCK_N, BLOCK_K, warps, stages)) tried; the
+# first is the shipped one
+SETTINGS = [
+    (128, (128, 64, 8, 3)), (128, (128, 32, 8, 4)), (128, (128, 64, 8, 4)), (128, (64, 64, 8, 3)),
+    (128, (64, 64, 4, 3)), (128, (128, 64, 4, 3)), (64, (128, 64, 4, 3)), (64, (64, 64, 4, 3)),
+    (64, (128, 32, 8, 4)), (64, (128, 32, 4, 4)), (32, (64, 64, 4, 3)),
+]  # fmt: skip
+# (label, pairs on, launch keywords of moe_linear)
+VARIANTS = [
+    ("slots", False, {}),
+    *[(f"pairs block_m {bm}, gemm {c}", True,
+       {"block_m": bm, "gemm_configs": {"linear_pair_gemm": c}}) for bm, c in SETTINGS],
+]  # fmt: skip
+
+
+def main() -> int:
+    if not require_cuda(__file__):
+        return 2
+    from cvmm_kernel import pair_slots
+
+    rows, profiles = [], []
+    for s in SHAPES:
+        if s.kind == "ffn" or not s.name.endswith("4x8"):
+            continue
+        t, params, dense_ms = shape_setup(s)
+        results, times, peaks = {}, {v[0]: [] for v in VARIANTS}, {}
+        for label, on, launch in VARIANTS:
+            pair_slots.ENABLED[0] = on
+            results[label] = _step_results(s, t, params, **launch)
+        for _ in range(2):
+            for label, on, launch in VARIANTS:
+                pair_slots.ENABLED[0] = on
+                ms, peaks[label] = time_fwd_bwd(lambda launch=launch: ours_fused(s, t, True,
+                                                **launch), [*params, t["gate"]])  # fmt: skip
+                times[label].append(ms)
+        for label, _on, launch in VARIANTS:
+            errors = [_rel(a, b) for a, b in zip(results[label], results["slots"])]
+            ms = min(times[label])
+            rows.append({
+                "shape": s.name, "variant": label, "launch": repr(launch),
+                "ms_passes": times[label], "ms": ms, "dense_ms": dense_ms,
+                "pct_of_dense": 100 * dense_ms / ms, "peak_mib": peaks[label],
+                "rel_diff_vs_slots": dict(zip(("out", "w", "x", "gate"), errors)),
+            })  # fmt: skip
+        for label, on, _launch in VARIANTS[:2]:
+            pair_slots.ENABLED[0] = on
+            profiles.append(f"== {s.name}, {label}\n" + _profile(s, t, params))
+        pair_slots.ENABLED[0] = True
+        torch.cuda.empty_cache()
+    write_ab("moe_linear calls by pairs of experts A/B", "pair_routing", rows, profiles, "slots",
+             __file__)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,405 @@
+"""Triton kernels of the sums by pairs of experts (:mod:`cvmm_kernel.pair_slots`).
+
+An *item* is a group's two slots ``2i``, ``2i + 1``; its *pair* is its two experts, numbered
+``hi * (hi + 1) / 2 + lo`` (``lo <= hi``; ``E * (E + 1) / 2`` numbers).
+
+- routing (:func:`build_pair_routing`, three launches, no sort and no host sync): the routing's
+  rank and scan kernels (:mod:`cvmm_kernel.moe_triton`) over the items binned by pair, then
+  ``_pair_place_kernel``, which places the items (sorted by pair, with the pairs' offsets and
+  tile table) and, in the same launch, the slots sorted by expert for the weight gradient:
+  expert ``e``'s slots come partner by partner (the other slot's expert ``j``), and within one
+  partner in the pair's item order, so each slot's position follows from its item's rank in
+  the pair.
+- ``_pair_rows_kernel``: inner sizes up to ``ROWS_MAX_K``; one program per (pair, column block)
+  loads both weight blocks once and walks the pair's items.
+- ``_pair_gemm_kernel``: any inner size; one program per (tile of a pair's items, column block)
+  accumulates both experts' products over ``K`` from one load of each row block; optionally
+  stores each slot's ungated product (kept for the gate's gradient) or takes the gate's
+  gradient against a row of ``h`` in its epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .host_math import cdiv, next_power_of_2
+from .launcher import launch
+from .moe_triton import (
+    HISTOGRAM_MAX_BINS,
+    MAX_BLOCK_COUNTS,
+    ROUTING_BLOCK,
+    ROUTING_SCAN,
+    ROUTING_WARPS,
+    ROWS_MAX_K,
+    _fit,
+    _int32_views,
+    _offsets_and_tiles,
+    _pair_number,
+    _routing_rank_kernel,
+    _routing_scan_kernel,
+    _shared_memory_budget,
+    _weight_block,
+    input_precision,
+    weight_operand,
+)
+
+
+@triton.jit
+def _partner_counts(counts_ptr, E, BLOCK_E: tl.constexpr):
+    """``[BLOCK_E, BLOCK_E]``: entry ``(e, j)`` the number of expert ``e``'s slots whose item's
+    other slot chose ``j``, from the pairs' item counts (twice the count on the diagonal, where
+    both slots of an item chose ``e``); zero outside ``E x E``."""
+    e = tl.arange(0, BLOCK_E)
+    lo = tl.minimum(e[:, None], e[None, :])
+    hi = tl.maximum(e[:, None], e[None, :])
+    valid = (e < E)[:, None] & (e < E)[None, :]
+    c = tl.load(counts_ptr + hi * (hi + 1) // 2 + lo, mask=valid, other=0)
+    return tl.where(e[:, None] == e[None, :], 2 * c, c)
+
+
+@triton.jit
+def _pair_place_kernel(
+    index_ptr, rank_ptr, block_start_ptr, counts_ptr, bases_ptr, sorted_to_item_ptr,
+    pair_offsets_ptr, sorted_to_slot_ptr, slot_to_sorted_ptr, offsets_ptr, tile_pair_ptr,
+    tile_start_ptr, n_valid_ptr, n_items, E, n_pairs, n_blocks, n_tiles,
+    BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Programs ``0 .. n_blocks - 1`` place their block's items by pair (as the slots' place
+    kernel does by expert) and both of each item's slots by expert: position = the expert's
+    first position for that partner (``bases``, made by each program into its own scratch row,
+    then gathered) + the item's rank among its pair's items (+ the pair's count for an item's
+    second slot where both chose one expert). The programs after them write the pairs' offsets
+    and tile table, and program ``n_blocks`` the experts' offsets."""
+    pid = tl.program_id(0)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < n_pairs
+    c = tl.load(counts_ptr + offs_p, mask=mask_p, other=0)
+    end = tl.cumsum(c, axis=0)
+    if pid < n_blocks:
+        row = block_start_ptr + pid.to(tl.int64) * n_pairs
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_items
+        pair, e0, e1 = _pair_number(index_ptr, offs, mask)
+        rank = tl.load(rank_ptr + offs, mask=mask, other=0)
+        # the item's rank among its pair's items: the earlier blocks' count + its rank here
+        within = tl.load(row + pair, mask=mask, other=0) + rank
+        before = tl.load(row + offs_p, mask=mask_p, other=0)
+        tl.debug_barrier()  # every gather of the row as the scan left it, before it changes
+        tl.store(row + offs_p, before + end - c, mask=mask_p)
+        tl.debug_barrier()  # the row as stored, for the gather below
+        position = tl.load(row + pair, mask=mask, other=0) + rank
+        tl.store(sorted_to_item_ptr + position, offs, mask=mask)
+        partners = _partner_counts(counts_ptr, E, BLOCK_E)
+        totals = tl.sum(partners, axis=1)
+        firsts = tl.cumsum(totals, axis=0) - totals
+        bases = firsts[:, None] + tl.cumsum(partners, axis=1) - partners
+        ee = tl.arange(0, BLOCK_E)
+        scratch = bases_ptr + pid.to(tl.int64) * (BLOCK_E * BLOCK_E)
+        tl.store(scratch + ee[:, None] * BLOCK_E + ee[None, :], bases)
+        tl.debug_barrier()  # the bases as stored, for the gathers below
+        twin = tl.where(e0 == e1, tl.load(counts_ptr + pair, mask=mask, other=0), 0)
+        pos0 = tl.load(scratch + e0 * BLOCK_E + e1, mask=mask, other=0) + within
+        pos1 = tl.load(scratch + e1 * BLOCK_E + e0, mask=mask, other=0) + within + twin
+        slot = offs * 2
+        tl.store(sorted_to_slot_ptr + pos0, slot, mask=mask)
+        tl.store(sorted_to_slot_ptr + pos1, slot + 1, mask=mask)
+        tl.store(slot_to_sorted_ptr + slot, pos0, mask=mask)
+        tl.store(slot_to_sorted_ptr + slot + 1, pos1, mask=mask)
+    else:
+        program = pid - n_blocks
+        if program == 0:
+            ee = tl.arange(0, BLOCK_E)
+            ends = tl.cumsum(tl.sum(_partner_counts(counts_ptr, E, BLOCK_E), axis=1), axis=0)
+            tl.store(offsets_ptr + ee + 1, ends, mask=ee < E)
+            tl.store(offsets_ptr + ee, 0, mask=ee == 0)
+        _offsets_and_tiles(program, c, end, offs_p, mask_p, pair_offsets_ptr, tile_pair_ptr,
+                           tile_start_ptr, n_valid_ptr, n_tiles, BLOCK_M, BLOCK_T)  # fmt: skip
+
+
+def pair_routing_fits(n_slots: int, n_experts: int) -> bool:
+    """Whether :func:`build_pair_routing` takes ``n_slots`` slots over ``n_experts`` experts
+    (its per-block pair counts within ``MAX_BLOCK_COUNTS``)."""
+    n_pairs = n_experts * (n_experts + 1) // 2
+    return cdiv(n_slots // 2, 1024) * n_pairs <= MAX_BLOCK_COUNTS
+
+
+def n_pair_tiles(n_items: int, n_experts: int, block_m: int) -> int:
+    """Length of the pairs' tile table: enough for any distribution of the items."""
+    return cdiv(n_items, block_m) + min(n_experts * (n_experts + 1) // 2, n_items)
+
+
+def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
+    """The routing of a call by pairs (``flat_index [2 I]``, item ``i``'s slots ``2i``, ``2i +
+    1``), int32: ``(sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
+    sorted_to_item, pair_offsets)``: the slots sorted by expert and each expert's ``offsets``
+    (``[E + 1]``, for the weight gradient), the pairs' tile table (``BLOCK_M = block_m`` items
+    per tile, padding tiles numbered ``E * (E + 1) / 2``), the items sorted by pair and each
+    pair's ``pair_offsets`` (``[E * (E + 1) / 2 + 1]``). Needs :func:`pair_routing_fits`."""
+    n = flat_index.numel()
+    n_items, n_pairs = n // 2, n_experts * (n_experts + 1) // 2
+    device = flat_index.device
+    block = ROUTING_BLOCK
+    while cdiv(n_items, block) * n_pairs > MAX_BLOCK_COUNTS and block < 1024:
+        block *= 2
+    n_blocks = cdiv(n_items, block)
+    if n_blocks * n_pairs > MAX_BLOCK_COUNTS:
+        raise ValueError(f"{n} slots over {n_experts} experts are too many for pair routing")
+    length = n_pair_tiles(n_items, n_experts, block_m)
+    new = lambda size: torch.empty(size, dtype=torch.int32, device=device)
+    sorted_to_slot, slot_to_sorted, offsets = new(n), new(n), new(n_experts + 1)
+    tile_pair, tile_start, n_valid = new(length), new(length), new(1)
+    sorted_to_item, pair_offsets = new(n_items), new(n_pairs + 1)
+    if n_items == 0:
+        offsets.zero_(), pair_offsets.zero_(), n_valid.zero_()
+        return (sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
+                sorted_to_item, pair_offsets)  # fmt: skip
+    bins = next_power_of_2(n_pairs + 1)
+    bins = bins if bins <= HISTOGRAM_MAX_BINS else 0
+    block_e = next_power_of_2(n_experts)
+    counts, rank, block_counts, block_start = _int32_views(
+        device, n_pairs, n_items, n_blocks * n_pairs, n_blocks * n_pairs, zero=not bins
+    )
+    bases = new(n_blocks * block_e * block_e)
+    launch(_routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n_items, n_pairs,
+           block, bins, True, num_warps=ROUTING_WARPS)  # fmt: skip
+    scan_b, scan_e, scan_warps = ROUTING_SCAN
+    launch(_routing_scan_kernel, (cdiv(n_pairs, scan_e),), block_counts, block_start, counts,
+           n_blocks, n_pairs, scan_b, scan_e, num_warps=scan_warps)  # fmt: skip
+    block_p = next_power_of_2(n_pairs)
+    block_t = max(1, min(64, 16384 // block_p))
+    launch(
+        _pair_place_kernel, (n_blocks + max(1, cdiv(length, block_t)),),
+        flat_index, rank, block_start, counts, bases, sorted_to_item, pair_offsets,
+        sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid, n_items,
+        n_experts, n_pairs, n_blocks, length, block, block_m, block_p, block_e, block_t,
+    )  # fmt: skip
+    return (sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
+            sorted_to_item, pair_offsets)  # fmt: skip
+
+
+@triton.jit
+def _pair_experts(index_ptr, sorted_to_item_ptr, start):
+    """``(lo, hi)``: the experts of the pair whose items start at sorted position ``start``."""
+    first = tl.load(sorted_to_item_ptr + start).to(tl.int64) * 2
+    e0 = tl.load(index_ptr + first).to(tl.int32)
+    e1 = tl.load(index_ptr + first + 1).to(tl.int32)
+    return tl.minimum(e0, e1), tl.maximum(e0, e1)
+
+
+@triton.jit
+def _item_slots(index_ptr, gate_ptr, item, mask_m, lo):
+    """Per item (slots ``2i``, ``2i + 1``): ``(slot_lo, slot_hi, g_lo, g_hi)``, the slot (and
+    its fp32 gate) of the pair's expert ``lo`` and of ``hi`` (slot order where they are one)."""
+    slot = item * 2
+    first_is_lo = tl.load(index_ptr + slot, mask=mask_m, other=0) == lo
+    slot_lo = tl.where(first_is_lo, slot, slot + 1)
+    slot_hi = tl.where(first_is_lo, slot + 1, slot)
+    g_lo = tl.load(gate_ptr + slot_lo, mask=mask_m, other=0.0).to(tl.float32)
+    g_hi = tl.load(gate_ptr + slot_hi, mask=mask_m, other=0.0).to(tl.float32)
+    return slot_lo, slot_hi, g_lo, g_hi
+
+
+@triton.jit
+def _pair_rows_kernel(
+    a_ptr, w_ptr, out_ptr, index_ptr, gate_ptr, sorted_to_item_ptr, offsets_ptr, K, N, A_DIV,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, W_DESC: tl.constexpr, N_STAGES: tl.constexpr,
+):  # fmt: skip
+    """Products of items of two slots, one program per (pair of experts, column block): item
+    ``i`` reads row ``i // A_DIV`` of ``a`` and stores ``out[i] = g_lo * a @ W[lo] + g_hi * a @
+    W[hi]`` (fp32 sum of the two gated products), each slot's gate with its own expert. The
+    program loads its two weight blocks once and walks the pair's items ``BLOCK_M`` at a time
+    (a pair has a few hundred items: the weights, not the rows, are the traffic to save)."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(N, BLOCK_N)
+    pair = pid // n_blocks
+    n0 = (pid - pair * n_blocks) * BLOCK_N
+    start = tl.load(offsets_ptr + pair)
+    end = tl.load(offsets_ptr + pair + 1)
+    if start == end:
+        return
+    lo, hi = _pair_experts(index_ptr, sorted_to_item_ptr, start)
+    b_lo = _weight_block(
+        w_ptr, lo, 0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
+    )
+    b_hi = _weight_block(
+        w_ptr, hi, 0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
+    )
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    for m0 in tl.range(start, end, BLOCK_M, num_stages=N_STAGES):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        item = tl.load(sorted_to_item_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        a = tl.load(
+            a_ptr + (item // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_m[:, None] & (offs_k < K)[None, :],
+            other=0.0,
+        )
+        _slot_lo, _slot_hi, g_lo, g_hi = _item_slots(index_ptr, gate_ptr, item, mask_m, lo)
+        acc = tl.dot(a, b_lo, input_precision=INPUT_PRECISION) * g_lo[:, None]
+        acc += tl.dot(a, b_hi, input_precision=INPUT_PRECISION) * g_hi[:, None]
+        tl.store(
+            out_ptr + item[:, None] * stride_om + offs_n[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
+
+
+@triton.jit
+def _pair_gemm_kernel(
+    a_ptr, w_ptr, out_ptr, y_ptr, h_ptr, dgate_ptr, index_ptr, gate_ptr, sorted_to_item_ptr,
+    tile_pair_ptr, tile_start_ptr, offsets_ptr, n_valid_ptr, K, N, A_DIV, H_DIV,
+    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_ym, stride_hm,
+    stride_dg, STORE_Y: tl.constexpr, GATE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    W_DESC: tl.constexpr,
+):  # fmt: skip
+    """One tile of a pair's items (the pairs' tile table) times one column block: item ``i``
+    reads row ``i // A_DIV`` of ``a``, accumulates ``z_lo = a @ W[lo]`` and ``z_hi = a @ W[hi]``
+    over ``K`` (each block of rows loaded once for both) and stores ``out[i] = g_lo * z_lo +
+    g_hi * z_hi`` (fp32 sum). ``STORE_Y``: also ``y[slot] = z`` of each slot, ungated, in
+    ``y``'s dtype. ``GATE_GRAD``: also ``dgate[pid_n, slot] = <z, h[i // H_DIV]>`` over the
+    column block (the caller sums the blocks)."""
+    n_col_blocks = tl.cdiv(N, BLOCK_N)
+    work = tl.program_id(0)
+    tile = work // n_col_blocks
+    if tile >= tl.load(n_valid_ptr):
+        return
+    pid_n = work - tile * n_col_blocks
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    pair = tl.load(tile_pair_ptr + tile)
+    start = tl.load(tile_start_ptr + tile)
+    offs_m = start + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < tl.load(offsets_ptr + pair + 1)
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    item = tl.load(sorted_to_item_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    lo, hi = _pair_experts(index_ptr, sorted_to_item_ptr, start)
+    slot_lo, slot_hi, g_lo, g_hi = _item_slots(index_ptr, gate_ptr, item, mask_m, lo)
+    if GATE_GRAD:  # loaded before the K loop, so its latency hides behind it
+        h = tl.load(
+            h_ptr + (item // H_DIV)[:, None] * stride_hm + offs_n[None, :], mask=mask_mn, other=0.0
+        ).to(tl.float32)
+    a_rows = a_ptr + (item // A_DIV)[:, None] * stride_am
+    acc_lo = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_hi = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            a_rows + offs_k[None, :] * stride_ak, mask=mask_m[:, None] & (offs_k < K)[None, :],
+            other=0.0,
+        )  # fmt: skip
+        b_lo = _weight_block(
+            w_ptr, lo, k0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
+        )
+        b_hi = _weight_block(
+            w_ptr, hi, k0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
+        )
+        acc_lo = tl.dot(a, b_lo, acc_lo, input_precision=INPUT_PRECISION)
+        acc_hi = tl.dot(a, b_hi, acc_hi, input_precision=INPUT_PRECISION)
+    out = acc_lo * g_lo[:, None] + acc_hi * g_hi[:, None]
+    tl.store(
+        out_ptr + item[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+        mask=mask_mn,
+    )  # fmt: skip
+    if STORE_Y:
+        cols = offs_n[None, :]
+        tl.store(y_ptr + slot_lo[:, None] * stride_ym + cols, acc_lo.to(y_ptr.dtype.element_ty),
+                 mask=mask_mn)  # fmt: skip
+        tl.store(y_ptr + slot_hi[:, None] * stride_ym + cols, acc_hi.to(y_ptr.dtype.element_ty),
+                 mask=mask_mn)  # fmt: skip
+    if GATE_GRAD:
+        parts = dgate_ptr + pid_n * stride_dg
+        tl.store(parts + slot_lo, tl.sum(acc_lo * h, axis=1), mask=mask_m)
+        tl.store(parts + slot_hi, tl.sum(acc_hi * h, axis=1), mask=mask_m)
+
+
+def pair_rows(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    index: torch.Tensor,
+    gate: torch.Tensor,
+    sorted_to_item: torch.Tensor,
+    offsets: torch.Tensor,
+    a_div: int,
+    config: tuple = (128, 64, 4, 3),
+) -> None:
+    """Launch ``_pair_rows_kernel``: ``out[i] = sum_{j < 2} gate[2i + j] * a[i // a_div] @
+    w[index[2i + j]]`` for the items sorted by pair of experts (``sorted_to_item``, each pair's
+    ``offsets[p]:offsets[p + 1]``), ``K = a.shape[1] <= ROWS_MAX_K``; ``config``: ``(BLOCK_N,
+    BLOCK_M, num_warps, num_stages)``."""
+    k, n_cols = a.shape[1], w.shape[2]
+    if sorted_to_item.numel() == 0 or k == 0 or n_cols == 0:
+        return
+    if k > ROWS_MAX_K:
+        raise ValueError(f"pair_rows takes inner sizes up to {ROWS_MAX_K}, got {k}")
+    block_n, block_m, warps, stages = config
+    es, bk = a.element_size(), max(16, next_power_of_2(k))
+    stages, block_m = _fit(stages, block_m, lambda st, bm: 2 * bk * block_n * es
+                           + st * bm * bk * es, _shared_memory_budget(a.device),
+                           min_shrink=16)  # fmt: skip
+    w_arg, w_desc = weight_operand(w, bk, block_n)
+    launch(
+        _pair_rows_kernel,
+        ((offsets.numel() - 1) * cdiv(n_cols, block_n),),
+        a, w_arg, out, index, gate, sorted_to_item, offsets, k, n_cols, a_div,
+        *a.stride(), *w.stride(), *out.stride(),
+        block_m, block_n, bk, input_precision(a.dtype), w_desc, stages,
+        num_warps=warps,
+        num_stages=stages,
+    )  # fmt: skip
+
+
+def pair_gemm(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    out: torch.Tensor,
+    index: torch.Tensor,
+    gate: torch.Tensor,
+    routing,
+    a_div: int,
+    *,
+    y: torch.Tensor | None = None,
+    h: torch.Tensor | None = None,
+    h_div: int = 1,
+    dgate: torch.Tensor | None = None,
+    config: tuple = (128, 64, 4, 3),
+) -> None:
+    """Launch ``_pair_gemm_kernel``: ``out[i] = sum_{j < 2} gate[2i + j] * a[i // a_div] @
+    w[index[2i + j]]`` (``out [I, N]`` contiguous) over the pairs' tile table of ``routing``
+    (:func:`build_pair_routing`, ``BLOCK_M = routing.block_m``). ``y [2 I, N]`` (contiguous):
+    also each slot's ungated product; ``h`` with ``dgate [cdiv(N, BLOCK_N), 2 I]`` float32:
+    also each slot's ``<a[i // a_div] @ w[e], h[i // h_div]>`` per column block. ``config``:
+    ``(BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
+    n_cols = w.shape[2]
+    if routing.sorted_to_item.numel() == 0 or n_cols == 0:
+        return
+    if (h is None) != (dgate is None):
+        raise ValueError("pair_gemm takes h and dgate together")
+    block_n, block_k, warps, stages = config
+    es, bm = a.element_size(), routing.block_m
+    stages, block_k = _fit(stages, block_k, lambda st, bk: st * (bm * bk + 2 * bk * block_n) * es,
+                           _shared_memory_budget(a.device), min_shrink=16)  # fmt: skip
+    w_arg, w_desc = weight_operand(w, block_k, block_n)
+    dummy = routing.pair_offsets
+    launch(
+        _pair_gemm_kernel,
+        (routing.tile_expert.numel() * cdiv(n_cols, block_n),),
+        a, w_arg, out, y if y is not None else dummy, h if h is not None else dummy,
+        dgate if dgate is not None else dummy, index, gate, routing.sorted_to_item,
+        routing.tile_expert, routing.tile_start, routing.pair_offsets, routing.n_valid,
+        a.shape[1], n_cols, a_div, h_div, *a.stride(), *w.stride(), out.stride(0),
+        n_cols if y is None else y.stride(0), 0 if h is None else h.stride(0),
+        0 if dgate is None else dgate.stride(0), y is not None, h is not None, bm, block_n,
+        block_k, input_precision(a.dtype), w_desc,
+        num_warps=warps,
+        num_stages=stages,
+    )  # fmt: skip
