@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import sys
 
-import torch
-from ab_dense_slots import _profile, _rel, _step_results, shape_setup, write_ab
-from bench_cvmm import SHAPES, ours_fused, time_fwd_bwd
-from bench_harness import require_cuda
+from ab_pair_slots import run_pair_ab
 
 # (block_m, the pairs' GEMM's launch setting (BLOCK_N, BLOCK_K, warps, stages)) tried; the
 # first is the shipped one
@@ -39,42 +36,9 @@ VARIANTS = [
 
 
 def main() -> int:
-    if not require_cuda(__file__):
-        return 2
-    from cvmm_kernel import pair_slots
-
-    rows, profiles = [], []
-    for s in SHAPES:
-        if s.kind == "ffn" or not s.name.endswith("4x8"):
-            continue
-        t, params, dense_ms = shape_setup(s)
-        results, times, peaks = {}, {v[0]: [] for v in VARIANTS}, {}
-        for label, on, launch in VARIANTS:
-            pair_slots.ENABLED[0] = on
-            results[label] = _step_results(s, t, params, **launch)
-        for _ in range(2):
-            for label, on, launch in VARIANTS:
-                pair_slots.ENABLED[0] = on
-                ms, peaks[label] = time_fwd_bwd(lambda launch=launch: ours_fused(s, t, True,
-                                                **launch), [*params, t["gate"]])  # fmt: skip
-                times[label].append(ms)
-        for label, _on, launch in VARIANTS:
-            errors = [_rel(a, b) for a, b in zip(results[label], results["slots"])]
-            ms = min(times[label])
-            rows.append({
-                "shape": s.name, "variant": label, "launch": repr(launch),
-                "ms_passes": times[label], "ms": ms, "dense_ms": dense_ms,
-                "pct_of_dense": 100 * dense_ms / ms, "peak_mib": peaks[label],
-                "rel_diff_vs_slots": dict(zip(("out", "w", "x", "gate"), errors)),
-            })  # fmt: skip
-        for label, on, _launch in VARIANTS[:2]:
-            pair_slots.ENABLED[0] = on
-            profiles.append(f"== {s.name}, {label}\n" + _profile(s, t, params))
-        pair_slots.ENABLED[0] = True
-        torch.cuda.empty_cache()
-    write_ab("moe_linear calls by pairs of experts A/B", "pair_routing", rows, profiles, "slots",
-             __file__)  # fmt: skip
-    return 0
+    variants = [(label, on, launch, repr(launch)) for label, on, launch in VARIANTS]
+    return run_pair_ab(variants, "launch", "moe_linear calls by pairs of experts A/B",
+                       "pair_routing", __file__)  # fmt: skip
 
 
 if __name__ == "__main__":

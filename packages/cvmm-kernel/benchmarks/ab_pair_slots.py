@@ -43,14 +43,12 @@ VARIANTS = [
 ]
 
 
-def _use(pair_slots, on: bool, config) -> dict:
-    """Sets the variant; returns the ``gemm_configs`` keyword for ``moe_linear``."""
-    pair_slots.ENABLED[0] = on
-    return {} if config is None else {"gemm_configs": {"linear_pairs": config}}
-
-
-def main() -> int:
-    if not require_cuda(__file__):
+def run_pair_ab(variants: list, setting_key: str, title: str, name: str, script_file: str) -> int:
+    """Times ``variants`` (``(label, pairs on, moe_linear launch keywords, the setting recorded
+    in the row under setting_key)``; the first is the per-slot baseline ``"slots"``, the first
+    two are profiled) at the 4 x 8 V and O shapes, two passes alternating in one process, and
+    writes ``ab_{name}`` and ``profile_{name}`` (``write_ab``)."""
+    if not require_cuda(script_file):
         return 2
     from cvmm_kernel import pair_slots
 
@@ -59,32 +57,41 @@ def main() -> int:
         if s.kind == "ffn" or not s.name.endswith("4x8"):
             continue
         t, params, dense_ms = shape_setup(s)
-        results, times, peaks = {}, {v[0]: [] for v in VARIANTS}, {}
-        for label, on, config in VARIANTS:
-            launch = _use(pair_slots, on, config)
+        results, times, peaks = {}, {v[0]: [] for v in variants}, {}
+        for label, on, launch, _setting in variants:
+            pair_slots.ENABLED[0] = on
             results[label] = _step_results(s, t, params, **launch)
         for _ in range(2):
-            for label, on, config in VARIANTS:
-                launch = _use(pair_slots, on, config)
+            for label, on, launch, _setting in variants:
+                pair_slots.ENABLED[0] = on
                 ms, peaks[label] = time_fwd_bwd(lambda launch=launch: ours_fused(s, t, True,
                                                 **launch), [*params, t["gate"]])  # fmt: skip
                 times[label].append(ms)
-        for label, _on, config in VARIANTS:
+        for label, _on, _launch, setting in variants:
             ms = min(times[label])
             errors = [_rel(a, b) for a, b in zip(results[label], results["slots"])]
             rows.append({
-                "shape": s.name, "variant": label, "config": config,
+                "shape": s.name, "variant": label, setting_key: setting,
                 "ms_passes": times[label], "ms": ms, "dense_ms": dense_ms,
                 "pct_of_dense": 100 * dense_ms / ms, "peak_mib": peaks[label],
                 "rel_diff_vs_slots": dict(zip(("out", "w", "x", "gate"), errors)),
             })  # fmt: skip
-        for label, on, config in VARIANTS[:2]:
-            _use(pair_slots, on, config)
+        for label, on, _launch, _setting in variants[:2]:
+            pair_slots.ENABLED[0] = on
             profiles.append(f"== {s.name}, {label}\n" + _profile(s, t, params))
-        _use(pair_slots, True, None)
+        pair_slots.ENABLED[0] = True
         torch.cuda.empty_cache()
-    write_ab("moe_linear pairs of experts A/B", "pair_slots", rows, profiles, "slots", __file__)
+    write_ab(title, name, rows, profiles, "slots", script_file)
     return 0
+
+
+def main() -> int:
+    variants = [
+        (label, on, {} if cfg is None else {"gemm_configs": {"linear_pairs": cfg}}, cfg)
+        for label, on, cfg in VARIANTS
+    ]
+    return run_pair_ab(variants, "config", "moe_linear pairs of experts A/B", "pair_slots",
+                       __file__)  # fmt: skip
 
 
 if __name__ == "__main__":
