@@ -19,6 +19,7 @@ from __future__ import annotations
 import sys
 
 from ab_pair_slots import run_pair_ab
+from bench_harness import require_cuda
 
 # (block_m, the pairs' GEMM's launch setting (BLOCK_N, BLOCK_K, warps, stages)) tried; the
 # first is the shipped one
@@ -36,6 +37,8 @@ VARIANTS = [
 
 
 def main() -> int:
+    if not require_cuda(__file__):
+        return 2
     variants = [(label, on, launch, repr(launch)) for label, on, launch in VARIANTS]
     return run_pair_ab(variants, "launch", "moe_linear calls by pairs of experts A/B",
                        "pair_routing", __file__)  # fmt: skip

@@ -47,9 +47,7 @@ def run_pair_ab(variants: list, setting_key: str, title: str, name: str, script_
     """Times ``variants`` (``(label, pairs on, moe_linear launch keywords, the setting recorded
     in the row under setting_key)``; the first is the per-slot baseline ``"slots"``, the first
     two are profiled) at the 4 x 8 V and O shapes, two passes alternating in one process, and
-    writes ``ab_{name}`` and ``profile_{name}`` (``write_ab``)."""
-    if not require_cuda(script_file):
-        return 2
+    writes ``ab_{name}`` and ``profile_{name}`` (``write_ab``). Needs CUDA."""
     from cvmm_kernel import pair_slots
 
     rows, profiles = [], []
@@ -86,6 +84,8 @@ def run_pair_ab(variants: list, setting_key: str, title: str, name: str, script_
 
 
 def main() -> int:
+    if not require_cuda(__file__):
+        return 2
     variants = [
         (label, on, {} if cfg is None else {"gemm_configs": {"linear_pairs": cfg}}, cfg)
         for label, on, cfg in VARIANTS
