@@ -43,43 +43,54 @@ VARIANTS = [
 ]
 
 
-def run_pair_ab(variants: list, setting_key: str, title: str, name: str, script_file: str) -> int:
-    """Times ``variants`` (``(label, pairs on, moe_linear launch keywords, the setting recorded
-    in the row under setting_key)``; the first is the per-slot baseline ``"slots"``, the first
-    two are profiled) at the 4 x 8 V and O shapes, two passes alternating in one process, and
-    writes ``ab_{name}`` and ``profile_{name}`` (``write_ab``). Needs CUDA."""
+def _switch(on) -> None:
+    """Sets ``pair_slots``' switches: ``on`` whether calls run by pairs, or a dict of switch
+    names and values; every switch not named is on (shipped)."""
     from cvmm_kernel import pair_slots
 
-    rows, profiles = [], []
+    named = on if isinstance(on, dict) else {"ENABLED": on}
+    for switch in ("ENABLED", "GATE_DOTS", "SORTED_ROWS"):
+        getattr(pair_slots, switch)[0] = named.get(switch, True)
+
+
+def run_pair_ab(variants: list, setting_key: str, title: str, name: str, script_file: str) -> int:
+    """Times ``variants`` (``(label, switches, moe_linear launch keywords, the setting recorded
+    in the row under setting_key)``, ``switches`` whether the call runs by pairs, or a dict of
+    ``pair_slots`` switches and their values; the first is the baseline the others' results are
+    compared with, the first two are profiled) at the 4 x 8 V and O shapes, two passes
+    alternating in one process, and writes ``ab_{name}`` and ``profile_{name}``
+    (``write_ab``). Needs CUDA."""
+
+    rows, profiles, baseline = [], [], variants[0][0]
     for s in SHAPES:
         if s.kind == "ffn" or not s.name.endswith("4x8"):
             continue
         t, params, dense_ms = shape_setup(s)
         results, times, peaks = {}, {v[0]: [] for v in variants}, {}
         for label, on, launch, _setting in variants:
-            pair_slots.ENABLED[0] = on
+            _switch(on)
             results[label] = _step_results(s, t, params, **launch)
         for _ in range(2):
             for label, on, launch, _setting in variants:
-                pair_slots.ENABLED[0] = on
+                _switch(on)
                 ms, peaks[label] = time_fwd_bwd(lambda launch=launch: ours_fused(s, t, True,
                                                 **launch), [*params, t["gate"]])  # fmt: skip
                 times[label].append(ms)
         for label, _on, _launch, setting in variants:
             ms = min(times[label])
-            errors = [_rel(a, b) for a, b in zip(results[label], results["slots"])]
+            errors = [_rel(a, b) for a, b in zip(results[label], results[baseline])]
             rows.append({
                 "shape": s.name, "variant": label, setting_key: setting,
                 "ms_passes": times[label], "ms": ms, "dense_ms": dense_ms,
                 "pct_of_dense": 100 * dense_ms / ms, "peak_mib": peaks[label],
-                "rel_diff_vs_slots": dict(zip(("out", "w", "x", "gate"), errors)),
+                f"rel_diff_vs_{baseline}": dict(zip(("out", "w", "x", "gate"), errors)),
             })  # fmt: skip
         for label, on, _launch, _setting in variants[:2]:
-            pair_slots.ENABLED[0] = on
+            _switch(on)
             profiles.append(f"== {s.name}, {label}\n" + _profile(s, t, params))
-        pair_slots.ENABLED[0] = True
+        _switch({})
         torch.cuda.empty_cache()
-    write_ab(title, name, rows, profiles, "slots", script_file)
+    write_ab(title, name, rows, profiles, baseline, script_file)
     return 0
 
 

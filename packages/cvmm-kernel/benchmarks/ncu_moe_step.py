@@ -6,7 +6,7 @@ r"""One moe_mlp forward + backward at a benchmark shape, for Nsight Compute.
 
 Three warm-up steps (compilation, weight casts), then one step between cudaProfilerStart and
 cudaProfilerStop, so that only its kernels are profiled. ``shape``: a name from bench_cvmm.py
-(default moeut-244m-ffn).
+(default moeut-244m-ffn); the gate takes its gradient, as in a layer.
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ def main() -> int:
     s = next(s for s in SHAPES if s.name == name)
     t = make_inputs(s, "cuda")
     params = trained_tensors(t)
-    grad = torch.randn(s.tokens, s.d_model, device="cuda", dtype=torch.bfloat16)
+    t["gate"].requires_grad_()  # as in a layer: the gate's gradient too
 
     def step():
-        ours_fused(s, t, True).backward(grad)
-        for p in params:
+        out = ours_fused(s, t, True)
+        out.backward(torch.randn_like(out))
+        for p in [*params, t["gate"]]:
             p.grad = None
 
     for _ in range(3):

@@ -58,3 +58,34 @@ def test_pair_routing_matches_definition(backend, device, n_experts, n_items, tw
     assert int(n_valid) == len(expected)
     assert list(zip(tile_pair.tolist(), tile_start.tolist()))[: len(expected)] == expected
     assert all(p == n_pairs for p in tile_pair[len(expected) :].tolist())
+
+
+@pytest.mark.parametrize(("backend", "device"), [TRITON_INTERPRET, TRITON_CUDA])
+@pytest.mark.parametrize("config", [(16, 16, 4, 2), (128, 64, 4, 3)])
+def test_pair_rows_extras_match_definition(backend, device, config):
+    """The row-tile kernel's gate dots and gated rows in the experts' order (a program each per
+    pair, after its column blocks: 48 columns in blocks of 16, or one block) against their
+    definitions; the products unchanged by them."""
+    from cvmm_kernel import pair_slots
+    from cvmm_kernel import pair_triton as pt
+
+    g = torch.Generator().manual_seed(5)
+    n_experts, n_items, k, n = 7, 203, 24, 48
+    index = torch.stack([torch.randperm(n_experts, generator=g)[:2] for _ in range(n_items)])
+    flat = index.reshape(-1).to(device)
+    gate = torch.rand(2 * n_items, generator=g).to(device)
+    a = torch.randn(n_items, k, generator=g).to(device)
+    w = torch.randn(n_experts, k, n, generator=g).to(device)
+    products = torch.randn(2 * n_items, k, generator=g).to(device)
+    routing = pair_slots.routing_impl(flat, n_experts, 16)
+    plain, out = (torch.empty(n_items, n, device=device) for _ in range(2))
+    dgate = torch.full((2 * n_items,), float("nan"), device=device)
+    rows = torch.full((2 * n_items, k), float("nan"), device=device)
+    pt.pair_rows(a, w, plain, flat, gate, routing[6], routing[7], 1, config)
+    pt.pair_rows(a, w, out, flat, gate, routing[6], routing[7], 1, config, products=products,
+                 dgate=dgate, sorted_rows=rows, slot_to_sorted=routing[1])  # fmt: skip
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    slot_rows = a.repeat_interleave(2, 0)
+    torch.testing.assert_close(dgate, (products * slot_rows).sum(1), rtol=1e-5, atol=1e-5)
+    s2s = routing[0].long()
+    torch.testing.assert_close(rows, slot_rows[s2s] * gate[s2s][:, None], rtol=0, atol=0)

@@ -77,20 +77,23 @@ def _reference_backward(dy, x, gate, w, r: Routing, a_div, out_div, shared=None,
 
 
 def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, role, h=None,
-               configs=None, index=None):  # fmt: skip
+               configs=None, index=None, products=None, sorted_rows=False):  # fmt: skip
     """``out[s // out_div] += g_s * a[s // a_div] @ w[e_s]`` for every slot: per-slot products
     then a sum (deterministic), or fp32 atomic adds; by pairs of slots where ``r`` is the
     routing of a call by pairs (:mod:`cvmm_kernel.pair_slots`, which needs ``index``). Returns
     ``([n_out, N]`` in ``a``'s dtype, the gate gradient ``<a[s // a_div] @ w[e_s], h[s //
-    out_div]>`` where ``h`` is given). ``configs``: the call's launch settings per role (None:
-    ``GEMM_CONFIGS``)."""
+    out_div]>`` where ``h`` is given; by pairs, ``<products[s], a[s // a_div]>`` where the
+    forward's kept ``products`` are given and the kernel takes them, else None). ``configs``:
+    the call's launch settings per role (None: ``GEMM_CONFIGS``)."""
     from . import moe_triton as kt
 
     k, n = a.shape[1], w.shape[2]
     if r.sorted_to_item is not None:
-        out, _y, dgate = pair_slots.pair_sums(a, w, r, index, gate, a_div, out_div, configs, h=h,
-                                              h_div=out_div)  # fmt: skip
-        return out, dgate
+        out, _y, dgate, rows = pair_slots.pair_sums(a, w, r, index, gate, a_div, out_div,
+                                                    configs, h=h, h_div=out_div,
+                                                    products=products,
+                                                    sorted_rows=sorted_rows)  # fmt: skip
+        return out, dgate, rows
     n_slots = r.sorted_to_slot.numel()
     if deterministic:
         out, out_mode = a.new_empty(n_slots, n), kt.OUT_SLOT
@@ -116,10 +119,10 @@ def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, rol
         if dgate is not None:
             dgate = dgate[0] if dgate.shape[0] == 1 else dgate.sum(0)
     if not deterministic:
-        return out.to(a.dtype), dgate
+        return out.to(a.dtype), dgate, None
     if out_div == 1:
-        return out, dgate
-    return kt.gated_group_sum(out, None, out_div), dgate
+        return out, dgate, None
+    return kt.gated_group_sum(out, None, out_div), dgate, None
 
 
 def plan(w_shape, a_div: int, out_div: int, deterministic: bool, backend: str):
@@ -156,8 +159,8 @@ def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic
                          "linear", configs=configs, index=index)[0]  # fmt: skip
         return out, x.new_empty(0, d_out)
     if r.sorted_to_item is not None:  # the gated sums by pairs, keeping each slot's product
-        out, y, _ = pair_slots.pair_sums(x, wc, r, index, gate, a_div, out_div, configs,
-                                         keep_products=True)  # fmt: skip
+        out, y, _, _ = pair_slots.pair_sums(x, wc, r, index, gate, a_div, out_div, configs,
+                                            keep_products=True)  # fmt: skip
         return out, y
     # ungated per-slot products (kept), then each output row's gate-weighted sum
     y = _slot_sums(x, wc, r, a_div, 1, n_slots, True, None, "linear", configs=configs)[0]
@@ -185,16 +188,27 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
         dgate = kt.group_dot(y, dy, out_div).to(gate.dtype) if need_gate else None
         return dx, dgate, _dense_weight_grad(dw, w, shared, grad_dtype)
     # z = dy[o(s)] @ W^T: g * z summed into the input row's gradient; the gate's gradient from
-    # the saved products, or <z, x[a(s)]> in the same kernel
+    # the saved products (by pairs: in the same launch), or <z, x[a(s)]> in the same kernel
     saved = y.shape[0] > 0 and dense is None
-    dx = dgate = dw = None
-    if need_x or (need_gate and not saved):
-        dx, dgate = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0],
-                               deterministic, gate, "linear_grad_input",
-                               h=x if need_gate and not saved else None,
-                               configs=configs, index=index)  # fmt: skip
+    pairs = r.sorted_to_item is not None
+    fused = saved and need_gate and pairs and pair_slots.GATE_DOTS[0]
+    h = x if need_gate and not saved else None
+    # by pairs, where the forward kept its products, the weight gradient reads g * dy[o(s)] in
+    # the experts' order, written by the input gradient's row-tile kernel (it has those rows at
+    # hand): one operand gathered and no gate in its loop (as moe_mlp's dW_down,
+    # moe_ops.W_DOWN_FROM_GATED_H; O's form, dW^T = dy^T (g x) from the gate gradient's kernel,
+    # measured slower: benchmarks/results/ab_pair_rows.md)
+    sorted_rows = saved and pairs and need_w and pair_slots.SORTED_ROWS[0]
+    in_launch = sorted_rows and pair_slots.takes_rows_kernel(dy.shape[1], False, h)
+    dx = dgate = rows = None
+    if need_x or h is not None:
+        dx, dgate, rows = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0],
+                                     deterministic, gate, "linear_grad_input", h=h,
+                                     configs=configs, index=index,
+                                     products=y if fused and need_x else None,
+                                     sorted_rows=in_launch)  # fmt: skip
     if need_gate:
-        if saved:
+        if saved and dgate is None:
             dgate = kt.group_dot(y, dy, out_div)
         assert dgate is not None  # computed with dx above
         dgate = dgate.to(gate.dtype)
@@ -203,22 +217,23 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     if dense == dense_slots.OUTPUT_ROWS:  # from the spread input the forward kept
         dw = dense_slots.output_rows_weight_grad(dy, y, w.shape)
         return dx if need_x else None, dgate, _dense_weight_grad(dw, w, shared, grad_dtype)
-    dw = _weight_grad(
-        x,
-        dy,
-        w,
-        shared,
-        r,
-        a_div,
-        "grad_w_linear",
-        a_gather=True,
-        b_gather=True,
-        gate=gate,
-        b_div=out_div,
-        configs=configs,
-        grad_dtype=grad_dtype,
-    )
+    wgrad = dict(shared=shared, r=r, role="grad_w_linear", configs=configs, grad_dtype=grad_dtype)
+    if sorted_rows:  # dW = x[a(s)]^T (g dy[o(s)]): the gathered rows first
+        rows = _gated_sorted_rows(dy, gate, r, out_div) if rows is None else rows
+        dw = _weight_grad(x, rows, w, top_k=a_div, a_gather=True, b_gather=False, **wgrad)
+    else:
+        dw = _weight_grad(x, dy, w, top_k=a_div, a_gather=True, b_gather=True, gate=gate,
+                          b_div=out_div, **wgrad)  # fmt: skip
     return dx if need_x else None, dgate, dw
+
+
+def _gated_sorted_rows(src, gate, r: Routing, div):
+    """``[N, src.shape[1]]``: ``gate[s] * src[s // div]`` at sorted position ``s``'s place (the
+    experts' order of ``r``), rounded as the row-tile kernel writes them (a fp32 product): for a
+    backward whose launch does not write them (no input gradient wanted, or a wider inner
+    size), so that the weight gradient is the same either way."""
+    s2s = r.sorted_to_slot.long()
+    return (src[s2s // div].float() * gate[s2s].float()[:, None]).to(src.dtype)
 
 
 def _dense_weight_grad(dw, w, shared, grad_dtype):

@@ -31,6 +31,14 @@ import torch
 # ENABLED[0] = False: per-slot products and their sum everywhere (benchmarks/ab_pair_slots.py
 # compares the two in one process). Read at each call.
 ENABLED = [True]
+# GATE_DOTS[0] = False: a backward that reads the forward's kept products takes the gate's
+# gradient from them in a kernel of its own (group_dot) instead of in the input gradient's
+# launch (benchmarks/ab_pair_rows.py). Read at each call.
+GATE_DOTS = [True]
+# SORTED_ROWS[0] = False: the weight gradient of a call by pairs gathers both operands and
+# scales one by the gate in its loop, instead of reading the gated rows that the input
+# gradient's launch writes in the experts' order (benchmarks/ab_pair_rows.py). Read at each call.
+SORTED_ROWS = [True]
 # The most experts whose pairs (E * (E + 1) / 2 numbers) the routing bins: above it, per-slot
 # products.
 MAX_EXPERTS = 64
@@ -84,25 +92,37 @@ def _(index, n_experts, block_m):
 
 def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: torch.Tensor,
               a_div: int, out_div: int, configs=None, *, keep_products: bool = False,
-              h: torch.Tensor | None = None, h_div: int = 1):  # fmt: skip
-    """``(out, y, dgate)``: ``out [N // out_div, d_out]`` in ``a``'s dtype, ``out[o] =
+              h: torch.Tensor | None = None, h_div: int = 1,
+              products: torch.Tensor | None = None, sorted_rows: bool = False):  # fmt: skip
+    """``(out, y, dgate, rows)``: ``out [N // out_div, d_out]`` in ``a``'s dtype, ``out[o] =
     sum_{s: s // out_div = o} g_s * a[s // a_div] @ w[index[s]]`` by items (products of two
     slots, then a fixed-order fp32 sum of ``out_div / 2`` items per row: deterministic), over
     the routing ``r`` of a call by pairs. ``keep_products``: ``y [N, d_out]`` the ungated
     per-slot products (else None); ``h``: ``dgate [N]`` float32, ``<a[s // a_div] @ w[e_s],
-    h[s // h_div]>`` (else None). ``configs``: the call's launch settings per role."""
+    h[s // h_div]>`` (else None). ``products [N, K]`` (contiguous, ``K = a.shape[1]``): the
+    forward's kept products, ``dgate[s] = <products[s], a[s // a_div]>`` where the inner size
+    takes the row-tile kernel (one more program per pair), else ``dgate`` None for the caller
+    to make. ``sorted_rows``: also ``rows [N, K]``, the gated rows ``g_s * a[s // a_div]`` in the
+    experts' order (``r.slot_to_sorted``) where the inner size takes the row-tile kernel
+    (:func:`takes_rows_kernel`), else ``rows`` None. ``configs``: the call's launch settings
+    per role."""
     from . import pair_triton as pt
     from .moe_ops import _config
-    from .moe_triton import ROWS_MAX_K, gated_group_sum
+    from .moe_triton import gated_group_sum
 
     k, n = a.shape[1], w.shape[2]
     n_slots = index.numel()
     items = a.new_empty(n_slots // 2, n)
-    y = dgate = None
-    if k <= ROWS_MAX_K and not keep_products and h is None:
+    y = dgate = rows = None
+    if takes_rows_kernel(k, keep_products, h):
         config = _config("linear_pairs", k, n, configs)
+        if products is not None:
+            dgate = torch.empty(n_slots, dtype=torch.float32, device=a.device)
+        if sorted_rows:
+            rows = a.new_empty(n_slots, k)
         pt.pair_rows(a, w, items, index, gate, r.sorted_to_item, r.pair_offsets, a_div // 2,
-                     config)  # fmt: skip
+                     config, products=products, dgate=dgate, sorted_rows=rows,
+                     slot_to_sorted=r.slot_to_sorted if sorted_rows else None)  # fmt: skip
     else:
         config = _config("linear_pair_gemm", k, n, configs)
         y = a.new_empty(n_slots, n) if keep_products else None
@@ -113,4 +133,12 @@ def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: to
         if dgate is not None:
             dgate = dgate[0] if dgate.shape[0] == 1 else dgate.sum(0)
     out = items if out_div == 2 else gated_group_sum(items, None, out_div // 2)
-    return out, y, dgate
+    return out, y, dgate, rows
+
+
+def takes_rows_kernel(k: int, keep_products: bool, h: torch.Tensor | None) -> bool:
+    """Whether :func:`pair_sums` of inner size ``k`` runs on the row-tile kernel (one program
+    per pair and column block; else tiles of a pair's items over the inner size)."""
+    from .moe_triton import ROWS_MAX_K
+
+    return k <= ROWS_MAX_K and not keep_products and h is None

@@ -203,26 +203,87 @@ def _item_slots(index_ptr, gate_ptr, item, mask_m, lo):
 
 
 @triton.jit
+def _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, index_ptr, gate_ptr,
+                     sorted_to_item_ptr, lo, start, end, K, A_DIV, stride_am, stride_ak, stride_ym,
+                     stride_rm, GATE_DOT: tl.constexpr, SORTED_ROWS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """For both slots ``s`` of the pair's items ``i`` at sorted positions ``start:end`` (the
+    pair's experts ``lo <= hi``), with ``r = a[i // A_DIV]`` (``K`` wide): ``GATE_DOT``:
+    ``dgate[s] = <y[s], r>`` (fp32); ``SORTED_ROWS``: ``rows[slot_to_sorted[s]] = g_s * r``, the
+    gated rows in the experts' order (the weight gradient's operand, rounded to ``rows``'
+    dtype)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        mask = mask_m[:, None] & mask_k[None, :]
+        item = tl.load(sorted_to_item_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        a = tl.load(
+            a_ptr + (item // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask, other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        slot_lo, slot_hi, g_lo, g_hi = _item_slots(index_ptr, gate_ptr, item, mask_m, lo)
+        if GATE_DOT:
+            y_lo = tl.load(y_ptr + slot_lo[:, None] * stride_ym + offs_k[None, :], mask=mask,
+                           other=0.0)  # fmt: skip
+            y_hi = tl.load(y_ptr + slot_hi[:, None] * stride_ym + offs_k[None, :], mask=mask,
+                           other=0.0)  # fmt: skip
+            tl.store(dgate_ptr + slot_lo, tl.sum(y_lo.to(tl.float32) * a, axis=1), mask=mask_m)
+            tl.store(dgate_ptr + slot_hi, tl.sum(y_hi.to(tl.float32) * a, axis=1), mask=mask_m)
+        if SORTED_ROWS:
+            pos_lo = tl.load(slot_to_sorted_ptr + slot_lo, mask=mask_m, other=0).to(tl.int64)
+            pos_hi = tl.load(slot_to_sorted_ptr + slot_hi, mask=mask_m, other=0).to(tl.int64)
+            dtype = rows_ptr.dtype.element_ty
+            tl.store(rows_ptr + pos_lo[:, None] * stride_rm + offs_k[None, :],
+                     (a * g_lo[:, None]).to(dtype), mask=mask)  # fmt: skip
+            tl.store(rows_ptr + pos_hi[:, None] * stride_rm + offs_k[None, :],
+                     (a * g_hi[:, None]).to(dtype), mask=mask)  # fmt: skip
+
+
+@triton.jit
 def _pair_rows_kernel(
-    a_ptr, w_ptr, out_ptr, index_ptr, gate_ptr, sorted_to_item_ptr, offsets_ptr, K, N, A_DIV,
-    stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_on,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, W_DESC: tl.constexpr, N_STAGES: tl.constexpr,
+    a_ptr, w_ptr, out_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, index_ptr, gate_ptr,
+    sorted_to_item_ptr, offsets_ptr, K, N, A_DIV, stride_am, stride_ak, stride_we, stride_wk,
+    stride_wn, stride_om, stride_on, stride_ym, stride_rm, GATE_DOT: tl.constexpr,
+    SORTED_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
+    N_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Products of items of two slots, one program per (pair of experts, column block): item
     ``i`` reads row ``i // A_DIV`` of ``a`` and stores ``out[i] = g_lo * a @ W[lo] + g_hi * a @
     W[hi]`` (fp32 sum of the two gated products), each slot's gate with its own expert. The
     program loads its two weight blocks once and walks the pair's items ``BLOCK_M`` at a time
-    (a pair has a few hundred items: the weights, not the rows, are the traffic to save)."""
+    (a pair has a few hundred items: the weights, not the rows, are the traffic to save).
+    ``GATE_DOT``, ``SORTED_ROWS``: one more program per pair each, after its column blocks,
+    walks its items' rows for the gate's gradient from the forward's kept products ``y``, for
+    the gated rows in the experts' order (:func:`_pair_row_extras`; one program doing both
+    measured slower: benchmarks/results/ab_pair_rows.md)."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
-    pair = pid // n_blocks
-    n0 = (pid - pair * n_blocks) * BLOCK_N
+    per_pair = n_blocks + GATE_DOT + SORTED_ROWS
+    pair = pid // per_pair
+    col_block = pid - pair * per_pair
     start = tl.load(offsets_ptr + pair)
     end = tl.load(offsets_ptr + pair + 1)
     if start == end:
         return
     lo, hi = _pair_experts(index_ptr, sorted_to_item_ptr, start)
+    if GATE_DOT:  # noqa: SIM102 (a constexpr branch, then a runtime one)
+        if col_block == n_blocks:
+            _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, index_ptr,
+                             gate_ptr, sorted_to_item_ptr, lo, start, end, K, A_DIV, stride_am,
+                             stride_ak, stride_ym, stride_rm, True, False, BLOCK_M,
+                             BLOCK_K)  # fmt: skip
+            return
+    if SORTED_ROWS:  # noqa: SIM102
+        if col_block == per_pair - 1:
+            _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, index_ptr,
+                             gate_ptr, sorted_to_item_ptr, lo, start, end, K, A_DIV, stride_am,
+                             stride_ak, stride_ym, stride_rm, False, True, BLOCK_M,
+                             BLOCK_K)  # fmt: skip
+            return
+    n0 = col_block * BLOCK_N
     b_lo = _weight_block(
         w_ptr, lo, 0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
     )
@@ -331,13 +392,30 @@ def pair_rows(
     offsets: torch.Tensor,
     a_div: int,
     config: tuple = (128, 64, 4, 3),
+    *,
+    products: torch.Tensor | None = None,
+    dgate: torch.Tensor | None = None,
+    sorted_rows: torch.Tensor | None = None,
+    slot_to_sorted: torch.Tensor | None = None,
 ) -> None:
     """Launch ``_pair_rows_kernel``: ``out[i] = sum_{j < 2} gate[2i + j] * a[i // a_div] @
     w[index[2i + j]]`` for the items sorted by pair of experts (``sorted_to_item``, each pair's
     ``offsets[p]:offsets[p + 1]``), ``K = a.shape[1] <= ROWS_MAX_K``; ``config``: ``(BLOCK_N,
-    BLOCK_M, num_warps, num_stages)``."""
+    BLOCK_M, num_warps, num_stages)``. With slot ``s`` reading ``r_s = a[s // 2 // a_div]``:
+    ``products [2 I, K]`` with ``dgate [2 I]`` float32: also ``dgate[s] = <products[s], r_s>``;
+    ``sorted_rows [2 I, K]`` with ``slot_to_sorted``: also ``sorted_rows[slot_to_sorted[s]] =
+    gate[s] * r_s`` (both contiguous along ``K``)."""
     k, n_cols = a.shape[1], w.shape[2]
+    if (products is None) != (dgate is None) or (sorted_rows is None) != (slot_to_sorted is None):
+        raise ValueError("pair_rows takes products with dgate, sorted_rows with slot_to_sorted")
+    for extra in (e for e in (products, sorted_rows) if e is not None):
+        if extra.shape[1] != k or extra.stride(1) != 1:
+            raise ValueError(f"pair_rows' products and sorted rows are {k} wide and contiguous")
     if sorted_to_item.numel() == 0 or k == 0 or n_cols == 0:
+        if dgate is not None:
+            dgate.zero_()
+        if sorted_rows is not None:
+            sorted_rows.zero_()
         return
     if k > ROWS_MAX_K:
         raise ValueError(f"pair_rows takes inner sizes up to {ROWS_MAX_K}, got {k}")
@@ -347,12 +425,18 @@ def pair_rows(
                            + st * bm * bk * es, _shared_memory_budget(a.device),
                            min_shrink=16)  # fmt: skip
     w_arg, w_desc = weight_operand(w, bk, block_n)
+    dummy = offsets
     launch(
         _pair_rows_kernel,
-        ((offsets.numel() - 1) * cdiv(n_cols, block_n),),
-        a, w_arg, out, index, gate, sorted_to_item, offsets, k, n_cols, a_div,
-        *a.stride(), *w.stride(), *out.stride(),
-        block_m, block_n, bk, input_precision(a.dtype), w_desc, stages,
+        ((offsets.numel() - 1) * (cdiv(n_cols, block_n) + (products is not None)
+                                  + (sorted_rows is not None)),),
+        a, w_arg, out, dummy if products is None else products, dummy if dgate is None else dgate,
+        dummy if sorted_rows is None else sorted_rows,
+        dummy if slot_to_sorted is None else slot_to_sorted, index, gate, sorted_to_item, offsets,
+        k, n_cols, a_div, *a.stride(), *w.stride(), *out.stride(),
+        0 if products is None else products.stride(0),
+        0 if sorted_rows is None else sorted_rows.stride(0), products is not None,
+        sorted_rows is not None, block_m, block_n, bk, input_precision(a.dtype), w_desc, stages,
         num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
