@@ -197,7 +197,7 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     # the experts' order, written by the input gradient's row-tile kernel (it has those rows at
     # hand): one operand gathered and no gate in its loop (as moe_mlp's dW_down,
     # moe_ops.W_DOWN_FROM_GATED_H; O's form, dW^T = dy^T (g x) from the gate gradient's kernel,
-    # measured slower: benchmarks/results/ab_pair_rows.md)
+    # measured slower: benchmarks/results/ab_pair_rows_first.md)
     sorted_rows = saved and pairs and need_w and pair_slots.SORTED_ROWS[0]
     in_launch = sorted_rows and pair_slots.takes_rows_kernel(dy.shape[1], False, h)
     dx = dgate = rows = None
