@@ -15,8 +15,9 @@ Two parts, one process, bf16:
 - the row-tile kernel alone (``kernel_us_twice``) on the 4 x 8 operands (32768 items of
   128-wide rows, 32 experts of 128 x 1024, transposed as V's input gradient reads them): plain,
   with the gate-gradient program, with the gated rows, with both; ``group_dot`` alone. Writes
-  ``ab_pair_rows_kernel.json``. (An earlier run of this part, committed in that file's history,
-  also timed the gates folded into the rows with one accumulator: 11-100% slower.)
+  ``ab_pair_rows_kernel.json``. (A first version of this part also timed the gates folded into
+  the rows with one accumulator, a kernel option since removed: 11-100% slower,
+  ``ab_pair_rows_kernel_fold.json``.)
 
 Files go to ``$OUT`` (else ``benchmarks/results``).
 """

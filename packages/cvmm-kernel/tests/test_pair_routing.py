@@ -61,16 +61,17 @@ def test_pair_routing_matches_definition(backend, device, n_experts, n_items, tw
 
 
 @pytest.mark.parametrize(("backend", "device"), [TRITON_INTERPRET, TRITON_CUDA])
-@pytest.mark.parametrize("config", [(16, 16, 4, 2), (128, 64, 4, 3)])
-def test_pair_rows_extras_match_definition(backend, device, config):
+@pytest.mark.parametrize(("config", "n"), [((16, 16, 4, 2), 48), ((128, 64, 4, 3), 48),
+                                         ((16, 16, 4, 2), 0)])  # fmt: skip
+def test_pair_rows_extras_match_definition(backend, device, config, n):
     """The row-tile kernel's gate dots and gated rows in the experts' order (a program each per
-    pair, after its column blocks: 48 columns in blocks of 16, or one block) against their
-    definitions; the products unchanged by them."""
+    pair, after its column blocks: 48 columns in blocks of 16, one block, or no columns at all)
+    against their definitions; the products unchanged by them."""
     from cvmm_kernel import pair_slots
     from cvmm_kernel import pair_triton as pt
 
     g = torch.Generator().manual_seed(5)
-    n_experts, n_items, k, n = 7, 203, 24, 48
+    n_experts, n_items, k = 7, 203, 24
     index = torch.stack([torch.randperm(n_experts, generator=g)[:2] for _ in range(n_items)])
     flat = index.reshape(-1).to(device)
     gate = torch.rand(2 * n_items, generator=g).to(device)

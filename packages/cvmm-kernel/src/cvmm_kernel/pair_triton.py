@@ -258,7 +258,7 @@ def _pair_rows_kernel(
     ``GATE_DOT``, ``SORTED_ROWS``: one more program per pair each, after its column blocks,
     walks its items' rows for the gate's gradient from the forward's kept products ``y``, for
     the gated rows in the experts' order (:func:`_pair_row_extras`; one program doing both
-    measured slower: benchmarks/results/ab_pair_rows.md)."""
+    measured slower: benchmarks/results/ab_pair_rows_first.md)."""
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     per_pair = n_blocks + GATE_DOT + SORTED_ROWS
@@ -411,8 +411,9 @@ def pair_rows(
     for extra in (e for e in (products, sorted_rows) if e is not None):
         if extra.shape[1] != k or extra.stride(1) != 1:
             raise ValueError(f"pair_rows' products and sorted rows are {k} wide and contiguous")
-    if sorted_to_item.numel() == 0 or k == 0 or n_cols == 0:
-        if dgate is not None:
+    extras = (products is not None) + (sorted_rows is not None)
+    if sorted_to_item.numel() == 0 or k == 0 or (n_cols == 0 and not extras):
+        if dgate is not None:  # (no items, or empty rows: zero dots, no values)
             dgate.zero_()
         if sorted_rows is not None:
             sorted_rows.zero_()
@@ -424,12 +425,12 @@ def pair_rows(
     stages, block_m = _fit(stages, block_m, lambda st, bm: 2 * bk * block_n * es
                            + st * bm * bk * es, _shared_memory_budget(a.device),
                            min_shrink=16)  # fmt: skip
-    w_arg, w_desc = weight_operand(w, bk, block_n)
+    # no columns: only the extra programs run, and no descriptor of an empty matrix is made
+    w_arg, w_desc = weight_operand(w, bk, block_n) if n_cols else (w, 0)
     dummy = offsets
     launch(
         _pair_rows_kernel,
-        ((offsets.numel() - 1) * (cdiv(n_cols, block_n) + (products is not None)
-                                  + (sorted_rows is not None)),),
+        ((offsets.numel() - 1) * (cdiv(n_cols, block_n) + extras),),
         a, w_arg, out, dummy if products is None else products, dummy if dgate is None else dgate,
         dummy if sorted_rows is None else sorted_rows,
         dummy if slot_to_sorted is None else slot_to_sorted, index, gate, sorted_to_item, offsets,
