@@ -61,7 +61,7 @@ def kernel_cases() -> list[dict]:
     index = t["index"].reshape(-1).contiguous()
     gate = t["gate"].reshape(-1).contiguous()
     routing = pair_slots.routing_impl(index, s.n_experts * s.heads, 128)
-    s2s, s2i, pair_offsets = routing[1], routing[6], routing[7]
+    s2s, lo_slots, pair_offsets = routing[1], routing[6], routing[7]
     dy = torch.randn(index.numel() // 2, s.expert_size, device="cuda", dtype=torch.bfloat16)
     w_t = t["w"].transpose(1, 2)  # [E, 128, 1024]: V's input gradient reads W^T
     items = dy.new_empty(dy.shape[0], s.d_model)
@@ -71,7 +71,7 @@ def kernel_cases() -> list[dict]:
 
     def run(dots: bool, sorted_rows: bool):
         return lambda: pt.pair_rows(
-            dy, w_t, items, index, gate, s2i, pair_offsets, 1,
+            dy, w_t, items, index, gate, lo_slots, pair_offsets, 1,
             products=products if dots else None, dgate=dgate if dots else None,
             sorted_rows=rows if sorted_rows else None,
             slot_to_sorted=s2s if sorted_rows else None,

@@ -54,7 +54,7 @@ def _switch(on) -> None:
     from cvmm_kernel import pair_slots
 
     named = on if isinstance(on, dict) else {"ENABLED": on}
-    for switch in ("ENABLED", "GATE_DOTS", "SORTED_ROWS"):
+    for switch in ("ENABLED", "GATE_DOTS", "SORTED_ROWS", "PREFETCH_ROWS"):
         getattr(pair_slots, switch)[0] = named.get(switch, True)
 
 

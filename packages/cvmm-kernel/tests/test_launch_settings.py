@@ -164,6 +164,7 @@ LINEAR_CONFIGS = {
     "linear_grad_input": (16, 32, 1, 2),
     "linear_grad_input_rows": (32, 1, 1),
     "grad_w_linear": (16, 32, 32, 2, 1),
+    "grad_w_linear_sorted": (32, 16, 32, 2, 1),
 }
 
 

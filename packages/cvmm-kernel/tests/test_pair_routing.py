@@ -33,7 +33,7 @@ def test_pair_routing_matches_definition(backend, device, n_experts, n_items, tw
     flat = index.reshape(-1)
     block_m = 16
     routing = build_pair_routing(flat.to(device), n_experts, block_m)
-    s2s, slot_to_sorted, offsets, tile_pair, tile_start, n_valid, s2i, pair_offsets = (
+    s2s, slot_to_sorted, offsets, tile_pair, tile_start, n_valid, lo_slot, pair_offsets = (
         t.cpu().long() for t in routing
     )
     # the slots, stably by expert within partner: a permutation grouped by expert
@@ -46,7 +46,9 @@ def test_pair_routing_matches_definition(backend, device, n_experts, n_items, tw
     lo, hi = index.min(1).values, index.max(1).values
     pair = hi * (hi + 1) // 2 + lo
     n_pairs = n_experts * (n_experts + 1) // 2
-    assert torch.equal(s2i, torch.sort(pair, stable=True).indices)
+    by_pair = torch.sort(pair, stable=True).indices
+    # each as the slot of its expert lo: the first slot where both chose one expert
+    assert torch.equal(lo_slot, 2 * by_pair + (index[by_pair, 0] > index[by_pair, 1]))
     pair_counts = torch.bincount(pair, minlength=n_pairs)
     assert pair_offsets.tolist() == [0, *torch.cumsum(pair_counts, 0).tolist()]
     # the tile table: each pair's items in tiles of block_m, pairs in order, padding after
@@ -66,13 +68,15 @@ def test_pair_routing_matches_definition(backend, device, n_experts, n_items, tw
 def test_pair_rows_extras_match_definition(backend, device, config, n):
     """The row-tile kernel's gate dots and gated rows in the experts' order (a program each per
     pair, after its column blocks: 48 columns in blocks of 16, one block, or no columns at all)
-    against their definitions; the products unchanged by them."""
+    against their definitions; the products unchanged by them, the same with the items' loads
+    prefetched by hand or pipelined by Triton, and against their definition."""
     from cvmm_kernel import pair_slots
     from cvmm_kernel import pair_triton as pt
 
     g = torch.Generator().manual_seed(5)
     n_experts, n_items, k = 7, 203, 24
     index = torch.stack([torch.randperm(n_experts, generator=g)[:2] for _ in range(n_items)])
+    index[::3] = torch.tensor([4, 2])  # one crowded pair: many tiles of its items
     flat = index.reshape(-1).to(device)
     gate = torch.rand(2 * n_items, generator=g).to(device)
     a = torch.randn(n_items, k, generator=g).to(device)
@@ -82,10 +86,19 @@ def test_pair_rows_extras_match_definition(backend, device, config, n):
     plain, out = (torch.empty(n_items, n, device=device) for _ in range(2))
     dgate = torch.full((2 * n_items,), float("nan"), device=device)
     rows = torch.full((2 * n_items, k), float("nan"), device=device)
+    pipelined = torch.empty_like(plain)
+    pt.pair_rows(a, w, pipelined, flat, gate, routing[6], routing[7], 1, config, prefetch=False)
     pt.pair_rows(a, w, plain, flat, gate, routing[6], routing[7], 1, config)
     pt.pair_rows(a, w, out, flat, gate, routing[6], routing[7], 1, config, products=products,
                  dgate=dgate, sorted_rows=rows, slot_to_sorted=routing[1])  # fmt: skip
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    # the loads prefetched by hand or by Triton's pipeliner: fp32 products, rounded alike up to
+    # the compiler's contractions of the gate's multiply-add
+    torch.testing.assert_close(pipelined, plain, rtol=1e-6, atol=1e-6)
+    if n:
+        expected = sum(gate[j::2, None] * (a[:, None, :] @ w[flat[j::2]]).squeeze(1)
+                       for j in range(2))  # fmt: skip
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     slot_rows = a.repeat_interleave(2, 0)
     torch.testing.assert_close(dgate, (products * slot_rows).sum(1), rtol=1e-5, atol=1e-5)
     s2s = routing[0].long()

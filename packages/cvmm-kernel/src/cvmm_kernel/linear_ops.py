@@ -88,7 +88,7 @@ def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, rol
     from . import moe_triton as kt
 
     k, n = a.shape[1], w.shape[2]
-    if r.sorted_to_item is not None:
+    if r.sorted_lo_slot is not None:
         out, _y, dgate, rows = pair_slots.pair_sums(a, w, r, index, gate, a_div, out_div,
                                                     configs, h=h, h_div=out_div,
                                                     products=products,
@@ -158,7 +158,7 @@ def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic
         out = _slot_sums(x, wc, r, a_div, out_div, n_slots // out_div, deterministic, gate,
                          "linear", configs=configs, index=index)[0]  # fmt: skip
         return out, x.new_empty(0, d_out)
-    if r.sorted_to_item is not None:  # the gated sums by pairs, keeping each slot's product
+    if r.sorted_lo_slot is not None:  # the gated sums by pairs, keeping each slot's product
         out, y, _, _ = pair_slots.pair_sums(x, wc, r, index, gate, a_div, out_div, configs,
                                             keep_products=True)  # fmt: skip
         return out, y
@@ -190,7 +190,7 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     # z = dy[o(s)] @ W^T: g * z summed into the input row's gradient; the gate's gradient from
     # the saved products (by pairs: in the same launch), or <z, x[a(s)]> in the same kernel
     saved = y.shape[0] > 0 and dense is None
-    pairs = r.sorted_to_item is not None
+    pairs = r.sorted_lo_slot is not None
     fused = saved and need_gate and pairs and pair_slots.GATE_DOTS[0]
     h = x if need_gate and not saved else None
     # by pairs, where the forward kept its products, the weight gradient reads g * dy[o(s)] in
@@ -201,11 +201,13 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     sorted_rows = saved and pairs and need_w and pair_slots.SORTED_ROWS[0]
     in_launch = sorted_rows and pair_slots.takes_rows_kernel(dy.shape[1], False, h)
     dx = dgate = rows = None
-    if need_x or h is not None:
-        dx, dgate, rows = _slot_sums(dy, wc.transpose(1, 2), r, out_div, a_div, x.shape[0],
-                                     deterministic, gate, "linear_grad_input", h=h,
-                                     configs=configs, index=index,
-                                     products=y if fused and need_x else None,
+    if need_x or h is not None or fused:
+        # without x's gradient, the same launch with no columns: its gate dots alone (the same
+        # program, so the same bits as with x's gradient)
+        w_t = wc.transpose(1, 2) if need_x or h is not None else wc.transpose(1, 2)[:, :, :0]
+        dx, dgate, rows = _slot_sums(dy, w_t, r, out_div, a_div, x.shape[0], deterministic,
+                                     gate, "linear_grad_input", h=h, configs=configs,
+                                     index=index, products=y if fused else None,
                                      sorted_rows=in_launch)  # fmt: skip
     if need_gate:
         if saved and dgate is None:
@@ -220,6 +222,7 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     wgrad = dict(shared=shared, r=r, role="grad_w_linear", configs=configs, grad_dtype=grad_dtype)
     if sorted_rows:  # dW = x[a(s)]^T (g dy[o(s)]): the gathered rows first
         rows = _gated_sorted_rows(dy, gate, r, out_div) if rows is None else rows
+        wgrad["role"] = "grad_w_linear_sorted"
         dw = _weight_grad(x, rows, w, top_k=a_div, a_gather=True, b_gather=False, **wgrad)
     else:
         dw = _weight_grad(x, dy, w, top_k=a_div, a_gather=True, b_gather=True, gate=gate,
@@ -289,7 +292,7 @@ def moe_linear_forward(
     backend: str,
     gemm_configs: Sequence[int] | None = None,
     weight_grad_dtype: torch.dtype | None = None,
-    sorted_to_item: torch.Tensor | None = None,
+    sorted_lo_slot: torch.Tensor | None = None,
     pair_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [N // a_div, d_in]``, ``gate``, ``index [N]`` -> ``(out [N // out_div, d_out], y)``
@@ -297,10 +300,10 @@ def moe_linear_forward(
     input ``[N // out_div, E * d_in]`` of the output-row dense layout, else ``[0, d_out]``.
     ``gemm_configs``: the call's launch settings (``moe_ops.encode_gemm_configs``), kept for the
     backward (None: the shipped ones); ``weight_grad_dtype``: the backward's, see
-    :func:`moe_linear_backward`; ``sorted_to_item`` and ``pair_offsets``: the routing of a call
+    :func:`moe_linear_backward`; ``sorted_lo_slot`` and ``pair_offsets``: the routing of a call
     by pairs of experts (:mod:`cvmm_kernel.pair_slots`; the tile table is then the pairs')."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m,
-                sorted_to_item, pair_offsets)  # fmt: skip
+                sorted_lo_slot, pair_offsets)  # fmt: skip
     configs = decode_gemm_configs(gemm_configs)
     return _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs)
 
@@ -338,13 +341,13 @@ def moe_linear_backward(
     backend: str,
     gemm_configs: Sequence[int] | None = None,
     weight_grad_dtype: torch.dtype | None = None,
-    sorted_to_item: torch.Tensor | None = None,
+    sorted_lo_slot: torch.Tensor | None = None,
     pair_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients ``(dx, dgate, dW)``; ``dW`` in ``weight_grad_dtype``, by default the weight's
     own; the pairs' routing as the forward's."""
     r = Routing(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid, block_m,
-                sorted_to_item, pair_offsets)  # fmt: skip
+                sorted_lo_slot, pair_offsets)  # fmt: skip
     configs = decode_gemm_configs(gemm_configs)
     return _gradients(grad_out, x, gate, w, index, y, r, a_div, out_div, deterministic, backend,
                       configs=configs, grad_dtype=weight_grad_dtype)  # fmt: skip
@@ -353,7 +356,7 @@ def moe_linear_backward(
 @moe_linear_backward.register_fake
 def _(grad_out, x, gate, w, index, y, sorted_to_slot, slot_to_sorted, offsets, tile_expert,
       tile_start, n_valid, a_div, out_div, block_m, deterministic, backend, gemm_configs=None,
-      weight_grad_dtype=None, sorted_to_item=None, pair_offsets=None):  # fmt: skip
+      weight_grad_dtype=None, sorted_lo_slot=None, pair_offsets=None):  # fmt: skip
     return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w, dtype=weight_grad_dtype)
 
 

@@ -112,9 +112,10 @@ def moe_linear(
             CUDA and the reference elsewhere.
         block_m, gemm_configs: this call's launch settings, as in ``moe_mlp`` (the roles
             ``moe_linear`` launches: ``linear``, ``linear_rows``, ``linear_grad_input``,
-            ``linear_grad_input_rows``, ``grad_w_linear``, ``linear_pairs``,
-            ``linear_pair_gemm``; ``benchmarks/sweep_linear.py``, ``ab_pair_slots.py`` and
-            ``ab_pair_routing.py`` sweep them).
+            ``linear_grad_input_rows``, ``grad_w_linear``, ``grad_w_linear_sorted``,
+            ``linear_pairs``, ``linear_pair_gemm``; ``benchmarks/sweep_linear.py``,
+            ``ab_pair_slots.py``, ``ab_pair_routing.py`` and ``ab_pair_prefetch.py`` sweep
+            them).
         weight_grads_in_compute_dtype: as in ``moe_mlp``: the call's weight gradient rounded
             to the compute dtype before autograd gets it in the weight's dtype (for weights
             applied several times in a compiled step).

@@ -68,12 +68,17 @@ GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
     "linear_grad_input": (128, 64, 8, 3),
     "linear_grad_input_rows": (64, 4, 4),  # also stages x's columns: 128 wide is too much
     # products by pairs of experts (cvmm_kernel.pair_slots): (BLOCK_N, BLOCK_M, num_warps,
-    # num_stages)
-    "linear_pairs": (128, 64, 4, 3),
+    # num_stages; the stages of Triton's pipeliner, unused where the loads are prefetched by
+    # hand: ab_pair_prefetch.md)
+    "linear_pairs": (128, 64, 8, 3),
     # tiles of a pair's items, any inner size (pair_triton._pair_gemm_kernel): (BLOCK_N,
     # BLOCK_K, num_warps, num_stages); BLOCK_M is the call's block_m (ab_pair_routing.md)
     "linear_pair_gemm": (128, 64, 8, 3),
-    "grad_w_linear": (64, 128, 128, 4, 4),
+    # (O's by pairs at 4 x 8 experts: 128-row steps, ab_pair_roles.md)
+    "grad_w_linear": (128, 128, 128, 4, 3),
+    # the weight gradient by pairs from the gated rows in the experts' order (V's: one operand
+    # gathered, no gate in the loop; ab_pair_prefetch.md)
+    "grad_w_linear_sorted": (64, 64, 128, 4, 4),
 }
 
 
@@ -89,7 +94,7 @@ class Routing(NamedTuple):
     tile_start: torch.Tensor  # [n_tiles] int32
     n_valid: torch.Tensor  # [1] int32, the number of tiles in use (they come first)
     block_m: int
-    sorted_to_item: torch.Tensor | None = None  # [N / 2] int32, by pairs only
+    sorted_lo_slot: torch.Tensor | None = None  # [N / 2] int32, by pairs only
     pair_offsets: torch.Tensor | None = None  # [E * (E + 1) / 2 + 1] int32, by pairs only
 
 

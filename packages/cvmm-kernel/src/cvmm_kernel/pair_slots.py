@@ -39,6 +39,10 @@ GATE_DOTS = [True]
 # scales one by the gate in its loop, instead of reading the gated rows that the input
 # gradient's launch writes in the experts' order (benchmarks/ab_pair_rows.py). Read at each call.
 SORTED_ROWS = [True]
+# PREFETCH_ROWS[0] = False: the row-tile kernel's loads of a pair's items pipelined by Triton
+# (which waits for them at each tile's start) instead of prefetched by hand a tile ahead
+# (benchmarks/ab_pair_rows.py). Read at each call.
+PREFETCH_ROWS = [True]
 # The most experts whose pairs (E * (E + 1) / 2 numbers) the routing bins: above it, per-slot
 # products.
 MAX_EXPERTS = 64
@@ -120,9 +124,10 @@ def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: to
             dgate = torch.empty(n_slots, dtype=torch.float32, device=a.device)
         if sorted_rows:
             rows = a.new_empty(n_slots, k)
-        pt.pair_rows(a, w, items, index, gate, r.sorted_to_item, r.pair_offsets, a_div // 2,
+        pt.pair_rows(a, w, items, index, gate, r.sorted_lo_slot, r.pair_offsets, a_div // 2,
                      config, products=products, dgate=dgate, sorted_rows=rows,
-                     slot_to_sorted=r.slot_to_sorted if sorted_rows else None)  # fmt: skip
+                     slot_to_sorted=r.slot_to_sorted if sorted_rows else None,
+                     prefetch=PREFETCH_ROWS[0])  # fmt: skip
     else:
         config = _config("linear_pair_gemm", k, n, configs)
         y = a.new_empty(n_slots, n) if keep_products else None

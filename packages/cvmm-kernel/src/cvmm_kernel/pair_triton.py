@@ -5,11 +5,11 @@ An *item* is a group's two slots ``2i``, ``2i + 1``; its *pair* is its two exper
 
 - routing (:func:`build_pair_routing`, three launches, no sort and no host sync): the routing's
   rank and scan kernels (:mod:`cvmm_kernel.moe_triton`) over the items binned by pair, then
-  ``_pair_place_kernel``, which places the items (sorted by pair, with the pairs' offsets and
-  tile table) and, in the same launch, the slots sorted by expert for the weight gradient:
-  expert ``e``'s slots come partner by partner (the other slot's expert ``j``), and within one
-  partner in the pair's item order, so each slot's position follows from its item's rank in
-  the pair.
+  ``_pair_place_kernel``, which places the items (sorted by pair, each as its slot of expert
+  ``lo``, with the pairs' offsets and tile table) and, in the same launch, the slots sorted by
+  expert for the weight gradient: expert ``e``'s slots come partner by partner (the other
+  slot's expert ``j``), and within one partner in the pair's item order, so each slot's
+  position follows from its item's rank in the pair.
 - ``_pair_rows_kernel``: inner sizes up to ``ROWS_MAX_K``; one program per (pair, column block)
   loads both weight blocks once and walks the pair's items.
 - ``_pair_gemm_kernel``: any inner size; one program per (tile of a pair's items, column block)
@@ -61,7 +61,7 @@ def _partner_counts(counts_ptr, E, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _pair_place_kernel(
-    index_ptr, rank_ptr, block_start_ptr, counts_ptr, bases_ptr, sorted_to_item_ptr,
+    index_ptr, rank_ptr, block_start_ptr, counts_ptr, bases_ptr, sorted_lo_slot_ptr,
     pair_offsets_ptr, sorted_to_slot_ptr, slot_to_sorted_ptr, offsets_ptr, tile_pair_ptr,
     tile_start_ptr, n_valid_ptr, n_items, E, n_pairs, n_blocks, n_tiles,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -91,7 +91,7 @@ def _pair_place_kernel(
         tl.store(row + offs_p, before + end - c, mask=mask_p)
         tl.debug_barrier()  # the row as stored, for the gather below
         position = tl.load(row + pair, mask=mask, other=0) + rank
-        tl.store(sorted_to_item_ptr + position, offs, mask=mask)
+        tl.store(sorted_lo_slot_ptr + position, offs * 2 + (e0 > e1).to(tl.int32), mask=mask)
         partners = _partner_counts(counts_ptr, E, BLOCK_E)
         totals = tl.sum(partners, axis=1)
         firsts = tl.cumsum(totals, axis=0) - totals
@@ -134,10 +134,12 @@ def n_pair_tiles(n_items: int, n_experts: int, block_m: int) -> int:
 def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
     """The routing of a call by pairs (``flat_index [2 I]``, item ``i``'s slots ``2i``, ``2i +
     1``), int32: ``(sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
-    sorted_to_item, pair_offsets)``: the slots sorted by expert and each expert's ``offsets``
+    sorted_lo_slot, pair_offsets)``: the slots sorted by expert and each expert's ``offsets``
     (``[E + 1]``, for the weight gradient), the pairs' tile table (``BLOCK_M = block_m`` items
-    per tile, padding tiles numbered ``E * (E + 1) / 2``), the items sorted by pair and each
-    pair's ``pair_offsets`` (``[E * (E + 1) / 2 + 1]``). Needs :func:`pair_routing_fits`."""
+    per tile, padding tiles numbered ``E * (E + 1) / 2``), the items sorted by pair, as the slot
+    of each item's expert ``lo`` (``2i + (index[2i] > index[2i + 1])``: the kernels read an
+    item's gates without waiting on ``index``), and each pair's ``pair_offsets`` (``[E * (E +
+    1) / 2 + 1]``). Needs :func:`pair_routing_fits`."""
     n = flat_index.numel()
     n_items, n_pairs = n // 2, n_experts * (n_experts + 1) // 2
     device = flat_index.device
@@ -151,11 +153,11 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
     new = lambda size: torch.empty(size, dtype=torch.int32, device=device)
     sorted_to_slot, slot_to_sorted, offsets = new(n), new(n), new(n_experts + 1)
     tile_pair, tile_start, n_valid = new(length), new(length), new(1)
-    sorted_to_item, pair_offsets = new(n_items), new(n_pairs + 1)
+    sorted_lo_slot, pair_offsets = new(n_items), new(n_pairs + 1)
     if n_items == 0:
         offsets.zero_(), pair_offsets.zero_(), n_valid.zero_()
         return (sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
-                sorted_to_item, pair_offsets)  # fmt: skip
+                sorted_lo_slot, pair_offsets)  # fmt: skip
     bins = next_power_of_2(n_pairs + 1)
     bins = bins if bins <= HISTOGRAM_MAX_BINS else 0
     block_e = next_power_of_2(n_experts)
@@ -172,39 +174,38 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
     block_t = max(1, min(64, 16384 // block_p))
     launch(
         _pair_place_kernel, (n_blocks + max(1, cdiv(length, block_t)),),
-        flat_index, rank, block_start, counts, bases, sorted_to_item, pair_offsets,
+        flat_index, rank, block_start, counts, bases, sorted_lo_slot, pair_offsets,
         sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid, n_items,
         n_experts, n_pairs, n_blocks, length, block, block_m, block_p, block_e, block_t,
     )  # fmt: skip
     return (sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
-            sorted_to_item, pair_offsets)  # fmt: skip
+            sorted_lo_slot, pair_offsets)  # fmt: skip
 
 
 @triton.jit
-def _pair_experts(index_ptr, sorted_to_item_ptr, start):
+def _pair_experts(index_ptr, sorted_lo_slot_ptr, start):
     """``(lo, hi)``: the experts of the pair whose items start at sorted position ``start``."""
-    first = tl.load(sorted_to_item_ptr + start).to(tl.int64) * 2
-    e0 = tl.load(index_ptr + first).to(tl.int32)
-    e1 = tl.load(index_ptr + first + 1).to(tl.int32)
-    return tl.minimum(e0, e1), tl.maximum(e0, e1)
+    slot_lo = tl.load(sorted_lo_slot_ptr + start).to(tl.int64)
+    lo = tl.load(index_ptr + slot_lo).to(tl.int32)
+    return lo, tl.load(index_ptr + (slot_lo ^ 1)).to(tl.int32)
 
 
 @triton.jit
-def _item_slots(index_ptr, gate_ptr, item, mask_m, lo):
-    """Per item (slots ``2i``, ``2i + 1``): ``(slot_lo, slot_hi, g_lo, g_hi)``, the slot (and
-    its fp32 gate) of the pair's expert ``lo`` and of ``hi`` (slot order where they are one)."""
-    slot = item * 2
-    first_is_lo = tl.load(index_ptr + slot, mask=mask_m, other=0) == lo
-    slot_lo = tl.where(first_is_lo, slot, slot + 1)
-    slot_hi = tl.where(first_is_lo, slot + 1, slot)
+def _item_slots(gate_ptr, sorted_lo_slot_ptr, offs_m, mask_m):
+    """Per sorted position: ``(item, slot_lo, slot_hi, g_lo, g_hi)``, the item (slots ``2i``,
+    ``2i + 1``) and the slot (and its fp32 gate) of the pair's expert ``lo`` and of ``hi``
+    (slot order where they are one), read from the routing's lo slots: no load waits on
+    ``index``."""
+    slot_lo = tl.load(sorted_lo_slot_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    slot_hi = slot_lo ^ 1
     g_lo = tl.load(gate_ptr + slot_lo, mask=mask_m, other=0.0).to(tl.float32)
     g_hi = tl.load(gate_ptr + slot_hi, mask=mask_m, other=0.0).to(tl.float32)
-    return slot_lo, slot_hi, g_lo, g_hi
+    return slot_lo // 2, slot_lo, slot_hi, g_lo, g_hi
 
 
 @triton.jit
-def _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, index_ptr, gate_ptr,
-                     sorted_to_item_ptr, lo, start, end, K, A_DIV, stride_am, stride_ak, stride_ym,
+def _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, gate_ptr,
+                     sorted_lo_slot_ptr, start, end, K, A_DIV, stride_am, stride_ak, stride_ym,
                      stride_rm, GATE_DOT: tl.constexpr, SORTED_ROWS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
     """For both slots ``s`` of the pair's items ``i`` at sorted positions ``start:end`` (the
@@ -218,12 +219,12 @@ def _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, inde
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
         mask = mask_m[:, None] & mask_k[None, :]
-        item = tl.load(sorted_to_item_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        item, slot_lo, slot_hi, g_lo, g_hi = _item_slots(gate_ptr, sorted_lo_slot_ptr, offs_m,
+                                                         mask_m)  # fmt: skip
         a = tl.load(
             a_ptr + (item // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
             mask=mask, other=0.0,
         ).to(tl.float32)  # fmt: skip
-        slot_lo, slot_hi, g_lo, g_hi = _item_slots(index_ptr, gate_ptr, item, mask_m, lo)
         if GATE_DOT:
             y_lo = tl.load(y_ptr + slot_lo[:, None] * stride_ym + offs_k[None, :], mask=mask,
                            other=0.0)  # fmt: skip
@@ -242,13 +243,57 @@ def _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, inde
 
 
 @triton.jit
+def _pair_rows_prefetched(a_ptr, out_ptr, gate_ptr, sorted_lo_slot_ptr, b_lo, b_hi, start, end, K,
+                          A_DIV, stride_am, stride_ak, stride_om, stride_on, offs_n, mask_n,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                          INPUT_PRECISION: tl.constexpr):  # fmt: skip
+    """``_pair_rows_kernel``'s walk over the items at sorted positions ``start:end`` with the
+    loads prefetched by hand into registers: a tile's rows and gates are loaded while the tile
+    before it is multiplied and stored, and its lo slots one tile earlier still. (Triton's
+    pipeliner issues these indirect loads after the epilogue and waits for them at the next
+    tile's start, so their latency is exposed once per tile.)"""
+    offs = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    slots = tl.load(sorted_lo_slot_ptr + start + offs, mask=start + offs < end, other=0)
+    slots_next = tl.load(sorted_lo_slot_ptr + start + BLOCK_M + offs,
+                         mask=start + BLOCK_M + offs < end, other=0)  # fmt: skip
+    slot = slots.to(tl.int64)
+    mask_m = start + offs < end
+    g_lo = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
+    g_hi = tl.load(gate_ptr + (slot ^ 1), mask=mask_m, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + (slot // 2 // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
+    for m0 in range(start, end, BLOCK_M):
+        pos_after = m0 + 2 * BLOCK_M + offs
+        slots_after = tl.load(sorted_lo_slot_ptr + pos_after, mask=pos_after < end, other=0)
+        mask_next = m0 + BLOCK_M + offs < end
+        slot_next = slots_next.to(tl.int64)
+        g_lo_next = tl.load(gate_ptr + slot_next, mask=mask_next, other=0.0).to(tl.float32)
+        g_hi_next = tl.load(gate_ptr + (slot_next ^ 1), mask=mask_next, other=0.0).to(tl.float32)
+        a_next = tl.load(
+            a_ptr + (slot_next // 2 // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
+            mask=mask_next[:, None] & mask_k[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(a, b_lo, input_precision=INPUT_PRECISION) * g_lo[:, None]
+        acc += tl.dot(a, b_hi, input_precision=INPUT_PRECISION) * g_hi[:, None]
+        tl.store(
+            out_ptr + (slot // 2)[:, None] * stride_om + offs_n[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_n[None, :],
+        )
+        slot, slots_next, mask_m = slot_next, slots_after, mask_next
+        g_lo, g_hi, a = g_lo_next, g_hi_next, a_next
+
+
+@triton.jit
 def _pair_rows_kernel(
     a_ptr, w_ptr, out_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, index_ptr, gate_ptr,
-    sorted_to_item_ptr, offsets_ptr, K, N, A_DIV, stride_am, stride_ak, stride_we, stride_wk,
+    sorted_lo_slot_ptr, offsets_ptr, K, N, A_DIV, stride_am, stride_ak, stride_we, stride_wk,
     stride_wn, stride_om, stride_on, stride_ym, stride_rm, GATE_DOT: tl.constexpr,
     SORTED_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
-    N_STAGES: tl.constexpr,
+    N_STAGES: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Products of items of two slots, one program per (pair of experts, column block): item
     ``i`` reads row ``i // A_DIV`` of ``a`` and stores ``out[i] = g_lo * a @ W[lo] + g_hi * a @
@@ -268,21 +313,21 @@ def _pair_rows_kernel(
     end = tl.load(offsets_ptr + pair + 1)
     if start == end:
         return
-    lo, hi = _pair_experts(index_ptr, sorted_to_item_ptr, start)
     if GATE_DOT:  # noqa: SIM102 (a constexpr branch, then a runtime one)
         if col_block == n_blocks:
-            _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, index_ptr,
-                             gate_ptr, sorted_to_item_ptr, lo, start, end, K, A_DIV, stride_am,
+            _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, gate_ptr,
+                             sorted_lo_slot_ptr, start, end, K, A_DIV, stride_am,
                              stride_ak, stride_ym, stride_rm, True, False, BLOCK_M,
                              BLOCK_K)  # fmt: skip
             return
     if SORTED_ROWS:  # noqa: SIM102
         if col_block == per_pair - 1:
-            _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, index_ptr,
-                             gate_ptr, sorted_to_item_ptr, lo, start, end, K, A_DIV, stride_am,
+            _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, gate_ptr,
+                             sorted_lo_slot_ptr, start, end, K, A_DIV, stride_am,
                              stride_ak, stride_ym, stride_rm, False, True, BLOCK_M,
                              BLOCK_K)  # fmt: skip
             return
+    lo, hi = _pair_experts(index_ptr, sorted_lo_slot_ptr, start)
     n0 = col_block * BLOCK_N
     b_lo = _weight_block(
         w_ptr, lo, 0, n0, K, N, stride_we, stride_wk, stride_wn, W_DESC, BLOCK_K, BLOCK_N
@@ -293,16 +338,21 @@ def _pair_rows_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    if PREFETCH:
+        _pair_rows_prefetched(a_ptr, out_ptr, gate_ptr, sorted_lo_slot_ptr, b_lo, b_hi, start, end,
+                              K, A_DIV, stride_am, stride_ak, stride_om, stride_on, offs_n,
+                              mask_n, BLOCK_M, BLOCK_K, INPUT_PRECISION)  # fmt: skip
+        return
     for m0 in tl.range(start, end, BLOCK_M, num_stages=N_STAGES):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < end
-        item = tl.load(sorted_to_item_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        item, _slot_lo, _slot_hi, g_lo, g_hi = _item_slots(gate_ptr, sorted_lo_slot_ptr, offs_m,
+                                                           mask_m)  # fmt: skip
         a = tl.load(
             a_ptr + (item // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
             mask=mask_m[:, None] & (offs_k < K)[None, :],
             other=0.0,
         )
-        _slot_lo, _slot_hi, g_lo, g_hi = _item_slots(index_ptr, gate_ptr, item, mask_m, lo)
         acc = tl.dot(a, b_lo, input_precision=INPUT_PRECISION) * g_lo[:, None]
         acc += tl.dot(a, b_hi, input_precision=INPUT_PRECISION) * g_hi[:, None]
         tl.store(
@@ -314,7 +364,7 @@ def _pair_rows_kernel(
 
 @triton.jit
 def _pair_gemm_kernel(
-    a_ptr, w_ptr, out_ptr, y_ptr, h_ptr, dgate_ptr, index_ptr, gate_ptr, sorted_to_item_ptr,
+    a_ptr, w_ptr, out_ptr, y_ptr, h_ptr, dgate_ptr, index_ptr, gate_ptr, sorted_lo_slot_ptr,
     tile_pair_ptr, tile_start_ptr, offsets_ptr, n_valid_ptr, K, N, A_DIV, H_DIV,
     stride_am, stride_ak, stride_we, stride_wk, stride_wn, stride_om, stride_ym, stride_hm,
     stride_dg, STORE_Y: tl.constexpr, GATE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -341,9 +391,8 @@ def _pair_gemm_kernel(
     offs_m = start + tl.arange(0, BLOCK_M)
     mask_m = offs_m < tl.load(offsets_ptr + pair + 1)
     mask_mn = mask_m[:, None] & mask_n[None, :]
-    item = tl.load(sorted_to_item_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    lo, hi = _pair_experts(index_ptr, sorted_to_item_ptr, start)
-    slot_lo, slot_hi, g_lo, g_hi = _item_slots(index_ptr, gate_ptr, item, mask_m, lo)
+    lo, hi = _pair_experts(index_ptr, sorted_lo_slot_ptr, start)
+    item, slot_lo, slot_hi, g_lo, g_hi = _item_slots(gate_ptr, sorted_lo_slot_ptr, offs_m, mask_m)
     if GATE_GRAD:  # loaded before the K loop, so its latency hides behind it
         h = tl.load(
             h_ptr + (item // H_DIV)[:, None] * stride_hm + offs_n[None, :], mask=mask_mn, other=0.0
@@ -388,7 +437,7 @@ def pair_rows(
     out: torch.Tensor,
     index: torch.Tensor,
     gate: torch.Tensor,
-    sorted_to_item: torch.Tensor,
+    sorted_lo_slot: torch.Tensor,
     offsets: torch.Tensor,
     a_div: int,
     config: tuple = (128, 64, 4, 3),
@@ -397,14 +446,16 @@ def pair_rows(
     dgate: torch.Tensor | None = None,
     sorted_rows: torch.Tensor | None = None,
     slot_to_sorted: torch.Tensor | None = None,
+    prefetch: bool = True,
 ) -> None:
     """Launch ``_pair_rows_kernel``: ``out[i] = sum_{j < 2} gate[2i + j] * a[i // a_div] @
-    w[index[2i + j]]`` for the items sorted by pair of experts (``sorted_to_item``, each pair's
+    w[index[2i + j]]`` for the items sorted by pair of experts (``sorted_lo_slot``, each pair's
     ``offsets[p]:offsets[p + 1]``), ``K = a.shape[1] <= ROWS_MAX_K``; ``config``: ``(BLOCK_N,
     BLOCK_M, num_warps, num_stages)``. With slot ``s`` reading ``r_s = a[s // 2 // a_div]``:
     ``products [2 I, K]`` with ``dgate [2 I]`` float32: also ``dgate[s] = <products[s], r_s>``;
     ``sorted_rows [2 I, K]`` with ``slot_to_sorted``: also ``sorted_rows[slot_to_sorted[s]] =
-    gate[s] * r_s`` (both contiguous along ``K``)."""
+    gate[s] * r_s`` (both contiguous along ``K``). ``prefetch``: the items' loads prefetched by
+    hand (:func:`_pair_rows_prefetched`), else by Triton's pipeliner (``num_stages``)."""
     k, n_cols = a.shape[1], w.shape[2]
     if (products is None) != (dgate is None) or (sorted_rows is None) != (slot_to_sorted is None):
         raise ValueError("pair_rows takes products with dgate, sorted_rows with slot_to_sorted")
@@ -412,7 +463,7 @@ def pair_rows(
         if extra.shape[1] != k or extra.stride(1) != 1:
             raise ValueError(f"pair_rows' products and sorted rows are {k} wide and contiguous")
     extras = (products is not None) + (sorted_rows is not None)
-    if sorted_to_item.numel() == 0 or k == 0 or (n_cols == 0 and not extras):
+    if sorted_lo_slot.numel() == 0 or k == 0 or (n_cols == 0 and not extras):
         if dgate is not None:  # (no items, or empty rows: zero dots, no values)
             dgate.zero_()
         if sorted_rows is not None:
@@ -433,11 +484,12 @@ def pair_rows(
         ((offsets.numel() - 1) * (cdiv(n_cols, block_n) + extras),),
         a, w_arg, out, dummy if products is None else products, dummy if dgate is None else dgate,
         dummy if sorted_rows is None else sorted_rows,
-        dummy if slot_to_sorted is None else slot_to_sorted, index, gate, sorted_to_item, offsets,
+        dummy if slot_to_sorted is None else slot_to_sorted, index, gate, sorted_lo_slot, offsets,
         k, n_cols, a_div, *a.stride(), *w.stride(), *out.stride(),
         0 if products is None else products.stride(0),
         0 if sorted_rows is None else sorted_rows.stride(0), products is not None,
         sorted_rows is not None, block_m, block_n, bk, input_precision(a.dtype), w_desc, stages,
+        prefetch,
         num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
@@ -465,7 +517,7 @@ def pair_gemm(
     also each slot's ``<a[i // a_div] @ w[e], h[i // h_div]>`` per column block. ``config``:
     ``(BLOCK_N, BLOCK_K, num_warps, num_stages)``."""
     n_cols = w.shape[2]
-    if routing.sorted_to_item.numel() == 0 or n_cols == 0:
+    if routing.sorted_lo_slot.numel() == 0 or n_cols == 0:
         return
     if (h is None) != (dgate is None):
         raise ValueError("pair_gemm takes h and dgate together")
@@ -479,7 +531,7 @@ def pair_gemm(
         _pair_gemm_kernel,
         (routing.tile_expert.numel() * cdiv(n_cols, block_n),),
         a, w_arg, out, y if y is not None else dummy, h if h is not None else dummy,
-        dgate if dgate is not None else dummy, index, gate, routing.sorted_to_item,
+        dgate if dgate is not None else dummy, index, gate, routing.sorted_lo_slot,
         routing.tile_expert, routing.tile_start, routing.pair_offsets, routing.n_valid,
         a.shape[1], n_cols, a_div, h_div, *a.stride(), *w.stride(), out.stride(0),
         n_cols if y is None else y.stride(0), 0 if h is None else h.stride(0),

@@ -1,0 +1,126 @@
+r"""The pairs' row-tile kernel with its items' loads prefetched by hand or pipelined by Triton,
+at SwitchHead's 4 x 8 shapes (V's input gradient and O's forward run on it).
+
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
+        python3 packages/cvmm-kernel/benchmarks/ab_pair_prefetch.py [--roles]
+
+Two parts, one process, bf16:
+
+- the kernel alone (``kernel_us_twice``) on V's input-gradient operands (32768 items of
+  128-wide rows, 32 experts of 1024 x 128 read transposed), without and with the gate-dot and
+  sorted-row programs, each way (``pair_rows(prefetch=)``);
+- steps (``ab_pair_slots.run_pair_ab``: forward + backward, CUDA-graph replays, two passes
+  alternating, the gate's gradient taken as in the layer): pipelined
+  (``pair_slots.PREFETCH_ROWS`` off, the baseline), prefetched (shipped), and prefetched with
+  other ``linear_pairs`` settings. Writes ``ab_pair_prefetch.{json,md}``,
+  ``profile_pair_prefetch.txt`` and ``ab_pair_prefetch_kernel.json``.
+
+``--roles``: steps only, the shipped settings (the baseline) against the settings before
+(pipelined, ``linear_pairs`` ``(128, 64, 4, 3)``, both weight gradients on ``(64, 128, 128, 4,
+4)``) and other settings of the pairs' roles; writes
+``ab_pair_roles.{json,md}`` and ``profile_pair_roles.txt``.
+
+Files go to ``$OUT`` (else ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from ab_pair_slots import run_pair_ab
+from bench_cvmm import SHAPES, make_inputs
+from bench_harness import kernel_us_twice, metadata, require_cuda, write_results
+
+# (label, pair_slots switches, linear_pairs setting (BLOCK_N, BLOCK_M, warps, stages) or None)
+STEP_VARIANTS = [
+    ("pipelined", {"PREFETCH_ROWS": False}, None),
+    ("prefetched", {}, None),
+    *[
+        (f"prefetched {cfg}", {}, cfg)
+        for cfg in [
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (128, 32, 4, 3),
+            (64, 64, 4, 3),
+            (64, 128, 8, 3),
+            (256, 64, 8, 3),
+        ]
+    ],
+]
+
+
+ROLE_VARIANTS = [
+    ("shipped", {}, None),
+    ("before (pipelined, 4 warps, one weight-gradient role)", {"PREFETCH_ROWS": False},
+     {"linear_pairs": (128, 64, 4, 3), "grad_w_linear": (64, 128, 128, 4, 4),
+      "grad_w_linear_sorted": (64, 128, 128, 4, 4)}),
+    *[(f"{role} {cfg}", {}, {role: cfg}) for role, cfg in [
+        ("grad_w_linear", (64, 128, 128, 4, 4)),
+        ("grad_w_linear", (128, 128, 128, 8, 3)),
+        ("grad_w_linear", (128, 128, 64, 4, 3)),
+        ("grad_w_linear_sorted", (128, 64, 128, 4, 3)),
+        ("linear_pair_gemm", (128, 64, 8, 4)),
+        ("linear_pairs", (128, 64, 8, 2)),
+    ]],
+]  # fmt: skip
+
+
+def kernel_cases() -> list[dict]:
+    """Times ``pair_rows`` alone (see the module docstring); returns the rows."""
+    from cvmm_kernel import pair_slots
+    from cvmm_kernel import pair_triton as pt
+
+    s = next(s for s in SHAPES if s.name == "switchhead-v-4x8")
+    t = make_inputs(s, "cuda")
+    index = t["index"].reshape(-1).contiguous()
+    gate = t["gate"].reshape(-1).contiguous()
+    routing = pair_slots.routing_impl(index, s.n_experts * s.heads, 128)
+    s2s, lo_slots, pair_offsets = routing[1], routing[6], routing[7]
+    dy = torch.randn(index.numel() // 2, s.expert_size, device="cuda", dtype=torch.bfloat16)
+    w_t = t["w"].transpose(1, 2)
+    items = dy.new_empty(dy.shape[0], s.d_model)
+    products = torch.randn(index.numel(), s.expert_size, device="cuda", dtype=dy.dtype)
+    dgate = torch.empty(index.numel(), device="cuda", dtype=torch.float32)
+    rows = torch.empty_like(products)
+
+    def run(extras: bool, prefetch: bool):
+        return lambda: pt.pair_rows(
+            dy, w_t, items, index, gate, lo_slots, pair_offsets, 1,
+            products=products if extras else None, dgate=dgate if extras else None,
+            sorted_rows=rows if extras else None, slot_to_sorted=s2s if extras else None,
+            prefetch=prefetch,
+        )  # fmt: skip
+
+    results = []
+    for prefetch in (False, True):
+        run(False, prefetch)()
+        results.append(items.clone())
+    same = torch.equal(*results)
+    cases = [("plain, pipelined", run(False, False)), ("plain, prefetched", run(False, True)),
+             ("+ extras, pipelined", run(True, False)),
+             ("+ extras, prefetched", run(True, True))]  # fmt: skip
+    timed = kernel_us_twice(cases, label_width=40)
+    print(f"prefetched products equal to pipelined: {same}")
+    write_results("ab_pair_prefetch_kernel", {"meta": metadata(dtype="bfloat16"), "rows": timed,
+                  "same_products": same}, None, script_file=__file__)  # fmt: skip
+    return timed
+
+
+def main() -> int:
+    if not require_cuda(__file__):
+        return 2
+    if "--roles" in sys.argv[1:]:
+        variants = [(label, on, {} if cfg is None else {"gemm_configs": cfg}, cfg)
+                    for label, on, cfg in ROLE_VARIANTS]  # fmt: skip
+        return run_pair_ab(variants, "settings", "moe_linear pairs: launch roles A/B",
+                           "pair_roles", __file__)  # fmt: skip
+    kernel_cases()
+    variants = [(label, on, {} if cfg is None else {"gemm_configs": {"linear_pairs": cfg}}, cfg)
+                for label, on, cfg in STEP_VARIANTS]  # fmt: skip
+    return run_pair_ab(variants, "config", "moe_linear pair row tiles: prefetch A/B",
+                       "pair_prefetch", __file__)  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
