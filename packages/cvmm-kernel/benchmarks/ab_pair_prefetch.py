@@ -2,7 +2,7 @@ r"""The pairs' row-tile kernel with its items' loads prefetched by hand or pipel
 at SwitchHead's 4 x 8 shapes (V's input gradient and O's forward run on it).
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
-        python3 packages/cvmm-kernel/benchmarks/ab_pair_prefetch.py [--roles]
+        python3 packages/cvmm-kernel/benchmarks/ab_pair_prefetch.py [--roles | --4x10]
 
 Two parts, one process, bf16:
 
@@ -17,8 +17,9 @@ Two parts, one process, bf16:
 
 ``--roles``: steps only, the shipped settings (the baseline) against the settings before
 (pipelined, ``linear_pairs`` ``(128, 64, 4, 3)``, both weight gradients on ``(64, 128, 128, 4,
-4)``) and other settings of the pairs' roles; writes
-``ab_pair_roles.{json,md}`` and ``profile_pair_roles.txt``.
+4)``) and other settings of the pairs' roles; writes ``ab_pair_roles.{json,md}`` and
+``profile_pair_roles.txt``. ``--4x10``: the first two of those and three more at 4 heads x 10
+experts (MoEUT-244M's attention) and x 8; writes ``ab_pair_roles_4x10.{json,md}``.
 
 Files go to ``$OUT`` (else ``benchmarks/results``).
 """
@@ -29,7 +30,7 @@ import sys
 
 import torch
 from ab_pair_slots import run_pair_ab
-from bench_cvmm import SHAPES, make_inputs
+from bench_cvmm import SHAPES, Shape, make_inputs
 from bench_harness import kernel_us_twice, metadata, require_cuda, write_results
 
 # (label, pair_slots switches, linear_pairs setting (BLOCK_N, BLOCK_M, warps, stages) or None)
@@ -63,6 +64,14 @@ ROLE_VARIANTS = [
         ("linear_pair_gemm", (128, 64, 8, 4)),
         ("linear_pairs", (128, 64, 8, 2)),
     ]],
+]  # fmt: skip
+
+
+SHAPE_VARIANTS = [
+    ("prefetched, 4 warps", {}, {"linear_pairs": (128, 64, 4, 3)}),
+    ("pipelined, 8 warps", {"PREFETCH_ROWS": False}, None),
+    ("shipped, grad_w_linear_sorted (64, 128, 128, 4, 4)", {},
+     {"grad_w_linear_sorted": (64, 128, 128, 4, 4)}),
 ]  # fmt: skip
 
 
@@ -115,6 +124,13 @@ def main() -> int:
                     for label, on, cfg in ROLE_VARIANTS]  # fmt: skip
         return run_pair_ab(variants, "settings", "moe_linear pairs: launch roles A/B",
                            "pair_roles", __file__)  # fmt: skip
+    if "--4x10" in sys.argv[1:]:
+        variants = [(label, on, {} if cfg is None else {"gemm_configs": cfg}, cfg)
+                    for label, on, cfg in [*ROLE_VARIANTS[:2], *SHAPE_VARIANTS]]  # fmt: skip
+        shapes = [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
+                  for e in (10, 8) for kind in ("v", "o")]  # fmt: skip
+        return run_pair_ab(variants, "settings", "moe_linear pairs at 4 x 10 and 4 x 8",
+                           "pair_roles_4x10", __file__, shapes)  # fmt: skip
     kernel_cases()
     variants = [(label, on, {} if cfg is None else {"gemm_configs": {"linear_pairs": cfg}}, cfg)
                 for label, on, cfg in STEP_VARIANTS]  # fmt: skip

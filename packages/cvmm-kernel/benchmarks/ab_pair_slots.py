@@ -58,18 +58,25 @@ def _switch(on) -> None:
         getattr(pair_slots, switch)[0] = named.get(switch, True)
 
 
-def run_pair_ab(variants: list, setting_key: str, title: str, name: str, script_file: str) -> int:
+def run_pair_ab(
+    variants: list,
+    setting_key: str,
+    title: str,
+    name: str,
+    script_file: str,
+    shapes: list | None = None,
+) -> int:
     """Times ``variants`` (``(label, switches, moe_linear launch keywords, the setting recorded
     in the row under setting_key)``, ``switches`` whether the call runs by pairs, or a dict of
     ``pair_slots`` switches and their values; the first is the baseline the others' results are
-    compared with, the first two are profiled) at the 4 x 8 V and O shapes, two passes
-    alternating in one process, and writes ``ab_{name}`` and ``profile_{name}``
+    compared with, the first two are profiled) at the 4 x 8 V and O shapes (or ``shapes``),
+    two passes alternating in one process, and writes ``ab_{name}`` and ``profile_{name}``
     (``write_ab``). Needs CUDA."""
 
     rows, profiles, baseline = [], [], variants[0][0]
-    for s in SHAPES:
-        if s.kind == "ffn" or not s.name.endswith("4x8"):
-            continue
+    if shapes is None:
+        shapes = [s for s in SHAPES if s.kind != "ffn" and s.name.endswith("4x8")]
+    for s in shapes:
         t, params, dense_ms = shape_setup(s)
         results, times, peaks = {}, {v[0]: [] for v in variants}, {}
         for label, on, launch, _setting in variants:

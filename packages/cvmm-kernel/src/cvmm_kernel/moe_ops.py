@@ -77,8 +77,9 @@ GEMM_CONFIGS: dict[str, tuple[int, ...]] = {
     # (O's by pairs at 4 x 8 experts: 128-row steps, ab_pair_roles.md)
     "grad_w_linear": (128, 128, 128, 4, 3),
     # the weight gradient by pairs from the gated rows in the experts' order (V's: one operand
-    # gathered, no gate in the loop; ab_pair_prefetch.md)
-    "grad_w_linear_sorted": (64, 64, 128, 4, 4),
+    # gathered, no gate in the loop). (64, 64, 128, 4, 4) gains 1% at 4 x 8 experts but loses
+    # 6% at 4 x 10 (ab_pair_roles_4x10.md)
+    "grad_w_linear_sorted": (64, 128, 128, 4, 4),
 }
 
 
