@@ -29,8 +29,9 @@ from __future__ import annotations
 import sys
 
 import torch
+from ab_pair_rows import v_input_gradient_operands
 from ab_pair_slots import run_pair_ab
-from bench_cvmm import SHAPES, Shape, make_inputs
+from bench_cvmm import Shape
 from bench_harness import kernel_us_twice, metadata, require_cuda, write_results
 
 # (label, pair_slots switches, linear_pairs setting (BLOCK_N, BLOCK_M, warps, stages) or None)
@@ -77,21 +78,11 @@ SHAPE_VARIANTS = [
 
 def kernel_cases() -> list[dict]:
     """Times ``pair_rows`` alone (see the module docstring); returns the rows."""
-    from cvmm_kernel import pair_slots
     from cvmm_kernel import pair_triton as pt
 
-    s = next(s for s in SHAPES if s.name == "switchhead-v-4x8")
-    t = make_inputs(s, "cuda")
-    index = t["index"].reshape(-1).contiguous()
-    gate = t["gate"].reshape(-1).contiguous()
-    routing = pair_slots.routing_impl(index, s.n_experts * s.heads, 128)
-    s2s, lo_slots, pair_offsets = routing[1], routing[6], routing[7]
-    dy = torch.randn(index.numel() // 2, s.expert_size, device="cuda", dtype=torch.bfloat16)
-    w_t = t["w"].transpose(1, 2)
-    items = dy.new_empty(dy.shape[0], s.d_model)
-    products = torch.randn(index.numel(), s.expert_size, device="cuda", dtype=dy.dtype)
-    dgate = torch.empty(index.numel(), device="cuda", dtype=torch.float32)
-    rows = torch.empty_like(products)
+    index, gate, s2s, lo_slots, pair_offsets, dy, w_t, items, products, dgate, rows = (
+        v_input_gradient_operands()
+    )
 
     def run(extras: bool, prefetch: bool):
         return lambda: pt.pair_rows(

@@ -50,24 +50,34 @@ STEP_VARIANTS = [
 ]
 
 
-def kernel_cases() -> list[dict]:
-    """Times ``pair_rows`` alone (see the module docstring); returns the rows."""
+def v_input_gradient_operands() -> tuple:
+    """The row-tile kernel's operands as V's input gradient at 4 x 8 (CUDA): ``(index, gate,
+    slot_to_sorted, lo_slots, pair_offsets, dy, W^T, items, products, dgate, rows)``."""
     from cvmm_kernel import pair_slots
-    from cvmm_kernel import pair_triton as pt
-    from cvmm_kernel.moe_triton import group_dot
 
     s = next(s for s in SHAPES if s.name == "switchhead-v-4x8")
     t = make_inputs(s, "cuda")
     index = t["index"].reshape(-1).contiguous()
     gate = t["gate"].reshape(-1).contiguous()
     routing = pair_slots.routing_impl(index, s.n_experts * s.heads, 128)
-    s2s, lo_slots, pair_offsets = routing[1], routing[6], routing[7]
     dy = torch.randn(index.numel() // 2, s.expert_size, device="cuda", dtype=torch.bfloat16)
     w_t = t["w"].transpose(1, 2)  # [E, 128, 1024]: V's input gradient reads W^T
     items = dy.new_empty(dy.shape[0], s.d_model)
     products = torch.randn(index.numel(), s.expert_size, device="cuda", dtype=dy.dtype)
     dgate = torch.empty(index.numel(), device="cuda", dtype=torch.float32)
     rows = torch.empty_like(products)
+    return (index, gate, routing[1], routing[6], routing[7], dy, w_t, items, products, dgate,
+            rows)  # fmt: skip
+
+
+def kernel_cases() -> list[dict]:
+    """Times ``pair_rows`` alone (see the module docstring); returns the rows."""
+    from cvmm_kernel import pair_triton as pt
+    from cvmm_kernel.moe_triton import group_dot
+
+    index, gate, s2s, lo_slots, pair_offsets, dy, w_t, items, products, dgate, rows = (
+        v_input_gradient_operands()
+    )
 
     def run(dots: bool, sorted_rows: bool):
         return lambda: pt.pair_rows(
