@@ -95,7 +95,7 @@ class Routing(NamedTuple):
     tile_start: torch.Tensor  # [n_tiles] int32
     n_valid: torch.Tensor  # [1] int32, the number of tiles in use (they come first)
     block_m: int
-    sorted_lo_slot: torch.Tensor | None = None  # [N / 2] int32, by pairs only
+    sorted_lo_slot: torch.Tensor | None = None  # [N / 2] int32, items as lo slots; by pairs only
     pair_offsets: torch.Tensor | None = None  # [E * (E + 1) / 2 + 1] int32, by pairs only
 
 

@@ -41,7 +41,7 @@ GATE_DOTS = [True]
 SORTED_ROWS = [True]
 # PREFETCH_ROWS[0] = False: the row-tile kernel's loads of a pair's items pipelined by Triton
 # (which waits for them at each tile's start) instead of prefetched by hand a tile ahead
-# (benchmarks/ab_pair_rows.py). Read at each call.
+# (benchmarks/ab_pair_prefetch.py). Read at each call.
 PREFETCH_ROWS = [True]
 # The most experts whose pairs (E * (E + 1) / 2 numbers) the routing bins: above it, per-slot
 # products.
