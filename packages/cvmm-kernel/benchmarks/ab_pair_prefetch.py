@@ -2,7 +2,7 @@ r"""The pairs' row-tile kernel with its items' loads prefetched by hand or pipel
 at SwitchHead's 4 x 8 shapes (V's input gradient and O's forward run on it).
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
-        python3 packages/cvmm-kernel/benchmarks/ab_pair_prefetch.py [--roles | --4x10]
+        python3 packages/cvmm-kernel/benchmarks/ab_pair_prefetch.py [--roles | --4x10 | --old]
 
 Two parts, one process, bf16:
 
@@ -20,6 +20,9 @@ Two parts, one process, bf16:
 4)``) and other settings of the pairs' roles; writes ``ab_pair_roles.{json,md}`` and
 ``profile_pair_roles.txt``. ``--4x10``: the first two of those and three more at 4 heads x 10
 experts (MoEUT-244M's attention) and x 8; writes ``ab_pair_roles_4x10.{json,md}``.
+``--old``: the kernel alone with its extra programs against an earlier commit's
+(``ab_moe_old_new.py --prepare REV`` puts it on the path as ``cvmm_kernel_old``), interleaved,
+and whether both give the same bits; writes ``ab_pair_prefetch_old_kernel.json``.
 
 Files go to ``$OUT`` (else ``benchmarks/results``).
 """
@@ -107,9 +110,44 @@ def kernel_cases() -> list[dict]:
     return timed
 
 
+def old_kernel_cases() -> list[dict]:
+    """Times this ``pair_rows`` and ``cvmm_kernel_old``'s, with the extra programs."""
+    from pathlib import Path
+
+    import cvmm_kernel_old
+    from cvmm_kernel import pair_triton as pt
+    from cvmm_kernel_old import pair_triton as old_pt
+
+    index, gate, s2s, lo_slots, pair_offsets, dy, w_t, items, products, dgate, rows = (
+        v_input_gradient_operands()
+    )
+
+    def run(module):
+        return lambda: module.pair_rows(
+            dy, w_t, items, index, gate, lo_slots, pair_offsets, 1, products=products,
+            dgate=dgate, sorted_rows=rows, slot_to_sorted=s2s,
+        )  # fmt: skip
+
+    results = []
+    for module in (old_pt, pt):
+        run(module)()
+        results.append([items.clone(), dgate.clone(), rows.clone()])
+    same = all(torch.equal(a, b) for a, b in zip(*results))
+    rev = (Path(cvmm_kernel_old.__file__).parent / "REVISION").read_text().strip()
+    timed = kernel_us_twice([(f"+ extras, old ({rev})", run(old_pt)), ("+ extras, new", run(pt))],
+                            label_width=40)  # fmt: skip
+    print(f"same bits: {same}")
+    write_results("ab_pair_prefetch_old_kernel", {"meta": metadata(dtype="bfloat16", old=rev),
+                  "rows": timed, "same_bits": same}, None, script_file=__file__)  # fmt: skip
+    return timed
+
+
 def main() -> int:
     if not require_cuda(__file__):
         return 2
+    if "--old" in sys.argv[1:]:
+        old_kernel_cases()
+        return 0
     if "--roles" in sys.argv[1:]:
         variants = [(label, on, {} if cfg is None else {"gemm_configs": cfg}, cfg)
                     for label, on, cfg in ROLE_VARIANTS]  # fmt: skip

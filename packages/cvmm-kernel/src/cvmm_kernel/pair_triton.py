@@ -191,15 +191,23 @@ def _pair_experts(index_ptr, sorted_lo_slot_ptr, start):
 
 
 @triton.jit
+def _slot_gates(gate_ptr, slot_lo, mask_m):
+    """``(slot_hi, g_lo, g_hi)`` of items given as their lo slots (int64): the other slot, and
+    the fp32 gates of the pair's experts ``lo`` and ``hi``."""
+    slot_hi = slot_lo ^ 1
+    g_lo = tl.load(gate_ptr + slot_lo, mask=mask_m, other=0.0).to(tl.float32)
+    g_hi = tl.load(gate_ptr + slot_hi, mask=mask_m, other=0.0).to(tl.float32)
+    return slot_hi, g_lo, g_hi
+
+
+@triton.jit
 def _item_slots(gate_ptr, sorted_lo_slot_ptr, offs_m, mask_m):
     """Per sorted position: ``(item, slot_lo, slot_hi, g_lo, g_hi)``, the item (slots ``2i``,
     ``2i + 1``) and the slot (and its fp32 gate) of the pair's expert ``lo`` and of ``hi``
     (slot order where they are one), read from the routing's lo slots: no load waits on
     ``index``."""
     slot_lo = tl.load(sorted_lo_slot_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
-    slot_hi = slot_lo ^ 1
-    g_lo = tl.load(gate_ptr + slot_lo, mask=mask_m, other=0.0).to(tl.float32)
-    g_hi = tl.load(gate_ptr + slot_hi, mask=mask_m, other=0.0).to(tl.float32)
+    slot_hi, g_lo, g_hi = _slot_gates(gate_ptr, slot_lo, mask_m)
     return slot_lo // 2, slot_lo, slot_hi, g_lo, g_hi
 
 
@@ -215,12 +223,18 @@ def _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, gate
     dtype)."""
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
+    offs = tl.arange(0, BLOCK_M)
+    # each tile's lo slots loaded a tile ahead: its other loads then wait on nothing
+    slots_next = tl.load(sorted_lo_slot_ptr + start + offs, mask=start + offs < end, other=0)
     for m0 in range(start, end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m = m0 + offs
         mask_m = offs_m < end
         mask = mask_m[:, None] & mask_k[None, :]
-        item, slot_lo, slot_hi, g_lo, g_hi = _item_slots(gate_ptr, sorted_lo_slot_ptr, offs_m,
-                                                         mask_m)  # fmt: skip
+        slot_lo = slots_next.to(tl.int64)
+        pos_after = m0 + BLOCK_M + offs
+        slots_next = tl.load(sorted_lo_slot_ptr + pos_after, mask=pos_after < end, other=0)
+        slot_hi, g_lo, g_hi = _slot_gates(gate_ptr, slot_lo, mask_m)
+        item = slot_lo // 2
         a = tl.load(
             a_ptr + (item // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
             mask=mask, other=0.0,
@@ -260,8 +274,7 @@ def _pair_rows_prefetched(a_ptr, out_ptr, gate_ptr, sorted_lo_slot_ptr, b_lo, b_
                          mask=start + BLOCK_M + offs < end, other=0)  # fmt: skip
     slot = slots.to(tl.int64)
     mask_m = start + offs < end
-    g_lo = tl.load(gate_ptr + slot, mask=mask_m, other=0.0).to(tl.float32)
-    g_hi = tl.load(gate_ptr + (slot ^ 1), mask=mask_m, other=0.0).to(tl.float32)
+    _slot_hi, g_lo, g_hi = _slot_gates(gate_ptr, slot, mask_m)
     a = tl.load(a_ptr + (slot // 2 // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
     for m0 in range(start, end, BLOCK_M):
@@ -269,8 +282,7 @@ def _pair_rows_prefetched(a_ptr, out_ptr, gate_ptr, sorted_lo_slot_ptr, b_lo, b_
         slots_after = tl.load(sorted_lo_slot_ptr + pos_after, mask=pos_after < end, other=0)
         mask_next = m0 + BLOCK_M + offs < end
         slot_next = slots_next.to(tl.int64)
-        g_lo_next = tl.load(gate_ptr + slot_next, mask=mask_next, other=0.0).to(tl.float32)
-        g_hi_next = tl.load(gate_ptr + (slot_next ^ 1), mask=mask_next, other=0.0).to(tl.float32)
+        _slot_hi, g_lo_next, g_hi_next = _slot_gates(gate_ptr, slot_next, mask_next)
         a_next = tl.load(
             a_ptr + (slot_next // 2 // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
             mask=mask_next[:, None] & mask_k[None, :], other=0.0,
