@@ -311,7 +311,9 @@ def _pair_rows_kernel(
     ``i`` reads row ``i // A_DIV`` of ``a`` and stores ``out[i] = g_lo * a @ W[lo] + g_hi * a @
     W[hi]`` (fp32 sum of the two gated products), each slot's gate with its own expert. The
     program loads its two weight blocks once and walks the pair's items ``BLOCK_M`` at a time
-    (a pair has a few hundred items: the weights, not the rows, are the traffic to save).
+    (a pair has a few hundred items: the weights, not the rows, are the traffic to save), its
+    loads prefetched by hand where ``PREFETCH`` (:func:`_pair_rows_prefetched`), else pipelined
+    by Triton over ``N_STAGES``.
     ``GATE_DOT``, ``SORTED_ROWS``: one more program per pair each, after its column blocks,
     walks its items' rows for the gate's gradient from the forward's kept products ``y``, for
     the gated rows in the experts' order (:func:`_pair_row_extras`; one program doing both
