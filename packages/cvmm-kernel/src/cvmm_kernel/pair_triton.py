@@ -201,6 +201,15 @@ def _slot_gates(gate_ptr, slot_lo, mask_m):
 
 
 @triton.jit
+def _item_rows(a_ptr, slot_lo, mask_m, offs_k, mask_k, A_DIV, stride_am, stride_ak):
+    """``[BLOCK_M, BLOCK_K]``: row ``i // A_DIV`` of ``a`` for each item ``i`` given as its lo
+    slot (int64; zeros where masked)."""
+    rows = a_ptr + (slot_lo // 2 // A_DIV)[:, None] * stride_am
+    return tl.load(rows + offs_k[None, :] * stride_ak, mask=mask_m[:, None] & mask_k[None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
 def _item_slots(gate_ptr, sorted_lo_slot_ptr, offs_m, mask_m):
     """Per sorted position: ``(item, slot_lo, slot_hi, g_lo, g_hi)``, the item (slots ``2i``,
     ``2i + 1``) and the slot (and its fp32 gate) of the pair's expert ``lo`` and of ``hi``
@@ -234,11 +243,8 @@ def _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, gate
         pos_after = m0 + BLOCK_M + offs
         slots_next = tl.load(sorted_lo_slot_ptr + pos_after, mask=pos_after < end, other=0)
         slot_hi, g_lo, g_hi = _slot_gates(gate_ptr, slot_lo, mask_m)
-        item = slot_lo // 2
-        a = tl.load(
-            a_ptr + (item // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=mask, other=0.0,
-        ).to(tl.float32)  # fmt: skip
+        a = _item_rows(a_ptr, slot_lo, mask_m, offs_k, mask_k, A_DIV, stride_am,
+                       stride_ak).to(tl.float32)  # fmt: skip
         if GATE_DOT:
             y_lo = tl.load(y_ptr + slot_lo[:, None] * stride_ym + offs_k[None, :], mask=mask,
                            other=0.0)  # fmt: skip
@@ -269,24 +275,20 @@ def _pair_rows_prefetched(a_ptr, out_ptr, gate_ptr, sorted_lo_slot_ptr, b_lo, b_
     offs = tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     mask_k = offs_k < K
-    slots = tl.load(sorted_lo_slot_ptr + start + offs, mask=start + offs < end, other=0)
+    mask_m = start + offs < end
+    slot = tl.load(sorted_lo_slot_ptr + start + offs, mask=mask_m, other=0).to(tl.int64)
     slots_next = tl.load(sorted_lo_slot_ptr + start + BLOCK_M + offs,
                          mask=start + BLOCK_M + offs < end, other=0)  # fmt: skip
-    slot = slots.to(tl.int64)
-    mask_m = start + offs < end
     _slot_hi, g_lo, g_hi = _slot_gates(gate_ptr, slot, mask_m)
-    a = tl.load(a_ptr + (slot // 2 // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
-                mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
+    a = _item_rows(a_ptr, slot, mask_m, offs_k, mask_k, A_DIV, stride_am, stride_ak)
     for m0 in range(start, end, BLOCK_M):
         pos_after = m0 + 2 * BLOCK_M + offs
         slots_after = tl.load(sorted_lo_slot_ptr + pos_after, mask=pos_after < end, other=0)
         mask_next = m0 + BLOCK_M + offs < end
         slot_next = slots_next.to(tl.int64)
         _slot_hi, g_lo_next, g_hi_next = _slot_gates(gate_ptr, slot_next, mask_next)
-        a_next = tl.load(
-            a_ptr + (slot_next // 2 // A_DIV)[:, None] * stride_am + offs_k[None, :] * stride_ak,
-            mask=mask_next[:, None] & mask_k[None, :], other=0.0,
-        )  # fmt: skip
+        a_next = _item_rows(a_ptr, slot_next, mask_next, offs_k, mask_k, A_DIV, stride_am,
+                            stride_ak)  # fmt: skip
         acc = tl.dot(a, b_lo, input_precision=INPUT_PRECISION) * g_lo[:, None]
         acc += tl.dot(a, b_hi, input_precision=INPUT_PRECISION) * g_hi[:, None]
         tl.store(
