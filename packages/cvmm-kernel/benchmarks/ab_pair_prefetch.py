@@ -72,6 +72,7 @@ ROLE_VARIANTS = [
 
 
 SHAPE_VARIANTS = [
+    ("O's input gradient on a side stream", {"linear_overlap": True}, None),
     ("prefetched, 4 warps", {}, {"linear_pairs": (128, 64, 4, 3)}),
     ("pipelined, 8 warps", {"PREFETCH_ROWS": False}, None),
     ("shipped, grad_w_linear_sorted (64, 128, 128, 4, 4)", {},

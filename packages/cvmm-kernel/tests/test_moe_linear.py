@@ -575,3 +575,40 @@ def test_second_derivatives_raise_on_the_triton_path(backend, device):
         else:
             (dx,) = torch.autograd.grad(call().square().sum(), x, create_graph=True)
             assert torch.autograd.grad(dx.sum(), x)[0].shape == x.shape, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+@pytest.mark.parametrize("n_experts", [32, 96])  # by pairs (8 per group), per slot (24)
+def test_cuda_backward_overlap_same_bits(n_experts, graph, monkeypatch):
+    """O's backward with the input gradient on a side stream (``linear_overlap``): the same
+    bits as in order, eager and replayed from a CUDA graph."""
+    from cvmm_kernel import moe_ops
+
+    x, index, gate, weight = make_inputs((512,), 4, 2, n_experts, 128, 256, shared=False,
+                                         dtype=torch.bfloat16, device="cuda", seed=16)  # fmt: skip
+    grad = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for overlap in (False, True):
+        monkeypatch.setitem(moe_ops.BACKWARD_SCHEDULE, "linear_overlap", overlap)
+        leaves = [t.clone().requires_grad_() for t in (x, gate, weight)]
+
+        def step(leaves=leaves):
+            for t in leaves:
+                t.grad = None
+            moe_linear(leaves[0], index, leaves[1], leaves[2], reduce_groups=True,
+                       index_bound=n_experts).backward(grad)  # fmt: skip
+
+        step()
+        if graph:
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+            for t in leaves:  # poison, then replay
+                t.grad.fill_(float("nan"))
+            g.replay()
+        torch.cuda.synchronize()
+        results.append([t.grad.clone() for t in leaves])
+    for name, a, b in zip(("x", "gate", "weight"), *results):
+        assert torch.equal(a, b), name

@@ -22,16 +22,20 @@ slot layouts and where the call takes pairs: there it stays deterministic).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from . import dense_slots, pair_slots
+from .interpreter import interpreting
 from .moe_ops import (
+    BACKWARD_SCHEDULE,
     Routing,
     _config,
     _per_expert,
     _per_expert_outer,
+    _side_stream,
     _weight_grad,
     decode_gemm_configs,
     in_weight_dtype,
@@ -201,19 +205,30 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     sorted_rows = saved and pairs and need_w and pair_slots.SORTED_ROWS[0]
     in_launch = sorted_rows and pair_slots.takes_rows_kernel(dy.shape[1], False, h)
     dx = dgate = rows = None
-    if need_x or h is not None or fused:
-        # without x's gradient, the same launch with no columns: its gate dots alone (the same
-        # program, so the same bits as with x's gradient)
-        w_t = wc.transpose(1, 2) if need_x or h is not None else wc.transpose(1, 2)[:, :, :0]
-        dx, dgate, rows = _slot_sums(dy, w_t, r, out_div, a_div, x.shape[0], deterministic,
-                                     gate, "linear_grad_input", h=h, configs=configs,
-                                     index=index, products=y if fused else None,
-                                     sorted_rows=in_launch)  # fmt: skip
-    if need_gate:
-        if saved and dgate is None:
-            dgate = kt.group_dot(y, dy, out_div)
-        assert dgate is not None  # computed with dx above
-        dgate = dgate.to(gate.dtype)
+    launches_dx = need_x or h is not None or fused
+    # the input gradient (with the gate's) and a weight gradient that does not read its rows are
+    # independent: on a side stream the first fills what the second leaves idle, as in
+    # moe_mlp's backward (BACKWARD_SCHEDULE["linear_overlap"])
+    overlap = (BACKWARD_SCHEDULE["linear_overlap"] and x.is_cuda and not interpreting()
+               and launches_dx and need_w and not sorted_rows
+               and dense != dense_slots.OUTPUT_ROWS)  # fmt: skip
+    if overlap:
+        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+        side.wait_stream(main)
+    with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
+        if launches_dx:
+            # without x's gradient, the same launch with no columns: its gate dots alone (the
+            # same program, so the same bits as with x's gradient)
+            w_t = wc.transpose(1, 2) if need_x or h is not None else wc.transpose(1, 2)[:, :, :0]
+            dx, dgate, rows = _slot_sums(dy, w_t, r, out_div, a_div, x.shape[0], deterministic,
+                                         gate, "linear_grad_input", h=h, configs=configs,
+                                         index=index, products=y if fused else None,
+                                         sorted_rows=in_launch)  # fmt: skip
+        if need_gate:
+            if saved and dgate is None:
+                dgate = kt.group_dot(y, dy, out_div)
+            assert dgate is not None  # computed with dx above
+            dgate = dgate.to(gate.dtype)
     if not need_w:
         return dx if need_x else None, dgate, None
     if dense == dense_slots.OUTPUT_ROWS:  # from the spread input the forward kept
@@ -227,6 +242,11 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     else:
         dw = _weight_grad(x, dy, w, top_k=a_div, a_gather=True, b_gather=True, gate=gate,
                           b_div=out_div, **wgrad)  # fmt: skip
+    if overlap:
+        main.wait_stream(side)
+        for made_on_side in (dx, dgate):  # used on the main stream from here
+            if made_on_side is not None:
+                made_on_side.record_stream(main)
     return dx if need_x else None, dgate, dw
 
 

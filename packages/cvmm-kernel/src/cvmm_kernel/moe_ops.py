@@ -600,8 +600,10 @@ W_DOWN_FROM_GATED_H = [True]
 
 # ``overlap``: run the input gradient's products and k-sum on a side stream while the weight
 # gradients run (benchmarks/ab_moe_variants.py times it both ways, passing
-# moe_mlp(..., _backward_overlap=)). The shipped default.
-BACKWARD_SCHEDULE = {"overlap": True}
+# moe_mlp(..., _backward_overlap=)). The shipped default. ``linear_overlap``: the same in
+# moe_linear's backward where the weight gradient does not read the input gradient's launch
+# (not yet measured: off).
+BACKWARD_SCHEDULE = {"overlap": True, "linear_overlap": False}
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
