@@ -2,7 +2,8 @@ r"""The pairs' row-tile kernel with its items' loads prefetched by hand or pipel
 at SwitchHead's 4 x 8 shapes (V's input gradient and O's forward run on it).
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
-        python3 packages/cvmm-kernel/benchmarks/ab_pair_prefetch.py [--roles | --4x10 | --old]
+        python3 packages/cvmm-kernel/benchmarks/ab_pair_prefetch.py [--roles | --4x10 |
+            --overlap | --old]
 
 Two parts, one process, bf16:
 
@@ -20,6 +21,11 @@ Two parts, one process, bf16:
 4)``) and other settings of the pairs' roles; writes ``ab_pair_roles.{json,md}`` and
 ``profile_pair_roles.txt``. ``--4x10``: the first two of those and three more at 4 heads x 10
 experts (MoEUT-244M's attention) and x 8; writes ``ab_pair_roles_4x10.{json,md}``.
+``--overlap``: steps at 4 x 8 and 4 x 10, the backward in order with the pairs' GEMM at 3
+stages (before, the baseline) against the input gradient on a side stream
+(``moe_ops.BACKWARD_SCHEDULE["linear_overlap"]``: O's; V's weight gradient reads that launch's
+sorted rows) and other settings of ``linear_pair_gemm`` and ``grad_w_linear``; writes
+``ab_linear_overlap.{json,md}`` and ``profile_linear_overlap.txt``.
 ``--old``: the kernel alone with its extra programs against an earlier commit's
 (``ab_moe_old_new.py --prepare REV`` puts it on the path as ``cvmm_kernel_old``), interleaved,
 and whether both give the same bits; writes ``ab_pair_prefetch_old_kernel.json``.
@@ -57,9 +63,10 @@ STEP_VARIANTS = [
 
 ROLE_VARIANTS = [
     ("shipped", {}, None),
-    ("before (pipelined, 4 warps, one weight-gradient role)", {"PREFETCH_ROWS": False},
+    ("before (pipelined, 4 warps, one weight-gradient role)",
+     {"PREFETCH_ROWS": False, "linear_overlap": False},
      {"linear_pairs": (128, 64, 4, 3), "grad_w_linear": (64, 128, 128, 4, 4),
-      "grad_w_linear_sorted": (64, 128, 128, 4, 4)}),
+      "grad_w_linear_sorted": (64, 128, 128, 4, 4), "linear_pair_gemm": (128, 64, 8, 3)}),
     *[(f"{role} {cfg}", {}, {role: cfg}) for role, cfg in [
         ("grad_w_linear", (64, 128, 128, 4, 4)),
         ("grad_w_linear", (128, 128, 128, 8, 3)),
@@ -72,11 +79,24 @@ ROLE_VARIANTS = [
 
 
 SHAPE_VARIANTS = [
-    ("O's input gradient on a side stream", {"linear_overlap": True}, None),
     ("prefetched, 4 warps", {}, {"linear_pairs": (128, 64, 4, 3)}),
     ("pipelined, 8 warps", {"PREFETCH_ROWS": False}, None),
     ("shipped, grad_w_linear_sorted (64, 128, 128, 4, 4)", {},
      {"grad_w_linear_sorted": (64, 128, 128, 4, 4)}),
+]  # fmt: skip
+
+
+IN_ORDER = {"linear_overlap": False}
+OVERLAP_VARIANTS = [
+    ("in order, linear_pair_gemm (128, 64, 8, 3) (before)", IN_ORDER,
+     {"linear_pair_gemm": (128, 64, 8, 3)}),
+    ("shipped (side stream, linear_pair_gemm (128, 64, 8, 4))", {}, None),
+    ("side stream, linear_pair_gemm (128, 64, 8, 3)", {}, {"linear_pair_gemm": (128, 64, 8, 3)}),
+    ("in order, linear_pair_gemm (128, 64, 8, 4)", IN_ORDER, None),
+    ("side stream, linear_pair_gemm (128, 64, 8, 2)", {}, {"linear_pair_gemm": (128, 64, 8, 2)}),
+    ("side stream, grad_w_linear (128, 128, 64, 4, 3)", {},
+     {"grad_w_linear": (128, 128, 64, 4, 3)}),
+    ("before, again", IN_ORDER, {"linear_pair_gemm": (128, 64, 8, 3)}),
 ]  # fmt: skip
 
 
@@ -154,6 +174,19 @@ def main() -> int:
                     for label, on, cfg in ROLE_VARIANTS]  # fmt: skip
         return run_pair_ab(variants, "settings", "moe_linear pairs: launch roles A/B",
                            "pair_roles", __file__)  # fmt: skip
+    if "--overlap" in sys.argv[1:]:
+        variants = [(label, on, {} if cfg is None else {"gemm_configs": cfg}, cfg)
+                    for label, on, cfg in OVERLAP_VARIANTS]  # fmt: skip
+        shapes = [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
+                  for e in (8, 10) for kind in ("v", "o")]  # fmt: skip
+        return run_pair_ab(
+            variants,
+            "settings",
+            "moe_linear: the input gradient on a side stream, and the pairs' GEMM",
+            "linear_overlap",
+            __file__,
+            shapes,
+        )
     if "--4x10" in sys.argv[1:]:
         variants = [(label, on, {} if cfg is None else {"gemm_configs": cfg}, cfg)
                     for label, on, cfg in [*ROLE_VARIANTS[:2], *SHAPE_VARIANTS]]  # fmt: skip
