@@ -119,6 +119,12 @@ def _pair_place_kernel(
                            tile_start_ptr, n_valid_ptr, n_tiles, BLOCK_M, BLOCK_T)  # fmt: skip
 
 
+# The pairs' routing launches: items per block of the rank and place kernels (doubled where a
+# call's per-block pair counts would not fit ``MAX_BLOCK_COUNTS``), the rank kernel's and the
+# place kernel's warps (benchmarks/sweep_pair_routing.py).
+PAIR_ROUTING = {"block": ROUTING_BLOCK, "rank_warps": ROUTING_WARPS, "place_warps": 4}
+
+
 def pair_routing_fits(n_slots: int, n_experts: int) -> bool:
     """Whether :func:`build_pair_routing` takes ``n_slots`` slots over ``n_experts`` experts
     (its per-block pair counts within ``MAX_BLOCK_COUNTS``)."""
@@ -143,7 +149,7 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
     n = flat_index.numel()
     n_items, n_pairs = n // 2, n_experts * (n_experts + 1) // 2
     device = flat_index.device
-    block = ROUTING_BLOCK
+    block = PAIR_ROUTING["block"]
     while cdiv(n_items, block) * n_pairs > MAX_BLOCK_COUNTS and block < 1024:
         block *= 2
     n_blocks = cdiv(n_items, block)
@@ -166,7 +172,7 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
     )
     bases = new(n_blocks * block_e * block_e)
     launch(_routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n_items, n_pairs,
-           block, bins, True, num_warps=ROUTING_WARPS)  # fmt: skip
+           block, bins, True, num_warps=PAIR_ROUTING["rank_warps"])  # fmt: skip
     scan_b, scan_e, scan_warps = ROUTING_SCAN
     launch(_routing_scan_kernel, (cdiv(n_pairs, scan_e),), block_counts, block_start, counts,
            n_blocks, n_pairs, scan_b, scan_e, num_warps=scan_warps)  # fmt: skip
@@ -177,6 +183,7 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
         flat_index, rank, block_start, counts, bases, sorted_lo_slot, pair_offsets,
         sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid, n_items,
         n_experts, n_pairs, n_blocks, length, block, block_m, block_p, block_e, block_t,
+        num_warps=PAIR_ROUTING["place_warps"],
     )  # fmt: skip
     return (sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
             sorted_lo_slot, pair_offsets)  # fmt: skip
