@@ -3,7 +3,7 @@ at SwitchHead's 4 x 8 shapes (V's input gradient and O's forward run on it).
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
         python3 packages/cvmm-kernel/benchmarks/ab_pair_prefetch.py [--roles | --4x10 |
-            --overlap | --old]
+            --overlap | --pdl | --old]
 
 Two parts, one process, bf16:
 
@@ -25,7 +25,9 @@ experts (MoEUT-244M's attention) and x 8; writes ``ab_pair_roles_4x10.{json,md}`
 stages (before, the baseline) against the input gradient on a side stream
 (``moe_ops.BACKWARD_SCHEDULE["linear_overlap"]``: O's; V's weight gradient reads that launch's
 sorted rows) and other settings of ``linear_pair_gemm`` and ``grad_w_linear``; writes
-``ab_linear_overlap.{json,md}`` and ``profile_linear_overlap.txt``.
+``ab_linear_overlap.{json,md}`` and ``profile_linear_overlap.txt``. ``--pdl``: the same shapes,
+the routing's launches one after the other against chained by programmatic dependent launch
+(``cvmm_kernel.pdl``); writes ``ab_routing_pdl.{json,md}`` and ``profile_routing_pdl.txt``.
 ``--old``: the kernel alone with its extra programs against an earlier commit's
 (``ab_moe_old_new.py --prepare REV`` puts it on the path as ``cvmm_kernel_old``), interleaved,
 and whether both give the same bits; writes ``ab_pair_prefetch_old_kernel.json``.
@@ -97,6 +99,13 @@ OVERLAP_VARIANTS = [
     ("side stream, grad_w_linear (128, 128, 64, 4, 3)", {},
      {"grad_w_linear": (128, 128, 64, 4, 3)}),
     ("before, again", IN_ORDER, {"linear_pair_gemm": (128, 64, 8, 3)}),
+]  # fmt: skip
+
+
+PDL_VARIANTS = [
+    ("routing launches one after the other", {"PDL": False}, None),
+    ("routing launches chained (PDL)", {}, None),
+    ("one after the other, again", {"PDL": False}, None),
 ]  # fmt: skip
 
 
@@ -187,6 +196,12 @@ def main() -> int:
             __file__,
             shapes,
         )
+    if "--pdl" in sys.argv[1:]:
+        variants = [(label, on, {}, None) for label, on, _cfg in PDL_VARIANTS]
+        shapes = [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
+                  for e in (8, 10) for kind in ("v", "o")]  # fmt: skip
+        return run_pair_ab(variants, "settings", "moe_linear: routing launches chained by PDL",
+                           "routing_pdl", __file__, shapes)  # fmt: skip
     if "--4x10" in sys.argv[1:]:
         variants = [(label, on, {} if cfg is None else {"gemm_configs": cfg}, cfg)
                     for label, on, cfg in [*ROLE_VARIANTS[:2], *SHAPE_VARIANTS]]  # fmt: skip

@@ -51,13 +51,15 @@ VARIANTS = [
 def _switch(on) -> None:
     """Sets ``pair_slots``' switches: ``on`` whether calls run by pairs, or a dict of switch
     names and values; every switch not named is on (shipped). ``"linear_overlap"``: that key
-    of ``moe_ops.BACKWARD_SCHEDULE`` (also on where not named, shipped)."""
-    from cvmm_kernel import moe_ops, pair_slots
+    of ``moe_ops.BACKWARD_SCHEDULE``, ``"PDL"``: ``pdl.ENABLED`` (both also on where not
+    named)."""
+    from cvmm_kernel import moe_ops, pair_slots, pdl
 
     named = on if isinstance(on, dict) else {"ENABLED": on}
     for switch in ("ENABLED", "GATE_DOTS", "SORTED_ROWS", "PREFETCH_ROWS"):
         getattr(pair_slots, switch)[0] = named.get(switch, True)
     moe_ops.BACKWARD_SCHEDULE["linear_overlap"] = named.get("linear_overlap", True)
+    pdl.ENABLED[0] = named.get("PDL", True)
 
 
 def run_pair_ab(

@@ -10,6 +10,11 @@ the gaps between them count) on the benchmark's router (``bench_cvmm.make_inputs
 tokens x 4 heads, a sigmoid top-2 per head), the shipped setting first and again last, and
 checks that every setting gives the shipped maps. Writes ``sweep_pair_routing.{json,md}`` to
 ``$OUT`` (else ``benchmarks/results``).
+
+``--pdl``: instead, the shipped settings with the launches one after the other against chained
+by programmatic dependent launch (``cvmm_kernel.pdl``), alternating, for these two routings and
+the slots' routing (``moe_triton.build_routing``) of MoEUT-244M's feedforward (8192 tokens,
+top-16 of 387) and 128 x 128 k=4; writes ``ab_routing_pdl_launches.{json,md}``.
 """
 
 from __future__ import annotations
@@ -40,9 +45,67 @@ def _route(flat_index: torch.Tensor, n_experts: int, setting: tuple[int, int, in
         pt.PAIR_ROUTING.update(SHIPPED)
 
 
+def pdl_cases() -> int:
+    """The ``--pdl`` comparison (module docstring)."""
+    from cvmm_kernel import pdl
+    from cvmm_kernel.moe_ops import n_tiles
+    from cvmm_kernel.moe_triton import build_routing
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cases = []
+    for tokens, n_experts, k in [(8192, 387, 16), (8192, 128, 4)]:
+        flat = torch.randn(tokens, n_experts, device="cuda", generator=g).topk(k, dim=-1).indices
+        flat = flat.reshape(-1).contiguous()
+        tiles = n_tiles(flat.numel(), n_experts, BLOCK_M)
+        cases.append(
+            (
+                f"slots {tokens} x top-{k} of {n_experts}",
+                lambda f=flat, e=n_experts, t=tiles: build_routing(f, e, BLOCK_M, t),
+            )
+        )
+    for n_experts in (8, 10):
+        s = Shape(f"switchhead-4x{n_experts}", 8192, 1024, n_experts, 128, 2, "o", heads=4)
+        flat = make_inputs(s, "cuda")["index"].reshape(-1).contiguous()
+        cases.append((f"pairs {s.name}", lambda f=flat, e=4 * n_experts:
+                      pt.build_pair_routing(f, e, BLOCK_M)))  # fmt: skip
+    rows = []
+    for name, fn in cases:
+        maps = {}
+        for enabled in (False, True, False, True):
+            pdl.ENABLED[0] = enabled
+            maps.setdefault(enabled, fn())
+            us = 1e3 * median_ms(fn, warmup=10, rep=50, cuda_graph=True)
+            rows.append(dict(case=name, chained=enabled, us=us))
+            print(f"{name:40s} chained={enabled!s:5s} {us:7.2f} us")
+        pdl.ENABLED[0] = True
+        same = all(torch.equal(a, b) for a, b in zip(maps[False], maps[True]))
+        for row in rows[-4:]:
+            row["same_maps"] = same
+    meta = metadata(dtype="int64 index")
+    lines = [
+        f"routing launches one after the other or chained by PDL, {environment_line(meta)}",
+        "",
+        "Made by `benchmarks/sweep_pair_routing.py --pdl`: CUDA-graph replays, median us, two "
+        "passes alternating.",
+        "",
+        "| routing | one after the other (us) | chained (us) | chained / not | same maps |",
+        "|---|---|---|---|---|",
+    ]
+    for name, _fn in cases:
+        mine = [r for r in rows if r["case"] == name]
+        off = min(r["us"] for r in mine if not r["chained"])
+        on = min(r["us"] for r in mine if r["chained"])
+        lines.append(f"| {name} | {off:.2f} | {on:.2f} | {on / off:.3f} | {mine[0]['same_maps']} |")
+    write_results("ab_routing_pdl_launches", {"meta": meta, "rows": rows},
+                  "\n".join(lines) + "\n", script_file=__file__)  # fmt: skip
+    return 0
+
+
 def main() -> int:
     if not require_cuda(__file__):
         return 2
+    if "--pdl" in sys.argv[1:]:
+        return pdl_cases()
     shipped = tuple(SHIPPED.values())
     rows = []
     for n_experts in (8, 10):

@@ -170,23 +170,32 @@ def _kept_descriptors(run, args: tuple) -> _KeptDescriptors | None:
     return _KeptDescriptors(entry, head, positions, list(metas), encode)
 
 
-def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages: int = 3) -> None:
+def launch(
+    kernel,
+    grid: tuple[int, ...],
+    *args,
+    num_warps: int = 4,
+    num_stages: int = 3,
+    launch_pdl: bool = False,
+) -> None:
     """``kernel[grid](*args, num_warps=..., num_stages=...)`` with the argument binding cached
     (``args``: every kernel argument, constexprs included, in the kernel's order; the first
-    one a tensor on the launch's device).
+    one a tensor on the launch's device). ``launch_pdl``: a programmatic dependent launch
+    (:mod:`cvmm_kernel.pdl`; only where ``pdl.chained`` holds, and the kernel waits first).
 
     Later launches of a signature call the compiled kernel's launcher directly on the current
     stream, skipping the Python of Triton's runner (device and stream lookups, launch metadata,
     empty hook chains: about a third of a launch's host time), and with tensor descriptors
     their kept encoding; with a launch hook set they go through the runner."""
     device = args[0].device
+    options = {"launch_pdl": True} if launch_pdl else {}
     if not _FAST_LAUNCH[0] or device.type != "cuda":
-        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **options)
         return
-    key = _signature(kernel, device.index, args, (num_warps, num_stages))
+    key = _signature(kernel, device.index, args, (num_warps, num_stages, launch_pdl))
     entry = _COMPILED.get(key)
     if entry is None:
-        compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        compiled = kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **options)
         if len(_COMPILED) > 4096:
             _COMPILED.clear()
         if compiled is not None and hasattr(compiled, "__getitem__"):

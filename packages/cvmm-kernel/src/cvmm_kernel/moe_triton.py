@@ -39,6 +39,7 @@ import triton.language as tl
 from .host_math import cdiv, next_power_of_2
 from .interpreter import interpreting
 from .launcher import _DESCRIPTOR, DESCRIPTORS_AVAILABLE, launch
+from .pdl import chained, gdc_launch_dependents, gdc_wait
 from .triton_kernels import _input_precision as input_precision
 from .validation import _capability
 
@@ -92,14 +93,18 @@ def _pair_number(index_ptr, items, mask):
 @triton.jit
 def _routing_rank_kernel(
     expert_ptr, rank_ptr, block_counts_ptr, N, E, BLOCK: tl.constexpr, BINS: tl.constexpr,
-    PAIRS: tl.constexpr,
+    PAIRS: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Per block of slots: each slot's rank among the block's slots of its expert, and the
     block's per-expert counts. ``BINS > E`` (a power of two): the whole row of counts from a
     histogram whose spare last bin takes the padding slots (no memset before); ``BINS = 0``
     (many experts): the last slot of each expert in the block stores its count into a row
     zeroed before. ``PAIRS``: the ``N`` elements are items of two slots, binned by their pair
-    of experts (:func:`_pair_number`; ``E`` is the number of pairs)."""
+    of experts (:func:`_pair_number`; ``E`` is the number of pairs). ``PDL``: launched as a
+    programmatic dependent launch."""
+    if PDL:  # the kernel before may still run (cvmm_kernel.pdl)
+        gdc_wait()
+        gdc_launch_dependents()
     block = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     offs = block * BLOCK + i
@@ -130,8 +135,13 @@ def _routing_scan_kernel(
     E,
     BLOCK_B: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
-    """Per expert: exclusive prefix sum of its per-block counts over the blocks, and its total."""
+    """Per expert: exclusive prefix sum of its per-block counts over the blocks, and its total.
+    ``PDL``: launched as a programmatic dependent launch."""
+    if PDL:  # the kernel before may still run (cvmm_kernel.pdl)
+        gdc_wait()
+        gdc_launch_dependents()
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     running = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -165,12 +175,17 @@ def _routing_place_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """The last routing step, two jobs in one launch. Programs ``0 .. n_blocks - 1`` place the
     slots of their block: position = the expert's offset (an exclusive prefix sum of ``counts``
     that each program takes itself and adds to its row of ``block_start``, the earlier blocks'
     count of each expert) + the slot's rank. The programs after them write the expert offsets
-    and the tile table, ``BLOCK_T`` tiles each (padding tiles get ``E``)."""
+    and the tile table, ``BLOCK_T`` tiles each (padding tiles get ``E``). ``PDL``: launched as
+    a programmatic dependent launch."""
+    if PDL:  # the kernel before may still run (cvmm_kernel.pdl)
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
@@ -792,6 +807,7 @@ def build_routing(
     """
     n = flat_index.numel()
     device = flat_index.device
+    chain = chained(device)  # each launch may start while the one before ends (pdl)
     block = ROUTING_BLOCK if block is None else block
     warps = ROUTING_WARPS if warps is None else warps
     while cdiv(n, block) * n_experts > MAX_BLOCK_COUNTS and block < 1024:
@@ -818,13 +834,13 @@ def build_routing(
         rank, block_counts, block_start = rest
         launch(
             _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block,
-            bins, False, num_warps=warps,
+            bins, False, chain, num_warps=warps, launch_pdl=chain,
         )  # fmt: skip
         scan_b, scan_e, scan_warps = ROUTING_SCAN if scan is None else scan
         launch(
             _routing_scan_kernel, (cdiv(n_experts, scan_e),),
-            block_counts, block_start, counts, n_blocks, n_experts, scan_b, scan_e,
-            num_warps=scan_warps,
+            block_counts, block_start, counts, n_blocks, n_experts, scan_b, scan_e, chain,
+            num_warps=scan_warps, launch_pdl=chain,
         )  # fmt: skip
     block_e = next_power_of_2(n_experts)
     block_t = max(1, min(64, 16384 // block_e))
@@ -833,7 +849,7 @@ def build_routing(
         _routing_place_kernel, (place_blocks + max(1, cdiv(n_tiles, block_t)),),
         flat_index, rank, block_start, counts, sorted_to_slot, slot_to_sorted, offsets,
         tile_expert, tile_start, n_valid, n, n_experts, place_blocks, n_tiles, block, block_m,
-        block_e, block_t,
+        block_e, block_t, chain, launch_pdl=chain,
     )  # fmt: skip
     return sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid
 

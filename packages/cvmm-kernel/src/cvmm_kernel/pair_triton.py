@@ -44,6 +44,7 @@ from .moe_triton import (
     input_precision,
     weight_operand,
 )
+from .pdl import chained, gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -65,14 +66,18 @@ def _pair_place_kernel(
     pair_offsets_ptr, sorted_to_slot_ptr, slot_to_sorted_ptr, offsets_ptr, tile_pair_ptr,
     tile_start_ptr, n_valid_ptr, n_items, E, n_pairs, n_blocks, n_tiles,
     BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Programs ``0 .. n_blocks - 1`` place their block's items by pair (as the slots' place
     kernel does by expert) and both of each item's slots by expert: position = the expert's
     first position for that partner (``bases``, made by each program into its own scratch row,
     then gathered) + the item's rank among its pair's items (+ the pair's count for an item's
     second slot where both chose one expert). The programs after them write the pairs' offsets
-    and tile table, and program ``n_blocks`` the experts' offsets."""
+    and tile table, and program ``n_blocks`` the experts' offsets. ``PDL``: launched as a
+    programmatic dependent launch."""
+    if PDL:  # the kernel before may still run (cvmm_kernel.pdl)
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < n_pairs
@@ -171,19 +176,22 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
         device, n_pairs, n_items, n_blocks * n_pairs, n_blocks * n_pairs, zero=not bins
     )
     bases = new(n_blocks * block_e * block_e)
+    chain = chained(device)  # each launch may start while the one before ends (pdl)
     launch(_routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n_items, n_pairs,
-           block, bins, True, num_warps=PAIR_ROUTING["rank_warps"])  # fmt: skip
+           block, bins, True, chain, num_warps=PAIR_ROUTING["rank_warps"],
+           launch_pdl=chain)  # fmt: skip
     scan_b, scan_e, scan_warps = ROUTING_SCAN
     launch(_routing_scan_kernel, (cdiv(n_pairs, scan_e),), block_counts, block_start, counts,
-           n_blocks, n_pairs, scan_b, scan_e, num_warps=scan_warps)  # fmt: skip
+           n_blocks, n_pairs, scan_b, scan_e, chain, num_warps=scan_warps,
+           launch_pdl=chain)  # fmt: skip
     block_p = next_power_of_2(n_pairs)
     block_t = max(1, min(64, 16384 // block_p))
     launch(
         _pair_place_kernel, (n_blocks + max(1, cdiv(length, block_t)),),
         flat_index, rank, block_start, counts, bases, sorted_lo_slot, pair_offsets,
         sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid, n_items,
-        n_experts, n_pairs, n_blocks, length, block, block_m, block_p, block_e, block_t,
-        num_warps=PAIR_ROUTING["place_warps"],
+        n_experts, n_pairs, n_blocks, length, block, block_m, block_p, block_e, block_t, chain,
+        num_warps=PAIR_ROUTING["place_warps"], launch_pdl=chain,
     )  # fmt: skip
     return (sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
             sorted_lo_slot, pair_offsets)  # fmt: skip
