@@ -26,8 +26,9 @@ stages (before, the baseline) against the input gradient on a side stream
 (``moe_ops.BACKWARD_SCHEDULE["linear_overlap"]``: O's; V's weight gradient reads that launch's
 sorted rows) and other settings of ``linear_pair_gemm`` and ``grad_w_linear``; writes
 ``ab_linear_overlap.{json,md}`` and ``profile_linear_overlap.txt``. ``--pdl``: the same shapes,
-the routing's launches one after the other against chained by programmatic dependent launch
-(``cvmm_kernel.pdl``); writes ``ab_routing_pdl.{json,md}`` and ``profile_routing_pdl.txt``.
+the kernels launched one after the other against chained by programmatic dependent launch
+(``cvmm_kernel.pdl``); writes ``ab_launches_pdl.{json,md}`` and ``profile_launches_pdl.txt``
+(``ab_routing_pdl.*``: the same when only the routing's kernels took part).
 ``--old``: the kernel alone with its extra programs against an earlier commit's
 (``ab_moe_old_new.py --prepare REV`` puts it on the path as ``cvmm_kernel_old``), interleaved,
 and whether both give the same bits; writes ``ab_pair_prefetch_old_kernel.json``.
@@ -103,8 +104,8 @@ OVERLAP_VARIANTS = [
 
 
 PDL_VARIANTS = [
-    ("routing launches one after the other", {"PDL": False}, None),
-    ("routing launches chained (PDL)", {}, None),
+    ("launches one after the other", {"PDL": False}, None),
+    ("launches chained (PDL)", {}, None),
     ("one after the other, again", {"PDL": False}, None),
 ]  # fmt: skip
 
@@ -200,8 +201,8 @@ def main() -> int:
         variants = [(label, on, {}, None) for label, on, _cfg in PDL_VARIANTS]
         shapes = [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
                   for e in (8, 10) for kind in ("v", "o")]  # fmt: skip
-        return run_pair_ab(variants, "settings", "moe_linear: routing launches chained by PDL",
-                           "routing_pdl", __file__, shapes)  # fmt: skip
+        return run_pair_ab(variants, "settings", "moe_linear: launches chained by PDL",
+                           "launches_pdl", __file__, shapes)  # fmt: skip
     if "--4x10" in sys.argv[1:]:
         variants = [(label, on, {} if cfg is None else {"gemm_configs": cfg}, cfg)
                     for label, on, cfg in [*ROLE_VARIANTS[:2], *SHAPE_VARIANTS]]  # fmt: skip

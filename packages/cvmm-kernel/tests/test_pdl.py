@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 
 def _routings(flat_slots, flat_items):
@@ -53,3 +55,28 @@ def test_not_chained_off_cuda():
     from cvmm_kernel import pdl
 
     assert not pdl.chained(torch.device("cpu"))
+
+
+@triton.jit
+def _store_pdl(out_ptr, PDL: tl.constexpr = False):
+    tl.store(out_ptr, PDL)
+
+
+@triton.jit
+def _store_one(out_ptr):
+    tl.store(out_ptr, 1)
+
+
+@pytest.mark.interpret
+def test_launch_passes_pdl_only_to_kernels_that_end_with_it():
+    """``launch`` appends ``PDL`` (false off CUDA) where the kernel's last parameter is ``PDL``
+    and the caller stopped before it; a value passed is kept, and other kernels get nothing."""
+    from cvmm_kernel.launcher import _takes_pdl, launch
+
+    out = torch.full((1,), 7, dtype=torch.int32)
+    launch(_store_pdl, (1,), out)
+    assert out.item() == 0
+    assert _takes_pdl(_store_pdl, 1) and not _takes_pdl(_store_pdl, 2)
+    assert not _takes_pdl(_store_one, 1)
+    launch(_store_one, (1,), out)
+    assert out.item() == 1

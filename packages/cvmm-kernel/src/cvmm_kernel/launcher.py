@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .pdl import chained
+
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor as _DESCRIPTOR
 
@@ -39,6 +41,7 @@ except ImportError:  # Triton before 3.3
     DESCRIPTORS_AVAILABLE = False
 
 _COMPILED: dict[tuple, tuple[Any, tuple | None, Any]] = {}  # compiled kernel, launcher, kept
+_TAKES_PDL: dict[tuple[int, int], bool] = {}
 # Set _FAST_LAUNCH[0] = False to launch through kernel[grid] every time (for debugging).
 _FAST_LAUNCH = [True]
 # Set KEEP_DESCRIPTORS[0] = False to let Triton encode the tensor descriptors at every launch
@@ -170,24 +173,33 @@ def _kept_descriptors(run, args: tuple) -> _KeptDescriptors | None:
     return _KeptDescriptors(entry, head, positions, list(metas), encode)
 
 
-def launch(
-    kernel,
-    grid: tuple[int, ...],
-    *args,
-    num_warps: int = 4,
-    num_stages: int = 3,
-    launch_pdl: bool = False,
-) -> None:
+def _takes_pdl(kernel, n_args: int) -> bool:
+    """Whether ``kernel``'s last parameter is ``PDL`` and ``n_args`` arguments stop before it
+    (:mod:`cvmm_kernel.pdl`)."""
+    key = (id(kernel), n_args)
+    takes = _TAKES_PDL.get(key)
+    if takes is None:
+        names: list[str] = list(getattr(kernel, "arg_names", ()))
+        takes = _TAKES_PDL[key] = names[-1:] == ["PDL"] and n_args == len(names) - 1
+    return takes
+
+
+def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages: int = 3) -> None:
     """``kernel[grid](*args, num_warps=..., num_stages=...)`` with the argument binding cached
     (``args``: every kernel argument, constexprs included, in the kernel's order; the first
-    one a tensor on the launch's device). ``launch_pdl``: a programmatic dependent launch
-    (:mod:`cvmm_kernel.pdl`; only where ``pdl.chained`` holds, and the kernel waits first).
+    one a tensor on the launch's device). A kernel whose last parameter is ``PDL``, not passed,
+    gets ``pdl.chained(device)`` there and is launched as a programmatic dependent launch when
+    that holds (:mod:`cvmm_kernel.pdl`).
 
     Later launches of a signature call the compiled kernel's launcher directly on the current
     stream, skipping the Python of Triton's runner (device and stream lookups, launch metadata,
     empty hook chains: about a third of a launch's host time), and with tensor descriptors
     their kept encoding; with a launch hook set they go through the runner."""
     device = args[0].device
+    launch_pdl = False
+    if _takes_pdl(kernel, len(args)):
+        launch_pdl = chained(device)
+        args = (*args, launch_pdl)
     options = {"launch_pdl": True} if launch_pdl else {}
     if not _FAST_LAUNCH[0] or device.type != "cuda":
         kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **options)

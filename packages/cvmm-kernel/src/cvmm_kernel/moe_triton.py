@@ -39,7 +39,7 @@ import triton.language as tl
 from .host_math import cdiv, next_power_of_2
 from .interpreter import interpreting
 from .launcher import _DESCRIPTOR, DESCRIPTORS_AVAILABLE, launch
-from .pdl import chained, gdc_launch_dependents, gdc_wait
+from .pdl import wait_for_previous
 from .triton_kernels import _input_precision as input_precision
 from .validation import _capability
 
@@ -102,9 +102,7 @@ def _routing_rank_kernel(
     zeroed before. ``PAIRS``: the ``N`` elements are items of two slots, binned by their pair
     of experts (:func:`_pair_number`; ``E`` is the number of pairs). ``PDL``: launched as a
     programmatic dependent launch."""
-    if PDL:  # the kernel before may still run (cvmm_kernel.pdl)
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     block = tl.program_id(0)
     i = tl.arange(0, BLOCK)
     offs = block * BLOCK + i
@@ -139,9 +137,7 @@ def _routing_scan_kernel(
 ):
     """Per expert: exclusive prefix sum of its per-block counts over the blocks, and its total.
     ``PDL``: launched as a programmatic dependent launch."""
-    if PDL:  # the kernel before may still run (cvmm_kernel.pdl)
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     offs_e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     running = tl.zeros((BLOCK_E,), dtype=tl.int32)
@@ -183,9 +179,7 @@ def _routing_place_kernel(
     count of each expert) + the slot's rank. The programs after them write the expert offsets
     and the tile table, ``BLOCK_T`` tiles each (padding tiles get ``E``). ``PDL``: launched as
     a programmatic dependent launch."""
-    if PDL:  # the kernel before may still run (cvmm_kernel.pdl)
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
@@ -438,7 +432,9 @@ def _moe_gemm_kernel(
     W_DESC: tl.constexpr,
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    wait_for_previous(PDL)
     # Work items are numbered tile-major, so the programs running at one time share an
     # expert's matrix (and, for gathered rows, the tile's rows) in L2.
     n_work = tl.load(n_valid_ptr) * tl.cdiv(N, BLOCK_N)
@@ -501,6 +497,7 @@ def _moe_gemm_rows_kernel(
     INPUT_PRECISION: tl.constexpr,
     W_DESC: tl.constexpr,
     N_STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """For inner sizes that fit one block (``K <= BLOCK_K``): one program per tile loads the
     tile's rows once and walks every column block of its expert's matrix, so the next block's
@@ -508,6 +505,7 @@ def _moe_gemm_rows_kernel(
 
     ``GATE_GRAD`` (a linear layer's backward, ``z = dy @ W^T``): also ``dgate[slot] = <z, h>``
     with ``h`` the layer's input row ``slot // H_DIV``, summed over the column blocks."""
+    wait_for_previous(PDL)
     tile = tl.program_id(0)
     if tile >= tl.load(n_valid_ptr):
         return
@@ -558,6 +556,7 @@ def _moe_mlp_rows_kernel(
     BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UP_DESC: tl.constexpr, DOWN_DESC: tl.constexpr,
     UP_STAGES: tl.constexpr, DOWN_STAGES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """The forward of a whole sigma-MoE feedforward per tile, for hidden sizes that fit one
     block (``H <= BLOCK_H``): ``h = act(x[token] @ w_up[e])`` (stored in sorted order for the
@@ -565,6 +564,7 @@ def _moe_mlp_rows_kernel(
     registers, ``g * (h @ w_down[e])`` block by block of the output's columns, stored to the
     slot's row. One launch instead of the up projection's and the row-tile kernel's, and ``h``
     is not read back."""
+    wait_for_previous(PDL)
     tile = tl.program_id(0)
     if tile >= tl.load(n_valid_ptr):
         return
@@ -636,6 +636,7 @@ def _moe_weight_grad_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """``dw[e] (+)= sum_{p in e} a[row_a(p)]^T b[row_b(p)]``, one ``BLOCK_K x BLOCK_N`` tile of
     one expert per program; ``ACCUMULATE`` adds to ``dw`` (in fp32) instead of overwriting.
@@ -653,6 +654,7 @@ def _moe_weight_grad_kernel(
     ``SPLIT > 1`` (few experts with many rows: too few programs to fill the GPU): each expert's
     rows are cut into ``SPLIT`` ranges of whole ``BLOCK_M`` blocks, and program ``s`` of a tile
     writes its range's sum to ``dw[s]`` (``stride_ds``), a float32 buffer the caller sums."""
+    wait_for_previous(PDL)
     pid = tl.program_id(0)
     k_blocks = tl.cdiv(K, BLOCK_K)
     n_blocks = tl.cdiv(N, BLOCK_N)
@@ -807,7 +809,6 @@ def build_routing(
     """
     n = flat_index.numel()
     device = flat_index.device
-    chain = chained(device)  # each launch may start while the one before ends (pdl)
     block = ROUTING_BLOCK if block is None else block
     warps = ROUTING_WARPS if warps is None else warps
     while cdiv(n, block) * n_experts > MAX_BLOCK_COUNTS and block < 1024:
@@ -834,13 +835,13 @@ def build_routing(
         rank, block_counts, block_start = rest
         launch(
             _routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n, n_experts, block,
-            bins, False, chain, num_warps=warps, launch_pdl=chain,
+            bins, False, num_warps=warps,
         )  # fmt: skip
         scan_b, scan_e, scan_warps = ROUTING_SCAN if scan is None else scan
         launch(
             _routing_scan_kernel, (cdiv(n_experts, scan_e),),
-            block_counts, block_start, counts, n_blocks, n_experts, scan_b, scan_e, chain,
-            num_warps=scan_warps, launch_pdl=chain,
+            block_counts, block_start, counts, n_blocks, n_experts, scan_b, scan_e,
+            num_warps=scan_warps,
         )  # fmt: skip
     block_e = next_power_of_2(n_experts)
     block_t = max(1, min(64, 16384 // block_e))
@@ -849,7 +850,7 @@ def build_routing(
         _routing_place_kernel, (place_blocks + max(1, cdiv(n_tiles, block_t)),),
         flat_index, rank, block_start, counts, sorted_to_slot, slot_to_sorted, offsets,
         tile_expert, tile_start, n_valid, n, n_experts, place_blocks, n_tiles, block, block_m,
-        block_e, block_t, chain, launch_pdl=chain,
+        block_e, block_t,
     )  # fmt: skip
     return sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid
 
@@ -1239,9 +1240,11 @@ def row_split(tiles: int, rows: int, n_experts: int, block_m: int, device: torch
 def _gated_group_sum_kernel(
     y_ptr, gate_ptr, out_ptr, n_groups, N, K: tl.constexpr, GATED: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """``out[g] = sum_j gate[g*K + j] * y[g*K + j]`` in fp32 (``y``, ``out``: ``N`` wide); the
     plain sum without ``GATED``. The ``K`` loads of a row are unrolled, so all are in flight."""
+    wait_for_previous(PDL)
     offs_g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_g = offs_g < n_groups
@@ -1261,9 +1264,11 @@ def _gated_group_sum_kernel(
 
 @triton.jit
 def _group_dot_kernel(
-    y_ptr, dy_ptr, out_ptr, n_slots, N, K, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr
+    y_ptr, dy_ptr, out_ptr, n_slots, N, K, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """``out[s] = <y[s], dy[s // K]>`` in fp32 (the gate gradient from saved products)."""
+    wait_for_previous(PDL)
     offs_s = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     mask_s = offs_s < n_slots
     y_rows = offs_s.to(tl.int64)[:, None] * N
@@ -1310,11 +1315,13 @@ def group_dot(y: torch.Tensor, dy: torch.Tensor, k: int) -> torch.Tensor:
 def _spread_slots_kernel(
     src_ptr, index_ptr, gate_ptr, out_ptr, W, n_experts,
     DIV: tl.constexpr, SRC_DIV: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_W: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Row ``r`` of ``out [R, E * W]``: ``out[r, e*W + c] = sum_j gate[s] * src[s // SRC_DIV, c]``
     over the slots ``s = r*DIV + j`` whose ``index[s] == e``, in fp32 in slot order
     (deterministic), zero for the experts no slot of the row chose. One program per (row,
     column block, block of experts), all its experts' tiles in registers."""
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     experts = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)

@@ -44,7 +44,7 @@ from .moe_triton import (
     input_precision,
     weight_operand,
 )
-from .pdl import chained, gdc_launch_dependents, gdc_wait
+from .pdl import wait_for_previous
 
 
 @triton.jit
@@ -75,9 +75,7 @@ def _pair_place_kernel(
     second slot where both chose one expert). The programs after them write the pairs' offsets
     and tile table, and program ``n_blocks`` the experts' offsets. ``PDL``: launched as a
     programmatic dependent launch."""
-    if PDL:  # the kernel before may still run (cvmm_kernel.pdl)
-        gdc_wait()
-        gdc_launch_dependents()
+    wait_for_previous(PDL)
     pid = tl.program_id(0)
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < n_pairs
@@ -176,22 +174,19 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
         device, n_pairs, n_items, n_blocks * n_pairs, n_blocks * n_pairs, zero=not bins
     )
     bases = new(n_blocks * block_e * block_e)
-    chain = chained(device)  # each launch may start while the one before ends (pdl)
     launch(_routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n_items, n_pairs,
-           block, bins, True, chain, num_warps=PAIR_ROUTING["rank_warps"],
-           launch_pdl=chain)  # fmt: skip
+           block, bins, True, num_warps=PAIR_ROUTING["rank_warps"])  # fmt: skip
     scan_b, scan_e, scan_warps = ROUTING_SCAN
     launch(_routing_scan_kernel, (cdiv(n_pairs, scan_e),), block_counts, block_start, counts,
-           n_blocks, n_pairs, scan_b, scan_e, chain, num_warps=scan_warps,
-           launch_pdl=chain)  # fmt: skip
+           n_blocks, n_pairs, scan_b, scan_e, num_warps=scan_warps)  # fmt: skip
     block_p = next_power_of_2(n_pairs)
     block_t = max(1, min(64, 16384 // block_p))
     launch(
         _pair_place_kernel, (n_blocks + max(1, cdiv(length, block_t)),),
         flat_index, rank, block_start, counts, bases, sorted_lo_slot, pair_offsets,
         sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid, n_items,
-        n_experts, n_pairs, n_blocks, length, block, block_m, block_p, block_e, block_t, chain,
-        num_warps=PAIR_ROUTING["place_warps"], launch_pdl=chain,
+        n_experts, n_pairs, n_blocks, length, block, block_m, block_p, block_e, block_t,
+        num_warps=PAIR_ROUTING["place_warps"],
     )  # fmt: skip
     return (sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
             sorted_lo_slot, pair_offsets)  # fmt: skip
@@ -323,6 +318,7 @@ def _pair_rows_kernel(
     SORTED_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
     N_STAGES: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Products of items of two slots, one program per (pair of experts, column block): item
     ``i`` reads row ``i // A_DIV`` of ``a`` and stores ``out[i] = g_lo * a @ W[lo] + g_hi * a @
@@ -335,6 +331,7 @@ def _pair_rows_kernel(
     walks its items' rows for the gate's gradient from the forward's kept products ``y``, for
     the gated rows in the experts' order (:func:`_pair_row_extras`; one program doing both
     measured slower: benchmarks/results/ab_pair_rows_first.md)."""
+    wait_for_previous(PDL)
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     per_pair = n_blocks + GATE_DOT + SORTED_ROWS
@@ -401,6 +398,7 @@ def _pair_gemm_kernel(
     stride_dg, STORE_Y: tl.constexpr, GATE_GRAD: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     W_DESC: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     """One tile of a pair's items (the pairs' tile table) times one column block: item ``i``
     reads row ``i // A_DIV`` of ``a``, accumulates ``z_lo = a @ W[lo]`` and ``z_hi = a @ W[hi]``
@@ -408,6 +406,7 @@ def _pair_gemm_kernel(
     g_hi * z_hi`` (fp32 sum). ``STORE_Y``: also ``y[slot] = z`` of each slot, ungated, in
     ``y``'s dtype. ``GATE_GRAD``: also ``dgate[pid_n, slot] = <z, h[i // H_DIV]>`` over the
     column block (the caller sums the blocks)."""
+    wait_for_previous(PDL)
     n_col_blocks = tl.cdiv(N, BLOCK_N)
     work = tl.program_id(0)
     tile = work // n_col_blocks
