@@ -1283,6 +1283,12 @@ def _group_dot_kernel(
     tl.store(out_ptr + offs_s, acc, mask=mask_s)
 
 
+# gated_group_sum's launch settings by k: (groups per block, columns per block (at most the
+# row's width), num_warps); GROUP_SUM_BLOCKS[0] for any k not listed
+# (benchmarks/ab_group_sum.py).
+GROUP_SUM_BLOCKS: dict[int, tuple[int, int, int]] = {0: (32, 128, 4)}
+
+
 def gated_group_sum(y: torch.Tensor, gate: torch.Tensor | None, k: int) -> torch.Tensor:
     """``y [G*k, N]`` (contiguous), ``gate [G*k]`` -> ``[G, N]`` in ``y``'s dtype: each group's
     gate-weighted sum of its ``k`` consecutive rows, in fp32, in a fixed order (``gate=None``:
@@ -1292,10 +1298,13 @@ def gated_group_sum(y: torch.Tensor, gate: torch.Tensor | None, k: int) -> torch
     out = y.new_empty(n_slots // k, n)
     if out.numel() == 0:
         return out.zero_()
-    block_g, block_n = (16, 16) if interpreting() else (32, min(128, next_power_of_2(n)))
+    block_g, block_n, warps = GROUP_SUM_BLOCKS.get(k, GROUP_SUM_BLOCKS[0])
+    block_n = min(block_n, next_power_of_2(n))
+    if interpreting():
+        block_g, block_n, warps = 16, 16, 4
     grid = (cdiv(out.shape[0], block_g), cdiv(n, block_n))
     launch(_gated_group_sum_kernel, grid, y, y if gate is None else gate, out, out.shape[0], n,
-           k, gate is not None, block_g, block_n)  # fmt: skip
+           k, gate is not None, block_g, block_n, num_warps=warps)  # fmt: skip
     return out
 
 
