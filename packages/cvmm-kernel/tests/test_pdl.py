@@ -33,8 +33,9 @@ def test_chained_routing_same_maps(graph, monkeypatch):
     results = []
     for enabled in (False, True):
         monkeypatch.setattr(pdl, "ENABLED", [enabled])
+        capable = torch.cuda.get_device_capability()[0] >= 9
         assert pdl.chained(device) == (
-            enabled and pdl.AVAILABLE and torch.cuda.get_device_capability()[0] >= 9
+            enabled and pdl.AVAILABLE and capable and pdl.driver_version() >= pdl.MIN_DRIVER
         )
         out = _routings(flat_slots, flat_items)
         if graph:
