@@ -62,6 +62,8 @@ def chained(device: torch.device) -> bool:
     a driver from CUDA 12.3 on, this Triton has it, not interpreting, and ``ENABLED``."""
     if not (ENABLED[0] and AVAILABLE and device.type == "cuda") or interpreting():
         return False
+    if torch.version.hip is not None:  # ROCm's "cuda" devices: no grid dependency control
+        return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     capable = _CAPABLE.get(index)
     if capable is None:
