@@ -22,25 +22,23 @@ slot layouts and where the call takes pairs: there it stays deterministic).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from . import dense_slots, pair_slots
-from .interpreter import interpreting
 from .moe_ops import (
     BACKWARD_SCHEDULE,
     Routing,
     _config,
     _per_expert,
     _per_expert_outer,
-    _side_stream,
     _weight_grad,
     decode_gemm_configs,
     in_weight_dtype,
     no_second_derivative,
     routing_impl,
+    side_work,
 )
 from .shared_grads import settle
 from .weight_cache import cast_weight
@@ -209,13 +207,10 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     # the input gradient (with the gate's) and a weight gradient that does not read its rows are
     # independent: on a side stream the first fills what the second leaves idle, as in
     # moe_mlp's backward (BACKWARD_SCHEDULE["linear_overlap"])
-    overlap = (BACKWARD_SCHEDULE["linear_overlap"] and x.is_cuda and not interpreting()
-               and launches_dx and need_w and not sorted_rows
+    overlap = (BACKWARD_SCHEDULE["linear_overlap"] and launches_dx and need_w and not sorted_rows
                and dense != dense_slots.OUTPUT_ROWS)  # fmt: skip
-    if overlap:
-        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-        side.wait_stream(main)
-    with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
+    on_side, join = side_work(x.device, overlap)
+    with on_side:
         if launches_dx:
             # without x's gradient, the same launch with no columns: its gate dots alone (the
             # same program, so the same bits as with x's gradient)
@@ -242,11 +237,7 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     else:
         dw = _weight_grad(x, dy, w, top_k=a_div, a_gather=True, b_gather=True, gate=gate,
                           b_div=out_div, **wgrad)  # fmt: skip
-    if overlap:
-        main.wait_stream(side)
-        for made_on_side in (dx, dgate):  # used on the main stream from here
-            if made_on_side is not None:
-                made_on_side.record_stream(main)
+    join(dx, dgate)
     return dx if need_x else None, dgate, dw
 
 

@@ -616,6 +616,26 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[index]
 
 
+def side_work(device: torch.device, on: bool):
+    """``(context, join)`` for work that overlaps what the current stream runs next: inside
+    ``context`` it is queued on the device's side stream, after what the current stream has
+    queued; ``join(*made)`` makes the current stream wait for it and records the tensors made
+    there (None skipped) as used on the current stream. Not ``on``, or not a CUDA device (the
+    interpreter's tensors included): the work runs in order and ``join`` does nothing."""
+    if not on or device.type != "cuda" or interpreting():
+        return contextlib.nullcontext(), lambda *made: None
+    main, side = torch.cuda.current_stream(device), _side_stream(device)
+    side.wait_stream(main)
+
+    def join(*made: torch.Tensor | None) -> None:
+        main.wait_stream(side)
+        for tensor in made:
+            if tensor is not None:
+                tensor.record_stream(main)
+
+    return torch.cuda.stream(side), join
+
+
 def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activation, deterministic,
                      shared=(None, None), configs=None, overlap=None,
                      grad_dtype=None):  # fmt: skip
@@ -657,11 +677,8 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
     # (64 x 4096 at k=2: 2.76 ms in order, 2.82 overlapped; ab_moe_block_m64.md).
     if overlap is None:
         overlap = BACKWARD_SCHEDULE["overlap"]
-    overlap = overlap and x.is_cuda and not interpreting() and hid <= kt.ROWS_MAX_K
-    if overlap:
-        main, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
-        side.wait_stream(main)
-    with torch.cuda.stream(side) if overlap else contextlib.nullcontext():
+    on_side, join = side_work(x.device, overlap and hid <= kt.ROWS_MAX_K)
+    with on_side:
         dx = _token_sums(du, wu.transpose(1, 2), r, top_k, tokens, "grad_input", deterministic,
                          configs=configs)  # fmt: skip
     if gh is not None:  # dW_down^T = dy[token]^T (g * h)
@@ -685,9 +702,7 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
         configs=configs,
         grad_dtype=grad_dtype,
     )
-    if overlap:
-        main.wait_stream(side)
-        dx.record_stream(main)  # made on the side stream, used on the main one from here
+    join(dx)
     return dx, dgate, dw_up, dw_down
 
 
