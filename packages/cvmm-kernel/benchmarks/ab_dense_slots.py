@@ -165,7 +165,7 @@ def write_ab(title: str, name: str, rows: list, profiles: list, baseline: str,
     for r in rows:
         passes = ", ".join(f"{v:.3f}" for v in r["ms_passes"])
         diff = max(r[f"rel_diff_vs_{baseline}"].values())
-        lines.append(f"| {r['shape']} | {r['variant']} | {passes} | {r['pct_of_dense']:.0f}% "
+        lines.append(f"| {r['shape']} | {r['variant']} | {passes} | {r['pct_of_dense']:.1f}% "
                      f"| {r['peak_mib']:.0f} | {diff:.1e} |")  # fmt: skip
     table = "\n".join(lines)
     print(table)
