@@ -1,20 +1,20 @@
-r"""A/B: the order in which the products of ``moe_linear``'s row-tile kernel are written and
-summed over heads, so that the sum finds them in L2 (forward + backward, bf16, CUDA-graph
-replays, medians, two passes alternating, one process).
+r"""A/B: the loads of the sums over a group's rows (``moe_triton.gated_group_sum``) marked
+evict-first or not (forward + backward, bf16, CUDA-graph replays, medians, two passes
+alternating, one process).
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':'):packages/cvmm-kernel/benchmarks \
         python3 packages/cvmm-kernel/benchmarks/ab_l2_order.py
 
 SwitchHead's O (forward) and V (input gradient) at 4 heads x 8 and x 10 experts sum 4 product
 rows per token (67 MB of bf16 at 8192 tokens, more than the H100's 50 MB L2) right after the
-row-tile kernel writes them. Variants: ``pair_slots.COLUMNS_OUTER`` (the kernel's programs
-numbered column block by column block, so the products are written from the first column block
-to the last, and the sum reads them last block first: the most recently written, still in L2,
-first) and ``moe_triton.GROUP_SUM_EVICT`` (the sum's loads marked ``evict_first``, so that its
-own misses and stores evict rows it has read rather than rows it has yet to read). Then
-MoEUT-244M's feedforward and 64 x 4096 (k-sums over products from the GEMM, not reordered)
-with and without the eviction hint. Writes ``ab_l2_order.{json,md}``, ``profile_l2_order.txt``
-and ``ab_l2_order_ffn.{json,md}`` to ``$OUT`` (else ``benchmarks/results``).
+row-tile kernel writes them, with the gate's gradient; then MoEUT-244M's feedforward and
+64 x 4096 (k-sums of the GEMM's products, the gate frozen). Each row is read once: marked
+``evict_first`` (``moe_triton.GROUP_SUM_EVICT``, shipped) it leaves L2 to what is read again.
+This script's first version (commit 1464a8a, with its results) also timed the row-tile kernel's
+programs numbered column block by column block and the sum reading the last written column
+block first: no faster with evict-first loads, and not kept. Writes ``ab_l2_order.{json,md}``,
+``profile_l2_order.txt`` and ``ab_l2_order_ffn.{json,md}`` to ``$OUT`` (else
+``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -27,10 +27,8 @@ from bench_cvmm import SHAPES, Shape, make_inputs, ours_fused, time_fwd_bwd, tra
 from bench_harness import environment_line, metadata, require_cuda, write_results
 
 VARIANTS = [  # (label, switches)
-    ("shipped", {}),
-    ("columns outer", {"COLUMNS_OUTER": True, "GROUP_SUM_EVICT": ""}),
-    ("columns outer + evict_first", {"COLUMNS_OUTER": True, "GROUP_SUM_EVICT": "evict_first"}),
-    ("evict_first", {"COLUMNS_OUTER": False, "GROUP_SUM_EVICT": "evict_first"}),
+    ("evict_first (shipped)", {}),
+    ("default eviction", {"GROUP_SUM_EVICT": ""}),
     ("shipped again", {}),
 ]
 FFN_NAMES = ("moeut-244m-ffn", "large-64x4096-k2")
@@ -42,19 +40,18 @@ def ffn_rows() -> list[dict]:
     for s in [s for s in SHAPES if s.name in FFN_NAMES]:
         t = make_inputs(s, "cuda")
         params = trained_tensors(t)
-        labels = ("default", "evict_first", "default again")
-        times: dict[str, list[float]] = {label: [] for label in labels}
+        times: dict[str, list[float]] = {label: [] for label, _ in VARIANTS}
         for _ in range(2):
-            for label in labels:
-                _switch({"GROUP_SUM_EVICT": "evict_first" if label == "evict_first" else ""})
+            for label, on in VARIANTS:
+                _switch(on)
                 times[label].append(
                     time_fwd_bwd(lambda s=s, t=t: ours_fused(s, t, True), params)[0]
                 )
         _switch({})
-        for label in labels:
+        for label, _ in VARIANTS:
             rows.append(dict(shape=s.name, variant=label, ms_passes=times[label],
                              ms=min(times[label])))  # fmt: skip
-            print(f"{s.name:20s} {label:14s} {min(times[label]):.4f} ms")
+            print(f"{s.name:20s} {label:22s} {min(times[label]):.4f} ms")
         torch.cuda.empty_cache()
     return rows
 
@@ -65,15 +62,15 @@ def main() -> int:
     variants = [(label, on, {}, str(on)) for label, on in VARIANTS]
     shapes = [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
               for e in (8, 10) for kind in ("o", "v")]  # fmt: skip
-    run_pair_ab(variants, "switches", "moe_linear: the products' order and the sum's eviction",
+    run_pair_ab(variants, "switches", "moe_linear: the group sums' loads evict-first or not",
                 "l2_order", __file__, shapes)  # fmt: skip
     rows = ffn_rows()
     meta = metadata(dtype="bfloat16", timing="do_bench median of CUDA-graph replays, best of 2")
-    base = {r["shape"]: r["ms"] for r in rows if r["variant"] == "default"}
+    base = {r["shape"]: r["ms"] for r in rows if r["variant"] == VARIANTS[0][0]}
     lines = [
         f"k-sums with evict-first loads, {environment_line(meta)}",
         "",
-        "| shape | variant | ms (two passes) | vs default |",
+        f"| shape | variant | ms (two passes) | vs {VARIANTS[0][0]} |",
         "|---|---|---|---|",
         *[
             f"| {r['shape']} | {r['variant']} | " + ", ".join(f"{m:.4f}" for m in r["ms_passes"])

@@ -49,24 +49,21 @@ VARIANTS = [
 ]
 
 
-# the shipped values of the switches that are not plain on/off
-_SHIPPED = {"COLUMNS_OUTER": pair_slots.COLUMNS_OUTER[0],
-            "GROUP_SUM_EVICT": moe_triton.GROUP_SUM_EVICT[0]}  # fmt: skip
+# the shipped value of the one switch that is not plain on/off
+_SHIPPED_EVICT = moe_triton.GROUP_SUM_EVICT[0]
 
 
 def _switch(on) -> None:
     """Sets ``pair_slots``' switches: ``on`` whether calls run by pairs, or a dict of switch
     names and values; every switch not named is on (shipped). ``"linear_overlap"``: that key
     of ``moe_ops.BACKWARD_SCHEDULE``, ``"PDL"``: ``pdl.ENABLED`` (both also on where not
-    named); ``"COLUMNS_OUTER"`` (``pair_slots``) and ``"GROUP_SUM_EVICT"`` (``moe_triton``)
-    shipped where not named."""
+    named); ``"GROUP_SUM_EVICT"``: ``moe_triton``'s (shipped where not named)."""
     named = on if isinstance(on, dict) else {"ENABLED": on}
     for switch in ("ENABLED", "GATE_DOTS", "SORTED_ROWS", "PREFETCH_ROWS"):
         getattr(pair_slots, switch)[0] = named.get(switch, True)
     moe_ops.BACKWARD_SCHEDULE["linear_overlap"] = named.get("linear_overlap", True)
     pdl.ENABLED[0] = named.get("PDL", True)
-    pair_slots.COLUMNS_OUTER[0] = named.get("COLUMNS_OUTER", _SHIPPED["COLUMNS_OUTER"])
-    moe_triton.GROUP_SUM_EVICT[0] = named.get("GROUP_SUM_EVICT", _SHIPPED["GROUP_SUM_EVICT"])
+    moe_triton.GROUP_SUM_EVICT[0] = named.get("GROUP_SUM_EVICT", _SHIPPED_EVICT)
 
 
 def run_pair_ab(

@@ -145,18 +145,13 @@ def test_edge_layouts(backend, device, shared, reduce_groups, case, monkeypatch,
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize(("shared", "reduce_groups"), LAYOUTS[:3])
 @pytest.mark.parametrize("n_experts", [6, 50])  # pair numbers binned by histogram, or not
-@pytest.mark.parametrize("columns_outer", [False, True])
-def test_pair_sums_edge_cases(backend, device, shared, reduce_groups, n_experts, columns_outer,
-                              monkeypatch):  # fmt: skip
+def test_pair_sums_edge_cases(backend, device, shared, reduce_groups, n_experts, monkeypatch):
     """Slot sums by pairs of experts: one pair in either order over several tiles of items,
     beside pairs of one item, and groups that chose one expert twice (``lo == hi``); with 50
-    experts the 1275 pair numbers take the routing's path for many experts. ``columns_outer``:
-    the row-tile kernel's products written column block by column block, summed last block
-    first."""
-    from cvmm_kernel import dense_slots, pair_slots
+    experts the 1275 pair numbers take the routing's path for many experts."""
+    from cvmm_kernel import dense_slots
 
     monkeypatch.setattr(dense_slots, "MAX_RATIO", [0.0])
-    monkeypatch.setattr(pair_slots, "COLUMNS_OUTER", [columns_outer])
     d_in, d_out = (24, 12) if shared else (12, 24)
     inputs = make_inputs((41,), 3, 2, n_experts, d_in, d_out, shared=shared,
                          dtype=torch.float32, device=device, seed=3)  # fmt: skip

@@ -69,8 +69,7 @@ def test_pair_rows_extras_match_definition(backend, device, config, n):
     """The row-tile kernel's gate dots and gated rows in the experts' order (a program each per
     pair, after its column blocks: 48 columns in blocks of 16, one block, or no columns at all)
     against their definitions; the products unchanged by them, the same with the items' loads
-    prefetched by hand or pipelined by Triton, and with the programs numbered column block by
-    column block; and against their definition."""
+    prefetched by hand or pipelined by Triton, and against their definition."""
     from cvmm_kernel import pair_slots
     from cvmm_kernel import pair_triton as pt
 
@@ -93,12 +92,6 @@ def test_pair_rows_extras_match_definition(backend, device, config, n):
     pt.pair_rows(a, w, out, flat, gate, routing[6], routing[7], 1, config, products=products,
                  dgate=dgate, sorted_rows=rows, slot_to_sorted=routing[1])  # fmt: skip
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
-    columns_outer = [torch.full_like(t, float("nan")) for t in (out, dgate, rows)]
-    pt.pair_rows(a, w, columns_outer[0], flat, gate, routing[6], routing[7], 1, config,
-                 products=products, dgate=columns_outer[1], sorted_rows=columns_outer[2],
-                 slot_to_sorted=routing[1], columns_outer=True)  # fmt: skip
-    for got, want in zip(columns_outer, (out, dgate, rows)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
     # the loads prefetched by hand or by Triton's pipeliner: fp32 products, rounded alike up to
     # the compiler's contractions of the gate's multiply-add
     torch.testing.assert_close(pipelined, plain, rtol=1e-6, atol=1e-6)
@@ -114,20 +107,18 @@ def test_pair_rows_extras_match_definition(backend, device, config, n):
 
 @pytest.mark.parametrize(("backend", "device"), [TRITON_INTERPRET, TRITON_CUDA])
 @pytest.mark.parametrize("gated", [False, True])
-def test_group_sum_column_order_and_eviction_keep_the_sums(backend, device, gated, monkeypatch):
-    """``gated_group_sum`` with its column blocks read last to first, and with its loads marked
-    evict-first: the same bits as in order, and the sums of their definition (several column
-    blocks and a part-filled last one, groups of 4 rows)."""
+def test_group_sum_eviction_keeps_the_sums(backend, device, gated, monkeypatch):
+    """``gated_group_sum`` with its loads marked evict-first (shipped) or not: the same bits,
+    and the sums of their definition (several column blocks and a part-filled last one, groups
+    of 4 rows)."""
     from cvmm_kernel import moe_triton
 
     g = torch.Generator().manual_seed(8)
     y = torch.randn(4 * 37, 40, generator=g).to(device)
     gate = torch.rand(4 * 37, generator=g).to(device) if gated else None
-    plain = moe_triton.gated_group_sum(y, gate, 4)
-    reversed_order = moe_triton.gated_group_sum(y, gate, 4, last_columns_first=True)
     monkeypatch.setattr(moe_triton, "GROUP_SUM_EVICT", ["evict_first"])
-    evicting = moe_triton.gated_group_sum(y, gate, 4, last_columns_first=True)
-    torch.testing.assert_close(reversed_order, plain, rtol=0, atol=0)
-    torch.testing.assert_close(evicting, plain, rtol=0, atol=0)
+    plain = moe_triton.gated_group_sum(y, gate, 4)
+    monkeypatch.setattr(moe_triton, "GROUP_SUM_EVICT", [""])
+    torch.testing.assert_close(moe_triton.gated_group_sum(y, gate, 4), plain, rtol=0, atol=0)
     weighted = y if gate is None else y * gate[:, None]
     torch.testing.assert_close(plain, weighted.view(37, 4, 40).sum(1), rtol=1e-5, atol=1e-5)

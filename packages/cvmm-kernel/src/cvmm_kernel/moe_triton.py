@@ -1239,21 +1239,15 @@ def row_split(tiles: int, rows: int, n_experts: int, block_m: int, device: torch
 @triton.jit
 def _gated_group_sum_kernel(
     y_ptr, gate_ptr, out_ptr, n_groups, N, K: tl.constexpr, GATED: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, LAST_COLUMNS_FIRST: tl.constexpr,
-    EVICT: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, EVICT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     """``out[g] = sum_j gate[g*K + j] * y[g*K + j]`` in fp32 (``y``, ``out``: ``N`` wide); the
     plain sum without ``GATED``. The ``K`` loads of a row are unrolled, so all are in flight.
-    ``LAST_COLUMNS_FIRST``: the column blocks in reverse order (program 0 takes the last), for
-    ``y`` written column block by column block: the last written, still in L2, are read first.
     ``EVICT``: the loads' eviction policy (``y`` is read once)."""
     wait_for_previous(PDL)
-    col_block = tl.program_id(1)
-    if LAST_COLUMNS_FIRST:
-        col_block = tl.num_programs(1) - 1 - col_block
     offs_g = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
-    offs_n = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_g = offs_g < n_groups
     mask = mask_g[:, None] & (offs_n < N)[None, :]
     acc = tl.zeros((BLOCK_G, BLOCK_N), dtype=tl.float32)
@@ -1295,18 +1289,18 @@ def _group_dot_kernel(
 # row's width), num_warps); GROUP_SUM_BLOCKS[0] for any k not listed
 # (benchmarks/ab_group_sum.py).
 GROUP_SUM_BLOCKS: dict[int, tuple[int, int, int]] = {0: (32, 128, 4)}
-# GROUP_SUM_EVICT[0]: the eviction policy of gated_group_sum's loads ("" the default)
-GROUP_SUM_EVICT = [""]
+# GROUP_SUM_EVICT[0]: the eviction policy of gated_group_sum's loads ("" Triton's default). Each
+# row is read once, and marked evict-first it leaves L2 to what is read again: whole steps 0.7%
+# (MoEUT-244M's feedforward) to 1.7% (SwitchHead's O, 4 x 8) faster
+# (benchmarks/results/ab_l2_order.md, ab_l2_order_ffn.md). Read at each call.
+GROUP_SUM_EVICT = ["evict_first"]
 
 
-def gated_group_sum(y: torch.Tensor, gate: torch.Tensor | None, k: int, *,
-                    last_columns_first: bool = False) -> torch.Tensor:  # fmt: skip
+def gated_group_sum(y: torch.Tensor, gate: torch.Tensor | None, k: int) -> torch.Tensor:
     """``y [G*k, N]`` (contiguous), ``gate [G*k]`` -> ``[G, N]`` in ``y``'s dtype: each group's
     gate-weighted sum of its ``k`` consecutive rows, in fp32, in a fixed order (``gate=None``:
     the plain sum; for small ``k`` about twice as fast as ``torch.sum`` over the middle dim of
-    ``[G, k, N]`` on an H100, equal at k=16: benchmarks/results/ab_ksum.md).
-    ``last_columns_first``: the column blocks read last to first (the same sums), for ``y``
-    written first to last column block (L2 then still holds the last written)."""
+    ``[G, k, N]`` on an H100, equal at k=16: benchmarks/results/ab_ksum.md)."""
     n_slots, n = y.shape
     out = y.new_empty(n_slots // k, n)
     if out.numel() == 0:
@@ -1317,8 +1311,7 @@ def gated_group_sum(y: torch.Tensor, gate: torch.Tensor | None, k: int, *,
         block_g, block_n, warps = 16, 16, 4
     grid = (cdiv(out.shape[0], block_g), cdiv(n, block_n))
     launch(_gated_group_sum_kernel, grid, y, y if gate is None else gate, out, out.shape[0], n,
-           k, gate is not None, block_g, block_n, last_columns_first, GROUP_SUM_EVICT[0],
-           num_warps=warps)  # fmt: skip
+           k, gate is not None, block_g, block_n, GROUP_SUM_EVICT[0], num_warps=warps)  # fmt: skip
     return out
 
 

@@ -43,11 +43,6 @@ SORTED_ROWS = [True]
 # (which waits for them at each tile's start) instead of prefetched by hand a tile ahead
 # (benchmarks/ab_pair_prefetch.py). Read at each call.
 PREFETCH_ROWS = [True]
-# COLUMNS_OUTER[0]: the row-tile kernel writes its items' products from the first column block
-# to the last (programs numbered column block by column block) and the sum over groups reads
-# them from the last to the first, so that its first reads find them in L2
-# (benchmarks/ab_l2_order.py). Read at each call.
-COLUMNS_OUTER = [False]
 # The most experts whose pairs (E * (E + 1) / 2 numbers) the routing bins: above it, per-slot
 # products.
 MAX_EXPERTS = 64
@@ -132,7 +127,7 @@ def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: to
         pt.pair_rows(a, w, items, index, gate, r.sorted_lo_slot, r.pair_offsets, a_div // 2,
                      config, products=products, dgate=dgate, sorted_rows=rows,
                      slot_to_sorted=r.slot_to_sorted if sorted_rows else None,
-                     prefetch=PREFETCH_ROWS[0], columns_outer=COLUMNS_OUTER[0])  # fmt: skip
+                     prefetch=PREFETCH_ROWS[0])  # fmt: skip
     else:
         config = _config("linear_pair_gemm", k, n, configs)
         y = a.new_empty(n_slots, n) if keep_products else None
@@ -142,9 +137,7 @@ def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: to
                      dgate=dgate, config=config)  # fmt: skip
         if dgate is not None:
             dgate = dgate[0] if dgate.shape[0] == 1 else dgate.sum(0)
-    reverse = COLUMNS_OUTER[0] and takes_rows_kernel(k, keep_products, h)
-    out = (items if out_div == 2
-           else gated_group_sum(items, None, out_div // 2, last_columns_first=reverse))  # fmt: skip
+    out = items if out_div == 2 else gated_group_sum(items, None, out_div // 2)
     return out, y, dgate, rows
 
 

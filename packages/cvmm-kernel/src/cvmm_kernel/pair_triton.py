@@ -317,7 +317,7 @@ def _pair_rows_kernel(
     stride_wn, stride_om, stride_on, stride_ym, stride_rm, GATE_DOT: tl.constexpr,
     SORTED_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
-    N_STAGES: tl.constexpr, PREFETCH: tl.constexpr, COLUMNS_OUTER: tl.constexpr,
+    N_STAGES: tl.constexpr, PREFETCH: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Products of items of two slots, one program per (pair of experts, column block): item
@@ -330,21 +330,13 @@ def _pair_rows_kernel(
     ``GATE_DOT``, ``SORTED_ROWS``: one more program per pair each, after its column blocks,
     walks its items' rows for the gate's gradient from the forward's kept products ``y``, for
     the gated rows in the experts' order (:func:`_pair_row_extras`; one program doing both
-    measured slower: benchmarks/results/ab_pair_rows_first.md).
-    ``COLUMNS_OUTER``: programs numbered column block by column block (every pair's first column
-    block, then every pair's second, ..., the extra programs last), else pair by pair: ``out``
-    is then written from its first to its last column block."""
+    measured slower: benchmarks/results/ab_pair_rows_first.md)."""
     wait_for_previous(PDL)
     pid = tl.program_id(0)
     n_blocks = tl.cdiv(N, BLOCK_N)
     per_pair = n_blocks + GATE_DOT + SORTED_ROWS
-    if COLUMNS_OUTER:
-        n_pairs = tl.num_programs(0) // per_pair
-        col_block = pid // n_pairs
-        pair = pid - col_block * n_pairs
-    else:
-        pair = pid // per_pair
-        col_block = pid - pair * per_pair
+    pair = pid // per_pair
+    col_block = pid - pair * per_pair
     start = tl.load(offsets_ptr + pair)
     end = tl.load(offsets_ptr + pair + 1)
     if start == end:
@@ -485,7 +477,6 @@ def pair_rows(
     sorted_rows: torch.Tensor | None = None,
     slot_to_sorted: torch.Tensor | None = None,
     prefetch: bool = True,
-    columns_outer: bool = False,
 ) -> None:
     """Launch ``_pair_rows_kernel``: ``out[i] = sum_{j < 2} gate[2i + j] * a[i // a_div] @
     w[index[2i + j]]`` for the items sorted by pair of experts (``sorted_lo_slot``, each pair's
@@ -494,9 +485,7 @@ def pair_rows(
     ``products [2 I, K]`` with ``dgate [2 I]`` float32: also ``dgate[s] = <products[s], r_s>``;
     ``sorted_rows [2 I, K]`` with ``slot_to_sorted``: also ``sorted_rows[slot_to_sorted[s]] =
     gate[s] * r_s`` (both contiguous along ``K``). ``prefetch``: the items' loads prefetched by
-    hand (:func:`_pair_rows_prefetched`), else by Triton's pipeliner (``num_stages``).
-    ``columns_outer``: ``out`` written from its first column block to its last (the programs
-    numbered column block by column block), else pair by pair."""
+    hand (:func:`_pair_rows_prefetched`), else by Triton's pipeliner (``num_stages``)."""
     k, n_cols = a.shape[1], w.shape[2]
     if (products is None) != (dgate is None) or (sorted_rows is None) != (slot_to_sorted is None):
         raise ValueError("pair_rows takes products with dgate, sorted_rows with slot_to_sorted")
@@ -530,7 +519,7 @@ def pair_rows(
         0 if products is None else products.stride(0),
         0 if sorted_rows is None else sorted_rows.stride(0), products is not None,
         sorted_rows is not None, block_m, block_n, bk, input_precision(a.dtype), w_desc, stages,
-        prefetch, columns_outer,
+        prefetch,
         num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
