@@ -359,12 +359,21 @@ def test_moe_launch_settings_under_compile(device, monkeypatch):
 )
 def test_weight_operand_descriptor_choice(device, monkeypatch):
     """Expert matrices go to the kernels as a tensor descriptor of themselves (code 1) or of
-    their transpose (code 2) where TMA can load them, else as themselves (code 0)."""
+    their transpose (code 2) where TMA can load them, else as themselves (code 0); without
+    ``EAGER_DESCRIPTORS``, on CUDA only in CUDA-graph capture."""
     from cvmm_kernel import moe_triton as kt
 
     if not kt.TENSOR_DESCRIPTORS[0] or not kt._has_tma(torch.device(device)):
         pytest.skip("this Triton or device has no tensor descriptors")
     w = torch.randn(3, 32, 64, device=device, dtype=torch.bfloat16)
+    if device == "cuda":  # descriptors only in capture: eager calls take pointers
+        monkeypatch.setattr(kt, "EAGER_DESCRIPTORS", [False])
+        assert kt.weight_operand(w, 16, 32) == (w, 0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = kt.weight_operand(w, 16, 32)
+        assert captured[1] == 1 and captured[0].base is w
+        monkeypatch.setattr(kt, "EAGER_DESCRIPTORS", [True])
     arg, code = kt.weight_operand(w, 16, 32)
     assert code == 1 and arg.base is w and list(arg.block_shape) == [1, 16, 32]
     arg, code = kt.weight_operand(w.transpose(1, 2), 16, 32)

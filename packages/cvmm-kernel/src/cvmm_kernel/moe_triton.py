@@ -747,12 +747,36 @@ def _has_tma(device: torch.device) -> bool:
     return _capability(device) >= (9, 0)
 
 
+# EAGER_DESCRIPTORS[0] = False: tensor descriptors only for calls in CUDA-graph capture, pointers
+# outside it. A descriptor costs host time at every call (its object and its encoding, made afresh
+# for each step's new gradient buffers; moe_linear forward + backward 949 against 789 us of host
+# time, benchmarks/results/host_breakdown.md), but MoEUT-244M's eager training step, host-bound,
+# was no faster without them beyond the shared host's noise (8 alternating rounds per variant
+# moving by 10-25% from round to round), while from a CUDA graph the descriptors' step takes
+# 49.3 ms against 52.1 (moeut's benchmarks/results/ab_weight_descriptors.md). On by default.
+# Read at each call.
+EAGER_DESCRIPTORS = [True]
+
+
+def _descriptors_pay(device: torch.device) -> bool:
+    """Whether a call's tensor descriptors pay for their host time: while a CUDA graph is
+    captured (made once, replayed without the host), with ``EAGER_DESCRIPTORS``, or off CUDA
+    (the interpreter)."""
+    return EAGER_DESCRIPTORS[0] or device.type != "cuda" or torch.cuda.is_current_stream_capturing()
+
+
 def weight_operand(w: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, int]:
     """The expert matrices ``w`` (``[E, K, N]``, any strides) as a kernel argument and its
     ``W_DESC`` code: a tensor descriptor of ``w`` (1) or of its transpose ``[E, N, K]`` (2) where
-    one of the two is contiguous along its last dimension with 16-byte aligned rows and the
-    device has TMA, else ``w`` itself (0), loaded through pointers."""
-    if not TENSOR_DESCRIPTORS[0] or not _has_tma(w.device) or w.data_ptr() % 16:
+    one of the two is contiguous along its last dimension with 16-byte aligned rows, the device
+    has TMA and the descriptors pay for their host time (:func:`_descriptors_pay`: in CUDA-graph
+    capture), else ``w`` itself (0), loaded through pointers."""
+    if (
+        not TENSOR_DESCRIPTORS[0]
+        or not _has_tma(w.device)
+        or not _descriptors_pay(w.device)
+        or w.data_ptr() % 16
+    ):
         return w, 0
     es = w.element_size()
     for view, block, mode in ((w, [1, block_k, block_n], 1),

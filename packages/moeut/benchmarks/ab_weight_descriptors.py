@@ -1,0 +1,147 @@
+r"""A/B: cvmm-kernel's expert matrices loaded through tensor descriptors (TMA) or through
+pointers, in MoEUT-244M's training step, eager and from a CUDA graph (CUDA).
+
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/moeut/benchmarks/ab_weight_descriptors.py [--rounds 8]
+
+The descriptors make the kernels 0.5-3% faster (cvmm-kernel's ``ab_tensor_descriptors.md``) but
+cost host time at every call (a descriptor object per weight operand and per weight-gradient
+destination, and its encoding, made afresh for each step's new gradient buffers), and the eager
+step is host-bound. Variants: descriptors in every call (shipped), descriptors only in
+CUDA-graph capture (``moe_triton.EAGER_DESCRIPTORS`` off), pointers everywhere
+(``TENSOR_DESCRIPTORS`` off). The benchmark's step (``bench_moeut``: LM forward +
+backward, bf16 autocast, B=8, T=1024), one model for all variants:
+
+- eager, at full and at tiny widths (d_model 128: the host's time alone): ``--rounds`` rounds,
+  each timing every variant in turn (the median of 15 steps after 3 untimed ones), wall time
+  and the main thread's CPU time until the step returns (autograd runs the CUDA backward on a
+  thread of its own, which this leaves out); the shared machine's host speed drifts by tens of
+  percent within minutes (descriptors in capture only and pointers everywhere are the same
+  code in eager calls), so the tables give each variant's median and best round, and the
+  per-round ratios;
+- from a CUDA graph (GPU-bound): each variant once (``bench_moeut.time_step``), the dense step
+  beside.
+
+Writes ``ab_weight_descriptors.json`` and ``.md`` to ``$OUT`` if set, else to
+``benchmarks/results/``. (A first version of this script timed descriptors in every call
+against pointers everywhere with one model per row and two rounds, eager wall time only:
+``ab_weight_descriptors_before.md``, whose 19% in favour of pointers the rounds of this version
+do not repeat.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from bench_harness import environment_line, metadata, require_cuda, write_results
+from bench_moeut import BATCH, SEQ, VOCAB, DenseLM, time_step
+from cvmm_kernel import moe_triton
+from moeut import MoEUTLM, profiles
+
+SHIPPED = (moe_triton.TENSOR_DESCRIPTORS[0], moe_triton.EAGER_DESCRIPTORS[0])
+VARIANTS = {  # name -> (TENSOR_DESCRIPTORS, EAGER_DESCRIPTORS)
+    "descriptors in every call (shipped)": SHIPPED,
+    "descriptors in capture only": (SHIPPED[0], False),
+    "pointers": (False, False),
+}
+
+
+def _set(switches: tuple[bool, bool]) -> None:
+    moe_triton.TENSOR_DESCRIPTORS[0], moe_triton.EAGER_DESCRIPTORS[0] = switches
+
+
+def eager_rounds(rounds: int, config: dict) -> tuple[dict, dict]:
+    """``(wall, cpu)``: ms per eager step of each variant in each round (one model of ``config``,
+    the variants in turn; the median of 15 steps): the wall time, synced, and the main thread's
+    CPU time until the step returns (``time.thread_time``, before the sync; autograd's CUDA
+    backward thread not counted)."""
+    torch.manual_seed(0)
+    model = MoEUTLM(VOCAB, **config).cuda().train()
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(tokens[:, :-1])
+            loss = F.cross_entropy(out.outputs.flatten(0, 1).float(), tokens[:, 1:].flatten())
+            loss = loss + out.reg_loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    wall: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    for _ in range(rounds):
+        for name, switches in VARIANTS.items():
+            _set(switches)
+            for _ in range(3):
+                step()
+            walls, cpus = [], []
+            for _ in range(15):
+                torch.cuda.synchronize()
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                step()
+                cpus.append((time.thread_time() - start_cpu) * 1e3)
+                torch.cuda.synchronize()
+                walls.append((time.perf_counter() - start) * 1e3)
+            wall[name].append(statistics.median(walls))
+            cpu[name].append(statistics.median(cpus))
+    return wall, cpu
+
+
+def _rows(title: str, times: dict[str, list[float]]) -> list[str]:
+    base = times[next(iter(VARIANTS))]
+    lines = ["", title, "", "| variant | median ms | best round ms | per round, vs shipped |",
+             "|---|---|---|---|"]  # fmt: skip
+    for name, ms in times.items():
+        ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(ms, base))
+        lines.append(f"| {name} | {statistics.median(ms):.1f} | {min(ms):.1f} | {ratios} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8, help="eager rounds")
+    args = parser.parse_args()
+    if not require_cuda(__file__):
+        return 2
+    tiny = dict(profiles.MoEUT_244M, d_model=128, d_head=32, ff_expert_size=16)
+    try:
+        wall, cpu = eager_rounds(args.rounds, profiles.MoEUT_244M)
+        tiny_wall, tiny_cpu = eager_rounds(args.rounds, tiny)
+        graph = {"dense-243M": time_step(DenseLM(), "graph")}
+        for name, switches in VARIANTS.items():
+            _set(switches)
+            torch.manual_seed(0)
+            graph[name] = time_step(MoEUTLM(VOCAB, **profiles.MoEUT_244M), "graph")
+    finally:
+        _set(SHIPPED)
+    meta = metadata(setup=f"LM forward+backward, bf16 autocast, B={BATCH}, T={SEQ}, vocab 8000")
+    rounds = f"{args.rounds} rounds, the variants in turn in each; ms per step, median of 15"
+    lines = [
+        f"MoEUT-244M: expert matrices by TMA descriptors or pointers, {environment_line(meta)} "
+        f"({meta['setup']})",
+        *_rows(f"Eager, wall time ({rounds}):", wall),
+        *_rows(f"Eager, the main thread's CPU time until a step returns ({rounds}):", cpu),
+        *_rows(f"Eager at tiny widths (d_model 128: the host's time alone), wall ({rounds}):",
+               tiny_wall),
+        *_rows(f"Eager at tiny widths, main thread CPU time ({rounds}):", tiny_cpu),
+        "", "From a CUDA graph:", "", "| variant | ms | x dense | peak GiB |", "|---|---|---|---|",
+    ]  # fmt: skip
+    dense = graph["dense-243M"]["ms"]
+    for name, r in graph.items():
+        lines.append(f"| {name} | {r['ms']:.1f} | {r['ms'] / dense:.2f} | {r['peak_gib']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    results = {"meta": meta, "eager_wall_ms": wall, "eager_cpu_ms": cpu,
+               "tiny_wall_ms": tiny_wall, "tiny_cpu_ms": tiny_cpu, "graph": graph}  # fmt: skip
+    write_results("ab_weight_descriptors", results,
+                  table, script_file=__file__)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
