@@ -112,28 +112,17 @@ PDL_VARIANTS = [
 
 def kernel_cases() -> list[dict]:
     """Times ``pair_rows`` alone (see the module docstring); returns the rows."""
-    from cvmm_kernel import pair_triton as pt
-
-    index, gate, s2s, lo_slots, pair_offsets, dy, w_t, items, products, dgate, rows = (
-        v_input_gradient_operands()
-    )
-
-    def run(extras: bool, prefetch: bool):
-        return lambda: pt.pair_rows(
-            dy, w_t, items, index, gate, lo_slots, pair_offsets, 1,
-            products=products if extras else None, dgate=dgate if extras else None,
-            sorted_rows=rows if extras else None, slot_to_sorted=s2s if extras else None,
-            prefetch=prefetch,
-        )  # fmt: skip
-
+    ops = v_input_gradient_operands()
     results = []
     for prefetch in (False, True):
-        run(False, prefetch)()
-        results.append(items.clone())
+        ops.call(prefetch=prefetch)()
+        results.append(ops.items.clone())
     same = torch.equal(*results)
-    cases = [("plain, pipelined", run(False, False)), ("plain, prefetched", run(False, True)),
-             ("+ extras, pipelined", run(True, False)),
-             ("+ extras, prefetched", run(True, True))]  # fmt: skip
+    extras = dict(dots=True, sorted_rows=True)
+    cases = [("plain, pipelined", ops.call(prefetch=False)),
+             ("plain, prefetched", ops.call(prefetch=True)),
+             ("+ extras, pipelined", ops.call(prefetch=False, **extras)),
+             ("+ extras, prefetched", ops.call(prefetch=True, **extras))]  # fmt: skip
     timed = kernel_us_twice(cases, label_width=40)
     print(f"prefetched products equal to pipelined: {same}")
     write_results("ab_pair_prefetch_kernel", {"meta": metadata(dtype="bfloat16"), "rows": timed,
@@ -149,23 +138,16 @@ def old_kernel_cases() -> list[dict]:
     from cvmm_kernel import pair_triton as pt
     from cvmm_kernel_old import pair_triton as old_pt
 
-    index, gate, s2s, lo_slots, pair_offsets, dy, w_t, items, products, dgate, rows = (
-        v_input_gradient_operands()
-    )
-
-    def run(module):
-        return lambda: module.pair_rows(
-            dy, w_t, items, index, gate, lo_slots, pair_offsets, 1, products=products,
-            dgate=dgate, sorted_rows=rows, slot_to_sorted=s2s,
-        )  # fmt: skip
-
+    ops = v_input_gradient_operands()
     results = []
     for module in (old_pt, pt):
-        run(module)()
-        results.append([items.clone(), dgate.clone(), rows.clone()])
+        ops.call(module, dots=True, sorted_rows=True)()
+        results.append([ops.items.clone(), ops.dgate.clone(), ops.rows.clone()])
     same = all(torch.equal(a, b) for a, b in zip(*results))
     rev = (Path(cvmm_kernel_old.__file__).parent / "REVISION").read_text().strip()
-    timed = kernel_us_twice([(f"+ extras, old ({rev})", run(old_pt)), ("+ extras, new", run(pt))],
+    timed = kernel_us_twice([(f"+ extras, old ({rev})", ops.call(old_pt, dots=True,
+                                                                  sorted_rows=True)),
+                             ("+ extras, new", ops.call(pt, dots=True, sorted_rows=True))],
                             label_width=40)  # fmt: skip
     print(f"same bits: {same}")
     write_results("ab_pair_prefetch_old_kernel", {"meta": metadata(dtype="bfloat16", old=rev),

@@ -25,6 +25,7 @@ Files go to ``$OUT`` (else ``benchmarks/results``).
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import torch
 from ab_pair_slots import run_pair_ab
@@ -50,9 +51,41 @@ STEP_VARIANTS = [
 ]
 
 
-def v_input_gradient_operands() -> tuple:
-    """The row-tile kernel's operands as V's input gradient at 4 x 8 (CUDA): ``(index, gate,
-    slot_to_sorted, lo_slots, pair_offsets, dy, W^T, items, products, dgate, rows)``."""
+class VInputGradient(NamedTuple):
+    """The row-tile kernel's operands as V's input gradient at 4 x 8 (CUDA): the slots'
+    ``index`` and ``gate``, the routing's ``slot_to_sorted``, ``lo_slots`` and ``pair_offsets``,
+    the items' gradient rows ``dy``, the expert matrices as it reads them ``w_t`` (``[E, 128,
+    1024]``), its outputs ``items``, the forward's kept ``products`` with the gate dots'
+    ``dgate``, and the gated ``rows`` in the experts' order."""
+
+    index: torch.Tensor
+    gate: torch.Tensor
+    slot_to_sorted: torch.Tensor
+    lo_slots: torch.Tensor
+    pair_offsets: torch.Tensor
+    dy: torch.Tensor
+    w_t: torch.Tensor
+    items: torch.Tensor
+    products: torch.Tensor
+    dgate: torch.Tensor
+    rows: torch.Tensor
+
+    def call(self, module=None, *, dots: bool = False, sorted_rows: bool = False, **options):
+        """``module.pair_rows`` (default ``cvmm_kernel.pair_triton``'s) over these operands as
+        a function of no arguments: with the gate-dot program where ``dots``, with the
+        gated-rows program where ``sorted_rows``, and ``options`` (e.g. ``prefetch``)."""
+        if module is None:
+            from cvmm_kernel import pair_triton as module
+        return lambda: module.pair_rows(
+            self.dy, self.w_t, self.items, self.index, self.gate, self.lo_slots,
+            self.pair_offsets, 1, products=self.products if dots else None,
+            dgate=self.dgate if dots else None, sorted_rows=self.rows if sorted_rows else None,
+            slot_to_sorted=self.slot_to_sorted if sorted_rows else None, **options,
+        )  # fmt: skip
+
+
+def v_input_gradient_operands() -> VInputGradient:
+    """The row-tile kernel's operands as V's input gradient at 4 x 8 (CUDA)."""
     from cvmm_kernel import pair_slots
 
     s = next(s for s in SHAPES if s.name == "switchhead-v-4x8")
@@ -66,33 +99,22 @@ def v_input_gradient_operands() -> tuple:
     products = torch.randn(index.numel(), s.expert_size, device="cuda", dtype=dy.dtype)
     dgate = torch.empty(index.numel(), device="cuda", dtype=torch.float32)
     rows = torch.empty_like(products)
-    return (index, gate, routing[1], routing[6], routing[7], dy, w_t, items, products, dgate,
-            rows)  # fmt: skip
+    return VInputGradient(index, gate, routing[1], routing[6], routing[7], dy, w_t, items,
+                          products, dgate, rows)  # fmt: skip
 
 
 def kernel_cases() -> list[dict]:
     """Times ``pair_rows`` alone (see the module docstring); returns the rows."""
-    from cvmm_kernel import pair_triton as pt
     from cvmm_kernel.moe_triton import group_dot
 
-    index, gate, s2s, lo_slots, pair_offsets, dy, w_t, items, products, dgate, rows = (
-        v_input_gradient_operands()
-    )
-
-    def run(dots: bool, sorted_rows: bool):
-        return lambda: pt.pair_rows(
-            dy, w_t, items, index, gate, lo_slots, pair_offsets, 1,
-            products=products if dots else None, dgate=dgate if dots else None,
-            sorted_rows=rows if sorted_rows else None,
-            slot_to_sorted=s2s if sorted_rows else None,
-        )  # fmt: skip
-
-    cases = [("plain", run(False, False)), ("+ gate dots", run(True, False)),
-             ("+ sorted rows", run(False, True)), ("+ both", run(True, True)),
-             ("group_dot alone", lambda: group_dot(products, dy, 2))]  # fmt: skip
-    run(True, True)()
-    expected = group_dot(products, dy, 2)
-    dots_diff = float((dgate - expected).norm() / expected.norm())
+    ops = v_input_gradient_operands()
+    cases = [("plain", ops.call()), ("+ gate dots", ops.call(dots=True)),
+             ("+ sorted rows", ops.call(sorted_rows=True)),
+             ("+ both", ops.call(dots=True, sorted_rows=True)),
+             ("group_dot alone", lambda: group_dot(ops.products, ops.dy, 2))]  # fmt: skip
+    ops.call(dots=True, sorted_rows=True)()
+    expected = group_dot(ops.products, ops.dy, 2)
+    dots_diff = float((ops.dgate - expected).norm() / expected.norm())
     timed = kernel_us_twice(cases, label_width=40)
     print(f"gate dots vs group_dot: rel. diff {dots_diff:.1e}")
     write_results("ab_pair_rows_kernel", {"meta": metadata(dtype="bfloat16"), "rows": timed,
