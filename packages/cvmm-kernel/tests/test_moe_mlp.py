@@ -222,25 +222,15 @@ def test_routing_is_a_stable_sort(backend, device, n_experts, n_slots, sorted_by
 
 
 @pytest.mark.parametrize(("backend", "device"), BACKENDS)
-@pytest.mark.parametrize("store_evict", ["", "evict_first", "evict_last"])
-def test_deterministic_is_bitwise_reproducible(backend, device, store_evict):
-    """Two runs give the same bits, also with the row-tile kernels' product stores under
-    another eviction policy than the default run's (``moe_triton.PRODUCT_STORE_EVICT``)."""
-    from cvmm_kernel import moe_triton
-
+def test_deterministic_is_bitwise_reproducible(backend, device):
     inputs = make_inputs((50,), 4, 9, 32, 16, 32, dtype=torch.float32, device=device, seed=9)
     results = []
-    shipped = moe_triton.PRODUCT_STORE_EVICT[0]
-    try:
-        for policy in (shipped, store_evict):
-            moe_triton.PRODUCT_STORE_EVICT[0] = policy  # (a list read at each call)
-            x, index, gate, w_up, w_down = (t.detach().clone() for t in inputs)
-            leaves = [t.requires_grad_() for t in (x, gate, w_up, w_down)]
-            out = moe_mlp(leaves[0], index, *leaves[1:], backend=backend)
-            out.backward(torch.ones_like(out))
-            results.append([out.detach()] + [t.grad for t in leaves])
-    finally:
-        moe_triton.PRODUCT_STORE_EVICT[0] = shipped
+    for _ in range(2):
+        x, index, gate, w_up, w_down = (t.detach().clone() for t in inputs)
+        leaves = [t.requires_grad_() for t in (x, gate, w_up, w_down)]
+        out = moe_mlp(leaves[0], index, *leaves[1:], backend=backend)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in leaves])
     for a, b in zip(*results):
         assert torch.equal(a, b)
 

@@ -92,15 +92,6 @@ def test_pair_rows_extras_match_definition(backend, device, config, n):
     pt.pair_rows(a, w, out, flat, gate, routing[6], routing[7], 1, config, products=products,
                  dgate=dgate, sorted_rows=rows, slot_to_sorted=routing[1])  # fmt: skip
     torch.testing.assert_close(out, plain, rtol=0, atol=0)
-    shipped = pt.PRODUCT_STORE_EVICT[0]
-    try:
-        for policy in ("evict_first", "evict_last"):  # the products' stores: the same bits
-            pt.PRODUCT_STORE_EVICT[0] = policy  # (a list read at each call)
-            evicting = torch.empty_like(plain)
-            pt.pair_rows(a, w, evicting, flat, gate, routing[6], routing[7], 1, config)
-            torch.testing.assert_close(evicting, plain, rtol=0, atol=0)
-    finally:
-        pt.PRODUCT_STORE_EVICT[0] = shipped
     # the loads prefetched by hand or by Triton's pipeliner: fp32 products, rounded alike up to
     # the compiler's contractions of the gate's multiply-add
     torch.testing.assert_close(pipelined, plain, rtol=1e-6, atol=1e-6)

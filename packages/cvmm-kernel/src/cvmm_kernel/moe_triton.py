@@ -497,7 +497,6 @@ def _moe_gemm_rows_kernel(
     INPUT_PRECISION: tl.constexpr,
     W_DESC: tl.constexpr,
     N_STAGES: tl.constexpr,
-    STORE_EVICT: tl.constexpr,
     PDL: tl.constexpr = False,
 ):
     """For inner sizes that fit one block (``K <= BLOCK_K``): one program per tile loads the
@@ -543,8 +542,7 @@ def _moe_gemm_rows_kernel(
         if OUT_MODE == 2:
             tl.atomic_add(out_ptrs, acc, mask=mask_mn, sem="relaxed")
         else:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn,
-                     eviction_policy=STORE_EVICT)  # fmt: skip
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_mn)
     if GATE_GRAD:
         tl.store(dgate_ptr + slot, dg, mask=mask_m)
 
@@ -557,7 +555,7 @@ def _moe_mlp_rows_kernel(
     stride_on, ACT: tl.constexpr, STORE_PREACT: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UP_DESC: tl.constexpr, DOWN_DESC: tl.constexpr,
-    UP_STAGES: tl.constexpr, DOWN_STAGES: tl.constexpr, STORE_EVICT: tl.constexpr,
+    UP_STAGES: tl.constexpr, DOWN_STAGES: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     """The forward of a whole sigma-MoE feedforward per tile, for hidden sizes that fit one
@@ -603,8 +601,7 @@ def _moe_mlp_rows_kernel(
         )  # fmt: skip
         y = tl.dot(h, w, input_precision=INPUT_PRECISION) * g[:, None]
         out_ptrs = out_ptr + rows[:, None] * stride_om + offs_n[None, :] * stride_on
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_mn,
-                 eviction_policy=STORE_EVICT)  # fmt: skip
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_mn)
 
 
 @triton.jit
@@ -1091,7 +1088,6 @@ def moe_gemm_rows(
         input_precision(a.dtype),
         w_desc,
         stages,
-        PRODUCT_STORE_EVICT[0],
         num_warps=warps,
         num_stages=stages,
     )
@@ -1132,7 +1128,7 @@ def moe_mlp_rows(
         d, hid, n_cols, top_k, *x.stride(), *w_up.stride(), *w_down.stride(),
         *out.stride(), ACTIVATIONS[activation], u is not None, routing.block_m, block_k,
         bh, block_n, input_precision(x.dtype), up_desc, down_desc, up_stages, down_stages,
-        PRODUCT_STORE_EVICT[0], num_warps=warps, num_stages=max(up_stages, down_stages),
+        num_warps=warps, num_stages=max(up_stages, down_stages),
     )  # fmt: skip
 
 
@@ -1322,10 +1318,6 @@ GROUP_SUM_BLOCKS: dict[int, tuple[int, int, int]] = {0: (32, 128, 4)}
 # (MoEUT-244M's feedforward) to 1.7% (SwitchHead's O, 4 x 8) faster
 # (benchmarks/results/ab_l2_order.md, ab_l2_order_ffn.md). Read at each call.
 GROUP_SUM_EVICT = ["evict_first"]
-# PRODUCT_STORE_EVICT[0]: the eviction policy of the row-tile kernels' stores of per-slot
-# products (moe_gemm_rows, moe_mlp_rows, pair_triton.pair_rows), which a sum reads once ("" the
-# default; benchmarks/ab_l2_order.py --stores). Read at each call.
-PRODUCT_STORE_EVICT = [""]
 
 
 def gated_group_sum(y: torch.Tensor, gate: torch.Tensor | None, k: int) -> torch.Tensor:

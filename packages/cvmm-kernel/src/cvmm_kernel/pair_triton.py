@@ -29,7 +29,6 @@ from .launcher import launch
 from .moe_triton import (
     HISTOGRAM_MAX_BINS,
     MAX_BLOCK_COUNTS,
-    PRODUCT_STORE_EVICT,
     ROUTING_BLOCK,
     ROUTING_SCAN,
     ROUTING_WARPS,
@@ -277,7 +276,7 @@ def _pair_row_extras(a_ptr, y_ptr, dgate_ptr, rows_ptr, slot_to_sorted_ptr, gate
 def _pair_rows_prefetched(a_ptr, out_ptr, gate_ptr, sorted_lo_slot_ptr, b_lo, b_hi, start, end, K,
                           A_DIV, stride_am, stride_ak, stride_om, stride_on, offs_n, mask_n,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                          INPUT_PRECISION: tl.constexpr, STORE_EVICT: tl.constexpr):  # fmt: skip
+                          INPUT_PRECISION: tl.constexpr):  # fmt: skip
     """``_pair_rows_kernel``'s walk over the items at sorted positions ``start:end`` with the
     loads prefetched by hand into registers: a tile's rows and gates are loaded while the tile
     before it is multiplied and stored, and its lo slots one tile earlier still. (Triton's
@@ -306,7 +305,6 @@ def _pair_rows_prefetched(a_ptr, out_ptr, gate_ptr, sorted_lo_slot_ptr, b_lo, b_
             out_ptr + (slot // 2)[:, None] * stride_om + offs_n[None, :] * stride_on,
             acc.to(out_ptr.dtype.element_ty),
             mask=mask_m[:, None] & mask_n[None, :],
-            eviction_policy=STORE_EVICT,
         )
         slot, slots_next, mask_m = slot_next, slots_after, mask_next
         g_lo, g_hi, a = g_lo_next, g_hi_next, a_next
@@ -319,7 +317,7 @@ def _pair_rows_kernel(
     stride_wn, stride_om, stride_on, stride_ym, stride_rm, GATE_DOT: tl.constexpr,
     SORTED_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, W_DESC: tl.constexpr,
-    N_STAGES: tl.constexpr, PREFETCH: tl.constexpr, STORE_EVICT: tl.constexpr,
+    N_STAGES: tl.constexpr, PREFETCH: tl.constexpr,
     PDL: tl.constexpr = False,
 ):  # fmt: skip
     """Products of items of two slots, one program per (pair of experts, column block): item
@@ -371,7 +369,7 @@ def _pair_rows_kernel(
     if PREFETCH:
         _pair_rows_prefetched(a_ptr, out_ptr, gate_ptr, sorted_lo_slot_ptr, b_lo, b_hi, start, end,
                               K, A_DIV, stride_am, stride_ak, stride_om, stride_on, offs_n,
-                              mask_n, BLOCK_M, BLOCK_K, INPUT_PRECISION, STORE_EVICT)  # fmt: skip
+                              mask_n, BLOCK_M, BLOCK_K, INPUT_PRECISION)  # fmt: skip
         return
     for m0 in tl.range(start, end, BLOCK_M, num_stages=N_STAGES):
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -389,7 +387,6 @@ def _pair_rows_kernel(
             out_ptr + item[:, None] * stride_om + offs_n[None, :] * stride_on,
             acc.to(out_ptr.dtype.element_ty),
             mask=mask_m[:, None] & mask_n[None, :],
-            eviction_policy=STORE_EVICT,
         )
 
 
@@ -522,7 +519,7 @@ def pair_rows(
         0 if products is None else products.stride(0),
         0 if sorted_rows is None else sorted_rows.stride(0), products is not None,
         sorted_rows is not None, block_m, block_n, bk, input_precision(a.dtype), w_desc, stages,
-        prefetch, PRODUCT_STORE_EVICT[0],
+        prefetch,
         num_warps=warps,
         num_stages=stages,
     )  # fmt: skip
