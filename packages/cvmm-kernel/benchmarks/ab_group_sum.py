@@ -31,48 +31,70 @@ VARIANTS = [
 NAMES = ("moeut-244m-ffn", "switchhead-v-4x8", "switchhead-o-4x8", "large-64x4096-k2")
 
 
+def step_rows(names, variants: list, apply) -> list[dict]:
+    """Forward + backward of ``bench_cvmm``'s fused op (CUDA-graph replays, medians, two passes
+    alternating, one process) at the ``SHAPES`` named in ``names``, for each ``(label,
+    setting)`` of ``variants``, put in force by ``apply(setting)``: rows of shape, variant, both
+    passes' ms, the faster, and the output's largest difference from the first variant's. The
+    first variant's setting is in force afterwards."""
+    rows = []
+    for s in [s for s in SHAPES if s.name in names]:
+        t = make_inputs(s, "cuda")
+        params = trained_tensors(t)
+        times: dict[str, list[float]] = {label: [] for label, _ in variants}
+        outs = {}
+        try:
+            for _ in range(2):
+                for label, setting in variants:
+                    apply(setting)
+                    with torch.no_grad():
+                        outs.setdefault(label, ours_fused(s, t, True).float())
+                    times[label].append(
+                        time_fwd_bwd(lambda s=s, t=t: ours_fused(s, t, True), params)[0]
+                    )
+        finally:
+            apply(variants[0][1])
+        for label, _ in variants:
+            diff = float((outs[label] - outs[variants[0][0]]).abs().max())
+            rows.append(dict(shape=s.name, variant=label, ms_passes=times[label],
+                             ms=min(times[label]), max_abs_diff=diff))  # fmt: skip
+            print(f"{s.name:20s} {label:22s} {min(times[label]):.4f} ms diff {diff:.1e}")
+        torch.cuda.empty_cache()
+    return rows
+
+
+def ratio_table(rows: list[dict], baseline: str) -> list[str]:
+    """``step_rows``' rows as markdown table lines, each variant's time against ``baseline``'s
+    at the same shape."""
+    base = {r["shape"]: r["ms"] for r in rows if r["variant"] == baseline}
+    return [
+        f"| shape | variant | ms (two passes) | vs {baseline} | max abs diff |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {r['shape']} | {r['variant']} | " + ", ".join(f"{m:.4f}" for m in r["ms_passes"])
+            + f" | {r['ms'] / base[r['shape']]:.3f} | {r['max_abs_diff']:.1e} |"
+            for r in rows
+        ],
+    ]  # fmt: skip
+
+
+def _set_blocks(blocks: dict) -> None:
+    moe_triton.GROUP_SUM_BLOCKS.clear()
+    moe_triton.GROUP_SUM_BLOCKS.update(blocks)
+
+
 def main() -> int:
     if not require_cuda(__file__):
         return 2
-    rows = []
-    for s in [s for s in SHAPES if s.name in NAMES]:
-        t = make_inputs(s, "cuda")
-        params = trained_tensors(t)
-        times: dict[str, list[float]] = {label: [] for label, _ in VARIANTS}
-        outs = {}
-        for _ in range(2):
-            for label, blocks in VARIANTS:
-                moe_triton.GROUP_SUM_BLOCKS.clear()
-                moe_triton.GROUP_SUM_BLOCKS.update(blocks)
-                with torch.no_grad():
-                    outs.setdefault(label, ours_fused(s, t, True).float())
-                times[label].append(
-                    time_fwd_bwd(lambda s=s, t=t: ours_fused(s, t, True), params)[0]
-                )
-        moe_triton.GROUP_SUM_BLOCKS.clear()
-        moe_triton.GROUP_SUM_BLOCKS.update(SHIPPED)
-        for label, _ in VARIANTS:
-            diff = float((outs[label] - outs["shipped"]).abs().max())
-            rows.append(dict(shape=s.name, variant=label, ms_passes=times[label],
-                             ms=min(times[label]), max_abs_diff=diff))  # fmt: skip
-            print(f"{s.name:20s} {label:18s} {min(times[label]):.4f} ms diff {diff:.1e}")
-        torch.cuda.empty_cache()
+    rows = step_rows(NAMES, VARIANTS, _set_blocks)
     meta = metadata(dtype="bfloat16", settings={k: str(v) for k, v in VARIANTS})
-    base = {r["shape"]: r["ms"] for r in rows if r["variant"] == "shipped"}
     lines = [
         f"group sums' launch settings in whole steps, {environment_line(meta)}",
         "",
         "Made by `benchmarks/ab_group_sum.py`: forward + backward, CUDA-graph replays, the "
         "faster of two passes. Settings by k: (groups per block, columns per block, warps).",
         "",
-        "| shape | variant | ms (two passes) | vs shipped | max abs diff |",
-        "|---|---|---|---|---|",
-        *[
-            f"| {r['shape']} | {r['variant']} | "
-            + ", ".join(f"{m:.4f}" for m in r["ms_passes"])
-            + f" | {r['ms'] / base[r['shape']]:.3f} | {r['max_abs_diff']:.1e} |"
-            for r in rows
-        ],
+        *ratio_table(rows, "shipped"),
     ]
     write_results("ab_group_sum", {"meta": meta, "rows": rows}, "\n".join(lines) + "\n",
                   script_file=__file__)  # fmt: skip

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import sys
 
-import torch
+from ab_group_sum import ratio_table, step_rows
 from ab_pair_slots import _switch, run_pair_ab
-from bench_cvmm import SHAPES, Shape, make_inputs, ours_fused, time_fwd_bwd, trained_tensors
+from bench_cvmm import switchhead_shapes
 from bench_harness import environment_line, metadata, require_cuda, write_results
 
 VARIANTS = [  # (label, switches)
@@ -36,50 +36,16 @@ VARIANTS = [  # (label, switches)
 FFN_NAMES = ("moeut-244m-ffn", "large-64x4096-k2")
 
 
-def ffn_rows() -> list[dict]:
-    """The feedforward shapes' steps with the sum's loads marked evict-first or not."""
-    rows = []
-    for s in [s for s in SHAPES if s.name in FFN_NAMES]:
-        t = make_inputs(s, "cuda")
-        params = trained_tensors(t)
-        times: dict[str, list[float]] = {label: [] for label, _ in VARIANTS}
-        for _ in range(2):
-            for label, on in VARIANTS:
-                _switch(on)
-                times[label].append(
-                    time_fwd_bwd(lambda s=s, t=t: ours_fused(s, t, True), params)[0]
-                )
-        _switch({})
-        for label, _ in VARIANTS:
-            rows.append(dict(shape=s.name, variant=label, ms_passes=times[label],
-                             ms=min(times[label])))  # fmt: skip
-            print(f"{s.name:20s} {label:22s} {min(times[label]):.4f} ms")
-        torch.cuda.empty_cache()
-    return rows
-
-
 def main() -> int:
     if not require_cuda(__file__):
         return 2
     variants = [(label, on, {}, str(on)) for label, on in VARIANTS]
-    shapes = [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
-              for e in (8, 10) for kind in ("o", "v")]  # fmt: skip
     run_pair_ab(variants, "switches", "moe_linear: the group sums' loads evict-first or not",
-                "l2_order", __file__, shapes)  # fmt: skip
-    rows = ffn_rows()
+                "l2_order", __file__, switchhead_shapes((8, 10), ("o", "v")))  # fmt: skip
+    rows = step_rows(FFN_NAMES, VARIANTS, _switch)
     meta = metadata(dtype="bfloat16", timing="do_bench median of CUDA-graph replays, best of 2")
-    base = {r["shape"]: r["ms"] for r in rows if r["variant"] == VARIANTS[0][0]}
-    lines = [
-        f"k-sums with evict-first loads, {environment_line(meta)}",
-        "",
-        f"| shape | variant | ms (two passes) | vs {VARIANTS[0][0]} |",
-        "|---|---|---|---|",
-        *[
-            f"| {r['shape']} | {r['variant']} | " + ", ".join(f"{m:.4f}" for m in r["ms_passes"])
-            + f" | {r['ms'] / base[r['shape']]:.3f} |"
-            for r in rows
-        ],
-    ]  # fmt: skip
+    lines = [f"k-sums with evict-first loads, {environment_line(meta)}", "",
+             *ratio_table(rows, VARIANTS[0][0])]  # fmt: skip
     write_results("ab_l2_order_ffn", {"meta": meta, "rows": rows}, "\n".join(lines) + "\n",
                   script_file=__file__)  # fmt: skip
     return 0

@@ -43,7 +43,7 @@ import sys
 import torch
 from ab_pair_rows import v_input_gradient_operands
 from ab_pair_slots import run_pair_ab
-from bench_cvmm import Shape
+from bench_cvmm import switchhead_shapes
 from bench_harness import kernel_us_twice, metadata, require_cuda, write_results
 
 # (label, pair_slots switches, linear_pairs setting (BLOCK_N, BLOCK_M, warps, stages) or None)
@@ -169,8 +169,7 @@ def main() -> int:
     if "--overlap" in sys.argv[1:]:
         variants = [(label, on, {} if cfg is None else {"gemm_configs": cfg}, cfg)
                     for label, on, cfg in OVERLAP_VARIANTS]  # fmt: skip
-        shapes = [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
-                  for e in (8, 10) for kind in ("v", "o")]  # fmt: skip
+        shapes = switchhead_shapes((8, 10), ("v", "o"))
         return run_pair_ab(
             variants,
             "settings",
@@ -181,15 +180,13 @@ def main() -> int:
         )
     if "--pdl" in sys.argv[1:]:
         variants = [(label, on, {}, None) for label, on, _cfg in PDL_VARIANTS]
-        shapes = [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
-                  for e in (8, 10) for kind in ("v", "o")]  # fmt: skip
+        shapes = switchhead_shapes((8, 10), ("v", "o"))
         return run_pair_ab(variants, "settings", "moe_linear: launches chained by PDL",
                            "launches_pdl", __file__, shapes)  # fmt: skip
     if "--4x10" in sys.argv[1:]:
         variants = [(label, on, {} if cfg is None else {"gemm_configs": cfg}, cfg)
                     for label, on, cfg in [*ROLE_VARIANTS[:2], *SHAPE_VARIANTS]]  # fmt: skip
-        shapes = [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
-                  for e in (10, 8) for kind in ("v", "o")]  # fmt: skip
+        shapes = switchhead_shapes((10, 8), ("v", "o"))
         return run_pair_ab(variants, "settings", "moe_linear pairs at 4 x 10 and 4 x 8",
                            "pair_roles_4x10", __file__, shapes)  # fmt: skip
     kernel_cases()

@@ -59,6 +59,14 @@ SHAPES = [
 ]
 
 
+def switchhead_shapes(experts: tuple[int, ...], kinds: tuple[str, ...]) -> list[Shape]:
+    """SwitchHead's V/O shapes as in ``SHAPES`` (8192 tokens, d_model 1024, 4 heads of 128, 2
+    experts chosen per head) for each count of ``experts`` per head, each kind of ``kinds``
+    (``"v"``, ``"o"``) in turn."""
+    return [Shape(f"switchhead-{kind}-4x{e}", 8192, 1024, e, 128, 2, kind, heads=4)
+            for e in experts for kind in kinds]  # fmt: skip
+
+
 def flops(s: Shape) -> float:
     """Multiply-add FLOPs of forward + backward (3 matmuls of the forward's size)."""
     per_matmul = 2 * s.tokens * s.k * s.heads * s.d_model * s.expert_size
