@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from cvmm_kernel import moe_linear
@@ -581,8 +583,8 @@ def test_second_derivatives_raise_on_the_triton_path(backend, device):
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("n_experts", [32, 96])  # by pairs (8 per group), per slot (24)
 def test_cuda_backward_overlap_same_bits(n_experts, graph, monkeypatch):
-    """O's backward with the input gradient on a side stream (``linear_overlap``): the same
-    bits as in order, eager and replayed from a CUDA graph."""
+    """O's backward with the input gradient on a side stream (``linear_overlap``, eagerly with
+    ``eager_overlap``): the same bits as in order, eager and replayed from a CUDA graph."""
     from cvmm_kernel import moe_ops
 
     x, index, gate, weight = make_inputs((512,), 4, 2, n_experts, 128, 256, shared=False,
@@ -591,6 +593,7 @@ def test_cuda_backward_overlap_same_bits(n_experts, graph, monkeypatch):
     results = []
     for overlap in (False, True):
         monkeypatch.setitem(moe_ops.BACKWARD_SCHEDULE, "linear_overlap", overlap)
+        monkeypatch.setitem(moe_ops.BACKWARD_SCHEDULE, "eager_overlap", overlap)
         leaves = [t.clone().requires_grad_() for t in (x, gate, weight)]
 
         def step(leaves=leaves):
@@ -612,3 +615,27 @@ def test_cuda_backward_overlap_same_bits(n_experts, graph, monkeypatch):
         results.append([t.grad.clone() for t in leaves])
     for name, a, b in zip(("x", "gate", "weight"), *results):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+def test_cuda_side_stream_only_in_capture(monkeypatch):
+    """By default the backward's side stream is taken only while a CUDA graph is captured:
+    eagerly its waits and events would cost host time at every call."""
+    from cvmm_kernel import moe_ops
+
+    device = torch.device("cuda")
+    context, _join = moe_ops.side_work(device, True)
+    assert isinstance(context, contextlib.nullcontext)
+    monkeypatch.setitem(moe_ops.BACKWARD_SCHEDULE, "eager_overlap", True)
+    context, join = moe_ops.side_work(device, True)
+    assert isinstance(context, torch.cuda.StreamContext)
+    join()
+    monkeypatch.setitem(moe_ops.BACKWARD_SCHEDULE, "eager_overlap", False)
+    torch.cuda.synchronize()
+    graph, kinds = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        context, join = moe_ops.side_work(device, True)
+        kinds.append(type(context))
+        join()
+    assert kinds == [torch.cuda.StreamContext]
+    assert isinstance(moe_ops.side_work(device, False)[0], contextlib.nullcontext)

@@ -418,6 +418,26 @@ def test_weight_cast_cache_follows_in_place_updates():
     torch.testing.assert_close(second.float(), w.detach(), rtol=1e-2, atol=1e-2)
 
 
+def test_weight_cast_cache_pads_rows():
+    """With ``pad_rows`` the copy has zero rows appended (also in the weight's own dtype), is
+    not mistaken for the unpadded copy and follows in-place updates alike."""
+    from cvmm_kernel.weight_cache import cast_weight
+
+    w = torch.randn(5, 3, requires_grad=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        padded = cast_weight(w, dtype, pad_rows=3)
+        assert padded.shape == (8, 3) and padded.dtype == dtype
+        assert torch.equal(padded[:5], w.detach().to(dtype))
+        assert torch.equal(padded[5:], torch.zeros(3, 3, dtype=dtype))
+        assert cast_weight(w, dtype, pad_rows=3) is padded
+        assert cast_weight(w, dtype).shape == (5, 3)
+        padded = cast_weight(w, dtype, pad_rows=3)
+        with torch.no_grad():
+            w.mul_(2.0)
+        again = cast_weight(w, dtype, pad_rows=3)
+        assert again is not padded and torch.equal(again[:5], w.detach().to(dtype))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replays_read_the_current_weights():

@@ -35,6 +35,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -55,11 +56,17 @@ def _set(switches: tuple[bool, bool]) -> None:
     moe_triton.TENSOR_DESCRIPTORS[0], moe_triton.EAGER_DESCRIPTORS[0] = switches
 
 
-def eager_rounds(rounds: int, config: dict) -> tuple[dict, dict]:
-    """``(wall, cpu)``: ms per eager step of each variant in each round (one model of ``config``,
-    the variants in turn; the median of 15 steps): the wall time, synced, and the main thread's
-    CPU time until the step returns (``time.thread_time``, before the sync; autograd's CUDA
-    backward thread not counted)."""
+SET_UPS = {name: (lambda switches=switches: _set(switches)) for name, switches in VARIANTS.items()}
+
+
+def eager_rounds(
+    rounds: int, config: dict, variants: Mapping[str, Callable[[], None]]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``(wall, cpu)``: ms per eager step (LM forward + backward, bf16 autocast, B=8, T=1024) of
+    each variant in each round, one model of ``config``, each variant set up by its callable
+    before its steps: the median of 15 steps after 3 untimed ones, the wall time synced, and the
+    main thread's CPU time until the step returns (``time.thread_time``, before the sync;
+    autograd's CUDA backward thread not counted)."""
     torch.manual_seed(0)
     model = MoEUTLM(VOCAB, **config).cuda().train()
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
@@ -72,11 +79,11 @@ def eager_rounds(rounds: int, config: dict) -> tuple[dict, dict]:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    wall: dict[str, list[float]] = {name: [] for name in VARIANTS}
-    cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
-        for name, switches in VARIANTS.items():
-            _set(switches)
+        for name, set_up in variants.items():
+            set_up()
             for _ in range(3):
                 step()
             walls, cpus = [], []
@@ -92,9 +99,11 @@ def eager_rounds(rounds: int, config: dict) -> tuple[dict, dict]:
     return wall, cpu
 
 
-def _rows(title: str, times: dict[str, list[float]]) -> list[str]:
-    base = times[next(iter(VARIANTS))]
-    lines = ["", title, "", "| variant | median ms | best round ms | per round, vs shipped |",
+def round_rows(title: str, times: Mapping[str, list[float]]) -> list[str]:
+    """Markdown lines: each variant's median and best round and its per-round ratios to the
+    first variant's."""
+    base = next(iter(times.values()))
+    lines = ["", title, "", "| variant | median ms | best round ms | per round, vs the first |",
              "|---|---|---|---|"]  # fmt: skip
     for name, ms in times.items():
         ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(ms, base))
@@ -110,8 +119,8 @@ def main() -> int:
         return 2
     tiny = dict(profiles.MoEUT_244M, d_model=128, d_head=32, ff_expert_size=16)
     try:
-        wall, cpu = eager_rounds(args.rounds, profiles.MoEUT_244M)
-        tiny_wall, tiny_cpu = eager_rounds(args.rounds, tiny)
+        wall, cpu = eager_rounds(args.rounds, profiles.MoEUT_244M, SET_UPS)
+        tiny_wall, tiny_cpu = eager_rounds(args.rounds, tiny, SET_UPS)
         graph = {"dense-243M": time_step(DenseLM(), "graph")}
         for name, switches in VARIANTS.items():
             _set(switches)
@@ -124,11 +133,11 @@ def main() -> int:
     lines = [
         f"MoEUT-244M: expert matrices by TMA descriptors or pointers, {environment_line(meta)} "
         f"({meta['setup']})",
-        *_rows(f"Eager, wall time ({rounds}):", wall),
-        *_rows(f"Eager, the main thread's CPU time until a step returns ({rounds}):", cpu),
-        *_rows(f"Eager at tiny widths (d_model 128: the host's time alone), wall ({rounds}):",
+        *round_rows(f"Eager, wall time ({rounds}):", wall),
+        *round_rows(f"Eager, the main thread's CPU time until a step returns ({rounds}):", cpu),
+        *round_rows(f"Eager at tiny widths (d_model 128: the host's time alone), wall ({rounds}):",
                tiny_wall),
-        *_rows(f"Eager at tiny widths, main thread CPU time ({rounds}):", tiny_cpu),
+        *round_rows(f"Eager at tiny widths, main thread CPU time ({rounds}):", tiny_cpu),
         "", "From a CUDA graph:", "", "| variant | ms | x dense | peak GiB |", "|---|---|---|---|",
     ]  # fmt: skip
     dense = graph["dense-243M"]["ms"]

@@ -403,10 +403,10 @@ class MoELinearFunction(torch.autograd.Function):
         ``configs``: the call's launch settings per role (checked), or None; ``grad_dtype``:
         the weight gradient's rounding (None: none); ``pairs``: the call runs by pairs of
         experts (:func:`cvmm_kernel.pair_slots.wanted`)."""
-        if pairs:
-            routing = pair_slots.routing_impl(index, n_experts, block_m)
+        if pairs:  # (not a custom op: its routing tensors may be views of one allocation)
+            routing = pair_slots.routing_impl(index, n_experts, block_m, apart=False)
         else:
-            routing = routing_impl(index, n_experts, block_m, backend)
+            routing = routing_impl(index, n_experts, block_m, backend, apart=False)
         r = Routing(*routing[:6], block_m, *routing[6:])
         out, y = _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs)
         ctx.save_for_backward(x, gate, w, index, y, *routing)

@@ -273,15 +273,18 @@ def _reference_tile_table(counts: torch.Tensor, offsets: torch.Tensor, length: i
     return tile_expert, tile_start, n_valid.clone()
 
 
-def routing_impl(index: torch.Tensor, n_experts: int, block_m: int, backend: str):
+def routing_impl(
+    index: torch.Tensor, n_experts: int, block_m: int, backend: str, apart: bool = True
+):
     """``index [N]`` (expert of each slot, int64) -> ``(sorted_to_slot, slot_to_sorted,
-    offsets, tile_expert, tile_start, n_valid)``; no sort and no host sync on Triton."""
+    offsets, tile_expert, tile_start, n_valid)``; no sort and no host sync on Triton, where
+    ``apart=False`` makes them views of one allocation (for eager calls, not custom ops)."""
     n = index.numel()
     length = n_tiles(n, n_experts, block_m)
     if backend == "triton" and n > 0:
         from .moe_triton import build_routing
 
-        return build_routing(index, n_experts, block_m, length)
+        return build_routing(index, n_experts, block_m, length, apart=apart)
     order = torch.sort(index, stable=True).indices
     sorted_to_slot = order.to(torch.int32)
     slot_to_sorted = torch.empty_like(sorted_to_slot).scatter_(
@@ -604,8 +607,13 @@ W_DOWN_FROM_GATED_H = [True]
 # gradients run (benchmarks/ab_moe_variants.py times it both ways, passing
 # moe_mlp(..., _backward_overlap=)). The shipped default. ``linear_overlap``: the same in
 # moe_linear's backward where the weight gradient does not read the input gradient's launch
-# (O's by pairs: 0.273 -> 0.268 ms at 4 x 10 experts, ab_linear_overlap.md).
-BACKWARD_SCHEDULE = {"overlap": True, "linear_overlap": True}
+# (O's by pairs: 0.273 -> 0.268 ms at 4 x 10 experts, ab_linear_overlap.md). Both measured
+# replayed from CUDA graphs. ``eager_overlap``: also outside CUDA-graph capture. Off: the side
+# stream's waits and events cost host time at every call (4% of the samples of MoEUT-244M's
+# eager backward thread, 0.4% without, moeut's benchmarks/results/host_sampling_before.txt and
+# host_sampling.txt), which a host-bound eager step pays in full, for 1-2% of these ops' GPU
+# time; a captured graph pays it once.
+BACKWARD_SCHEDULE = {"overlap": True, "linear_overlap": True, "eager_overlap": False}
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
@@ -620,9 +628,15 @@ def side_work(device: torch.device, on: bool):
     """``(context, join)`` for work that overlaps what the current stream runs next: inside
     ``context`` it is queued on the device's side stream, after what the current stream has
     queued; ``join(*made)`` makes the current stream wait for it and records the tensors made
-    there (None skipped) as used on the current stream. Not ``on``, or not a CUDA device (the
-    interpreter's tensors included): the work runs in order and ``join`` does nothing."""
-    if not on or device.type != "cuda" or interpreting():
+    there (None skipped) as used on the current stream. Not ``on``, not a CUDA device (the
+    interpreter's tensors included), or outside CUDA-graph capture without
+    ``BACKWARD_SCHEDULE["eager_overlap"]``: the work runs in order and ``join`` does nothing."""
+    if (
+        not on
+        or device.type != "cuda"
+        or interpreting()
+        or not (BACKWARD_SCHEDULE["eager_overlap"] or torch.cuda.is_current_stream_capturing())
+    ):
         return contextlib.nullcontext(), lambda *made: None
     main, side = torch.cuda.current_stream(device), _side_stream(device)
     side.wait_stream(main)
@@ -855,7 +869,7 @@ class MoEMLPFunction(torch.autograd.Function):
         """``shared``: per weight a SharedGrad that sums its gradient over uses, or None.
         ``configs`` (checked, per role) and ``overlap``: the call's launch settings (None: the
         shipped ones); ``grad_dtype``: the weight gradients' rounding (None: none)."""
-        routing = routing_impl(index, n_experts, block_m, backend)
+        routing = routing_impl(index, n_experts, block_m, backend, apart=False)
         r = Routing(*routing, block_m)
         out, h, u = _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend,
                              configs)  # fmt: skip

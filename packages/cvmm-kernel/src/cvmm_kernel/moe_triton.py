@@ -813,6 +813,16 @@ def _int32_views(device: torch.device, *sizes: int, zero: bool = False) -> list[
     return list(parts[::2])
 
 
+def routing_outputs(device: torch.device, apart: bool, *sizes: int) -> list[torch.Tensor]:
+    """1-d int32 tensors of ``sizes`` for a routing's results: each its own allocation where
+    ``apart`` (the outputs of a custom op must not alias), else views of one (one allocation
+    instead of one per tensor: host time of eager calls, which keep them for the backward
+    together)."""
+    if apart:
+        return [torch.empty(size, dtype=torch.int32, device=device) for size in sizes]
+    return _int32_views(device, *sizes)
+
+
 def build_routing(
     flat_index: torch.Tensor,
     n_experts: int,
@@ -822,6 +832,7 @@ def build_routing(
     block: int | None = None,
     warps: int | None = None,
     scan: tuple[int, int, int] | None = None,
+    apart: bool = True,
 ):
     """The routing layout of ``flat_index`` (``[N]``, values in ``[0, n_experts)``), int32:
     ``(sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid_tiles)``.
@@ -829,7 +840,9 @@ def build_routing(
     Three launches, no sort and no host sync (the sizes depend on ``N`` and ``n_experts`` only).
     ``block`` and ``warps``: slots per program and warps of the rank kernel (default
     ``ROUTING_BLOCK`` and ``ROUTING_WARPS``), ``scan`` the scan kernel's settings (default
-    ``ROUTING_SCAN``); ``benchmarks/sweep_routing.py`` passes others.
+    ``ROUTING_SCAN``); ``benchmarks/sweep_routing.py`` passes others. ``apart``: each returned
+    tensor its own allocation (a custom op's outputs must not alias), else views of one
+    (:func:`routing_outputs`).
     """
     n = flat_index.numel()
     device = flat_index.device
@@ -839,10 +852,9 @@ def build_routing(
         block *= 2
     n_blocks = cdiv(n, block)
     fallback = n_blocks * n_experts > MAX_BLOCK_COUNTS
-    # the returned tensors apart (a custom op's outputs must not alias), the scratch in one
-    new = lambda size: torch.empty(size, dtype=torch.int32, device=device)
-    sorted_to_slot, slot_to_sorted, offsets = new(n), new(n), new(n_experts + 1)
-    tile_expert, tile_start, n_valid = new(n_tiles), new(n_tiles), new(1)
+    sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid = routing_outputs(
+        device, apart, n, n, n_experts + 1, n_tiles, n_tiles, 1
+    )
     bins = next_power_of_2(n_experts + 1)
     bins = bins if bins <= HISTOGRAM_MAX_BINS and not fallback else 0
     scratch = (

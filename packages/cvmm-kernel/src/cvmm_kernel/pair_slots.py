@@ -66,11 +66,11 @@ def wanted(n_experts: int, k: int, n_slots: int, backend: str, layout: tuple) ->
     return pair_routing_fits(n_slots, n_experts)
 
 
-def routing_impl(index: torch.Tensor, n_experts: int, block_m: int):
+def routing_impl(index: torch.Tensor, n_experts: int, block_m: int, apart: bool = True):
     """:func:`cvmm_kernel.pair_triton.build_pair_routing` of ``index [N]`` (int64)."""
     from .pair_triton import build_pair_routing
 
-    return build_pair_routing(index, n_experts, block_m)
+    return build_pair_routing(index, n_experts, block_m, apart=apart)
 
 
 @torch.library.custom_op("cvmm_kernel::moe_pair_routing", mutates_args=())

@@ -42,6 +42,7 @@ from .moe_triton import (
     _shared_memory_budget,
     _weight_block,
     input_precision,
+    routing_outputs,
     weight_operand,
 )
 from .pdl import wait_for_previous
@@ -140,7 +141,7 @@ def n_pair_tiles(n_items: int, n_experts: int, block_m: int) -> int:
     return cdiv(n_items, block_m) + min(n_experts * (n_experts + 1) // 2, n_items)
 
 
-def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
+def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int, apart: bool = True):
     """The routing of a call by pairs (``flat_index [2 I]``, item ``i``'s slots ``2i``, ``2i +
     1``), int32: ``(sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
     sorted_lo_slot, pair_offsets)``: the slots sorted by expert and each expert's ``offsets``
@@ -148,7 +149,8 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
     per tile, padding tiles numbered ``E * (E + 1) / 2``), the items sorted by pair, as the slot
     of each item's expert ``lo`` (``2i + (index[2i] > index[2i + 1])``: the kernels read an
     item's gates without waiting on ``index``), and each pair's ``pair_offsets`` (``[E * (E +
-    1) / 2 + 1]``). Needs :func:`pair_routing_fits`."""
+    1) / 2 + 1]``). Needs :func:`pair_routing_fits`. ``apart``: as in
+    :func:`cvmm_kernel.moe_triton.build_routing`."""
     n = flat_index.numel()
     n_items, n_pairs = n // 2, n_experts * (n_experts + 1) // 2
     device = flat_index.device
@@ -159,10 +161,11 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
     if n_blocks * n_pairs > MAX_BLOCK_COUNTS:
         raise ValueError(f"{n} slots over {n_experts} experts are too many for pair routing")
     length = n_pair_tiles(n_items, n_experts, block_m)
-    new = lambda size: torch.empty(size, dtype=torch.int32, device=device)
-    sorted_to_slot, slot_to_sorted, offsets = new(n), new(n), new(n_experts + 1)
-    tile_pair, tile_start, n_valid = new(length), new(length), new(1)
-    sorted_lo_slot, pair_offsets = new(n_items), new(n_pairs + 1)
+    outputs = routing_outputs(
+        device, apart, n, n, n_experts + 1, length, length, 1, n_items, n_pairs + 1
+    )
+    sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid = outputs[:6]
+    sorted_lo_slot, pair_offsets = outputs[6:]
     if n_items == 0:
         offsets.zero_(), pair_offsets.zero_(), n_valid.zero_()
         return (sorted_to_slot, slot_to_sorted, offsets, tile_pair, tile_start, n_valid,
@@ -170,10 +173,11 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int):
     bins = next_power_of_2(n_pairs + 1)
     bins = bins if bins <= HISTOGRAM_MAX_BINS else 0
     block_e = next_power_of_2(n_experts)
-    counts, rank, block_counts, block_start = _int32_views(
-        device, n_pairs, n_items, n_blocks * n_pairs, n_blocks * n_pairs, zero=not bins
-    )
-    bases = new(n_blocks * block_e * block_e)
+    # the scratch in one allocation
+    counts, rank, block_counts, block_start, bases = _int32_views(
+        device, n_pairs, n_items, n_blocks * n_pairs, n_blocks * n_pairs,
+        n_blocks * block_e * block_e, zero=not bins,
+    )  # fmt: skip
     launch(_routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n_items, n_pairs,
            block, bins, True, num_warps=PAIR_ROUTING["rank_warps"])  # fmt: skip
     scan_b, scan_e, scan_warps = ROUTING_SCAN

@@ -31,6 +31,7 @@ class _Copy(NamedTuple):
     ref: weakref.ref  # the weight, weakly
     version: int  # the weight's version then
     dtype: torch.dtype
+    pad_rows: int
     copy: torch.Tensor
     backward_calls: int  # _BACKWARD_CALLS then
 
@@ -50,18 +51,26 @@ def _forget(key: int, ref: weakref.ref) -> None:
             del cache[key]
 
 
-def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _make(weight: torch.Tensor, dtype: torch.dtype, pad_rows: int) -> torch.Tensor:
+    copy = weight.detach().to(dtype)
+    if pad_rows:
+        copy = torch.cat([copy, copy.new_zeros(pad_rows, *copy.shape[1:])])
+    return copy
+
+
+def cast_weight(weight: torch.Tensor, dtype: torch.dtype, pad_rows: int = 0) -> torch.Tensor:
     """``weight`` in ``dtype``: the weight itself if it already is, else a cached detached copy
     (made again when the weight changed in place since, and in a forward call after a backward
-    has used the cache; see the module docstring)."""
-    if weight.dtype == dtype:
+    has used the cache; see the module docstring). ``pad_rows``: the copy with that many rows of
+    zeros appended along dim 0 (a copy then also where the dtype is the weight's)."""
+    if weight.dtype == dtype and not pad_rows:
         return weight
     if (
         torch.compiler.is_compiling()
         or weight.is_inference()  # no version counter to key on
         or isinstance(weight, torch._subclasses.FakeTensor)
     ):
-        return weight.detach().to(dtype)
+        return _make(weight, dtype, pad_rows)
     # A copy made before a CUDA graph's capture would be read by every replay, stale once the
     # weight changes: while capturing, copies are made (and captured) apart from the others and
     # serve only that capture, so each replay casts the weights as they are then.
@@ -80,12 +89,13 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         and entry.ref() is weight
         and entry.version == version
         and entry.dtype == dtype
+        and entry.pad_rows == pad_rows
         and (in_backward or entry.backward_calls == _BACKWARD_CALLS[0])
     ):
         return entry.copy
-    copy = weight.detach().to(dtype)
+    copy = _make(weight, dtype, pad_rows)
     ref = weakref.ref(weight, functools.partial(_forget, key))
-    cache[key] = _Copy(ref, version, dtype, copy, _BACKWARD_CALLS[0])
+    cache[key] = _Copy(ref, version, dtype, pad_rows, copy, _BACKWARD_CALLS[0])
     return copy
 
 

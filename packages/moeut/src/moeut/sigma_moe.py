@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from cvmm_kernel import cvmm, cvmm_prepare_sel2, moe_mlp, sigmoid_topk
+from cvmm_kernel.shared_grads import matmul_f32
+from cvmm_kernel.weight_cache import cast_weight
 from switchhead.inputs import check_layer_inputs
+from torch.autograd.function import once_differentiable
 
 if TYPE_CHECKING:
     from cvmm_kernel.moe_mlp import Activation
@@ -24,14 +27,57 @@ FUSED_ACTIVATIONS: dict[Callable, Activation] = {
 
 
 def selection_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x [..., d] @ weight[E, d]^T`` -> ``[..., E]``, computed ``E`` padded to a multiple of 8
-    with zero rows: cuBLAS has no fast kernel for 16-bit rows of odd width (387 experts took
-    ~0.3 ms per layer on an H100 instead of ~0.01, benchmarks/results/profile_MoEUT_244M.txt).
-    The same values; a strided view of the padded result."""
+    """``x [..., d] @ weight[E, d]^T`` -> ``[..., E]`` (in autocast's dtype under autocast, as
+    ``F.linear``), computed with ``E`` padded to a multiple of 8 with zero rows: cuBLAS has no
+    fast kernel for 16-bit rows of odd width (387 experts took ~0.3 ms per layer on an H100
+    instead of ~0.01, benchmarks/results/profile_MoEUT_244M.txt). A strided view of the padded
+    result. The padded weight in the compute dtype is made once per weight version (MoEUT applies
+    a shared layer several times per step) and the weight's gradient is written in float32 by the
+    GEMM itself: one GEMM forward and two backward, instead of a pad, a cast and the GEMM
+    forward and a slice's, a cast's and a pad's backward around two GEMMs (host time of the
+    eager step, benchmarks/results/host_sampling.txt). Compiled: the plain expression, which
+    Inductor fuses."""
+    if torch.compiler.is_compiling():
+        return _padded_linear(x, weight)
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    flat, pad = x.reshape(-1, x.shape[-1]), -weight.shape[0] % 8
+    return _SelectionLogits.apply(flat, weight, dtype, pad).view(*x.shape[:-1], weight.shape[0])
+
+
+def _padded_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`selection_logits` as plain PyTorch ops (the padding and cast at every call)."""
     pad = -weight.shape[0] % 8
     if pad == 0:
         return F.linear(x, weight)
     return F.linear(x, F.pad(weight, (0, 0, 0, pad)))[..., : weight.shape[0]]
+
+
+class _SelectionLogits(torch.autograd.Function):
+    """``x [N, d] @ weight[E, d]^T`` in ``dtype`` through the weight's zero-padded copy."""
+
+    @staticmethod
+    def forward(ctx, x, weight, dtype, pad):
+        padded = cast_weight(weight, dtype, pad_rows=pad)
+        x = x.to(dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.dtype, ctx.pad = dtype, pad
+        return torch.mm(x, padded.t())[:, : weight.shape[0]]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = F.pad(grad.to(ctx.dtype), (0, ctx.pad))  # [N, E + pad]: aligned rows
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = grad @ cast_weight(weight, ctx.dtype, pad_rows=ctx.pad)
+        if ctx.needs_input_grad[1]:
+            # 16-bit operands: a float32 result from the GEMM itself (no cast after it)
+            low = x.dtype in (torch.bfloat16, torch.float16)
+            dw = (matmul_f32(grad.t(), x) if low else grad.t() @ x)[: weight.shape[0]]
+            dw = dw.to(weight.dtype)
+        return dx, dw, None, None
 
 
 class SigmaMoE(torch.nn.Module):

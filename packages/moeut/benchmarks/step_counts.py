@@ -1,0 +1,118 @@
+r"""How much host work an eager MoEUT training step issues, counted (CUDA): deterministic where
+host times are not.
+
+    PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
+        python3 packages/moeut/benchmarks/step_counts.py [--label NAME]
+
+The shared machine's host speed moves by tens of percent within minutes, which hides a saving
+of a few percent in any timing (``ab_host_savings.md``). What the host does per step can be
+counted instead: for the MoEUT-244M structure at tiny widths (``host_overhead.py``'s model) and
+its dense baseline, per LM training step (forward + backward, bf16 autocast): driver calls
+(kernel launches, memsets, copies) and ATen ops (nested ones included) from the torch profiler,
+the autograd graph's nodes, and the Python function calls (Python and builtin, all threads,
+``threading.setprofile_all_threads``). Run it on two checkouts to compare them. Writes
+``step_counts[_LABEL].json`` and ``.md`` to ``$OUT`` if set, else to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from bench_harness import environment_line, metadata, require_cuda, table_header, write_results
+from bench_moeut import DenseLM
+from host_overhead import BATCH, SEQ, TINY, VOCAB
+from host_profile import _DRIVER_CALLS
+from moeut import MoEUTLM
+from torch.profiler import ProfilerActivity, profile
+
+
+def _graph_nodes(root) -> int:
+    seen, todo = set(), [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo += [next_fn for next_fn, _ in node.next_functions]
+    return len(seen)
+
+
+def counts(model: torch.nn.Module, steps: int = 5) -> dict[str, float]:
+    """Per LM training step of ``model``: driver calls, ATen ops, autograd nodes and Python
+    calls, averaged over ``steps`` steps after two untimed ones."""
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
+    nodes: list[int] = []
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(tokens[:, :-1])
+            logits, reg = (out, 0.0) if torch.is_tensor(out) else (out.outputs, out.reg_loss)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) + reg
+        nodes.append(_graph_nodes(loss.grad_fn))
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events: Counter[str] = Counter()
+    for event in prof.key_averages():
+        events[event.key] += event.count
+    python_calls = Counter()
+
+    def count_calls(_frame, event, _arg) -> None:
+        python_calls[event] += 1
+
+    threading.setprofile_all_threads(count_calls)
+    try:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    finally:
+        threading.setprofile_all_threads(None)
+    row = {name: events[name] / steps for name in _DRIVER_CALLS}
+    row["driver calls"] = sum(row.values())
+    row["ATen ops"] = sum(v for k, v in events.items() if k.startswith("aten::")) / steps
+    row["autograd nodes"] = nodes[-1]
+    row["Python calls"] = python_calls["call"] / steps
+    row["builtin calls"] = python_calls["c_call"] / steps
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default="", help="suffix of the result files")
+    args = parser.parse_args()
+    if not require_cuda(__file__):
+        return 2
+    torch.manual_seed(0)
+    models = {
+        "MoEUT-244M structure": MoEUTLM(VOCAB, **TINY),
+        "dense 18 layers": DenseLM(d=128, layers=18, heads=4, ff=512),
+    }
+    rows = {name: counts(model.cuda().train()) for name, model in models.items()}
+    setup = f"tiny widths, B={BATCH}, T={SEQ}, bf16 autocast; per LM training step"
+    meta = metadata(setup=setup, label=args.label)
+    label = f" ({args.label})" if args.label else ""
+    lines = [f"Host work per eager step{label}, {environment_line(meta)} ({meta['setup']})", ""]
+    lines += table_header("what", *models)
+    for key in next(iter(rows.values())):
+        lines.append(f"| {key} | " + " | ".join(f"{r[key]:.0f}" for r in rows.values()) + " |")
+    table = "\n".join(lines)
+    print(table)
+    name = f"step_counts_{args.label}" if args.label else "step_counts"
+    write_results(name, {"meta": meta, "rows": rows}, table, script_file=__file__)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
