@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from cvmm_kernel import CVMMSel, cvmm, cvmm_prepare_sel2
@@ -150,3 +152,17 @@ def test_index_bound_checks_on_the_host_without_reading_indices(monkeypatch):
     rebuilt = sel.clone()
     rebuilt.sel = sel.sel  # re-indexing by hand drops the promise
     assert rebuilt.index_bound is None and rebuilt.layout_group == 0
+
+
+def test_interpreting_follows_the_environment(monkeypatch):
+    """``interpreting()`` reads ``TRITON_INTERPRET`` at each call (its fast lookup included)."""
+    from cvmm_kernel.interpreter import interpreting
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not interpreting()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not interpreting()
+    monkeypatch.setitem(os.environ, "TRITON_INTERPRET", "1")
+    assert interpreting()

@@ -10,8 +10,9 @@ counted instead: for the MoEUT-244M structure at tiny widths (``host_overhead.py
 its dense baseline, per LM training step (forward + backward, bf16 autocast): driver calls
 (kernel launches, memsets, copies) and ATen ops (nested ones included) from the torch profiler,
 the autograd graph's nodes, and the Python function calls (Python and builtin, all threads,
-``threading.setprofile_all_threads``). Run it on two checkouts to compare them. Writes
-``step_counts[_LABEL].json`` and ``.md`` to ``$OUT`` if set, else to ``benchmarks/results/``.
+``threading.setprofile_all_threads``), with the most called functions. Run it on two checkouts
+to compare them. Writes ``step_counts[_LABEL].json`` and ``.md`` to ``$OUT`` if set, else to
+``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import argparse
 import sys
 import threading
 from collections import Counter
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ def _graph_nodes(root) -> int:
     return len(seen)
 
 
-def counts(model: torch.nn.Module, steps: int = 5) -> dict[str, float]:
+def counts(model: torch.nn.Module, steps: int = 5) -> dict[str, Any]:
     """Per LM training step of ``model``: driver calls, ATen ops, autograd nodes and Python
     calls, averaged over ``steps`` steps after two untimed ones."""
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
@@ -67,10 +69,20 @@ def counts(model: torch.nn.Module, steps: int = 5) -> dict[str, float]:
     events: Counter[str] = Counter()
     for event in prof.key_averages():
         events[event.key] += event.count
-    python_calls = Counter()
+    top_level: Counter[str] = Counter()  # ATen ops not called by another ATen op
+    for event in prof.events():
+        parent = event.cpu_parent
+        if event.name.startswith("aten::") and not (parent and parent.name.startswith("aten::")):
+            top_level[event.name] += 1
+    python_calls: Counter[str] = Counter()
 
-    def count_calls(_frame, event, _arg) -> None:
+    def count_calls(frame, event, arg) -> None:
         python_calls[event] += 1
+        if event == "call":
+            code = frame.f_code
+            python_calls[f"{_short(code.co_filename)}:{code.co_qualname}"] += 1
+        elif event == "c_call":
+            python_calls[f"(builtin) {getattr(arg, '__qualname__', arg)}"] += 1
 
     threading.setprofile_all_threads(count_calls)
     try:
@@ -82,10 +94,31 @@ def counts(model: torch.nn.Module, steps: int = 5) -> dict[str, float]:
     row = {name: events[name] / steps for name in _DRIVER_CALLS}
     row["driver calls"] = sum(row.values())
     row["ATen ops"] = sum(v for k, v in events.items() if k.startswith("aten::")) / steps
+    row["ATen ops called from Python or autograd"] = sum(top_level.values()) / steps
     row["autograd nodes"] = nodes[-1]
     row["Python calls"] = python_calls["call"] / steps
     row["builtin calls"] = python_calls["c_call"] / steps
+    top = [(k, v) for k, v in python_calls.most_common() if k not in ("call", "c_call", "return",
+           "c_return", "c_exception")][:TOP]  # fmt: skip
+    row["most called"] = {k: v / steps for k, v in top}
+    row["ATen ops by name"] = {
+        k: (v / steps, top_level[k] / steps)
+        for k, v in events.most_common()
+        if k.startswith("aten::")
+    }
     return row
+
+
+TOP = 60  # functions listed per model
+TOP_OPS = 40  # ATen ops listed per model
+
+
+def _short(filename: str) -> str:
+    parts = filename.split("/")
+    for i, part in enumerate(parts):
+        if part in ("cvmm_kernel", "switchhead", "moeut", "torch", "triton"):
+            return "/".join(parts[i:])
+    return parts[-1]
 
 
 def main() -> int:
@@ -106,7 +139,17 @@ def main() -> int:
     lines = [f"Host work per eager step{label}, {environment_line(meta)} ({meta['setup']})", ""]
     lines += table_header("what", *models)
     for key in next(iter(rows.values())):
-        lines.append(f"| {key} | " + " | ".join(f"{r[key]:.0f}" for r in rows.values()) + " |")
+        if key not in ("most called", "ATen ops by name"):
+            lines.append(f"| {key} | " + " | ".join(f"{r[key]:.0f}" for r in rows.values()) + " |")
+    for name, row in rows.items():
+        lines += ["", f"{name}: ATen ops per step (all; called from Python or autograd)", ""]
+        lines += table_header("op", "all", "outermost")
+        ops = list(row["ATen ops by name"].items())[:TOP_OPS]
+        lines += [f"| {k[6:]} | {v:.0f} | {t:.0f} |" for k, (v, t) in ops]
+    for name, row in rows.items():
+        lines += ["", f"{name}: the most called functions, calls per step", ""]
+        lines += table_header("function", "calls")
+        lines += [f"| `{k}` | {v:.0f} |" for k, v in row["most called"].items()]
     table = "\n".join(lines)
     print(table)
     name = f"step_counts_{args.label}" if args.label else "step_counts"
