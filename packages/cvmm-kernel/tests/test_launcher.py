@@ -22,7 +22,8 @@ def _mlp_step(x, index, gate, w_up, w_down):
 @cuda
 def test_kept_descriptors_give_the_per_launch_result(monkeypatch):
     """Weights at other addresses and of other shapes, and a weight changed in place, through
-    kept encodings: bitwise what encoding at every launch and plain ``kernel[grid]`` give."""
+    kept encodings (and the kernels without descriptors through the launcher's C entry point):
+    bitwise what Triton's launcher object and plain ``kernel[grid]`` give."""
     torch.manual_seed(0)
     dev, bf16 = "cuda", torch.bfloat16
     x = torch.randn(96, 64, device=dev, dtype=bf16)
@@ -54,7 +55,8 @@ def test_kept_descriptors_give_the_per_launch_result(monkeypatch):
                 assert torch.equal(a, b)
     tma = moe_triton.TENSOR_DESCRIPTORS[0] and torch.cuda.get_device_capability() >= (9, 0)
     if tma and triton.__version__.startswith("3.6."):  # the launcher layout the module knows
-        assert entries
+        assert any(e[2].positions for e in entries)  # kept encodings
+        assert any(not e[2].positions for e in entries)  # plain kernels' C entry point
 
 
 @pytest.mark.gpu
@@ -114,3 +116,15 @@ def test_unknown_launcher_layouts_keep_the_per_launch_encoding():
     if launcher.DESCRIPTORS_AVAILABLE:
         assert launcher._kept_descriptors(Launcher(), args) is None
     assert launcher._kept_descriptors(Launcher(), (torch.zeros(2), 3)) is None
+
+
+def test_signature_keys_tensors_by_dtype_and_alignment_and_the_rest_by_value():
+    def kernel():
+        pass
+
+    t = torch.zeros(8)
+    args = (t, t[1:], 3, None, 2.0, True, "s", torch.float32)
+    assert launcher._signature(kernel, 0, args, (4, 3, False)) == (
+        id(kernel), (4, 3, False), 0, (torch.float32, True), (torch.float32, False), 3, None,
+        2.0, True, "s", torch.float32,
+    )  # fmt: skip

@@ -639,3 +639,15 @@ def test_cuda_side_stream_only_in_capture(monkeypatch):
         join()
     assert kinds == [torch.cuda.StreamContext]
     assert isinstance(moe_ops.side_work(device, False)[0], contextlib.nullcontext)
+
+
+def test_pair_choice_traces_in_a_compiled_graph():
+    """``pair_slots.wanted`` runs inside ``moe_linear``'s traced Python under ``torch.compile``:
+    it must not call what Dynamo cannot trace (``importlib``), also where Triton's pairs apply."""
+    from cvmm_kernel import pair_slots
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def choose(x):
+        return x + pair_slots.wanted(32, 2, 4096, "triton", (False, None))
+
+    assert choose(torch.zeros(1)).item() in (0.0, 1.0)

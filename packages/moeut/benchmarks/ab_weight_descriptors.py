@@ -59,43 +59,55 @@ def _set(switches: tuple[bool, bool]) -> None:
 SET_UPS = {name: (lambda switches=switches: _set(switches)) for name, switches in VARIANTS.items()}
 
 
-def eager_rounds(
-    rounds: int, config: dict, variants: Mapping[str, Callable[[], None]]
-) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """``(wall, cpu)``: ms per eager step (LM forward + backward, bf16 autocast, B=8, T=1024) of
-    each variant in each round, one model of ``config``, each variant set up by its callable
-    before its steps: the median of 15 steps after 3 untimed ones, the wall time synced, and the
-    main thread's CPU time until the step returns (``time.thread_time``, before the sync;
-    autograd's CUDA backward thread not counted)."""
-    torch.manual_seed(0)
-    model = MoEUTLM(VOCAB, **config).cuda().train()
+def lm_step(model: torch.nn.Module) -> Callable[[], None]:
+    """One eager LM training step of ``model`` (MoEUTLM or the dense LM): forward + backward,
+    bf16 autocast, B=8, T=1024, the gradients dropped after it."""
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
 
-    def step():
+    def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(tokens[:, :-1])
-            loss = F.cross_entropy(out.outputs.flatten(0, 1).float(), tokens[:, 1:].flatten())
-            loss = loss + out.reg_loss
+            logits, reg = (out, 0.0) if torch.is_tensor(out) else (out.outputs, out.reg_loss)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) + reg
         loss.backward()
         model.zero_grad(set_to_none=True)
 
+    return step
+
+
+def timed_steps(step: Callable[[], None], steps: int = 15) -> tuple[float, float]:
+    """``(wall, cpu)`` ms of ``step``, medians of ``steps`` after 3 untimed: the wall time
+    synced, and the main thread's CPU time until the step returns (``time.thread_time``, before
+    the sync; autograd's CUDA backward thread not counted)."""
+    for _ in range(3):
+        step()
+    walls, cpus = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        start, start_cpu = time.perf_counter(), time.thread_time()
+        step()
+        cpus.append((time.thread_time() - start_cpu) * 1e3)
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+def eager_rounds(
+    rounds: int, config: dict, variants: Mapping[str, Callable[[], None]]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``(wall, cpu)``: ms per eager step (:func:`lm_step`, :func:`timed_steps`) of each variant
+    in each round, one model of ``config``, each variant set up by its callable before its
+    steps."""
+    torch.manual_seed(0)
+    step = lm_step(MoEUTLM(VOCAB, **config).cuda().train())
     wall: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, set_up in variants.items():
             set_up()
-            for _ in range(3):
-                step()
-            walls, cpus = [], []
-            for _ in range(15):
-                torch.cuda.synchronize()
-                start, start_cpu = time.perf_counter(), time.thread_time()
-                step()
-                cpus.append((time.thread_time() - start_cpu) * 1e3)
-                torch.cuda.synchronize()
-                walls.append((time.perf_counter() - start) * 1e3)
-            wall[name].append(statistics.median(walls))
-            cpu[name].append(statistics.median(cpus))
+            ms, cpu_ms = timed_steps(step)
+            wall[name].append(ms)
+            cpu[name].append(cpu_ms)
     return wall, cpu
 
 

@@ -31,6 +31,7 @@ from host_overhead import BATCH, SEQ, TINY, VOCAB
 from host_profile import _DRIVER_CALLS
 from moeut import MoEUTLM
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _graph_nodes(root) -> int:
@@ -121,9 +122,56 @@ def _short(filename: str) -> str:
     return parts[-1]
 
 
+class _CallSites(TorchDispatchMode):
+    """Counts the ATen ops dispatched (below autograd: views as ``view``, the backward's ops
+    too) by the innermost line of this workspace's packages on the Python stack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sites: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        frame, site = sys._getframe(1), "(no frame of this workspace: autograd's C++)"
+        while frame is not None:
+            name = frame.f_code.co_filename
+            if any(f"/{package}/" in name for package in _PACKAGES) and "/benchmarks/" not in name:
+                site = f"{_short(name)}:{frame.f_lineno} ({frame.f_code.co_name})"
+                break
+            frame = frame.f_back
+        self.sites[f"{func.overloadpacket.__name__} @ {site}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def call_sites(model: torch.nn.Module, steps: int = 2) -> Counter[str]:
+    """ATen ops per LM training step of ``model`` by call site (:class:`_CallSites`)."""
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(tokens[:, :-1])
+            loss = F.cross_entropy(out.outputs.flatten(0, 1).float(), tokens[:, 1:].flatten())
+        (loss + out.reg_loss).backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    with _CallSites() as counter:
+        for _ in range(steps):
+            step()
+    torch.cuda.synchronize()
+    return Counter({k: v // steps for k, v in counter.sites.items()})
+
+
+_PACKAGES = ("cvmm_kernel", "switchhead", "moeut")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="", help="suffix of the result files")
+    parser.add_argument(
+        "--sites",
+        action="store_true",
+        help="also the MoEUT step's ATen ops by call site (torch profiler stacks)",
+    )
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
@@ -150,6 +198,12 @@ def main() -> int:
         lines += ["", f"{name}: the most called functions, calls per step", ""]
         lines += table_header("function", "calls")
         lines += [f"| `{k}` | {v:.0f} |" for k, v in row["most called"].items()]
+    if args.sites:
+        torch.manual_seed(0)
+        sites = call_sites(MoEUTLM(VOCAB, **TINY).cuda().train())
+        lines += ["", "MoEUT-244M structure: ATen ops dispatched per step by call site", ""]
+        lines += table_header("op @ innermost line of this workspace", "per step")
+        lines += [f"| `{k}` | {v} |" for k, v in sites.most_common(TOP)]
     table = "\n".join(lines)
     print(table)
     name = f"step_counts_{args.label}" if args.label else "step_counts"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from .shared_grads import matmul_f32
+from .triton_modules import triton_module
 
 INPUT_ROWS, OUTPUT_ROWS = "input", "output"
 
@@ -62,7 +63,7 @@ def reference_spread(
 
 def spread(src, index, gate, n_experts: int, div: int, src_div: int) -> torch.Tensor:
     """:func:`reference_spread` on the Triton path (one kernel, slot order: deterministic)."""
-    from . import moe_triton as kt
+    kt = triton_module("moe_triton")
 
     return kt.spread_slots(src, index, gate, n_experts, div, src_div)
 

@@ -41,6 +41,7 @@ from .moe_ops import (
     side_work,
 )
 from .shared_grads import settle
+from .triton_modules import triton_module
 from .weight_cache import cast_weight
 
 
@@ -87,7 +88,7 @@ def _slot_sums(a, w, r: Routing, a_div, out_div, n_out, deterministic, gate, rol
     out_div]>`` where ``h`` is given; by pairs, ``<products[s], a[s // a_div]>`` where the
     forward's kept ``products`` are given and the kernel takes them, else None). ``configs``:
     the call's launch settings per role (None: ``GEMM_CONFIGS``)."""
-    from . import moe_triton as kt
+    kt = triton_module("moe_triton")
 
     k, n = a.shape[1], w.shape[2]
     if r.sorted_lo_slot is not None:
@@ -149,7 +150,7 @@ def plan(w_shape, a_div: int, out_div: int, deterministic: bool, backend: str):
 def _triton_forward(x, gate, w, index, r: Routing, a_div, out_div, deterministic, configs=None):
     """``(out, y)``: ``y`` what the backward reads (:func:`plan`): the per-slot products, the
     output-row layout's spread input, or empty."""
-    from . import moe_triton as kt
+    kt = triton_module("moe_triton")
 
     wc = cast_weight(w, x.dtype)
     n_slots, d_out = r.sorted_to_slot.numel(), w.shape[2]
@@ -176,7 +177,7 @@ def _triton_backward(dy, x, gate, w, index, y, r: Routing, a_div, out_div, deter
     gradient is wanted (a frozen weight, an input that needs none): no kernel runs for it.
     ``configs``: the call's launch settings per role; ``grad_dtype``: ``dW``'s where ``shared``
     does not sum it (None: the weight's)."""
-    from . import moe_triton as kt
+    kt = triton_module("moe_triton")
 
     need_x, need_gate, need_w = need
     wc = cast_weight(w, x.dtype)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .host_math import next_power_of_2
 from .interpreter import interpreting
 from .shared_grads import grad_buffer, settle
+from .triton_modules import triton_module
 from .validation import check_launch_config
 from .weight_cache import cast_weight
 
@@ -282,9 +283,9 @@ def routing_impl(
     n = index.numel()
     length = n_tiles(n, n_experts, block_m)
     if backend == "triton" and n > 0:
-        from .moe_triton import build_routing
-
-        return build_routing(index, n_experts, block_m, length, apart=apart)
+        return triton_module("moe_triton").build_routing(
+            index, n_experts, block_m, length, apart=apart
+        )
     order = torch.sort(index, stable=True).indices
     sorted_to_slot = order.to(torch.int32)
     slot_to_sorted = torch.empty_like(sorted_to_slot).scatter_(
@@ -407,7 +408,7 @@ FUSED_FORWARD = [True]
 
 def _triton_forward(x, gate, w_up, w_down, r: Routing, top_k, activation, deterministic,
                     configs=None):  # fmt: skip
-    from . import moe_triton as kt
+    kt = triton_module("moe_triton")
 
     wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
     tokens, d_in = x.shape
@@ -443,7 +444,7 @@ def _token_sums(a, w, r: Routing, top_k, tokens, role, deterministic, gate=None,
     products then a sum (deterministic), or fp32 atomic adds. Small ``K`` goes to the row-tile
     kernel (``configs``: the call's launch settings per role). Returns ``[tokens, N]`` in ``a``'s
     dtype."""
-    from . import moe_triton as kt
+    kt = triton_module("moe_triton")
 
     k, n = a.shape[1], w.shape[2]
     if deterministic:
@@ -490,7 +491,7 @@ def _weight_grad(a, b, w, shared, r: Routing, top_k, role, *, a_gather, b_gather
     kept for one GEMM over all of them where it defers them, else into a new tensor of
     ``grad_dtype`` (None: ``w``'s). Returns what the backward gives autograd for ``w``
     (:func:`~.shared_grads.settle`)."""
-    from . import moe_triton as kt
+    kt = triton_module("moe_triton")
 
     k, n = (w.shape[2], w.shape[1]) if transposed else (w.shape[1], w.shape[2])
     config = _config(role, k, n, configs)
@@ -530,7 +531,7 @@ def combined_weight_grad(uses: list[PendingWeightGrad]) -> torch.Tensor:
     all uses in one sorted range (those of earlier uses first), gathered operands concatenated
     and sorted ones permuted into that order. No sort and no host sync: positions follow from
     the per-use expert offsets. Uses with other settings run one by one, adding."""
-    from . import moe_triton as kt
+    kt = triton_module("moe_triton")
 
     first = uses[0]
     settings = lambda u: (u.top_k, u.b_div, u.a_gather, u.b_gather, u.gate is None, u.config,
@@ -656,7 +657,7 @@ def _triton_backward(dy, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
     """``configs``: the call's launch settings per role; ``overlap``: the input gradient on a side
     stream (None: ``BACKWARD_SCHEDULE``'s); ``grad_dtype``: of the weight gradients not summed
     by ``shared`` (None: the weights')."""
-    from . import moe_triton as kt
+    kt = triton_module("moe_triton")
 
     wu, wd = cast_weight(w_up, x.dtype), cast_weight(w_down, x.dtype)
     tokens = x.shape[0]

@@ -779,10 +779,14 @@ def weight_operand(w: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, in
     ):
         return w, 0
     es = w.element_size()
-    for view, block, mode in ((w, [1, block_k, block_n], 1),
-                              (w.transpose(1, 2), [1, block_n, block_k], 2)):  # fmt: skip
-        if view.stride(2) == 1 and view.stride(0) * es % 16 == 0 and view.stride(1) * es % 16 == 0:
-            return _DESCRIPTOR(view, list(view.shape), list(view.stride()), block), mode
+    s0, s1, s2 = w.stride()
+    if s0 * es % 16:
+        return w, 0
+    if s2 == 1 and s1 * es % 16 == 0:
+        return _DESCRIPTOR(w, list(w.shape), [s0, s1, 1], [1, block_k, block_n]), 1
+    if s1 == 1 and s2 * es % 16 == 0:  # a descriptor of the transpose (made only here)
+        view = w.transpose(1, 2)
+        return _DESCRIPTOR(view, list(view.shape), [s0, s2, 1], [1, block_n, block_k]), 2
     return w, 0
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .triton_modules import triton_module
+
 # ENABLED[0] = False: per-slot products and their sum everywhere (benchmarks/ab_pair_slots.py
 # compares the two in one process). Read at each call.
 ENABLED = [True]
@@ -61,16 +63,14 @@ def wanted(n_experts: int, k: int, n_slots: int, backend: str, layout: tuple) ->
         return False
     if layout == (True, INPUT_ROWS):
         return False
-    from .pair_triton import pair_routing_fits
+    from .pair_triton import pair_routing_fits  # (torch.compile traces this function)
 
     return pair_routing_fits(n_slots, n_experts)
 
 
 def routing_impl(index: torch.Tensor, n_experts: int, block_m: int, apart: bool = True):
     """:func:`cvmm_kernel.pair_triton.build_pair_routing` of ``index [N]`` (int64)."""
-    from .pair_triton import build_pair_routing
-
-    return build_pair_routing(index, n_experts, block_m, apart=apart)
+    return triton_module("pair_triton").build_pair_routing(index, n_experts, block_m, apart=apart)
 
 
 @torch.library.custom_op("cvmm_kernel::moe_pair_routing", mutates_args=())
@@ -110,9 +110,8 @@ def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: to
     experts' order (``r.slot_to_sorted``) where the inner size takes the row-tile kernel
     (:func:`takes_rows_kernel`), else ``rows`` None. ``configs``: the call's launch settings
     per role."""
-    from . import pair_triton as pt
+    pt, kt = triton_module("pair_triton"), triton_module("moe_triton")
     from .moe_ops import _config
-    from .moe_triton import gated_group_sum
 
     k, n = a.shape[1], w.shape[2]
     n_slots = index.numel()
@@ -137,13 +136,11 @@ def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: to
                      dgate=dgate, config=config)  # fmt: skip
         if dgate is not None:
             dgate = dgate[0] if dgate.shape[0] == 1 else dgate.sum(0)
-    out = items if out_div == 2 else gated_group_sum(items, None, out_div // 2)
+    out = items if out_div == 2 else kt.gated_group_sum(items, None, out_div // 2)
     return out, y, dgate, rows
 
 
 def takes_rows_kernel(k: int, keep_products: bool, h: torch.Tensor | None) -> bool:
     """Whether :func:`pair_sums` of inner size ``k`` runs on the row-tile kernel (one program
     per pair and column block; else tiles of a pair's items over the inner size)."""
-    from .moe_triton import ROWS_MAX_K
-
-    return k <= ROWS_MAX_K and not keep_products and h is None
+    return k <= triton_module("moe_triton").ROWS_MAX_K and not keep_products and h is None

@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 from .ops import Backend, resolve_backend
 from .topk import MAX_WIDTH, topk_indices
 from .traced_ops import triton_custom_op
+from .triton_modules import triton_module
 
 
 def _reference(logits, k, drop, global_index):
@@ -51,24 +52,24 @@ def _rows(logits: torch.Tensor) -> torch.Tensor:
 
 def _forward(logits, drop, k, global_index):
     """The Triton forward: ``(index, gate)`` as ``[..., k]``."""
-    from .router_triton import sigmoid_topk_forward
-
     rows = _rows(logits)
     flat_drop = None if drop is None else drop.reshape(-1, logits.shape[-1]).contiguous()
-    index, gate = sigmoid_topk_forward(rows, flat_drop, k, global_index)
+    index, gate = triton_module("router_triton").sigmoid_topk_forward(
+        rows, flat_drop, k, global_index
+    )
     shape = (*logits.shape[:-1], k)
     return index.view(shape), gate.view(shape)
 
 
 def _backward(index, gate, grad_gate, shape, global_index):
     """The Triton backward: the logits' gradient, ``shape``."""
-    from .router_triton import sigmoid_topk_backward
-
     k = index.shape[-1]
     flat_index, flat_gate = index.reshape(-1, k), gate.reshape(-1, k)
     dgate = grad_gate.reshape(flat_index.shape).to(gate.dtype).contiguous()
     groups = shape[-2] if len(shape) > 1 else 1
-    dlogits = sigmoid_topk_backward(flat_index, flat_gate, dgate, shape[-1], groups, global_index)
+    dlogits = triton_module("router_triton").sigmoid_topk_backward(
+        flat_index, flat_gate, dgate, shape[-1], groups, global_index
+    )
     return dlogits.view(shape)
 
 
