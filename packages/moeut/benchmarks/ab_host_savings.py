@@ -28,6 +28,7 @@ from ab_weight_descriptors import eager_rounds, round_rows
 from bench_harness import environment_line, metadata, require_cuda, write_results
 from bench_moeut import BATCH, SEQ
 from cvmm_kernel import moe_ops
+from host_overhead import TINY
 from moeut import MoEUTLM, profiles, sigma_moe
 
 SHIPPED_LOGITS = sigma_moe.selection_logits
@@ -56,10 +57,9 @@ def main() -> int:
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
-    tiny = dict(profiles.MoEUT_244M, d_model=128, d_head=32, ff_expert_size=16)
     try:
         wall, cpu = eager_rounds(args.rounds, profiles.MoEUT_244M, VARIANTS)
-        tiny_wall, tiny_cpu = eager_rounds(args.rounds, tiny, VARIANTS)
+        tiny_wall, tiny_cpu = eager_rounds(args.rounds, TINY, VARIANTS)
     finally:
         _set(SHIPPED_OVERLAP, True)
     meta = metadata(setup=f"LM forward+backward, bf16 autocast, B={BATCH}, T={SEQ}, vocab 8000")

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from bench_harness import environment_line, metadata, require_cuda, write_results
 from bench_moeut import BATCH, SEQ, VOCAB, DenseLM, time_step
 from cvmm_kernel import moe_triton
+from host_overhead import TINY
 from moeut import MoEUTLM, profiles
 
 SHIPPED = (moe_triton.TENSOR_DESCRIPTORS[0], moe_triton.EAGER_DESCRIPTORS[0])
@@ -59,16 +60,24 @@ def _set(switches: tuple[bool, bool]) -> None:
 SET_UPS = {name: (lambda switches=switches: _set(switches)) for name, switches in VARIANTS.items()}
 
 
-def lm_step(model: torch.nn.Module) -> Callable[[], None]:
+def lm_step(
+    model: torch.nn.Module,
+    batch: int = BATCH,
+    seq: int = SEQ,
+    before_backward: Callable[[torch.Tensor], object] | None = None,
+) -> Callable[[], None]:
     """One eager LM training step of ``model`` (MoEUTLM or the dense LM): forward + backward,
-    bf16 autocast, B=8, T=1024, the gradients dropped after it."""
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
+    bf16 autocast, ``[batch, seq]`` tokens (default B=8, T=1024), the gradients dropped after
+    it; ``before_backward(loss)`` is called between the two."""
+    tokens = torch.randint(0, VOCAB, (batch, seq + 1), device="cuda")
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(tokens[:, :-1])
             logits, reg = (out, 0.0) if torch.is_tensor(out) else (out.outputs, out.reg_loss)
             loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) + reg
+        if before_backward is not None:
+            before_backward(loss)
         loss.backward()
         model.zero_grad(set_to_none=True)
 
@@ -129,10 +138,9 @@ def main() -> int:
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
-    tiny = dict(profiles.MoEUT_244M, d_model=128, d_head=32, ff_expert_size=16)
     try:
         wall, cpu = eager_rounds(args.rounds, profiles.MoEUT_244M, SET_UPS)
-        tiny_wall, tiny_cpu = eager_rounds(args.rounds, tiny, SET_UPS)
+        tiny_wall, tiny_cpu = eager_rounds(args.rounds, TINY, SET_UPS)
         graph = {"dense-243M": time_step(DenseLM(), "graph")}
         for name, switches in VARIANTS.items():
             _set(switches)

@@ -19,6 +19,7 @@ import argparse
 import sys
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from bench_harness import host_us, python_profile, require_cuda, write_text
@@ -29,9 +30,9 @@ _DRIVER_CALLS = ("cudaLaunchKernel", "cuLaunchKernelEx", "cuLaunchKernel", "cuda
                  "cudaMemcpyAsync")  # fmt: skip
 
 
-def call_counts(fn: Callable[[], object], calls: int = 10) -> str:
-    """Driver calls and ATen ops per call of ``fn``, and the ops with the most host time of
-    their own (torch profiler over ``calls`` calls)."""
+def profiled_events(fn: Callable[[], object], calls: int) -> tuple[Counter[str], Counter[str], Any]:
+    """``(counts, self_us, prof)``: each event's count and own host us over ``calls`` calls of
+    ``fn`` under the torch profiler (CPU and CUDA), after one untimed call."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -43,6 +44,13 @@ def call_counts(fn: Callable[[], object], calls: int = 10) -> str:
     for event in prof.key_averages():
         counts[event.key] += event.count
         self_us[event.key] += event.self_cpu_time_total
+    return counts, self_us, prof
+
+
+def call_counts(fn: Callable[[], object], calls: int = 10) -> str:
+    """Driver calls and ATen ops per call of ``fn``, and the ops with the most host time of
+    their own (torch profiler over ``calls`` calls)."""
+    counts, self_us, _prof = profiled_events(fn, calls)
     driver = {name: counts[name] / calls for name in _DRIVER_CALLS if counts[name]}
     aten = {k: v / calls for k, v in counts.items() if k.startswith("aten::")}
     top = sorted(aten.items(), key=lambda kv: -kv[1])[:25]

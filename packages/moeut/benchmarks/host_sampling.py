@@ -33,7 +33,7 @@ import time
 from collections import Counter
 
 import torch
-import torch.nn.functional as F
+from ab_weight_descriptors import lm_step
 from bench_harness import require_cuda, write_text
 from host_overhead import BATCH, SEQ, TINY, VOCAB
 from moeut import MoEUTLM
@@ -157,18 +157,8 @@ def main() -> int:
     if not require_cuda(__file__):
         return 2
     torch.manual_seed(0)
-    model = MoEUTLM(VOCAB, **TINY).cuda().train()
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
+    step = lm_step(MoEUTLM(VOCAB, **TINY).cuda().train(), BATCH, SEQ)
     cpu: dict[str, float] = {}
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(tokens[:, :-1])
-            loss = F.cross_entropy(out.outputs.flatten(0, 1).float(), tokens[:, 1:].flatten())
-            loss = loss + out.reg_loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
     for _ in range(5):
         step()
     torch.cuda.synchronize()

@@ -24,13 +24,12 @@ from collections import Counter
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from ab_weight_descriptors import lm_step
 from bench_harness import environment_line, metadata, require_cuda, table_header, write_results
 from bench_moeut import DenseLM
 from host_overhead import BATCH, SEQ, TINY, VOCAB
-from host_profile import _DRIVER_CALLS
+from host_profile import _DRIVER_CALLS, profiled_events
 from moeut import MoEUTLM
-from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -48,28 +47,10 @@ def _graph_nodes(root) -> int:
 def counts(model: torch.nn.Module, steps: int = 5) -> dict[str, Any]:
     """Per LM training step of ``model``: driver calls, ATen ops, autograd nodes and Python
     calls, averaged over ``steps`` steps after two untimed ones."""
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
     nodes: list[int] = []
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(tokens[:, :-1])
-            logits, reg = (out, 0.0) if torch.is_tensor(out) else (out.outputs, out.reg_loss)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()) + reg
-        nodes.append(_graph_nodes(loss.grad_fn))
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    for _ in range(2):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    events: Counter[str] = Counter()
-    for event in prof.key_averages():
-        events[event.key] += event.count
+    step = lm_step(model, BATCH, SEQ, lambda loss: nodes.append(_graph_nodes(loss.grad_fn)))
+    step()
+    events, _own_us, prof = profiled_events(step, steps)
     top_level: Counter[str] = Counter()  # ATen ops not called by another ATen op
     for event in prof.events():
         parent = event.cpu_parent
@@ -144,15 +125,7 @@ class _CallSites(TorchDispatchMode):
 
 def call_sites(model: torch.nn.Module, steps: int = 2) -> Counter[str]:
     """ATen ops per LM training step of ``model`` by call site (:class:`_CallSites`)."""
-    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device="cuda")
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(tokens[:, :-1])
-            loss = F.cross_entropy(out.outputs.flatten(0, 1).float(), tokens[:, 1:].flatten())
-        (loss + out.reg_loss).backward()
-        model.zero_grad(set_to_none=True)
-
+    step = lm_step(model, BATCH, SEQ)
     step()
     with _CallSites() as counter:
         for _ in range(steps):
