@@ -16,7 +16,8 @@ installed Triton's launcher has the layout this module knows (Triton 3.6's: chec
 plain path), the encoded form of each descriptor is kept, keyed on everything the encoding reads
 (the base address, shape, strides and padding, and the kernel's block shape and swizzle through
 the compiled kernel), and the launch goes to the compiled launcher's C entry point with the
-encoded arguments.
+encoded arguments. Kernels without descriptors go to that entry point too (the launcher
+object's Python skipped).
 
 Used by this package's kernels and by its sibling packages' (``switchhead``); not public API.
 """
@@ -45,8 +46,8 @@ _COMPILED: dict[tuple, tuple[Any, tuple | None, Any]] = {}  # compiled kernel, l
 _TAKES_PDL: dict[tuple[int, int], bool] = {}
 # Set _FAST_LAUNCH[0] = False to launch through kernel[grid] every time (for debugging).
 _FAST_LAUNCH = [True]
-# Set KEEP_DESCRIPTORS[0] = False to let Triton encode the tensor descriptors at every launch
-# (benchmarks/host_breakdown.py compares the two).
+# Set KEEP_DESCRIPTORS[0] = False to launch through Triton's launcher object, which encodes the
+# tensor descriptors at every launch (benchmarks/host_breakdown.py compares the two).
 KEEP_DESCRIPTORS = [True]
 
 _TENSOR = torch.Tensor
