@@ -2,7 +2,7 @@ r"""How much host work an eager MoEUT training step issues, counted (CUDA): dete
 host times are not.
 
     PYTHONPATH=$(ls -d packages/*/src tools/*/src | tr '\n' ':') \
-        python3 packages/moeut/benchmarks/step_counts.py [--label NAME]
+        python3 packages/moeut/benchmarks/step_counts.py [--label NAME] [--sites] [--switchhead]
 
 The shared machine's host speed moves by tens of percent within minutes, which hides a saving
 of a few percent in any timing (``ab_host_savings.md``). What the host does per step can be
@@ -11,16 +11,21 @@ its dense baseline, per LM training step (forward + backward, bf16 autocast): dr
 (kernel launches, memsets, copies) and ATen ops (nested ones included) from the torch profiler,
 the autograd graph's nodes, and the Python function calls (Python and builtin, all threads,
 ``threading.setprofile_all_threads``), with the most called functions. Run it on two checkouts
-to compare them. Writes ``step_counts[_LABEL].json`` and ``.md`` to ``$OUT`` if set, else to
-``benchmarks/results/``.
+to compare them. ``--sites``: also the first model's ATen ops by the line of this workspace
+that issues them. ``--switchhead``: ``bench_switchhead.py``'s rope-4x4-d100 layer and dense MHA
+(B=8, T=1024; switchhead's ``benchmarks`` folder on ``PYTHONPATH``) instead, their results with
+``_switchhead`` in the name. Writes ``step_counts[_LABEL].json`` and ``.md`` to ``$OUT`` if set,
+else to ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,6 +35,7 @@ from bench_moeut import DenseLM
 from host_overhead import BATCH, SEQ, TINY, VOCAB
 from host_profile import _DRIVER_CALLS, profiled_events
 from moeut import MoEUTLM
+from switchhead import SwitchHeadRope
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -44,11 +50,11 @@ def _graph_nodes(root) -> int:
     return len(seen)
 
 
-def counts(model: torch.nn.Module, steps: int = 5) -> dict[str, Any]:
-    """Per LM training step of ``model``: driver calls, ATen ops, autograd nodes and Python
-    calls, averaged over ``steps`` steps after two untimed ones."""
+def counts(make_step: Callable[..., Callable[[], None]], steps: int = 5) -> dict[str, Any]:
+    """Per training step from ``make_step(before_backward)``: driver calls, ATen ops, autograd
+    nodes and Python calls, averaged over ``steps`` steps after two untimed ones."""
     nodes: list[int] = []
-    step = lm_step(model, BATCH, SEQ, lambda loss: nodes.append(_graph_nodes(loss.grad_fn)))
+    step = make_step(lambda loss: nodes.append(_graph_nodes(loss.grad_fn)))
     step()
     events, _own_us, prof = profiled_events(step, steps)
     top_level: Counter[str] = Counter()  # ATen ops not called by another ATen op
@@ -123,9 +129,8 @@ class _CallSites(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def call_sites(model: torch.nn.Module, steps: int = 2) -> Counter[str]:
-    """ATen ops per LM training step of ``model`` by call site (:class:`_CallSites`)."""
-    step = lm_step(model, BATCH, SEQ)
+def call_sites(step: Callable[[], None], steps: int = 2) -> Counter[str]:
+    """ATen ops per ``step`` by call site (:class:`_CallSites`)."""
     step()
     with _CallSites() as counter:
         for _ in range(steps):
@@ -137,28 +142,61 @@ def call_sites(model: torch.nn.Module, steps: int = 2) -> Counter[str]:
 _PACKAGES = ("cvmm_kernel", "switchhead", "moeut")
 
 
+def layer_step(layer: torch.nn.Module, dense: bool, before_backward=None) -> Callable[[], None]:
+    """A SwitchHead or (``dense``) dense attention layer's training step as
+    ``bench_switchhead.py`` times it: ``x [8, 1024, 1024]``, forward + backward under bf16
+    autocast."""
+    x = torch.randn(8, 1024, 1024, device="cuda", requires_grad=True)
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = layer(x) if dense else layer(x, x, x)[0]
+        loss = out.float().sum()
+        if before_backward is not None:
+            before_backward(loss)
+        loss.backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    return step
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="", help="suffix of the result files")
     parser.add_argument(
         "--sites",
         action="store_true",
-        help="also the MoEUT step's ATen ops by call site (torch profiler stacks)",
+        help="also the first model's ATen ops by call site (a dispatch mode)",
+    )
+    parser.add_argument(
+        "--switchhead",
+        action="store_true",
+        help="bench_switchhead.py's rope-4x4-d100 layer and dense MHA (B=8, T=1024) instead",
     )
     args = parser.parse_args()
     if not require_cuda(__file__):
         return 2
     torch.manual_seed(0)
-    models = {
-        "MoEUT-244M structure": MoEUTLM(VOCAB, **TINY),
-        "dense 18 layers": DenseLM(d=128, layers=18, heads=4, ff=512),
-    }
-    rows = {name: counts(model.cuda().train()) for name, model in models.items()}
-    setup = f"tiny widths, B={BATCH}, T={SEQ}, bf16 autocast; per LM training step"
+    if args.switchhead:  # (switchhead's benchmarks folder on PYTHONPATH)
+        from bench_switchhead import DenseMHA
+
+        layers = {"rope-4x4-d100": SwitchHeadRope(1024, 4, 4, d_head=100), "dense-mha-16x64":
+                  DenseMHA()}  # fmt: skip
+        makers = {name: functools.partial(layer_step, m.cuda(), isinstance(m, DenseMHA))
+                  for name, m in layers.items()}  # fmt: skip
+        setup = "bench_switchhead.py's layers, B=8, T=1024, bf16 autocast; per training step"
+    else:
+        models = {"MoEUT-244M structure": MoEUTLM(VOCAB, **TINY),
+                  "dense 18 layers": DenseLM(d=128, layers=18, heads=4, ff=512)}  # fmt: skip
+        makers = {name: functools.partial(lm_step, m.cuda().train(), BATCH, SEQ)
+                  for name, m in models.items()}  # fmt: skip
+        setup = f"tiny widths, B={BATCH}, T={SEQ}, bf16 autocast; per LM training step"
+    rows = {name: counts(make) for name, make in makers.items()}
     meta = metadata(setup=setup, label=args.label)
     label = f" ({args.label})" if args.label else ""
     lines = [f"Host work per eager step{label}, {environment_line(meta)} ({meta['setup']})", ""]
-    lines += table_header("what", *models)
+    lines += table_header("what", *makers)
     for key in next(iter(rows.values())):
         if key not in ("most called", "ATen ops by name"):
             lines.append(f"| {key} | " + " | ".join(f"{r[key]:.0f}" for r in rows.values()) + " |")
@@ -172,14 +210,15 @@ def main() -> int:
         lines += table_header("function", "calls")
         lines += [f"| `{k}` | {v:.0f} |" for k, v in row["most called"].items()]
     if args.sites:
-        torch.manual_seed(0)
-        sites = call_sites(MoEUTLM(VOCAB, **TINY).cuda().train())
-        lines += ["", "MoEUT-244M structure: ATen ops dispatched per step by call site", ""]
+        first = next(iter(makers))
+        sites = call_sites(makers[first]())
+        lines += ["", f"{first}: ATen ops dispatched per step by call site", ""]
         lines += table_header("op @ innermost line of this workspace", "per step")
         lines += [f"| `{k}` | {v} |" for k, v in sites.most_common(TOP)]
     table = "\n".join(lines)
     print(table)
-    name = f"step_counts_{args.label}" if args.label else "step_counts"
+    name = "step_counts" + ("_switchhead" if args.switchhead else "")
+    name += f"_{args.label}" if args.label else ""
     write_results(name, {"meta": meta, "rows": rows}, table, script_file=__file__)
     return 0
 
