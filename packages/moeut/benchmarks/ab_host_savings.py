@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ab_weight_descriptors import eager_rounds, round_rows
+from ab_weight_descriptors import eager_tables
 from bench_harness import environment_line, metadata, require_cuda, write_results
 from bench_moeut import BATCH, SEQ
 from cvmm_kernel import moe_ops
-from host_overhead import TINY
-from moeut import MoEUTLM, profiles, sigma_moe
+from moeut import MoEUTLM, sigma_moe
 
 SHIPPED_LOGITS = sigma_moe.selection_logits
 SHIPPED_CHECK = MoEUTLM._check_tokens
@@ -58,24 +57,14 @@ def main() -> int:
     if not require_cuda(__file__):
         return 2
     try:
-        wall, cpu = eager_rounds(args.rounds, profiles.MoEUT_244M, VARIANTS)
-        tiny_wall, tiny_cpu = eager_rounds(args.rounds, TINY, VARIANTS)
+        eager_lines, times = eager_tables(args.rounds, VARIANTS)
     finally:
         _set(SHIPPED_OVERLAP, True)
     meta = metadata(setup=f"LM forward+backward, bf16 autocast, B={BATCH}, T={SEQ}, vocab 8000")
-    rounds = f"{args.rounds} rounds, the variants in turn in each; ms per step, median of 15"
-    lines = [
-        f"MoEUT-244M eager step: host-time savings, {environment_line(meta)} ({meta['setup']})",
-        *round_rows(f"Eager, wall time ({rounds}):", wall),
-        *round_rows(f"Eager, the main thread's CPU time until a step returns ({rounds}):", cpu),
-        *round_rows(f"Tiny widths (d_model 128: the host's time alone), wall ({rounds}):",
-                    tiny_wall),
-        *round_rows(f"Tiny widths, main thread CPU time ({rounds}):", tiny_cpu),
-    ]  # fmt: skip
-    table = "\n".join(lines)
+    head = f"MoEUT-244M eager step: host-time savings, {environment_line(meta)} ({meta['setup']})"
+    table = "\n".join([head, *eager_lines])
     print(table)
-    results = {"meta": meta, "eager_wall_ms": wall, "eager_cpu_ms": cpu,
-               "tiny_wall_ms": tiny_wall, "tiny_cpu_ms": tiny_cpu}  # fmt: skip
+    results = {"meta": meta, **times}
     write_results("ab_host_savings", results, table, script_file=__file__)
     return 0
 

@@ -132,6 +132,25 @@ def round_rows(title: str, times: Mapping[str, list[float]]) -> list[str]:
     return lines
 
 
+def eager_tables(rounds: int, variants: Mapping[str, Callable[[], None]]) -> tuple[list, dict]:
+    """The variants' :func:`eager_rounds` at MoEUT-244M's widths and at tiny widths
+    (``host_overhead.TINY``): markdown tables of the wall and main-thread CPU times, and those
+    times (``eager_wall_ms``, ``eager_cpu_ms``, ``tiny_wall_ms``, ``tiny_cpu_ms``)."""
+    wall, cpu = eager_rounds(rounds, profiles.MoEUT_244M, variants)
+    tiny_wall, tiny_cpu = eager_rounds(rounds, TINY, variants)
+    what = f"{rounds} rounds, the variants in turn in each; ms per step, median of 15"
+    lines = [
+        *round_rows(f"Eager, wall time ({what}):", wall),
+        *round_rows(f"Eager, the main thread's CPU time until a step returns ({what}):", cpu),
+        *round_rows(f"Eager at tiny widths (d_model 128: the host's time alone), wall ({what}):",
+                    tiny_wall),
+        *round_rows(f"Eager at tiny widths, main thread CPU time ({what}):", tiny_cpu),
+    ]  # fmt: skip
+    times = {"eager_wall_ms": wall, "eager_cpu_ms": cpu, "tiny_wall_ms": tiny_wall,
+             "tiny_cpu_ms": tiny_cpu}  # fmt: skip
+    return lines, times
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8, help="eager rounds")
@@ -139,8 +158,7 @@ def main() -> int:
     if not require_cuda(__file__):
         return 2
     try:
-        wall, cpu = eager_rounds(args.rounds, profiles.MoEUT_244M, SET_UPS)
-        tiny_wall, tiny_cpu = eager_rounds(args.rounds, TINY, SET_UPS)
+        eager_lines, times = eager_tables(args.rounds, SET_UPS)
         graph = {"dense-243M": time_step(DenseLM(), "graph")}
         for name, switches in VARIANTS.items():
             _set(switches)
@@ -149,15 +167,10 @@ def main() -> int:
     finally:
         _set(SHIPPED)
     meta = metadata(setup=f"LM forward+backward, bf16 autocast, B={BATCH}, T={SEQ}, vocab 8000")
-    rounds = f"{args.rounds} rounds, the variants in turn in each; ms per step, median of 15"
     lines = [
         f"MoEUT-244M: expert matrices by TMA descriptors or pointers, {environment_line(meta)} "
         f"({meta['setup']})",
-        *round_rows(f"Eager, wall time ({rounds}):", wall),
-        *round_rows(f"Eager, the main thread's CPU time until a step returns ({rounds}):", cpu),
-        *round_rows(f"Eager at tiny widths (d_model 128: the host's time alone), wall ({rounds}):",
-               tiny_wall),
-        *round_rows(f"Eager at tiny widths, main thread CPU time ({rounds}):", tiny_cpu),
+        *eager_lines,
         "", "From a CUDA graph:", "", "| variant | ms | x dense | peak GiB |", "|---|---|---|---|",
     ]  # fmt: skip
     dense = graph["dense-243M"]["ms"]
@@ -165,8 +178,7 @@ def main() -> int:
         lines.append(f"| {name} | {r['ms']:.1f} | {r['ms'] / dense:.2f} | {r['peak_gib']:.1f} |")
     table = "\n".join(lines)
     print(table)
-    results = {"meta": meta, "eager_wall_ms": wall, "eager_cpu_ms": cpu,
-               "tiny_wall_ms": tiny_wall, "tiny_cpu_ms": tiny_cpu, "graph": graph}  # fmt: skip
+    results = {"meta": meta, **times, "graph": graph}
     write_results("ab_weight_descriptors", results,
                   table, script_file=__file__)  # fmt: skip
     return 0

@@ -79,7 +79,8 @@ def _ours(filename: str) -> bool:
     return any(part in filename for part in _OURS)
 
 
-def _short(filename: str) -> str:
+def short_path(filename: str) -> str:
+    """``filename`` from its package (this workspace's) or as its base name."""
     rooted = os.sep + filename
     for part in _OURS:
         if part in rooted:
@@ -96,15 +97,15 @@ def report(stacks: list[list[tuple[str, str, int]]], top: int = 40) -> list[str]
     for stack in stacks:
         seen = set()
         for filename, name, _line in stack:
-            key = f"{_short(filename)}:{name}"
+            key = f"{short_path(filename)}:{name}"
             if key not in seen:
                 seen.add(key)
                 inclusive[key] += 1
         # exclusive: the innermost frame of our packages (library frames above it folded in),
         # or the innermost frame where none is ours
         mine = next((f for f in stack if _ours(f[0])), stack[0])
-        exclusive[f"{_short(mine[0])}:{mine[1]}"] += 1
-        lines[f"{_short(mine[0])}:{mine[2]} ({mine[1]})"] += 1
+        exclusive[f"{short_path(mine[0])}:{mine[1]}"] += 1
+        lines[f"{short_path(mine[0])}:{mine[2]} ({mine[1]})"] += 1
     n = len(stacks)
     out = [f"{n} samples"]
     for title, counts in (("inclusive", inclusive), ("exclusive", exclusive), ("lines", lines)):
@@ -121,7 +122,9 @@ def callees(stacks: list[list[tuple[str, str, int]]], top: int = 30) -> list[str
         for i, (filename, _name, _line) in enumerate(stack):
             if _ours(filename):
                 callee = stack[i - 1] if i > 0 else None
-                counts["(own code)" if callee is None else f"{_short(callee[0])}:{callee[1]}"] += 1
+                counts[
+                    "(own code)" if callee is None else f"{short_path(callee[0])}:{callee[1]}"
+                ] += 1
                 break
     n = max(1, len(stacks))
     return ["", "-- library functions called from our innermost frame (% of samples)"] + [

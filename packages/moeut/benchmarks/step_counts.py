@@ -34,6 +34,7 @@ from bench_harness import environment_line, metadata, require_cuda, table_header
 from bench_moeut import DenseLM
 from host_overhead import BATCH, SEQ, TINY, VOCAB
 from host_profile import _DRIVER_CALLS, profiled_events
+from host_sampling import short_path
 from moeut import MoEUTLM
 from switchhead import SwitchHeadRope
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -68,7 +69,7 @@ def counts(make_step: Callable[..., Callable[[], None]], steps: int = 5) -> dict
         python_calls[event] += 1
         if event == "call":
             code = frame.f_code
-            python_calls[f"{_short(code.co_filename)}:{code.co_qualname}"] += 1
+            python_calls[f"{short_path(code.co_filename)}:{code.co_qualname}"] += 1
         elif event == "c_call":
             python_calls[f"(builtin) {getattr(arg, '__qualname__', arg)}"] += 1
 
@@ -101,14 +102,6 @@ TOP = 60  # functions listed per model
 TOP_OPS = 40  # ATen ops listed per model
 
 
-def _short(filename: str) -> str:
-    parts = filename.split("/")
-    for i, part in enumerate(parts):
-        if part in ("cvmm_kernel", "switchhead", "moeut", "torch", "triton"):
-            return "/".join(parts[i:])
-    return parts[-1]
-
-
 class _CallSites(TorchDispatchMode):
     """Counts the ATen ops dispatched (below autograd: views as ``view``, the backward's ops
     too) by the innermost line of this workspace's packages on the Python stack."""
@@ -122,7 +115,7 @@ class _CallSites(TorchDispatchMode):
         while frame is not None:
             name = frame.f_code.co_filename
             if any(f"/{package}/" in name for package in _PACKAGES) and "/benchmarks/" not in name:
-                site = f"{_short(name)}:{frame.f_lineno} ({frame.f_code.co_name})"
+                site = f"{short_path(name)}:{frame.f_lineno} ({frame.f_code.co_name})"
                 break
             frame = frame.f_back
         self.sites[f"{func.overloadpacket.__name__} @ {site}"] += 1
