@@ -128,3 +128,17 @@ def test_signature_keys_tensors_by_dtype_and_alignment_and_the_rest_by_value():
         id(kernel), (4, 3, False), 0, (torch.float32, True), (torch.float32, False), 3, None,
         2.0, True, "s", torch.float32,
     )  # fmt: skip
+
+
+@pytest.mark.skipif(launcher._DESCRIPTOR_REST is None, reason="no dataclass TensorDescriptor")
+def test_unchecked_descriptor_equals_the_checked_one(monkeypatch):
+    """``launcher.descriptor`` outside the interpreter skips the dataclass's checks and gives an
+    object equal to ``TensorDescriptor(...)`` field by field."""
+    w = torch.randn(4, 32, 64)
+    args = (w, [4, 32, 64], [32 * 64, 64, 1], [1, 16, 32])
+    checked = launcher._DESCRIPTOR(*args)
+    monkeypatch.setattr(launcher, "interpreting", lambda: False)
+    fast = launcher.descriptor(*args)
+    assert type(fast) is type(checked) is launcher._DESCRIPTOR
+    assert fast == checked  # the dataclass's __eq__: every field
+    assert fast.base is w and vars(fast) == vars(checked)

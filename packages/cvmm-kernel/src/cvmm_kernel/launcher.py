@@ -24,11 +24,13 @@ Used by this package's kernels and by its sibling packages' (``switchhead``); no
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from typing import Any
 
 import torch
 
+from .interpreter import interpreting
 from .pdl import chained
 
 try:
@@ -41,6 +43,40 @@ except ImportError:  # Triton before 3.3
         pass
 
     DESCRIPTORS_AVAILABLE = False
+
+
+def _descriptor_defaults() -> dict[str, Any] | None:
+    """The fields of this Triton's ``TensorDescriptor`` other than ``base``, ``shape``,
+    ``strides`` and ``block_shape`` with their defaults, where it is a dataclass with those
+    four fields and defaults for the rest (Triton 3.3-3.9), else None."""
+    if not DESCRIPTORS_AVAILABLE or not dataclasses.is_dataclass(_DESCRIPTOR):
+        return None
+    fields = dataclasses.fields(_DESCRIPTOR)
+    names = [f.name for f in fields]
+    if names[:4] != ["base", "shape", "strides", "block_shape"]:
+        return None
+    rest = {f.name: f.default for f in fields[4:]}
+    if dataclasses.MISSING in rest.values():
+        return None
+    return rest
+
+
+_DESCRIPTOR_REST = _descriptor_defaults()
+
+
+def descriptor(base: torch.Tensor, shape: list, strides: list, block_shape: list) -> Any:
+    """``TensorDescriptor(base, shape, strides, block_shape)`` for arguments the caller has
+    checked (16-byte aligned base and leading strides, last stride 1, power-of-two block):
+    made without the dataclass's checks (about 10 us of host time per descriptor, several per
+    eager MoE call) where its layout is known; with them under the interpreter (which the CPU
+    tests run, so the checks see every shape the kernels are given) or where it is not."""
+    if _DESCRIPTOR_REST is None or interpreting():
+        return _DESCRIPTOR(base, shape, strides, block_shape)
+    made = _DESCRIPTOR.__new__(_DESCRIPTOR)
+    made.__dict__.update(_DESCRIPTOR_REST)
+    made.base, made.shape, made.strides, made.block_shape = base, shape, strides, block_shape
+    return made
+
 
 _COMPILED: dict[tuple, tuple[Any, tuple | None, Any]] = {}  # compiled kernel, launcher, kept
 _TAKES_PDL: dict[tuple[int, int], bool] = {}

@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .host_math import cdiv, next_power_of_2
 from .interpreter import interpreting
-from .launcher import _DESCRIPTOR, DESCRIPTORS_AVAILABLE, launch
+from .launcher import DESCRIPTORS_AVAILABLE, descriptor, launch
 from .pdl import wait_for_previous
 from .triton_kernels import _input_precision as input_precision
 from .validation import _capability
@@ -783,10 +783,10 @@ def weight_operand(w: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, in
     if s0 * es % 16:
         return w, 0
     if s2 == 1 and s1 * es % 16 == 0:
-        return _DESCRIPTOR(w, list(w.shape), [s0, s1, 1], [1, block_k, block_n]), 1
+        return descriptor(w, list(w.shape), [s0, s1, 1], [1, block_k, block_n]), 1
     if s1 == 1 and s2 * es % 16 == 0:  # a descriptor of the transpose (made only here)
         view = w.transpose(1, 2)
-        return _DESCRIPTOR(view, list(view.shape), [s0, s2, 1], [1, block_n, block_k]), 2
+        return descriptor(view, list(view.shape), [s0, s2, 1], [1, block_n, block_k]), 2
     return w, 0
 
 
@@ -810,18 +810,22 @@ MAX_BLOCK_COUNTS = 1 << 24
 def _int32_views(device: torch.device, *sizes: int, zero: bool = False) -> list[torch.Tensor]:
     """1-d int32 tensors of ``sizes``, views of one buffer, each starting 128-byte aligned (as
     the kernels are specialised for aligned pointers); zeroed if ``zero``."""
-    padded = [-(-size // 32) * 32 for size in sizes]
-    make = torch.zeros if zero else torch.empty
-    buffer = make(sum(padded), dtype=torch.int32, device=device)
-    parts = torch.split(buffer, [x for size, pad in zip(sizes, padded) for x in (size, pad - size)])
-    return list(parts[::2])
+    starts, total = [], 0
+    for size in sizes:
+        starts.append(total)
+        total += -(-size // 32) * 32
+    buffer = (torch.zeros if zero else torch.empty)(total, dtype=torch.int32, device=device)
+    # one as_strided per view: less host time than a split into the parts and their padding
+    return [buffer.as_strided((size,), (1,), start) for size, start in zip(sizes, starts)]
 
 
 def routing_outputs(device: torch.device, apart: bool, *sizes: int) -> list[torch.Tensor]:
     """1-d int32 tensors of ``sizes`` for a routing's results: each its own allocation where
     ``apart`` (the outputs of a custom op must not alias), else views of one (one allocation
     instead of one per tensor: host time of eager calls, which keep them for the backward
-    together)."""
+    together). The kernels' scratch is another allocation (:func:`_int32_views`), freed after
+    the launches: kept with the outputs it would stay until the backward (a few MB per call at
+    MoEUT-244M's sizes)."""
     if apart:
         return [torch.empty(size, dtype=torch.int32, device=device) for size in sizes]
     return _int32_views(device, *sizes)
@@ -856,13 +860,13 @@ def build_routing(
         block *= 2
     n_blocks = cdiv(n, block)
     fallback = n_blocks * n_experts > MAX_BLOCK_COUNTS
-    sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid = routing_outputs(
-        device, apart, n, n, n_experts + 1, n_tiles, n_tiles, 1
-    )
     bins = next_power_of_2(n_experts + 1)
     bins = bins if bins <= HISTOGRAM_MAX_BINS and not fallback else 0
     scratch = (
         (n_experts,) if fallback else (n_experts, n, n_blocks * n_experts, n_blocks * n_experts)
+    )
+    sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid = routing_outputs(
+        device, apart, n, n, n_experts + 1, n_tiles, n_tiles, 1
     )
     counts, *rest = _int32_views(device, *scratch, zero=not fallback and not bins)
     if fallback:  # too many experts for per-block counts: a stable sort (still no sync)
@@ -907,10 +911,18 @@ def _supports_flatten() -> bool:
 PERSISTENT_AVAILABLE = _supports_flatten()
 
 
+_SMS: dict[int, int] = {}
+
+
 def _num_sms(device: torch.device) -> int:
+    """The device's multiprocessors, looked up once per device."""
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    sms = _SMS.get(index)
+    if sms is None:
+        sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return sms
 
 
 _SHARED_MEMORY: dict[int, int] = {}
@@ -1150,6 +1162,8 @@ def moe_mlp_rows(
 
 def fits_int32(t: torch.Tensor) -> bool:
     """Whether every element of ``t`` lies within an int32 offset of its first."""
+    if t.is_contiguous():  # (most calls: no pass over the strides in Python)
+        return t.numel() <= 2**31
     return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) < 2**31
 
 
