@@ -7,6 +7,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from switchhead.triton_support import kernels_can_run
+from torch.autograd.function import once_differentiable
 
 
 def entropy_reg(logits: torch.Tensor, dim: int, group=None) -> torch.Tensor:
@@ -27,6 +29,14 @@ def entropy_reg(logits: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     """
     if group is not None:
         return _global_entropy_reg(logits, dim, group)
+    if _fused(logits):
+        if not -logits.dim() <= dim < logits.dim():
+            raise IndexError(f"dim {dim} is out of range for logits of shape {tuple(logits.shape)}")
+        d = dim % logits.dim()
+        if d != logits.dim() - 1:  # (averaging over the experts' dim: the plain expression)
+            shape = logits.shape
+            a, c = math.prod(shape[:d]), math.prod(shape[d + 1 : -1])
+            return _FusedEntropy.apply(logits, (a, shape[d], c, shape[-1]))
     if logits.numel() == 0:
         # No tokens (T = 0 or B = 0): nothing to regularise. A zero that keeps the graph (the
         # authors' code raises "math domain error" for T = 0 and returns NaN for B = 0).
@@ -35,6 +45,40 @@ def entropy_reg(logits: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     log_mean = log_p.logsumexp(dim) - math.log(log_p.shape[dim])
     entropy = -(log_mean * log_mean.exp()).sum(-1)
     return -entropy.mean()
+
+
+def _fused(logits: torch.Tensor) -> bool:
+    """Whether :func:`entropy_reg` takes the Triton kernels (:mod:`moeut.entropy_triton`): CUDA
+    (or the interpreter), 16/32-bit floats, not empty, not while compiling (Inductor fuses the
+    plain expression) and with gradients of at most first order."""
+    return (
+        logits.numel() > 0
+        and logits.dim() >= 2
+        and not torch.compiler.is_compiling()
+        and kernels_can_run(logits)
+    )
+
+
+class _FusedEntropy(torch.autograd.Function):
+    """:func:`entropy_reg` (``group=None``) in one pass over the logits each way."""
+
+    @staticmethod
+    def forward(ctx, logits, shape):
+        from . import entropy_triton
+
+        x = logits.contiguous()
+        value, m = entropy_triton.forward(x, shape)
+        ctx.save_for_backward(x, m)
+        ctx.shape = shape
+        return value
+
+    @staticmethod
+    @once_differentiable  # the backward kernel records no graph: no silent second derivative
+    def backward(ctx, grad):
+        from . import entropy_triton
+
+        x, m = ctx.saved_tensors
+        return entropy_triton.backward(x, m, grad, ctx.shape), None
 
 
 def _global_entropy_reg(logits: torch.Tensor, dim: int, group) -> torch.Tensor:
