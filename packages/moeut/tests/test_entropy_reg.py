@@ -21,7 +21,7 @@ DEVICES = [
 ]
 
 # (shape, dim): MoEUT's feedforward [B, T * repeats, E] over -2 and attention [B, T * repeats,
-# H, E] over -3; rows past one program's (ROWS_PER_PROGRAM), a single row, the first dim, and
+# H, E] over -3; rows past one program's (LAUNCH["rows"]), a single row, the first dim, and
 # dims after the averaged one that merge
 SHAPES = [
     ((2, 37, 387), -2),

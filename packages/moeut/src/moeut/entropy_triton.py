@@ -21,16 +21,19 @@ import triton
 import triton.language as tl
 from cvmm_kernel.launcher import launch
 
-# Elements of a [rows, BLOCK_E] tile per loop step; rows of a program per partial sum.
-BLOCK_ELEMENTS = 8192
-ROWS_PER_PROGRAM = 256
+# Launch settings of the row kernels (forward partial sums and backward): elements of a
+# [rows, BLOCK_E] tile per loop step, rows per program, warps. The fastest of 36 on an H100 for
+# MoEUT-244M's feedforward and attention logits (benchmarks/results/sweep_entropy_reg.md and
+# sweep_entropy_reg_small.md: 208 and 53 us forward + backward, against 232 and 57 for the
+# first settings, (8192, 256, 4)).
+LAUNCH = {"block_elements": 4096, "rows": 128, "warps": 8}
 TINY = torch.finfo(torch.float32).tiny
 
 
 def _blocks(e: int) -> tuple[int, int]:
     """``(BLOCK_N, BLOCK_E)``: rows per loop step and the padded expert count."""
     block_e = triton.next_power_of_2(e)
-    return max(1, BLOCK_ELEMENTS // block_e), block_e
+    return max(1, LAUNCH["block_elements"] // block_e), block_e
 
 
 @triton.jit
@@ -107,7 +110,7 @@ def _entropy_backward(
 
 def _programs(n: int) -> tuple[int, int]:
     """``(ROWS, NB)``: rows per program and programs per ``(a, c)`` for ``n`` rows."""
-    rows = min(ROWS_PER_PROGRAM, triton.next_power_of_2(max(n, 1)))
+    rows = min(LAUNCH["rows"], triton.next_power_of_2(max(n, 1)))
     return rows, triton.cdiv(n, rows)
 
 
@@ -119,10 +122,11 @@ def forward(x: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Te
     block_n, block_e = _blocks(e)
     block_n = min(block_n, rows)
     parts = torch.empty(a * c, nb, e, dtype=torch.float32, device=x.device)
-    launch(_entropy_partials, (nb, a * c), x, parts, n, c, e, nb, rows, block_n, block_e)
+    launch(_entropy_partials, (nb, a * c), x, parts, n, c, e, nb, rows, block_n, block_e,
+           num_warps=LAUNCH["warps"])  # fmt: skip
     m = torch.empty(a * c, e, dtype=torch.float32, device=x.device)
     value = torch.empty((), dtype=torch.float32, device=x.device)
-    block_nb = max(1, min(triton.next_power_of_2(nb), BLOCK_ELEMENTS // block_e))
+    block_nb = max(1, min(triton.next_power_of_2(nb), 8192 // block_e))
     launch(_entropy_finish, (1,), parts, m, value, a * c, nb, e, 1.0 / n, TINY, block_nb, block_e)
     return value, m
 
@@ -138,5 +142,5 @@ def backward(
     block_n = min(block_n, rows)
     dx = torch.empty_like(x)
     launch(_entropy_backward, (nb, a * c), x, m, grad.float(), dx, n, c, e, 1.0 / n,
-           1.0 / (a * c), TINY, rows, block_n, block_e)  # fmt: skip
+           1.0 / (a * c), TINY, rows, block_n, block_e, num_warps=LAUNCH["warps"])  # fmt: skip
     return dx
