@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .dense_slots import INPUT_ROWS
+from .moe_ops import _config
 from .triton_modules import triton_module
 
 # ENABLED[0] = False: per-slot products and their sum everywhere (benchmarks/ab_pair_slots.py
@@ -57,8 +59,6 @@ def wanted(n_experts: int, k: int, n_slots: int, backend: str, layout: tuple) ->
     takes the dense input-row layout, the forward would be its one sum by pairs, and that alone
     gains nothing (SwitchHead's V with 4 x 4 experts: 0.220 against 0.201 ms per step,
     benchmarks/results/ab_pair_routing_old_new.md)."""
-    from .dense_slots import INPUT_ROWS
-
     if not (ENABLED[0] and backend == "triton" and k == 2 and n_experts <= MAX_EXPERTS):
         return False
     if layout == (True, INPUT_ROWS):
@@ -111,8 +111,6 @@ def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: to
     (:func:`takes_rows_kernel`), else ``rows`` None. ``configs``: the call's launch settings
     per role."""
     pt, kt = triton_module("pair_triton"), triton_module("moe_triton")
-    from .moe_ops import _config
-
     k, n = a.shape[1], w.shape[2]
     n_slots = index.numel()
     items = a.new_empty(n_slots // 2, n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -59,15 +60,22 @@ def _fused(logits: torch.Tensor) -> bool:
     )
 
 
+@functools.cache
+def _kernels():
+    """:mod:`moeut.entropy_triton` (imports Triton: only where the kernels run; imported once,
+    not at every call)."""
+    from . import entropy_triton
+
+    return entropy_triton
+
+
 class _FusedEntropy(torch.autograd.Function):
     """:func:`entropy_reg` (``group=None``) in one pass over the logits each way."""
 
     @staticmethod
     def forward(ctx, logits, shape):
-        from . import entropy_triton
-
         x = logits.contiguous()
-        value, m = entropy_triton.forward(x, shape)
+        value, m = _kernels().forward(x, shape)
         ctx.save_for_backward(x, m)
         ctx.shape = shape
         return value
@@ -75,10 +83,8 @@ class _FusedEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # the backward kernel records no graph: no silent second derivative
     def backward(ctx, grad):
-        from . import entropy_triton
-
         x, m = ctx.saved_tensors
-        return entropy_triton.backward(x, m, grad, ctx.shape), None
+        return _kernels().backward(x, m, grad, ctx.shape), None
 
 
 def _global_entropy_reg(logits: torch.Tensor, dim: int, group) -> torch.Tensor:
