@@ -551,3 +551,22 @@ def test_explicit_triton_refuses_float64():
         moe_mlp(**args, backend="triton")
     out = moe_mlp(**args)  # the automatic choice falls back to the reference
     assert out.dtype == torch.float64
+
+
+def test_fits_int32_counts_the_largest_offset():
+    """``fits_int32``: the largest element offset from the first below 2**31, for contiguous
+    tensors (from the element count) and strided ones (from sizes and strides); meta tensors,
+    so that no storage of that size is made."""
+    from cvmm_kernel.moe_triton import fits_int32
+
+    def meta(size, stride):
+        return torch.empty_strided(size, stride, device="meta")
+
+    assert fits_int32(meta((3, 5), (5, 1)))
+    assert fits_int32(meta((2**31,), (1,)))  # contiguous: offset 2**31 - 1
+    assert not fits_int32(meta((2**31 + 1,), (1,)))
+    assert fits_int32(meta((2**31 + 5,), (0,)))  # stride 0: every element at offset 0
+    assert fits_int32(meta((2, 2**30), (2**30, 0)))  # offset 2**30
+    assert not fits_int32(meta((3, 2), (2**30, 1)))  # offset 2**31 + 1
+    assert fits_int32(meta((2,), (2**31 - 1,)))  # offset 2**31 - 1
+    assert not fits_int32(meta((2,), (2**31,)))

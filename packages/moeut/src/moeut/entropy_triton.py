@@ -44,7 +44,7 @@ def _softmax_rows(X, a, n0, c, N, C, E, BLOCK_N: tl.constexpr, BLOCK_E: tl.const
     cols = tl.arange(0, BLOCK_E)
     rows_ok = rows < N
     col_ok = cols < E
-    offsets = ((a * N + rows.to(tl.int64)) * C + c)[:, None] * E + cols[None, :]
+    offsets = ((a.to(tl.int64) * N + rows) * C + c)[:, None] * E + cols[None, :]
     x = tl.load(X + offsets, mask=rows_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     x = tl.where(col_ok[None, :], x, float("-inf"))
     x = x - tl.max(x, axis=1)[:, None]
