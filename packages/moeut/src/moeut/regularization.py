@@ -25,8 +25,13 @@ def entropy_reg(logits: torch.Tensor, dim: int, group=None) -> torch.Tensor:
             the group (DDP/FSDP) training matches one process on the concatenated batch.
 
     Returns:
-        ``-mean(H(mean_over_dim(softmax(logits))))``, a scalar: minimising it spreads the
-        average usage over the experts; exactly 0 when ``logits`` is empty.
+        ``-mean(H(mean_over_dim(softmax(logits))))``, a float32 scalar: minimising it spreads
+        the average usage over the experts; exactly 0 when ``logits`` is empty.
+
+    Without ``group``, 16/32-bit logits on CUDA (or on the CPU under ``TRITON_INTERPRET=1``)
+    take one Triton pass each way (:mod:`moeut.entropy_triton`, deterministic; the same value
+    and gradient up to float32 rounding); elsewhere, and while ``torch.compile`` traces, the
+    plain expression.
     """
     if group is not None:
         return _global_entropy_reg(logits, dim, group)
