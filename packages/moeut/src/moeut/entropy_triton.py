@@ -27,6 +27,8 @@ from cvmm_kernel.launcher import launch
 # sweep_entropy_reg_small.md: 208 and 53 us forward + backward, against 232 and 57 for the
 # first settings, (8192, 256, 4)).
 LAUNCH = {"block_elements": 4096, "rows": 128, "warps": 8}
+# Elements of a [partials, BLOCK_E] tile per step of the one program that adds the partial sums.
+FINISH_ELEMENTS = 8192
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -126,7 +128,7 @@ def forward(x: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Te
            num_warps=LAUNCH["warps"])  # fmt: skip
     m = torch.empty(a * c, e, dtype=torch.float32, device=x.device)
     value = torch.empty((), dtype=torch.float32, device=x.device)
-    block_nb = max(1, min(triton.next_power_of_2(nb), 8192 // block_e))
+    block_nb = max(1, min(triton.next_power_of_2(nb), FINISH_ELEMENTS // block_e))
     launch(_entropy_finish, (1,), parts, m, value, a * c, nb, e, 1.0 / n, TINY, block_nb, block_e)
     return value, m
 

@@ -17,6 +17,8 @@ instead of by autograd.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from switchhead.triton_support import kernels_can_run
 from torch.autograd.function import once_differentiable
@@ -31,7 +33,10 @@ _BRANCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED = [True]
 
 
+@functools.cache
 def _kernels():
+    """:mod:`moeut.norm_cast_triton` (imports Triton: only where the kernels run; imported once,
+    not at every call)."""
     from . import norm_cast_triton
 
     return norm_cast_triton

@@ -55,8 +55,8 @@ def entropy_reg(logits: torch.Tensor, dim: int, group=None) -> torch.Tensor:
 
 def _fused(logits: torch.Tensor) -> bool:
     """Whether :func:`entropy_reg` takes the Triton kernels (:mod:`moeut.entropy_triton`): CUDA
-    (or the interpreter), 16/32-bit floats, not empty, not while compiling (Inductor fuses the
-    plain expression) and with gradients of at most first order."""
+    (or the interpreter), 16/32-bit floats, not empty, at least 2-d, and not while compiling
+    (Inductor fuses the plain expression). A second derivative through the kernels raises."""
     return (
         logits.numel() > 0
         and logits.dim() >= 2
