@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from cvmm_kernel.host_math import cdiv, next_power_of_2
 from cvmm_kernel.launcher import launch
 
 # Launch settings of the row kernels (forward partial sums and backward): elements of a
@@ -34,7 +35,7 @@ TINY = torch.finfo(torch.float32).tiny
 
 def _blocks(e: int) -> tuple[int, int]:
     """``(BLOCK_N, BLOCK_E)``: rows per loop step and the padded expert count."""
-    block_e = triton.next_power_of_2(e)
+    block_e = next_power_of_2(e)
     return max(1, LAUNCH["block_elements"] // block_e), block_e
 
 
@@ -112,8 +113,8 @@ def _entropy_backward(
 
 def _programs(n: int) -> tuple[int, int]:
     """``(ROWS, NB)``: rows per program and programs per ``(a, c)`` for ``n`` rows."""
-    rows = min(LAUNCH["rows"], triton.next_power_of_2(max(n, 1)))
-    return rows, triton.cdiv(n, rows)
+    rows = min(LAUNCH["rows"], next_power_of_2(max(n, 1)))
+    return rows, cdiv(n, rows)
 
 
 def forward(x: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor, ...]:
@@ -128,7 +129,7 @@ def forward(x: torch.Tensor, shape: tuple[int, int, int, int]) -> tuple[torch.Te
            num_warps=LAUNCH["warps"])  # fmt: skip
     m = torch.empty(a * c, e, dtype=torch.float32, device=x.device)
     value = torch.empty((), dtype=torch.float32, device=x.device)
-    block_nb = max(1, min(triton.next_power_of_2(nb), FINISH_ELEMENTS // block_e))
+    block_nb = max(1, min(next_power_of_2(nb), FINISH_ELEMENTS // block_e))
     launch(_entropy_finish, (1,), parts, m, value, a * c, nb, e, 1.0 / n, TINY, block_nb, block_e)
     return value, m
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from cvmm_kernel.host_math import cdiv, next_power_of_2
 from cvmm_kernel.launcher import launch
 
 # Elements of a [rows, D] block per program (or per step of the backward): 4 rows of MoEUT's
@@ -24,7 +25,7 @@ BLOCK_ELEMENTS = 4096
 
 def _block(d: int) -> tuple[int, int, int]:
     """``(rows, BLOCK_D, warps)`` of a block of rows of ``d`` channels."""
-    block_d = triton.next_power_of_2(d)
+    block_d = next_power_of_2(d)
     return max(1, BLOCK_ELEMENTS // block_d), block_d, 4 if block_d <= 1024 else 8
 
 
@@ -118,7 +119,7 @@ def forward(
     rstd = torch.empty_like(mean)
     block_r, block_d, warps = _block(d)
     launch(
-        _norm_cast_forward_kernel, (triton.cdiv(r, block_r),),
+        _norm_cast_forward_kernel, (cdiv(r, block_r),),
         x, x if delta is None else delta, xc if s is None else s, weight, bias, xc, n, mean,
         rstd, r, d, x.stride(0), 0 if delta is None else delta.stride(0), eps,
         delta is not None, block_r, block_d, num_warps=warps,
@@ -145,8 +146,8 @@ def backward(
     ddelta = None if delta_dtype is None else torch.empty(r, d, device=x.device, dtype=delta_dtype)
     block_r, block_d, warps = _block(d)
     programs = _programs(x.device)
-    rows_per_program = triton.cdiv(triton.cdiv(r, programs), block_r) * block_r
-    programs = triton.cdiv(r, rows_per_program)
+    rows_per_program = cdiv(cdiv(r, programs), block_r) * block_r
+    programs = cdiv(r, rows_per_program)
     parts = torch.empty(programs, 2, d, device=x.device, dtype=torch.float32)
     launch(
         _norm_cast_backward_kernel, (programs,),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from cvmm_kernel.host_math import cdiv, next_power_of_2
 from cvmm_kernel.launcher import launch
 
 from .triton_support import row_alignment
@@ -126,7 +127,7 @@ def _lead3(t: torch.Tensor, trailing: int) -> torch.Tensor:
 
 
 def _block_c(c: int) -> int:
-    return max(16, triton.next_power_of_2(c))
+    return max(16, next_power_of_2(c))
 
 
 def gather(
@@ -147,7 +148,7 @@ def gather(
     dgate = torch.empty(idx.shape, device=a.device, dtype=torch.float32) if b is not None else None
     b3 = _lead3(b, 1) if b is not None else out.view(*a3.shape[:3], c)
     block_r, warps = config or CONFIG
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (cdiv(rows, block_r),)
     launch(
         _gather_kernel, grid,
         a3, idx, g, b3, out, dgate if dgate is not None else g,
@@ -179,7 +180,7 @@ def spread(
     dgate = torch.empty(idx.shape, device=x.device, dtype=torch.float32) if a is not None else None
     a3 = _lead3(a, 2) if a is not None else out.view(*x3.shape[:3], n_experts, c)
     block_r, warps = config or CONFIG
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (cdiv(rows, block_r),)
     launch(
         _spread_kernel, grid,
         x3, idx, g, a3, out, dgate if dgate is not None else g,
@@ -187,6 +188,6 @@ def spread(
         *x3.stride()[:3],
         *a3.stride()[:3],
         c, k, a is not None, row_alignment(c, x3, a3),
-        block_r, _block_c(c), max(2, triton.next_power_of_2(k)), num_warps=warps,
+        block_r, _block_c(c), max(2, next_power_of_2(k)), num_warps=warps,
     )  # fmt: skip
     return out, None if dgate is None else dgate.view(index.shape)

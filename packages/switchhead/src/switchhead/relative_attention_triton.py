@@ -42,6 +42,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from cvmm_kernel.host_math import cdiv, next_power_of_2
 
 from .triton_support import row_alignment
 
@@ -559,8 +560,8 @@ def _keep_args(keep: torch.Tensor | None, shape: tuple[int, int, int, int]):
 def _head_blocks(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int]:
     # At least 32 on the GPU: Triton 3.6 computed wrong bf16 products for a 16-wide value block.
     least = 16 if _interpreting() else 32
-    d_pad = max(least, triton.next_power_of_2(q.shape[-1]))
-    dv_pad = max(least, triton.next_power_of_2(v.shape[-1]))
+    d_pad = max(least, next_power_of_2(q.shape[-1]))
+    dv_pad = max(least, next_power_of_2(v.shape[-1]))
     return d_pad, dv_pad, max(d_pad, dv_pad)
 
 
@@ -608,8 +609,8 @@ def _query_plan(cfg, q: torch.Tensor, n_k: int) -> tuple[int, int, int]:
     the width holds every key of a row in key order, and every relative position a query block
     reaches (``S + BLOCK_M - 1``), in whole ``BLOCK_N`` chunks."""
     block_m, block_n, _w, _s, per_sm = cfg
-    n_work = q.shape[0] * q.shape[1] * triton.cdiv(q.shape[2], block_m)
-    width = (triton.cdiv(n_k + block_m, block_n) + 1) * block_n
+    n_work = q.shape[0] * q.shape[1] * cdiv(q.shape[2], block_m)
+    width = (cdiv(n_k + block_m, block_n) + 1) * block_n
     return n_work, _grid(n_work, per_sm, q.device), width
 
 
@@ -699,7 +700,7 @@ def relative_attention_bwd(
         "dkdv", q, k, v, r, keep, configs.get("dkdv"), grad
     )
     block_m, block_n, _w, _s, per_sm = cfg
-    n_work = b * h * triton.cdiv(n_k, block_n)
+    n_work = b * h * cdiv(n_k, block_n)
     programs = _grid(n_work, per_sm, q.device)
     slots = torch.empty(programs, 2, block_m, block_n, device=q.device, dtype=q.dtype)
     _bwd_dkdv_kernel[(programs,)](

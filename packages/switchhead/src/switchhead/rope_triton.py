@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from cvmm_kernel.host_math import cdiv, next_power_of_2
 from cvmm_kernel.launcher import launch
 
 from .triton_support import row_alignment
@@ -66,11 +67,11 @@ def rotate(
         return y
     block_r, warps = config or CONFIG
     launch(
-        _rope_kernel, (triton.cdiv(rows, block_r),),
+        _rope_kernel, (cdiv(rows, block_r),),
         x, cos, sin, y,
         rows, n, inner, offset,
         *x.stride()[:3],
         hs, n_rotate, -1.0 if inverse else 1.0, row_alignment(hs, x),
-        block_r, max(16, triton.next_power_of_2(hs)), num_warps=warps,
+        block_r, max(16, next_power_of_2(hs)), num_warps=warps,
     )  # fmt: skip
     return y
