@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .autocast_off import autocast_off
 from .linear_ops import MoELinearFunction, moe_linear_forward, plan
 from .moe_inputs import (
     check_index_range,
@@ -147,7 +148,7 @@ def moe_linear(
     # a call that takes pairs is deterministic throughout (per-slot sums beat atomic adds too)
     settings = (a_div, out_div, block_m, deterministic or pairs, chosen)
     grad_dtype = weight_grad_dtype(rounded, x.dtype, weight.dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             if pairs:
                 routing = moe_pair_routing(flat_index, weight.shape[0], block_m)

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from .autocast_off import autocast_off
 from .moe_inputs import (
     check_index_range,
     check_one_device,
@@ -150,7 +151,7 @@ def moe_mlp(
     n_experts = w_up.shape[0]
     settings = (top_k, block_m, activation, deterministic, chosen)
     grad_dtype = weight_grad_dtype(rounded, x.dtype, w_up.dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
             routing = moe_routing(flat_index, n_experts, block_m, chosen)
             launch = (encode_gemm_configs(configs), _backward_overlap, grad_dtype)

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from .autocast_off import autocast_off
 from .custom_ops import gather_mm, gather_mm_reduce
 from .interpreter import interpreting
 from .layout import MAX_EXPERTS_TRITON, expert_bounds
@@ -117,7 +118,7 @@ def cvmm(
         return products.view(*sel.sel.shape, d_out)
     n_groups = w.shape[:-1].numel()
     # Autocast would run the reduction in float32; the result keeps the matmul's dtype instead.
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         if d_out < d_in:
             # Narrow products (e.g. SwitchHead's value projection): form them, weight them and
             # sum them in fp32; the backward works on [N, d_out], the narrow side. (A bmm of

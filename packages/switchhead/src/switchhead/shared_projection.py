@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+from cvmm_kernel.autocast_off import autocast_off
 from cvmm_kernel.shared_grads import matmul_f32
 from torch.autograd.function import once_differentiable
 
@@ -123,7 +124,7 @@ def shared_linear(rows: SharedRows, x: torch.Tensor) -> torch.Tensor:
     gradient added to ``rows``' sum."""
     if torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return _Linear.apply(x, rows.token, rows)
 
 
