@@ -32,17 +32,15 @@ def test_outside_autocast_it_changes_nothing():
 
 def test_restored_when_the_body_raises():
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.raises(RuntimeError, match="inside"):
-            with autocast_off("cpu"):
-                raise RuntimeError("inside")
+        with pytest.raises(RuntimeError, match="inside"), autocast_off("cpu"):
+            raise RuntimeError("inside")
         assert torch.is_autocast_enabled("cpu")
 
 
 def test_other_device_types_keep_their_state():
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with autocast_off("cuda"):
-            assert torch.is_autocast_enabled("cpu")
-            assert _mm_dtype() == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16), autocast_off("cuda"):
+        assert torch.is_autocast_enabled("cpu")
+        assert _mm_dtype() == torch.bfloat16
 
 
 def test_compiled_fullgraph_matches_eager():
