@@ -157,10 +157,9 @@ class _KeptDescriptors:
         self.metas, self.encode = metas, encode
         self.encoded: dict[tuple, list] = {}
 
-    def args(self, args: tuple) -> tuple | list:
-        """``args`` with each descriptor replaced by its encoded arguments."""
-        if not self.positions:
-            return args
+    def args(self, args: tuple) -> list:
+        """``args`` with each descriptor replaced by its encoded arguments (``launch`` passes
+        ``args`` as they are where there is none)."""
         out: list = []
         start = 0
         for position, meta in zip(self.positions, self.metas):
