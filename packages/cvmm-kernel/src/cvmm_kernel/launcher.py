@@ -32,6 +32,7 @@ import torch
 
 from .interpreter import interpreting
 from .pdl import chained
+from .traced_ops import is_traced, launch_traced
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor as _DESCRIPTOR
@@ -264,12 +265,21 @@ def launch(kernel, grid: tuple[int, ...], *args, num_warps: int = 4, num_stages:
     stream, skipping the Python of Triton's runner (device and stream lookups, launch metadata,
     empty hook chains: about a third of a launch's host time), and with tensor descriptors
     their kept encoding; with a launch hook set they go through the runner. (An eager MoEUT
-    step makes about 650 launches, so the common path calls no helper it can do without.)"""
-    device = args[0].device
+    step makes about 650 launches, so the common path calls no helper it can do without.)
+
+    With a fake or functional first argument (the body of a triton_op traced by
+    ``torch.compile``, :mod:`cvmm_kernel.traced_ops`) the launch is recorded for the compiled
+    graph instead, not as a programmatic dependent launch."""
+    first = args[0]
+    device = first.device
     launch_pdl = False
     takes = _TAKES_PDL.get((id(kernel), len(args)))
     if takes is None:
         takes = _takes_pdl(kernel, len(args))
+    if type(first) is not _TENSOR and is_traced(first):
+        args = (*args, False) if takes else args
+        launch_traced(kernel, grid, *args, num_warps=num_warps, num_stages=num_stages)
+        return
     if takes:
         launch_pdl = chained(device)
         args = (*args, launch_pdl)

@@ -41,6 +41,7 @@ from .moe_ops import (
     side_work,
 )
 from .shared_grads import settle
+from .traced_ops import twin_ops
 from .triton_modules import triton_module
 from .weight_cache import cast_weight
 
@@ -285,8 +286,7 @@ def _gradients(grad_out, x, gate, w, index, y, r: Routing, a_div, out_div, deter
 # ----- the custom ops -----
 
 
-@torch.library.custom_op("cvmm_kernel::moe_linear_forward", mutates_args=())
-def moe_linear_forward(
+def _forward_op(
     x: torch.Tensor,
     gate: torch.Tensor,
     w: torch.Tensor,
@@ -320,8 +320,12 @@ def moe_linear_forward(
     return _forward(x, gate, w, index, r, a_div, out_div, deterministic, backend, configs)
 
 
-@moe_linear_forward.register_fake
-def _(x, gate, w, index, sorted_to_slot, *rest):
+moe_linear_forward, moe_linear_forward_traced = twin_ops(
+    "cvmm_kernel::moe_linear_forward", _forward_op
+)
+
+
+def _forward_fake(x, gate, w, index, sorted_to_slot, *rest):
     a_div, out_div, _block_m, deterministic, backend = rest[5:10]
     n, (n_experts, d_in, d_out) = gate.shape[0], w.shape
     keeps, dense = plan(w.shape, a_div, out_div, deterministic, backend)
@@ -332,8 +336,7 @@ def _(x, gate, w, index, sorted_to_slot, *rest):
     return x.new_empty(n // out_div, d_out), y
 
 
-@torch.library.custom_op("cvmm_kernel::moe_linear_backward", mutates_args=())
-def moe_linear_backward(
+def _backward_op(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     gate: torch.Tensor,
@@ -365,10 +368,15 @@ def moe_linear_backward(
                       configs=configs, grad_dtype=weight_grad_dtype)  # fmt: skip
 
 
-@moe_linear_backward.register_fake
-def _(grad_out, x, gate, w, index, y, sorted_to_slot, slot_to_sorted, offsets, tile_expert,
-      tile_start, n_valid, a_div, out_div, block_m, deterministic, backend, gemm_configs=None,
-      weight_grad_dtype=None, sorted_lo_slot=None, pair_offsets=None):  # fmt: skip
+moe_linear_backward, moe_linear_backward_traced = twin_ops(
+    "cvmm_kernel::moe_linear_backward", _backward_op
+)
+
+
+def _backward_fake(grad_out, x, gate, w, index, y, sorted_to_slot, slot_to_sorted, offsets,
+                   tile_expert, tile_start, n_valid, a_div, out_div, block_m, deterministic,
+                   backend, gemm_configs=None, weight_grad_dtype=None, sorted_lo_slot=None,
+                   pair_offsets=None):  # fmt: skip
     return torch.empty_like(x), torch.empty_like(gate), torch.empty_like(w, dtype=weight_grad_dtype)
 
 
@@ -380,17 +388,28 @@ def _setup_context(ctx, inputs, output):
     ctx.settings = inputs[10:17]
 
 
-def _backward(ctx, grad_out, _grad_y):
-    x, gate, w, index, y, *routing = ctx.saved_tensors
-    dx, dgate, dw = moe_linear_backward(grad_out, x, gate, w, index, y, *routing[:6],
-                                        *ctx.settings, *routing[6:])  # fmt: skip
-    dw = in_weight_dtype(dw, w)
-    need = ctx.needs_input_grad
-    grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw))]
-    return (*grads, *[None] * (9 + len(ctx.settings)))
+def _autograd_backward(backward_op):
+    """The forward op's autograd formula, through ``backward_op`` (its twin's backward)."""
+
+    def backward(ctx, grad_out, _grad_y):
+        x, gate, w, index, y, *routing = ctx.saved_tensors
+        dx, dgate, dw = backward_op(grad_out, x, gate, w, index, y, *routing[:6],
+                                    *ctx.settings, *routing[6:])  # fmt: skip
+        dw = in_weight_dtype(dw, w)
+        need = ctx.needs_input_grad
+        grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw))]
+        return (*grads, *[None] * (9 + len(ctx.settings)))
+
+    return backward
 
 
-moe_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+for _fwd, _bwd in (
+    (moe_linear_forward, moe_linear_backward),
+    (moe_linear_forward_traced, moe_linear_backward_traced),
+):
+    _fwd.register_fake(_forward_fake)
+    _bwd.register_fake(_backward_fake)
+    _fwd.register_autograd(_autograd_backward(_bwd), setup_context=_setup_context)
 
 
 class MoELinearFunction(torch.autograd.Function):

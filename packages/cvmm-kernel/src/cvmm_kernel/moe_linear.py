@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .autocast_off import autocast_off
-from .linear_ops import MoELinearFunction, moe_linear_forward, plan
+from .linear_ops import MoELinearFunction, moe_linear_forward, moe_linear_forward_traced, plan
 from .moe_inputs import (
     check_index_range,
     check_one_device,
@@ -21,12 +21,14 @@ from .moe_ops import (
     check_weight_grad_rounding,
     encode_gemm_configs,
     moe_routing,
+    moe_routing_traced,
     weight_grad_dtype,
 )
 from .ops import Backend
-from .pair_slots import moe_pair_routing
+from .pair_slots import moe_pair_routing, moe_pair_routing_traced
 from .pair_slots import wanted as pairs_wanted
 from .shared_grads import shared_use
+from .traced_ops import pick
 
 
 def _divisors(x: torch.Tensor, index: torch.Tensor, weight: torch.Tensor, reduce_groups: bool):
@@ -119,7 +121,10 @@ def moe_linear(
             them).
         weight_grads_in_compute_dtype: as in ``moe_mlp``: the call's weight gradient rounded
             to the compute dtype before autograd gets it in the weight's dtype (for weights
-            applied several times in a compiled step).
+            applied several times in a compiled step). Compiled, where the call takes a dense
+            slot layout (its weight gradient a PyTorch matmul), Inductor fuses that rounding
+            and the cast back into the sum of the uses and leaves the rounding out, as it does
+            for any cast down and up again (``torch._inductor.config.emulate_precision_casts``).
 
     Returns:
         ``[..., G, d_out]`` (or ``[..., d_out]`` with ``reduce_groups``) in ``x``'s dtype (the
@@ -149,14 +154,17 @@ def moe_linear(
     settings = (a_div, out_div, block_m, deterministic or pairs, chosen)
     grad_dtype = weight_grad_dtype(rounded, x.dtype, weight.dtype)
     with autocast_off(x.device.type):
-        if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
+        if torch.compiler.is_compiling():  # ops with fake implementations (traced_ops.pick)
             if pairs:
-                routing = moe_pair_routing(flat_index, weight.shape[0], block_m)
+                pair_routing = pick(moe_pair_routing, moe_pair_routing_traced, chosen)
+                routing = pair_routing(flat_index, weight.shape[0], block_m)
             else:
-                routing = (*moe_routing(flat_index, weight.shape[0], block_m, chosen), None, None)
+                routing_op = pick(moe_routing, moe_routing_traced, chosen)
+                routing = (*routing_op(flat_index, weight.shape[0], block_m, chosen), None, None)
             launch = (encode_gemm_configs(configs), grad_dtype)
-            out = moe_linear_forward(x2, flat_gate, weight, flat_index, *routing[:6], *settings,
-                                     *launch, *routing[6:])[0]  # fmt: skip
+            forward = pick(moe_linear_forward, moe_linear_forward_traced, chosen)
+            out = forward(x2, flat_gate, weight, flat_index, *routing[:6], *settings, *launch,
+                          *routing[6:])[0]  # fmt: skip
         else:  # the same implementations with less host time per call
             weight, shared = shared_use(weight)
             out = MoELinearFunction.apply(

@@ -23,11 +23,14 @@ from .moe_ops import (
     check_weight_grad_rounding,
     encode_gemm_configs,
     moe_mlp_forward,
+    moe_mlp_forward_traced,
     moe_routing,
+    moe_routing_traced,
     weight_grad_dtype,
 )
 from .ops import Backend
 from .shared_grads import shared_use
+from .traced_ops import pick
 
 Activation = Literal["identity", "relu", "gelu", "silu"]
 
@@ -152,10 +155,13 @@ def moe_mlp(
     settings = (top_k, block_m, activation, deterministic, chosen)
     grad_dtype = weight_grad_dtype(rounded, x.dtype, w_up.dtype)
     with autocast_off(x.device.type):
-        if torch.compiler.is_compiling():  # opaque custom ops with fake implementations
-            routing = moe_routing(flat_index, n_experts, block_m, chosen)
+        if torch.compiler.is_compiling():  # ops with fake implementations (traced_ops.pick)
+            routing = pick(moe_routing, moe_routing_traced, chosen)(
+                flat_index, n_experts, block_m, chosen
+            )
             launch = (encode_gemm_configs(configs), _backward_overlap, grad_dtype)
-            out = moe_mlp_forward(x2, flat_gate, w_up, w_down, *routing, *settings, *launch)[0]
+            forward = pick(moe_mlp_forward, moe_mlp_forward_traced, chosen)
+            out = forward(x2, flat_gate, w_up, w_down, *routing, *settings, *launch)[0]
         else:  # the same implementations with less host time per call
             (w_up, up_shared), (w_down, down_shared) = shared_use(w_up), shared_use(w_down)
             out = MoEMLPFunction.apply(

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from .host_math import next_power_of_2
 from .interpreter import interpreting
 from .shared_grads import grad_buffer, settle
+from .traced_ops import twin_ops
 from .triton_modules import triton_module
 from .validation import check_launch_config
 from .weight_cache import cast_weight
@@ -302,20 +303,25 @@ def routing_impl(
     )
 
 
-@torch.library.custom_op("cvmm_kernel::moe_routing", mutates_args=())
-def moe_routing(
+def _routing_op(
     index: torch.Tensor, n_experts: int, block_m: int, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The routing layout as a custom op (see :func:`routing_impl`)."""
+    """The routing layout as an op (see :func:`routing_impl`)."""
     return routing_impl(index, n_experts, block_m, backend)
 
 
-@moe_routing.register_fake
-def _(index, n_experts, block_m, backend):
+moe_routing, moe_routing_traced = twin_ops("cvmm_kernel::moe_routing", _routing_op)
+
+
+def _routing_fake(index, n_experts, block_m, backend):
     n = index.numel()
     length = n_tiles(n, n_experts, block_m)
     new = lambda size: index.new_empty(size, dtype=torch.int32)
     return new(n), new(n), new(n_experts + 1), new(length), new(length), new(1)
+
+
+moe_routing.register_fake(_routing_fake)
+moe_routing_traced.register_fake(_routing_fake)
 
 
 # ----- the PyTorch reference, one expert at a time -----
@@ -749,8 +755,7 @@ def _gradients(grad_out, x, gate, w_up, w_down, h, u, r: Routing, top_k, activat
 # ----- the custom ops -----
 
 
-@torch.library.custom_op("cvmm_kernel::moe_mlp_forward", mutates_args=())
-def moe_mlp_forward(
+def _forward_op(
     x: torch.Tensor,
     gate: torch.Tensor,
     w_up: torch.Tensor,
@@ -780,16 +785,17 @@ def moe_mlp_forward(
     return _forward(x, gate, w_up, w_down, r, top_k, activation, deterministic, backend, configs)
 
 
-@moe_mlp_forward.register_fake
-def _(x, gate, w_up, w_down, *routing_and_settings):
+moe_mlp_forward, moe_mlp_forward_traced = twin_ops("cvmm_kernel::moe_mlp_forward", _forward_op)
+
+
+def _forward_fake(x, gate, w_up, w_down, *routing_and_settings):
     top_k, _block_m, activation = routing_and_settings[6:9]
     n, hid = x.shape[0] * top_k, w_up.shape[2]
     u_rows = n if activation in _NEEDS_PREACTIVATION else 0
     return x.new_empty(x.shape[0], w_down.shape[2]), x.new_empty(n, hid), x.new_empty(u_rows, hid)
 
 
-@torch.library.custom_op("cvmm_kernel::moe_mlp_backward", mutates_args=())
-def moe_mlp_backward(
+def _backward_op(
     grad_out: torch.Tensor,
     x: torch.Tensor,
     gate: torch.Tensor,
@@ -822,10 +828,13 @@ def moe_mlp_backward(
                       weight_grad_dtype)  # fmt: skip
 
 
-@moe_mlp_backward.register_fake
-def _(grad_out, x, gate, w_up, w_down, h, u, sorted_to_slot, slot_to_sorted, offsets, tile_expert,
-      tile_start, n_valid, top_k, block_m, activation, deterministic, backend, gemm_configs=None,
-      backward_overlap=None, weight_grad_dtype=None):  # fmt: skip
+moe_mlp_backward, moe_mlp_backward_traced = twin_ops("cvmm_kernel::moe_mlp_backward", _backward_op)
+
+
+def _backward_fake(grad_out, x, gate, w_up, w_down, h, u, sorted_to_slot, slot_to_sorted,
+                   offsets, tile_expert, tile_start, n_valid, top_k, block_m, activation,
+                   deterministic, backend, gemm_configs=None, backward_overlap=None,
+                   weight_grad_dtype=None):  # fmt: skip
     return (
         torch.empty_like(x),
         torch.empty_like(gate),
@@ -841,18 +850,29 @@ def _setup_context(ctx, inputs, output):
     ctx.settings = inputs[10:]  # top_k, block_m, activation, deterministic, backend, launch
 
 
-def _backward(ctx, grad_out, _grad_h, _grad_u):
-    x, gate, w_up, w_down, h, u, *routing = ctx.saved_tensors
-    dx, dgate, dw_up, dw_down = moe_mlp_backward(
-        grad_out, x, gate, w_up, w_down, h, u, *routing, *ctx.settings
-    )
-    dw_up, dw_down = in_weight_dtype(dw_up, w_up), in_weight_dtype(dw_down, w_down)
-    need = ctx.needs_input_grad
-    grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw_up, dw_down))]
-    return (*grads, *[None] * (6 + len(ctx.settings)))
+def _autograd_backward(backward_op):
+    """The forward op's autograd formula, through ``backward_op`` (its twin's backward)."""
+
+    def backward(ctx, grad_out, _grad_h, _grad_u):
+        x, gate, w_up, w_down, h, u, *routing = ctx.saved_tensors
+        dx, dgate, dw_up, dw_down = backward_op(
+            grad_out, x, gate, w_up, w_down, h, u, *routing, *ctx.settings
+        )
+        dw_up, dw_down = in_weight_dtype(dw_up, w_up), in_weight_dtype(dw_down, w_down)
+        need = ctx.needs_input_grad
+        grads = [g if need[i] else None for i, g in enumerate((dx, dgate, dw_up, dw_down))]
+        return (*grads, *[None] * (6 + len(ctx.settings)))
+
+    return backward
 
 
-moe_mlp_forward.register_autograd(_backward, setup_context=_setup_context)
+for _fwd, _bwd in (
+    (moe_mlp_forward, moe_mlp_backward),
+    (moe_mlp_forward_traced, moe_mlp_backward_traced),
+):
+    _fwd.register_fake(_forward_fake)
+    _bwd.register_fake(_backward_fake)
+    _fwd.register_autograd(_autograd_backward(_bwd), setup_context=_setup_context)
 
 
 # ----- the eager path -----

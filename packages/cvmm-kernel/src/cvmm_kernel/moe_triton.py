@@ -40,6 +40,7 @@ from .host_math import cdiv, next_power_of_2
 from .interpreter import interpreting
 from .launcher import DESCRIPTORS_AVAILABLE, descriptor, launch
 from .pdl import wait_for_previous
+from .traced_ops import is_traced
 from .triton_kernels import _input_precision as input_precision
 from .validation import _capability
 
@@ -758,6 +759,11 @@ def _has_tma(device: torch.device) -> bool:
 EAGER_DESCRIPTORS = [True]
 
 
+# TRACED_DESCRIPTORS[0] = True: tensor descriptors in the kernels that a compiled graph launches
+# from traced triton_op bodies too (Inductor rebuilds them at each launch). Read when traced.
+TRACED_DESCRIPTORS = [False]
+
+
 def _descriptors_pay(device: torch.device) -> bool:
     """Whether a call's tensor descriptors pay for their host time: while a CUDA graph is
     captured (made once, replayed without the host), with ``EAGER_DESCRIPTORS``, or off CUDA
@@ -770,15 +776,16 @@ def weight_operand(w: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, in
     ``W_DESC`` code: a tensor descriptor of ``w`` (1) or of its transpose ``[E, N, K]`` (2) where
     one of the two is contiguous along its last dimension with 16-byte aligned rows, the device
     has TMA and the descriptors pay for their host time (:func:`_descriptors_pay`: in CUDA-graph
-    capture), else ``w`` itself (0), loaded through pointers."""
-    if (
-        not TENSOR_DESCRIPTORS[0]
-        or not _has_tma(w.device)
-        or not _descriptors_pay(w.device)
-        or w.data_ptr() % 16
-    ):
+    capture), else ``w`` itself (0), loaded through pointers. In a traced triton_op body
+    (``w`` fake or functional): pointers unless ``TRACED_DESCRIPTORS``."""
+    if not TENSOR_DESCRIPTORS[0] or not _has_tma(w.device):
         return w, 0
     es = w.element_size()
+    if is_traced(w):  # no address to check: the graph's buffers are aligned, not its views
+        if not TRACED_DESCRIPTORS[0] or w.storage_offset() * es % 16:
+            return w, 0
+    elif not _descriptors_pay(w.device) or w.data_ptr() % 16:
+        return w, 0
     s0, s1, s2 = w.stride()
     if s0 * es % 16:
         return w, 0
@@ -807,14 +814,21 @@ HISTOGRAM_MAX_BINS = 1024
 MAX_BLOCK_COUNTS = 1 << 24
 
 
-def _int32_views(device: torch.device, *sizes: int, zero: bool = False) -> list[torch.Tensor]:
+def _int32_views(
+    device: torch.device, *sizes: int, zero: bool = False, apart: bool = False
+) -> list[torch.Tensor]:
     """1-d int32 tensors of ``sizes``, views of one buffer, each starting 128-byte aligned (as
-    the kernels are specialised for aligned pointers); zeroed if ``zero``."""
+    the kernels are specialised for aligned pointers); zeroed if ``zero``. ``apart``: each its
+    own allocation instead (in a traced triton_op body: a compiled graph's kernel must not get
+    two views of one buffer, which made MoEUT-244M's compiled step fault, ``traced_ops``)."""
+    make = torch.zeros if zero else torch.empty
+    if apart:
+        return [make(size, dtype=torch.int32, device=device) for size in sizes]
     starts, total = [], 0
     for size in sizes:
         starts.append(total)
         total += -(-size // 32) * 32
-    buffer = (torch.zeros if zero else torch.empty)(total, dtype=torch.int32, device=device)
+    buffer = make(total, dtype=torch.int32, device=device)
     # one as_strided per view: less host time than a split into the parts and their padding
     return [buffer.as_strided((size,), (1,), start) for size, start in zip(sizes, starts)]
 
@@ -868,12 +882,15 @@ def build_routing(
     sorted_to_slot, slot_to_sorted, offsets, tile_expert, tile_start, n_valid = routing_outputs(
         device, apart, n, n, n_experts + 1, n_tiles, n_tiles, 1
     )
-    counts, *rest = _int32_views(device, *scratch, zero=not fallback and not bins)
+    counts, *rest = _int32_views(
+        device, *scratch, zero=fallback or not bins, apart=is_traced(flat_index)
+    )
     if fallback:  # too many experts for per-block counts: a stable sort (still no sync)
         order = torch.sort(flat_index, stable=True).indices
         sorted_to_slot.copy_(order)
         slot_to_sorted.scatter_(0, order, torch.arange(n, dtype=torch.int32, device=device))
-        counts.copy_(torch.bincount(flat_index, minlength=n_experts))
+        # (not bincount, whose length depends on the values: the body may be traced)
+        counts.index_add_(0, flat_index, torch.ones_like(flat_index, dtype=torch.int32))
         rank = block_start = counts  # unread: the place kernel has no slot to place
     else:
         rank, block_counts, block_start = rest

@@ -30,6 +30,7 @@ import torch
 
 from .dense_slots import INPUT_ROWS
 from .moe_ops import _config
+from .traced_ops import twin_ops
 from .triton_modules import triton_module
 
 # ENABLED[0] = False: per-slot products and their sum everywhere (benchmarks/ab_pair_slots.py
@@ -73,17 +74,18 @@ def routing_impl(index: torch.Tensor, n_experts: int, block_m: int, apart: bool 
     return triton_module("pair_triton").build_pair_routing(index, n_experts, block_m, apart=apart)
 
 
-@torch.library.custom_op("cvmm_kernel::moe_pair_routing", mutates_args=())
-def moe_pair_routing(index: torch.Tensor, n_experts: int, block_m: int) -> tuple[
+def _routing_op(index: torch.Tensor, n_experts: int, block_m: int) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
     torch.Tensor, torch.Tensor,
 ]:  # fmt: skip
-    """The routing of a call by pairs as a custom op (see :func:`routing_impl`)."""
+    """The routing of a call by pairs as an op (see :func:`routing_impl`)."""
     return routing_impl(index, n_experts, block_m)
 
 
-@moe_pair_routing.register_fake
-def _(index, n_experts, block_m):
+moe_pair_routing, moe_pair_routing_traced = twin_ops("cvmm_kernel::moe_pair_routing", _routing_op)
+
+
+def _routing_fake(index, n_experts, block_m):
     from .pair_triton import n_pair_tiles
 
     n = index.numel()
@@ -92,6 +94,10 @@ def _(index, n_experts, block_m):
     n_pairs = n_experts * (n_experts + 1) // 2
     return (new(n), new(n), new(n_experts + 1), new(length), new(length), new(1), new(n // 2),
             new(n_pairs + 1))  # fmt: skip
+
+
+moe_pair_routing.register_fake(_routing_fake)
+moe_pair_routing_traced.register_fake(_routing_fake)
 
 
 def pair_sums(a: torch.Tensor, w: torch.Tensor, r, index: torch.Tensor, gate: torch.Tensor,

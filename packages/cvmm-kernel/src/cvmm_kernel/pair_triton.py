@@ -46,6 +46,7 @@ from .moe_triton import (
     weight_operand,
 )
 from .pdl import wait_for_previous
+from .traced_ops import is_traced
 
 
 @triton.jit
@@ -173,10 +174,10 @@ def build_pair_routing(flat_index: torch.Tensor, n_experts: int, block_m: int, a
     bins = next_power_of_2(n_pairs + 1)
     bins = bins if bins <= HISTOGRAM_MAX_BINS else 0
     block_e = next_power_of_2(n_experts)
-    # the scratch in one allocation
+    # the scratch in one allocation (apart where traced)
     counts, rank, block_counts, block_start, bases = _int32_views(
         device, n_pairs, n_items, n_blocks * n_pairs, n_blocks * n_pairs,
-        n_blocks * block_e * block_e, zero=not bins,
+        n_blocks * block_e * block_e, zero=not bins, apart=is_traced(flat_index),
     )  # fmt: skip
     launch(_routing_rank_kernel, (n_blocks,), flat_index, rank, block_counts, n_items, n_pairs,
            block, bins, True, num_warps=PAIR_ROUTING["rank_warps"])  # fmt: skip

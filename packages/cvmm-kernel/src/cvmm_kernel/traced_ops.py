@@ -24,6 +24,8 @@ compiled MoEUT step faster, which is GPU-bound on a quiet host (moeut's
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +40,44 @@ def triton_custom_op(name: str) -> Callable[[Callable[..., Any]], Any]:
     ``register_fake`` and ``register_autograd`` as for a custom op."""
     make = getattr(torch.library, "triton_op", None) or torch.library.custom_op
     return make(name, mutates_args=())
+
+
+# TRACED_OPS[0] = False: compiled ``moe_mlp`` / ``moe_linear`` calls on the Triton path go to the
+# opaque custom ops instead of their triton_op twins (moeut's benchmarks/ab_compiled_traced_ops.py
+# compares the two in one process). Read when a call is traced.
+TRACED_OPS = [True]
+
+
+def twin_ops(name: str, fn: Callable[..., Any]) -> tuple[Any, Any]:
+    """``(opaque, traced)``: ``fn`` registered as the custom op ``name`` (``"namespace::op"``,
+    no mutated arguments) and as the triton_op ``name + "_traced"`` (:func:`triton_custom_op`).
+    For bodies that take a PyTorch reference path too: Inductor traces a triton_op's body, which
+    the reference's data-dependent shapes (sorts, bincounts) would not survive, so compiled calls
+    on the reference backend stay opaque (:func:`pick`). Traced with symbolic sizes (a graph
+    compiled for dynamic shapes) the triton_op's body calls the opaque op: Inductor's
+    decomposition of its traced kernels failed its own consistency check there (torch 2.11).
+    Register the fake and the autograd formula on each."""
+    opaque = torch.library.custom_op(name, mutates_args=())(fn)
+
+    @functools.wraps(fn)
+    def body(*args: Any, **kwargs: Any) -> Any:
+        if any(isinstance(a, torch.Tensor) and _symbolic(a) for a in (*args, *kwargs.values())):
+            return opaque(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    # fn's signature with its annotations resolved where fn is defined (torch infers the schema
+    # from the signature, and this module could not resolve fn's string annotations)
+    body.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+    return opaque, triton_custom_op(name + "_traced")(body)
+
+
+def _symbolic(t: torch.Tensor) -> bool:
+    return any(isinstance(size, torch.SymInt) for size in t.shape)
+
+
+def pick(opaque: Any, traced: Any, backend: str) -> Any:
+    """The op of a pair from :func:`twin_ops` that a compiled call on ``backend`` uses."""
+    return traced if backend == "triton" and TRACED_OPS[0] else opaque
 
 
 def is_traced(t: object) -> bool:

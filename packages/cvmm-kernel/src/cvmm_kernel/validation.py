@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -27,17 +28,21 @@ EXPERT_INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.
 ROW_INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-_CAPABILITIES: dict[tuple, tuple[int, ...]] = {}
+_CAPABILITIES: dict[int | None, tuple[Any, tuple[int, ...]]] = {}
 
 
 def _capability(device: torch.device) -> tuple[int, ...]:
-    """The device's compute capability, looked up once per device (every op checks it); keyed on
-    the lookup function too, so a replaced one (tests simulate other GPUs) is asked again."""
+    """The device's compute capability, looked up once per device (every op checks it) and
+    again where the lookup function was replaced (tests simulate other GPUs). Keyed on the
+    device index alone, and not read by code that Dynamo traces, which would guard on the dict's
+    keys while the bodies of traced ops fill it during the compilation."""
     lookup = torch.cuda.get_device_capability
-    key = (device.index, lookup)
-    if key not in _CAPABILITIES:
-        _CAPABILITIES[key] = tuple(lookup(device))
-    return _CAPABILITIES[key]
+    if torch.compiler.is_compiling():
+        return tuple(lookup(device))
+    entry = _CAPABILITIES.get(device.index)
+    if entry is None or entry[0] is not lookup:
+        entry = _CAPABILITIES[device.index] = (lookup, tuple(lookup(device)))
+    return entry[1]
 
 
 def check_backend_dtype(dtype: torch.dtype, device: torch.device, backend: str | None) -> None:

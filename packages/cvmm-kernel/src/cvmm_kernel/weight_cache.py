@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from .traced_ops import is_traced
+
 
 class _Copy(NamedTuple):
     """A kept copy and what it was made from."""
@@ -68,7 +70,7 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, pad_rows: int = 0) -> 
     if (
         torch.compiler.is_compiling()
         or weight.is_inference()  # no version counter to key on
-        or isinstance(weight, torch._subclasses.FakeTensor)
+        or is_traced(weight)  # fake or functional: a traced op body
     ):
         return _make(weight, dtype, pad_rows)
     # A copy made before a CUDA graph's capture would be read by every replay, stale once the
