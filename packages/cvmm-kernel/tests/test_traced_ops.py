@@ -8,7 +8,7 @@ import pytest
 import torch
 from cvmm_kernel import moe_linear, moe_mlp, traced_ops
 from cvmm_kernel.moe_ops import moe_routing, moe_routing_traced
-from cvmm_kernel.moe_triton import TRACED_DESCRIPTORS, _int32_views
+from cvmm_kernel.moe_triton import _int32_views
 
 from testing_support import rel_error
 
@@ -89,12 +89,11 @@ def _compiled_step(model, x, dynamic=None):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("descriptors", [False, True])
 @pytest.mark.parametrize(
     "make", [_Feedforward, _Projections, lambda: _Projections(n_experts=3)],
     ids=["moe_mlp", "moe_linear_pairs", "moe_linear_dense_slots"],
 )  # fmt: skip
-def test_compiled_graph_launches_the_kernels(make, descriptors):
+def test_compiled_graph_launches_the_kernels(make):
     """With the triton_op twins no opaque MoE op is called from the compiled forward or
     backward, and outputs and gradients are eager's to float32 rounding (Inductor reorders the
     selection's sums: norms of the differences within 1e-5 of the gradients'); with
@@ -105,13 +104,11 @@ def test_compiled_graph_launches_the_kernels(make, descriptors):
     eager = model(x)
     eager.square().sum().backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
-    TRACED_DESCRIPTORS[0] = descriptors
     try:
         out, grads, code = _compiled_step(model, x)
         traced_ops.TRACED_OPS[0] = False
         opaque_out, opaque_grads, opaque_code = _compiled_step(model, x)
     finally:
-        TRACED_DESCRIPTORS[0] = False
         traced_ops.TRACED_OPS[0] = True
         torch._dynamo.reset()
     assert not [name for name in OPAQUE_CALLS if name in code]

@@ -759,11 +759,6 @@ def _has_tma(device: torch.device) -> bool:
 EAGER_DESCRIPTORS = [True]
 
 
-# TRACED_DESCRIPTORS[0] = True: tensor descriptors in the kernels that a compiled graph launches
-# from traced triton_op bodies too (Inductor rebuilds them at each launch). Read when traced.
-TRACED_DESCRIPTORS = [False]
-
-
 def _descriptors_pay(device: torch.device) -> bool:
     """Whether a call's tensor descriptors pay for their host time: while a CUDA graph is
     captured (made once, replayed without the host), with ``EAGER_DESCRIPTORS``, or off CUDA
@@ -776,16 +771,19 @@ def weight_operand(w: torch.Tensor, block_k: int, block_n: int) -> tuple[Any, in
     ``W_DESC`` code: a tensor descriptor of ``w`` (1) or of its transpose ``[E, N, K]`` (2) where
     one of the two is contiguous along its last dimension with 16-byte aligned rows, the device
     has TMA and the descriptors pay for their host time (:func:`_descriptors_pay`: in CUDA-graph
-    capture), else ``w`` itself (0), loaded through pointers. In a traced triton_op body
-    (``w`` fake or functional): pointers unless ``TRACED_DESCRIPTORS``."""
-    if not TENSOR_DESCRIPTORS[0] or not _has_tma(w.device):
+    capture), else ``w`` itself (0), loaded through pointers. Pointers too in a traced
+    triton_op body (``w`` fake or functional): with descriptors there, torch 2.11's analysis of
+    which arguments a kernel writes failed (it then takes every input as written and copies
+    it), and compiling MoEUT-244M failed."""
+    if (
+        not TENSOR_DESCRIPTORS[0]
+        or is_traced(w)
+        or not _has_tma(w.device)
+        or not _descriptors_pay(w.device)
+        or w.data_ptr() % 16
+    ):
         return w, 0
     es = w.element_size()
-    if is_traced(w):  # no address to check: the graph's buffers are aligned, not its views
-        if not TRACED_DESCRIPTORS[0] or w.storage_offset() * es % 16:
-            return w, 0
-    elif not _descriptors_pay(w.device) or w.data_ptr() % 16:
-        return w, 0
     s0, s1, s2 = w.stride()
     if s0 * es % 16:
         return w, 0

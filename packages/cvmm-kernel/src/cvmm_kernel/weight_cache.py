@@ -60,6 +60,21 @@ def _make(weight: torch.Tensor, dtype: torch.dtype, pad_rows: int) -> torch.Tens
     return copy
 
 
+@torch.library.custom_op("cvmm_kernel::weight_in_dtype", mutates_args=())
+def _weight_in_dtype(weight: torch.Tensor, dtype: torch.dtype, pad_rows: int) -> torch.Tensor:
+    """The cast of a traced op body (:func:`cast_weight`), opaque to Inductor: it made the copy
+    of a cast (a cheap pointwise node) afresh for every kernel that reads it, nine per step of
+    each of MoEUT-244M's shared expert weights (4 of the compiled step's 51.6 ms on an H100,
+    moeut's ``ab_compiled_graph_traced_ops.md``), where the graph's common-subexpression pass
+    merges the calls of this op into one per weight."""
+    return _make(weight, dtype, pad_rows)
+
+
+@_weight_in_dtype.register_fake
+def _(weight, dtype, pad_rows):
+    return weight.new_empty(weight.shape[0] + pad_rows, *weight.shape[1:], dtype=dtype)
+
+
 def cast_weight(weight: torch.Tensor, dtype: torch.dtype, pad_rows: int = 0) -> torch.Tensor:
     """``weight`` in ``dtype``: the weight itself if it already is, else a cached detached copy
     (made again when the weight changed in place since, and in a forward call after a backward
@@ -67,11 +82,9 @@ def cast_weight(weight: torch.Tensor, dtype: torch.dtype, pad_rows: int = 0) -> 
     zeros appended along dim 0 (a copy then also where the dtype is the weight's)."""
     if weight.dtype == dtype and not pad_rows:
         return weight
-    if (
-        torch.compiler.is_compiling()
-        or weight.is_inference()  # no version counter to key on
-        or is_traced(weight)  # fake or functional: a traced op body
-    ):
+    if is_traced(weight):  # fake or functional: a traced op body
+        return _weight_in_dtype(weight, dtype, pad_rows)
+    if torch.compiler.is_compiling() or weight.is_inference():  # (no version counter to key on)
         return _make(weight, dtype, pad_rows)
     # A copy made before a CUDA graph's capture would be read by every replay, stale once the
     # weight changes: while capturing, copies are made (and captured) apart from the others and
