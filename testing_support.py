@@ -167,3 +167,44 @@ def assert_compiled_matches_eager(model: torch.nn.Module, x: torch.Tensor, loss=
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for p, g in zip(model.parameters(), eager_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
+
+
+class TinySigmaMoE(torch.nn.Module):
+    """A sigma-MoE feedforward on cvmm-kernel's ``moe_mlp`` (its compile tests)."""
+
+    def __init__(self, d=16, n_experts=6, hid=8, k=2):
+        super().__init__()
+        self.k = k
+        self.sel = torch.nn.Linear(d, n_experts, bias=False)
+        self.w_up = torch.nn.Parameter(torch.randn(n_experts, d, hid) / d**0.5)
+        self.w_down = torch.nn.Parameter(torch.randn(n_experts, hid, d) / hid**0.5)
+
+    def forward(self, x):
+        from cvmm_kernel import moe_mlp
+
+        gate, index = self.sel(x).sigmoid().topk(self.k, dim=-1)
+        return moe_mlp(
+            x, index, gate, self.w_up, self.w_down, "gelu", index_bound=self.w_up.shape[0]
+        )
+
+
+class TinyExpertProjections(torch.nn.Module):
+    """SwitchHead's value and output projections on cvmm-kernel's ``moe_linear`` (its compile
+    tests)."""
+
+    def __init__(self, d=16, heads=2, n_experts=3, d_head=8, k=2):
+        super().__init__()
+        self.heads, self.n_experts, self.k = heads, n_experts, k
+        self.sel = torch.nn.Linear(d, heads * n_experts, bias=False)
+        self.v = torch.nn.Parameter(torch.randn(heads * n_experts, d, d_head) / d**0.5)
+        self.o = torch.nn.Parameter(torch.randn(heads * n_experts, d_head, d) / d_head**0.5)
+
+    def forward(self, x):
+        from cvmm_kernel import moe_linear
+
+        scores = self.sel(x).view(*x.shape[:-1], self.heads, self.n_experts).sigmoid()
+        gate, index = scores.topk(self.k, dim=-1)
+        index = index + torch.arange(self.heads, device=x.device)[:, None] * self.n_experts
+        bound = self.heads * self.n_experts
+        v = moe_linear(x, index, gate, self.v, index_bound=bound)
+        return moe_linear(v, index, gate, self.o, reduce_groups=True, index_bound=bound)

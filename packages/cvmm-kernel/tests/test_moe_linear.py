@@ -13,6 +13,7 @@ from testing_support import (
     DEVICES,
     TRITON_CUDA,
     TRITON_INTERPRET,
+    TinyExpertProjections,
     assert_compiled_matches_eager,
     capture_cuda_graph,
     rel_error,
@@ -443,23 +444,6 @@ def test_cuda_graph_capture_forward_backward():
     v = oracle(ref[0], index, ref[1], ref[2], True, False)
     expected = oracle(v, index, ref[1], ref[3], False, True)
     assert rel_error(out, expected) < 2e-2
-
-
-class TinyExpertProjections(torch.nn.Module):
-    def __init__(self, d=16, heads=2, n_experts=3, d_head=8, k=2):
-        super().__init__()
-        self.heads, self.n_experts, self.k = heads, n_experts, k
-        self.sel = torch.nn.Linear(d, heads * n_experts, bias=False)
-        self.v = torch.nn.Parameter(torch.randn(heads * n_experts, d, d_head) / d**0.5)
-        self.o = torch.nn.Parameter(torch.randn(heads * n_experts, d_head, d) / d_head**0.5)
-
-    def forward(self, x):
-        scores = self.sel(x).view(*x.shape[:-1], self.heads, self.n_experts).sigmoid()
-        gate, index = scores.topk(self.k, dim=-1)
-        index = index + torch.arange(self.heads, device=x.device)[:, None] * self.n_experts
-        bound = self.heads * self.n_experts
-        v = moe_linear(x, index, gate, self.v, index_bound=bound)
-        return moe_linear(v, index, gate, self.o, reduce_groups=True, index_bound=bound)
 
 
 @pytest.mark.parametrize("device", DEVICES)

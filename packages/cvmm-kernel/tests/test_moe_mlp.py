@@ -13,6 +13,7 @@ from cvmm_kernel.moe_ops import moe_routing
 from testing_support import (
     BACKENDS,
     DEVICES,
+    TinySigmaMoE,
     assert_compiled_matches_eager,
     capture_cuda_graph,
     rel_error,
@@ -307,21 +308,6 @@ def test_cuda_graph_capture_forward_backward():
     assert not torch.equal(out, expected_out) or not all(
         torch.equal(a, t.grad) for a, t in zip(grads, leaves)
     )
-
-
-class TinySigmaMoE(torch.nn.Module):
-    def __init__(self, d=16, n_experts=6, hid=8, k=2):
-        super().__init__()
-        self.k = k
-        self.sel = torch.nn.Linear(d, n_experts, bias=False)
-        self.w_up = torch.nn.Parameter(torch.randn(n_experts, d, hid) / d**0.5)
-        self.w_down = torch.nn.Parameter(torch.randn(n_experts, hid, d) / hid**0.5)
-
-    def forward(self, x):
-        gate, index = self.sel(x).sigmoid().topk(self.k, dim=-1)
-        return moe_mlp(
-            x, index, gate, self.w_up, self.w_down, "gelu", index_bound=self.w_up.shape[0]
-        )
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cvmm_kernel import moe_linear, moe_mlp, traced_ops
+from cvmm_kernel import traced_ops
 from cvmm_kernel.moe_ops import moe_routing, moe_routing_traced
 from cvmm_kernel.moe_triton import _int32_views
 
-from testing_support import rel_error
+from testing_support import TinyExpertProjections, TinySigmaMoE, rel_error
 
 # the opaque ops by the name a compiled graph's wrapper calls them with
 OPAQUE_CALLS = ("cvmm_kernel.moe_mlp_", "cvmm_kernel.moe_linear_", "cvmm_kernel.moe_routing",
@@ -37,38 +37,22 @@ def test_scratch_apart_has_its_own_storage():
     assert all(int(t.abs().sum()) == 0 for t in apart)
 
 
-class _Feedforward(torch.nn.Module):
-    def __init__(self, d=32, n_experts=12, hid=16, k=4):
-        super().__init__()
-        self.k = k
-        self.sel = torch.nn.Linear(d, n_experts, bias=False)
-        self.w_up = torch.nn.Parameter(torch.randn(n_experts, d, hid) / d**0.5)
-        self.w_down = torch.nn.Parameter(torch.randn(n_experts, hid, d) / hid**0.5)
-
-    def forward(self, x):
-        gate, index = self.sel(x).sigmoid().topk(self.k, dim=-1)
-        bound = self.w_up.shape[0]
-        return moe_mlp(x, index, gate, self.w_up, self.w_down, "gelu", index_bound=bound)
+def _feedforward():
+    return TinySigmaMoE(d=32, n_experts=12, hid=16, k=4)
 
 
-class _Projections(torch.nn.Module):
-    """SwitchHead's value and output projections (``n_experts`` per head, two chosen: by pairs
-    of experts with 8 per head on CUDA, dense slot layouts with 3)."""
+def _projections(n_experts=8):
+    return TinyExpertProjections(d=32, n_experts=n_experts, d_head=16)
 
-    def __init__(self, d=32, heads=2, n_experts=8, d_head=16):
-        super().__init__()
-        self.heads, self.n_experts = heads, n_experts
-        self.sel = torch.nn.Linear(d, heads * n_experts, bias=False)
-        self.v = torch.nn.Parameter(torch.randn(heads * n_experts, d, d_head) / d**0.5)
-        self.o = torch.nn.Parameter(torch.randn(heads * n_experts, d_head, d) / d_head**0.5)
 
-    def forward(self, x):
-        scores = self.sel(x).view(*x.shape[:-1], self.heads, self.n_experts).sigmoid()
-        gate, index = scores.topk(2, dim=-1)
-        index = index + torch.arange(self.heads, device=x.device)[:, None] * self.n_experts
-        bound = self.heads * self.n_experts
-        v = moe_linear(x, index, gate, self.v, index_bound=bound)
-        return moe_linear(v, index, gate, self.o, reduce_groups=True, index_bound=bound)
+def _eager_step(make, tokens=64):
+    """A CUDA model from ``make``, an input, its eager output and parameter gradients."""
+    torch.manual_seed(0)
+    model = make().cuda()
+    x = torch.randn(4, tokens, 32, device="cuda")
+    eager = model(x)
+    eager.square().sum().backward()
+    return model, x, eager, [p.grad.clone() for p in model.parameters()]
 
 
 def _compiled_step(model, x, dynamic=None):
@@ -90,20 +74,16 @@ def _compiled_step(model, x, dynamic=None):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "make", [_Feedforward, _Projections, lambda: _Projections(n_experts=3)],
+    "make", [_feedforward, _projections, lambda: _projections(n_experts=3)],
     ids=["moe_mlp", "moe_linear_pairs", "moe_linear_dense_slots"],
 )  # fmt: skip
 def test_compiled_graph_launches_the_kernels(make):
     """With the triton_op twins no opaque MoE op is called from the compiled forward or
     backward, and outputs and gradients are eager's to float32 rounding (Inductor reorders the
     selection's sums: norms of the differences within 1e-5 of the gradients'); with
-    ``TRACED_OPS`` off the graph calls the opaque ops (same results)."""
-    torch.manual_seed(0)
-    model = make().cuda()
-    x = torch.randn(4, 64, 32, device="cuda")
-    eager = model(x)
-    eager.square().sum().backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
+    ``TRACED_OPS`` off the graph calls the opaque ops (same results). SwitchHead's projections
+    run by pairs of experts with 8 per head, on the dense slot layouts with 3."""
+    model, x, eager, eager_grads = _eager_step(make)
     try:
         out, grads, code = _compiled_step(model, x)
         traced_ops.TRACED_OPS[0] = False
@@ -124,12 +104,7 @@ def test_compiled_graph_launches_the_kernels(make):
 def test_dynamic_shapes_take_the_opaque_ops():
     """Compiled for dynamic sizes the graph calls the opaque ops (``traced_ops.pick``), with
     eager's results."""
-    torch.manual_seed(0)
-    model = _Feedforward().cuda()
-    x = torch.randn(4, 48, 32, device="cuda")
-    eager = model(x)
-    eager.square().sum().backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model, x, eager, eager_grads = _eager_step(_feedforward, tokens=48)
     try:
         out, grads, code = _compiled_step(model, x, dynamic=True)
     finally:

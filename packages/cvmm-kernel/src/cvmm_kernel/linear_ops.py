@@ -41,7 +41,7 @@ from .moe_ops import (
     side_work,
 )
 from .shared_grads import settle
-from .traced_ops import twin_ops
+from .traced_ops import register_twins, twin_ops
 from .triton_modules import triton_module
 from .weight_cache import cast_weight
 
@@ -403,13 +403,14 @@ def _autograd_backward(backward_op):
     return backward
 
 
-for _fwd, _bwd in (
-    (moe_linear_forward, moe_linear_backward),
-    (moe_linear_forward_traced, moe_linear_backward_traced),
-):
-    _fwd.register_fake(_forward_fake)
-    _bwd.register_fake(_backward_fake)
-    _fwd.register_autograd(_autograd_backward(_bwd), setup_context=_setup_context)
+register_twins(
+    (moe_linear_forward, moe_linear_forward_traced),
+    (moe_linear_backward, moe_linear_backward_traced),
+    _forward_fake,
+    _backward_fake,
+    _autograd_backward,
+    _setup_context,
+)
 
 
 class MoELinearFunction(torch.autograd.Function):

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .host_math import next_power_of_2
 from .interpreter import interpreting
 from .shared_grads import grad_buffer, settle
-from .traced_ops import twin_ops
+from .traced_ops import register_twins, twin_ops
 from .triton_modules import triton_module
 from .validation import check_launch_config
 from .weight_cache import cast_weight
@@ -866,13 +866,14 @@ def _autograd_backward(backward_op):
     return backward
 
 
-for _fwd, _bwd in (
-    (moe_mlp_forward, moe_mlp_backward),
-    (moe_mlp_forward_traced, moe_mlp_backward_traced),
-):
-    _fwd.register_fake(_forward_fake)
-    _bwd.register_fake(_backward_fake)
-    _fwd.register_autograd(_autograd_backward(_bwd), setup_context=_setup_context)
+register_twins(
+    (moe_mlp_forward, moe_mlp_forward_traced),
+    (moe_mlp_backward, moe_mlp_backward_traced),
+    _forward_fake,
+    _backward_fake,
+    _autograd_backward,
+    _setup_context,
+)
 
 
 # ----- the eager path -----

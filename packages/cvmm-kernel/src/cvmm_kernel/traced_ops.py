@@ -71,6 +71,23 @@ def twin_ops(name: str, fn: Callable[..., Any]) -> tuple[Any, Any]:
     return opaque, triton_custom_op(name + "_traced")(body)
 
 
+def register_twins(
+    forwards: tuple[Any, Any],
+    backwards: tuple[Any, Any],
+    forward_fake: Callable[..., Any],
+    backward_fake: Callable[..., Any],
+    autograd_backward: Callable[[Any], Callable[..., Any]],
+    setup_context: Callable[..., Any],
+) -> None:
+    """The fakes and autograd formulas of a forward op and its backward op, each a pair from
+    :func:`twin_ops`: each forward's formula, ``autograd_backward(backward op)``, calls the
+    backward of its own kind."""
+    for forward, backward in zip(forwards, backwards):
+        forward.register_fake(forward_fake)
+        backward.register_fake(backward_fake)
+        forward.register_autograd(autograd_backward(backward), setup_context=setup_context)
+
+
 def _symbolic(t: torch.Tensor) -> bool:
     return any(isinstance(size, torch.SymInt) for size in t.shape)
 
