@@ -11,15 +11,16 @@ compiled graph's own wrapper; eagerly it runs the body as a custom op would. On 
 
 A body registered here must be traceable with fake tensors: decisions on shapes, dtypes and
 Python values only (no data-dependent Python, no host sync), every kernel launched through
-:func:`launch_traced` when :func:`is_traced`, and no two arguments of a kernel views of one
-buffer (the routing's scratch as views of one allocation made MoEUT-244M's compiled step fault
-with an illegal address under torch 2.11). Registered so: ``topk_indices`` and ``sigmoid_topk``
-(forward and backward; its compiled backward then keeps the chosen indices and gates instead of
-the PyTorch expression's ``sigmoid(logits)``: MoEUT-244M's compiled peak 7.47 -> 6.21 GiB, moeut's
-``ab_compiled_sigmoid_topk.md``). The routing op
-stays a custom op: as a triton_op (separate allocations) it matched eager but did not make the
-compiled MoEUT step faster, which is GPU-bound on a quiet host (moeut's
-``ab_compiled_routing.md``).
+:func:`launch_traced` when :func:`is_traced` (``launcher.launch`` does so itself), and no two
+arguments of a kernel views of one buffer (the routing's scratch as views of one allocation
+made MoEUT-244M's compiled step fault with an illegal address under torch 2.11). Registered so:
+``topk_indices`` and ``sigmoid_topk`` (forward and backward; its compiled backward then keeps
+the chosen indices and gates instead of the PyTorch expression's ``sigmoid(logits)``:
+MoEUT-244M's compiled peak 7.47 -> 6.21 GiB, moeut's ``ab_compiled_sigmoid_topk.md``), and, as
+twins of their opaque custom ops (:func:`twin_ops`), the routing, ``moe_mlp`` and
+``moe_linear`` ops: MoEUT-244M's plain compiled step 48.0-48.4 ms on an H100 against 70.8-88.0
+with the custom ops, whose Python ran at every call (moeut's ``ab_compiled_traced_ops.md``; the
+routing alone as a triton_op had shown no gain, ``ab_compiled_routing.md``).
 """
 
 from __future__ import annotations
