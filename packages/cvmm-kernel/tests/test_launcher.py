@@ -142,3 +142,11 @@ def test_unchecked_descriptor_equals_the_checked_one(monkeypatch):
     assert type(fast) is type(checked) is launcher._DESCRIPTOR
     assert fast == checked  # the dataclass's __eq__: every field
     assert fast.base is w and vars(fast) == vars(checked)
+
+
+@pytest.mark.gpu
+def test_multiprocessors_is_the_device_property():
+    device = torch.device("cuda")
+    want = torch.cuda.get_device_properties(device).multi_processor_count
+    assert launcher.multiprocessors(device) == want
+    assert launcher.multiprocessors(torch.device("cuda", torch.cuda.current_device())) == want

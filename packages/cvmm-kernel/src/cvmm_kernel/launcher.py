@@ -243,6 +243,22 @@ def _plain_entry(run) -> _KeptDescriptors | None:
     return _KeptDescriptors(entry, head, [], [], None)
 
 
+_MULTIPROCESSORS: dict[int, int] = {}
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The CUDA ``device``'s multiprocessor count, looked up once per device (persistent grids
+    size themselves by it at every launch; ``torch.cuda.get_device_properties`` costs a few us
+    of host time a call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _MULTIPROCESSORS.get(index)
+    if count is None:
+        count = _MULTIPROCESSORS[index] = torch.cuda.get_device_properties(
+            index
+        ).multi_processor_count
+    return count
+
+
 def _takes_pdl(kernel, n_args: int) -> bool:
     """Whether ``kernel``'s last parameter is ``PDL`` and ``n_args`` arguments stop before it
     (:mod:`cvmm_kernel.pdl`)."""

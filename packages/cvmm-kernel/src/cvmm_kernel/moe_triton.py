@@ -38,7 +38,7 @@ import triton.language as tl
 
 from .host_math import cdiv, next_power_of_2
 from .interpreter import interpreting
-from .launcher import DESCRIPTORS_AVAILABLE, descriptor, launch
+from .launcher import DESCRIPTORS_AVAILABLE, descriptor, launch, multiprocessors
 from .pdl import wait_for_previous
 from .traced_ops import is_traced
 from .triton_kernels import _input_precision as input_precision
@@ -926,18 +926,9 @@ def _supports_flatten() -> bool:
 PERSISTENT_AVAILABLE = _supports_flatten()
 
 
-_SMS: dict[int, int] = {}
-
-
 def _num_sms(device: torch.device) -> int:
-    """The device's multiprocessors, looked up once per device."""
-    if device.type != "cuda":
-        return 4
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _SMS.get(index)
-    if sms is None:
-        sms = _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return sms
+    """The device's multiprocessors (4 on the interpreter)."""
+    return multiprocessors(device) if device.type == "cuda" else 4
 
 
 _SHARED_MEMORY: dict[int, int] = {}

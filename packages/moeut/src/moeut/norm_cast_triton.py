@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 from cvmm_kernel.host_math import cdiv, next_power_of_2
-from cvmm_kernel.launcher import launch
+from cvmm_kernel.launcher import launch, multiprocessors
 
 # Elements of a [rows, D] block per program (or per step of the backward): 4 rows of MoEUT's
 # d_model 1024, fewer of wider rows (1 from 4096 channels on), with 8 warps from 2048 channels.
@@ -159,14 +159,6 @@ def backward(
     return dx, ddelta, dw, db
 
 
-_PROGRAMS: dict[int, int] = {}
-
-
 def _programs(device: torch.device) -> int:
     """Backward programs: two per SM (a few on the interpreter)."""
-    if device.type != "cuda":
-        return 3
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _PROGRAMS:
-        _PROGRAMS[index] = 2 * torch.cuda.get_device_properties(index).multi_processor_count
-    return _PROGRAMS[index]
+    return 2 * multiprocessors(device) if device.type == "cuda" else 3

@@ -37,20 +37,16 @@ int32.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from cvmm_kernel.host_math import cdiv, next_power_of_2
+from cvmm_kernel.interpreter import interpreting
+from cvmm_kernel.launcher import multiprocessors
 
 from .triton_support import row_alignment
 
 LOG2E = 1.4426950408889634  # host side only; the kernels write their constants as literals
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -539,7 +535,7 @@ KERNELS = tuple(CONFIGS)
 
 
 def _config(kernel: str, d_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    if _interpreting():
+    if interpreting():
         return 16, 16, 1, 1, 2
     table = CONFIGS[kernel]
     row_bytes = d_pad * dtype.itemsize
@@ -559,7 +555,7 @@ def _keep_args(keep: torch.Tensor | None, shape: tuple[int, int, int, int]):
 
 def _head_blocks(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int]:
     # At least 32 on the GPU: Triton 3.6 computed wrong bf16 products for a 16-wide value block.
-    least = 16 if _interpreting() else 32
+    least = 16 if interpreting() else 32
     d_pad = max(least, next_power_of_2(q.shape[-1]))
     dv_pad = max(least, next_power_of_2(v.shape[-1]))
     return d_pad, dv_pad, max(d_pad, dv_pad)
@@ -569,8 +565,7 @@ def _grid(n_work: int, per_sm: int, device: torch.device) -> int:
     """Programs of a persistent grid (each owns its scratch)."""
     if device.type != "cuda":
         return max(1, min(n_work, 4))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_work, per_sm * sms))
+    return max(1, min(n_work, per_sm * multiprocessors(device)))
 
 
 def _launch_args(
