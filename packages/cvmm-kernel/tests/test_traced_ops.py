@@ -102,8 +102,8 @@ def test_compiled_graph_launches_the_kernels(make):
 
 @pytest.mark.gpu
 def test_dynamic_shapes_take_the_opaque_ops():
-    """Compiled for dynamic sizes the graph calls the opaque ops (``traced_ops.pick``), with
-    eager's results."""
+    """Compiled for dynamic sizes the graph calls the opaque ops (the twins' bodies call them,
+    ``traced_ops.twin_ops``), with eager's results."""
     model, x, eager, eager_grads = _eager_step(_feedforward, tokens=48)
     try:
         out, grads, code = _compiled_step(model, x, dynamic=True)
